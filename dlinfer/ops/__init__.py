@@ -1,0 +1,35 @@
+"""dlinfer's op contract.
+
+Each public function keeps the signature LMDeploy 0.18's dlinfer backend calls, checks its arguments (a
+``ValueError``/``TypeError`` naming the argument), and calls a schema-legal ``torch.library`` custom op
+``torch.ops.dlinfer.<name>``; that op picks a vendor from the inputs' metadata (``dlinfer.vendor.registry``)
+and runs its implementation. Every custom op has a fake implementation, so ``torch.compile`` and CUDA graphs
+trace through it.
+
+Vendor implementations take the custom op's arguments (see each ``_<name>`` definition): plain tensors and
+numbers, caches and outputs written in place.
+"""
+
+from dlinfer.ops.activation import silu_and_mul
+from dlinfer.ops.attention import paged_decode_attention, paged_prefill_attention, prefill_attention
+from dlinfer.ops.kv_cache import fill_kv_cache
+from dlinfer.ops.linear import linear
+from dlinfer.ops.moe import fused_moe, moe_gating_topk_softmax
+from dlinfer.ops.norm import add_rms_norm, rms_norm
+from dlinfer.ops.rotary import apply_rotary_pos_emb
+
+CORE_OPS = (
+    "silu_and_mul",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary_pos_emb",
+    "fill_kv_cache",
+    "prefill_attention",
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "moe_gating_topk_softmax",
+    "fused_moe",
+    "linear",
+)
+
+__all__ = list(CORE_OPS) + ["CORE_OPS"]

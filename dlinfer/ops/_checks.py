@@ -1,0 +1,113 @@
+"""Argument checks shared by the op wrappers.
+
+Two kinds: metadata checks (shapes, dtypes, devices, counts) run on every call, on the host, from tensor
+metadata only; value checks (slot ids, expert ids, lengths vs. the block table) read tensor contents, which on
+an accelerator means a host sync: they always run for CPU tensors and, on accelerators, only when
+``DLINFER_CHECK=1`` and no CUDA graph is being captured. Every violation is a ``ValueError`` (``TypeError`` for
+a wrong Python type) that names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tensor(name: str, value, *, ndim: int | tuple[int, ...] | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in ({', '.join(_dt(d) for d in dtypes)}), got {_dt(value.dtype)}")
+    return value
+
+
+def integer(name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be an int, got a tensor of shape {tuple(value.shape)}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not value == value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must share a device")
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> None:
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {_dt(t.dtype)} but {first_name} has {_dt(first.dtype)}; they must match")
+
+
+def dim_is(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{name}.shape[{dim}] must equal {what} ({expected}), got shape {tuple(t.shape)}")
+
+
+def last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {t.stride()}")
+
+
+def heads(num_q_heads: int, num_kv_heads: int) -> None:
+    integer("num_q_heads", num_q_heads, minimum=1)
+    integer("num_kv_heads", num_kv_heads, minimum=1)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def values_checked(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read tensor values run for these tensors (see module doc)."""
+    if all(t.device.type == "cpu" for t in tensors if t is not None):
+        return True
+    if os.environ.get("DLINFER_CHECK", "0") in ("", "0"):
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def in_range(name: str, t: torch.Tensor, low: int, high: int, what: str, *, allow: int | None = None) -> None:
+    """Every element in [low, high) (``allow`` is an extra permitted value, e.g. -1 for padding)."""
+    if t.numel() == 0:
+        return
+    vals = t if allow is None else t[t != allow]
+    if vals.numel() == 0:
+        return
+    lo, hi = int(vals.min()), int(vals.max())
+    if lo < low or hi >= high:
+        extra = f" or {allow}" if allow is not None else ""
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name} must hold values in [{low}, {high}){extra} ({what}), found {bad}")

@@ -1,0 +1,42 @@
+"""Activation ops."""
+
+from __future__ import annotations
+
+import torch
+
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+
+
+@torch.library.custom_op("dlinfer::silu_and_mul", mutates_args=())
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return implementation(call_info("silu_and_mul", x))(x)
+
+
+@_silu_and_mul.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def silu_and_mul(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Gated SiLU: ``silu(x[..., :d]) * x[..., d:]`` where ``2 * d = x.shape[dim]``.
+
+    Args:
+        x: ``[..., 2 * d]`` float32/float16/bfloat16 (the gate half first, then the up half), any strides.
+        dim: the dimension split in two (default last).
+
+    Returns:
+        A new tensor of ``x``'s shape with ``dim`` halved, in ``x``'s dtype.
+    """
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    dim = _checks.integer("dim", dim)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}), got {dim}")
+    dim %= x.dim()
+    if x.shape[dim] % 2:
+        raise ValueError(f"x.shape[{dim}] must be even (gate and up halves), got shape {tuple(x.shape)}")
+    if dim != x.dim() - 1:
+        return torch.ops.dlinfer.silu_and_mul(x.movedim(dim, -1)).movedim(-1, dim)
+    return torch.ops.dlinfer.silu_and_mul(x)

@@ -1,0 +1,398 @@
+"""Attention: varlen prefill, paged (chunked) prefill, paged decode.
+
+Layouts shared by the three ops (LMDeploy's TND layout):
+
+* queries are packed token-major: ``query[T, Hq, D]``, the tokens of sequence 0 first, then sequence 1, ...
+* the paged KV cache of one layer is ``key_cache[num_blocks, block_size, Hk, D]`` and
+  ``value_cache[num_blocks, block_size, Hk, Dv]`` (``Dv = head_size_v`` may differ from ``D``). Caches may be
+  strided views of one packed buffer (last-dim stride 1); they are read in place.
+* ``block_table[b, i]`` (LMDeploy's ``block_offsets``) is the cache block holding tokens
+  ``[i * block_size, (i + 1) * block_size)`` of sequence ``b``; blocks need not be ordered or contiguous.
+  Entries past a sequence's last block are ignored.
+* GQA/MQA: query head ``h`` reads KV head ``h // (Hq // Hk)``.
+* ``softmax_scale`` defaults to ``1 / sqrt(D)``.
+* Lengths may be host or device tensors (LMDeploy's ``*_cpu`` arguments may arrive on the device); the
+  ``max_*`` integers are upper bounds only, so a CUDA graph captured at one length replays at any length up
+  to the bound. No op here syncs with the host unless ``DLINFER_CHECK=1``.
+* A sequence of length 0 (batch padding under CUDA graphs) produces zeros.
+* ``attn_output``, when given, is written in place (it may be a strided view, e.g. of the query buffer,
+  last-dim stride 1) and returned; otherwise a new ``[T, Hq, Dv]`` tensor is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops.kv_cache import cache_call_features, check_cache
+
+
+def _features(causal: bool, key_cache: torch.Tensor | None = None, quant_bits: int = 0) -> frozenset[str]:
+    feats = set() if key_cache is None else set(cache_call_features(key_cache, quant_bits))
+    if not causal:
+        feats.add("non_causal")
+    return frozenset(feats)
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("dlinfer::prefill_attention", mutates_args=("attn_output",))
+def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_seqlens: torch.Tensor,
+                       kv_seqlens: torch.Tensor, max_q_seq_len: int, softmax_scale: float, causal: bool,
+                       attn_output: torch.Tensor) -> None:
+    if _checks.values_checked(q_seqlens, kv_seqlens):
+        _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal)
+    call = call_info("prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1],
+                     features=_features(causal))
+    implementation(call)(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+                         attn_output)
+
+
+@_prefill_attention.register_fake
+def _(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal, attn_output):
+    return None
+
+
+@torch.library.custom_op("dlinfer::paged_prefill_attention", mutates_args=("attn_output",))
+def _paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                             block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_seqlens: torch.Tensor,
+                             max_q_seq_len: int, max_kv_seq_len: int, softmax_scale: float, causal: bool,
+                             attn_output: torch.Tensor) -> None:
+    if _checks.values_checked(cu_seqlens_q, kv_seqlens, block_table):
+        _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q, max_q_seq_len)
+    call = call_info("paged_prefill_attention", query, head_size=query.shape[-1],
+                     head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
+                     features=_features(causal, key_cache))
+    implementation(call)(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+                         max_kv_seq_len, softmax_scale, causal, attn_output)
+
+
+@_paged_prefill_attention.register_fake
+def _(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len, max_kv_seq_len,
+      softmax_scale, causal, attn_output):
+    return None
+
+
+@torch.library.custom_op("dlinfer::paged_decode_attention", mutates_args=("attn_output",))
+def _paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            block_table: torch.Tensor, kv_seqlens: torch.Tensor, max_kv_seq_len: int,
+                            softmax_scale: float, attn_output: torch.Tensor) -> None:
+    if _checks.values_checked(kv_seqlens, block_table):
+        _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
+    call = call_info("paged_decode_attention", query, head_size=query.shape[-1],
+                     head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
+                     features=_features(True, key_cache))
+    implementation(call)(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
+                         attn_output)
+
+
+@_paged_decode_attention.register_fake
+def _(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output):
+    return None
+
+
+# ------------------------------------------------------------------------------------------- value checks
+def _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal) -> None:
+    _checks.in_range("q_seqlens", q_seqlens, 0, max_q_seq_len + 1, "query lengths up to max_q_seq_len")
+    _checks.in_range("kv_seqlens", kv_seqlens, 0, key.shape[0] + 1, "key lengths")
+    if int(q_seqlens.sum()) > query.shape[0]:
+        raise ValueError(f"q_seqlens sum to {int(q_seqlens.sum())} but query holds {query.shape[0]} tokens")
+    if int(kv_seqlens.sum()) > key.shape[0]:
+        raise ValueError(f"kv_seqlens sum to {int(kv_seqlens.sum())} but key holds {key.shape[0]} tokens")
+    if causal and bool((q_seqlens.cpu() > kv_seqlens.cpu()).any()):
+        raise ValueError("causal attention needs q_seqlens <= kv_seqlens for every sequence")
+
+
+def _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q=None,
+                        max_q_seq_len=None) -> None:
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    capacity = block_table.shape[1] * block_size
+    _checks.in_range("kv_seqlens", kv_seqlens, 0, min(capacity, max_kv_seq_len) + 1,
+                     f"lengths within max_kv_seq_len ({max_kv_seq_len}) and the block table's capacity "
+                     f"({block_table.shape[1]} blocks x {block_size} = {capacity} tokens)")
+    kv = kv_seqlens.to("cpu", torch.int64)
+    table = block_table.to("cpu", torch.int64)
+    used = torch.arange(table.shape[1]) < ((kv + block_size - 1) // block_size)[:, None]
+    _checks.in_range("block_table", table[used], 0, num_blocks, f"block ids of a cache of {num_blocks} blocks")
+    if cu_seqlens_q is not None:
+        ends = cu_seqlens_q.to("cpu", torch.int64)
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        lens = ends - starts
+        if bool((lens < 0).any()):
+            raise ValueError("cu_seqlens_q must be non-decreasing (cumulative query ends)")
+        if ends.numel() and int(ends[-1]) > query.shape[0]:
+            raise ValueError(f"cu_seqlens_q ends at {int(ends[-1])} but query holds {query.shape[0]} tokens")
+        if bool((lens > max_q_seq_len).any()):
+            raise ValueError(f"a query length exceeds max_q_seq_len ({max_q_seq_len})")
+        if bool((lens > kv).any()):
+            raise ValueError("every sequence needs q_len <= kv_seqlens (kv_seqlens counts history + new tokens)")
+
+
+# --------------------------------------------------------------------------------------- metadata checks
+def _queries(query, num_q_heads: int, name: str = "query") -> torch.Tensor:
+    _checks.tensor(name, query, ndim=(2, 3), dtypes=_checks.FLOAT_DTYPES)
+    if query.dim() == 2:
+        if query.shape[1] % num_q_heads:
+            raise ValueError(f"{name} of shape {tuple(query.shape)} cannot be split into {num_q_heads} heads")
+        query = query.view(query.shape[0], num_q_heads, -1)
+    _checks.dim_is(name, query, 1, num_q_heads, "num_q_heads")
+    _checks.last_dim_contiguous(name, query)
+    return query
+
+
+def _lengths(name: str, t, batch: int | None = None) -> torch.Tensor:
+    _checks.tensor(name, t, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    if batch is not None:
+        _checks.dim_is(name, t, 0, batch, "the batch size")
+    return t
+
+
+def _on_device(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Lengths may come from the host (LMDeploy's ``*_cpu`` arguments); other devices are an error."""
+    if t.device == device:
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; it must be on the host or on query's device {device}")
+    return t.to(device, non_blocking=True)
+
+
+def _scale(softmax_scale, head_size: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_size)
+    scale = _checks.number("softmax_scale", softmax_scale)
+    if scale <= 0:
+        raise ValueError(f"softmax_scale must be > 0, got {scale}")
+    return scale
+
+
+def _output(attn_output, query: torch.Tensor, head_size_v: int) -> torch.Tensor:
+    tokens, num_heads = query.shape[0], query.shape[1]
+    if attn_output is None:
+        return query.new_empty(tokens, num_heads, head_size_v)
+    _checks.tensor("attn_output", attn_output, dtypes=(query.dtype,))
+    if attn_output.dim() == 2 and attn_output.shape == (tokens, num_heads * head_size_v):
+        attn_output = attn_output.view(tokens, num_heads, head_size_v)
+    if tuple(attn_output.shape) != (tokens, num_heads, head_size_v):
+        raise ValueError(f"attn_output must have shape [{tokens}, {num_heads}, {head_size_v}] "
+                         f"(or [{tokens}, {num_heads * head_size_v}]), got {tuple(attn_output.shape)}")
+    _checks.last_dim_contiguous("attn_output", attn_output)
+    if attn_output.device != query.device:
+        raise ValueError(f"attn_output is on {attn_output.device} but query is on {query.device}")
+    return attn_output
+
+
+def _kv_quant(quant_bits, kv_scales, kv_zeros) -> int:
+    quant_bits = _checks.integer("quant_bits", 0 if quant_bits is None else quant_bits, minimum=0)
+    if quant_bits:
+        from dlinfer.errors import NotSupportedError
+
+        raise NotSupportedError(f"quant_bits={quant_bits}: quantized KV caches are not supported by dlinfer's "
+                                "attention ops yet; run with an unquantized cache (LMDeploy quant_policy=0)")
+    return quant_bits
+
+
+def _block_table(block_table, batch: int) -> torch.Tensor:
+    _checks.tensor("block_offsets", block_table, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    _checks.dim_is("block_offsets", block_table, 0, batch, "the batch size (len(kv_seqlens))")
+    return block_table
+
+
+# ----------------------------------------------------------------------------------------- public wrappers
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor | None,
+    value_cache: torch.Tensor | None,
+    q_seqlens: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    attn_mask: Sequence[torch.Tensor | None],
+    softmax_scale: float | None = None,
+    attn_output: torch.Tensor | None = None,
+    actual_seq_lengths_cpu: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Variable-length attention over new tokens only (no history in the cache).
+
+    Sequence ``b`` has ``q_seqlens[b]`` query tokens and ``kv_seqlens[b]`` key/value tokens, packed one
+    sequence after the other in ``query`` and ``key``/``value``. Causal attention aligns the ends (query ``i``
+    sees keys ``j <= i + kv_len - q_len``), so ``q_seqlens == kv_seqlens`` is the usual LLM prefill.
+
+    Args:
+        query: ``[T, Hq, D]`` (or ``[T, Hq * D]``), float32/float16/bfloat16.
+        key: ``[Tk, Hk, D]``; value: ``[Tk, Hk, Dv]``.
+        key_cache, value_cache: accepted for LMDeploy's signature and ignored (the new tokens are attended
+            from ``key``/``value``; ``fill_kv_cache`` writes the cache).
+        q_seqlens, kv_seqlens: ``[B]`` int32/int64 lengths (not cumulative), host or device.
+        max_q_seq_len: upper bound of ``q_seqlens``.
+        num_q_heads, num_kv_heads: ``Hq`` and ``Hk``; ``Hq % Hk == 0``.
+        attn_mask: a non-empty sequence means causal (LLM) attention; ``[]`` means non-causal (vision
+            encoders). Mask tensors themselves are not read.
+        softmax_scale: default ``1/sqrt(D)``.
+        attn_output: optional ``[T, Hq, Dv]`` destination.
+        actual_seq_lengths_cpu: cumulative query ends as LMDeploy passes them; not needed and ignored.
+
+    Returns:
+        ``attn_output`` (given or new), ``[T, Hq, Dv]``.
+    """
+    _checks.heads(num_q_heads, num_kv_heads)
+    query = _queries(query, num_q_heads)
+    key = _queries(key, num_kv_heads, "key")
+    value = _queries(value, num_kv_heads, "value")
+    _checks.same_dtype(query=query, key=key, value=value)
+    _checks.dim_is("key", key, 2, query.shape[2], "query's head size")
+    _checks.dim_is("value", value, 0, key.shape[0], "the number of key tokens")
+    q_seqlens = _lengths("q_seqlens", q_seqlens)
+    kv_seqlens = _lengths("kv_seqlens", kv_seqlens, q_seqlens.shape[0])
+    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
+    if attn_mask is None or isinstance(attn_mask, torch.Tensor):
+        raise TypeError("attn_mask must be a sequence ([] for non-causal, non-empty for causal), "
+                        f"got {type(attn_mask).__name__}")
+    causal = len(attn_mask) > 0
+    scale = _scale(softmax_scale, query.shape[-1])
+    out = _output(attn_output, query, value.shape[-1])
+    _checks.same_device(query=query, key=key, value=value)
+    q_seqlens = _on_device("q_seqlens", q_seqlens, query.device)
+    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    torch.ops.dlinfer.prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, scale, causal,
+                                        out)
+    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_offsets: torch.Tensor,
+    block_size: int,
+    cu_seqlens_q: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seq_len: int,
+    max_kv_seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    attn_mask: Sequence[torch.Tensor | None],
+    head_size_v: int | None = None,
+    softmax_scale: float | None = None,
+    attn_output: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
+    kv_zeros: torch.Tensor | None = None,
+    quant_bits: int | None = 0,
+) -> torch.Tensor:
+    """Chunked prefill: new queries attend to their sequence's history and themselves, all from the cache.
+
+    The new tokens' keys and values must already be in the cache (``fill_kv_cache`` first). Sequence ``b``'s
+    queries are ``query[cu_seqlens_q[b-1]:cu_seqlens_q[b]]`` (0 for ``b = 0``), and they are the LAST
+    ``q_len_b`` of its ``kv_seqlens[b]`` tokens: query ``i`` sits at position ``kv_len - q_len + i`` and, when
+    causal, sees cache positions ``0 ..`` that position.
+
+    Args:
+        query: ``[T, Hq, D]``; tokens past ``cu_seqlens_q[-1]`` (padding) are left unwritten.
+        key, value: the new tokens (LMDeploy passes them); not read, the cache holds them.
+        key_cache, value_cache: ``[num_blocks, block_size, Hk, D]`` / ``[..., Dv]``, possibly strided views.
+        block_offsets: ``[B, max_blocks]`` int32/int64 block table.
+        block_size: tokens per block, equal to ``key_cache.shape[1]``.
+        cu_seqlens_q: ``[B]`` cumulative query END of each sequence (``cu_seqlens[1:]``), not lengths.
+        kv_seqlens: ``[B]`` total tokens per sequence (history + new), host or device.
+        max_q_seq_len, max_kv_seq_len: upper bounds of the query and KV lengths.
+        num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
+        attn_mask: non-empty = causal, ``[]`` = non-causal.
+        head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
+        softmax_scale: default ``1/sqrt(D)``.
+        attn_output: optional ``[T, Hq, Dv]`` destination.
+        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served.
+
+    Returns:
+        ``attn_output`` (given or new).
+    """
+    _checks.heads(num_q_heads, num_kv_heads)
+    _kv_quant(quant_bits, kv_scales, kv_zeros)
+    query = _queries(query, num_q_heads)
+    if head_size_v is None:
+        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
+    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
+    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
+    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    cu_seqlens_q = _lengths("cu_seqlens_q", cu_seqlens_q)
+    kv_seqlens = _lengths("kv_seqlens", kv_seqlens, cu_seqlens_q.shape[0])
+    block_table = _block_table(block_offsets, kv_seqlens.shape[0])
+    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
+    max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
+    if attn_mask is None or isinstance(attn_mask, torch.Tensor):
+        raise TypeError("attn_mask must be a sequence ([] for non-causal, non-empty for causal), "
+                        f"got {type(attn_mask).__name__}")
+    causal = len(attn_mask) > 0
+    scale = _scale(softmax_scale, query.shape[-1])
+    out = _output(attn_output, query, head_size_v)
+    _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
+    cu_seqlens_q = _on_device("cu_seqlens_q", cu_seqlens_q, query.device)
+    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    torch.ops.dlinfer.paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q,
+                                              kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, causal, out)
+    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_offsets: torch.Tensor,
+    block_size: int,
+    cu_seqlens_q: torch.Tensor | None,
+    kv_seqlens: torch.Tensor,
+    max_kv_seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size_v: int | None = None,
+    softmax_scale: float | None = None,
+    attn_output: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
+    kv_zeros: torch.Tensor | None = None,
+    quant_bits: int | None = 0,
+) -> torch.Tensor:
+    """Decode: one new query token per sequence attends to its whole sequence in the paged cache.
+
+    Args:
+        query: ``[B, Hq, D]`` (or ``[B, Hq * D]``), one token per sequence.
+        key_cache, value_cache: ``[num_blocks, block_size, Hk, D]`` / ``[..., Dv]``, possibly strided views;
+            the new token's key/value are already in them.
+        block_offsets: ``[B, max_blocks]`` int32/int64 block table.
+        block_size: tokens per block, equal to ``key_cache.shape[1]``.
+        cu_seqlens_q: LMDeploy's cumulative query ends (``1..B`` for decode); accepted and not read.
+        kv_seqlens: ``[B]`` tokens per sequence including the new one, host or device; 0 (a padded batch
+            slot) gives a zero output row.
+        max_kv_seq_len: upper bound of ``kv_seqlens``.
+        num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
+        head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
+        softmax_scale: default ``1/sqrt(D)``.
+        attn_output: optional ``[B, Hq, Dv]`` destination.
+        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served.
+
+    Returns:
+        ``attn_output`` (given or new).
+    """
+    _checks.heads(num_q_heads, num_kv_heads)
+    _kv_quant(quant_bits, kv_scales, kv_zeros)
+    query = _queries(query, num_q_heads)
+    if head_size_v is None:
+        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
+    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
+    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
+    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    kv_seqlens = _lengths("kv_seqlens", kv_seqlens, query.shape[0])
+    block_table = _block_table(block_offsets, query.shape[0])
+    max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
+    scale = _scale(softmax_scale, query.shape[-1])
+    out = _output(attn_output, query, head_size_v)
+    _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
+    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    torch.ops.dlinfer.paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens,
+                                             max_kv_seq_len, scale, out)
+    return out if attn_output is None or attn_output.dim() == 3 else attn_output

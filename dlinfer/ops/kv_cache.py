@@ -1,0 +1,100 @@
+"""Writing new keys and values into the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+
+
+def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozenset[str]:
+    feats = set()
+    if not key_cache.is_contiguous():
+        feats.add("strided_cache")
+    if quant_bits:
+        feats.add("kv_quant")
+    return frozenset(feats)
+
+
+@torch.library.custom_op("dlinfer::fill_kv_cache", mutates_args=("key_cache", "value_cache"))
+def _fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   kv_start_indices: torch.Tensor, k_scales_zeros: list[torch.Tensor],
+                   v_scales_zeros: list[torch.Tensor], quant_bits: int) -> None:
+    if _checks.values_checked(kv_start_indices):
+        slots = key_cache.shape[0] * key_cache.shape[1]
+        _checks.in_range("kv_start_indices", kv_start_indices, 0, slots,
+                         f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}", allow=-1)
+    call = call_info("fill_kv_cache", key, head_size=key.shape[-1], head_size_v=value.shape[-1],
+                     block_size=key_cache.shape[1], features=cache_call_features(key_cache, quant_bits))
+    implementation(call)(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros,
+                         quant_bits)
+
+
+@_fill_kv_cache.register_fake
+def _(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits):
+    return None
+
+
+def check_cache(key_cache, value_cache, num_kv_heads: int | None, head_size: int | None,
+                head_size_v: int | None = None, block_size: int | None = None) -> None:
+    _checks.tensor("key_cache", key_cache, ndim=4)
+    _checks.tensor("value_cache", value_cache, ndim=4)
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        _checks.last_dim_contiguous(name, cache)
+    if value_cache.shape[:3] != key_cache.shape[:3]:
+        raise ValueError("value_cache must share key_cache's [num_blocks, block_size, num_kv_heads], got "
+                         f"{tuple(value_cache.shape)} vs {tuple(key_cache.shape)}")
+    if num_kv_heads is not None:
+        _checks.dim_is("key_cache", key_cache, 2, num_kv_heads, "num_kv_heads")
+    if head_size is not None:
+        _checks.dim_is("key_cache", key_cache, 3, head_size, "the key head size")
+    if head_size_v is not None:
+        _checks.dim_is("value_cache", value_cache, 3, head_size_v, "the value head size")
+    if block_size is not None:
+        block_size = _checks.integer("block_size", block_size, minimum=1)
+        if key_cache.shape[1] != block_size:
+            raise ValueError(f"block_size ({block_size}) must equal key_cache.shape[1] "
+                             f"(caches are [num_blocks, block_size, num_kv_heads, head_size]), "
+                             f"got cache shape {tuple(key_cache.shape)}")
+
+
+def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  kv_start_indices: torch.Tensor, k_scales_zeros: Sequence[torch.Tensor | None] = (),
+                  v_scales_zeros: Sequence[torch.Tensor | None] = (),
+                  quant_bits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each new token's key and value into its cache slot.
+
+    Args:
+        key: ``[T, Hk, D]`` new keys (any strides, last-dim stride 1).
+        value: ``[T, Hk, Dv]`` new values.
+        key_cache: ``[num_blocks, block_size, Hk, D]``; may be a strided view of a packed buffer (vLLM packs
+            K and V in one tensor): it is written in place, never copied.
+        value_cache: ``[num_blocks, block_size, Hk, Dv]``, likewise.
+        kv_start_indices: ``[T]`` int32/int64 slot id per token, ``slot = block * block_size + offset``;
+            ``-1`` marks a padding token, which is skipped.
+        k_scales_zeros, v_scales_zeros, quant_bits: KV-cache quantization (LMDeploy's ``quant_policy``);
+            ``quant_bits=0`` (no quantization) is the only setting the in-tree vendors serve.
+
+    Returns:
+        ``(key_cache, value_cache)``, the same tensor objects.
+    """
+    _checks.tensor("key", key, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("value", value, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("kv_start_indices", kv_start_indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    quant_bits = _checks.integer("quant_bits", 0 if quant_bits is None else quant_bits, minimum=0)
+    tokens, heads, head_size = key.shape
+    _checks.dim_is("value", value, 0, tokens, "the number of key tokens")
+    _checks.dim_is("value", value, 1, heads, "key's head count")
+    _checks.dim_is("kv_start_indices", kv_start_indices, 0, tokens, "the number of key tokens")
+    check_cache(key_cache, value_cache, heads, head_size, value.shape[2])
+    _checks.same_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
+                        kv_start_indices=kv_start_indices)
+    if not quant_bits:
+        _checks.same_dtype(key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
+    v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
+    torch.ops.dlinfer.fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
+    return key_cache, value_cache

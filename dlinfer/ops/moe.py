@@ -1,0 +1,122 @@
+"""Mixture-of-experts: router gating and the fused expert computation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dlinfer.errors import NotSupportedError
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+
+
+@torch.library.custom_op("dlinfer::moe_gating_topk_softmax", mutates_args=())
+def _moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation(call_info("moe_gating_topk_softmax", router_logits))(router_logits, topk)
+
+
+@_moe_gating_topk_softmax.register_fake
+def _(router_logits, topk):
+    shape = (router_logits.shape[0], topk)
+    return (router_logits.new_empty(shape, dtype=torch.float32),
+            router_logits.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.custom_op("dlinfer::fused_moe", mutates_args=())
+def _fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
+               topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    if _checks.values_checked(topk_ids):
+        _checks.in_range("topk_ids", topk_ids, 0, gate_up_weights.shape[0],
+                         f"expert ids of {gate_up_weights.shape[0]} experts")
+    call = call_info("fused_moe", hidden_states)
+    return implementation(call)(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
+
+
+@_fused_moe.register_fake
+def _(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+def _check_metadata(moe_metadata: Any) -> None:
+    if moe_metadata is None:
+        return
+    if getattr(moe_metadata, "ep_size", 1) not in (None, 1):
+        raise NotSupportedError(f"moe_metadata.ep_size={moe_metadata.ep_size}: expert parallelism is not "
+                                "supported by dlinfer's in-tree vendors; use tensor parallelism (ep_size=1)")
+
+
+def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int,
+                            moe_metadata: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router gating: softmax over experts (in float32), then the ``topk`` largest per token.
+
+    Args:
+        router_logits: ``[T, E]`` float32/float16/bfloat16.
+        topk: experts per token, ``1 <= topk <= E``.
+        moe_metadata: LMDeploy's :class:`~dlinfer.utils.type_annotation.MoeMetadata` or ``None``;
+            grouped routing (``router_n_groups > 1``) is refused.
+
+    Returns:
+        ``(weights, ids)``: ``[T, topk]`` float32 softmax probabilities (not renormalized) in descending
+        order, and ``[T, topk]`` int64 expert ids. Ties go to the lower expert id.
+    """
+    _checks.tensor("router_logits", router_logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    topk = _checks.integer("topk", topk, minimum=1)
+    if topk > router_logits.shape[1]:
+        raise ValueError(f"topk ({topk}) must be <= the number of experts ({router_logits.shape[1]})")
+    _check_metadata(moe_metadata)
+    groups = getattr(moe_metadata, "router_n_groups", -1) if moe_metadata is not None else -1
+    if groups is not None and groups > 1:
+        raise NotSupportedError(f"moe_metadata.router_n_groups={groups}: grouped top-k routing is not supported")
+    return torch.ops.dlinfer.moe_gating_topk_softmax(router_logits, topk)
+
+
+def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, topk: int, renormalize: bool,
+              moe_metadata: Any = None, chunked_moe_layout: Any = None) -> torch.Tensor:
+    """SwiGLU experts: ``out[t] = sum_k w[t,k] * down[e] @ silu_and_mul(gate_up[e] @ x[t])``, ``e = ids[t,k]``.
+
+    Args:
+        hidden_states: ``[T, H]`` float32/float16/bfloat16.
+        gate_up_weights: ``[E, 2 * I, H]`` (gate rows first, then up rows), the dtype of ``hidden_states``.
+        down_weights: ``[E, H, I]``.
+        topk_weights: ``[T, topk]`` routing weights (any float dtype; used in float32).
+        topk_ids: ``[T, topk]`` int32/int64 expert ids in ``[0, E)``.
+        topk: ``topk_ids.shape[1]``.
+        renormalize: divide each token's weights by their sum first.
+        moe_metadata: LMDeploy's ``MoeMetadata`` or ``None``; expert parallelism (``ep_size > 1``) is refused.
+            Under tensor parallelism each rank holds a slice of ``I`` and the caller all-reduces the output.
+        chunked_moe_layout: Ascend-only weight layout; must be ``None``.
+
+    Returns:
+        ``[T, H]`` in ``hidden_states``' dtype.
+    """
+    _checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("gate_up_weights", gate_up_weights, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.tensor("down_weights", down_weights, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    topk = _checks.integer("topk", topk, minimum=1)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    tokens, hidden = hidden_states.shape
+    experts, two_inter, _ = gate_up_weights.shape
+    _checks.dim_is("gate_up_weights", gate_up_weights, 2, hidden, "the hidden size")
+    if two_inter % 2:
+        raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
+    if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
+        raise ValueError(f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] "
+                         f"([E, H, I]), got {tuple(down_weights.shape)}")
+    if tuple(topk_ids.shape) != (tokens, topk):
+        raise ValueError(f"topk_ids must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != (tokens, topk):
+        raise ValueError(f"topk_weights must have shape [{tokens}, {topk}], got {tuple(topk_weights.shape)}")
+    if topk > experts:
+        raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
+    _checks.same_device(hidden_states=hidden_states, gate_up_weights=gate_up_weights, down_weights=down_weights,
+                        topk_weights=topk_weights, topk_ids=topk_ids)
+    _check_metadata(moe_metadata)
+    if chunked_moe_layout is not None:
+        raise NotSupportedError("chunked_moe_layout is an Ascend-only weight layout; pass None")
+    return torch.ops.dlinfer.fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids,
+                                       renormalize)

@@ -1,0 +1,81 @@
+"""RMS normalization ops."""
+
+from __future__ import annotations
+
+import torch
+
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+
+
+@torch.library.custom_op("dlinfer::rms_norm", mutates_args=())
+def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return implementation(call_info("rms_norm", hidden_states))(hidden_states, weight, epsilon)
+
+
+@_rms_norm.register_fake
+def _(hidden_states, weight, epsilon):
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dlinfer::add_rms_norm", mutates_args=())
+def _add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation(call_info("add_rms_norm", hidden_states))(hidden_states, residual, weight, epsilon)
+
+
+@_add_rms_norm.register_fake
+def _(hidden_states, residual, weight, epsilon):
+    return (torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
+            torch.empty_like(hidden_states, memory_format=torch.contiguous_format))
+
+
+def _check(hidden_states, weight, epsilon, residual=None) -> float:
+    _checks.tensor("hidden_states", hidden_states, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    if hidden_states.dim() == 0:
+        raise ValueError("hidden_states must have at least 1 dimension, got a scalar")
+    _checks.dim_is("weight", weight, 0, hidden_states.shape[-1], "hidden_states.shape[-1]")
+    if residual is not None:
+        _checks.tensor("residual", residual, dtypes=_checks.FLOAT_DTYPES)
+        if residual.shape != hidden_states.shape:
+            raise ValueError(f"residual must have hidden_states' shape {tuple(hidden_states.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        _checks.same_dtype(hidden_states=hidden_states, residual=residual)
+    _checks.same_device(hidden_states=hidden_states, weight=weight, residual=residual)
+    epsilon = _checks.number("epsilon", epsilon)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    return epsilon
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """Root-mean-square normalization over the last dimension.
+
+    ``out = hidden * rsqrt(mean(hidden.float()**2, -1) + epsilon) * weight``, computed in float32, returned in
+    ``hidden_states``' dtype.
+
+    Args:
+        hidden_states: ``[..., H]`` float32/float16/bfloat16.
+        weight: ``[H]``.
+        epsilon: added to the mean square.
+    """
+    epsilon = _check(hidden_states, weight, epsilon)
+    return torch.ops.dlinfer.rms_norm(hidden_states, weight, epsilon)
+
+
+def add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMS norm, in one pass: returns ``(rms_norm(hidden + residual), hidden + residual)``.
+
+    The sum is rounded to the input dtype before it is normalized (as a separate add would do), so the
+    second output is exactly the new residual stream.
+
+    Args:
+        hidden_states: ``[..., H]``.
+        residual: same shape and dtype as ``hidden_states``.
+        weight: ``[H]``.
+        epsilon: added to the mean square.
+    """
+    epsilon = _check(hidden_states, weight, epsilon, residual)
+    return torch.ops.dlinfer.add_rms_norm(hidden_states, residual, weight, epsilon)

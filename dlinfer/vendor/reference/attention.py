@@ -1,0 +1,63 @@
+"""Attention by the definition: per sequence, gather its keys and values, softmax(q k^T * scale) v in fp32."""
+
+import torch
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q ``[Lq, Hq, D]``, k ``[Lk, Hk, D]``, v ``[Lk, Hk, Dv]`` -> ``[Lq, Hq, Dv]`` float32.
+
+    Causal aligns the ends: query i sees keys j <= i + Lk - Lq.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        pos_q = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        pos_k = torch.arange(lk, device=q.device)[None, :]
+        scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no key gives zeros
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def _gather(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = block_row[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+                      attn_output) -> None:
+    q_start = kv_start = 0
+    for q_len, kv_len in zip(q_seqlens.tolist(), kv_seqlens.tolist()):
+        if q_len:
+            q = query[q_start:q_start + q_len]
+            out = _attend(q, key[kv_start:kv_start + kv_len], value[kv_start:kv_start + kv_len], softmax_scale,
+                          causal)
+            attn_output[q_start:q_start + q_len] = out.to(attn_output.dtype)
+        q_start += q_len
+        kv_start += kv_len
+
+
+def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+    start = 0
+    for b, (end, kv_len) in enumerate(zip(cu_seqlens_q.tolist(), kv_seqlens.tolist())):
+        if end > start:
+            k = _gather(key_cache, block_table[b], kv_len)
+            v = _gather(value_cache, block_table[b], kv_len)
+            out = _attend(query[start:end], k, v, softmax_scale, causal)
+            attn_output[start:end] = out.to(attn_output.dtype)
+        start = end
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
+                           attn_output) -> None:
+    for b, kv_len in enumerate(kv_seqlens.tolist()):
+        if kv_len == 0:
+            attn_output[b] = 0
+            continue
+        k = _gather(key_cache, block_table[b], kv_len)
+        v = _gather(value_cache, block_table[b], kv_len)
+        attn_output[b] = _attend(query[b:b + 1], k, v, softmax_scale, True)[0].to(attn_output.dtype)
