@@ -1,0 +1,1 @@
+"""Helpers for testing dlinfer and its vendors: conformance kit, tiny models."""
