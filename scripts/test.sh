@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command: sets up everything on a fresh machine (idempotent), then runs every CPU test.
+#   bash scripts/test.sh            # all suites
+#   SUITES="core triton" bash scripts/test.sh
+# Suites: core (ops, registry, reference, CLI, LMDeploy adapter), triton (Triton vendor under
+# TRITON_INTERPRET=1 + `dlinfer check --vendor triton --quick`), vllm (vLLM adapter end to end, own venv).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+suites=${SUITES:-core triton vllm}
+venv=${DLINFER_VENV:-$root/.venv}
+vllm_venv=${DLINFER_VLLM_VENV:-$root/.venv-vllm}
+bash scripts/setup_env.sh "$venv"
+py="$venv/bin/python"
+status=0
+run() { echo "+ $*"; "$@" || status=1; }
+for suite in $suites; do
+  case $suite in
+    core)
+      run "$py" -m pytest -q -p no:cacheprovider tests --ignore=tests/triton --ignore=tests/vllm ;;
+    triton)
+      run env TRITON_INTERPRET=1 "$py" -m pytest -q -p no:cacheprovider tests/triton
+      run env TRITON_INTERPRET=1 "$venv/bin/dlinfer" check --vendor triton --device cpu --quick ;;
+    vllm)
+      bash scripts/setup_vllm_env.sh "$vllm_venv"
+      run "$vllm_venv/bin/python" -m pytest -q -p no:cacheprovider tests/vllm ;;
+    *) echo "unknown suite $suite"; exit 2 ;;
+  esac
+done
+exit $status
