@@ -11,6 +11,7 @@ numbers, caches and outputs written in place.
 """
 
 from dlinfer.ops.activation import silu_and_mul
+from dlinfer.ops.fused import apply_rotary_pos_emb_fill_kv_cache
 from dlinfer.ops.attention import paged_decode_attention, paged_prefill_attention, prefill_attention
 from dlinfer.ops.kv_cache import fill_kv_cache
 from dlinfer.ops.linear import linear
@@ -32,4 +33,7 @@ CORE_OPS = (
     "linear",
 )
 
-__all__ = list(CORE_OPS) + ["CORE_OPS"]
+# Beyond LMDeploy's contract: fusions a vendor may serve; the reference defines them by composition.
+EXTRA_OPS = ("apply_rotary_pos_emb_fill_kv_cache",)
+
+__all__ = list(CORE_OPS) + list(EXTRA_OPS) + ["CORE_OPS", "EXTRA_OPS"]

@@ -19,14 +19,19 @@ def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozens
     return frozenset(feats)
 
 
-@torch.library.custom_op("dlinfer::fill_kv_cache", mutates_args=("key_cache", "value_cache"))
-def _fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                   kv_start_indices: torch.Tensor, k_scales_zeros: list[torch.Tensor],
-                   v_scales_zeros: list[torch.Tensor], quant_bits: int) -> None:
+def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """Value check (CPU always, accelerators with DLINFER_CHECK=1): slots in the cache or -1."""
     if _checks.values_checked(kv_start_indices):
         slots = key_cache.shape[0] * key_cache.shape[1]
         _checks.in_range("kv_start_indices", kv_start_indices, 0, slots,
                          f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}", allow=-1)
+
+
+@torch.library.custom_op("dlinfer::fill_kv_cache", mutates_args=("key_cache", "value_cache"))
+def _fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   kv_start_indices: torch.Tensor, k_scales_zeros: list[torch.Tensor],
+                   v_scales_zeros: list[torch.Tensor], quant_bits: int) -> None:
+    check_slots(kv_start_indices, key_cache)
     call = call_info("fill_kv_cache", key, head_size=key.shape[-1], head_size_v=value.shape[-1],
                      block_size=key_cache.shape[1], features=cache_call_features(key_cache, quant_bits))
     implementation(call)(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros,
@@ -81,6 +86,15 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     Returns:
         ``(key_cache, value_cache)``, the same tensor objects.
     """
+    quant_bits = fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits)
+    k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
+    v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
+    torch.ops.dlinfer.fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
+    return key_cache, value_cache
+
+
+def fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits) -> int:
+    """Metadata checks of ``fill_kv_cache``; returns ``quant_bits`` as an int."""
     _checks.tensor("key", key, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("value", value, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("kv_start_indices", kv_start_indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
@@ -94,7 +108,4 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
                         kv_start_indices=kv_start_indices)
     if not quant_bits:
         _checks.same_dtype(key=key, value=value, key_cache=key_cache, value_cache=value_cache)
-    k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
-    v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
-    torch.ops.dlinfer.fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
-    return key_cache, value_cache
+    return quant_bits

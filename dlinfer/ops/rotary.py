@@ -44,6 +44,13 @@ def apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tens
     Returns:
         ``(query, key)``, the same tensor objects, rotated in place.
     """
+    cos, sin = rotary_checks(query, key, cos, sin)
+    torch.ops.dlinfer.apply_rotary_pos_emb(query, key, cos, sin)
+    return query, key
+
+
+def rotary_checks(query, key, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metadata checks of ``apply_rotary_pos_emb``; returns ``cos``/``sin`` as ``[T, D]``."""
     _checks.tensor("query", query, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("key", key, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.same_dtype(query=query, key=key)
@@ -57,5 +64,4 @@ def apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tens
     cos = _as_table("cos", cos, tokens, head_dim)
     sin = _as_table("sin", sin, tokens, head_dim)
     _checks.same_device(query=query, key=key, cos=cos, sin=sin)
-    torch.ops.dlinfer.apply_rotary_pos_emb(query, key, cos, sin)
-    return query, key
+    return cos, sin

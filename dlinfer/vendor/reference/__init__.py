@@ -25,9 +25,10 @@ VENDOR = Vendor(
         "moe_gating_topk_softmax": moe.moe_gating_topk_softmax,
         "fused_moe": moe.fused_moe,
         "linear": linear.linear,
+        "apply_rotary_pos_emb_fill_kv_cache": rotary.apply_rotary_pos_emb_fill_kv_cache,
     },
     capabilities={op: Capabilities(features=_FEATURES)
                   for op in ("fill_kv_cache", "prefill_attention", "paged_prefill_attention",
-                             "paged_decode_attention")},
+                             "paged_decode_attention", "apply_rotary_pos_emb_fill_kv_cache")},
     description="pure PyTorch, any device; the correctness oracle",
 )

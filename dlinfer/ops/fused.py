@@ -1,0 +1,44 @@
+"""Fusions beyond LMDeploy's contract, each with a plain definition in the reference vendor."""
+
+from __future__ import annotations
+
+import torch
+
+from dlinfer.ops import _checks
+from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops.kv_cache import cache_call_features, check_slots, fill_kv_cache_checks
+from dlinfer.ops.rotary import rotary_checks
+
+
+@torch.library.custom_op("dlinfer::apply_rotary_pos_emb_fill_kv_cache",
+                         mutates_args=("query", "key", "key_cache", "value_cache"))
+def _rotary_fill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_start_indices: torch.Tensor) -> None:
+    check_slots(kv_start_indices, key_cache)
+    call = call_info("apply_rotary_pos_emb_fill_kv_cache", query, head_size=key.shape[-1],
+                     head_size_v=value.shape[-1], block_size=key_cache.shape[1],
+                     features=cache_call_features(key_cache))
+    implementation(call)(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+
+
+@_rotary_fill.register_fake
+def _(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices):
+    return None
+
+
+def apply_rotary_pos_emb_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                       key_cache: torch.Tensor, value_cache: torch.Tensor, cos: torch.Tensor,
+                                       sin: torch.Tensor,
+                                       kv_start_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb`` then ``fill_kv_cache`` of the rotated keys and the values, in one pass.
+
+    Same arguments and semantics as the two ops (see their docstrings): ``query``/``key`` are rotated in
+    place (strided views allowed), the rotated keys and ``value`` are written at ``kv_start_indices``
+    (``-1`` skipped) into the possibly strided caches. Returns ``(query, key)``.
+    """
+    cos, sin = rotary_checks(query, key, cos, sin)
+    fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, 0)
+    torch.ops.dlinfer.apply_rotary_pos_emb_fill_kv_cache(query, key, value, key_cache, value_cache, cos, sin,
+                                                         kv_start_indices)
+    return query, key
