@@ -18,7 +18,8 @@ logger = logging.getLogger("dlinfer")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "attention_prefill", "moe", "linear")
+_MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "attention_prefill", "moe", "linear",
+            "fused_rotary_kv")
 
 
 def _collect():
@@ -34,7 +35,7 @@ def _collect():
             if exc.name == f"{__name__}.{name}":
                 continue
             raise
-        ops.update(module.OPS)
+        ops.update(getattr(module, "OPS", {}))
         caps.update(getattr(module, "CAPABILITIES", {}))
     return ops, caps, None
 
