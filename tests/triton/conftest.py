@@ -1,0 +1,15 @@
+"""Run the Triton vendor's kernels on CPU tensors through Triton's interpreter (set before triton is imported)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import dlinfer.vendor  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clear_vendor_overrides():
+    yield
+    dlinfer.vendor.clear_overrides()
