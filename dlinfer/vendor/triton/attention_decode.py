@@ -1,0 +1,291 @@
+"""Paged decode attention in Triton: split-KV flash-decoding.
+
+Design
+------
+One query token per sequence attends to its whole sequence in the paged KV cache. The work is cut three ways:
+``grid = (batch, num_kv_heads, num_splits)``. A program owns
+
+* one sequence ``b`` and one KV head: every query head of that KV head's group (``Hq // Hk`` heads, GQA/MQA of
+  any ratio) is packed into one ``[BLOCK_H, D]`` query tile, so each K/V tile is read from memory once for the
+  whole group;
+* one contiguous slice of the sequence (a *split*). The slice length is computed ON THE DEVICE from the real
+  ``kv_seqlens[b]``: ``cdiv(cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N`` tokens, so a CUDA graph captured at a
+  large ``max_kv_seq_len`` still spreads a short sequence over its splits. Splits past the real length do no
+  work and write an empty partial (log-sum-exp ``-inf``).
+
+Inside a program, the slice is read in tiles of ``BLOCK_N`` tokens. Each token's cache page comes from the block
+table (``page = block_table[b, t // block_size]``, slot ``t % block_size``), so any block size works, pages may be
+shuffled, and tiles may span several pages or part of one. Caches are addressed through their strides (a vLLM
+packed ``kv[NB, Hk, BS, D+Dv]`` buffer viewed as ``[NB, BS, Hk, D]`` is read in place). Scores use the online
+softmax in fp32 with base-2 exponentials; the group is multiplied with ``tl.dot`` (tensor cores; the group is
+padded to ``BLOCK_H >= 16`` rows) when it has at least ``DOT_MIN_GROUP`` heads, else with elementwise products
+(no padding waste for MHA). Head sizes are padded to powers of two with masks (``D != Dv`` is fine).
+
+With one split the program writes ``attn_output`` directly. With several, each writes its normalized partial
+output and base-2 log-sum-exp to an fp32 scratch buffer and a second kernel, ``grid = (batch, num_q_heads)``,
+combines the splits with their log-sum-exp weights; empty partials get weight 0, and a sequence with
+``kv_seqlens == 0`` gets a zero row.
+
+Launch parameters
+-----------------
+All in :func:`_config` (per device type / dtype / head size) and :func:`num_splits`:
+
+* ``BLOCK_N`` tokens per tile (64 for D <= 128 on the GPU, 32 for D = 256), ``num_warps`` 4, ``num_stages`` 2;
+* ``num_splits = min(cdiv(target_programs, B * Hk), cdiv(max_kv_seq_len, min_split_tokens), MAX_SPLITS)``
+  with ``target_programs = 2 * SM count`` and ``min_split_tokens = BLOCK_N``: small batches and short
+  contexts still fill the GPU; a large batch uses one split and skips the reduce kernel.
+
+No host syncs: the grid depends only on shapes and ``max_kv_seq_len``; lengths are read on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dlinfer.vendor.registry import Capabilities
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+DOT_MIN_GROUP = 2  # query heads per KV head from which the group is multiplied on tensor cores
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+    target_programs: int
+    min_split_tokens: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: int, head_size_v: int,
+            block_h: int) -> DecodeConfig:
+    """Launch parameters of the split kernel (the one place to tune them)."""
+    if device_type != "cuda":  # TRITON_INTERPRET=1 on CPU tensors: small tiles, many splits (to test them)
+        return DecodeConfig(block_n=32, num_warps=1, num_stages=1, target_programs=16, min_split_tokens=32)
+    widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
+    block_n = 64 if widest <= 128 else 32
+    if dtype == torch.float32:
+        block_n //= 2
+    num_warps = 4 if block_h <= 32 else 8
+    return DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=2,
+                        target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
+
+
+def num_splits(batch: int, num_kv_heads: int, max_kv_seq_len: int, config: DecodeConfig) -> int:
+    """How many slices each sequence is cut into; depends only on shapes and the length bound."""
+    programs = max(1, batch * num_kv_heads)
+    want = triton.cdiv(config.target_programs, programs)
+    by_length = triton.cdiv(max(max_kv_seq_len, 1), config.min_split_tokens)
+    return max(1, min(want, by_length, MAX_SPLITS))
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                 qk_scale, offs_d, d_mask, offs_dv, dv_mask,
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end
+    page = tl.load(table_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    slot = (offs_n % PAGE_SIZE).to(tl.int64)
+    k = tl.load(k_head + (page * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if USE_DOT:
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+    else:
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    scores = tl.where(n_mask[None, :], scores * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every tile holds a valid token
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_head + (page * stride_vb + slot * stride_vt)[:, None] + offs_dv[None, :],
+                mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    if USE_DOT:
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, kv_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_tb,
+    stride_ob, stride_oh,
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    qk_scale, n_splits,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+
+    table_row = block_table_ptr + b.to(tl.int64) * stride_tb
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        n0 = start
+        while n0 < end:
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt,
+                                         stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, IEEE)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt,
+                                         stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, IEEE)
+
+    has = l_i > 0.0
+    res = acc / tl.where(has, l_i, 1.0)[:, None]
+    store_mask = h_mask[:, None] & dv_mask[None, :]
+    if DIRECT:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :],
+                 res.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms
+                 + offs_dv[None, :], res, mask=store_mask)
+        tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    n_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < n_splits
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+
+    lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    live = lse > float("-inf")
+    top = tl.max(lse, axis=0)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    weight = tl.where(live, tl.math.exp2(lse - top), 0.0)
+    part = tl.load(mid_o_ptr + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_dv[None, :],
+                   mask=live[:, None] & dv_mask[None, :], other=0.0)
+    total = tl.sum(weight, axis=0)
+    res = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv, res.to(out_ptr.dtype.element_ty), mask=dv_mask)
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
+                           attn_output) -> None:
+    batch, num_q_heads, head_size = query.shape
+    num_kv_heads, head_size_v = key_cache.shape[2], value_cache.shape[3]
+    page_size = key_cache.shape[1]
+    if batch == 0 or num_q_heads == 0:
+        return
+    group = num_q_heads // num_kv_heads
+    use_dot = group >= DOT_MIN_GROUP
+    block_h = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+    device = query.device
+    cfg = _config(device.type, device.index or 0, query.dtype, head_size, head_size_v, block_h)
+    splits = num_splits(batch, num_kv_heads, max_kv_seq_len, cfg)
+    direct = splits == 1
+    if direct:
+        mid_o = mid_lse = attn_output  # unused
+        mid_strides = (0, 0, 0, 0, 0)
+    else:
+        scratch = torch.empty(batch * num_q_heads * splits * (head_size_v + 1), dtype=torch.float32, device=device)
+        mid_o = scratch[: batch * num_q_heads * splits * head_size_v].view(batch, num_q_heads, splits, head_size_v)
+        mid_lse = scratch[batch * num_q_heads * splits * head_size_v:].view(batch, num_q_heads, splits)
+        mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
+    block_d = triton.next_power_of_2(head_size)
+    block_dv = triton.next_power_of_2(head_size_v)
+    _decode_split_kernel[(batch, num_kv_heads, splits)](
+        query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0),
+        attn_output.stride(0), attn_output.stride(1),
+        *mid_strides,
+        softmax_scale * LOG2E, splits,
+        GROUP=group, BLOCK_H=block_h,
+        HEAD_DIM=head_size, BLOCK_D=block_d, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv,
+        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
+        USE_DOT=use_dot, DIRECT=direct, IEEE=query.dtype == torch.float32, WHILE_LOOP=device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(batch, num_q_heads)](
+            mid_o, mid_lse, attn_output,
+            *mid_strides,
+            attn_output.stride(0), attn_output.stride(1),
+            splits,
+            HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4 if device.type == "cuda" else 1,
+        )
+
+
+OPS = {"paged_decode_attention": paged_decode_attention}
+
+HEAD_SIZES = frozenset(range(16, 257, 8))  # padded to a power of two inside; >= 16 for tl.dot
+BLOCK_SIZES = frozenset({8, 16, 32, 64, 128, 256})
+
+CAPABILITIES = {
+    "paged_decode_attention": Capabilities(
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        head_sizes=HEAD_SIZES,
+        block_sizes=BLOCK_SIZES,
+        features=frozenset({"strided_cache"}),
+    ),
+}
+
+__all__ = ["OPS", "CAPABILITIES", "paged_decode_attention", "num_splits", "DecodeConfig"]

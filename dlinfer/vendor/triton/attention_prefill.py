@@ -1,0 +1,276 @@
+"""Prefill attention in Triton: varlen flash attention over packed sequences, and its paged (chunked) form.
+
+Design
+------
+One program computes one tile of ``BLOCK_M`` queries of one sequence for one query head:
+``grid = (cdiv(max_q_seq_len, BLOCK_M), num_q_heads, batch)``. The grid depends only on shapes and the
+``max_q_seq_len`` bound; a program whose tile starts past its sequence's real query length exits at once. Tiles
+are visited in reverse (the longest causal tiles start first). Query head ``h`` reads KV head
+``h // (Hq // Hk)``; neighbouring programs share a head, so its keys and values stay in L2.
+
+The program keeps its ``[BLOCK_M, D]`` query tile in registers and streams the keys/values in tiles of
+``BLOCK_N``: ``S = Q K^T`` and ``O += P V`` on tensor cores (``tl.dot``, fp32 accumulators), online softmax in
+fp32 with base-2 exponentials (the scale is folded into ``log2(e) * softmax_scale``). Causal attention aligns the
+ends: query ``i`` of a sequence with ``q_len`` queries and ``kv_len`` keys sees keys ``j <= i + kv_len - q_len``.
+The KV range is walked in two loops: tiles wholly below the diagonal and inside the sequence need no mask at all;
+the (at most ``BLOCK_M / BLOCK_N + 1``) diagonal/tail tiles are masked; tiles wholly above the diagonal are never
+visited. Non-causal attention (vision encoders) is the same kernel with only the length mask. A query row that
+sees no key gives zeros. Head sizes are padded to powers of two with masks, ``Dv`` may differ from ``D``.
+
+* ``prefill_attention``: keys/values are packed like the queries; the start of each sequence is the exclusive
+  cumulative sum of the lengths, computed on the device (``torch.cumsum``, no host sync).
+* ``paged_prefill_attention``: keys/values come from the paged cache through the block table (history and the new
+  tokens, which are already in the cache), token ``t`` at page ``block_table[b, t // block_size]``, slot
+  ``t % block_size``; caches are addressed through their strides. Query starts come from the given cumulative
+  ends; queries past ``cu_seqlens_q[-1]`` are never touched.
+
+Each program reads its query tile before it writes its output tile, and only its own rows and head, so
+``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``).
+
+Launch parameters
+-----------------
+All in :func:`_config`: on the GPU, 16-bit inputs with ``D <= 128`` use ``BLOCK_M=128, BLOCK_N=64,
+num_warps=8, num_stages=3`` (Hopper), ``D`` up to 256 uses ``BLOCK_M=64, BLOCK_N=64, num_warps=8,
+num_stages=2``; fp32 (exact ``ieee`` dots) uses ``64 x 32``, 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
+separate small config (``32 x 16``) keeps the interpreter fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dlinfer.vendor.registry import Capabilities
+
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int) -> PrefillConfig:
+    """Launch parameters of the prefill kernel (the one place to tune them)."""
+    if device_type == "cpu":  # TRITON_INTERPRET=1
+        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
+    if dtype == torch.float32:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if widest <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if widest <= 128:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head, table_row,
+                  stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Fold keys ``[n0, n0 + BLOCK_N)`` into the online softmax of the query tile.
+
+    ``MASKED=False`` tiles lie wholly inside the sequence and below the diagonal. ``diag = kv_len - q_len``:
+    row ``i`` sees key ``j`` when ``j <= i + diag`` (causal).
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < kv_len
+    if PAGED:
+        if MASKED:
+            page = tl.load(table_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row + offs_n // PAGE_SIZE).to(tl.int64)
+        slot = (offs_n % PAGE_SIZE).to(tl.int64)
+        k_rows = page * stride_kb + slot * stride_kt
+        v_rows = page * stride_vb + slot * stride_vt
+    else:
+        token = kv_base + offs_n.to(tl.int64)
+        k_rows = token * stride_kt
+        v_rows = token * stride_vt
+    if MASKED:
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+    if MASKED:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that has seen nothing yet stays empty
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(scores - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=dv_mask[None, :], other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_tb,
+    stride_ot, stride_oh,
+    qk_scale, num_m_tiles,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    """``kv_ptr_lens``: cumulative KV ends (packed, ``PAGED=False``) or KV lengths (``PAGED=True``)."""
+    tile = num_m_tiles - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = head // GROUP
+
+    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
+    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    m0 = tile * BLOCK_M
+    if m0 >= q_len:
+        return
+    if PAGED:
+        kv_base = 0
+        kv_len = tl.load(kv_ptr_lens + b).to(tl.int32)
+    else:
+        kv_base = tl.load(kv_ptr_lens + b - 1, mask=b > 0, other=0).to(tl.int64)
+        kv_len = (tl.load(kv_ptr_lens + b) - kv_base).to(tl.int32)
+    diag = kv_len - q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+    rows = (q_start + offs_m).to(tl.int64)
+
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(kv_len, m0 + BLOCK_M + diag)  # keys past the tile's last row are never seen
+        full = tl.minimum(tl.maximum(m0 + diag + 1, 0), kv_len)  # keys every row of the tile sees
+    else:
+        hi = kv_len
+        full = kv_len
+    full = (full // BLOCK_N) * BLOCK_N
+
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    table_row = block_table_ptr + b.to(tl.int64) * stride_tb
+    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        n0 = full * 0
+        while n0 < full:
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
+                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, IEEE)
+            n0 += BLOCK_N
+        n0 = full
+        while n0 < hi:
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
+                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, IEEE)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
+                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, IEEE)
+        for n0 in range(full, hi, BLOCK_N):
+            acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
+                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, IEEE)
+
+    res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+
+
+def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
+            softmax_scale: float, causal: bool, kv_strides) -> None:
+    tokens, num_q_heads, head_size = query.shape
+    num_kv_heads, head_size_v = key.shape[-2], value.shape[-1]
+    batch = q_ends.shape[0]
+    if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
+        return
+    cfg = _config(query.device.type, query.dtype, head_size, head_size_v)
+    num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m)
+    _prefill_kernel[(num_m_tiles, num_q_heads, batch)](
+        query, key, value, out, q_ends, kv_arg, block_table,
+        query.stride(0), query.stride(1),
+        *kv_strides,
+        block_table.stride(0) if paged else 0,
+        out.stride(0), out.stride(1),
+        softmax_scale * LOG2E, num_m_tiles,
+        GROUP=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_size, BLOCK_D=triton.next_power_of_2(head_size),
+        HEAD_DIM_V=head_size_v, BLOCK_DV=triton.next_power_of_2(head_size_v),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, IEEE=query.dtype == torch.float32,
+        WHILE_LOOP=query.device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+                      attn_output) -> None:
+    q_ends = torch.cumsum(q_seqlens, 0)
+    kv_ends = torch.cumsum(kv_seqlens, 0)
+    kv_strides = (0, key.stride(0), key.stride(1), 0, value.stride(0), value.stride(1))
+    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, softmax_scale, causal,
+            kv_strides)
+
+
+def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+    kv_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                  value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
+    _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q, kv_seqlens, block_table, True,
+            key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides)
+
+
+OPS = {"prefill_attention": prefill_attention, "paged_prefill_attention": paged_prefill_attention}
+
+HEAD_SIZES = frozenset(range(16, 257, 8))  # padded to a power of two inside; >= 16 for tl.dot
+_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+CAPABILITIES = {
+    "prefill_attention": Capabilities(dtypes=_DTYPES, head_sizes=HEAD_SIZES, features=frozenset({"non_causal"})),
+    "paged_prefill_attention": Capabilities(
+        dtypes=_DTYPES, head_sizes=HEAD_SIZES, block_sizes=frozenset({8, 16, 32, 64, 128, 256}),
+        features=frozenset({"strided_cache", "non_causal"})),
+}
+
+__all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig"]
