@@ -1,0 +1,123 @@
+"""Route LMDeploy's PyTorch engine on CUDA to dlinfer, in this process and in every worker it spawns.
+
+Three patches, all undone by :func:`revert`:
+
+1. ``lmdeploy.pytorch.backends.selector._get_backend``: device type ``cuda`` gets
+   :class:`~dlinfer.framework.lmdeploy_ext.backend.DlinferCudaOpsBackend`. Every ``get_backend()`` call in
+   LMDeploy goes through that module function, so this one patch routes the model build, the step context, the
+   cache layout and the graph runner.
+2. Spawned processes import LMDeploy afresh, so the two places LMDeploy spawns engine processes run their
+   target through an entry point of this module that re-applies these patches first:
+   ``mp_executor.ExecutorProc.start`` (tensor-parallel workers, :func:`_worker_entry`) and
+   ``mp_engine.zmq_engine.ZMQMPEngine._mp_proc`` (the engine process of ``lmdeploy serve api_server``,
+   :func:`_mp_engine_entry`).
+3. ``lmdeploy.pytorch.engine.engine.build_executor``: before the executor starts, the setup is checked
+   (``support.check_supported``) and refused with a message naming every unsupported feature.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+logger = logging.getLogger("dlinfer")
+
+_lock = threading.RLock()
+_originals: dict[str, object] = {}
+
+
+def is_applied() -> bool:
+    """Whether this process routes LMDeploy's CUDA backend to dlinfer."""
+    return bool(_originals)
+
+
+def _dlinfer_get_backend():
+    from lmdeploy.pytorch.devices import get_device_manager
+
+    if get_device_manager().current_context().device_type == "cuda":
+        from dlinfer.framework.lmdeploy_ext.backend import DlinferCudaOpsBackend
+
+        return DlinferCudaOpsBackend
+    return _originals["selector._get_backend"]()
+
+
+def _worker_entry(main_loop, *args, **kwargs):
+    """A spawned LMDeploy worker: apply dlinfer's patches, then run LMDeploy's worker loop."""
+    apply()
+    return main_loop(*args, **kwargs)
+
+
+def _patched_start(self, **kwargs):
+    """``ExecutorProc.start`` with the worker run through :func:`_worker_entry` (same process settings)."""
+    assert self._proc is None
+    proc = self.mp_ctx.Process(target=_worker_entry, args=(self._main_loop,), kwargs=kwargs,
+                               name=f"ExecutorProc-{self.proc_id}", daemon=True)
+    proc.start()
+    self._proc = proc
+
+
+def _mp_engine_entry(*args, **kwargs):
+    """LMDeploy's ZMQ engine process (``lmdeploy serve api_server``): apply dlinfer's patches, then run it."""
+    apply()
+    return _originals["zmq_engine.ZMQMPEngine._mp_proc"](*args, **kwargs)
+
+
+def _checked_build_executor(model_path, *args, **kwargs):
+    from dlinfer.framework.lmdeploy_ext.support import check_supported
+
+    trust_remote_code = bool(kwargs.get("trust_remote_code", False))
+    try:
+        from lmdeploy.archs import get_model_arch
+
+        _, hf_config = get_model_arch(model_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - let LMDeploy report a config it cannot read itself
+        logger.debug("dlinfer: could not read the model config of %s for the support check: %s", model_path, exc)
+        hf_config = None
+    names = ("cache_config", "backend_config", "dist_config", "misc_config", "adapters")
+    settings = {name: kwargs.get(name) for name in names}
+    for name, value in zip(names, args):
+        settings[name] = value
+    check_supported(hf_config, specdecode_config=kwargs.get("specdecode_config"), dtype=kwargs.get("dtype"),
+                    **settings)
+    return _originals["engine.build_executor"](model_path, *args, **kwargs)
+
+
+def apply() -> None:
+    """Route LMDeploy's CUDA device to dlinfer in this process and its ``mp`` workers. Idempotent."""
+    with _lock:
+        if _originals:
+            return
+        import lmdeploy.pytorch.backends.selector as selector
+        import lmdeploy.pytorch.engine.engine as engine_module
+        import lmdeploy.pytorch.engine.executor.mp_executor as mp_executor
+        import lmdeploy.pytorch.engine.mp_engine.zmq_engine as zmq_engine
+
+        import dlinfer  # noqa: F401  (registers the ops before LMDeploy's dlinfer kernels import them)
+
+        _originals["selector._get_backend"] = selector._get_backend
+        _originals["mp_executor.ExecutorProc.start"] = mp_executor.ExecutorProc.start
+        _originals["engine.build_executor"] = engine_module.build_executor
+        _originals["zmq_engine.ZMQMPEngine._mp_proc"] = zmq_engine.ZMQMPEngine._mp_proc
+        selector._get_backend = _dlinfer_get_backend
+        mp_executor.ExecutorProc.start = _patched_start
+        engine_module.build_executor = _checked_build_executor
+        zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_mp_engine_entry)
+        logger.info("dlinfer: LMDeploy's PyTorch engine on CUDA now runs through dlinfer (pid %d)", os.getpid())
+
+
+def revert() -> None:
+    """Undo :func:`apply` in this process (workers already started keep their patches)."""
+    with _lock:
+        if not _originals:
+            return
+        import lmdeploy.pytorch.backends.selector as selector
+        import lmdeploy.pytorch.engine.engine as engine_module
+        import lmdeploy.pytorch.engine.executor.mp_executor as mp_executor
+        import lmdeploy.pytorch.engine.mp_engine.zmq_engine as zmq_engine
+
+        selector._get_backend = _originals.pop("selector._get_backend")
+        mp_executor.ExecutorProc.start = _originals.pop("mp_executor.ExecutorProc.start")
+        engine_module.build_executor = _originals.pop("engine.build_executor")
+        zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_originals.pop("zmq_engine.ZMQMPEngine._mp_proc"))
+        _originals.clear()

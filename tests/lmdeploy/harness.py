@@ -1,0 +1,127 @@
+"""Run LMDeploy's patched models on the CPU through dlinfer's LMDeploy backend, without LMDeploy's engine.
+
+The engine needs CUDA (streams, the scheduler's events), LMDeploy's models do not. ``PagedModel`` builds a model
+with LMDeploy's own ``build_patched_model`` and weight loader, keeps a paged KV cache of LMDeploy's layout, and
+runs steps through LMDeploy's ``StepContext`` (``ModelInputs`` -> ``build_context``), i.e. through
+``DlinferCudaOpsBackend.update_step_context`` and LMDeploy's dlinfer layers, to ``dlinfer.ops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+
+@dataclasses.dataclass
+class Sequence:
+    tokens: list[int]
+    blocks: list[int]
+    cached: int = 0  # tokens already in the KV cache
+
+
+class PagedModel:
+    """One LMDeploy patched model on the CPU with a paged cache of ``num_blocks`` x ``block_size``."""
+
+    def __init__(self, model_path: str, *, block_size: int = 16, num_blocks: int = 64, dtype: str = "float32",
+                 seed: int = 0):
+        from lmdeploy.pytorch.config import CacheConfig, ModelConfig
+        from lmdeploy.pytorch.model_inputs import BuildModelContext
+        from lmdeploy.pytorch.models.patch import build_patched_model
+        from lmdeploy.pytorch.weight_loader.model_weight_loader import load_model_weights
+
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, block_size=block_size)
+        self.cache_config = CacheConfig(max_batches=8, block_size=block_size, num_cpu_blocks=0,
+                                        num_gpu_blocks=num_blocks)
+        self.model = build_patched_model(self.model_config, device=torch.device("cpu"),
+                                         build_model_ctx=BuildModelContext())
+        load_model_weights(self.model, model_path, device=torch.device("cpu"))
+        cfg = self.model_config
+        heads, head_dim = cfg.num_key_value_heads, cfg.head_dim
+        v_head_dim = getattr(cfg, "v_head_dim", None) or head_dim
+        self.kv_caches = [
+            [torch.zeros(num_blocks, block_size, heads, head_dim, dtype=cfg.dtype),
+             torch.zeros(num_blocks, block_size, heads, v_head_dim, dtype=cfg.dtype)]
+            for _ in range(cfg.num_layers)
+        ]
+        self._free = list(range(num_blocks))
+        random.Random(seed).shuffle(self._free)  # shuffled, non-contiguous block tables
+
+    def new_sequence(self, tokens: list[int]) -> Sequence:
+        return Sequence(tokens=list(tokens), blocks=[])
+
+    def _ensure_blocks(self, seq: Sequence, length: int) -> None:
+        need = -(-length // self.block_size)
+        while len(seq.blocks) < need:
+            if not self._free:
+                raise RuntimeError("out of cache blocks")
+            seq.blocks.append(self._free.pop())
+
+    def make_inputs(self, seqs: list[Sequence], q_lens: list[int]):
+        """LMDeploy ``ModelInputs`` for one step: ``q_lens[i]`` new tokens of ``seqs[i]``."""
+        from lmdeploy.pytorch.model_inputs import ModelInputs
+
+        token_ids, history, kv_lens = [], [], []
+        for seq, q in zip(seqs, q_lens):
+            if q < 1 or seq.cached + q > len(seq.tokens):
+                raise ValueError(f"bad step: {q} new tokens after {seq.cached} of {len(seq.tokens)}")
+            self._ensure_blocks(seq, seq.cached + q)
+            token_ids += seq.tokens[seq.cached:seq.cached + q]
+            history.append(seq.cached)
+            kv_lens.append(seq.cached + q)
+        width = max(len(s.blocks) for s in seqs)
+        table = torch.zeros(len(seqs), width, dtype=torch.int64)
+        for i, seq in enumerate(seqs):
+            table[i, :len(seq.blocks)] = torch.tensor(seq.blocks)
+        is_decoding = all(q == 1 for q in q_lens) and all(s.cached > 0 for s in seqs)
+        return ModelInputs(
+            input_ids=torch.tensor(token_ids, dtype=torch.int64)[None],
+            seq_length=torch.tensor(q_lens, dtype=torch.int64),
+            history_lengths=torch.tensor(history, dtype=torch.int64),
+            block_offsets=table,
+            is_decoding=is_decoding,
+            num_ignored_history=torch.zeros(len(seqs), dtype=torch.int64),
+            max_q_seqlen=max(q_lens),
+            max_kv_seqlen=max(kv_lens),
+            sum_kv_seqlen=sum(kv_lens),
+        )
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], q_lens: list[int], runner=None) -> torch.Tensor:
+        """Run one step; returns the logits of every new token ``[num_tokens, vocab]`` (float32).
+
+        ``runner`` (optional) is called instead of the model with the model's inputs, e.g. a graph runner.
+        """
+        from lmdeploy.pytorch.model_inputs import step_ctx_manager
+
+        inputs = self.make_inputs(seqs, q_lens)
+        ctx_mgr = self.model.ctx_mgr
+        with step_ctx_manager(ctx_mgr):
+            context = ctx_mgr.build_context(inputs=inputs, model_config=self.model_config,
+                                            cache_config=self.cache_config, kv_caches=self.kv_caches)
+            with ctx_mgr.context(context):
+                model_inputs = self.model.prepare_inputs_for_generation(past_key_values=self.kv_caches,
+                                                                        context=context)
+                output = (runner or self.model)(**model_inputs)
+                hidden = output["hidden_states"] if isinstance(output, dict) else output
+                logits = self.model.get_logits(hidden)
+        self.last_context = context
+        for seq, q in zip(seqs, q_lens):
+            seq.cached += q
+        return logits[0].float()
+
+
+def hf_logits(model_path: str, token_lists: list[list[int]]) -> list[torch.Tensor]:
+    """Transformers' float32 logits of every position of each token list (the oracle)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for tokens in token_lists:
+            out.append(model(torch.tensor(tokens)[None]).logits[0].float())
+    return out
