@@ -101,3 +101,7 @@ def rotary_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), q_groups,
         HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_block, DV=triton.next_power_of_2(head_dim_v), num_warps=warps)
+
+
+# Deliberately empty until the op contract for ``rotary_fill_kv_cache`` exists in ``dlinfer/ops``.
+OPS: dict = {}

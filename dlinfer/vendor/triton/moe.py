@@ -1,0 +1,356 @@
+"""Mixture of experts: router gating (softmax + top-k in one kernel) and the fused SwiGLU experts.
+
+``fused_moe`` runs five launches and no host sync (every buffer is sized from ``T * topk`` and ``E``; grids
+depend on shapes only, so it is CUDA-graph capturable), and is deterministic (no atomics):
+
+1. ``_moe_histogram_kernel``: per chunk of the ``N = T * topk`` routed (token, slot) pairs, a per-expert
+   histogram and each pair's rank among the chunk's pairs of the same expert.
+2. ``_moe_scatter_kernel``: per chunk, the expert's start (experts padded to ``BLOCK_M`` rows, in expert order)
+   plus the counts of earlier chunks plus the rank gives each pair's row in the expert-sorted order: a stable
+   counting sort. Program 0 also writes the per-expert block table the GEMMs read.
+3. ``_moe_gemm_kernel`` (gate_up, ``SILU=True``): a grouped GEMM over blocks of ``BLOCK_M`` sorted rows of one
+   expert, gathering the hidden rows, with two accumulators (gate rows and up rows of the same output columns)
+   and ``silu(gate) * up`` in the epilogue, so only ``[N, I]`` activations are written.
+4. ``_moe_gemm_kernel`` (down): the same grouped GEMM on the activations, into ``[N, H]`` per-pair outputs.
+5. ``_moe_combine_kernel``: ``out[t] = sum_k w[t, k] * y[t, k]`` in fp32 (renormalized if asked), in a fixed
+   order: deterministic, no atomics, and the routing weight is applied to the down output rounded to the
+   input dtype, exactly as the reference computes it.
+
+Launch parameters (tile sizes, warps, stages) come from :data:`MOE_CONFIGS` via :func:`moe_launch_config`,
+chosen by the expected rows per expert (``T * topk / E``): small (decode: memory-bound on weights) to large
+(prefill: compute-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------- gating
+
+
+@triton.jit
+def _gating_kernel(logits_ptr, weights_ptr, ids_ptr, n_tokens, n_experts, stride_logits, stride_w, stride_ids,
+                   TOPK: tl.constexpr, ROWS: tl.constexpr, EB: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, EB)
+    row_mask = rows < n_tokens
+    col_mask = cols < n_experts
+    rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_logits + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
+    x_max = tl.max(x, axis=1)
+    x_max = tl.where(row_mask, x_max, 0.0)  # rows past the end: keep the math finite
+    e = tl.exp(x - x_max[:, None])
+    e = tl.where(col_mask[None, :], e, 0.0)
+    probs = e / tl.where(row_mask, tl.sum(e, axis=1), 1.0)[:, None]
+    # Padded columns can never be picked: probabilities are >= 0.
+    probs = tl.where(col_mask[None, :], probs, -1.0)
+    for i in tl.static_range(TOPK):
+        best = tl.max(probs, axis=1)
+        # Ties go to the lower expert id.
+        best_id = tl.min(tl.where(probs == best[:, None], cols[None, :], EB), axis=1)
+        tl.store(weights_ptr + rows64 * stride_w + i, best, mask=row_mask)
+        tl.store(ids_ptr + rows64 * stride_ids + i, best_id.to(tl.int64), mask=row_mask)
+        probs = tl.where(cols[None, :] == best_id[:, None], -2.0, probs)
+
+
+# Launch parameters, in one place: a gating program covers about GATING_TILE logits (ROWS tokens x all experts).
+GATING_TILE = 2048
+GATING_MAX_ROWS = 64
+
+
+def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, topk, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, topk, dtype=torch.int64, device=router_logits.device)
+    if tokens == 0:
+        return weights, ids
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    eb = triton.next_power_of_2(experts)
+    rows = max(1, min(GATING_MAX_ROWS, GATING_TILE // eb, triton.next_power_of_2(tokens)))
+    warps = 4 if rows * eb >= 1024 else 1
+    _gating_kernel[(triton.cdiv(tokens, rows),)](
+        logits, weights, ids, tokens, experts, logits.stride(0), weights.stride(0), ids.stride(0),
+        TOPK=topk, ROWS=rows, EB=eb, num_warps=warps)
+    return weights, ids
+
+
+# ---------------------------------------------------------------------------------------------- sorting
+
+
+@triton.jit
+def _moe_histogram_kernel(ids_ptr, rank_ptr, hist_ptr, n_pairs, n_experts, CHUNK: tl.constexpr, EB: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n_pairs
+    ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
+    experts = tl.arange(0, EB)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EB]
+    before = tl.cumsum(onehot, axis=0) - onehot
+    rank = tl.sum(before * onehot, axis=1)  # earlier pairs of the same expert in this chunk
+    tl.store(rank_ptr + offs, rank, mask=mask)
+    tl.store(hist_ptr + chunk * EB + experts, tl.sum(onehot, axis=0))
+
+
+@triton.jit
+def _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB: tl.constexpr, CB: tl.constexpr):
+    cs = c0 + tl.arange(0, CB)
+    h = tl.load(hist_ptr + cs[:, None] * EB + experts[None, :], mask=(cs < n_chunks)[:, None], other=0)
+    total += tl.sum(h, axis=0)
+    earlier += tl.sum(tl.where((cs < chunk)[:, None], h, 0), axis=0)
+    return total, earlier
+
+
+@triton.jit
+def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pairs, n_experts, n_chunks,
+                        CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, BLOCK_M: tl.constexpr,
+                        WHILE_LOOP: tl.constexpr):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, EB)
+    total = tl.zeros([EB], dtype=tl.int32)
+    earlier = tl.zeros([EB], dtype=tl.int32)
+    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        c0 = 0
+        while c0 < n_chunks:
+            total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
+            c0 += CB
+    else:
+        for c0 in range(0, n_chunks, CB):
+            total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
+    n_blocks = (total + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(n_blocks, axis=0)
+    if chunk == 0:
+        # The block table the GEMMs read: meta[0, e] = end block of expert e, meta[1, e] = its row count.
+        tl.store(meta_ptr + experts, block_end)
+        tl.store(meta_ptr + EB + experts, total)
+    first_row = (block_end - n_blocks) * BLOCK_M + earlier
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n_pairs
+    ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
+    rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+    base = tl.sum(tl.where(ids[:, None] == experts[None, :], first_row[None, :], 0), axis=1)
+    tl.store(sorted_ptr + base + rank, offs, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- grouped GEMM
+
+
+@triton.jit
+def _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
+               SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]`` (and ``acc_up`` with the up rows when ``SILU``)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=n_mask[None, :], other=0.0)
+    else:
+        k_mask = offs_k < k_dim - k0
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if SILU:
+        if EVEN_K:
+            b_up = tl.load(b_ptrs + up_shift + k0, mask=n_mask[None, :], other=0.0)
+        else:
+            b_up = tl.load(b_ptrs + up_shift + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset, max_blocks,
+                     n_experts, stride_am, stride_we, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     EB: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr):
+    """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block.
+
+    With ``SILU``: ``out[r, n] = silu(g) * u``, ``g``/``u`` that sum for weight rows ``n`` and ``n + up_offset``
+    (each rounded to the output dtype first, like a separate GEMM would)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_out, BLOCK_N)
+    # Grouped order: GROUP_M row blocks sweep the output columns together, so a weight tile is read from
+    # HBM once per group and the group's input rows stay in L2.
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
+    m_block = first_m + (pid % per_group) % group_rows
+    n_tile = (pid % per_group) // group_rows
+
+    experts = tl.arange(0, EB)
+    block_ends = tl.load(meta_ptr + experts, mask=experts < n_experts, other=2147483647)
+    expert = tl.sum((block_ends <= m_block).to(tl.int32), axis=0)
+    if expert < n_experts:  # else: a block past the padded total, nothing to do
+        block_end = tl.load(meta_ptr + expert)
+        count = tl.load(meta_ptr + EB + expert)
+        block_start = block_end - (count + BLOCK_M - 1) // BLOCK_M
+        local = (m_block - block_start) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = local < count
+        rows = tl.load(sorted_ptr + m_block * BLOCK_M + tl.arange(0, BLOCK_M), mask=row_mask, other=0)
+        a_rows = (rows // a_row_div).to(tl.int64)
+
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_out
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        up_shift = up_offset * stride_wn  # < 2**31 elements: I * H of one expert
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+            k0 = 0
+            while k0 < k_dim:
+                acc, acc_up = _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
+                                         SILU, EVEN_K, PRECISION)
+                k0 += BLOCK_K
+        else:
+            for k0 in range(0, k_dim, BLOCK_K):
+                acc, acc_up = _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
+                                         SILU, EVEN_K, PRECISION)
+        out_dtype = out_ptr.dtype.element_ty
+        if SILU:
+            gate = acc.to(out_dtype).to(tl.float32)
+            up = acc_up.to(out_dtype).to(tl.float32)
+            result = (gate * tl.sigmoid(gate) * up).to(out_dtype)
+        else:
+            result = acc.to(out_dtype)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, result, mask=row_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- combine
+
+
+@triton.jit
+def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, hidden, topk, stride_y, stride_w, stride_out,
+                        RENORMALIZE: tl.constexpr, KB: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < hidden
+    slots = tl.arange(0, KB)
+    slot_mask = slots < topk
+    w = tl.load(w_ptr + token * stride_w + slots, mask=slot_mask, other=0.0).to(tl.float32)
+    if RENORMALIZE:
+        w = w / tl.sum(w, axis=0)
+    y = tl.load(y_ptr + (token * topk + slots)[:, None] * stride_y + cols[None, :],
+                mask=slot_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    out = tl.sum(y * w[:, None], axis=0)
+    tl.store(out_ptr + token * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+
+# Tile configurations for the two grouped GEMMs, by the expected rows per expert (T * topk / E), smallest
+# tier first: (upper bound of rows per expert, config). BLOCK_M is shared by both GEMMs (it is the sorting's
+# padding unit). "up" = gate_up GEMM + SiLU (each program holds two BLOCK_M x BLOCK_N accumulators),
+# "down" = down GEMM. Decode tiers stream weights (small BLOCK_M, many programs over the output columns);
+# prefill tiers are compute-bound (large tiles, GROUP_M swizzle for L2 reuse).
+MOE_CONFIGS: list[tuple[float, dict]] = [
+    (16, dict(BLOCK_M=16,
+              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4))),
+    (32, dict(BLOCK_M=32,
+              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4),
+              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4))),
+    (128, dict(BLOCK_M=64,
+               up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+               down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4))),
+    (float("inf"), dict(BLOCK_M=128,
+                        up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+                        down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))),
+]
+
+# Sorting / combine launch parameters: a sorting chunk holds at most SORT_TILE one-hot entries (CHUNK x experts).
+SORT_TILE = 16384
+SORT_MAX_CHUNK = 4096
+SORT_NUM_WARPS = 4
+SORT_CHUNKS_PER_STEP = 64  # histogram rows the scatter kernel sums per loop step
+COMBINE_BLOCK_H = 1024
+COMBINE_NUM_WARPS = 4
+
+
+def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: int) -> dict:
+    """The tile configuration ``fused_moe`` uses for this problem (a dict: ``BLOCK_M``, ``up``, ``down``)."""
+    rows_per_expert = tokens * topk / experts
+    for bound, config in MOE_CONFIGS:
+        if rows_per_expert <= bound:
+            return config
+    return MOE_CONFIGS[-1][1]
+
+
+def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
+          block_m, silu, cfg):
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+    grid = (max_blocks * triton.cdiv(n_out, block_n),)
+    _moe_gemm_kernel[grid](
+        a, weight, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
+        a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, SILU=silu,
+        EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool,
+              config: dict | None = None) -> torch.Tensor:
+    """See ``dlinfer.ops.fused_moe``. ``config`` overrides :func:`moe_launch_config` (for tuning)."""
+    tokens, hidden = hidden_states.shape
+    experts, two_inter, _ = gate_up_weights.shape
+    inter = two_inter // 2
+    topk = topk_ids.shape[1]
+    device = hidden_states.device
+    out = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=device)
+    if tokens == 0:
+        return out
+    if inter == 0:
+        return out.zero_()
+    cfg = config or moe_launch_config(tokens, experts, topk, hidden, inter)
+    block_m = cfg["BLOCK_M"]
+    x = _rows_contiguous(hidden_states)
+    w_up = _rows_contiguous(gate_up_weights)
+    w_down = _rows_contiguous(down_weights)
+    topk_weights = _rows_contiguous(topk_weights)
+    ids = topk_ids.reshape(-1)
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+
+    pairs = tokens * topk
+    eb = triton.next_power_of_2(experts)
+    chunk = max(16, min(SORT_MAX_CHUNK, SORT_TILE // eb, triton.next_power_of_2(pairs)))
+    n_chunks = triton.cdiv(pairs, chunk)
+    # Every non-empty expert pads to a multiple of BLOCK_M: at most pairs / BLOCK_M + min(E, pairs) blocks.
+    max_blocks = triton.cdiv(pairs, block_m) + min(experts, pairs)
+
+    i32 = dict(dtype=torch.int32, device=device)
+    rank = torch.empty(pairs, **i32)
+    hist = torch.empty(n_chunks, eb, **i32)
+    meta = torch.empty(2, eb, **i32)
+    sorted_rows = torch.empty(max_blocks * block_m, **i32)
+    act = torch.empty(pairs, inter, dtype=hidden_states.dtype, device=device)
+    y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
+
+    _moe_histogram_kernel[(n_chunks,)](ids, rank, hist, pairs, experts, CHUNK=chunk, EB=eb,
+                                       num_warps=SORT_NUM_WARPS)
+    _moe_scatter_kernel[(n_chunks,)](ids, rank, hist, sorted_rows, meta, pairs, experts, n_chunks, CHUNK=chunk,
+                                     EB=eb, CB=min(SORT_CHUNKS_PER_STEP, triton.next_power_of_2(n_chunks)), BLOCK_M=block_m,
+                                     WHILE_LOOP=device.type == "cpu", num_warps=SORT_NUM_WARPS)
+    _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
+          max_blocks=max_blocks, experts=experts, eb=eb, block_m=block_m, silu=True, cfg=cfg["up"])
+    _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
+          max_blocks=max_blocks, experts=experts, eb=eb, block_m=block_m, silu=False, cfg=cfg["down"])
+    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(hidden))
+    _moe_combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
+        RENORMALIZE=renormalize, KB=triton.next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
+    return out
+
+
+def _fused_moe_op(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):
+    return fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
+
+
+OPS = {"moe_gating_topk_softmax": moe_gating_topk_softmax, "fused_moe": _fused_moe_op}

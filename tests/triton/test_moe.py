@@ -1,0 +1,188 @@
+"""The triton vendor's MoE kernels (gating, fused experts) against the reference vendor, under Triton's interpreter.
+
+fused_moe uses ``tl.dot``, which Triton 3.6's interpreter computes wrongly for bf16: it is tested here in fp32
+and fp16 only (bf16 on the GPU). Buffers the kernels allocate are poisoned during the triton call (NaN floats,
+huge ints): an unwritten output element shows up as NaN, an unwritten index as an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlinfer.ops as ops
+import dlinfer.vendor
+from dlinfer.vendor.triton import moe as triton_moe
+
+GEMM_TOL = {torch.float32: (2e-5, 2e-4), torch.float16: (3e-3, 5e-3)}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Call ``poison(fn, *args)`` to run ``fn`` with ``torch.empty``/``empty_like`` returning poisoned tensors."""
+
+    def fill(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype in (torch.int32, torch.int64):
+            return t.fill_(torch.iinfo(t.dtype).max // 2)
+        return t
+
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def call(fn, *args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+            m.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def with_vendor(vendor, fn, *args, **kwargs):
+    dlinfer.vendor.set_override(vendor)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        dlinfer.vendor.clear_overrides()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_triton_vendor_provides_moe_ops():
+    vendor = dlinfer.vendor.get_vendor("triton")
+    assert vendor.ops["moe_gating_topk_softmax"] is triton_moe.moe_gating_topk_softmax
+    assert "fused_moe" in vendor.ops
+
+
+# ---------------------------------------------------------------- gating
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,experts,topk", [(1, 8, 2), (7, 5, 3), (33, 60, 8), (3, 128, 8), (4, 6, 6)])
+def test_gating(poison, dtype, tokens, experts, topk):
+    logits = (torch.randn(tokens, experts) * 3).to(dtype)
+    weights, ids = poison(with_vendor, "triton", ops.moe_gating_topk_softmax, logits, topk)
+    ref_weights, ref_ids = with_vendor("reference", ops.moe_gating_topk_softmax, logits, topk)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64
+    assert weights.shape == ids.shape == (tokens, topk)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ids, ref_ids)
+
+
+def test_gating_ties_go_to_lower_expert_id(poison):
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0],
+                           [1.0, 3.0, 3.0, 0.0, 3.0],
+                           [2.0, -1.0, 2.0, 2.0, 5.0],
+                           [-4.0, -4.0, -4.0, 9.0, -4.0]])
+    weights, ids = poison(with_vendor, "triton", ops.moe_gating_topk_softmax, logits, 3)
+    assert ids.tolist() == [[0, 1, 2], [1, 2, 4], [4, 0, 2], [3, 0, 1]]
+    ref_weights, ref_ids = with_vendor("reference", ops.moe_gating_topk_softmax, logits, 3)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_gating_strided_logits(poison):
+    buf = torch.randn(9, 20)
+    logits = buf[::2, 3:3 + 12]
+    weights, ids = poison(with_vendor, "triton", ops.moe_gating_topk_softmax, logits, 4)
+    ref_weights, ref_ids = with_vendor("reference", ops.moe_gating_topk_softmax, logits, 4)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- fused_moe
+
+def _moe_inputs(tokens, hidden, inter, experts, topk, dtype, id_dtype=torch.int64):
+    x = torch.randn(tokens, hidden).to(dtype)
+    gate_up = (torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(experts, hidden, inter) / inter ** 0.5).to(dtype)
+    logits = torch.randn(tokens, experts)
+    weights, ids = torch.softmax(logits, -1).topk(topk, dim=-1)
+    return x, gate_up, down, weights, ids.to(id_dtype)
+
+
+def _check_moe(out, ref, dtype):
+    atol, rtol = GEMM_TOL[dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any(), "NaN in fused_moe output (unwritten element?)"
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,hidden,inter,experts,topk,renormalize,id_dtype", [
+    (1, 32, 16, 8, 2, False, torch.int64),   # most experts empty
+    (5, 40, 24, 4, 1, True, torch.int32),    # odd H and I: masked K tails
+    (17, 48, 36, 6, 3, True, torch.int64),
+    (37, 33, 20, 4, 2, False, torch.int32),  # several BLOCK_M blocks per expert
+])
+def test_fused_moe(poison, dtype, tokens, hidden, inter, experts, topk, renormalize, id_dtype):
+    x, gate_up, down, weights, ids = _moe_inputs(tokens, hidden, inter, experts, topk, dtype, id_dtype)
+    out = poison(with_vendor, "triton", ops.fused_moe, x, gate_up, down, weights, ids, topk, renormalize)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, renormalize)
+    _check_moe(out, ref, dtype)
+
+
+@pytest.mark.parametrize("config", [
+    # many small tiles: several K steps, N tiles, row blocks per expert and a GROUP_M swizzle over them
+    dict(BLOCK_M=16, up=dict(BLOCK_N=16, BLOCK_K=16, GROUP_M=3, num_warps=4, num_stages=2),
+         down=dict(BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)),
+    # BLOCK_M larger than most experts' row counts (heavy padding), K in one step
+    dict(BLOCK_M=64, up=dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
+         down=dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)),
+])
+def test_fused_moe_tile_configs(poison, config):
+    dtype = torch.float16
+    x, gate_up, down, weights, ids = _moe_inputs(29, 48, 40, 5, 2, dtype)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    _check_moe(out, ref, dtype)
+
+
+@pytest.mark.parametrize("max_chunk,chunks_per_step", [(16, 2), (32, 64)])
+def test_fused_moe_sort_in_several_chunks(poison, monkeypatch, max_chunk, chunks_per_step):
+    """Small sorting chunks: each pair's row must count the same-expert pairs of all earlier chunks."""
+    monkeypatch.setattr(triton_moe, "SORT_MAX_CHUNK", max_chunk)
+    monkeypatch.setattr(triton_moe, "SORT_CHUNKS_PER_STEP", chunks_per_step)
+    dtype = torch.float32
+    x, gate_up, down, weights, ids = _moe_inputs(45, 24, 16, 3, 2, dtype, torch.int32)
+    out = poison(with_vendor, "triton", ops.fused_moe, x, gate_up, down, weights, ids, 2, False)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, False)
+    _check_moe(out, ref, dtype)
+
+
+def test_fused_moe_strided_inputs_and_repeated_ids(poison):
+    dtype = torch.float32
+    tokens, hidden, inter, experts, topk = 6, 24, 16, 4, 3
+    x = torch.randn(tokens, hidden + 8)[:, 4:4 + hidden]  # rows with a stride
+    _, gate_up, down, _, _ = _moe_inputs(tokens, hidden, inter, experts, topk, dtype)
+    weights = torch.rand(topk, tokens).t()  # non-contiguous, not normalized
+    ids = torch.randint(0, experts, (tokens, topk), dtype=torch.int32)
+    ids[0] = 2  # one token routed to the same expert three times
+    out = poison(with_vendor, "triton", ops.fused_moe, x, gate_up, down, weights, ids, topk, False)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, False)
+    _check_moe(out, ref, dtype)
+
+
+def test_fused_moe_after_triton_gating(poison):
+    """The two ops chained as an engine calls them (gating ids are int64, weights fp32, renormalized)."""
+    dtype = torch.float16
+    tokens, hidden, inter, experts, topk = 11, 32, 32, 8, 2
+    x, gate_up, down, _, _ = _moe_inputs(tokens, hidden, inter, experts, topk, dtype)
+    logits = torch.randn(tokens, experts).to(dtype)
+    weights, ids = poison(with_vendor, "triton", ops.moe_gating_topk_softmax, logits, topk)
+    out = poison(with_vendor, "triton", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
+    _check_moe(out, ref, dtype)
+
+
+def test_launch_config_tiers():
+    # Decode-sized calls get the smallest row block; big prefill the largest.
+    assert triton_moe.moe_launch_config(1, 128, 8, 2048, 768)["BLOCK_M"] == 16
+    assert triton_moe.moe_launch_config(64, 8, 2, 4096, 14336)["BLOCK_M"] == 16
+    assert triton_moe.moe_launch_config(4096, 8, 2, 4096, 14336)["BLOCK_M"] == 128
+    for _, cfg in triton_moe.MOE_CONFIGS:
+        for gemm in ("up", "down"):
+            assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg[gemm])
