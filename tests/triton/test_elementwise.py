@@ -278,6 +278,29 @@ def test_rotary_fill_kv_cache(dtype, packed, tokens, hq, hk, d, dv, block_size):
     assert_close(k_cache.nan_to_num(7.0), rk_cache.nan_to_num(7.0), dtype, "k cache")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotary_fill_kv_cache_op_on_fused_qkv(dtype):
+    """Through ``dlinfer.ops``: q/k/v strided views of one fused projection, a packed cache, int64 slots."""
+    tokens, hq, hk, d, block_size = 4, 4, 2, 32, 16
+    buf, q, k, v = _fused_qkv(tokens, hq, hk, d, dtype)
+    ref_buf = buf.clone()
+    width = (hq + 2 * hk) * d
+    ref_qkv = ref_buf[:, :width].view(tokens, hq + 2 * hk, d)
+    rq, rk, rv = ref_qkv[:, :hq], ref_qkv[:, hq:hq + hk], ref_qkv[:, hq + hk:]
+    cos, sin = _cos_sin(tokens, d, dtype)
+    slots = torch.tensor([5, -1, 40, 17])
+    k_cache, v_cache = _caches(3, block_size, hk, d, d, dtype, packed=True)
+    rk_cache, rv_cache = _caches(3, block_size, hk, d, d, dtype, packed=True)
+    assert "apply_rotary_pos_emb_fill_kv_cache" in dlinfer.vendor.get_vendor("triton").ops
+    got = run("triton", ops.apply_rotary_pos_emb_fill_kv_cache, q, k, v, k_cache, v_cache, cos, sin, slots)
+    assert got[0] is q and got[1] is k
+    run("reference", ops.apply_rotary_pos_emb_fill_kv_cache, rq, rk, rv, rk_cache, rv_cache, cos, sin, slots)
+    assert_close(buf, ref_buf, dtype, "fused qkv buffer")
+    assert_close(k_cache.nan_to_num(7.0), rk_cache.nan_to_num(7.0), dtype, "k cache")
+    assert torch.equal(v_cache.nan_to_num(7.0), rv_cache.nan_to_num(7.0))
+    assert int((~k_cache.isnan()).sum()) == 3 * hk * d
+
+
 def test_rotary_fill_kv_cache_rejects_bad_shapes():
     q = torch.randn(2, 2, 16)
     k = torch.randn(2, 1, 16)

@@ -3,7 +3,8 @@ k and the value into the paged cache.
 
 It saves re-reading k after rotation (and one launch) on every layer: ``apply_rotary_pos_emb`` followed by
 ``fill_kv_cache`` reads k twice and writes it twice; this reads it once and writes it twice (in place and into
-the cache). Not registered as an op yet: the op contract for it belongs in ``dlinfer/ops``.
+the cache). Serves the op ``apply_rotary_pos_emb_fill_kv_cache`` (``dlinfer.ops.fused``);
+:func:`rotary_fill_kv_cache` is the same kernel with its own argument checks, for direct callers.
 
 Grid: ``(T, q head groups + k head groups)``; q groups only rotate, k groups rotate, then write k and v to the
 token's slot (slot ``-1``: padding, rotated in place but not cached).
@@ -15,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.kv_cache import _copy_heads
 from dlinfer.vendor.triton.rotary import _load_cos_sin, _rotate_heads, launch_config as rotary_launch_config
 
@@ -86,6 +88,11 @@ def rotary_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     rotated key and ``value`` ``[T, Hk, Dv]`` to ``key_cache``/``value_cache`` ``[NB, BS, Hk, D|Dv]`` (any strides,
     last-dim stride 1) at ``kv_start_indices`` ``[T]`` (``slot = block * BS + offset``, ``-1`` skipped)."""
     _check(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+    _launch(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+
+
+def _launch(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices) -> None:
+    """The op implementation: arguments already checked by ``dlinfer.ops.apply_rotary_pos_emb_fill_kv_cache``."""
     tokens, n_q_heads, head_dim = query.shape
     n_k_heads, head_dim_v = key.shape[1], value.shape[2]
     if tokens == 0:
@@ -103,5 +110,6 @@ def rotary_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_block, DV=triton.next_power_of_2(head_dim_v), num_warps=warps)
 
 
-# Deliberately empty until the op contract for ``rotary_fill_kv_cache`` exists in ``dlinfer/ops``.
-OPS: dict = {}
+OPS = {"apply_rotary_pos_emb_fill_kv_cache": _launch}
+# Strided (packed) caches are served; there is no quantized variant of this fusion.
+CAPABILITIES = {"apply_rotary_pos_emb_fill_kv_cache": Capabilities(features=frozenset({"strided_cache"}))}
