@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
+import logging
 import platform
 import sys
 from collections.abc import Sequence
@@ -211,8 +213,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """Show dlinfer's warnings (skipped plugins, fallbacks) on stderr; the library itself only has a NullHandler."""
+    logger = logging.getLogger("dlinfer")
+    if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
     if argv and argv[0] == "demo":
         return _dispatch("dlinfer.demo", argv[1:], "demo")
     if argv and argv[0] == "serve":

@@ -1,0 +1,16 @@
+"""Helpers shared by the core tests (imported by name: the tests directory is not a package)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = float(ref.norm())
+    num = float((out - ref).norm())
+    return num / denom if denom else num
+
+
+# Relative-norm tolerance of a low-precision result against float64 math.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
