@@ -1,0 +1,101 @@
+"""Zero-code activation: the ``DLINFER_LMDEPLOY`` start-up hook and the ``dlinfer serve lmdeploy`` wrapper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup_lmdeploy.sh installs it)")
+
+from dlinfer.framework.lmdeploy_ext import cli, install  # noqa: E402
+
+pytestmark = pytest.mark.lmdeploy
+
+PROBE = ("import site, sys; site.addsitedir(sys.argv[1]); torch_early = 'torch' in sys.modules; "
+         "import lmdeploy; import dlinfer.framework.lmdeploy_ext as ext; "
+         "from lmdeploy.pytorch.backends import get_backend; "
+         "print(torch_early, ext.is_applied(), get_backend().__name__)")
+
+
+def _probe(site_dir, value):
+    env = {k: v for k, v in os.environ.items() if k != "DLINFER_LMDEPLOY"}
+    if value is not None:
+        env["DLINFER_LMDEPLOY"] = value
+    done = subprocess.run([sys.executable, "-c", PROBE, str(site_dir)], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()[-3:], done.stderr
+
+
+def test_start_up_hook_honours_the_environment(tmp_path):
+    files = install.install_hook(tmp_path)
+    assert {p.name for p in files} == {install.PTH_NAME, f"{install.MODULE_NAME}.py"}
+    assert "installed" in install.hook_status(tmp_path)
+
+    on, _ = _probe(tmp_path, "1")
+    assert on == ["False", "True", "DlinferCudaOpsBackend"], "hook must not import torch at start-up, then apply"
+    off, _ = _probe(tmp_path, None)
+    assert off == ["False", "False", "CudaOpsBackend"], "off by default"
+    zero, _ = _probe(tmp_path, "0")
+    assert zero[1:] == ["False", "CudaOpsBackend"]
+    bad, err = _probe(tmp_path, "maybe")
+    assert bad[1:] == ["False", "CudaOpsBackend"] and "DLINFER_LMDEPLOY='maybe'" in err
+
+    removed = install.uninstall_hook(tmp_path)
+    assert len(removed) == 2 and "not installed" in install.hook_status(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        install.install_hook(tmp_path / "missing")
+
+
+def test_hook_enabled_values():
+    from dlinfer.framework.lmdeploy_ext.hook import enabled
+
+    assert enabled({"DLINFER_LMDEPLOY": "1"}) and enabled({"DLINFER_LMDEPLOY": " On "})
+    assert not enabled({}) and not enabled({"DLINFER_LMDEPLOY": "off"})
+    with pytest.raises(ValueError, match="DLINFER_LMDEPLOY"):
+        enabled({"DLINFER_LMDEPLOY": "2"})
+
+
+def test_wrapper_argument_forwarding():
+    assert cli.lmdeploy_argv(["api_server", "M", "--tp", "2"]) == \
+        ["serve", "api_server", "M", "--tp", "2", "--backend", "pytorch"]
+    assert cli.lmdeploy_argv(["serve", "api_server", "M", "--backend", "pytorch"]) == \
+        ["serve", "api_server", "M", "--backend", "pytorch"]
+    assert cli.lmdeploy_argv(["chat", "M"]) == ["chat", "M", "--backend", "pytorch"]
+    assert cli.lmdeploy_argv(["proxy", "--server-port", "9"]) == ["serve", "proxy", "--server-port", "9"]
+    for bad in ([], ["api_server", "M", "--backend", "turbomind"], ["api_server", "M", "--backend=turbomind"],
+                ["api_server", "M", "--backend"]):
+        with pytest.raises(ValueError):
+            cli.lmdeploy_argv(bad)
+
+
+def test_wrapper_runs_lmdeploy_with_dlinfer_applied(monkeypatch):
+    import dlinfer.framework.lmdeploy_ext as ext
+    import lmdeploy.cli.entrypoint as entrypoint
+
+    monkeypatch.setenv("DLINFER_LMDEPLOY", "0")
+    was = ext.is_applied()
+    seen = {}
+
+    def fake_run():
+        seen["argv"] = list(sys.argv)
+        seen["applied"] = ext.is_applied()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(entrypoint, "run", fake_run)
+    try:
+        assert cli.main(["api_server", "/models/x", "--tp", "2", "--server-port", "23333"]) == 0
+        assert seen == {"argv": ["lmdeploy", "serve", "api_server", "/models/x", "--tp", "2", "--server-port",
+                                 "23333", "--backend", "pytorch"], "applied": True}
+        assert os.environ["DLINFER_LMDEPLOY"] == "1", "spawned processes must inherit the switch"
+        assert cli.main(["api_server", "/models/x", "--backend", "turbomind"]) == 2
+        monkeypatch.undo()
+        monkeypatch.setenv("DLINFER_LMDEPLOY", "0")  # restored after the test
+        # LMDeploy's real parser: --help exits 0 after the patch is applied
+        assert cli.main(["api_server", "--help"]) == 0
+    finally:
+        if not was:
+            ext.revert()

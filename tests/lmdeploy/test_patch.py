@@ -1,0 +1,98 @@
+"""Routing LMDeploy's CUDA device to dlinfer: selector patch, revert, spawned workers, refusal at engine start."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import pickle
+
+import pytest
+
+pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup_lmdeploy.sh installs it)")
+
+from dlinfer.errors import NotSupportedError  # noqa: E402
+
+pytestmark = pytest.mark.lmdeploy
+
+
+def test_apply_routes_cuda_and_revert_restores():
+    import dlinfer.framework.lmdeploy_ext as ext
+    from dlinfer.framework.lmdeploy_ext.backend import DlinferCudaOpsBackend
+    from lmdeploy.pytorch.backends import get_backend
+
+    was = ext.is_applied()
+    ext.revert()
+    try:
+        assert get_backend("cuda").__name__ == "CudaOpsBackend"
+        ext.apply()
+        ext.apply()  # idempotent
+        assert ext.is_applied()
+        assert get_backend("cuda") is DlinferCudaOpsBackend
+        assert get_backend() is DlinferCudaOpsBackend  # the default device type is cuda
+        assert get_backend("maca").__name__ == "MacaOpsBackend"  # other devices keep LMDeploy's choice
+        assert not DlinferCudaOpsBackend.support_ray(), "tp>1 must stay on the mp executor that dlinfer patches"
+        ext.revert()
+        assert not ext.is_applied()
+        assert get_backend("cuda").__name__ == "CudaOpsBackend"
+    finally:
+        (ext.apply if was else ext.revert)()
+
+
+def test_patch_reaches_a_spawned_worker(patched, tmp_path):
+    from worker_probe import ProbeProc
+
+    out = tmp_path / "probe.json"
+    proc = ProbeProc(0, mp.get_context("spawn"))
+    proc.start(out_path=str(out))
+    proc._proc.join(120)
+    assert proc._proc.exitcode == 0, f"worker exited with {proc._proc.exitcode}"
+    report = json.loads(out.read_text())
+    assert report == {"applied": True, "backend": "DlinferCudaOpsBackend"}
+
+
+def test_engine_process_entry_is_dlinfers(patched):
+    """``lmdeploy serve api_server`` runs the engine in a spawned process: its target must re-apply the patch."""
+    from lmdeploy.pytorch.engine.mp_engine.zmq_engine import ZMQMPEngine
+
+    target = pickle.dumps(ZMQMPEngine._mp_proc)
+    assert b"dlinfer.framework.lmdeploy_ext.patch" in target and b"_mp_engine_entry" in target
+
+
+def _config_dir(tmp_path, tiny_model, arch, **changes):
+    src = json.loads(open(f"{tiny_model(arch)}/config.json").read())
+    src.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(src))
+    return str(tmp_path)
+
+
+def test_engine_start_refuses_unsupported_features_naming_them(patched, tmp_path, tiny_model):
+    import lmdeploy.pytorch.engine.engine as engine_module
+    from lmdeploy.pytorch.config import CacheConfig, DistConfig
+
+    path = _config_dir(tmp_path, tiny_model, "qwen2", use_sliding_window=True, sliding_window=64)
+    cache = CacheConfig(max_batches=8, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0, quant_policy=8)
+    with pytest.raises(NotSupportedError) as info:
+        engine_module.build_executor(path, cache_config=cache, backend_config=None, dist_config=DistConfig(),
+                                     misc_config=None, adapters={"my_lora": "/x"})
+    message = str(info.value)
+    for feature in ("sliding-window attention", "KV-cache quantization (quant_policy=8)", "LoRA adapters (my_lora)"):
+        assert feature in message
+
+
+def test_supported_models_pass_the_check(tiny_model):
+    import transformers
+
+    from dlinfer.framework.lmdeploy_ext.support import check_supported, model_features
+
+    for arch in ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
+        config = transformers.AutoConfig.from_pretrained(tiny_model(arch))
+        assert model_features(config) == [], arch
+        check_supported(config, cache_config=None, dist_config=None)
+    gemma = transformers.GemmaConfig()
+    gemma.architectures = ["Gemma2ForCausalLM"]
+    gemma.attn_logit_softcapping = 50.0
+    reasons = model_features(gemma)
+    assert any("architecture Gemma2ForCausalLM" in r for r in reasons)
+    assert any("soft-capping" in r for r in reasons)
+    assert any("quant_method='awq'" in r for r in model_features({"architectures": ["LlamaForCausalLM"],
+                                                                  "quantization_config": {"quant_method": "awq"}}))
