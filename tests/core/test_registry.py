@@ -311,3 +311,32 @@ def test_vendor_name(isolated_registry, monkeypatch):
     assert isolated_registry.vendor_for_device("cpu") == "ascend"
     with pytest.raises(AttributeError):
         dlinfer.vendor.no_such_attribute  # noqa: B018
+
+
+def test_plugin_may_use_the_registry_while_it_loads(isolated_registry, monkeypatch, caplog):
+    """A plugin module that, at import time, looks up the reference vendor (to reuse its implementations)
+    re-enters discovery. That must neither load the plugin twice nor record a bogus load error for it."""
+    loads = []
+
+    class SelfReferencingEP(_EP):
+        def load(self):
+            loads.append(self.name)
+            if len(loads) > 1:  # what a real re-import of a half-imported module gives
+                raise AttributeError("partially initialized module 'reuse_pkg' has no attribute 'VENDOR'")
+            ref = isolated_registry.get_vendor("reference")  # re-enters discovery
+            return Vendor(name="reuse", priority=5, devices=frozenset({"cpu"}), default_devices=frozenset(),
+                          ops={"silu_and_mul": ref.ops["silu_and_mul"]})
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [SelfReferencingEP("reuse", "reuse_pkg:VENDOR")]
+                        if group == "dlinfer.vendors" else [])
+    with isolated_registry._lock:
+        isolated_registry._vendors.clear()
+        isolated_registry._load_errors.clear()
+        isolated_registry._discovered = False
+    with caplog.at_level(logging.WARNING, logger="dlinfer"):
+        names = set(isolated_registry.vendors())
+    assert "reuse" in names
+    assert isolated_registry.load_errors() == {}, "a plugin that loaded fine is reported as failed"
+    assert loads == ["reuse"], "the plugin's entry point was loaded twice (re-entrant discovery)"
+    assert not [r for r in caplog.records if "skipped vendor plugin" in r.getMessage()]
