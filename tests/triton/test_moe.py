@@ -179,10 +179,14 @@ def test_fused_moe_after_triton_gating(poison):
 
 
 def test_launch_config_tiers():
-    # Decode-sized calls get the smallest row block; big prefill the largest.
-    assert triton_moe.moe_launch_config(1, 128, 8, 2048, 768)["BLOCK_M"] == 16
-    assert triton_moe.moe_launch_config(64, 8, 2, 4096, 14336)["BLOCK_M"] == 16
-    assert triton_moe.moe_launch_config(4096, 8, 2, 4096, 14336)["BLOCK_M"] == 128
+    # Decode-sized calls get the smallest row block, big prefill the largest, and it never shrinks as T grows.
+    block_ms = [cfg["BLOCK_M"] for _, cfg in triton_moe.MOE_CONFIGS]
+    for experts, topk, hidden, inter in ((8, 2, 4096, 14336), (128, 8, 2048, 768)):
+        chosen = [triton_moe.moe_launch_config(t, experts, topk, hidden, inter)["BLOCK_M"]
+                  for t in (1, 8, 64, 512, 4096, 65536)]
+        assert chosen[0] == min(block_ms) and chosen[-1] == max(block_ms)
+        assert chosen == sorted(chosen)
     for _, cfg in triton_moe.MOE_CONFIGS:
+        assert cfg["BLOCK_M"] >= 16  # tl.dot needs 16 rows
         for gemm in ("up", "down"):
             assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg[gemm])

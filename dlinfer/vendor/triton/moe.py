@@ -1,10 +1,12 @@
 """Mixture of experts: router gating (softmax + top-k in one kernel) and the fused SwiGLU experts.
 
-``fused_moe`` runs five launches and no host sync (every buffer is sized from ``T * topk`` and ``E``; grids
-depend on shapes only, so it is CUDA-graph capturable), and is deterministic (no atomics):
+``fused_moe`` runs five launches (four when the pairs fit one sorting chunk, as in decode) and no host sync
+(every buffer is sized from ``T * topk`` and ``E``; grids depend on shapes only, so it is CUDA-graph
+capturable), and is deterministic (no atomics):
 
 1. ``_moe_histogram_kernel``: per chunk of the ``N = T * topk`` routed (token, slot) pairs, a per-expert
-   histogram and each pair's rank among the chunk's pairs of the same expert.
+   histogram and each pair's rank among the chunk's pairs of the same expert (skipped for one chunk: the
+   scatter kernel then does it itself).
 2. ``_moe_scatter_kernel``: per chunk, the expert's start (experts padded to ``BLOCK_M`` rows, in expert order)
    plus the counts of earlier chunks plus the rank gives each pair's row in the expert-sorted order: a stable
    counting sort. Program 0 also writes the per-expert block table the GEMMs read.
@@ -81,17 +83,24 @@ def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int) -> tuple[tor
 
 
 @triton.jit
-def _moe_histogram_kernel(ids_ptr, rank_ptr, hist_ptr, n_pairs, n_experts, CHUNK: tl.constexpr, EB: tl.constexpr):
-    chunk = tl.program_id(0)
+def _chunk_histogram(ids_ptr, chunk, n_pairs, n_experts, CHUNK: tl.constexpr, EB: tl.constexpr):
+    """A chunk's expert ids, per-expert counts and each pair's rank among the chunk's pairs of its expert."""
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_pairs
     ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
     experts = tl.arange(0, EB)
     onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EB]
     before = tl.cumsum(onehot, axis=0) - onehot
-    rank = tl.sum(before * onehot, axis=1)  # earlier pairs of the same expert in this chunk
+    rank = tl.sum(before * onehot, axis=1)
+    return offs, mask, ids, rank, tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _moe_histogram_kernel(ids_ptr, rank_ptr, hist_ptr, n_pairs, n_experts, CHUNK: tl.constexpr, EB: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs, mask, _, rank, counts = _chunk_histogram(ids_ptr, chunk, n_pairs, n_experts, CHUNK, EB)
     tl.store(rank_ptr + offs, rank, mask=mask)
-    tl.store(hist_ptr + chunk * EB + experts, tl.sum(onehot, axis=0))
+    tl.store(hist_ptr + chunk * EB + tl.arange(0, EB), counts)
 
 
 @triton.jit
@@ -106,19 +115,29 @@ def _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB: 
 @triton.jit
 def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pairs, n_experts, n_chunks,
                         CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, BLOCK_M: tl.constexpr,
-                        WHILE_LOOP: tl.constexpr):
+                        SINGLE_CHUNK: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Each pair's row in the expert-sorted order. ``SINGLE_CHUNK``: all pairs fit one chunk, and this one
+    program also does the histogram pass (one launch fewer: the decode case)."""
     chunk = tl.program_id(0)
     experts = tl.arange(0, EB)
-    total = tl.zeros([EB], dtype=tl.int32)
-    earlier = tl.zeros([EB], dtype=tl.int32)
-    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
-        c0 = 0
-        while c0 < n_chunks:
-            total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
-            c0 += CB
+    if SINGLE_CHUNK:
+        offs, mask, ids, rank, total = _chunk_histogram(ids_ptr, 0, n_pairs, n_experts, CHUNK, EB)
+        earlier = tl.zeros([EB], dtype=tl.int32)
     else:
-        for c0 in range(0, n_chunks, CB):
-            total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
+        total = tl.zeros([EB], dtype=tl.int32)
+        earlier = tl.zeros([EB], dtype=tl.int32)
+        if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+            c0 = 0
+            while c0 < n_chunks:
+                total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
+                c0 += CB
+        else:
+            for c0 in range(0, n_chunks, CB):
+                total, earlier = _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB, CB)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < n_pairs
+        ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
+        rank = tl.load(rank_ptr + offs, mask=mask, other=0)
     n_blocks = (total + BLOCK_M - 1) // BLOCK_M
     block_end = tl.cumsum(n_blocks, axis=0)
     if chunk == 0:
@@ -126,12 +145,9 @@ def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pai
         tl.store(meta_ptr + experts, block_end)
         tl.store(meta_ptr + EB + experts, total)
     first_row = (block_end - n_blocks) * BLOCK_M + earlier
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < n_pairs
-    ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
-    rank = tl.load(rank_ptr + offs, mask=mask, other=0)
     base = tl.sum(tl.where(ids[:, None] == experts[None, :], first_row[None, :], 0), axis=1)
-    tl.store(sorted_ptr + base + rank, offs, mask=mask)
+    # An id outside [0, E) (a contract violation) is dropped here rather than written over another row.
+    tl.store(sorted_ptr + base + rank, offs, mask=mask & (ids >= 0) & (ids < n_experts))
 
 
 # ---------------------------------------------------------------------------------------------- grouped GEMM
@@ -247,24 +263,30 @@ def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, hidden, topk, stride_y, stride_w,
 # "down" = down GEMM. Decode tiers stream weights (small BLOCK_M, many programs over the output columns);
 # prefill tiers are compute-bound (large tiles, GROUP_M swizzle for L2 reuse).
 MOE_CONFIGS: list[tuple[float, dict]] = [
-    (16, dict(BLOCK_M=16,
-              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4))),
-    (32, dict(BLOCK_M=32,
+    # decode: a few rows per expert, stream the weights with many narrow programs
+    (8, dict(BLOCK_M=16,
+             up=dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+             down=dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4))),
+    # small batches: one row block per expert, still memory-bound
+    (24, dict(BLOCK_M=32,
               up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4),
               down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4))),
-    (128, dict(BLOCK_M=64,
+    (96, dict(BLOCK_M=64,
+              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3),
+              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3))),
+    (192, dict(BLOCK_M=64,
                up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
                down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4))),
+    # prefill: compute-bound, Hopper-sized tiles (up: 2 x 128 columns of gate/up)
     (float("inf"), dict(BLOCK_M=128,
-                        up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-                        down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))),
+                        up=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                        down=dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))),
 ]
 
 # Sorting / combine launch parameters: a sorting chunk holds at most SORT_TILE one-hot entries (CHUNK x experts).
 SORT_TILE = 16384
 SORT_MAX_CHUNK = 4096
-SORT_NUM_WARPS = 4
+SORT_NUM_WARPS = 8
 SORT_CHUNKS_PER_STEP = 64  # histogram rows the scatter kernel sums per loop step
 COMBINE_BLOCK_H = 1024
 COMBINE_NUM_WARPS = 4
@@ -282,13 +304,17 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
           block_m, silu, cfg):
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+    precision = "tf32"  # the default; ignored for 16-bit operands
+    if a.dtype == torch.float32:
+        # fp32 is served exactly (no tf32), with half the K tile so the stages fit in shared memory.
+        precision, block_k = "ieee", max(16, block_k // 2)
     grid = (max_blocks * triton.cdiv(n_out, block_n),)
     _moe_gemm_kernel[grid](
         a, weight, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, SILU=silu,
-        EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -333,11 +359,14 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     act = torch.empty(pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
-    _moe_histogram_kernel[(n_chunks,)](ids, rank, hist, pairs, experts, CHUNK=chunk, EB=eb,
-                                       num_warps=SORT_NUM_WARPS)
+    single = n_chunks == 1
+    if not single:
+        _moe_histogram_kernel[(n_chunks,)](ids, rank, hist, pairs, experts, CHUNK=chunk, EB=eb,
+                                           num_warps=SORT_NUM_WARPS)
     _moe_scatter_kernel[(n_chunks,)](ids, rank, hist, sorted_rows, meta, pairs, experts, n_chunks, CHUNK=chunk,
-                                     EB=eb, CB=min(SORT_CHUNKS_PER_STEP, triton.next_power_of_2(n_chunks)), BLOCK_M=block_m,
-                                     WHILE_LOOP=device.type == "cpu", num_warps=SORT_NUM_WARPS)
+                                     EB=eb, CB=min(SORT_CHUNKS_PER_STEP, triton.next_power_of_2(n_chunks)),
+                                     BLOCK_M=block_m, SINGLE_CHUNK=single, WHILE_LOOP=device.type == "cpu",
+                                     num_warps=SORT_NUM_WARPS)
     _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
           max_blocks=max_blocks, experts=experts, eb=eb, block_m=block_m, silu=True, cfg=cfg["up"])
     _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
@@ -354,3 +383,82 @@ def _fused_moe_op(hidden_states, gate_up_weights, down_weights, topk_weights, to
 
 
 OPS = {"moe_gating_topk_softmax": moe_gating_topk_softmax, "fused_moe": _fused_moe_op}
+
+
+# ---------------------------------------------------------------------------------------------- tuning (GPU)
+
+_TUNE_UP = [dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4,
+            num_stages=3), dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+            dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, BLOCK_K=64, num_warps=8,
+            num_stages=4)]
+_TUNE_DOWN = [dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4,
+              num_stages=3), dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+              dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4), dict(BLOCK_N=256, BLOCK_K=64, num_warps=8,
+              num_stages=3)]
+_TUNE_MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768)}
+
+
+def tune(argv=None) -> None:
+    """Coordinate-descent sweep of the GEMM tiles on a GPU, from the current tier's config, for the MoE shapes of
+    shared/anchors.md. Prints each step's GPU time (CUDA-graph replay, L2 flushed) and the best config per case,
+    ready to paste into MOE_CONFIGS. Run from the repository root:
+
+        python -c "from dlinfer.vendor.triton import moe; moe.tune()" --models mixtral qwen3 --tokens 1 64 512 4096
+    """
+    import argparse
+    import copy
+
+    from benchmarks import timing
+
+    parser = argparse.ArgumentParser(description=tune.__doc__)
+    parser.add_argument("--models", nargs="+", default=list(_TUNE_MODELS), choices=list(_TUNE_MODELS))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 512, 4096])
+    parser.add_argument("--quick", action="store_true", help="sweep BLOCK_M and GROUP_M only")
+    args = parser.parse_args(argv)
+    flush = timing.Flusher("cuda")
+    dtype = torch.bfloat16
+    for model in args.models:
+        experts, topk, hidden, inter = _TUNE_MODELS[model]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype, generator=gen) * hidden ** -0.5
+        w_down = torch.randn(experts, hidden, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5
+        for tokens in args.tokens:
+            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, generator=gen)
+            logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+            weights, ids = moe_gating_topk_softmax(logits, topk)
+            ref = fused_moe(x, w_up, w_down, weights, ids, True)
+
+            def run(cfg):
+                try:
+                    out = fused_moe(x, w_up, w_down, weights, ids, True, config=cfg)
+                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                    if err > 2e-2:
+                        return float("inf"), f"rel err {err:.3g}"
+                    return timing.graph_gpu_time(lambda: fused_moe(x, w_up, w_down, weights, ids, True, config=cfg),
+                                                 flush, reps=10).us, ""
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the candidate
+                    return float("inf"), f"{type(exc).__name__}: {str(exc)[:80]}"
+
+            best = copy.deepcopy(moe_launch_config(tokens, experts, topk, hidden, inter))
+            best_us, _ = run(best)
+            print(f"{model} T={tokens} start {best_us:.1f} us {best}", flush=True)
+            steps = [("BLOCK_M", None, v) for v in (16, 32, 64, 128)]
+            steps += [("GROUP_M", g, v) for g in ("up", "down") for v in (1, 4, 8, 16)]
+            if not args.quick:
+                steps += [("tile", "up", v) for v in _TUNE_UP] + [("tile", "down", v) for v in _TUNE_DOWN]
+            for what, gemm, value in steps:
+                cand = copy.deepcopy(best)
+                if what == "BLOCK_M":
+                    cand["BLOCK_M"] = value
+                elif what == "GROUP_M":
+                    cand[gemm]["GROUP_M"] = value
+                else:
+                    cand[gemm].update(value)
+                if cand == best:
+                    continue
+                us, why = run(cand)
+                print(f"  {what} {gemm or ''} {value}: {us:.1f} us {why}", flush=True)
+                if us < best_us:
+                    best, best_us = cand, us
+            print(f"BEST {model} T={tokens}: {best_us:.1f} us {best}", flush=True)
+
