@@ -1,0 +1,457 @@
+"""LMDeploy's PyTorch engine end to end: stock vs dlinfer, eager vs CUDA graphs, same prompts, same card.
+
+    python benchmarks/lmdeploy_e2e.py --model llama8b --mode both          # one H100, < 10 minutes
+    python benchmarks/lmdeploy_e2e.py --model qwen3moe --mode both
+    python benchmarks/lmdeploy_e2e.py --model llama8b --mode graph --tp 2  # two GPUs: tp=2 vs tp=1
+    python benchmarks/lmdeploy_e2e.py --dry-run                           # CPU: arguments and imports only
+
+Models are random-weight bf16 checkpoints of real shapes, written on the GPU machine
+(``dlinfer.testing.tiny_models.build_tiny_model``): Llama-3-8B (32 layers) and Qwen3-30B-A3B cut to 12 of its
+48 layers (``--layers`` changes either; the output says how many). Each configuration runs in its own process
+(``lmdeploy.pipeline``, greedy, ``ignore_eos``) on the same seeded synthetic workload: ``--requests`` prompts of
+uniformly random length in ``[--min-prompt, --max-prompt]`` random tokens, ``--new-tokens`` output tokens each,
+all submitted at once. Reported per run: output tokens/s, total tokens/s, mean time to first token (from
+submission, queueing included) and mean time per output token after the first; per pair of runs: greedy-token
+agreement on the first ``--compare-tokens`` tokens of every prompt (stock eager vs stock graph calibrates what
+bf16 batching alone changes).
+
+Results go to ``$OUT/lmdeploy_e2e.json`` (``--out`` overrides; rewritten after every run, so a run cut short
+still leaves what finished) with the card, versions and settings; a table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    # name: (tiny_models REAL_SHAPES key, description, default layers, full layers)
+    "llama8b": ("llama3-8b", "Llama-3-8B shape", 32, 32),
+    "qwen3moe": ("qwen3-30b-a3b", "Qwen3-30B-A3B shape", 12, 48),
+}
+QUICK_LAYERS = {"llama8b": 8, "qwen3moe": 6}
+
+
+@dataclasses.dataclass
+class RunSpec:
+    model: str
+    model_dir: str
+    backend: str  # stock | dlinfer
+    mode: str  # eager | graph
+    tp: int
+    requests: int
+    min_prompt: int
+    max_prompt: int
+    new_tokens: int
+    compare_tokens: int
+    seed: int
+    vocab_limit: int
+    max_batch_size: int
+    cache_max_entry_count: float
+    block_size: int
+    vendor: str | None
+    result_path: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.backend}/{self.mode}/tp{self.tp}"
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def workload(requests: int, min_prompt: int, max_prompt: int, seed: int, vocab_limit: int) -> list[list[int]]:
+    """The fixed synthetic prompts: seeded lengths in [min_prompt, max_prompt], token ids in [4, vocab_limit)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab_limit) for _ in range(rng.randint(min_prompt, max_prompt))]
+            for _ in range(requests)]
+
+
+def agreement(a: list[list[int]], b: list[list[int]], k: int) -> dict:
+    """Greedy-token agreement of two runs on the first ``k`` tokens of every prompt."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = 0
+        for u, v in zip(x[:k], y[:k]):
+            if u != v:
+                break
+            n += 1
+        prefixes.append(n)
+    count = len(prefixes)
+    return {
+        "prompts": count,
+        "first_token_equal": sum(p >= 1 for p in prefixes) / count if count else None,
+        "all_k_equal": sum(p >= k for p in prefixes) / count if count else None,
+        "mean_common_prefix": sum(prefixes) / count if count else None,
+        "min_common_prefix": min(prefixes) if count else None,
+        "k": k,
+    }
+
+
+class GeneratedTokens:
+    """The generated ids of one request, rebuilt from LMDeploy's streamed outputs.
+
+    Each streamed ``GenOut`` carries ``generate_token_len`` (tokens generated so far) and ``token_ids``, a suffix
+    of prompt + generated ids (the incremental detokenizer's window, possibly empty); its last entries are the
+    newest generated tokens.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._by_position: dict[int, int] = {}
+
+    def update(self, generated: int | None, window) -> None:
+        generated = int(generated or 0)
+        window = list(window or [])
+        m = min(len(window), generated)
+        for j in range(m):
+            self._by_position[generated - m + j] = int(window[len(window) - m + j])
+        self.count = max(self.count, generated)
+
+    def ids(self) -> list[int]:
+        """Generated ids in order; -1 where no output ever carried a position (never expected)."""
+        return [self._by_position.get(i, -1) for i in range(self.count)]
+
+
+# ------------------------------------------------------------------------------------------ child process
+def run_child(spec: RunSpec) -> None:
+    """One configuration: start lmdeploy.pipeline, warm up, run the workload, write the result JSON."""
+    import asyncio
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if spec.vendor:
+        os.environ["DLINFER_VENDOR"] = spec.vendor
+    import torch
+    from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+
+    if spec.backend == "dlinfer":
+        import dlinfer.framework.lmdeploy_ext as lmdeploy_ext
+
+        lmdeploy_ext.apply()
+
+    prompts = workload(spec.requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
+    config = PytorchEngineConfig(tp=spec.tp, eager_mode=spec.mode == "eager", max_batch_size=spec.max_batch_size,
+                                 cache_max_entry_count=spec.cache_max_entry_count, block_size=spec.block_size,
+                                 session_len=spec.max_prompt + spec.new_tokens + 64)
+    t0 = time.perf_counter()
+    pipe = pipeline(spec.model_dir, backend_config=config, log_level="WARNING")
+    startup_s = time.perf_counter() - t0
+
+    gen = GenerationConfig(max_new_tokens=spec.new_tokens, do_sample=False, ignore_eos=True)
+    engine = pipe.async_engine
+
+    async def one(ids: list[int], record: dict, start: float):
+        request = await engine.preprocess(None, session_id=pipe.session_mgr.get(), gen_config=gen, input_ids=ids)
+        tokens = GeneratedTokens()
+        async for out in engine.generate(request, stream_response=True):
+            now = time.perf_counter()
+            tokens.update(out.generate_token_len, out.token_ids)
+            if tokens.count:
+                record.setdefault("first", now - start)
+                record["last"] = now - start
+            if out.finish_reason == "error":
+                record["error"] = True
+        record["tokens"] = tokens.ids()
+
+    async def run_all(batch: list[list[int]]):
+        start = time.perf_counter()
+        records = [dict() for _ in batch]
+        await asyncio.gather(*(one(ids, rec, start) for ids, rec in zip(batch, records)))
+        return time.perf_counter() - start, records
+
+    def run(batch):
+        return asyncio.run_coroutine_threadsafe(run_all(batch), pipe.internal_thread.loop).result()
+
+    # warm-up: Triton JIT for both prefill lengths and decode batch sizes happens here, not in the timing
+    warm = workload(min(16, spec.requests), spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit)
+    t0 = time.perf_counter()
+    run(warm)
+    warmup_s = time.perf_counter() - t0
+
+    duration, records = run(prompts)
+    if any(r.get("error") for r in records):
+        raise RuntimeError(f"{spec.name}: some requests failed")
+    out_tokens = sum(len(r["tokens"]) for r in records)
+    if out_tokens != spec.requests * spec.new_tokens:
+        raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {spec.requests * spec.new_tokens}")
+    in_tokens = sum(len(p) for p in prompts)
+    ttft = [r["first"] for r in records if "first" in r]
+    tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1]
+    served = _ops_served() if spec.backend == "dlinfer" and spec.tp == 1 else {}
+    result = {
+        "name": spec.name,
+        "spec": dataclasses.asdict(spec),
+        "startup_s": round(startup_s, 2),
+        "warmup_s": round(warmup_s, 2),
+        "duration_s": round(duration, 3),
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / duration,
+        "total_tok_s": (out_tokens + in_tokens) / duration,
+        "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
+        "mean_tpot_s": sum(tpot) / len(tpot) if tpot else None,
+        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "max_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
+        else None,
+        "ops_served": served,
+        "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
+        "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
+    }
+    pipe.close()
+    Path(spec.result_path).write_text(json.dumps(result))
+
+
+def _ops_served() -> dict:
+    """Which vendor served each dlinfer op in this process (from the registry's selection cache)."""
+    try:
+        from dlinfer.vendor import registry
+
+        served: dict[str, set] = {}
+        for call, (vendor, _) in list(registry._selection_cache.items()):
+            served.setdefault(call.op, set()).add(f"{vendor.name}[{call.device_type},{str(call.dtype)[6:]}]")
+        return {op: sorted(v) for op, v in sorted(served.items())}
+    except Exception as exc:  # noqa: BLE001 - a report detail, never a reason to lose the run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# ------------------------------------------------------------------------------------------------- parent
+def build_model(key: str, layers: int, model_dir: Path, log) -> Path:
+    shape, desc, _, full = MODELS[key]
+    path = model_dir / f"{key}_{layers}l"
+    marker = path / "dlinfer_tiny_model.json"
+    if marker.exists():
+        log(f"[build] {desc}, {layers} of {full} layers: reusing {path}")
+        return path
+    log(f"[build] {desc}, {layers} of {full} layers, random bf16 weights on the GPU -> {path}")
+    code = ("import sys, torch; from dlinfer.testing.tiny_models import build_tiny_model; "
+            "build_tiny_model(sys.argv[1], sys.argv[2], dtype=torch.bfloat16, device='cuda', "
+            "num_hidden_layers=int(sys.argv[3]))")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(path), shape, str(layers)], check=True, cwd=ROOT)
+    log(f"[build] done in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def environment() -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "argv": sys.argv[1:]}
+    for name in ("torch", "triton", "transformers", "lmdeploy", "dlinfer"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001
+            info[name] = f"unavailable ({type(exc).__name__})"
+    try:  # nvidia-smi rather than torch.cuda: the parent must not hold a CUDA context during the runs
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        info["cards"] = [line.strip() for line in smi.stdout.splitlines() if line.strip()]
+    except Exception as exc:  # noqa: BLE001
+        info["cards"] = f"unknown ({type(exc).__name__})"
+    return info
+
+
+def plan(args) -> list[tuple[str, str, str, int]]:
+    """(model, backend, mode, tp) of every run, in order."""
+    models = list(MODELS) if args.model == "all" else [args.model]
+    modes = ["eager", "graph"] if args.mode == "both" else [args.mode]
+    backends = ["stock", "dlinfer"] if args.backend == "both" else [args.backend]
+    runs = []
+    for model in models:
+        for mode in modes:
+            if args.tp > 1:
+                if "dlinfer" in backends:
+                    runs.append((model, "dlinfer", mode, 1))  # the tp=1 reference for token agreement
+                runs += [(model, backend, mode, args.tp) for backend in backends]
+            else:
+                runs += [(model, backend, mode, 1) for backend in backends]
+    return runs
+
+
+def pairs(results: dict) -> list[tuple[str, str]]:
+    """Pairs of runs to compare tokens of: dlinfer vs stock, graph vs eager, tp>1 vs tp=1."""
+    out = []
+    names = list(results)
+    for a in names:
+        model, backend, mode, tp = a.split("/")
+        for b in names:
+            if a >= b:
+                continue
+            m2, b2, mo2, tp2 = b.split("/")
+            if m2 != model:
+                continue
+            same = (backend == b2) + (mode == mo2) + (tp == tp2)
+            if same == 2:
+                out.append((a, b))
+    return out
+
+
+def table(results: dict, agreements: list[dict]) -> str:
+    lines = [f"{'run':34} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'time s':>7} "
+             f"{'start s':>7}"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:34} FAILED: {r['error'][:90]}")
+            continue
+        lines.append(f"{name:34} {r['output_tok_s']:10.0f} {r['total_tok_s']:12.0f} "
+                     f"{1e3 * (r['mean_ttft_s'] or 0):9.1f} {1e3 * (r['mean_tpot_s'] or 0):9.2f} "
+                     f"{r['duration_s']:7.1f} {r['startup_s']:7.1f}")
+    for model in sorted({n.split("/")[0] for n in results}):
+        for mode in ("eager", "graph"):
+            stock = results.get(f"{model}/stock/{mode}/tp1") or {}
+            mine = results.get(f"{model}/dlinfer/{mode}/tp1") or {}
+            if "output_tok_s" in stock and "output_tok_s" in mine:
+                lines.append(f"{model} {mode}: dlinfer / stock output tok/s = "
+                             f"{mine['output_tok_s'] / stock['output_tok_s']:.3f}")
+    for agr in agreements:
+        lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
+                     f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
+                     f"{agr['mean_common_prefix']:.1f}/{agr['k']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS) + ["all"], default="llama8b")
+    parser.add_argument("--mode", choices=["eager", "graph", "both"], default="both")
+    parser.add_argument("--backend", choices=["stock", "dlinfer", "both"], default="both")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (2 on the two-GPU machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 64 requests of 128-512 tokens, 64 new tokens, fewer layers")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: see MODELS)")
+    parser.add_argument("--requests", type=int, default=None, help="default 256 (64 with --quick)")
+    parser.add_argument("--min-prompt", type=int, default=128)
+    parser.add_argument("--max-prompt", type=int, default=None, help="default 1024 (512 with --quick)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (64 with --quick)")
+    parser.add_argument("--compare-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--cache-max-entry-count", type=float, default=0.6)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--vendor", default=None, help="force a dlinfer vendor (DLINFER_VENDOR); default: auto")
+    parser.add_argument("--model-dir", default="/tmp/lmdeploy_e2e_models")
+    parser.add_argument("--out", default=None, help="result JSON (default: $OUT/lmdeploy_e2e.json)")
+    parser.add_argument("--run-timeout", type=float, default=420, help="seconds per configuration")
+    parser.add_argument("--deadline", type=float, default=560,
+                        help="seconds for the whole command; runs that would start later are skipped")
+    parser.add_argument("--dry-run", action="store_true", help="check arguments and imports only (CPU)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        run_child(RunSpec(**json.loads(args.child)))
+        return 0
+
+    started = time.perf_counter()
+    if args.tp < 1:
+        parser.error("--tp must be >= 1")
+    requests = args.requests or (64 if args.quick else 256)
+    max_prompt = args.max_prompt or (512 if args.quick else 1024)
+    new_tokens = args.new_tokens or (64 if args.quick else 256)
+    if not 1 <= args.min_prompt <= max_prompt:
+        parser.error("need 1 <= --min-prompt <= --max-prompt")
+    if args.compare_tokens < 1 or args.compare_tokens > new_tokens:
+        parser.error("--compare-tokens must be in [1, --new-tokens]")
+    out_path = Path(args.out or Path(os.environ.get("OUT", ".")) / "lmdeploy_e2e.json")
+    log_lines: list[str] = []
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        log_lines.append(message)
+
+    runs = plan(args)
+    layers = {m: args.layers or (QUICK_LAYERS[m] if args.quick else MODELS[m][2]) for m in {r[0] for r in runs}}
+    for m, n in layers.items():
+        log(f"model {m}: {MODELS[m][1]} with {n} of {MODELS[m][3]} decoder layers, random bf16 weights")
+    log(f"workload: {requests} requests, prompts {args.min_prompt}-{max_prompt} tokens, {new_tokens} new tokens, "
+        f"greedy, ignore_eos; runs: " + ", ".join(f"{m}/{b}/{mo}/tp{t}" for m, b, mo, t in runs))
+
+    if args.dry_run:
+        import dlinfer.framework.lmdeploy_ext  # noqa: F401
+        from dlinfer.testing.tiny_models import REAL_SHAPES
+
+        for key in MODELS.values():
+            assert key[0] in REAL_SHAPES, key
+        prompts = workload(requests, args.min_prompt, max_prompt, args.seed, 500)
+        try:
+            import lmdeploy  # noqa: F401
+
+            lmdeploy_state = f"lmdeploy {lmdeploy.__version__} importable"
+        except ImportError as exc:
+            lmdeploy_state = f"lmdeploy not importable here ({exc})"
+        log(f"dry run: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens; {lmdeploy_state}; "
+            f"would write {out_path}")
+        return 0
+
+    report = {"environment": environment(), "layers": layers,
+              "models": {m: f"{MODELS[m][1]}, {n} of {MODELS[m][3]} layers" for m, n in layers.items()},
+              "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
+                           "new_tokens": new_tokens, "seed": args.seed},
+              "runs": {}, "agreement": [], "log": log_lines}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out_path.write_text(json.dumps(report, indent=1))
+
+    model_dirs = {m: build_model(m, layers[m], Path(args.model_dir), log) for m in layers}
+    token_lists: dict[str, list[list[int]]] = {}
+    for model, backend, mode, tp in runs:
+        name = f"{model}/{backend}/{mode}/tp{tp}"
+        left = args.deadline - (time.perf_counter() - started)
+        if left < 60:
+            log(f"[skip] {name}: {left:.0f} s left before the deadline")
+            report["runs"][name] = {"error": "skipped: deadline"}
+            continue
+        spec = RunSpec(model=model, model_dir=str(model_dirs[model]), backend=backend, mode=mode, tp=tp,
+                       requests=requests, min_prompt=args.min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
+                       compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
+                       max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
+                       block_size=args.block_size, vendor=args.vendor,
+                       result_path=f"/tmp/lmdeploy_e2e_{model}_{backend}_{mode}_tp{tp}.json")
+        log(f"[run] {name}")
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(spec))],
+                                  cwd=ROOT, timeout=min(args.run_timeout, left - 10), capture_output=True,
+                                  text=True)
+            tail = (done.stdout + done.stderr)[-3000:]
+            if done.returncode != 0:
+                raise RuntimeError(f"exit {done.returncode}: {tail}")
+            result = json.loads(Path(spec.result_path).read_text())
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
+            message = str(exc) if not isinstance(exc, subprocess.TimeoutExpired) else f"timed out after {exc.timeout:.0f} s"
+            log(f"[fail] {name} after {time.perf_counter() - t0:.0f} s: {message[-1500:]}")
+            report["runs"][name] = {"error": message[-3000:]}
+            save()
+            continue
+        token_lists[name] = result.pop("first_tokens")
+        report["runs"][name] = result
+        log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
+            f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s)")
+        if result.get("ops_served"):
+            log(f"[ops] {name}: " + "; ".join(f"{op}: {','.join(v) if isinstance(v, list) else v}"
+                                                for op, v in result["ops_served"].items()))
+        report["agreement"] = [dict(a=a, b=b, **agreement(token_lists[a], token_lists[b], args.compare_tokens))
+                               for a, b in pairs(token_lists)]
+        save()
+
+    log("")
+    log(table(report["runs"], report["agreement"]))
+    log(f"wrote {out_path} ({time.perf_counter() - started:.0f} s)")
+    save()
+    return 0 if all("error" not in r for r in report["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""benchmarks/lmdeploy_e2e.py on the CPU: its dry run, and the bookkeeping that needs no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lmdeploy_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("lmdeploy_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lmdeploy_e2e"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--model", "all", "--tp", "2", "--quick",
+                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dry run: 64 prompts" in done.stdout
+    assert "Qwen3-30B-A3B shape with 6 of 48 decoder layers" in done.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--compare-tokens", "0"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--compare-tokens" in bad.stderr
+
+
+def test_generated_tokens_from_detokenizer_windows(e2e):
+    prompt, gen = [7, 8, 9, 10], [101, 102, 103, 104, 105]
+    ids = prompt + gen
+    tokens = e2e.GeneratedTokens()
+    # (tokens generated so far, window start in prompt+generated) as LMDeploy's incremental detokenizer moves on
+    for generated, offset in ((1, 2), (2, 4), (3, 6), (5, 6), (5, 9)):
+        tokens.update(generated, ids[offset:len(prompt) + generated])
+    assert tokens.ids() == gen
+    partial = e2e.GeneratedTokens()
+    partial.update(2, [102])  # a window that never showed position 0
+    assert partial.ids() == [-1, 102]
+
+
+def test_agreement_plan_and_pairs(e2e):
+    agr = e2e.agreement([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 0, 6], [0, 8, 9]], 3)
+    assert agr["first_token_equal"] == pytest.approx(2 / 3) and agr["all_k_equal"] == pytest.approx(1 / 3)
+    assert agr["mean_common_prefix"] == pytest.approx(4 / 3) and agr["min_common_prefix"] == 0
+    args = SimpleArgs(model="llama8b", mode="both", backend="both", tp=1)
+    runs = e2e.plan(args)
+    assert runs == [("llama8b", "stock", "eager", 1), ("llama8b", "dlinfer", "eager", 1),
+                    ("llama8b", "stock", "graph", 1), ("llama8b", "dlinfer", "graph", 1)]
+    names = [f"{m}/{b}/{mo}/tp{t}" for m, b, mo, t in runs]
+    compared = {frozenset(p) for p in e2e.pairs(dict.fromkeys(names))}
+    assert frozenset({"llama8b/stock/graph/tp1", "llama8b/dlinfer/graph/tp1"}) in compared
+    assert frozenset({"llama8b/stock/eager/tp1", "llama8b/stock/graph/tp1"}) in compared
+    assert frozenset({"llama8b/stock/eager/tp1", "llama8b/dlinfer/graph/tp1"}) not in compared
+    tp2 = e2e.plan(SimpleArgs(model="qwen3moe", mode="graph", backend="both", tp=2))
+    assert tp2 == [("qwen3moe", "dlinfer", "graph", 1), ("qwen3moe", "stock", "graph", 2),
+                   ("qwen3moe", "dlinfer", "graph", 2)]
+    prompts = e2e.workload(10, 5, 9, 0, 50)
+    assert prompts == e2e.workload(10, 5, 9, 0, 50) and all(5 <= len(p) <= 9 for p in prompts)
+
+
+class SimpleArgs:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
