@@ -1,0 +1,123 @@
+"""The dlinfer command: info, check, demo/serve dispatch, exit codes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from dlinfer import cli
+from dlinfer.vendor import Vendor
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dlinfer.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_console_script_is_declared():
+    eps = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "dlinfer"]
+    assert eps and eps[0].value == "dlinfer.cli:main"
+
+
+def test_info(isolated_registry, capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "python " in out and "devices: cpu" in out
+    assert "reference" in out and "priority 0" in out
+    for op in ("silu_and_mul", "paged_decode_attention", "fused_moe", "linear"):
+        assert op in out
+    assert "op x vendor on cpu" in out
+
+
+def test_info_shows_refusals_na_and_load_errors(isolated_registry, capsys):
+    isolated_registry.register_vendor(Vendor(
+        name="partial", priority=5, devices=frozenset({"cpu"}), default_devices=frozenset({"cpu"}),
+        ops={"silu_and_mul": lambda x: x}, available=lambda: "driver libpartial.so missing"))
+    isolated_registry._load_errors["ghost"] = "ImportError: no module named ghost_chip"
+    assert cli.main(["info", "--device", "cpu", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    silu_row = next(line for line in out.splitlines() if line.strip().startswith("silu_and_mul"))
+    rms_row = next(line for line in out.splitlines() if line.strip().startswith("rms_norm "))
+    assert "refuses" in silu_row and "n/a" in rms_row
+    assert "partial: driver libpartial.so missing" in out
+    assert "ghost" in out and "FAILED TO LOAD" in out and "ghost_chip" in out
+    assert "bfloat16 call" in out
+
+
+def test_check_reference_quick_json(tmp_path, capsys, isolated_registry):
+    path = tmp_path / "report.json"
+    rc = cli.main(["check", "--vendor", "reference", "--device", "cpu", "--quick", "--json", str(path),
+                   "--ops", "silu_and_mul,paged_decode_attention", "--seed", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "[1/2] silu_and_mul" in out and "[2/2] paged_decode_attention" in out  # progress
+    assert "worst rel err" in out and "OK:" in out
+    data = json.loads(path.read_text())
+    assert data["ok"] and data["seed"] == 5 and [o["op"] for o in data["ops"]] == ["silu_and_mul",
+                                                                                    "paged_decode_attention"]
+
+
+def test_check_failure_exits_nonzero(isolated_registry, capsys):
+    isolated_registry.register_vendor(Vendor(
+        name="wrong", priority=-1, devices=frozenset({"cpu"}), default_devices=frozenset(),
+        ops={"silu_and_mul": lambda x: x[..., : x.shape[-1] // 2] * 2}))
+    assert cli.main(["check", "--vendor", "wrong", "--device", "cpu", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "FAIL silu_and_mul" in out
+    assert "n/a" in out  # the ops it does not provide
+
+
+def test_check_bad_arguments(isolated_registry, capsys):
+    assert cli.main(["check", "--vendor", "nope", "--quick"]) == 2
+    assert "unknown vendor 'nope'" in capsys.readouterr().err
+    assert cli.main(["check", "--vendor", "reference", "--quick", "--ops", "silu,rms"]) == 2
+    assert "unknown op" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "--bogus"])
+    assert exc.value.code == 2
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "info" in capsys.readouterr().out
+
+
+def test_demo_and_serve_dispatch(monkeypatch, capsys):
+    seen = {}
+    demo = types.ModuleType("dlinfer.demo")
+    demo.main = lambda argv: seen.setdefault("demo", argv) and 0
+    monkeypatch.setitem(sys.modules, "dlinfer.demo", demo)
+    assert cli.main(["demo", "--model", "tiny", "-n", "3"]) == 0
+    assert seen["demo"] == ["--model", "tiny", "-n", "3"]
+
+    serve = types.ModuleType("dlinfer.framework.lmdeploy_ext.cli")
+    serve.main = lambda argv: seen.setdefault("serve", argv) and 3
+    monkeypatch.setitem(sys.modules, "dlinfer.framework.lmdeploy_ext.cli", serve)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    assert cli.main(["serve", "lmdeploy", "--tp", "2"]) == 3
+    assert seen["serve"] == ["--tp", "2"]
+
+
+def test_missing_module_and_engine_are_clear_errors(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dlinfer.demo", None)  # import raises ModuleNotFoundError
+    assert cli.main(["demo"]) == 2
+    assert "dlinfer demo: not available" in capsys.readouterr().err
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["serve", "lmdeploy"]) == 2
+    assert "engine 'lmdeploy' is not installed" in capsys.readouterr().err
+    assert cli.main(["serve", "sglang"]) == 2
+    assert "one of lmdeploy" in capsys.readouterr().err
+
+
+def test_subprocess_exit_codes():
+    ok = run_cli("check", "--vendor", "reference", "--device", "cpu", "--quick", "--ops", "rms_norm")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK:" in ok.stdout
+    bad = run_cli("check", "--vendor", "missing")
+    assert bad.returncode == 2 and "unknown vendor" in bad.stderr

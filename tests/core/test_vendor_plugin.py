@@ -1,0 +1,129 @@
+"""The third-party plugin path end to end, with examples/dlinfer-vendor-example really installed.
+
+Both example packages (the working vendor and the broken one) are pip-installed into a temporary directory
+(``pip install --no-deps --no-build-isolation --target``: a real wheel build from their pyproject.toml, with
+real dist-info entry points), which the child processes get on ``PYTHONPATH``. Nothing is installed into the
+test environment itself, so no other test sees these vendors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "dlinfer-vendor-example"
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    work = tmp_path_factory.mktemp("vendor_example")
+    src = work / "src"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = work / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+           "--no-index", "--target", str(site), str(src), str(src / "broken")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (site / "dlinfer_vendor_example").is_dir() and (site / "dlinfer_vendor_example_broken").is_dir()
+    return site
+
+
+def run(site, code=None, args=None, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLINFER_VENDOR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-c", textwrap.dedent(code)] if code else [sys.executable, "-m", "dlinfer.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+PROBE = """
+    import json, logging, sys
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import torch
+    import dlinfer                      # must work although a broken plugin is installed
+    import dlinfer.ops as ops
+    import dlinfer_vendor_example as example
+    from dlinfer.errors import NotSupportedError
+    from dlinfer.vendor import registry
+
+    out = {"vendors": sorted(registry.vendors()), "load_errors": registry.load_errors()}
+    x = torch.randn(4, 16)
+    ref = registry.get_vendor("reference").ops
+    y = ops.silu_and_mul(x)
+    out["silu_calls"] = example.CALLS["silu_and_mul"]
+    out["silu_matches_reference"] = bool(torch.allclose(y, ref["silu_and_mul"](x), atol=1e-6))
+    ops.rms_norm(x, torch.ones(16), 1e-6)
+    out["rms_calls"] = example.CALLS["rms_norm"]
+    try:
+        ops.silu_and_mul(x.half())      # refused by its capabilities
+        out["fp16_silu"] = "served"
+    except NotSupportedError as exc:
+        out["fp16_silu"] = str(exc)
+    out["silu_calls_after_fp16"] = example.CALLS["silu_and_mul"]
+    ops.add_rms_norm(x, x, torch.ones(16), 1e-6)   # not provided: reference
+    try:
+        ops.rms_norm(x.half(), torch.ones(16, dtype=torch.half), 1e-6)
+        out["forced_fp16"] = "served"
+    except NotSupportedError as exc:
+        out["forced_fp16"] = str(exc)
+    out["vendor_name"] = dlinfer.vendor.vendor_name
+    print(json.dumps(out))
+"""
+
+
+def test_discovered_selected_and_broken_one_skipped(plugin_site):
+    proc = run(plugin_site, PROBE)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "example" in out["vendors"] and "example_broken" not in out["vendors"]
+    assert "libexamplechip.so.1" in out["load_errors"]["example_broken"]
+    assert "skipped vendor plugin 'example_broken'" in proc.stderr and "ImportError" in proc.stderr
+    # automatic selection on the CPU (priority 10 > reference)
+    assert out["silu_calls"] == 1 and out["rms_calls"] == 1 and out["silu_matches_reference"]
+    # float16 is refused: reference serves it, and the fallback is logged with the reason
+    assert out["silu_calls_after_fp16"] == 1
+    assert "falls back from vendor 'example' to 'reference'" in proc.stderr
+    assert "dtype float16 not supported" in proc.stderr
+    # not forced: a refusal falls back instead of raising
+    assert out["forced_fp16"] == out["fp16_silu"] == "served"
+
+
+def test_forced_example_vendor(plugin_site):
+    proc = run(plugin_site, PROBE, extra_env={"DLINFER_VENDOR": "example"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["silu_calls"] == 1 and out["rms_calls"] == 1
+    # forced: a call it cannot serve raises with the reason; ops it lacks are served as if nothing were forced
+    assert "vendor 'example' (forced by DLINFER_VENDOR)" in out["forced_fp16"]
+    assert "dtype float16 not supported" in out["forced_fp16"]
+    assert "dtype float16 not supported" in out["fp16_silu"] and out["silu_calls_after_fp16"] == 1
+    assert out["vendor_name"] == "reference"  # it does not provide paged_decode_attention
+
+
+def test_dlinfer_check_passes_the_example(plugin_site, tmp_path):
+    report_path = tmp_path / "example.json"
+    proc = run(plugin_site, args=["check", "--vendor", "example", "--device", "cpu", "--quick", "--json",
+                                  str(report_path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(report_path.read_text())
+    status = {o["op"]: o["status"] for o in report["ops"]}
+    assert status["silu_and_mul"] == status["rms_norm"] == "pass"
+    assert {s for op, s in status.items() if op not in ("silu_and_mul", "rms_norm")} == {"n/a"}
+    refused = [c for c in report["cases"] if c["status"] == "refused"]
+    assert refused and all(c["dtype"] == "float16" for c in refused)
+    assert "skipped vendor plugin 'example_broken'" in proc.stderr
+
+
+def test_info_lists_the_plugins(plugin_site):
+    proc = run(plugin_site, args=["info"])
+    assert proc.returncode == 0, proc.stderr
+    assert "example " in proc.stdout and "priority 10" in proc.stdout
+    assert "example_broken FAILED TO LOAD" in proc.stdout
