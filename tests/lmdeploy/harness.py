@@ -26,9 +26,10 @@ class PagedModel:
 
     def __init__(self, model_path: str, *, block_size: int = 16, num_blocks: int = 64, dtype: str = "float32",
                  seed: int = 0):
-        from lmdeploy.pytorch.config import CacheConfig, ModelConfig
+        from lmdeploy.pytorch.config import CacheConfig, MiscConfig, ModelConfig
         from lmdeploy.pytorch.model_inputs import BuildModelContext
         from lmdeploy.pytorch.models.patch import build_patched_model
+        from lmdeploy.pytorch.strategies import build_strategy_factory
         from lmdeploy.pytorch.weight_loader.model_weight_loader import load_model_weights
 
         self.block_size = block_size
@@ -37,7 +38,9 @@ class PagedModel:
         self.cache_config = CacheConfig(max_batches=8, block_size=block_size, num_cpu_blocks=0,
                                         num_gpu_blocks=num_blocks)
         self.model = build_patched_model(self.model_config, device=torch.device("cpu"),
-                                         build_model_ctx=BuildModelContext())
+                                         build_model_ctx=BuildModelContext(
+                                             strategy_factory=build_strategy_factory(self.model_config,
+                                                                                     MiscConfig())))
         load_model_weights(self.model, model_path, device=torch.device("cpu"))
         cfg = self.model_config
         heads, head_dim = cfg.num_key_value_heads, cfg.head_dim

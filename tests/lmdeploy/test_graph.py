@@ -137,3 +137,34 @@ def test_fill_dlinfer_buffers_pads_and_rebinds():
         fill_dlinfer_buffers({}, meta, num_tokens=1, batch_size=1, block_size=16)
     with pytest.raises(ValueError, match="max_tokens"):
         make_dlinfer_buffers({}, 0, "cpu")
+
+
+def test_backend_graph_runner_dispatches_decode_to_dlinfer_graphs(llama_case, patched, monkeypatch, caplog):
+    """DlinferCudaOpsBackend.build_graph_runner wired into LMDeploy's runner: prefill eager, decode through a
+    DlinferSingleGraphRunner keyed by the padded batch (LMDeploy's fake-capture mode: no CUDA needed)."""
+    import lmdeploy.pytorch.backends.cuda.graph_runner.full_graph as full_graph
+    from lmdeploy.pytorch.config import BackendConfig
+
+    from dlinfer.framework.lmdeploy_ext.backend import DlinferCudaOpsBackend
+    from dlinfer.framework.lmdeploy_ext.graph import DlinferSingleGraphRunner
+
+    monkeypatch.setattr(full_graph, "fake_capture", True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    path, tokens, refs = llama_case
+    pm = PagedModel(path, block_size=16, num_blocks=48)
+    with caplog.at_level("WARNING", logger="dlinfer"):
+        runner = DlinferCudaOpsBackend.build_graph_runner(
+            pm.model, pm.model_config, pm.cache_config,
+            BackendConfig(eager_mode=False, piecewise_cudagraph_max_tokens=512), torch.device("cpu"))
+    assert "piecewise CUDA graphs" in caplog.text and runner._piecewise_graph_manager is None
+    seqs = [pm.new_sequence(t) for t in tokens]
+    out = pm.step(seqs, [14, 15, 10], runner=runner)
+    assert (out[:14] - refs[0][:14]).abs().max().item() <= TOL
+    assert not runner._full_graph_runners, "prefill must not use a decode graph"
+    for _ in range(3):
+        out = pm.step(seqs, [1, 1, 1], runner=runner)
+        for row, seq in enumerate(seqs):
+            assert (out[row] - refs[row][seq.cached - 1]).abs().max().item() <= TOL
+    graphs = runner._full_graph_runners
+    assert list(graphs) == [(4, True, False, 1)], "3 live rows use the padded graph of 4"
+    assert all(type(g) is DlinferSingleGraphRunner for g in graphs.values())
