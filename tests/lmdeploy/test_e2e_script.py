@@ -68,3 +68,20 @@ def test_agreement_plan_and_pairs(e2e):
 class SimpleArgs:
     def __init__(self, **kw):
         self.__dict__.update(kw)
+
+
+def test_render_tables_from_a_report(e2e, tmp_path):
+    run = {"output_tok_s": 1000.0, "total_tok_s": 3000.0, "mean_ttft_s": 0.5, "mean_tpot_s": 0.02, "card": "H100"}
+    report = {"environment": {"date": "2026-11-25", "torch": "2.11", "argv": ["--model", "llama8b"]},
+              "workload": {"requests": 4, "min_prompt": 1, "max_prompt": 2, "new_tokens": 3},
+              "models": {"llama8b": "Llama-3-8B shape, 32 of 32 layers"},
+              "runs": {"llama8b/stock/graph/tp1": run,
+                       "llama8b/dlinfer/graph/tp1": dict(run, output_tok_s=1100.0),
+                       "llama8b/dlinfer/eager/tp1": {"error": "boom"}},
+              "agreement": [dict(a="llama8b/dlinfer/graph/tp1", b="llama8b/stock/graph/tp1",
+                                 **e2e.agreement([[1, 2]], [[1, 3]], 2))]}
+    written = e2e.render([report], tmp_path)
+    text = written[0].read_text()
+    assert "| llama8b/dlinfer/graph/tp1 | 1100 | 3000 | 500 | 20.00 | 1.100 |" in text
+    assert "failed: boom" in text and "100.0%" in text and "on H100" in text
+    assert "Command: `python benchmarks/lmdeploy_e2e.py --model llama8b`" in text
