@@ -123,6 +123,31 @@ class GeneratedTokens:
         return [self._by_position.get(i, -1) for i in range(self.count)]
 
 
+async def drive(engine, new_session, prompts: list[list[int]], gen_config) -> tuple[float, list[dict]]:
+    """Submit every prompt at once to LMDeploy's async engine; per request: generated ids, time to the first
+    and to the last token (seconds from submission). Returns (wall time, records)."""
+    import asyncio
+
+    start = time.perf_counter()
+
+    async def one(ids: list[int], record: dict) -> None:
+        request = await engine.preprocess(None, session_id=new_session(), gen_config=gen_config, input_ids=ids)
+        tokens = GeneratedTokens()
+        async for out in engine.generate(request, stream_response=True):
+            now = time.perf_counter() - start
+            tokens.update(out.generate_token_len, out.token_ids)
+            if tokens.count:
+                record.setdefault("first", now)
+                record["last"] = now
+            if out.finish_reason == "error":
+                record["error"] = True
+        record["tokens"] = tokens.ids()
+
+    records: list[dict] = [{} for _ in prompts]
+    await asyncio.gather(*(one(ids, rec) for ids, rec in zip(prompts, records)))
+    return time.perf_counter() - start, records
+
+
 # ------------------------------------------------------------------------------------------ child process
 def run_child(spec: RunSpec) -> None:
     """One configuration: start lmdeploy.pipeline, warm up, run the workload, write the result JSON."""
@@ -149,29 +174,10 @@ def run_child(spec: RunSpec) -> None:
     startup_s = time.perf_counter() - t0
 
     gen = GenerationConfig(max_new_tokens=spec.new_tokens, do_sample=False, ignore_eos=True)
-    engine = pipe.async_engine
-
-    async def one(ids: list[int], record: dict, start: float):
-        request = await engine.preprocess(None, session_id=pipe.session_mgr.get(), gen_config=gen, input_ids=ids)
-        tokens = GeneratedTokens()
-        async for out in engine.generate(request, stream_response=True):
-            now = time.perf_counter()
-            tokens.update(out.generate_token_len, out.token_ids)
-            if tokens.count:
-                record.setdefault("first", now - start)
-                record["last"] = now - start
-            if out.finish_reason == "error":
-                record["error"] = True
-        record["tokens"] = tokens.ids()
-
-    async def run_all(batch: list[list[int]]):
-        start = time.perf_counter()
-        records = [dict() for _ in batch]
-        await asyncio.gather(*(one(ids, rec, start) for ids, rec in zip(batch, records)))
-        return time.perf_counter() - start, records
 
     def run(batch):
-        return asyncio.run_coroutine_threadsafe(run_all(batch), pipe.internal_thread.loop).result()
+        coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen)
+        return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result()
 
     # warm-up: Triton JIT for both prefill lengths and decode batch sizes happens here, not in the timing
     warm = workload(min(16, spec.requests), spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit)

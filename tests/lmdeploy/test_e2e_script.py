@@ -85,3 +85,45 @@ def test_render_tables_from_a_report(e2e, tmp_path):
     assert "| llama8b/dlinfer/graph/tp1 | 1100 | 3000 | 500 | 20.00 | 1.100 |" in text
     assert "failed: boom" in text and "100.0%" in text and "on H100" in text
     assert "Command: `python benchmarks/lmdeploy_e2e.py --model llama8b`" in text
+
+
+class FakeEngine:
+    """Streams like LMDeploy's AsyncEngine.generate: token_ids is the detokenizer's window (a lagging suffix of
+    prompt + generated ids), then a last output with no ids."""
+
+    def __init__(self, new_tokens):
+        self.new_tokens = new_tokens
+        self.sessions = []
+
+    async def preprocess(self, messages, session_id, gen_config, input_ids):
+        assert messages is None and gen_config == "greedy"
+        self.sessions.append(session_id)
+        return list(input_ids)
+
+    async def generate(self, prompt, stream_response):
+        import asyncio
+        from types import SimpleNamespace
+
+        assert stream_response
+        generated = [(sum(prompt) + i) % 97 for i in range(self.new_tokens)]
+        ids, offset = list(prompt), max(len(prompt) - 2, 0)
+        for i, token in enumerate(generated):
+            await asyncio.sleep(0)
+            ids.append(token)
+            yield SimpleNamespace(generate_token_len=i + 1, token_ids=ids[offset:], finish_reason=None)
+            offset = len(ids) - (i % 2)  # the window sometimes keeps one old token
+        yield SimpleNamespace(generate_token_len=self.new_tokens, token_ids=[], finish_reason="length")
+
+
+def test_drive_collects_tokens_and_times(e2e):
+    import asyncio
+    import itertools
+
+    engine = FakeEngine(new_tokens=5)
+    counter = itertools.count()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    duration, records = asyncio.run(e2e.drive(engine, lambda: next(counter), prompts, "greedy"))
+    assert engine.sessions == [0, 1, 2] and duration > 0
+    for prompt, record in zip(prompts, records):
+        assert record["tokens"] == [(sum(prompt) + i) % 97 for i in range(5)]
+        assert 0 <= record["first"] <= record["last"] <= duration and "error" not in record
