@@ -203,3 +203,24 @@ def test_default_multiprocess_mode_runs_dlinfer_in_the_worker(runs, record_prope
     assert not missing, f"dlinfer ops that never ran in the worker: {missing}; {worker['counts']}"
     stock = dict(runs("dense_stock"), rounds=runs("dense_stock")["rounds"][:1])
     _report_ties(compare(stock, result), record_property)
+
+
+def test_comparison_rule_fails_on_divergence_and_reports_ties():
+    def run(tokens, tops):
+        steps = [{"token": t, "top": top} for t, top in zip(tokens, tops)]
+        return {"rounds": [[{"tokens": tokens, "steps": steps}]]}
+
+    tokens = list(range(MAX_TOKENS))
+    clear = [[[t, -0.1], [t + 1, -3.0]] for t in tokens]
+    assert compare(run(tokens, clear), run(tokens, clear)) == []
+    other = tokens[:5] + [99] + tokens[6:]
+    with pytest.raises(pytest.fail.Exception, match="token 5 differs"):
+        compare(run(tokens, clear), run(other, clear))
+    tied = [list(x) for x in clear]
+    tied[5] = [[5, -0.69310], [99, -0.69315]]
+    ties = compare(run(tokens, tied), run(other, clear))
+    assert len(ties) == 1 and "step 5" in ties[0]
+    off = [list(x) for x in clear]
+    off[3] = [[3, -0.1003], [4, -3.0]]
+    with pytest.raises(AssertionError, match="logprob of token 3"):
+        compare(run(tokens, clear), run(tokens, off))
