@@ -10,6 +10,7 @@ kernel must never read. Matmul kernels are checked in fp32 and fp16 only (Triton
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 import dlinfer.ops as ops
 import dlinfer.vendor
 from dlinfer.errors import NotSupportedError
-from dlinfer.vendor.triton import attention_decode
+from dlinfer.vendor.triton import attention_decode, attention_prefill
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
 GARBAGE = 1 << 20  # block-table entries past a sequence's last block: out of range on purpose
@@ -146,7 +147,7 @@ def test_paged_decode_many_empty_splits():
     key_cache, value_cache = make_cache(num_blocks, block_size, hk, d, d, torch.float16, False, gen)
     query = torch.randn(2, hq, d, generator=gen).to(torch.float16)
     lens = torch.tensor(kv_lens, dtype=torch.int32)
-    cfg = attention_decode._config("cpu", 0, torch.float16, d, d, 16)
+    cfg = attention_decode._config("cpu", 0, torch.float16, d, d, hq // hk)
     assert attention_decode.num_splits(2, hk, 640, cfg) > 4
     got = run("triton", ops.paged_decode_attention, query, key_cache, value_cache, table, block_size, None, lens,
               640, hq, hk)
@@ -156,8 +157,8 @@ def test_paged_decode_many_empty_splits():
 
 
 def test_decode_split_count_depends_on_shapes_only():
-    cfg = attention_decode.DecodeConfig(block_n=64, num_warps=4, num_stages=2, target_programs=264,
-                                        min_split_tokens=64)
+    cfg = attention_decode.DecodeConfig(block_n=64, block_h=16, use_dot=True, num_warps=4, num_stages=3,
+                                        target_programs=264, min_split_tokens=64)
     split = attention_decode.num_splits
     assert split(1, 8, 1024, cfg) == 16  # B=1 ctx 1k: 128 programs of one tile each
     assert split(1, 8, 1 << 20, cfg) == 33  # long context: enough programs for 2 waves of 132 SMs
@@ -173,11 +174,22 @@ PREFILL_CASES = [
     (8, 2, 80, 48, torch.float16, True, [33, 9], None),  # GQA 4, D 80, Dv != D
     (2, 2, 32, 32, torch.float16, True, [7, 20], [30, 20]),  # causal end alignment: q shorter than kv
     (8, 1, 32, 64, torch.float32, False, [12, 30], [40, 3]),  # non-causal (vision), q/kv lengths differ
+    (6, 2, 64, 64, torch.float16, True, [19, 8], None),  # GQA 3: never packed
 ]
 
 
+@pytest.fixture(params=[True, False], ids=["pack_gqa", "head_per_program"])
+def pack_gqa(request, monkeypatch):
+    """Run the prefill kernels with GQA packing allowed (the default) and refused."""
+    if not request.param:
+        real = attention_prefill._config
+        monkeypatch.setattr(attention_prefill, "_config",
+                            lambda *args: dataclasses.replace(real(*args), pack_gqa=False))
+    return request.param
+
+
 @pytest.mark.parametrize("hq,hk,d,dv,dtype,causal,q_lens,kv_lens", PREFILL_CASES)
-def test_prefill(hq, hk, d, dv, dtype, causal, q_lens, kv_lens):
+def test_prefill(hq, hk, d, dv, dtype, causal, q_lens, kv_lens, pack_gqa):
     gen = torch.Generator().manual_seed(hq * 100 + d + dv)
     kv_lens = q_lens if kv_lens is None else kv_lens
     tokens, kv_tokens = sum(q_lens) + 3, sum(kv_lens) + 2  # trailing padding tokens
@@ -197,7 +209,7 @@ def test_prefill(hq, hk, d, dv, dtype, causal, q_lens, kv_lens):
     assert torch.isnan(outs[0][real:]).all(), "wrote padding tokens past the last sequence"
 
 
-def test_prefill_output_aliases_query():
+def test_prefill_output_aliases_query(pack_gqa):
     gen = torch.Generator().manual_seed(11)
     hq, hk, d, dv, lens = 4, 2, 64, 64, [21, 14]
     query = torch.randn(sum(lens), hq, d, generator=gen).to(torch.float16)
@@ -216,7 +228,7 @@ def test_prefill_output_aliases_query():
 PAGED_PREFILL_CASES = [
     # Hq, Hk, D, Dv, block_size, dtype, strided, causal, q_lens, history lens
     (8, 2, 64, 64, 16, torch.float32, True, True, [9, 0, 20], [30, 12, 0]),  # chunked prefill, GQA 4
-    (8, 1, 64, 32, 64, torch.float16, False, True, [17, 5], [50, 70]),  # MQA, block 64, Dv != D
+    (8, 1, 64, 32, 64, torch.float16, False, True, [17, 5], [50, 70]),  # MQA 8, block 64, Dv != D
     (2, 2, 80, 80, 16, torch.float16, True, True, [24], [7]),  # MHA, D 80
     (4, 2, 32, 32, 16, torch.float32, False, False, [6, 13], [10, 0]),  # non-causal
     (4, 1, 32, 32, 16, torch.float16, True, True, [40, 3], [17, 33]),  # diagonal one past a tile edge
@@ -224,7 +236,7 @@ PAGED_PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("hq,hk,d,dv,block_size,dtype,strided,causal,q_lens,history", PAGED_PREFILL_CASES)
-def test_paged_prefill(hq, hk, d, dv, block_size, dtype, strided, causal, q_lens, history):
+def test_paged_prefill(hq, hk, d, dv, block_size, dtype, strided, causal, q_lens, history, pack_gqa):
     gen = torch.Generator().manual_seed(hq * 10 + d + block_size)
     kv_lens = [q + h for q, h in zip(q_lens, history)]
     width = math.ceil(max(kv_lens) / block_size) + 3
@@ -247,7 +259,7 @@ def test_paged_prefill(hq, hk, d, dv, block_size, dtype, strided, causal, q_lens
     assert torch.isnan(outs[0][real:]).all(), "wrote padding tokens past cu_seqlens_q[-1]"
 
 
-def test_paged_prefill_output_aliases_query():
+def test_paged_prefill_output_aliases_query(pack_gqa):
     gen = torch.Generator().manual_seed(5)
     hq, hk, d, dv, block_size, q_lens, history = 4, 1, 64, 32, 16, [11, 6], [20, 3]
     kv_lens = [q + h for q, h in zip(q_lens, history)]
@@ -286,18 +298,20 @@ def test_capabilities_declare_features():
 
 
 # ------------------------------------------------------------------------- the GPU tile shapes, interpreted
-def test_paged_decode_with_gpu_tiles(monkeypatch):
-    """The H100 launch parameters (64-token tiles spanning four 16-token pages, 264 target programs)."""
-    gpu = attention_decode.DecodeConfig(block_n=64, num_warps=4, num_stages=2, target_programs=264,
-                                        min_split_tokens=64)
+@pytest.mark.parametrize("hq,hk", [(8, 2), (2, 2)], ids=["gqa4", "mha_on_tensor_cores"])
+def test_paged_decode_with_gpu_tiles(monkeypatch, hq, hk):
+    """The H100 launch parameters: 64-token tiles spanning four 16-token pages, 264 target programs, tl.dot
+    even for one query head (padded to 16 rows)."""
+    gpu = attention_decode.DecodeConfig(block_n=64, block_h=16, use_dot=True, num_warps=4, num_stages=3,
+                                        target_programs=264, min_split_tokens=64)
     monkeypatch.setattr(attention_decode, "_config", lambda *args: gpu)
     gen = torch.Generator().manual_seed(21)
-    hq, hk, d, block_size, kv_lens = 8, 2, 128, 16, [200, 0, 61]
+    d, block_size, kv_lens = 128, 16, [200, 0, 61]
     table, num_blocks = make_block_table(kv_lens, block_size, 20, gen)
     key_cache, value_cache = make_cache(num_blocks, block_size, hk, d, d, torch.float16, True, gen)
     query = torch.randn(len(kv_lens), hq, d, generator=gen).to(torch.float16)
     lens = torch.tensor(kv_lens, dtype=torch.int32)
-    assert attention_decode.num_splits(len(kv_lens), hk, 300, gpu) == 5
+    assert attention_decode.num_splits(len(kv_lens), hk, 300, gpu) == 5  # cdiv(300, 64): one split a tile
     got = run("triton", ops.paged_decode_attention, query, key_cache, value_cache, table, block_size, None, lens,
               300, hq, hk)
     want = run("reference", ops.paged_decode_attention, query, key_cache, value_cache, table, block_size, None, lens,
@@ -334,3 +348,29 @@ def test_prefill_with_gpu_tiles(monkeypatch):
     want = run("reference", ops.paged_prefill_attention, query, None, None, key_cache, value_cache, table,
                block_size, cu, kv, 150, 160, hq, hk, [None])
     close(got, want, torch.float16)
+
+
+def test_gqa_packing_choice():
+    gpu = attention_prefill.PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    assert [attention_prefill._pack(gpu, g) for g in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 1, 4, 1, 8, 1]
+    assert attention_prefill._pack(dataclasses.replace(gpu, pack_gqa=False), 4) == 1
+    cpu = attention_prefill._config("cpu", torch.float16, 64, 64)
+    assert attention_prefill._pack(cpu, 8) == 8  # the interpreter tests exercise packing up to GQA 8
+
+
+def test_prefill_rows_that_see_no_key_are_zero():
+    """Causal with more queries than keys (the op's checks refuse it; the kernel still must not emit NaN):
+    the first ``q_len - kv_len`` queries see nothing and give zeros, like the reference."""
+    from dlinfer.vendor.reference import attention as reference
+
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(20, 2, 32, generator=gen)
+    key = torch.randn(6, 1, 32, generator=gen)
+    value = torch.randn(6, 1, 32, generator=gen)
+    q_seqlens, kv_seqlens = torch.tensor([20]), torch.tensor([6])
+    got = torch.full((20, 2, 32), float("nan"))
+    want = torch.full((20, 2, 32), float("nan"))
+    attention_prefill.prefill_attention(query, key, value, q_seqlens, kv_seqlens, 20, 0.2, True, got)
+    reference.prefill_attention(query, key, value, q_seqlens, kv_seqlens, 20, 0.2, True, want)
+    close(got, want, torch.float32)
+    assert torch.equal(got[:14], torch.zeros_like(got[:14]))

@@ -15,11 +15,15 @@ One query token per sequence attends to its whole sequence in the paged KV cache
 
 Inside a program, the slice is read in tiles of ``BLOCK_N`` tokens. Each token's cache page comes from the block
 table (``page = block_table[b, t // block_size]``, slot ``t % block_size``), so any block size works, pages may be
-shuffled, and tiles may span several pages or part of one. Caches are addressed through their strides (a vLLM
-packed ``kv[NB, Hk, BS, D+Dv]`` buffer viewed as ``[NB, BS, Hk, D]`` is read in place). Scores use the online
-softmax in fp32 with base-2 exponentials; the group is multiplied with ``tl.dot`` (tensor cores; the group is
-padded to ``BLOCK_H >= 16`` rows) when it has at least ``DOT_MIN_GROUP`` heads, else with elementwise products
-(no padding waste for MHA). Head sizes are padded to powers of two with masks (``D != Dv`` is fine).
+shuffled, and tiles may span several pages or part of one. The page ids of the next tile are loaded one
+iteration ahead into registers, so the K/V loads do not depend on a load of their own iteration and the
+pipeliner keeps a tile of K/V in flight (cp.async, double-buffered) while the current one is computed. Caches are
+addressed through their strides (a vLLM packed ``kv[NB, Hk, BS, D+Dv]`` buffer viewed as ``[NB, BS, Hk, D]`` is
+read in place). Scores use the online softmax in fp32 with base-2 exponentials. The group is multiplied with
+``tl.dot`` on tensor cores, padded to ``BLOCK_H >= 16`` rows (free in a memory-bound kernel, and dot operands
+stream through shared memory); a single head in fp32 uses elementwise products and row sums instead (exact fp32
+dots run on CUDA cores, where padding is not free). Head sizes are padded to powers of two with masks
+(``D != Dv`` is fine).
 
 With one split the program writes ``attn_output`` directly. With several, each writes its normalized partial
 output and base-2 log-sum-exp to an fp32 scratch buffer and a second kernel, ``grid = (batch, num_q_heads)``,
@@ -28,12 +32,14 @@ combines the splits with their log-sum-exp weights; empty partials get weight 0,
 
 Launch parameters
 -----------------
-All in :func:`_config` (per device type / dtype / head size) and :func:`num_splits`:
+All in :func:`_config` (per device type / dtype / head sizes / group) and :func:`num_splits`:
 
-* ``BLOCK_N`` tokens per tile (64 for D <= 128 on the GPU, 32 for D = 256), ``num_warps`` 4, ``num_stages`` 2;
+* GPU: ``BLOCK_N`` 64 tokens per tile (32 when a head size exceeds 128, halved again for fp32), ``num_warps`` 4
+  (8 for groups above 32 heads or fp32 groups), ``num_stages`` 3 (two K/V tiles of shared memory);
 * ``num_splits = min(cdiv(target_programs, B * Hk), cdiv(max_kv_seq_len, min_split_tokens), MAX_SPLITS)``
   with ``target_programs = 2 * SM count`` and ``min_split_tokens = BLOCK_N``: small batches and short
-  contexts still fill the GPU; a large batch uses one split and skips the reduce kernel.
+  contexts still fill the GPU; a large batch uses one split and skips the reduce kernel;
+* the interpreter (CPU tensors) uses 32-token tiles, 16 target programs and elementwise math for one head.
 
 No host syncs: the grid depends only on shapes and ``max_kv_seq_len``; lengths are read on the device.
 """
@@ -51,16 +57,17 @@ from dlinfer.vendor.registry import Capabilities
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-DOT_MIN_GROUP = 2  # query heads per KV head from which the group is multiplied on tensor cores
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    block_n: int
+    block_n: int  # tokens per tile
+    block_h: int  # query rows per program: the group, padded to >= 16 for tl.dot (1 without it)
+    use_dot: bool  # tensor cores (group padded to block_h rows) or elementwise products (one head)
     num_warps: int
     num_stages: int
-    target_programs: int
-    min_split_tokens: int
+    target_programs: int  # split sequences until batch x kv heads x splits reaches this
+    min_split_tokens: int  # ... but never into slices shorter than this
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,16 +77,23 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: int, head_size_v: int,
-            block_h: int) -> DecodeConfig:
+            group: int) -> DecodeConfig:
     """Launch parameters of the split kernel (the one place to tune them)."""
-    if device_type != "cuda":  # TRITON_INTERPRET=1 on CPU tensors: small tiles, many splits (to test them)
-        return DecodeConfig(block_n=32, num_warps=1, num_stages=1, target_programs=16, min_split_tokens=32)
+    if device_type == "cpu":  # TRITON_INTERPRET=1: small tiles, many splits (to test them); MHA elementwise
+        use_dot = group > 1
+        return DecodeConfig(block_n=32, block_h=max(16, triton.next_power_of_2(group)) if use_dot else 1,
+                            use_dot=use_dot, num_warps=1, num_stages=1, target_programs=16, min_split_tokens=32)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
     block_n = 64 if widest <= 128 else 32
-    if dtype == torch.float32:
-        block_n //= 2
+    # 16-bit: always tensor cores, even for one head (16x padded rows are free in a memory-bound kernel, and
+    # tl.dot operands stream through shared memory, which the pipeliner double-buffers with cp.async).
+    # fp32 (exact ieee dots run on CUDA cores): elementwise for one head, half tiles and 8 warps for a group.
+    use_dot = group > 1 or dtype != torch.float32
+    block_h = max(16, triton.next_power_of_2(group)) if use_dot else 1
     num_warps = 4 if block_h <= 32 else 8
-    return DecodeConfig(block_n=block_n, num_warps=num_warps, num_stages=2,
+    if dtype == torch.float32:
+        block_n, num_warps = block_n // 2, (8 if use_dot else 4)
+    return DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=3,
                         target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
 
 
@@ -91,39 +105,47 @@ def num_splits(batch: int, num_kv_heads: int, max_kv_seq_len: int, config: Decod
     return max(1, min(want, by_length, MAX_SPLITS))
 
 
+def _dot_precision(query: torch.Tensor) -> str:
+    """fp32 inputs: exact ``ieee`` dots (decode is memory-bound; no spills); 16-bit inputs ignore it."""
+    return "ieee" if query.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
-def _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+def _tile_pages(table_row, n0, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cache page of each token of the tile at ``n0``. The loop loads them one tile ahead, in registers: an
+    address that depends on a load made in the same iteration would make the pipeliner wait for every
+    outstanding K/V copy before it can issue the next ones."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(table_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
                  qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
-    page = tl.load(table_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    page = pages.to(tl.int64)
     slot = (offs_n % PAGE_SIZE).to(tl.int64)
     k = tl.load(k_head + (page * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :],
                 mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     if USE_DOT:
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-    else:
-        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-    scores = tl.where(n_mask[None, :], scores * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every tile holds a valid token
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:  # one query head (BLOCK_H == 1): a row of scores on CUDA cores
+        qk = tl.sum(tl.sum(q.to(tl.float32), axis=0)[None, :] * k.to(tl.float32), axis=1)[None, :]
+    qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(scores - m_new[:, None])
+    p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_head + (page * stride_vb + slot * stride_vt)[:, None] + offs_dv[None, :],
                 mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None]
     if USE_DOT:
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     else:
-        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-    acc = acc * alpha[:, None] + pv
+        acc += tl.sum(tl.sum(p, axis=0)[:, None] * v.to(tl.float32), axis=0)[None, :]
     return acc, l_i, m_new
 
 
@@ -141,7 +163,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_DOT: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    USE_DOT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -170,18 +192,23 @@ def _decode_split_kernel(
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    pages = _tile_pages(table_row, start, end, PAGE_SIZE, BLOCK_N)
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = start
         while n0 < end:
-            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt,
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, IEEE)
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
+            pages = next_pages
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
-            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, table_row, k_head, v_head, stride_kb, stride_kt,
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
+            acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, IEEE)
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
+            pages = next_pages
 
     has = l_i > 0.0
     res = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -232,10 +259,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     if batch == 0 or num_q_heads == 0:
         return
     group = num_q_heads // num_kv_heads
-    use_dot = group >= DOT_MIN_GROUP
-    block_h = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     device = query.device
-    cfg = _config(device.type, device.index or 0, query.dtype, head_size, head_size_v, block_h)
+    cfg = _config(device.type, device.index or 0, query.dtype, head_size, head_size_v, group)
     splits = num_splits(batch, num_kv_heads, max_kv_seq_len, cfg)
     direct = splits == 1
     if direct:
@@ -257,10 +282,10 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         attn_output.stride(0), attn_output.stride(1),
         *mid_strides,
         softmax_scale * LOG2E, splits,
-        GROUP=group, BLOCK_H=block_h,
+        GROUP=group, BLOCK_H=cfg.block_h,
         HEAD_DIM=head_size, BLOCK_D=block_d, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
-        USE_DOT=use_dot, DIRECT=direct, IEEE=query.dtype == torch.float32, WHILE_LOOP=device.type == "cpu",
+        USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:

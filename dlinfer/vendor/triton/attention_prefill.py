@@ -2,20 +2,23 @@
 
 Design
 ------
-One program computes one tile of ``BLOCK_M`` queries of one sequence for one query head:
-``grid = (cdiv(max_q_seq_len, BLOCK_M), num_q_heads, batch)``. The grid depends only on shapes and the
-``max_q_seq_len`` bound; a program whose tile starts past its sequence's real query length exits at once. Tiles
-are visited in reverse (the longest causal tiles start first). Query head ``h`` reads KV head
-``h // (Hq // Hk)``; neighbouring programs share a head, so its keys and values stay in L2.
+One program computes one tile of ``BLOCK_M`` query rows of one sequence: ``BLOCK_M // PACK`` consecutive tokens
+times ``PACK`` query heads that share one KV head, rows token-major. ``PACK`` is the whole GQA group when it is a
+power of two that leaves a tile at least ``pack_min_tokens`` tokens (GQA packing: each K/V tile is loaded once for
+the group, and the causal diagonal of a tile spans fewer tokens, so fewer masked tiles), else 1 (one head per
+program). ``grid = (cdiv(max_q_seq_len, BLOCK_M // PACK), num_q_heads // PACK, batch)``: it depends only on
+shapes and the ``max_q_seq_len`` bound; a program whose tile starts past its sequence's real query length exits
+at once. Tiles are visited in reverse (the longest causal tiles start first); neighbouring programs share a KV
+head, so its keys and values stay in L2.
 
-The program keeps its ``[BLOCK_M, D]`` query tile in registers and streams the keys/values in tiles of
-``BLOCK_N``: ``S = Q K^T`` and ``O += P V`` on tensor cores (``tl.dot``, fp32 accumulators), online softmax in
-fp32 with base-2 exponentials (the scale is folded into ``log2(e) * softmax_scale``). Causal attention aligns the
-ends: query ``i`` of a sequence with ``q_len`` queries and ``kv_len`` keys sees keys ``j <= i + kv_len - q_len``.
-The KV range is walked in two loops: tiles wholly below the diagonal and inside the sequence need no mask at all;
-the (at most ``BLOCK_M / BLOCK_N + 1``) diagonal/tail tiles are masked; tiles wholly above the diagonal are never
+The program keeps its ``[BLOCK_M, D]`` query tile on chip and streams the keys/values in tiles of ``BLOCK_N``:
+``S = Q K^T`` and ``O += P V`` on tensor cores (``tl.dot``, fp32 accumulators), online softmax in fp32 with
+base-2 exponentials (``log2(e) * softmax_scale`` is applied to the row max and fused into the exponent's FMA).
+Causal attention aligns the ends: query ``i`` of a sequence with ``q_len`` queries and ``kv_len`` keys sees keys
+``j <= i + kv_len - q_len``. The KV range is walked in two loops: tiles wholly below the diagonal and inside the
+sequence need no mask at all; the few diagonal/tail tiles are masked; tiles wholly above the diagonal are never
 visited. Non-causal attention (vision encoders) is the same kernel with only the length mask. A query row that
-sees no key gives zeros. Head sizes are padded to powers of two with masks, ``Dv`` may differ from ``D``.
+sees no key gives zeros. Head sizes are padded to powers of two with masks; ``Dv`` may differ from ``D``.
 
 * ``prefill_attention``: keys/values are packed like the queries; the start of each sequence is the exclusive
   cumulative sum of the lengths, computed on the device (``torch.cumsum``, no host sync).
@@ -24,14 +27,15 @@ sees no key gives zeros. Head sizes are padded to powers of two with masks, ``Dv
   ``t % block_size``; caches are addressed through their strides. Query starts come from the given cumulative
   ends; queries past ``cu_seqlens_q[-1]`` are never touched.
 
-Each program reads its query tile before it writes its output tile, and only its own rows and head, so
+Each program reads its query tile before it writes its output tile, and only its own rows and heads, so
 ``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``).
 
 Launch parameters
 -----------------
-All in :func:`_config`: on the GPU, 16-bit inputs with ``D <= 128`` use ``BLOCK_M=128, BLOCK_N=64,
-num_warps=8, num_stages=3`` (Hopper), ``D`` up to 256 uses ``BLOCK_M=64, BLOCK_N=64, num_warps=8,
-num_stages=2``; fp32 (exact ``ieee`` dots) uses ``64 x 32``, 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
+All in :func:`_config` (and :func:`_pack`): on the GPU, 16-bit inputs with ``D <= 128`` use ``BLOCK_M=128,
+BLOCK_N=64, num_warps=8, num_stages=3`` (Hopper: 128 KB of shared memory, ~186 registers, wgmma), ``D`` up to
+256 uses ``BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2``; fp32 uses ``tf32x3`` dots (three tensor-core
+passes, close to fp32 accuracy) on ``64 x 32`` tiles with 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
 separate small config (``32 x 16``) keeps the interpreter fast.
 """
 
@@ -55,13 +59,15 @@ class PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    pack_gqa: bool = True  # rows of a tile = tokens x the query heads of one KV head (see _pack)
+    pack_min_tokens: int = 16  # pack only when a tile still holds this many tokens
 
 
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int) -> PrefillConfig:
     """Launch parameters of the prefill kernel (the one place to tune them)."""
     if device_type == "cpu":  # TRITON_INTERPRET=1
-        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
     if dtype == torch.float32:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
@@ -72,12 +78,17 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 
 
+def _dot_precision(query: torch.Tensor) -> str:
+    """fp32 inputs: ``tf32x3`` (three tensor-core passes, close to fp32 accuracy); 16-bit inputs ignore it."""
+    return "tf32x3" if query.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
-def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head, table_row,
+def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head, pages,
                   stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """Fold keys ``[n0, n0 + BLOCK_N)`` into the online softmax of the query tile.
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold keys ``[n0, n0 + BLOCK_N)`` into the online softmax of the query tile (``pages``: their cache pages).
 
     ``MASKED=False`` tiles lie wholly inside the sequence and below the diagonal. ``diag = kv_len - q_len``:
     row ``i`` sees key ``j`` when ``j <= i + diag`` (causal).
@@ -85,10 +96,7 @@ def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < kv_len
     if PAGED:
-        if MASKED:
-            page = tl.load(table_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        else:
-            page = tl.load(table_row + offs_n // PAGE_SIZE).to(tl.int64)
+        page = pages.to(tl.int64)
         slot = (offs_n % PAGE_SIZE).to(tl.int64)
         k_rows = page * stride_kb + slot * stride_kt
         v_rows = page * stride_vb + slot * stride_vt
@@ -100,34 +108,40 @@ def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     else:
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-    if IEEE:
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k))
-    scores = scores * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         visible = n_mask[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that has seen nothing yet stays empty
+        p = tl.math.exp2(qk - m_use[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: scale the max, not the tile
         m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(scores - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if MASKED:
         v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
     else:
         v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=dv_mask[None, :], other=0.0)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _tile_pages(table_row, n0, kv_len, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cache page of each key of the tile at ``n0`` (paged only). The loops load them one tile ahead, in registers:
+    an address that depends on a load made in the same iteration would make the pipeliner wait for every
+    outstanding K/V copy before it can issue the next ones."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if PAGED:
+        return tl.load(table_row + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
+    else:
+        return offs_n
 
 
 @triton.jit
@@ -139,21 +153,25 @@ def _prefill_kernel(
     stride_tb,
     stride_ot, stride_oh,
     qk_scale, num_m_tiles,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, PACK: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
 ):
-    """``kv_ptr_lens``: cumulative KV ends (packed, ``PAGED=False``) or KV lengths (``PAGED=True``)."""
+    """One ``BLOCK_M``-row tile: ``BLOCK_M // PACK`` tokens x ``PACK`` query heads (of one KV head).
+
+    ``kv_ptr_lens``: cumulative KV ends (packed keys, ``PAGED=False``) or KV lengths (``PAGED=True``).
+    """
+    TOKENS: tl.constexpr = BLOCK_M // PACK
     tile = num_m_tiles - 1 - tl.program_id(0)
-    head = tl.program_id(1)
+    head0 = tl.program_id(1) * PACK
     b = tl.program_id(2)
-    kvh = head // GROUP
+    kvh = head0 // GROUP
 
     q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
     q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
-    m0 = tile * BLOCK_M
+    m0 = tile * TOKENS  # first token of the tile
     if m0 >= q_len:
         return
     if PAGED:
@@ -164,15 +182,19 @@ def _prefill_kernel(
         kv_len = (tl.load(kv_ptr_lens + b) - kv_base).to(tl.int32)
     diag = kv_len - q_len
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r // PACK  # each row's token (rows are token-major, heads minor)
+    heads = head0 + offs_r % PACK
     m_mask = offs_m < q_len
+    if TOKENS * PACK != BLOCK_M:
+        m_mask = m_mask & (offs_r < TOKENS * PACK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < HEAD_DIM_V
     rows = (q_start + offs_m).to(tl.int64)
 
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + (heads * stride_qh)[:, None] + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -180,7 +202,7 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     if CAUSAL:
-        hi = tl.minimum(kv_len, m0 + BLOCK_M + diag)  # keys past the tile's last row are never seen
+        hi = tl.minimum(kv_len, m0 + TOKENS + diag)  # keys past the tile's last token are never seen
         full = tl.minimum(tl.maximum(m0 + diag + 1, 0), kv_len)  # keys every row of the tile sees
     else:
         hi = kv_len
@@ -192,30 +214,53 @@ def _prefill_kernel(
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = full * 0
+        pages = _tile_pages(table_row, n0, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         while n0 < full:
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
-                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, IEEE)
+                                          pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL,
+                                          DOT_PRECISION)
+            pages = next_pages
             n0 += BLOCK_N
         n0 = full
+        pages = _tile_pages(table_row, n0, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         while n0 < hi:
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
-                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, IEEE)
+                                          pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL,
+                                          DOT_PRECISION)
+            pages = next_pages
             n0 += BLOCK_N
     else:
+        pages = _tile_pages(table_row, 0, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         for n0 in range(0, full, BLOCK_N):
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
-                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, IEEE)
+                                          pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL,
+                                          DOT_PRECISION)
+            pages = next_pages
+        pages = _tile_pages(table_row, full, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         for n0 in range(full, hi, BLOCK_N):
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
-                                          table_row, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, IEEE)
+                                          pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
+                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL,
+                                          DOT_PRECISION)
+            pages = next_pages
 
     res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
+    tl.store(out_ptr + rows[:, None] * stride_ot + (heads * stride_oh)[:, None] + offs_dv[None, :],
              res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+
+
+def _pack(cfg: PrefillConfig, group: int) -> int:
+    """Query heads per program: the whole GQA group, when it is a power of two that leaves a tile enough tokens."""
+    if cfg.pack_gqa and group > 1 and group & (group - 1) == 0 and cfg.block_m // group >= cfg.pack_min_tokens:
+        return group
+    return 1
 
 
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
@@ -226,19 +271,21 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
     cfg = _config(query.device.type, query.dtype, head_size, head_size_v)
-    num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m)
-    _prefill_kernel[(num_m_tiles, num_q_heads, batch)](
+    group = num_q_heads // num_kv_heads
+    pack = _pack(cfg, group)
+    num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m // pack)
+    _prefill_kernel[(num_m_tiles, num_q_heads // pack, batch)](
         query, key, value, out, q_ends, kv_arg, block_table,
         query.stride(0), query.stride(1),
         *kv_strides,
         block_table.stride(0) if paged else 0,
         out.stride(0), out.stride(1),
         softmax_scale * LOG2E, num_m_tiles,
-        GROUP=num_q_heads // num_kv_heads,
+        GROUP=group, PACK=pack,
         HEAD_DIM=head_size, BLOCK_D=triton.next_power_of_2(head_size),
         HEAD_DIM_V=head_size_v, BLOCK_DV=triton.next_power_of_2(head_size_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, IEEE=query.dtype == torch.float32,
+        PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=_dot_precision(query),
         WHILE_LOOP=query.device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
