@@ -374,3 +374,16 @@ def test_prefill_rows_that_see_no_key_are_zero():
     reference.prefill_attention(query, key, value, q_seqlens, kv_seqlens, 20, 0.2, True, want)
     close(got, want, torch.float32)
     assert torch.equal(got[:14], torch.zeros_like(got[:14]))
+
+
+def test_launch_parameter_overrides_from_the_environment(monkeypatch):
+    cfg = attention_prefill.PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "block_n=128, pack_gqa=0")
+    tuned = attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    assert (tuned.block_n, tuned.pack_gqa, tuned.block_m) == (128, False, 128)
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "blockn=128")
+    with pytest.raises(ValueError, match="DLINFER_TRITON_PREFILL"):
+        attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "block_n=big")
+    with pytest.raises(ValueError, match="block_n must be an integer"):
+        attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")

@@ -39,7 +39,8 @@ All in :func:`_config` (per device type / dtype / head sizes / group) and :func:
 * ``num_splits = min(cdiv(target_programs, B * Hk), cdiv(max_kv_seq_len, min_split_tokens), MAX_SPLITS)``
   with ``target_programs = 2 * SM count`` and ``min_split_tokens = BLOCK_N``: small batches and short
   contexts still fill the GPU; a large batch uses one split and skips the reduce kernel;
-* the interpreter (CPU tensors) uses 32-token tiles, 16 target programs and elementwise math for one head.
+* the interpreter (CPU tensors) uses 32-token tiles, 16 target programs and elementwise math for one head;
+* ``DLINFER_TRITON_DECODE="num_stages=2,target_programs=528,..."`` overrides GPU fields (tuning sweeps).
 
 No host syncs: the grid depends only on shapes and ``max_kv_seq_len``; lengths are read on the device.
 """
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -68,6 +70,28 @@ class DecodeConfig:
     num_stages: int
     target_programs: int  # split sequences until batch x kv heads x splits reaches this
     min_split_tokens: int  # ... but never into slices shorter than this
+
+
+def env_overrides(config, env_name: str):
+    """``config`` with fields replaced from ``$env_name`` (``"field=int,field=int"``; 0/1 for booleans): lets a
+    tuning run sweep launch parameters without editing code. Read when a config is first built."""
+    spec = os.environ.get(env_name, "").strip()
+    if not spec:
+        return config
+    fields = {f.name: f.type for f in dataclasses.fields(config)}
+    changes = {}
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"{env_name}={spec!r}: expected comma-separated field=value with fields from "
+                             f"{sorted(fields)}, got {item!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{env_name}: {name} must be an integer, got {value!r}") from None
+        changes[name] = bool(number) if fields[name] in (bool, "bool") else number
+    return dataclasses.replace(config, **changes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +117,12 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     num_warps = 4 if block_h <= 32 else 8
     if dtype == torch.float32:
         block_n, num_warps = block_n // 2, (8 if use_dot else 4)
-    return DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=3,
-                        target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
+    cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=3,
+                       target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
+    cfg = env_overrides(cfg, "DLINFER_TRITON_DECODE")
+    if not cfg.use_dot and group > 1:
+        raise ValueError(f"DLINFER_TRITON_DECODE: use_dot=0 serves one query head per KV head, not {group}")
+    return dataclasses.replace(cfg, block_h=max(16, triton.next_power_of_2(group)) if cfg.use_dot else 1)
 
 
 def num_splits(batch: int, num_kv_heads: int, max_kv_seq_len: int, config: DecodeConfig) -> int:

@@ -36,7 +36,8 @@ All in :func:`_config` (and :func:`_pack`): on the GPU, 16-bit inputs with ``D <
 BLOCK_N=64, num_warps=8, num_stages=3`` (Hopper: 128 KB of shared memory, ~186 registers, wgmma), ``D`` up to
 256 uses ``BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2``; fp32 uses ``tf32x3`` dots (three tensor-core
 passes, close to fp32 accuracy) on ``64 x 32`` tiles with 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
-separate small config (``32 x 16``) keeps the interpreter fast.
+separate small config (``32 x 16``) keeps the interpreter fast. On the GPU,
+``DLINFER_TRITON_PREFILL="block_n=128,pack_gqa=0"`` overrides fields (tuning sweeps).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
+from dlinfer.vendor.triton.attention_decode import env_overrides
 
 LOG2E = 1.4426950408889634
 
@@ -70,12 +72,14 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
     if dtype == torch.float32:
-        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if widest <= 64:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if widest <= 128:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+        cfg = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    elif widest <= 64:
+        cfg = PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    elif widest <= 128:
+        cfg = PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    else:
+        cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    return env_overrides(cfg, "DLINFER_TRITON_PREFILL")
 
 
 def _dot_precision(query: torch.Tensor) -> str:
