@@ -15,6 +15,18 @@ from dlinfer import cli
 from dlinfer.vendor import Vendor
 
 
+@pytest.fixture(autouse=True)
+def _restore_dlinfer_logger():
+    """cli.main adds a stderr handler to the 'dlinfer' logger; keep it out of the other tests."""
+    import logging
+
+    logger = logging.getLogger("dlinfer")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "dlinfer.cli", *args], capture_output=True, text=True, timeout=300,
                           env=env)
