@@ -14,20 +14,23 @@ from dlinfer.framework.lmdeploy_ext import cli, install  # noqa: E402
 
 pytestmark = pytest.mark.lmdeploy
 
+# Prints: torch imported at start-up?, hook finder installed?, then (only with "import") applied? and backend.
 PROBE = ("import site, sys; site.addsitedir(sys.argv[1]); torch_early = 'torch' in sys.modules; "
-         "import lmdeploy; import dlinfer.framework.lmdeploy_ext as ext; "
-         "from lmdeploy.pytorch.backends import get_backend; "
-         "print(torch_early, ext.is_applied(), get_backend().__name__)")
+         "finder = any(type(f).__name__ == '_ApplyAfterLmdeploy' for f in sys.meta_path); print(torch_early, finder)\n"
+         "if sys.argv[2] == 'import':\n"
+         "    import lmdeploy; import dlinfer.framework.lmdeploy_ext as ext\n"
+         "    from lmdeploy.pytorch.backends import get_backend\n"
+         "    print(ext.is_applied(), get_backend().__name__)")
 
 
-def _probe(site_dir, value):
+def _probe(site_dir, value, import_lmdeploy=False):
     env = {k: v for k, v in os.environ.items() if k != "DLINFER_LMDEPLOY"}
     if value is not None:
         env["DLINFER_LMDEPLOY"] = value
-    done = subprocess.run([sys.executable, "-c", PROBE, str(site_dir)], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run([sys.executable, "-c", PROBE, str(site_dir), "import" if import_lmdeploy else "-"],
+                          env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.split()[-3:], done.stderr
+    return done.stdout.split(), done.stderr
 
 
 def test_start_up_hook_honours_the_environment(tmp_path):
@@ -35,14 +38,14 @@ def test_start_up_hook_honours_the_environment(tmp_path):
     assert {p.name for p in files} == {install.PTH_NAME, f"{install.MODULE_NAME}.py"}
     assert "installed" in install.hook_status(tmp_path)
 
-    on, _ = _probe(tmp_path, "1")
-    assert on == ["False", "True", "DlinferCudaOpsBackend"], "hook must not import torch at start-up, then apply"
-    off, _ = _probe(tmp_path, None)
-    assert off == ["False", "False", "CudaOpsBackend"], "off by default"
+    on, _ = _probe(tmp_path, "1", import_lmdeploy=True)
+    assert on == ["False", "True", "True", "DlinferCudaOpsBackend"], "no torch at start-up, then applied on import"
+    off, _ = _probe(tmp_path, None, import_lmdeploy=True)
+    assert off == ["False", "False", "False", "CudaOpsBackend"], "off by default"
     zero, _ = _probe(tmp_path, "0")
-    assert zero[1:] == ["False", "CudaOpsBackend"]
+    assert zero == ["False", "False"]
     bad, err = _probe(tmp_path, "maybe")
-    assert bad[1:] == ["False", "CudaOpsBackend"] and "DLINFER_LMDEPLOY='maybe'" in err
+    assert bad == ["False", "False"] and "DLINFER_LMDEPLOY='maybe'" in err
 
     removed = install.uninstall_hook(tmp_path)
     assert len(removed) == 2 and "not installed" in install.hook_status(tmp_path)
