@@ -61,9 +61,19 @@ def fill_dlinfer_buffers(input_buffers: dict, attn_metadata, *, num_tokens: int,
 
 
 def _load_lmdeploy_runner_classes():
+    """LMDeploy 0.18's runner classes; their methods this module overrides or calls must exist."""
     from lmdeploy.pytorch.backends.cuda.graph_runner import CUDAGraphRunner
     from lmdeploy.pytorch.backends.cuda.graph_runner.full_graph import CUDASingleGraphRunner
 
+    needed = {CUDAGraphRunner: ("_capture_full_graph", "_get_decode_model_forward", "_get_max_tokens"),
+              CUDASingleGraphRunner: ("_bind_inputs", "capture", "forward")}
+    missing = [f"{cls.__name__}.{name}" for cls, names in needed.items() for name in names
+               if not callable(getattr(cls, name, None))]
+    if missing:
+        import lmdeploy
+
+        raise ImportError(f"dlinfer's CUDA graph runner for LMDeploy was written against LMDeploy 0.18; the installed "
+                          f"LMDeploy {lmdeploy.__version__} lacks {', '.join(missing)}")
     return CUDAGraphRunner, CUDASingleGraphRunner
 
 

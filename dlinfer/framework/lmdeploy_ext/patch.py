@@ -23,6 +23,8 @@ import threading
 
 logger = logging.getLogger("dlinfer")
 
+TESTED_LMDEPLOY = "0.18"
+
 _lock = threading.RLock()
 _originals: dict[str, object] = {}
 
@@ -93,7 +95,13 @@ def apply() -> None:
         import lmdeploy.pytorch.engine.executor.mp_executor as mp_executor
         import lmdeploy.pytorch.engine.mp_engine.zmq_engine as zmq_engine
 
+        import lmdeploy
+
         import dlinfer  # noqa: F401  (registers the ops before LMDeploy's dlinfer kernels import them)
+
+        if not str(lmdeploy.__version__).startswith(TESTED_LMDEPLOY):
+            logger.warning("dlinfer: LMDeploy %s is installed; dlinfer's LMDeploy adapter is tested with %s.x",
+                           lmdeploy.__version__, TESTED_LMDEPLOY)
 
         _originals["selector._get_backend"] = selector._get_backend
         _originals["mp_executor.ExecutorProc.start"] = mp_executor.ExecutorProc.start
