@@ -199,15 +199,16 @@ def _first_reason(rows: Sequence[CaseResult]) -> str:
 
 # ---------------------------------------------------------------------------------------- input helpers
 class _Rand:
-    """Deterministic random inputs, drawn on the CPU and moved to the device (same seed, same tensors)."""
+    """Deterministic random inputs (same seed, same tensors): values drawn on the device, indices on the host."""
 
     def __init__(self, seed: int, device: torch.device):
         self.gen = torch.Generator().manual_seed(seed)
         self.device = device
+        self.device_gen = self.gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
     def normal(self, *shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-        x = torch.randn(*shape, generator=self.gen, dtype=torch.float32) * scale
-        return x.to(device=self.device, dtype=dtype)
+        x = torch.randn(*shape, generator=self.device_gen, dtype=torch.float32, device=self.device)
+        return (x * scale).to(dtype)
 
     def ints(self, low: int, high: int, *shape) -> torch.Tensor:
         return torch.randint(low, high, shape, generator=self.gen)
@@ -437,7 +438,7 @@ def _attn_output(x, mode, tokens, hq, dv, dtype, rnd):
 def _prefill_cases(quick):
     if quick:
         return [dict(seqs=((5, 5), (1, 1), (9, 9)), hq=8, hk=8, d=16, dv=16, causal=True, fused=True, out="none"),
-                dict(seqs=((4, 4), (7, 7)), hq=8, hk=2, d=16, dv=8, causal=False, fused=False, out="given"),
+                dict(seqs=((4, 4), (7, 7)), hq=8, hk=2, d=16, dv=24, causal=False, fused=False, out="given"),
                 dict(seqs=((3, 6), (2, 2)), hq=8, hk=1, d=16, dv=16, causal=True, fused=False, out="alias")]
     cases = []
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
@@ -485,7 +486,7 @@ def _paged_prefill_cases(quick):
     if quick:
         return [dict(seqs=((0, 5), (7, 3), (20, 1)), hq=8, hk=8, d=16, dv=16, block=16, layout="separate",
                      causal=True, out="none"),
-                dict(seqs=((9, 4), (0, 6)), hq=8, hk=2, d=16, dv=8, block=32, layout="packed", causal=False,
+                dict(seqs=((9, 4), (0, 6)), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", causal=False,
                      out="given", pad=2),
                 dict(seqs=((16, 2), (3, 3)), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", causal=True,
                      out="alias", tail="garbage")]
@@ -536,7 +537,7 @@ def _paged_prefill_run(x):
 def _decode_cases(quick):
     if quick:
         return [dict(lens=(1, 17, 0, 40), hq=8, hk=8, d=16, dv=16, block=16, layout="separate", out="given"),
-                dict(lens=(33, 5), hq=8, hk=2, d=16, dv=8, block=32, layout="packed", out="none"),
+                dict(lens=(33, 5), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", out="none"),
                 dict(lens=(20, 0, 3), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", out="alias",
                      tail="garbage", idx=torch.int64)]
     cases = []
