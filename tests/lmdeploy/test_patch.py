@@ -96,3 +96,23 @@ def test_supported_models_pass_the_check(tiny_model):
     assert any("soft-capping" in r for r in reasons)
     assert any("quant_method='awq'" in r for r in model_features({"architectures": ["LlamaForCausalLM"],
                                                                   "quantization_config": {"quant_method": "awq"}}))
+
+
+def test_engine_feature_refusals_name_each_feature():
+    from types import SimpleNamespace
+
+    from dlinfer.framework.lmdeploy_ext.support import check_supported, engine_features
+
+    assert engine_features() == []
+    reasons = engine_features(cache_config=SimpleNamespace(quant_policy=4), adapters={"a": "/x", "b": "/y"},
+                              specdecode_config=object(), dist_config=SimpleNamespace(dp=2, ep=4),
+                              misc_config=SimpleNamespace(model_format="awq"), dtype="float8",
+                              backend_config=SimpleNamespace(device_type="ascend"))
+    expected = ["quant_policy=4", "LoRA adapters (a, b)", "speculative decoding", "data parallelism (dp=2)",
+                "expert parallelism (ep=4)", "model_format='awq'", "dtype='float8'", "device_type='ascend'"]
+    assert len(reasons) == len(expected)
+    for reason, fragment in zip(reasons, expected):
+        assert fragment in reason
+    with pytest.raises(NotSupportedError, match="speculative decoding.*DLINFER_LMDEPLOY"):
+        check_supported(None, specdecode_config=object())
+    assert engine_features(dtype="bfloat16", dist_config=SimpleNamespace(dp=1, ep=1)) == []
