@@ -116,7 +116,7 @@ def _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_le
     kv = kv_seqlens.to("cpu", torch.int64)
     table = block_table.to("cpu", torch.int64)
     used = torch.arange(table.shape[1]) < ((kv + block_size - 1) // block_size)[:, None]
-    _checks.in_range("block_table", table[used], 0, num_blocks, f"block ids of a cache of {num_blocks} blocks")
+    _checks.in_range("block_offsets", table[used], 0, num_blocks, f"block ids of a cache of {num_blocks} blocks")
     if cu_seqlens_q is not None:
         ends = cu_seqlens_q.to("cpu", torch.int64)
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
