@@ -338,3 +338,36 @@ def test_rotary_fill_kv_cache_fused(dtype):
     ops.apply_rotary_pos_emb_fill_kv_cache(q, k, v, kc, vc, cos, sin, slots)
     assert rel_err(q, rotary_64(q0, cos, sin)) < TOL[dtype]
     assert rel_err(kc, expect_k) < TOL[dtype] and torch.equal(vc.double(), expect_v)
+
+
+def test_empty_batches_give_empty_results():
+    """Zero tokens / zero sequences (possible under data-parallel padding) are valid calls."""
+    kc = torch.randn(2, 16, 1, 8)
+    long0 = torch.zeros(0, dtype=torch.long)
+    assert ops.silu_and_mul(torch.randn(0, 8)).shape == (0, 4)
+    assert ops.rms_norm(torch.randn(0, 8), torch.ones(8)).shape == (0, 8)
+    assert ops.linear(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
+    before = kc.clone()
+    ops.fill_kv_cache(torch.randn(0, 1, 8), torch.randn(0, 1, 8), kc, kc, long0)
+    ops.fill_kv_cache(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, kc, torch.tensor([-1, -1]))
+    assert torch.equal(kc, before)
+    out = ops.paged_decode_attention(torch.randn(0, 2, 8), kc, kc, torch.zeros(0, 1, dtype=torch.int32), 16, None,
+                                     long0, 16, 2, 1)
+    assert out.shape == (0, 2, 8)
+    w, ids = ops.moe_gating_topk_softmax(torch.randn(0, 8), 2)
+    assert w.shape == ids.shape == (0, 2)
+    assert ops.fused_moe(torch.randn(0, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6), torch.rand(0, 2),
+                         torch.zeros(0, 2, dtype=torch.long), 2, True).shape == (0, 8)
+
+
+def test_paged_prefill_with_an_empty_sequence_in_the_batch():
+    g = gen(15)
+    kc, vc, table = paged_cache(g, [2, 5, 1], 16, 1, 8, 8, torch.float32, False)
+    q = randn(g, 3, 2, 8)
+    # sequence 1 has no new tokens this step (cu_seqlens_q repeats 2)
+    out = ops.paged_prefill_attention(q, None, None, kc, vc, table, 16, torch.tensor([2, 2, 3]),
+                                      torch.tensor([2, 5, 1]), 2, 5, 2, 1, [True])
+    expect = torch.cat([
+        attention_64(q[0:2], gather_tokens(kc, table[0], 2), gather_tokens(vc, table[0], 2), 8 ** -0.5, True),
+        attention_64(q[2:3], gather_tokens(kc, table[2], 1), gather_tokens(vc, table[2], 1), 8 ** -0.5, True)])
+    assert rel_err(out, expect) < TOL[torch.float32]

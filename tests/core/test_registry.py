@@ -340,3 +340,9 @@ def test_plugin_may_use_the_registry_while_it_loads(isolated_registry, monkeypat
     assert isolated_registry.load_errors() == {}, "a plugin that loaded fine is reported as failed"
     assert loads == ["reuse"], "the plugin's entry point was loaded twice (re-entrant discovery)"
     assert not [r for r in caplog.records if "skipped vendor plugin" in r.getMessage()]
+
+
+def test_vendor_name_imports_like_lmdeploy_does():
+    from dlinfer.vendor import vendor_name  # LMDeploy: `from dlinfer.vendor import vendor_name`
+
+    assert isinstance(vendor_name, str) and vendor_name in dlinfer.vendor.vendors()
