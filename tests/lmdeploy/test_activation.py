@@ -102,3 +102,13 @@ def test_wrapper_runs_lmdeploy_with_dlinfer_applied(monkeypatch):
     finally:
         if not was:
             ext.revert()
+
+
+def test_module_entry_point_installs_and_reports(tmp_path, capsys):
+    from dlinfer.framework.lmdeploy_ext.__main__ import main
+
+    assert main(["install-hook", str(tmp_path)]) == 0
+    assert main(["hook-status", str(tmp_path)]) == 0 and "installed in" in capsys.readouterr().out
+    assert main(["uninstall-hook", str(tmp_path)]) == 0 and "removed" in capsys.readouterr().out
+    assert main(["install-hook", str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["bogus"]) == 2

@@ -9,6 +9,14 @@ from dlinfer.framework.lmdeploy_ext import install
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except ValueError as exc:
+        print(f"python -m dlinfer.framework.lmdeploy_ext: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         from dlinfer.framework.lmdeploy_ext.cli import main as serve_main
 
