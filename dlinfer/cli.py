@@ -153,6 +153,13 @@ def check(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dlinfer check: {exc}", file=sys.stderr)
         return 2
+    try:
+        import torch
+
+        torch.empty(1, device=device)
+    except Exception as exc:  # noqa: BLE001
+        print(f"dlinfer check: device {device!r} is not usable here: {exc}", file=sys.stderr)
+        return 2
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     if vendor == "reference":
         print("note: checking 'reference' against itself exercises the kit and the op wrappers only", flush=True)
@@ -167,6 +174,9 @@ def check(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(args.json)
         print(f"JSON report written to {args.json}")
+    if report.ok and not any(r.status == "pass" for r in report.results):
+        print(f"nothing was tested: {vendor!r} refused or skipped every case on {device} (see the notes above)")
+        return 1
     return 0 if report.ok else 1
 
 

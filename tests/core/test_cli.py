@@ -133,3 +133,17 @@ def test_subprocess_exit_codes():
     assert "OK:" in ok.stdout
     bad = run_cli("check", "--vendor", "missing")
     assert bad.returncode == 2 and "unknown vendor" in bad.stderr
+
+
+def test_check_with_nothing_tested_is_not_a_success(isolated_registry, capsys):
+    isolated_registry.register_vendor(Vendor(
+        name="elsewhere", priority=-1, devices=frozenset({"npu"}), default_devices=frozenset(),
+        ops={"silu_and_mul": lambda x: x}))
+    assert cli.main(["check", "--vendor", "elsewhere", "--device", "cpu", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "does not run on device type 'cpu'" in out and "nothing was tested" in out
+
+
+def test_check_unusable_device(capsys):
+    assert cli.main(["check", "--vendor", "reference", "--device", "nosuchdevice", "--quick"]) == 2
+    assert "is not usable here" in capsys.readouterr().err
