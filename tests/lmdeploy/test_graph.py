@@ -76,17 +76,27 @@ def _decode_through_graph(runner_cls, path, refs, seqs_tokens, max_batches=4, sc
     return worst, graph.replays, pm, unused
 
 
-@pytest.fixture(scope="module")
+_CASES: dict = {}
+
+
+def _case(tiny_model, arch):
+    if arch not in _CASES:
+        path = tiny_model(arch)
+        tokens = [_tokens(11, 20), _tokens(12, 21), _tokens(13, 16)]
+        _CASES[arch] = (path, tokens, hf_logits(path, tokens))
+    return _CASES[arch]
+
+
+@pytest.fixture
 def llama_case(tiny_model):
-    path = tiny_model("llama")
-    tokens = [_tokens(11, 20), _tokens(12, 21), _tokens(13, 16)]
-    return path, tokens, hf_logits(path, tokens)
+    return _case(tiny_model, "llama")
 
 
-def test_dlinfer_graph_runner_replays_match_transformers(llama_case, patched):
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_dlinfer_graph_runner_replays_match_transformers(arch, tiny_model, patched):
     from dlinfer.framework.lmdeploy_ext.graph import DlinferSingleGraphRunner
 
-    path, tokens, refs = llama_case
+    path, tokens, refs = _case(tiny_model, arch)
     worst, replays, pm, unused = _decode_through_graph(DlinferSingleGraphRunner, path, refs, tokens)
     assert replays == 5
     assert worst <= TOL, f"graph replays differ from transformers by {worst:.3g}"
