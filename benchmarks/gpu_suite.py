@@ -28,6 +28,18 @@ time is CUDA-graph replay with the L2 flushed (benchmarks/timing.py). All parts 
 on. benchmarks/report.py turns JSON files into benchmarks/RESULTS.md and the roofline plot.
 
 Nothing here touches CUDA at import time; ``--dry-run`` validates the arguments and prints the plan on CPU.
+
+On the GPU machine (no network): ``scripts/gpu_wheels.sh`` here first, name ``.whl`` in the call's ``carry``,
+and start the command with
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/lmdeploy-*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+        TRITON_CACHE_DIR=$PWD/.gpu_out/triton || exit; set -o pipefail;
+    python3 benchmarks/gpu_suite.py --only ... --commit <git hash> 2>&1 | tee $OUT/suite.log
+
+Each call stays inside ``--budget-s`` (default 540 s): cases past it are recorded as skipped, and the JSON is
+rewritten after every part, so whatever ran comes back. Then, here:
+``python3 benchmarks/report.py benchmarks/results/*.json`` (RESULTS.md, and roofline.png with matplotlib).
 """
 
 from __future__ import annotations

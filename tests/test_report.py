@@ -108,6 +108,16 @@ def test_goals_are_computed_from_the_numbers(tmp_path):
     assert ratios[("paged_decode_attention", "B=1 ctx=1k block=64")] == pytest.approx(1.4)
 
 
+def test_a_wrong_dlinfer_row_misses_its_goal(tmp_path):
+    data = synthetic()
+    for rec in data["records"]:
+        if rec["op"] == "rms_norm" and rec["impl"] == "dlinfer" and rec["params"]["tokens"] == 8192:
+            rec["check"] = {"rel_err": 0.3, "tol": 1e-2, "ok": False}
+    goals, _ = _goals(tmp_path, data)
+    assert goals["rms_norm_bound"].status == "missed"
+    assert "failed its correctness check" in goals["rms_norm_bound"].detail
+
+
 def test_newer_run_replaces_a_row_as_a_whole(tmp_path):
     old, new = synthetic("2026-11-25T20:00:00+00:00"), synthetic("2026-11-25T23:00:00+00:00")
     for rec in new["records"]:
