@@ -34,7 +34,13 @@ class _ApplyAfterLmdeploy(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "lmdeploy":
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec = None
+        for finder in list(sys.meta_path):  # whoever would have found lmdeploy (site-packages, editable installs)
+            if isinstance(finder, _ApplyAfterLmdeploy) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         original_exec = spec.loader.exec_module
@@ -42,12 +48,19 @@ class _ApplyAfterLmdeploy(importlib.abc.MetaPathFinder):
         def exec_module(module):
             original_exec(module)
             _remove_finder()
-            from dlinfer.framework.lmdeploy_ext import apply
-
-            apply()
+            _apply()
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _apply() -> None:
+    try:
+        from dlinfer.framework.lmdeploy_ext import apply
+    except ImportError as exc:
+        raise ImportError(f"{ENV_VAR}=1 asks for LMDeploy on dlinfer, but dlinfer is not importable ({exc}); "
+                          f"unset {ENV_VAR} or remove dlinfer-lmdeploy.pth from site-packages") from exc
+    apply()
 
 
 def _remove_finder() -> None:
@@ -57,9 +70,7 @@ def _remove_finder() -> None:
 def install() -> bool:
     """Arrange for ``apply()`` after ``import lmdeploy`` (or now, if it is already imported). Idempotent."""
     if "lmdeploy" in sys.modules:
-        from dlinfer.framework.lmdeploy_ext import apply
-
-        apply()
+        _apply()
         return True
     if not any(isinstance(f, _ApplyAfterLmdeploy) for f in sys.meta_path):
         sys.meta_path.insert(0, _ApplyAfterLmdeploy())
