@@ -148,6 +148,7 @@ _lock = threading.RLock()
 _vendors: dict[str, Vendor] = {}
 _load_errors: dict[str, str] = {}
 _discovered = False
+_discovering = False
 _overrides: dict[str | None, str | None] = {}
 _selection_cache: dict[Call, tuple[Vendor, Callable[..., Any]]] = {}
 _logged_fallbacks: set[tuple[str, str, str]] = set()
@@ -175,25 +176,34 @@ def unregister_vendor(name: str) -> None:
 
 
 def _discover() -> None:
-    """Register in-tree vendors and load entry-point vendors once. Broken plugins are logged and skipped."""
-    global _discovered
+    """Register in-tree vendors and load entry-point vendors once. Broken plugins are logged and skipped.
+
+    A plugin may use the registry while it is imported (e.g. to reuse the reference implementations): that
+    re-entrant call, in the same thread, sees the vendors registered so far and does not restart discovery.
+    Other threads wait on the lock until discovery is complete.
+    """
+    global _discovered, _discovering
     if _discovered:
         return
     with _lock:
-        if _discovered:
+        if _discovered or _discovering:
             return
-        from dlinfer.vendor import reference
-
-        register_vendor(reference.VENDOR, replace=True)
+        _discovering = True
         try:
-            from dlinfer.vendor import triton as triton_vendor
+            from dlinfer.vendor import reference
 
-            register_vendor(triton_vendor.VENDOR, replace=True)
-        except Exception as exc:  # noqa: BLE001 - an in-tree optional vendor must never break import
-            _load_errors["triton"] = f"{type(exc).__name__}: {exc}"
-            logger.debug("dlinfer: triton vendor unavailable: %s", exc)
-        _load_entry_points()
-        _discovered = True
+            register_vendor(reference.VENDOR, replace=True)
+            try:
+                from dlinfer.vendor import triton as triton_vendor
+
+                register_vendor(triton_vendor.VENDOR, replace=True)
+            except Exception as exc:  # noqa: BLE001 - an in-tree optional vendor must never break import
+                _load_errors["triton"] = f"{type(exc).__name__}: {exc}"
+                logger.debug("dlinfer: triton vendor unavailable: %s", exc)
+            _load_entry_points()
+        finally:
+            _discovering = False
+            _discovered = True
 
 
 def _load_entry_points() -> None:
