@@ -52,7 +52,8 @@ def _worker_entry(main_loop, *args, **kwargs):
 
 def _patched_start(self, **kwargs):
     """``ExecutorProc.start`` with the worker run through :func:`_worker_entry` (same process settings)."""
-    assert self._proc is None
+    if self._proc is not None:
+        raise RuntimeError(f"ExecutorProc-{self.proc_id} was already started")
     proc = self.mp_ctx.Process(target=_worker_entry, args=(self._main_loop,), kwargs=kwargs,
                                name=f"ExecutorProc-{self.proc_id}", daemon=True)
     proc.start()
