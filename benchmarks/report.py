@@ -41,6 +41,7 @@ class Run:
     eager: dict
     check: dict
     parts: dict
+    budget_skipped: dict = field(default_factory=dict)
     index: int = 0
 
 
@@ -79,7 +80,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
         if "meta" not in data or "records" not in data:
             raise ValueError(f"{path}: not a gpu_suite.py result (no 'meta'/'records')")
         runs.append(Run(str(path), data["meta"], data.get("ceilings") or {}, data["records"], data.get("eager") or {},
-                        data.get("check") or {}, data.get("parts") or {}))
+                        data.get("check") or {}, data.get("parts") or {}, data.get("budget_skipped") or {}))
     runs.sort(key=lambda r: r.meta.get("date", ""))
     for i, run in enumerate(runs, 1):
         run.index = i
@@ -379,6 +380,10 @@ def render_markdown(runs: list[Run], rows: list[Row], goals: list[Goal], notes: 
                      f"{m.get('cuda', '?')} | {m.get('date', '?')} | {str(m.get('git_commit', '?'))[:12]} | "
                      f"{c.get('copy_gbps', 0):.0f} | {c.get('matmul_tflops', 0):.0f} | "
                      f"{m.get('peer', m.get('peer_error', '-'))} | {parts} | `{m.get('command', '?')}` |")
+    for run in runs:
+        for part, cases in run.budget_skipped.items():
+            lines.append(f"\nRun {run.index}: {len(cases)} {part} case(s) not run (the call's time budget ran out): "
+                         + "; ".join(cases[:8]) + (" ..." if len(cases) > 8 else ""))
     lines += ["", "## Speed goals (issue 3)", "",
               "| goal | status | measured | what limits it |", "|---|---|---|---|"]
     for g in goals:

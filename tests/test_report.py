@@ -134,8 +134,10 @@ def test_newer_run_replaces_a_row_as_a_whole(tmp_path):
 
 
 def test_markdown_report(tmp_path):
+    data = synthetic()
+    data["budget_skipped"] = {"moe": ["model=qwen3-30b-a3b tokens=4096"]}
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(synthetic()))
+    path.write_text(json.dumps(data))
     notes = tmp_path / "notes.json"
     notes.write_text(json.dumps({"gating": "ncu: launch-bound at T=4096 (measured)"}))
     md = tmp_path / "RESULTS.md"
@@ -148,6 +150,7 @@ def test_markdown_report(tmp_path):
     assert "correctness check FAILED" in text                    # the torch rms_norm row at T=256
     assert "skipped (gather + SDPA copies 17.2 GB of KV)" in text
     assert "CUDA-graph tests: 20 passed, 0 failed" in text
+    assert "1 moe case(s) not run (the call's time budget ran out): model=qwen3-30b-a3b tokens=4096" in text
     assert "| fused_moe | 40.0 | lmdeploy | 25.0 | 8.0 | 33.0 | no (+7.0 µs) |" in text
 
 
