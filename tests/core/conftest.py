@@ -10,9 +10,13 @@ import torch
 from dlinfer.vendor import registry
 
 
+IN_TREE = ("reference", "triton")
+
+
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    """Registry state (vendors, overrides, caches, logged fallbacks) restored after the test; no env overrides."""
+    """Registry state (vendors, overrides, caches, logged fallbacks) restored after the test; no env overrides; only
+    the in-tree vendors registered during the test."""
     for key in list(os.environ):
         if key.startswith("DLINFER_VENDOR"):
             monkeypatch.delenv(key)
@@ -20,6 +24,9 @@ def isolated_registry(monkeypatch):
     with registry._lock:
         saved = (dict(registry._vendors), dict(registry._load_errors), registry._discovered,
                  dict(registry._overrides), set(registry._logged_fallbacks))
+        # hermetic: only the in-tree vendors, whatever plugins this environment has installed
+        for name in [n for n in registry._vendors if n not in IN_TREE]:
+            del registry._vendors[name]
         registry._selection_cache.clear()
     yield registry
     with registry._lock:

@@ -1,15 +1,18 @@
-"""The third-party plugin path end to end, with examples/dlinfer-vendor-example really installed.
+"""The third-party plugin path end to end, with examples/dlinfer-vendor-example installed for real.
 
-Both example packages (the working vendor and the broken one) are pip-installed into a temporary directory
-(``pip install --no-deps --no-build-isolation --target``: a real wheel build from their pyproject.toml, with
-real dist-info entry points), which the child processes get on ``PYTHONPATH``. Nothing is installed into the
-test environment itself, so no other test sees these vendors.
+Both example packages (the working vendor and the broken one) are installed into a temporary directory the way
+an installer lays them out: the package sources plus a ``<name>-<version>.dist-info`` with ``METADATA`` and the
+``entry_points.txt`` generated from the package's own ``pyproject.toml``. Child processes get that directory on
+``PYTHONPATH``, and dlinfer finds the vendors through ``importlib.metadata`` like any installed plugin. No build
+backend or network is needed, and nothing is installed into the test environment, so no other test sees them.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,17 +25,49 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "dlinfer-vendor-example"
 
 
+def _pyproject(path: Path) -> dict:
+    """name, version, packages and dlinfer.vendors entry points of a pyproject.toml."""
+    text = path.read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the few keys needed, by pattern
+        section = text.split('[project.entry-points."dlinfer.vendors"]', 1)[1].split("\n[", 1)[0]
+        return {"name": re.search(r'^name = "([^"]+)"', text, re.M).group(1),
+                "version": re.search(r'^version = "([^"]+)"', text, re.M).group(1),
+                "packages": re.findall(r'"([^"]+)"', re.search(r"^packages = \[(.*)\]", text, re.M).group(1)),
+                "entry_points": dict(re.findall(r'^(\w+) = "([^"]+)"', section, re.M))}
+    data = tomllib.loads(text)
+    return {"name": data["project"]["name"], "version": data["project"]["version"],
+            "packages": data["tool"]["setuptools"]["packages"],
+            "entry_points": data["project"]["entry-points"]["dlinfer.vendors"]}
+
+
+def install_into(site: Path, project_dir: Path) -> dict:
+    meta = _pyproject(project_dir / "pyproject.toml")
+    for package in meta["packages"]:
+        shutil.copytree(project_dir / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    dist_info = site / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
+    lines = ["[dlinfer.vendors]"] + [f"{k} = {v}" for k, v in meta["entry_points"].items()]
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return meta
+
+
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    work = tmp_path_factory.mktemp("vendor_example")
-    src = work / "src"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = work / "site"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(site), str(src), str(src / "broken")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=work)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (site / "dlinfer_vendor_example").is_dir() and (site / "dlinfer_vendor_example_broken").is_dir()
+    for dist in ("dlinfer-vendor-example", "dlinfer-vendor-example-broken"):
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pytest.fail(f"{dist} is installed in this environment ({sys.executable}); these tests install it "
+                    f"themselves into a temporary directory. Uninstall it: pip uninstall -y {dist}")
+    site = tmp_path_factory.mktemp("vendor_example_site")
+    good = install_into(site, EXAMPLE)
+    broken = install_into(site, EXAMPLE / "broken")
+    assert good["entry_points"] == {"example": "dlinfer_vendor_example:VENDOR"}
+    assert broken["entry_points"] == {"example_broken": "dlinfer_vendor_example_broken:VENDOR"}
     return site
 
 
