@@ -61,6 +61,7 @@ class RunSpec:
     block_size: int
     vendor: str | None
     result_path: str
+    profile: bool = False
 
     @property
     def name(self) -> str:
@@ -195,6 +196,13 @@ def run_child(spec: RunSpec) -> None:
     ttft = [r["first"] for r in records if "first" in r]
     tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1]
     served = _ops_served() if spec.backend == "dlinfer" and spec.tp == 1 else {}
+    profile = None
+    if spec.profile:
+        try:
+            profile = _profile_kernels(run, warm)
+        except Exception as exc:  # noqa: BLE001 - a profile is a detail, never a reason to lose the run
+            profile = [{"kernel": f"profiler failed: {type(exc).__name__}: {exc}", "total_ms": 0, "calls": 0,
+                        "share": 0}]
     result = {
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
@@ -212,10 +220,32 @@ def run_child(spec: RunSpec) -> None:
         else None,
         "ops_served": served,
         "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
+        "profile_top_kernels": profile,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
     }
     pipe.close()
     Path(spec.result_path).write_text(json.dumps(result))
+
+
+def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> list[dict]:
+    """GPU kernels by total time over one more pass of ``prompts`` (torch.profiler/CUPTI sees every kernel of
+    the process, the engine thread's and CUDA-graph replays' included): what an op costs, to name it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(prompts)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us:
+            rows.append({"kernel": event.key[:160], "total_ms": round(device_us / 1e3, 3), "calls": event.count})
+    rows.sort(key=lambda r: -r["total_ms"])
+    total = sum(r["total_ms"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = round(r["total_ms"] / total, 4)
+    return rows[:top]
 
 
 def _ops_served() -> dict:
@@ -407,6 +437,8 @@ def main(argv=None) -> int:
     parser.add_argument("--run-timeout", type=float, default=420, help="seconds per configuration")
     parser.add_argument("--deadline", type=float, default=560,
                         help="seconds for the whole command; runs that would start later are skipped")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each timed run, list the GPU kernels by time over the warm-up prompts")
     parser.add_argument("--dry-run", action="store_true", help="check arguments and imports only (CPU)")
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
                         help="only write lmdeploy_e2e.md (+ .png with matplotlib) from result JSONs, into --out's "
@@ -488,7 +520,7 @@ def main(argv=None) -> int:
                        requests=requests, min_prompt=args.min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
                        max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
-                       block_size=args.block_size, vendor=args.vendor,
+                       block_size=args.block_size, vendor=args.vendor, profile=args.profile,
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{backend}_{mode}_tp{tp}.json")
         log(f"[run] {name}")
         t0 = time.perf_counter()
@@ -510,6 +542,8 @@ def main(argv=None) -> int:
         report["runs"][name] = result
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
             f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s)")
+        for row in (result.get("profile_top_kernels") or [])[:12]:
+            log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x {row['kernel'][:90]}")
         if result.get("ops_served"):
             log(f"[ops] {name}: " + "; ".join(f"{op}: {','.join(v) if isinstance(v, list) else v}"
                                                 for op, v in result["ops_served"].items()))
