@@ -94,27 +94,31 @@ class DlinferRotaryEmbedding(_DlinferLayer, RotaryEmbedding):
     ``dlinfer.ops.apply_rotary_pos_emb``, in place on vLLM's query/key views.
 
     vLLM's cache row is ``cat(cos[:r/2], sin[:r/2])``; dlinfer takes per-token ``cos``/``sin`` of the full
-    rotary width (the halves repeated), so the two tables are expanded once and indexed per call.
+    rotary width (the halves repeated), so the two tables are expanded once, at construction, and indexed per
+    call.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._dlinfer_tables: tuple[int, torch.dtype, torch.device, torch.Tensor, torch.Tensor] | None = None
         if not self.is_neox_style:
             self._refuse("GPT-J style (interleaved) rotary; dlinfer's op is rotate-half (NeoX)")
         elif self.rotary_dim % 2:
             self._refuse(f"odd rotary_dim {self.rotary_dim}")
+        elif not isinstance(getattr(self, "cos_sin_cache", None), torch.Tensor):
+            self._refuse("no cos/sin cache built at construction (init_cache=False)")
+        else:
+            # Built once here (not per call: torch.compile must not see data-dependent caching).
+            cos, sin = self.cos_sin_cache.chunk(2, dim=-1)
+            self.register_buffer("_dlinfer_cos", torch.cat((cos, cos), dim=-1), persistent=False)
+            self.register_buffer("_dlinfer_sin", torch.cat((sin, sin), dim=-1), persistent=False)
 
     def _cos_sin(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self._match_cos_sin_cache_dtype(like)
-        tables = self._dlinfer_tables
-        if tables is None or tables[0] != cache.data_ptr() or tables[1] != cache.dtype or tables[2] != cache.device:
-            cos, sin = cache.chunk(2, dim=-1)
-            tables = (cache.data_ptr(), cache.dtype, cache.device, torch.cat((cos, cos), dim=-1),
-                      torch.cat((sin, sin), dim=-1))
+        cos, sin = self._dlinfer_cos, self._dlinfer_sin
+        if cos.dtype != like.dtype or cos.device != like.device:
+            cos, sin = cos.to(like.device, like.dtype), sin.to(like.device, like.dtype)
             if not torch.compiler.is_compiling():
-                self._dlinfer_tables = tables
-        return tables[3], tables[4]
+                self._dlinfer_cos, self._dlinfer_sin = cos, sin
+        return cos, sin
 
     def _dlinfer_forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         if key is None:  # cross-layer KV sharing: only the query rotates
