@@ -266,6 +266,17 @@ class _EP:
         return self._obj
 
 
+def rediscover(registry, monkeypatch, entries) -> set[str]:
+    """Run discovery again from scratch with ``entries`` as the installed ``dlinfer.vendors`` entry points."""
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: entries if group == "dlinfer.vendors" else [])
+    with registry._lock:
+        registry._vendors.clear()
+        registry._load_errors.clear()
+        registry._discovered = False
+    return set(registry.vendors())
+
+
 def test_broken_plugins_are_logged_and_skipped(isolated_registry, monkeypatch, caplog):
     good, calls = make_vendor("plugged", priority=60)
     entries = [
@@ -275,14 +286,8 @@ def test_broken_plugins_are_logged_and_skipped(isolated_registry, monkeypatch, c
         _EP("clash", "other:VENDOR", obj=make_vendor("reference")[0]),
         _EP("factory_raises", "pkg:make", obj=lambda: 1 / 0),
     ]
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: entries if group == "dlinfer.vendors" else [])
-    with isolated_registry._lock:
-        isolated_registry._vendors.clear()
-        isolated_registry._load_errors.clear()
-        isolated_registry._discovered = False
     with caplog.at_level(logging.WARNING, logger="dlinfer"):
-        names = set(isolated_registry.vendors())
+        names = rediscover(isolated_registry, monkeypatch, entries)
     assert {"reference", "plugged"} <= names
     errors = isolated_registry.load_errors()
     assert set(errors) >= {"broken_import", "not_a_vendor", "clash", "factory_raises"}
@@ -327,15 +332,8 @@ def test_plugin_may_use_the_registry_while_it_loads(isolated_registry, monkeypat
             return Vendor(name="reuse", priority=5, devices=frozenset({"cpu"}), default_devices=frozenset(),
                           ops={"silu_and_mul": ref.ops["silu_and_mul"]})
 
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: [SelfReferencingEP("reuse", "reuse_pkg:VENDOR")]
-                        if group == "dlinfer.vendors" else [])
-    with isolated_registry._lock:
-        isolated_registry._vendors.clear()
-        isolated_registry._load_errors.clear()
-        isolated_registry._discovered = False
     with caplog.at_level(logging.WARNING, logger="dlinfer"):
-        names = set(isolated_registry.vendors())
+        names = rediscover(isolated_registry, monkeypatch, [SelfReferencingEP("reuse", "reuse_pkg:VENDOR")])
     assert "reuse" in names
     assert isolated_registry.load_errors() == {}, "a plugin that loaded fine is reported as failed"
     assert loads == ["reuse"], "the plugin's entry point was loaded twice (re-entrant discovery)"
