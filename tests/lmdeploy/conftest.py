@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))  # harness.py
+sys.path.insert(0, os.path.dirname(__file__))  # lmdeploy_harness.py, lmdeploy_worker_probe.py
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup
 import torch  # noqa: E402
 
 import dlinfer.ops  # noqa: E402
-from harness import PagedModel  # noqa: E402
+from lmdeploy_harness import PagedModel  # noqa: E402
 
 pytestmark = pytest.mark.lmdeploy
 

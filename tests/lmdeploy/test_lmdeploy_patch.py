@@ -39,7 +39,7 @@ def test_apply_routes_cuda_and_revert_restores():
 
 
 def test_patch_reaches_a_spawned_worker(patched, tmp_path):
-    from worker_probe import ProbeProc
+    from lmdeploy_worker_probe import ProbeProc
 
     out = tmp_path / "probe.json"
     proc = ProbeProc(0, mp.get_context("spawn"))

@@ -15,7 +15,7 @@ pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup
 
 import torch  # noqa: E402
 
-from harness import PagedModel, hf_logits  # noqa: E402
+from lmdeploy_harness import PagedModel, hf_logits  # noqa: E402
 
 pytestmark = pytest.mark.lmdeploy
 
