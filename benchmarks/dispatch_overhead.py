@@ -3,6 +3,8 @@
 For a few ops on tiny tensors, the wall time of one Python call at four levels:
 
 * ``wrapper``    ``dlinfer.ops.<op>(...)``: argument checks + custom op + vendor selection + implementation;
+* ``wrapper_no_value_checks`` the same with the checks that read tensor values off: what a GPU call pays
+  without ``DLINFER_CHECK=1`` (on CPU tensors those checks always run);
 * ``custom_op``  ``torch.ops.dlinfer.<op>(...)``: the torch.library dispatcher + selection + implementation;
 * ``impl``       the serving vendor's implementation called directly (the work itself, no dlinfer layer);
 * ``floor``      a bare no-op ``torch.library`` custom op taking one tensor: what any custom op costs.
@@ -78,6 +80,25 @@ def _cases():
     }
 
 
+def _without_value_checks(fn):
+    """``fn`` with the checks that read tensor values turned off, as on a GPU without ``DLINFER_CHECK=1``
+    (on CPU tensors they always run)."""
+    from dlinfer.ops import _checks
+
+    original = _checks.values_checked
+
+    def off(*tensors):
+        return False
+
+    def call():
+        _checks.values_checked = off
+        try:
+            return fn()
+        finally:
+            _checks.values_checked = original
+    return call
+
+
 def _median_us(samples: list[int]) -> float:
     return statistics.median(samples) / 1e3
 
@@ -87,7 +108,8 @@ def measure(calls: int, warmup: int = 200) -> list[dict]:
     floor_x = torch.randn(4, 64)
     for op, (wrapper, custom, call, impl_args) in _cases().items():
         vendor, impl = registry.select(call)
-        levels = {"wrapper": wrapper, "custom_op": custom, "impl": lambda impl=impl, a=impl_args: impl(*a),
+        levels = {"wrapper": wrapper, "wrapper_no_value_checks": _without_value_checks(wrapper),
+                  "custom_op": custom, "impl": lambda impl=impl, a=impl_args: impl(*a),
                   "floor": lambda: torch.ops.dlinfer_bench.noop(floor_x)}
         samples: dict[str, list[int]] = {name: [] for name in levels}
         for _ in range(warmup):
@@ -103,6 +125,7 @@ def measure(calls: int, warmup: int = 200) -> list[dict]:
         p90 = {name: statistics.quantiles(s, n=10)[-1] / 1e3 for name, s in samples.items()}
         rows.append({"op": op, "vendor": vendor.name, "calls": calls, "median_us": med, "p90_us": p90,
                      "dispatch_overhead_us": med["wrapper"] - med["impl"],
+                     "dispatch_overhead_no_value_checks_us": med["wrapper_no_value_checks"] - med["impl"],
                      "custom_op_overhead_us": med["custom_op"] - med["impl"],
                      "wrapper_checks_us": med["wrapper"] - med["custom_op"]})
     return rows
@@ -130,13 +153,14 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| op | vendor | wrapper µs | torch.ops µs | vendor impl µs | no-op custom op µs | dlinfer adds µs "
-             "(wrapper − impl) | of which checks µs (wrapper − torch.ops) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| op | vendor | wrapper | wrapper, no value checks | torch.ops | vendor impl | no-op custom op | "
+             "dlinfer adds (wrapper − impl) | same, no value checks |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["median_us"]
-        lines.append(f"| {r['op']} | {r['vendor']} | {m['wrapper']:.1f} | {m['custom_op']:.1f} | {m['impl']:.1f} | "
-                     f"{m['floor']:.1f} | {r['dispatch_overhead_us']:.1f} | {r['wrapper_checks_us']:.1f} |")
+        lines.append(f"| {r['op']} | {r['vendor']} | {m['wrapper']:.1f} | {m['wrapper_no_value_checks']:.1f} | "
+                     f"{m['custom_op']:.1f} | {m['impl']:.1f} | {m['floor']:.1f} | {r['dispatch_overhead_us']:.1f} | "
+                     f"{r['dispatch_overhead_no_value_checks_us']:.1f} |")
     return "\n".join(lines)
 
 
@@ -152,12 +176,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = measure(args.calls)
     result = {"benchmark": "dispatch_overhead", "machine": machine(), "unit": "µs per call (median)",
+              "levels": {"wrapper": "dlinfer.ops.<op>(...)",
+                         "wrapper_no_value_checks": "the same with the value checks off (the GPU path without "
+                                                    "DLINFER_CHECK=1); on CPU tensors they always run",
+                         "custom_op": "torch.ops.dlinfer.<op>(...)", "impl": "the vendor implementation, direct",
+                         "floor": "a bare no-op torch.library custom op"},
               "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"dispatch overhead on {result['machine']['cpu']} ({result['machine']['date']}), "
-          f"median of {args.calls} calls\n")
+          f"µs per call, median of {args.calls} calls\n")
     print(table(rows))
     print(f"\nwritten to {out}")
     return 0
