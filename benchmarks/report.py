@@ -1,7 +1,7 @@
 """Turn gpu_suite.py JSON files into benchmarks/RESULTS.md and benchmarks/roofline.png.
 
-    python3 benchmarks/report.py [benchmarks/results/*.json] [--md benchmarks/RESULTS.md] [--png benchmarks/roofline.png]
-                                 [--notes benchmarks/goal_notes.json]
+    python3 benchmarks/report.py [benchmarks/results/*.json] [--md benchmarks/RESULTS.md]
+                                 [--png benchmarks/roofline.png] [--notes benchmarks/goal_notes.json]
 
 Every number in the output is computed from the JSON: the tables per op and shape (dlinfer, LMDeploy peer and
 torch GPU µs, peer ÷ dlinfer, % of bound), the speed goals of issue 3 each marked met / missed by how much /
