@@ -976,8 +976,8 @@ def run_conformance_subprocess(quick: bool, timeout: float) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=timeout)
             output, rc = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            output += f"\ndlinfer check timed out after {timeout:.0f} s"
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            output = f"{out}\ndlinfer check timed out after {timeout:.0f} s"
             rc = -1
         seconds = round(time.perf_counter() - t0, 1)
         result = json.loads(path.read_text()) if path.exists() else {"ok": False}
