@@ -54,19 +54,30 @@ def install_into(site: Path, project_dir: Path) -> dict:
     return meta
 
 
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    for dist in ("dlinfer-vendor-example", "dlinfer-vendor-example-broken"):
-        try:
-            importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        pytest.fail(f"{dist} is installed in this environment ({sys.executable}); these tests install it "
-                    f"themselves into a temporary directory. Uninstall it: pip uninstall -y {dist}")
+    """A directory that, on PYTHONPATH, makes both example packages installed. If this environment already has
+    the working example installed (e.g. ``pip install -e examples/dlinfer-vendor-example``), that install is
+    used and only the broken one is added."""
     site = tmp_path_factory.mktemp("vendor_example_site")
-    good = install_into(site, EXAMPLE)
+    if _installed("dlinfer-vendor-example"):
+        eps = [ep for ep in importlib.metadata.entry_points(group="dlinfer.vendors") if ep.name == "example"]
+        assert [ep.value for ep in eps] == ["dlinfer_vendor_example:VENDOR"], eps
+    else:
+        good = install_into(site, EXAMPLE)
+        assert good["entry_points"] == {"example": "dlinfer_vendor_example:VENDOR"}
+    if _installed("dlinfer-vendor-example-broken"):
+        pytest.fail(f"dlinfer-vendor-example-broken is installed in {sys.executable}: every dlinfer import there "
+                    "logs a skipped plugin. Uninstall it: pip uninstall -y dlinfer-vendor-example-broken")
     broken = install_into(site, EXAMPLE / "broken")
-    assert good["entry_points"] == {"example": "dlinfer_vendor_example:VENDOR"}
     assert broken["entry_points"] == {"example_broken": "dlinfer_vendor_example_broken:VENDOR"}
     return site
 
