@@ -343,7 +343,8 @@ def _qkv(rnd, T, hq, hk, d, dv, dtype, fused):
         k = buf[:, hq * d:(hq + hk) * d].view(T, hk, d)
         v = buf[:, (hq + hk) * d:].view(T, hk, dv)
         return q, k, v, buf
-    return rnd.normal(T, hq, d, dtype=dtype), rnd.normal(T, hk, d, dtype=dtype), rnd.normal(T, hk, dv, dtype=dtype), None
+    q, k, v = rnd.normal(T, hq, d, dtype=dtype), rnd.normal(T, hk, d, dtype=dtype), rnd.normal(T, hk, dv, dtype=dtype)
+    return q, k, v, None
 
 
 def _rotary_build(p, dtype, rnd):
@@ -475,7 +476,7 @@ def _prefill_build(p, dtype, rnd):
 def _prefill_run(x):
     p = x["p"]
     out = ops.prefill_attention(x["q"], x["k"], x["v"], None, None, x["q_lens"], x["kv_lens"],
-                                max(s[0] for s in p["seqs"]), p["hq"], p["hk"], _mask(p["causal"], x["q"].device),
+                                max(s[0] for s in p["seqs"]) + 2, p["hq"], p["hk"], _mask(p["causal"], x["q"].device),
                                 attn_output=x["out"])
     if x["out"] is not None and out is not x["out"]:
         raise AssertionError("prefill_attention must return the attn_output it was given")
