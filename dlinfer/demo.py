@@ -136,7 +136,7 @@ class _NoBar:
         pass
 
 
-def _print_result(res: dict, stock: dict | None) -> None:
+def _print_result(res: dict, stock: dict | None, compiled: bool = False) -> None:
     report = res["report"]
     print()
     print(f"system prompt shared by every request ({len(SYSTEM)} characters): {SYSTEM[:60]!r}...")
@@ -163,6 +163,9 @@ def _print_result(res: dict, stock: dict | None) -> None:
             vendor = "/".join(vendors.get(op, [])) or "-"
             print(f"  {layer:<24} {op:<26} {vendor:<12} {counts.get(op, 0):>7}")
             layer = ""
+    if compiled:
+        print("  (torch.compile mode: the layer ops run inside the compiled graph, where Python-side counting is\n"
+              "   off; their vendor column comes from dlinfer's dispatcher, which only records calls that ran)")
     if not registered:
         print("  the dlinfer plugin is off in this process (DLINFER_VLLM=0 or VLLM_PLUGINS): vLLM ran its own ops")
 
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"stock run failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}", file=sys.stderr)
                 return 1
             stock = json.loads(out.read_text())
-    _print_result(res, stock)
+    _print_result(res, stock, compiled=args.compile)
     return 0
 
 
