@@ -76,6 +76,8 @@ HQ, HK, HEAD = 32, 8, 128
 HIDDEN = 4096
 INTER_SILU = 14336
 EPS = 1e-6
+EAGER_DECODE = (16, 1024, 64)           # eager call cost: decode batch, context, block size
+EAGER_PREFILL = 128                    # eager call cost: prefill tokens (one sequence)
 TORCH_DECODE_MAX_KV_BYTES = 1.2e9      # torch's gather+SDPA copies the whole KV: keep it to the small cases
 
 MOE_MODELS = {
@@ -853,16 +855,16 @@ class Suite:
         xs = torch.randn(1, 2 * INTER_SILU, device=dev, dtype=DTYPE, generator=g)
         add("silu_and_mul", "dlinfer", lambda: ops.silu_and_mul(xs), self.provides("silu_and_mul"))
         add("silu_and_mul", "lmdeploy", lambda: peers.lmdeploy_silu_and_mul(self.lmd, xs), lmd_why)
-        qkv = torch.randn(16, (HQ + 2 * HK) * HEAD, device=dev, dtype=DTYPE, generator=g)
-        q = qkv[:, :HQ * HEAD].view(16, HQ, HEAD)
-        k = qkv[:, HQ * HEAD:(HQ + HK) * HEAD].view(16, HK, HEAD)
-        v = qkv[:, (HQ + HK) * HEAD:].view(16, HK, HEAD)
-        cos, sin = _rope_tables(16, HEAD, dev, g)
+        # one decode step: `batch` sequences of `ctx` tokens (block `block`), one new token each
+        batch, ctx, block = EAGER_DECODE
+        qkv = torch.randn(batch, (HQ + 2 * HK) * HEAD, device=dev, dtype=DTYPE, generator=g)
+        q = qkv[:, :HQ * HEAD].view(batch, HQ, HEAD)
+        k = qkv[:, HQ * HEAD:(HQ + HK) * HEAD].view(batch, HK, HEAD)
+        v = qkv[:, (HQ + HK) * HEAD:].view(batch, HK, HEAD)
+        cos, sin = _rope_tables(batch, HEAD, dev, g)
         add("apply_rotary_pos_emb", "dlinfer", lambda: ops.apply_rotary_pos_emb(q, k, cos, sin),
             self.provides("apply_rotary_pos_emb"))
         add("apply_rotary_pos_emb", "lmdeploy", lambda: peers.lmdeploy_rotary(self.lmd, q, k, cos, sin), lmd_why)
-        # 16 decode sequences of 1024 tokens, block 64
-        batch, ctx, block = 16, 1024, 64
         nb = batch * ctx // block
         k_cache = torch.randn(nb, block, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
         v_cache = torch.randn(nb, block, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
@@ -885,26 +887,27 @@ class Suite:
                                                attn_output=out_d), self.provides("paged_decode_attention"))
         add("paged_decode_attention", "lmdeploy",
             lambda: peers.lmdeploy_paged_decode(self.lmd, qd, k_cache, v_cache, table, seqlens, scale), lmd_why)
-        # prefill of one 128-token sequence
-        qp = torch.randn(128, HQ, HEAD, device=dev, dtype=DTYPE, generator=g)
-        kp = torch.randn(128, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
-        vp = torch.randn(128, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
-        lp = torch.full((1,), 128, device=dev, dtype=torch.int32)
-        cup = torch.tensor([0, 128], device=dev, dtype=torch.int32)
+        # prefill of one sequence of EAGER_PREFILL tokens
+        tp = EAGER_PREFILL
+        qp = torch.randn(tp, HQ, HEAD, device=dev, dtype=DTYPE, generator=g)
+        kp = torch.randn(tp, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
+        vp = torch.randn(tp, HK, HEAD, device=dev, dtype=DTYPE, generator=g)
+        lp = torch.full((1,), tp, device=dev, dtype=torch.int32)
+        cup = torch.tensor([0, tp], device=dev, dtype=torch.int32)
         out_p = torch.empty_like(qp)
         add("prefill_attention", "dlinfer",
-            lambda: ops.prefill_attention(qp, kp, vp, None, None, lp, lp, 128, HQ, HK, [None], attn_output=out_p),
+            lambda: ops.prefill_attention(qp, kp, vp, None, None, lp, lp, tp, HQ, HK, [None], attn_output=out_p),
             self.provides("prefill_attention"))
         add("prefill_attention", "lmdeploy",
-            lambda: peers.lmdeploy_prefill(self.lmd, qp, kp, vp, cup, cup, 128, 128, scale), lmd_why)
+            lambda: peers.lmdeploy_prefill(self.lmd, qp, kp, vp, cup, cup, tp, tp, scale), lmd_why)
         tbl1 = table[:1]
         add("paged_prefill_attention", "dlinfer",
-            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, cup[1:], lp, 128, 128,
+            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, cup[1:], lp, tp, tp,
                                                 HQ, HK, [None], attn_output=out_p),
             self.provides("paged_prefill_attention"))
         add("paged_prefill_attention", "lmdeploy",
-            lambda: peers.lmdeploy_paged_prefill(self.lmd, qp, k_cache, v_cache, tbl1, cup, cup, lp, cup[:1], 128,
-                                                 128, 128, scale), lmd_why)
+            lambda: peers.lmdeploy_paged_prefill(self.lmd, qp, k_cache, v_cache, tbl1, cup, cup, lp, cup[:1], tp,
+                                                 tp, tp, scale), lmd_why)
         # MoE, Qwen3-30B-A3B shapes, one token
         cfg = MOE_MODELS["qwen3-30b-a3b"]
         gate_up, down = self._moe_weights(**cfg)
@@ -931,11 +934,11 @@ class Suite:
             except Exception as exc:  # noqa: BLE001
                 broken[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 del fns[name]
-        costs = timing.eager_call_cost(fns, calls=calls)
+        costs = timing.eager_call_cost(fns, calls=calls, warmup=min(50, calls))
         self.data["eager"] = {"calls": calls, "costs": costs, "pairs": pairs, "broken": broken,
-                              "shapes": "T=1 (norms, silu 14336, gating/MoE Qwen3-30B-A3B, linear 4096x4096), "
-                                        "16 tokens (rotary, fill), decode B=16 ctx 1024 block 64, "
-                                        "prefill 1x128"}
+                              "shapes": f"T=1 (norms, silu {INTER_SILU}, gating/MoE Qwen3-30B-A3B, linear "
+                                        f"{HIDDEN}x{HIDDEN}), {batch} tokens (rotary, fill), decode B={batch} ctx {ctx} "
+                                        f"block {block}, prefill 1x{tp}"}
         floor = costs["floor:noop_custom_op"]["median_us"]
         print(f"    eager call cost (median of {calls}, µs): floor (bare custom op) {floor:.1f}", flush=True)
         for op, impls in pairs.items():

@@ -200,3 +200,61 @@ def test_full_grid_has_the_issue_shapes():
     assert {(c["model"], c["tokens"]) for c in gpu_suite.grid("moe", False)} == {
         (m, t) for m in ("mixtral-8x7b", "qwen3-30b-a3b") for t in (1, 64, 512, 4096)}
     assert [c["tokens"] for c in gpu_suite.grid("norm", False)] == [1, 256, 8192]
+
+
+def test_suite_parts_run_on_cpu(tmp_path, monkeypatch):
+    """Every benchmark part's Python (inputs, peers, checks, records) on tiny CPU shapes, served by the reference
+    vendor, with the GPU timing replaced by a stub; then the report reads the JSON it wrote."""
+    from benchmarks import peers, timing
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(timing, "gpu_time", lambda fn, flush, graph=True, **k: (fn(), timing.GpuTime(7.0, "stub"))[1])
+    monkeypatch.setattr(peers, "torch_prefill_sdpa", lambda q, k, v, scale, backend: torch.nn.functional
+                        .scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+    for name, value in dict(DTYPE=torch.float32, HQ=4, HK=2, HEAD=64, HIDDEN=128, INTER_SILU=96,
+                            EAGER_DECODE=(3, 64, 16), EAGER_PREFILL=16).items():
+        monkeypatch.setattr(gpu_suite, name, value)
+    monkeypatch.setattr(gpu_suite, "MOE_MODELS", {"mixtral-8x7b": dict(experts=4, topk=2, hidden=64, inter=32),
+                                                  "qwen3-30b-a3b": dict(experts=8, topk=4, hidden=64, inter=32)})
+    tiny = {"decode": [dict(batch=2, ctx=40, block=16)], "prefill": [dict(seqs=2, seqlen=24)],
+            "paged_prefill": [dict(seqs=2, seqlen=24)],
+            "fill": [dict(kind=k, tokens=t, block=16) for k, t in (("decode", 8), ("prefill", 32), ("rotary_fill", 32))],
+            "norm": [dict(tokens=3)], "rotary": [dict(tokens=5)], "act": [dict(tokens=3)],
+            "moe": [dict(model="qwen3-30b-a3b", tokens=9)], "gating": [dict(model="mixtral-8x7b", tokens=7)],
+            "eager": [dict(calls=3)]}
+    monkeypatch.setattr(gpu_suite, "grid", lambda part, quick: tiny.get(part, []))
+
+    class CpuSuite(gpu_suite.Suite):
+        def _meta(self):
+            return {"card": "cpu (stub timing)", "date": "2026-11-25T00:00:00+00:00", "command": "test"}
+
+        def prepare_bench(self):
+            from dlinfer.vendor import registry
+
+            self.flush = lambda: None
+            self.triton_vendor = registry.vendors()["reference"]      # what serves CPU tensors here
+            self.lmd_error = "no GPU"
+            self.ceilings = timing.Ceilings(copy_gbps=COPY_GBPS, matmul_tflops=MATMUL_TFLOPS)
+
+    parts = list(tiny)
+    suite = CpuSuite(gpu_suite.parse_args(["--only", ",".join(parts), "--out", str(tmp_path)]), tmp_path / "r.json")
+    suite.device = torch.device("cpu")
+    for part in parts:
+        suite.prepare_bench()
+        suite.run(part)
+    suite.save()
+    records = suite.data["records"]
+    timed = [r for r in records if "us" in r]
+    assert {r["op"] for r in timed} >= {"paged_decode_attention", "prefill_attention", "paged_prefill_attention",
+                                       "fill_kv_cache", "rms_norm", "add_rms_norm", "apply_rotary_pos_emb",
+                                       "silu_and_mul", "fused_moe", "moe_gating_topk_softmax"}
+    bad = [(r["op"], r["impl"], r.get("error"), r.get("check")) for r in records
+           if r.get("error") or (r.get("check") and not r["check"]["ok"])]
+    assert not bad, bad
+    assert all(r["skipped"] == "no GPU" for r in records if r["impl"] == "lmdeploy")
+    assert "floor:noop_custom_op" in suite.data["eager"]["costs"]
+    assert not suite.data["eager"]["broken"], suite.data["eager"]["broken"]
+    assert "paged_decode_attention:dlinfer" in suite.data["eager"]["costs"]
+    assert report.main([str(tmp_path / "r.json"), "--md", str(tmp_path / "R.md"), "--png", ""]) == 0
+    assert "### fused_moe" in (tmp_path / "R.md").read_text()
