@@ -1122,6 +1122,22 @@ def plan(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def print_goals(path: Path) -> None:
+    """The speed goals of issue 3 as benchmarks/report.py judges this run alone (shapes of other runs missing)."""
+    try:
+        from benchmarks import report
+
+        runs = report.load_runs([path])
+        goals = report.evaluate_goals(report.merge_rows(runs), runs)
+    except Exception as exc:  # noqa: BLE001 - a summary must never fail the run
+        print(f"(goals not evaluated: {type(exc).__name__}: {exc})", flush=True)
+        return
+    print("speed goals, this run alone:", flush=True)
+    for goal in goals:
+        if goal.status != "not measured" or "expected shapes not measured" in goal.detail:
+            print(f"  {goal.status:<12} {goal.id}: {goal.detail[:150]}", flush=True)
+
+
 def cuda_healthy() -> bool:
     """False once a kernel fault (e.g. an illegal address) has broken this process's CUDA context."""
     try:
@@ -1186,6 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if suite.data["records"]:
         print(summary_table(suite.data["records"]), flush=True)
+        print_goals(suite.out_path)
     print("parts: " + ", ".join(f"{p} {v['status']} {v['wall_s']}s" for p, v in suite.data["parts"].items()),
           flush=True)
     print(f"total {time.perf_counter() - t_all:.0f} s; results in {suite.out_path}", flush=True)

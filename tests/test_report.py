@@ -256,5 +256,6 @@ def test_suite_parts_run_on_cpu(tmp_path, monkeypatch):
     assert "floor:noop_custom_op" in suite.data["eager"]["costs"]
     assert not suite.data["eager"]["broken"], suite.data["eager"]["broken"]
     assert "paged_decode_attention:dlinfer" in suite.data["eager"]["costs"]
+    gpu_suite.print_goals(tmp_path / "r.json")
     assert report.main([str(tmp_path / "r.json"), "--md", str(tmp_path / "R.md"), "--png", ""]) == 0
     assert "### fused_moe" in (tmp_path / "R.md").read_text()
