@@ -39,7 +39,8 @@ and start the command with
 
 Each call stays inside ``--budget-s`` (default 540 s): cases past it are recorded as skipped, and the JSON is
 rewritten after every part, so whatever ran comes back. Then, here:
-``python3 benchmarks/report.py benchmarks/results/*.json`` (RESULTS.md, and roofline.png with matplotlib).
+copy the ``bench_*.json`` files into benchmarks/results/ and run ``python3 benchmarks/report.py`` (RESULTS.md,
+and roofline.png where matplotlib is installed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn gpu_suite.py JSON files into benchmarks/RESULTS.md and benchmarks/roofline.png.
 
-    python3 benchmarks/report.py [benchmarks/results/*.json] [--md benchmarks/RESULTS.md]
+    python3 benchmarks/report.py [benchmarks/results/bench_*.json] [--md benchmarks/RESULTS.md]
                                  [--png benchmarks/roofline.png] [--notes benchmarks/goal_notes.json]
 
 Every number in the output is computed from the JSON: the tables per op and shape (dlinfer, LMDeploy peer and
@@ -479,15 +479,15 @@ def render_plot(rows: list[Row], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*",
-                        help="JSON files written by benchmarks/gpu_suite.py (default benchmarks/results/*.json)")
+                        help="JSON files written by benchmarks/gpu_suite.py (default benchmarks/results/bench_*.json)")
     parser.add_argument("--md", default=str(HERE / "RESULTS.md"), help="markdown output")
     parser.add_argument("--png", default=str(HERE / "roofline.png"), help="plot output ('' for none)")
     parser.add_argument("--notes", default="", help="JSON {goal id: what limits it}, shown beside the goals")
     args = parser.parse_args(argv)
     if not args.results:
-        args.results = sorted(str(p) for p in (HERE / "results").glob("*.json"))
+        args.results = sorted(str(p) for p in (HERE / "results").glob("bench_*.json"))
         if not args.results:
-            parser.error("no JSON files given and none in benchmarks/results/")
+            parser.error("no JSON files given and no benchmarks/results/bench_*.json")
     runs = load_runs(args.results)
     rows = merge_rows(runs)
     notes = json.loads(Path(args.notes).read_text()) if args.notes else {}
