@@ -154,6 +154,18 @@ def test_markdown_report(tmp_path):
     assert "| fused_moe | 40.0 | lmdeploy | 25.0 | 8.0 | 33.0 | no (+7.0 µs) |" in text
 
 
+def test_include_appends_other_markdown(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(synthetic()))
+    extra = tmp_path / "lmdeploy_e2e.md"
+    extra.write_text("## End to end\n\n| model | tok/s |\n|---|---|\n| llama | 1 |\n")
+    md = tmp_path / "RESULTS.md"
+    assert report.main([str(path), "--md", str(md), "--png", "", "--include", str(extra)]) == 0
+    text = md.read_text()
+    assert text.rstrip().endswith("| llama | 1 |")
+    assert "--include lmdeploy_e2e.md`" in text
+
+
 def test_unknown_note_id_is_refused(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(synthetic()))
