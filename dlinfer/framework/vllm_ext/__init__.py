@@ -164,8 +164,8 @@ def _register_attention() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, ATTENTION_BACKEND_PATH)
         _registered["attention"] = "CPU_ATTN -> " + ATTENTION_BACKEND_NAME
     else:
-        _registered["attention"] = ATTENTION_BACKEND_NAME + " (select with attention_config={'backend': "
-        _registered["attention"] += f"'{ATTENTION_BACKEND_NAME}'}})"
+        _registered["attention"] = (f"{ATTENTION_BACKEND_NAME} (select with "
+                                    f"attention_config={{'backend': '{ATTENTION_BACKEND_NAME}'}})")
 
 
 def _log_summary() -> None:

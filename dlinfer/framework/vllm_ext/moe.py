@@ -81,6 +81,8 @@ def layer_refusal(layer) -> str | None:
 class DlinferUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
     """Gating + SwiGLU experts through dlinfer (see the module docstring for what is served)."""
 
+    _dlinfer_refusal: str | None = None  # why this layer keeps vLLM's method (None: dlinfer serves it)
+
     def __init__(self, moe: FusedMoEConfig):
         super().__init__(moe)
         log_summary_once()
