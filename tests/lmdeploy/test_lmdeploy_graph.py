@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup_lmdeploy.sh installs it)")
+pytest.importorskip("triton", reason="LMDeploy's CUDA graph runner imports its Triton kernels (pip install triton)")
 
 import torch  # noqa: E402
 
