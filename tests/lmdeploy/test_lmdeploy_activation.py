@@ -112,3 +112,22 @@ def test_module_entry_point_installs_and_reports(tmp_path, capsys):
     assert main(["uninstall-hook", str(tmp_path)]) == 0 and "removed" in capsys.readouterr().out
     assert main(["install-hook", str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
     assert main(["bogus"]) == 2
+
+
+def test_wrapper_reports_a_refusal_cleanly(monkeypatch, capsys):
+    import dlinfer.framework.lmdeploy_ext as ext
+    import lmdeploy.cli.entrypoint as entrypoint
+    from dlinfer.errors import NotSupportedError
+
+    def refusing_run():
+        raise NotSupportedError("LMDeploy on dlinfer cannot serve this setup: sliding-window attention")
+
+    monkeypatch.setenv("DLINFER_LMDEPLOY", "0")
+    monkeypatch.setattr(entrypoint, "run", refusing_run)
+    was = ext.is_applied()
+    try:
+        assert cli.main(["api_server", "/models/x"]) == 1
+        assert "sliding-window attention" in capsys.readouterr().err
+    finally:
+        if not was:
+            ext.revert()

@@ -116,3 +116,36 @@ def test_engine_feature_refusals_name_each_feature():
     with pytest.raises(NotSupportedError, match="speculative decoding.*DLINFER_LMDEPLOY"):
         check_supported(None, specdecode_config=object())
     assert engine_features(dtype="bfloat16", dist_config=SimpleNamespace(dp=1, ep=1)) == []
+
+
+def test_pipeline_entry_refuses_before_any_engine_starts(patched, tmp_path, tiny_model):
+    """``Engine.from_pretrained`` (lmdeploy.pipeline, lmdeploy serve) checks in the calling process, even when
+    the engine would run in its own process (``enable_mp_engine``, as ``lmdeploy serve api_server`` sets it)."""
+    from lmdeploy import PytorchEngineConfig
+    from lmdeploy.pytorch.engine.engine import Engine
+
+    path = _config_dir(tmp_path, tiny_model, "llama", quantization_config={"quant_method": "awq"})
+    config = PytorchEngineConfig(quant_policy=8, ep=2, enable_mp_engine=True)
+    with pytest.raises(NotSupportedError) as info:
+        Engine.from_pretrained(path, engine_config=config)
+    for feature in ("quant_method='awq'", "quant_policy=8", "expert parallelism (ep=2)"):
+        assert feature in str(info.value)
+
+
+def test_revert_restores_the_engine_entry_points():
+    import dlinfer.framework.lmdeploy_ext as ext
+    import lmdeploy.pytorch.engine.engine as engine_module
+    from lmdeploy.pytorch.engine.mp_engine.zmq_engine import ZMQMPEngine
+
+    was = ext.is_applied()
+    ext.revert()
+    try:
+        stock = (engine_module.Engine.__dict__["from_pretrained"], engine_module.build_executor,
+                 ZMQMPEngine.__dict__["_mp_proc"].__func__)
+        ext.apply()
+        assert engine_module.Engine.__dict__["from_pretrained"] is not stock[0]
+        ext.revert()
+        assert (engine_module.Engine.__dict__["from_pretrained"], engine_module.build_executor,
+                ZMQMPEngine.__dict__["_mp_proc"].__func__) == stock
+    finally:
+        (ext.apply if was else ext.revert)()

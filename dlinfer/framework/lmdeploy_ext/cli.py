@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "scripts/setup_lmdeploy.sh (see README)", file=sys.stderr)
         return 1
 
+    from dlinfer.errors import NotSupportedError
     from dlinfer.framework.lmdeploy_ext import ENV_VAR, apply
 
     # Processes LMDeploy spawns are patched by their entry points; the variable also reaches any that the
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.argv = ["lmdeploy"] + args
     try:
         run()
+    except NotSupportedError as exc:
+        print(f"dlinfer serve lmdeploy: {exc}", file=sys.stderr)
+        return 1
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

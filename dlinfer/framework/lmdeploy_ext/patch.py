@@ -11,8 +11,10 @@ Three patches, all undone by :func:`revert`:
    ``mp_executor.ExecutorProc.start`` (tensor-parallel workers, :func:`_worker_entry`) and
    ``mp_engine.zmq_engine.ZMQMPEngine._mp_proc`` (the engine process of ``lmdeploy serve api_server``,
    :func:`_mp_engine_entry`).
-3. ``lmdeploy.pytorch.engine.engine.build_executor``: before the executor starts, the setup is checked
-   (``support.check_supported``) and refused with a message naming every unsupported feature.
+3. ``lmdeploy.pytorch.engine.engine.Engine.from_pretrained`` (the entry of ``lmdeploy.pipeline`` and
+   ``lmdeploy serve``, in the calling process, before any engine process starts) and
+   ``lmdeploy.pytorch.engine.engine.build_executor`` (every engine, in the process that builds it): the setup is
+   checked (``support.check_supported``) and refused with a message naming every unsupported feature.
 """
 
 from __future__ import annotations
@@ -66,17 +68,33 @@ def _mp_engine_entry(*args, **kwargs):
     return _originals["zmq_engine.ZMQMPEngine._mp_proc"](*args, **kwargs)
 
 
-def _checked_build_executor(model_path, *args, **kwargs):
-    from dlinfer.framework.lmdeploy_ext.support import check_supported
-
-    trust_remote_code = bool(kwargs.get("trust_remote_code", False))
+def _read_hf_config(model_path, trust_remote_code: bool):
+    """The model's Hugging Face config, or None when it cannot be read here (LMDeploy reports that itself)."""
     try:
         from lmdeploy.archs import get_model_arch
 
-        _, hf_config = get_model_arch(model_path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - let LMDeploy report a config it cannot read itself
+        return get_model_arch(model_path, trust_remote_code=trust_remote_code)[1]
+    except Exception as exc:  # noqa: BLE001
         logger.debug("dlinfer: could not read the model config of %s for the support check: %s", model_path, exc)
-        hf_config = None
+        return None
+
+
+def _checked_from_pretrained(cls, pretrained_model_name_or_path, engine_config=None, speculative_config=None,
+                             trust_remote_code=False, **kwargs):
+    from dlinfer.framework.lmdeploy_ext.support import check_engine_config
+
+    path = pretrained_model_name_or_path
+    hf_config = _read_hf_config(path, trust_remote_code) if os.path.isdir(str(path)) else None
+    check_engine_config(hf_config, engine_config, speculative_config)
+    original = _originals["engine.Engine.from_pretrained"].__func__
+    return original(cls, pretrained_model_name_or_path, engine_config=engine_config,
+                    speculative_config=speculative_config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _checked_build_executor(model_path, *args, **kwargs):
+    from dlinfer.framework.lmdeploy_ext.support import check_supported
+
+    hf_config = _read_hf_config(model_path, bool(kwargs.get("trust_remote_code", False)))
     names = ("cache_config", "backend_config", "dist_config", "misc_config", "adapters")
     settings = {name: kwargs.get(name) for name in names}
     for name, value in zip(names, args):
@@ -108,10 +126,12 @@ def apply() -> None:
         _originals["mp_executor.ExecutorProc.start"] = mp_executor.ExecutorProc.start
         _originals["engine.build_executor"] = engine_module.build_executor
         _originals["zmq_engine.ZMQMPEngine._mp_proc"] = zmq_engine.ZMQMPEngine._mp_proc
+        _originals["engine.Engine.from_pretrained"] = engine_module.Engine.__dict__["from_pretrained"]
         selector._get_backend = _dlinfer_get_backend
         mp_executor.ExecutorProc.start = _patched_start
         engine_module.build_executor = _checked_build_executor
         zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_mp_engine_entry)
+        engine_module.Engine.from_pretrained = classmethod(_checked_from_pretrained)
         logger.info("dlinfer: LMDeploy's PyTorch engine on CUDA now runs through dlinfer (pid %d)", os.getpid())
 
 
@@ -129,4 +149,5 @@ def revert() -> None:
         mp_executor.ExecutorProc.start = _originals.pop("mp_executor.ExecutorProc.start")
         engine_module.build_executor = _originals.pop("engine.build_executor")
         zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_originals.pop("zmq_engine.ZMQMPEngine._mp_proc"))
+        engine_module.Engine.from_pretrained = _originals.pop("engine.Engine.from_pretrained")
         _originals.clear()

@@ -91,11 +91,30 @@ def engine_features(*, cache_config: Any = None, backend_config: Any = None, dis
     return reasons
 
 
+def check_engine_config(hf_config: Any, engine_config: Any, speculative_config: Any = None) -> None:
+    """:func:`check_supported` for LMDeploy's user-facing ``PytorchEngineConfig`` (``None``: defaults)."""
+    from types import SimpleNamespace
+
+    def get(name, default=None):
+        return _get(engine_config, name, default)
+
+    check_supported(
+        hf_config,
+        cache_config=SimpleNamespace(quant_policy=get("quant_policy", 0)),
+        backend_config=SimpleNamespace(device_type=get("device_type", "cuda")),
+        dist_config=SimpleNamespace(dp=get("dp", 1), ep=get("ep", 1)),
+        misc_config=SimpleNamespace(model_format=get("model_format")),
+        adapters=get("adapters"),
+        specdecode_config=speculative_config,
+        dtype=get("dtype", "auto"),
+    )
+
+
 def check_supported(hf_config: Any = None, **engine_settings: Any) -> None:
     """Raise :class:`NotSupportedError` naming every unsupported feature; return silently otherwise."""
     reasons = (model_features(hf_config) if hf_config is not None else []) + engine_features(**engine_settings)
     if reasons:
         raise NotSupportedError(
             "LMDeploy on dlinfer cannot serve this setup: " + "; ".join(reasons)
-            + ". Run stock LMDeploy instead (unset DLINFER_LMDEPLOY, or call "
+            + ". Run stock LMDeploy instead (plain `lmdeploy`, DLINFER_LMDEPLOY unset, or "
               "dlinfer.framework.lmdeploy_ext.revert()).")
