@@ -159,6 +159,8 @@ class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionM
             raise NotSupportedError("dlinfer attention backend: non-causal attention in a decoder batch is not "
                                     f"supported; {_HOW_TO_OPT_OUT}")
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        if num_decodes and num_prefills:
+            hit("mixed_prefill_decode_batch")  # not an op: counts steps that mixed both kinds (for tests)
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc[: num_reqs + 1]
         seq_lens = cm.seq_lens[:num_reqs]
