@@ -91,3 +91,12 @@ def test_slot_indices_decode_equals_prefill_formula():
     decode = slot_indices(torch.ones(2, dtype=torch.long), kv, table, 4, 2, True)
     prefill_form = slot_indices(torch.ones(2, dtype=torch.long), kv, table, 4, 2, False)
     assert decode.tolist() == prefill_form.tolist() == [4 * 4 + 0, 2 * 4 + 3]
+
+
+def test_multi_token_decoding_is_refused():
+    from dlinfer.errors import NotSupportedError
+    from dlinfer.framework.lmdeploy_ext.backend import DlinferCudaOpsBackend
+
+    ctx = _step([2, 2], [5, 3], [[1, 2], [3]], decoding=True)
+    with pytest.raises(NotSupportedError, match="multi-token decoding"):
+        DlinferCudaOpsBackend.update_step_context(ctx)

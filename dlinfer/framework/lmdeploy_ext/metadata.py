@@ -53,6 +53,11 @@ def build_attention_metadata(meta_cls, step_context, *, block_size: int):
         block_offsets = block_offsets.to(torch.int32)
     num_tokens = step_context.input_ids.numel()
     is_decoding = bool(step_context.is_decoding)
+    if is_decoding and num_tokens != q_seqlens.numel():
+        from dlinfer.errors import NotSupportedError
+
+        raise NotSupportedError(f"multi-token decoding ({num_tokens} tokens for {q_seqlens.numel()} sequences, as in "
+                                "speculative decoding) is not supported by dlinfer's LMDeploy backend")
     cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_seqlens, 0, dtype=torch.int32), (1, 0))
     kv_start_indices = slot_indices(q_seqlens, kv_seqlens, block_offsets, block_size, num_tokens, is_decoding)
 
