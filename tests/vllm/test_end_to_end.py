@@ -1,6 +1,6 @@
 """End to end: vLLM (CPU build) with and without dlinfer, on tiny random-weight models, in float32.
 
-Six engine runs cover every case (each in its own process, shared by the tests below):
+Seven engine runs cover every case (each in its own process, shared by the tests below):
 
 =====================  ===========================================================================================
 case                   what runs
@@ -12,6 +12,7 @@ dense_dlinfer_b16      dlinfer at block size 16 (vLLM's CPU attention only has m
 moe_stock              Qwen3-MoE, plugin filtered out by ``VLLM_PLUGINS=""``
 moe_dlinfer            the same with dlinfer
 dense_mp               dlinfer in vLLM's default multi-process mode, plugin found through its entry point
+sliding_refused        a Llama whose first layer uses a sliding window: dlinfer refuses it, vLLM stops
 =====================  ===========================================================================================
 
 Every in-process case schedules the same work: a long prompt chunked by ``max_num_batched_tokens=64``
@@ -63,6 +64,8 @@ CASES = {
     "moe_dlinfer": dict(model="moe", env=IN_PROCESS,
                         case=dict(llm=_llm(), rounds=_rounds(), max_tokens=MAX_TOKENS)),
     # vLLM's default: engine core and worker in their own processes. collective_rpc(callable) needs this flag.
+    "sliding_refused": dict(model="sliding", env=IN_PROCESS, expect_failure=True,
+                            case=dict(llm=_llm(), rounds=[], max_tokens=MAX_TOKENS)),
     "dense_mp": dict(model="dense", env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
                      case=dict(llm=_llm(), rounds=_rounds()[:1], max_tokens=MAX_TOKENS)),
 }
@@ -227,3 +230,11 @@ def test_comparison_rule_fails_on_divergence_and_reports_ties():
     off[3] = [[3, -0.1003], [4, -3.0]]
     with pytest.raises(AssertionError, match="logprob of token 3"):
         compare(run(tokens, clear), run(tokens, off))
+
+
+@pytest.mark.slow
+def test_unsupported_feature_is_refused_with_its_name(runs):
+    result = runs("sliding_refused")
+    assert result["returncode"] != 0, "a sliding-window model must not run on dlinfer's attention"
+    assert "dlinfer attention backend cannot serve this layer: sliding-window attention (window 32)" in result["log"]
+    assert "DLINFER_VLLM_DISABLE=attention" in result["log"]
