@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
-@torch.library.custom_op("dlinfer::silu_and_mul", mutates_args=())
-def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return implementation(call_info("silu_and_mul", x))(x)
+def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
+    return implementation("silu_and_mul", x)(x)
+
+
+_silu_and_mul = torch.library.custom_op("dlinfer::silu_and_mul", _silu_and_mul_impl, mutates_args=())
 
 
 @_silu_and_mul.register_fake
@@ -38,5 +40,5 @@ def silu_and_mul(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if x.shape[dim] % 2:
         raise ValueError(f"x.shape[{dim}] must be even (gate and up halves), got shape {tuple(x.shape)}")
     if dim != x.dim() - 1:
-        return torch.ops.dlinfer.silu_and_mul(x.movedim(dim, -1)).movedim(-1, dim)
-    return torch.ops.dlinfer.silu_and_mul(x)
+        return run(_silu_and_mul, _silu_and_mul_impl, x.movedim(dim, -1)).movedim(-1, dim)
+    return run(_silu_and_mul, _silu_and_mul_impl, x)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_call_features, check_cache
 
 
@@ -39,16 +39,18 @@ def _features(causal: bool, key_cache: torch.Tensor | None = None, quant_bits: i
 
 
 # --------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("dlinfer::prefill_attention", mutates_args=("attn_output",))
-def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_seqlens: torch.Tensor,
+def _prefill_attention_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_seqlens: torch.Tensor,
                        kv_seqlens: torch.Tensor, max_q_seq_len: int, softmax_scale: float, causal: bool,
                        attn_output: torch.Tensor) -> None:
     if _checks.values_checked(q_seqlens, kv_seqlens):
         _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal)
-    call = call_info("prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1],
+    impl = implementation("prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1],
                      features=_features(causal))
-    implementation(call)(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+    impl(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
                          attn_output)
+
+
+_prefill_attention = torch.library.custom_op("dlinfer::prefill_attention", _prefill_attention_impl, mutates_args=("attn_output",))
 
 
 @_prefill_attention.register_fake
@@ -56,18 +58,20 @@ def _(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, ca
     return None
 
 
-@torch.library.custom_op("dlinfer::paged_prefill_attention", mutates_args=("attn_output",))
-def _paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def _paged_prefill_attention_impl(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                              block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_seqlens: torch.Tensor,
                              max_q_seq_len: int, max_kv_seq_len: int, softmax_scale: float, causal: bool,
                              attn_output: torch.Tensor) -> None:
     if _checks.values_checked(cu_seqlens_q, kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q, max_q_seq_len)
-    call = call_info("paged_prefill_attention", query, head_size=query.shape[-1],
+    impl = implementation("paged_prefill_attention", query, head_size=query.shape[-1],
                      head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
                      features=_features(causal, key_cache))
-    implementation(call)(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+    impl(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                          max_kv_seq_len, softmax_scale, causal, attn_output)
+
+
+_paged_prefill_attention = torch.library.custom_op("dlinfer::paged_prefill_attention", _paged_prefill_attention_impl, mutates_args=("attn_output",))
 
 
 @_paged_prefill_attention.register_fake
@@ -76,17 +80,19 @@ def _(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_
     return None
 
 
-@torch.library.custom_op("dlinfer::paged_decode_attention", mutates_args=("attn_output",))
-def _paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def _paged_decode_attention_impl(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_table: torch.Tensor, kv_seqlens: torch.Tensor, max_kv_seq_len: int,
                             softmax_scale: float, attn_output: torch.Tensor) -> None:
     if _checks.values_checked(kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
-    call = call_info("paged_decode_attention", query, head_size=query.shape[-1],
+    impl = implementation("paged_decode_attention", query, head_size=query.shape[-1],
                      head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
                      features=_features(True, key_cache))
-    implementation(call)(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
+    impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
                          attn_output)
+
+
+_paged_decode_attention = torch.library.custom_op("dlinfer::paged_decode_attention", _paged_decode_attention_impl, mutates_args=("attn_output",))
 
 
 @_paged_decode_attention.register_fake
@@ -259,7 +265,7 @@ def prefill_attention(
     _checks.same_device(query=query, key=key, value=value)
     q_seqlens = _on_device("q_seqlens", q_seqlens, query.device)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    torch.ops.dlinfer.prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, scale, causal,
+    run(_prefill_attention, _prefill_attention_impl, query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, scale, causal,
                                         out)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output
 
@@ -334,7 +340,7 @@ def paged_prefill_attention(
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     cu_seqlens_q = _on_device("cu_seqlens_q", cu_seqlens_q, query.device)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    torch.ops.dlinfer.paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q,
+    run(_paged_prefill_attention, _paged_prefill_attention_impl, query, key_cache, value_cache, block_table, cu_seqlens_q,
                                               kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, causal, out)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output
 
@@ -393,6 +399,6 @@ def paged_decode_attention(
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    torch.ops.dlinfer.paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens,
+    run(_paged_decode_attention, _paged_decode_attention_impl, query, key_cache, value_cache, block_table, kv_seqlens,
                                              max_kv_seq_len, scale, out)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output

@@ -5,21 +5,22 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_call_features, check_slots, fill_kv_cache_checks
 from dlinfer.ops.rotary import rotary_checks
 
 
-@torch.library.custom_op("dlinfer::apply_rotary_pos_emb_fill_kv_cache",
-                         mutates_args=("query", "key", "key_cache", "value_cache"))
-def _rotary_fill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+def _rotary_fill_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                  value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kv_start_indices: torch.Tensor) -> None:
     check_slots(kv_start_indices, key_cache)
-    call = call_info("apply_rotary_pos_emb_fill_kv_cache", query, head_size=key.shape[-1],
+    impl = implementation("apply_rotary_pos_emb_fill_kv_cache", query, head_size=key.shape[-1],
                      head_size_v=value.shape[-1], block_size=key_cache.shape[1],
                      features=cache_call_features(key_cache))
-    implementation(call)(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+    impl(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+
+
+_rotary_fill = torch.library.custom_op("dlinfer::apply_rotary_pos_emb_fill_kv_cache", _rotary_fill_impl, mutates_args=("query", "key", "key_cache", "value_cache"))
 
 
 @_rotary_fill.register_fake
@@ -39,6 +40,6 @@ def apply_rotary_pos_emb_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, v
     """
     cos, sin = rotary_checks(query, key, cos, sin)
     fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, 0)
-    torch.ops.dlinfer.apply_rotary_pos_emb_fill_kv_cache(query, key, value, key_cache, value_cache, cos, sin,
+    run(_rotary_fill, _rotary_fill_impl, query, key, value, key_cache, value_cache, cos, sin,
                                                          kv_start_indices)
     return query, key

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
 def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozenset[str]:
@@ -27,15 +27,17 @@ def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None
                          f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}", allow=-1)
 
 
-@torch.library.custom_op("dlinfer::fill_kv_cache", mutates_args=("key_cache", "value_cache"))
-def _fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def _fill_kv_cache_impl(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    kv_start_indices: torch.Tensor, k_scales_zeros: list[torch.Tensor],
                    v_scales_zeros: list[torch.Tensor], quant_bits: int) -> None:
     check_slots(kv_start_indices, key_cache)
-    call = call_info("fill_kv_cache", key, head_size=key.shape[-1], head_size_v=value.shape[-1],
+    impl = implementation("fill_kv_cache", key, head_size=key.shape[-1], head_size_v=value.shape[-1],
                      block_size=key_cache.shape[1], features=cache_call_features(key_cache, quant_bits))
-    implementation(call)(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros,
+    impl(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros,
                          quant_bits)
+
+
+_fill_kv_cache = torch.library.custom_op("dlinfer::fill_kv_cache", _fill_kv_cache_impl, mutates_args=("key_cache", "value_cache"))
 
 
 @_fill_kv_cache.register_fake
@@ -89,7 +91,7 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     quant_bits = fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits)
     k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
     v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
-    torch.ops.dlinfer.fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
+    run(_fill_kv_cache, _fill_kv_cache_impl, key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
     return key_cache, value_cache
 
 

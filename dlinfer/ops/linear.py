@@ -7,12 +7,14 @@ from typing import Any
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
-@torch.library.custom_op("dlinfer::linear", mutates_args=())
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return implementation(call_info("linear", x))(x, weight, bias)
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return implementation("linear", x)(x, weight, bias)
+
+
+_linear = torch.library.custom_op("dlinfer::linear", _linear_impl, mutates_args=())
 
 
 @_linear.register_fake
@@ -49,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _checks.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
         _checks.dim_is("bias", bias, 0, weight.shape[0], "weight.shape[0]")
     _checks.same_device(x=x, weight=weight, bias=bias)
-    out = torch.ops.dlinfer.linear(x, weight, bias)
+    out = run(_linear, _linear_impl, x, weight, bias)
     if all_reduce:
         import torch.distributed as dist
 

@@ -8,12 +8,14 @@ import torch
 
 from dlinfer.errors import NotSupportedError
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
-@torch.library.custom_op("dlinfer::moe_gating_topk_softmax", mutates_args=())
-def _moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation(call_info("moe_gating_topk_softmax", router_logits))(router_logits, topk)
+def _moe_gating_topk_softmax_impl(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("moe_gating_topk_softmax", router_logits)(router_logits, topk)
+
+
+_moe_gating_topk_softmax = torch.library.custom_op("dlinfer::moe_gating_topk_softmax", _moe_gating_topk_softmax_impl, mutates_args=())
 
 
 @_moe_gating_topk_softmax.register_fake
@@ -23,14 +25,16 @@ def _(router_logits, topk):
             router_logits.new_empty(shape, dtype=torch.int64))
 
 
-@torch.library.custom_op("dlinfer::fused_moe", mutates_args=())
-def _fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
+def _fused_moe_impl(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
                topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
     if _checks.values_checked(topk_ids):
         _checks.in_range("topk_ids", topk_ids, 0, gate_up_weights.shape[0],
                          f"expert ids of {gate_up_weights.shape[0]} experts")
-    call = call_info("fused_moe", hidden_states)
-    return implementation(call)(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
+    impl = implementation("fused_moe", hidden_states)
+    return impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
+
+
+_fused_moe = torch.library.custom_op("dlinfer::fused_moe", _fused_moe_impl, mutates_args=())
 
 
 @_fused_moe.register_fake
@@ -68,7 +72,7 @@ def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int,
     groups = getattr(moe_metadata, "router_n_groups", -1) if moe_metadata is not None else -1
     if groups is not None and groups > 1:
         raise NotSupportedError(f"moe_metadata.router_n_groups={groups}: grouped top-k routing is not supported")
-    return torch.ops.dlinfer.moe_gating_topk_softmax(router_logits, topk)
+    return run(_moe_gating_topk_softmax, _moe_gating_topk_softmax_impl, router_logits, topk)
 
 
 def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
@@ -118,5 +122,5 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     _check_metadata(moe_metadata)
     if chunked_moe_layout is not None:
         raise NotSupportedError("chunked_moe_layout is an Ascend-only weight layout; pass None")
-    return torch.ops.dlinfer.fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids,
+    return run(_fused_moe, _fused_moe_impl, hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids,
                                        renormalize)

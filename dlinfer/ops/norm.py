@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
-@torch.library.custom_op("dlinfer::rms_norm", mutates_args=())
-def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
-    return implementation(call_info("rms_norm", hidden_states))(hidden_states, weight, epsilon)
+def _rms_norm_impl(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return implementation("rms_norm", hidden_states)(hidden_states, weight, epsilon)
+
+
+_rms_norm = torch.library.custom_op("dlinfer::rms_norm", _rms_norm_impl, mutates_args=())
 
 
 @_rms_norm.register_fake
@@ -18,10 +20,12 @@ def _(hidden_states, weight, epsilon):
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("dlinfer::add_rms_norm", mutates_args=())
-def _add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def _add_rms_norm_impl(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation(call_info("add_rms_norm", hidden_states))(hidden_states, residual, weight, epsilon)
+    return implementation("add_rms_norm", hidden_states)(hidden_states, residual, weight, epsilon)
+
+
+_add_rms_norm = torch.library.custom_op("dlinfer::add_rms_norm", _add_rms_norm_impl, mutates_args=())
 
 
 @_add_rms_norm.register_fake
@@ -61,7 +65,7 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float =
         epsilon: added to the mean square.
     """
     epsilon = _check(hidden_states, weight, epsilon)
-    return torch.ops.dlinfer.rms_norm(hidden_states, weight, epsilon)
+    return run(_rms_norm, _rms_norm_impl, hidden_states, weight, epsilon)
 
 
 def add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -78,4 +82,4 @@ def add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: to
         epsilon: added to the mean square.
     """
     epsilon = _check(hidden_states, weight, epsilon, residual)
-    return torch.ops.dlinfer.add_rms_norm(hidden_states, residual, weight, epsilon)
+    return run(_add_rms_norm, _add_rms_norm_impl, hidden_states, residual, weight, epsilon)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks
-from dlinfer.ops._dispatch import call_info, implementation
+from dlinfer.ops._dispatch import implementation, run
 
 
-@torch.library.custom_op("dlinfer::apply_rotary_pos_emb", mutates_args=("query", "key"))
-def _apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    implementation(call_info("apply_rotary_pos_emb", query, head_size=query.shape[-1]))(query, key, cos, sin)
+def _apply_rotary_pos_emb_impl(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    implementation("apply_rotary_pos_emb", query, head_size=query.shape[-1])(query, key, cos, sin)
+
+
+_apply_rotary_pos_emb = torch.library.custom_op("dlinfer::apply_rotary_pos_emb", _apply_rotary_pos_emb_impl, mutates_args=("query", "key"))
 
 
 @_apply_rotary_pos_emb.register_fake
@@ -45,7 +47,7 @@ def apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tens
         ``(query, key)``, the same tensor objects, rotated in place.
     """
     cos, sin = rotary_checks(query, key, cos, sin)
-    torch.ops.dlinfer.apply_rotary_pos_emb(query, key, cos, sin)
+    run(_apply_rotary_pos_emb, _apply_rotary_pos_emb_impl, query, key, cos, sin)
     return query, key
 
 

@@ -735,7 +735,7 @@ def _forced(vendor: str, op: str):
                 registry._overrides[op] = previous
             else:
                 registry._overrides.pop(op, None)
-            registry._selection_cache.clear()
+            registry.clear_selection_cache()
 
 
 def _describe(p: dict) -> str:

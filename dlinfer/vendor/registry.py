@@ -151,7 +151,14 @@ _discovered = False
 _discovering = False
 _overrides: dict[str | None, str | None] = {}
 _selection_cache: dict[Call, tuple[Vendor, Callable[..., Any]]] = {}
+_impl_cache: dict[tuple, Callable[..., Any]] = {}  # Call fields as a tuple -> implementation (hot path)
 _logged_fallbacks: set[tuple[str, str, str]] = set()
+
+
+def clear_selection_cache() -> None:
+    """Forget cached vendor choices (the next call of each op selects again, e.g. after env changes)."""
+    _selection_cache.clear()
+    _impl_cache.clear()
 
 
 def _env_key(op: str | None) -> str:
@@ -166,13 +173,13 @@ def register_vendor(vendor: Vendor, *, replace: bool = False) -> None:
         if vendor.name in _vendors and not replace and _vendors[vendor.name] is not vendor:
             raise ValueError(f"a vendor named {vendor.name!r} is already registered")
         _vendors[vendor.name] = vendor
-        _selection_cache.clear()
+        clear_selection_cache()
 
 
 def unregister_vendor(name: str) -> None:
     with _lock:
         _vendors.pop(name, None)
-        _selection_cache.clear()
+        clear_selection_cache()
 
 
 def _discover() -> None:
@@ -261,13 +268,13 @@ def set_override(name: str | None, op: str | None = None) -> None:
         get_vendor(name)
     with _lock:
         _overrides[op] = name
-        _selection_cache.clear()
+        clear_selection_cache()
 
 
 def clear_overrides() -> None:
     with _lock:
         _overrides.clear()
-        _selection_cache.clear()
+        clear_selection_cache()
 
 
 def forced_vendor(op: str) -> tuple[str | None, str]:
@@ -306,6 +313,15 @@ def select(call: Call) -> tuple[Vendor, Callable[..., Any]]:
         choice = _select_uncached(call)
         _selection_cache[call] = choice
         return choice
+
+
+def implementation_for(key: tuple) -> Callable[..., Any]:
+    """``select(Call(*key))[1]``, cached on the plain tuple: the per-call path of every op."""
+    impl = _impl_cache.get(key)
+    if impl is None:
+        impl = select(Call(*key))[1]
+        _impl_cache[key] = impl
+    return impl
 
 
 def _select_uncached(call: Call) -> tuple[Vendor, Callable[..., Any]]:

@@ -27,7 +27,7 @@ def isolated_registry(monkeypatch):
         # hermetic: only the in-tree vendors, whatever plugins this environment has installed
         for name in [n for n in registry._vendors if n not in IN_TREE]:
             del registry._vendors[name]
-        registry._selection_cache.clear()
+        registry.clear_selection_cache()
     yield registry
     with registry._lock:
         registry._vendors.clear()
@@ -39,4 +39,4 @@ def isolated_registry(monkeypatch):
         registry._overrides.update(saved[3])
         registry._logged_fallbacks.clear()
         registry._logged_fallbacks.update(saved[4])
-        registry._selection_cache.clear()
+        registry.clear_selection_cache()
