@@ -387,3 +387,61 @@ def test_launch_parameter_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("DLINFER_TRITON_PREFILL", "block_n=big")
     with pytest.raises(ValueError, match="block_n must be an integer"):
         attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+
+
+# ------------------------------------------------------------------- GPU code paths, compiled without a GPU
+_COMPILE_FOR_SM90 = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dlinfer.vendor.triton import attention_decode as dec, attention_prefill as pre
+
+def compile_(fn, ptrs, consts, floats, num_warps, num_stages):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                                  num_stages=num_stages))
+
+for dt, group, use_dot, direct in (("bf16", 4, True, False), ("bf16", 1, True, True), ("fp32", 1, False, False)):
+    ptrs = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, block_table_ptr="i32", kv_lens_ptr="i32", out_ptr=dt,
+                mid_o_ptr="fp32", mid_lse_ptr="fp32")
+    consts = dict(GROUP=group, BLOCK_H=16 if use_dot else 1, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128,
+                  BLOCK_DV=128, PAGE_SIZE=16, BLOCK_N=64, USE_DOT=use_dot, DIRECT=direct,
+                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False)
+    compile_(dec._decode_split_kernel, ptrs, consts, ("qk_scale",), 4, 3)
+compile_(dec._decode_reduce_kernel, dict(mid_o_ptr="fp32", mid_lse_ptr="fp32", out_ptr="bf16"),
+         dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16), (), 4, 1)
+for paged, pack, causal in ((False, 4, True), (True, 1, True), (True, 4, False)):
+    ptrs = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16", q_ends_ptr="i32", kv_ptr_lens="i32",
+                block_table_ptr="i32")
+    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_M=128,
+                  BLOCK_N=64, PAGED=paged, PAGE_SIZE=64, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False)
+    kernel = compile_(pre._prefill_kernel, ptrs, consts, ("qk_scale",), 8, 3)
+    assert "wgmma" in kernel.asm["ptx"], "prefill must run on Hopper tensor cores (wgmma)"
+print("compiled")
+'''
+
+
+def test_gpu_code_paths_compile_for_sm90():
+    """The for-loop (pipelined) code paths the interpreter does not run, compiled for an H100 (sm_90a) on this
+    CPU with the ptxas of the triton wheel: catches compile errors, and checks prefill uses wgmma."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"no ptxas in the triton wheel ({ptxas})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
