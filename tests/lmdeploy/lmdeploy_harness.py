@@ -25,7 +25,7 @@ class PagedModel:
     """One LMDeploy patched model on the CPU with a paged cache of ``num_blocks`` x ``block_size``."""
 
     def __init__(self, model_path: str, *, block_size: int = 16, num_blocks: int = 64, dtype: str = "float32",
-                 seed: int = 0):
+                 seed: int = 0, dist_config=None):
         from lmdeploy.pytorch.config import CacheConfig, MiscConfig, ModelConfig
         from lmdeploy.pytorch.model_inputs import BuildModelContext
         from lmdeploy.pytorch.models.patch import build_patched_model
@@ -34,7 +34,8 @@ class PagedModel:
 
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, block_size=block_size)
+        self.model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, block_size=block_size,
+                                                        dist_config=dist_config)
         self.cache_config = CacheConfig(max_batches=8, block_size=block_size, num_cpu_blocks=0,
                                         num_gpu_blocks=num_blocks)
         self.model = build_patched_model(self.model_config, device=torch.device("cpu"),
@@ -43,7 +44,8 @@ class PagedModel:
                                                                                      MiscConfig())))
         load_model_weights(self.model, model_path, device=torch.device("cpu"))
         cfg = self.model_config
-        heads, head_dim = cfg.num_key_value_heads, cfg.head_dim
+        _, heads = cfg.get_num_qkv_head_by_tp()  # this rank's KV heads (all of them without tensor parallelism)
+        head_dim = cfg.head_dim
         v_head_dim = getattr(cfg, "v_head_dim", None) or head_dim
         self.kv_caches = [
             [torch.zeros(num_blocks, block_size, heads, head_dim, dtype=cfg.dtype),
