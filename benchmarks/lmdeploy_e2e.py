@@ -279,6 +279,27 @@ def build_model(key: str, layers: int, model_dir: Path, log) -> Path:
     return path
 
 
+def run_isolated(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``command`` in its own process group; past ``timeout`` kill the whole group (an engine's spawned
+    tensor-parallel workers included, so they free their GPU before the next run). Returns (exit code, output)."""
+    import signal
+
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise RuntimeError(f"timed out after {timeout:.0f} s: {(output or '')[-2000:]}") from None
+    finally:
+        try:  # workers a finished child left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, output or ""
+
+
 def environment() -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "argv": sys.argv[1:]}
@@ -526,17 +547,14 @@ def main(argv=None) -> int:
         log(f"[run] {name}")
         t0 = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(spec))],
-                                  cwd=ROOT, timeout=min(args.run_timeout, left - 10), capture_output=True,
-                                  text=True)
-            tail = (done.stdout + done.stderr)[-3000:]
-            if done.returncode != 0:
-                raise RuntimeError(f"exit {done.returncode}: {tail}")
+            code, output = run_isolated([sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(spec))],
+                                        timeout=min(args.run_timeout, left - 10))
+            if code != 0:
+                raise RuntimeError(f"exit {code}: {output[-3000:]}")
             result = json.loads(Path(spec.result_path).read_text())
         except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
-            message = str(exc) if not isinstance(exc, subprocess.TimeoutExpired) else f"timed out after {exc.timeout:.0f} s"
-            log(f"[fail] {name} after {time.perf_counter() - t0:.0f} s: {message[-1500:]}")
-            report["runs"][name] = {"error": message[-3000:]}
+            log(f"[fail] {name} after {time.perf_counter() - t0:.0f} s: {str(exc)[-1500:]}")
+            report["runs"][name] = {"error": str(exc)[-3000:]}
             save()
             continue
         token_lists[name] = result.pop("first_tokens")
@@ -544,7 +562,8 @@ def main(argv=None) -> int:
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
             f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s)")
         for row in (result.get("profile_top_kernels") or [])[:12]:
-            log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x {row['kernel'][:90]}")
+            log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
+                f"{row['kernel'][:90]}")
         if result.get("ops_served"):
             log(f"[ops] {name}: " + "; ".join(f"{op}: {','.join(v) if isinstance(v, list) else v}"
                                                 for op, v in result["ops_served"].items()))

@@ -127,3 +127,34 @@ def test_drive_collects_tokens_and_times(e2e):
     for prompt, record in zip(prompts, records):
         assert record["tokens"] == [(sum(prompt) + i) % 97 for i in range(5)]
         assert 0 <= record["first"] <= record["last"] <= duration and "error" not in record
+
+
+def test_run_isolated_kills_the_whole_process_group(e2e, tmp_path):
+    assert e2e.run_isolated([sys.executable, "-c", "print('ok')"], 60) == (0, "ok\n")
+    marker = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            f"open({str(marker)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(300)")
+    with pytest.raises(RuntimeError, match="timed out after 5 s"):
+        e2e.run_isolated([sys.executable, "-c", code], 5)
+    import os
+    import time
+
+    pid = int(marker.read_text())
+
+    def alive() -> bool:  # a zombie (killed, not yet reaped by whoever adopted it) counts as dead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
+
+    for _ in range(50):  # the kill is asynchronous
+        if not alive():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the grandchild survived the timeout")
