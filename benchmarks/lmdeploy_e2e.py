@@ -558,6 +558,11 @@ def main(argv=None) -> int:
             save()
             continue
         token_lists[name] = result.pop("first_tokens")
+        notes = list(dict.fromkeys(line.strip() for line in output.splitlines()
+                                   if "dlinfer" in line and ("WARNING" in line or "falls back" in line)))
+        result["dlinfer_warnings"] = notes[:40]
+        for note in notes[:10]:
+            log(f"[warn] {name}: {note[:200]}")
         report["runs"][name] = result
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
             f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s)")
