@@ -158,3 +158,43 @@ def test_run_isolated_kills_the_whole_process_group(e2e, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("the grandchild survived the timeout")
+
+
+def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
+    """main(): every planned run, results merged, agreement computed, JSON and tables written; a failed run is
+    recorded and the others go on."""
+    import json
+
+    monkeypatch.setattr(e2e, "build_model", lambda key, layers, model_dir, log: tmp_path / key)
+    monkeypatch.setattr(e2e, "environment", lambda: {"date": "today", "argv": []})
+
+    def fake_run(command, timeout):
+        spec = json.loads(command[command.index("--child") + 1])
+        if spec["backend"] == "dlinfer" and spec["mode"] == "eager":
+            return 1, "Traceback ... boom"
+        tokens = [[7] * spec["compare_tokens"] for _ in range(spec["requests"])]
+        if spec["backend"] == "dlinfer":
+            tokens[0] = [7, 8] + [7] * (spec["compare_tokens"] - 2)
+        result = {"name": spec["model"], "output_tok_s": 100.0 if spec["backend"] == "stock" else 110.0,
+                  "total_tok_s": 300.0, "mean_ttft_s": 0.1, "mean_tpot_s": 0.01, "duration_s": 1.0,
+                  "startup_s": 2.0, "warmup_s": 0.5, "first_tokens": tokens}
+        with open(spec["result_path"], "w") as f:
+            json.dump(result, f)
+        return 0, "2026 dlinfer WARNING dlinfer: fused_moe falls back from vendor 'triton' to 'reference'\n"
+
+    monkeypatch.setattr(e2e, "run_isolated", fake_run)
+    out = tmp_path / "out" / "r.json"
+    code = e2e.main(["--model", "qwen3moe", "--mode", "both", "--requests", "4", "--new-tokens", "8",
+                     "--compare-tokens", "4", "--out", str(out)])
+    assert code == 1, "a failed run makes the command fail"
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"qwen3moe/stock/eager/tp1", "qwen3moe/dlinfer/eager/tp1",
+                                   "qwen3moe/stock/graph/tp1", "qwen3moe/dlinfer/graph/tp1"}
+    assert "boom" in report["runs"]["qwen3moe/dlinfer/eager/tp1"]["error"]
+    assert report["runs"]["qwen3moe/dlinfer/graph/tp1"]["dlinfer_warnings"]
+    agr = {(a["a"], a["b"]): a for a in report["agreement"]}
+    pair = agr[("qwen3moe/dlinfer/graph/tp1", "qwen3moe/stock/graph/tp1")]
+    assert pair["first_token_equal"] == 1.0 and pair["all_k_equal"] == 0.75
+    assert report["models"] == {"qwen3moe": "Qwen3-30B-A3B shape, 12 of 48 layers"}
+    table = (out.parent / "lmdeploy_e2e.md").read_text()
+    assert "| qwen3moe/dlinfer/graph/tp1 | 110 | 300 | 100 | 10.00 | 1.100 |" in table
