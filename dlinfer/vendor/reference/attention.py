@@ -54,10 +54,23 @@ def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqle
 
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
                            attn_output) -> None:
-    for b, kv_len in enumerate(kv_seqlens.tolist()):
-        if kv_len == 0:
-            attn_output[b] = 0
-            continue
-        k = _gather(key_cache, block_table[b], kv_len)
-        v = _gather(value_cache, block_table[b], kv_len)
-        attn_output[b] = _attend(query[b:b + 1], k, v, softmax_scale, True)[0].to(attn_output.dtype)
+    """All sequences at once: gather every sequence's block-table row, mask positions past its length.
+
+    No host sync (lengths stay on the device), so it also runs under CUDA-graph capture.
+    """
+    batch, max_blocks = block_table.shape
+    block_size = key_cache.shape[1]
+    lengths = kv_seqlens.long()
+    used = torch.arange(max_blocks, device=query.device)[None, :] * block_size < lengths[:, None]
+    blocks = torch.where(used, block_table.long(), 0)  # entries past a sequence's last block may be garbage
+    k = key_cache[blocks].flatten(1, 2).float()  # [B, max_blocks * block_size, Hk, D]
+    v = value_cache[blocks].flatten(1, 2).float()
+    group = query.shape[1] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    visible = torch.arange(k.shape[1], device=query.device)[None, :] < lengths[:, None]
+    v = v.masked_fill(~visible[:, :, None, None], 0.0)  # slots past a length may hold anything, NaN included
+    scores = torch.einsum("bhd,bkhd->bhk", query.float(), k) * softmax_scale
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a zero-length sequence gives a zero row
+    attn_output.copy_(torch.einsum("bhk,bkhd->bhd", probs, v).to(attn_output.dtype))
