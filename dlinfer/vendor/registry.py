@@ -315,6 +315,12 @@ def select(call: Call) -> tuple[Vendor, Callable[..., Any]]:
         return choice
 
 
+def selections() -> dict[Call, str]:
+    """Every call metadata selected so far in this process and the vendor that serves it (what ran)."""
+    with _lock:
+        return {call: vendor.name for call, (vendor, _impl) in _selection_cache.items()}
+
+
 def implementation_for(key: tuple) -> Callable[..., Any]:
     """``select(Call(*key))[1]``, cached on the plain tuple: the per-call path of every op."""
     impl = _impl_cache.get(key)

@@ -46,10 +46,9 @@ def served_vendors() -> dict[str, list[str]]:
     """
     from dlinfer.vendor import registry
 
-    cache = getattr(registry, "_selection_cache", None) or {}
     out: dict[str, set[str]] = {}
-    for call, (vendor, _impl) in list(cache.items()):
-        out.setdefault(call.op, set()).add(vendor.name)
+    for call, vendor in registry.selections().items():
+        out.setdefault(call.op, set()).add(vendor)
     return {op: sorted(names) for op, names in sorted(out.items())}
 
 
