@@ -117,7 +117,9 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     num_warps = 4 if block_h <= 32 else 8
     if dtype == torch.float32:
         block_n, num_warps = block_n // 2, (8 if use_dot else 4)
-    cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=3,
+    # num_stages 2: measured on the H100 (bf16, 32/8 heads, D 128; benchmarks/tune_attention.py, 2026-11-25)
+    # 366 vs 410 us at B=64 ctx 4k, equal within noise at B=1 and B=16.
+    cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=2,
                        target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
     cfg = env_overrides(cfg, "DLINFER_TRITON_DECODE")
     if not cfg.use_dot and group > 1:

@@ -53,6 +53,7 @@ from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import env_overrides
 
 LOG2E = 1.4426950408889634
+LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,15 @@ class PrefillConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int) -> PrefillConfig:
-    """Launch parameters of the prefill kernel (the one place to tune them)."""
+def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int,
+            long_queries: bool = True) -> PrefillConfig:
+    """Launch parameters of the prefill kernel (the one place to tune them).
+
+    ``long_queries``: ``max_q_seq_len >= LONG_QUERIES`` (a host int, so the choice is CUDA-graph safe).
+    Measured on the H100 (bf16, 32/8 heads, D 128; benchmarks/tune_attention.py, 2026-11-25): 128x128 tiles
+    with 8 warps won at 4x2048 (383 vs 394 us) and 1x8192 tokens (1120 vs 1279 us); 64x64 tiles with 4 warps
+    at 16x512 (167 vs 175 us).
+    """
     if device_type == "cpu":  # TRITON_INTERPRET=1
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
@@ -75,8 +83,10 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     elif widest <= 64:
         cfg = PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    elif widest <= 128 and long_queries:
+        cfg = PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     elif widest <= 128:
-        cfg = PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     return env_overrides(cfg, "DLINFER_TRITON_PREFILL")
@@ -274,7 +284,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     batch = q_ends.shape[0]
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
-    cfg = _config(query.device.type, query.dtype, head_size, head_size_v)
+    cfg = _config(query.device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES)
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
     num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m // pack)

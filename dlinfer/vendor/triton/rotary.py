@@ -59,8 +59,10 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, n_q_heads, n_k_heads, half,
 
 # Launch parameters, in one place: a program handles up to ROTARY_TILE elements of each half (heads x D/2),
 # with one warp per ROTARY_ELEMS_PER_WARP of them.
-ROTARY_TILE = 2048
-ROTARY_ELEMS_PER_WARP = 256
+# Measured on the H100 (benchmarks/tune_elementwise.py, 2026-11-25): 64.6 vs 67.2 us at 8192 tokens
+# against 2048/256, equal at 1 and 256 tokens.
+ROTARY_TILE = 512
+ROTARY_ELEMS_PER_WARP = 128
 ROTARY_MAX_WARPS = 8
 
 
