@@ -79,7 +79,10 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     if device_type == "cpu":  # TRITON_INTERPRET=1
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
-    if dtype == torch.float32:
+    if dtype == torch.float32 and widest > 128:
+        # 64x32 fp32 tiles with 2 stages need 256 KB of shared memory at D=256 (over the H100's 227 KB).
+        cfg = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
         cfg = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     elif widest <= 64:
         cfg = PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
