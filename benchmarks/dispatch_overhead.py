@@ -29,21 +29,17 @@ from pathlib import Path
 
 import torch
 
-import dlinfer
-import dlinfer.ops as ops
-from dlinfer.vendor import registry
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dlinfer  # noqa: E402
+import dlinfer.ops as ops  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from dlinfer.vendor import registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-
-
-@torch.library.custom_op("dlinfer_bench::noop", mutates_args=())
-def _noop(x: torch.Tensor) -> None:
-    return None
-
-
-@_noop.register_fake
-def _(x):
-    return None
 
 
 def _cases():
@@ -110,7 +106,7 @@ def measure(calls: int, warmup: int = 200) -> list[dict]:
         vendor, impl = registry.select(call)
         levels = {"wrapper": wrapper, "wrapper_no_value_checks": _without_value_checks(wrapper),
                   "custom_op": custom, "impl": lambda impl=impl, a=impl_args: impl(*a),
-                  "floor": lambda: torch.ops.dlinfer_bench.noop(floor_x)}
+                  "floor": lambda: timing.noop_custom_op(floor_x)}
         samples: dict[str, list[int]] = {name: [] for name in levels}
         for _ in range(warmup):
             for fn in levels.values():
