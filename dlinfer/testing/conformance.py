@@ -7,6 +7,11 @@ prefill, non-causal prefill, ``attn_output`` given or aliasing the query, ``head
 each case twice through the public wrappers of ``dlinfer.ops`` — once with the vendor under test forced for
 the op, once with ``reference`` forced — on identical inputs, and compares the results.
 
+When the vendor under test is ``reference`` itself, the other side is the independent float64 oracle of
+:mod:`dlinfer.testing.oracle` instead (inputs copied to float64, results cast back to the dtype, in-place
+writes kept), served through the same public wrappers by a temporary vendor ``float64_oracle``; the
+tolerances stay those of the dtype, since the reference computes in float32 and rounds to the dtype.
+
 * Outputs passed in (``attn_output``) are poisoned with NaN, and cache slots a kernel must not read hold
   NaN, so unwritten elements and reads past a sequence's end show up; a NaN or Inf in a result never passes.
 * Error is the relative norm ``||out - ref|| / ||ref||`` (in float64) plus the largest absolute difference
@@ -43,6 +48,7 @@ import torch
 import dlinfer
 import dlinfer.ops as ops
 from dlinfer.errors import NotSupportedError
+from dlinfer.testing import oracle
 from dlinfer.vendor import registry
 
 ALL_OPS: tuple[str, ...] = tuple(ops.CORE_OPS) + tuple(getattr(ops, "EXTRA_OPS", ()))
@@ -59,6 +65,14 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
 }
 
 PASS, FAIL, ERROR, REFUSED, NA, SKIPPED = "pass", "fail", "error", "refused", "n/a", "skipped"
+
+ORACLE_VENDOR = "float64_oracle"  # the temporary vendor serving dlinfer.testing.oracle
+ORACLE_LABEL = "float64 oracle"
+
+
+def baseline_for(vendor: str) -> str:
+    """What ``vendor`` is compared against: the float64 oracle for ``reference``, else ``reference``."""
+    return ORACLE_LABEL if vendor == "reference" else "reference"
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -151,7 +165,7 @@ class Report:
     def table(self, width: int = 180) -> str:
         """A plain-text pass/fail table, one row per op, with the worst relative error."""
         head = f"{'op':<36} {'result':<8} {'pass':>5} {'fail':>5} {'refus':>5} {'skip':>5} {'worst rel err':>13}  note"
-        lines = [f"dlinfer check: vendor {self.vendor!r} vs 'reference' on {self.device} "
+        lines = [f"dlinfer check: vendor {self.vendor!r} vs {baseline_for(self.vendor)!r} on {self.device} "
                  f"({'quick' if self.quick else 'full'} matrix, seed {self.seed})", head, "-" * len(head)]
         for s in self.summaries():
             worst = "-" if s.worst_rel_err is None else f"{s.worst_rel_err:.2e}"
@@ -172,6 +186,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "vendor": self.vendor,
+            "oracle": baseline_for(self.vendor),
             "device": self.device,
             "quick": self.quick,
             "seed": self.seed,
@@ -768,8 +783,46 @@ def interpreter_skip(vendor: str, op: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+_ORACLE: registry.Vendor | None = None
+
+
+def _oracle_as_vendor() -> registry.Vendor:
+    global _ORACLE
+    if _ORACLE is None:
+        features = frozenset({"strided_cache", "non_causal"})
+        _ORACLE = registry.Vendor(
+            name=ORACLE_VENDOR, priority=-1000, devices=frozenset({registry.ANY_DEVICE}),
+            default_devices=frozenset(), ops={op: oracle.upcast_op(op) for op in oracle.OPS},
+            capabilities={op: registry.Capabilities(features=features)
+                          for op in ("fill_kv_cache", "prefill_attention", "paged_prefill_attention",
+                                     "paged_decode_attention", "apply_rotary_pos_emb_fill_kv_cache")},
+            description="dlinfer.testing.oracle: independent float64 math (conformance kit only)")
+    return _ORACLE
+
+
+@contextlib.contextmanager
+def _oracle_vendor():
+    """Register the float64 oracle as a vendor (never a default; only forced) for the duration; re-entrant."""
+    vendor = _oracle_as_vendor()
+    with registry._lock:
+        current = registry._vendors.get(ORACLE_VENDOR)
+        if current is vendor:  # already registered by an enclosing run
+            nested = True
+        elif current is not None:
+            raise RuntimeError(f"a vendor named {ORACLE_VENDOR!r} is already registered; the kit needs the name")
+        else:
+            nested = False
+            registry.register_vendor(vendor)
+    try:
+        yield
+    finally:
+        if not nested:
+            registry.unregister_vendor(ORACLE_VENDOR)
+
+
 def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: torch.device, seed: int) -> CaseResult:
-    """One case: the vendor and the reference on identical inputs, compared."""
+    """One case: the vendor and its baseline (``reference``, or the float64 oracle for ``reference``) on
+    identical inputs, compared."""
     spec = SPECS[op]
     name = _describe(params)
     dt = str(dtype).replace("torch.", "")
@@ -777,13 +830,15 @@ def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: tor
     skip = interpreter_skip(vendor, op, dtype)
     if skip:
         return CaseResult(op, name, dt, SKIPPED, detail=skip)
+    baseline = ORACLE_VENDOR if vendor == "reference" else "reference"
     try:
         ref_inputs = spec.build(params, dtype, _Rand(seed, device))
-        with _forced("reference", op):
+        with _oracle_vendor() if baseline == ORACLE_VENDOR else contextlib.nullcontext(), _forced(baseline, op):
             ref = spec.run(ref_inputs)
         _sync(device)
     except Exception as exc:  # noqa: BLE001 - reported as an error of the kit, never hidden
-        return CaseResult(op, name, dt, ERROR, detail=f"the reference raised {type(exc).__name__}: {exc}",
+        return CaseResult(op, name, dt, ERROR,
+                          detail=f"the {baseline_for(vendor)} raised {type(exc).__name__}: {exc}",
                           seconds=time.perf_counter() - start)
     try:
         inputs = spec.build(params, dtype, _Rand(seed, device))
@@ -837,6 +892,8 @@ def run_conformance(vendor: str, device: str | torch.device | None = None, quick
                     progress: Callable[[str], None] | None = None) -> Report:
     """Test ``vendor`` against ``reference`` on ``device`` (default: this machine's default device).
 
+    ``reference`` itself is tested against the independent float64 oracle (:mod:`dlinfer.testing.oracle`).
+
     Args:
         vendor: a registered vendor name.
         device: where to run; default ``dlinfer.vendor.default_device_type()``.
@@ -861,6 +918,13 @@ def run_conformance(vendor: str, device: str | torch.device | None = None, quick
     results: list[CaseResult] = []
     not_provided: list[str] = []
     start = time.perf_counter()
+    with _oracle_vendor() if vendor == "reference" else contextlib.nullcontext():
+        _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress)
+    return Report(vendor, str(device), quick, seed, results, not_provided, time.perf_counter() - start,
+                  environment(device))
+
+
+def _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress) -> None:
     for n, op in enumerate(selected, 1):
         if not vend.provides(op):
             not_provided.append(op)
@@ -881,9 +945,7 @@ def run_conformance(vendor: str, device: str | torch.device | None = None, quick
             if worst is not None:
                 text += f", worst rel err {worst:.2e}"
             progress(text + f" ({time.perf_counter() - op_start:.1f} s)")
-    return Report(vendor, str(device), quick, seed, results, not_provided, time.perf_counter() - start,
-                  environment(device))
 
 
-__all__ = ["ALL_OPS", "CaseResult", "OpSummary", "Report", "SPECS", "TOLERANCES", "compare", "run_case",
-           "run_conformance"]
+__all__ = ["ALL_OPS", "ORACLE_LABEL", "CaseResult", "OpSummary", "Report", "SPECS", "TOLERANCES", "baseline_for",
+           "compare", "run_case", "run_conformance"]

@@ -34,6 +34,11 @@ def test_reference_passes_quick_matrix_and_json(isolated_registry, tmp_path):
     report.write_json(path)
     data = json.loads(path.read_text())
     assert data["ok"] is True and data["seed"] == 123 and data["vendor"] == "reference"
+    assert data["oracle"] == "float64 oracle" and "vs 'float64 oracle'" in report.table()
+    # compared with float64 math, not with itself: bf16 rounding inside the reference shows
+    worst = {s.op: s.worst_rel_err for s in report.summaries()}
+    assert worst["fused_moe"] > 1e-4 and worst["add_rms_norm"] > 1e-4
+    assert conformance.ORACLE_VENDOR not in isolated_registry.vendors()  # the temporary vendor is gone
     assert {o["op"] for o in data["ops"]} == set(conformance.ALL_OPS)
     assert data["environment"]["torch"] == torch.__version__
 
@@ -179,3 +184,56 @@ def test_compare(dtype):
     assert not conformance.compare("o", ref[:10], ref, dtype, "matmul")[0]
     assert conformance.compare("o", torch.zeros(3), torch.zeros(3), dtype, "matmul")[0]
     assert not conformance.compare("o", torch.ones(3), torch.zeros(3), dtype, "matmul")[0]
+
+
+def _break_reference(monkeypatch, registry, op, fn):
+    monkeypatch.setitem(registry.get_vendor("reference").ops, op, fn)
+    registry.clear_selection_cache()
+
+
+@pytest.mark.parametrize("op", ["silu_and_mul", "paged_decode_attention", "fill_kv_cache", "fused_moe"])
+def test_a_broken_reference_fails_against_the_oracle(isolated_registry, monkeypatch, op):
+    """Reference against itself could never fail; against the float64 oracle a wrong reference does."""
+    good = ref_ops()[op]
+
+    def silu_halves_swapped(x):
+        gate, up = x.float().chunk(2, dim=-1)
+        return (torch.nn.functional.silu(up) * gate).to(x.dtype)
+
+    def decode_scale_off(query, key_cache, value_cache, block_table, kv_seqlens, max_kv, scale, out):
+        good(query, key_cache, value_cache, block_table, kv_seqlens, max_kv, scale * 1.25, out)
+
+    def fill_drops_last_token(key, value, key_cache, value_cache, slots, *rest):
+        good(key[:-1], value[:-1], key_cache, value_cache, slots[:-1], *rest)
+
+    def moe_without_renormalize(x, gate_up, down, weights, ids, renormalize):
+        return good(x, gate_up, down, weights, ids, False)
+
+    broken = {"silu_and_mul": silu_halves_swapped, "paged_decode_attention": decode_scale_off,
+              "fill_kv_cache": fill_drops_last_token, "fused_moe": moe_without_renormalize}[op]
+    assert run_conformance("reference", "cpu", quick=True, ops=[op, "rms_norm"], seed=8).ok  # the real one passes
+    _break_reference(monkeypatch, isolated_registry, op, broken)
+    report = run_conformance("reference", "cpu", quick=True, ops=[op, "rms_norm"], seed=8)
+    assert not report.ok, report.table()
+    s = {x.op: x for x in report.summaries()}
+    assert s[op].status == "FAIL" and s["rms_norm"].status == "pass"
+    assert all(f.op == op for f in report.failures)
+    assert "FAILED" in report.table() and "float64 oracle" in report.table()
+
+
+def test_oracle_serves_any_dtype_and_keeps_in_place_writes():
+    from dlinfer.testing import oracle
+
+    buf = torch.randn(3, 16, 2, 20).to(torch.bfloat16)
+    kc, vc = buf[..., :12], buf[..., 12:]  # strided views of one packed buffer
+    before = buf.clone()
+    k, v = torch.randn(2, 4, 12).to(torch.bfloat16)[:, :2], torch.randn(2, 2, 8).to(torch.bfloat16)
+    oracle.upcast_op("fill_kv_cache")(k, v, kc, vc, torch.tensor([5, -1]), [], [], 0)
+    assert torch.equal(kc[0, 5], k[0]) and torch.equal(vc[0, 5], v[0])
+    before[0, 5] = buf[0, 5]
+    assert torch.equal(buf, before)  # nothing else written, the -1 slot skipped
+    w, ids = oracle.upcast_op("moe_gating_topk_softmax")(torch.tensor([[1.0, 3.0, 3.0, 0.0]]).half(), 2)
+    assert w.dtype == torch.float32 and ids.tolist() == [[1, 2]]  # ties to the lower id
+    assert oracle.upcast_op("linear")(torch.ones(2, 3).half(), torch.ones(4, 3).half(), None).dtype == torch.float16
+    with pytest.raises(ValueError, match="op"):
+        oracle.upcast_op("silu")

@@ -1,7 +1,8 @@
-"""The reference vendor (through the public wrappers) against dense float64 math written here, independently.
+"""The reference vendor (through the public wrappers) against the independent dense float64 math of
+``dlinfer.testing.oracle`` (the same oracle ``dlinfer check --vendor reference`` uses).
 
 Paged attention is checked against plain attention over each sequence gathered token by token from the
-cache; prefill against explicit per-head loops; MoE against a per-token expert loop.
+cache; prefill against explicit per-head loops; MoE expert by expert.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 import dlinfer.ops as ops
 from core_helpers import TOL, rel_err
+from dlinfer.testing.oracle import attention_64, gather_tokens, moe_64, rms_norm_64, rotary_64, silu_and_mul_64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -28,73 +30,6 @@ def gen(seed):
 
 def randn(g, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------- float64 math
-def silu_and_mul_64(x):
-    d = x.shape[-1] // 2
-    gate, up = x[..., :d].double(), x[..., d:].double()
-    return gate / (1.0 + torch.exp(-gate)) * up
-
-
-def rms_norm_64(x, w, eps):
-    x = x.double()
-    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w.double()
-
-
-def rotary_64(x, cos, sin):
-    """Rotate-half: first half pairs with second half."""
-    x = x.double()
-    d = x.shape[-1]
-    h = d // 2
-    c, s = cos.double()[:, None, :], sin.double()[:, None, :]
-    out = torch.empty_like(x)
-    out[..., :h] = x[..., :h] * c[..., :h] - x[..., h:] * s[..., :h]
-    out[..., h:] = x[..., h:] * c[..., h:] + x[..., :h] * s[..., h:]
-    return out
-
-
-def attention_64(q, k, v, scale, causal):
-    """q [Lq, Hq, D], k [Lk, Hk, D], v [Lk, Hk, Dv]: explicit per-head softmax(q k^T) v, ends aligned."""
-    lq, hq, _ = q.shape
-    lk, hk, dv = v.shape
-    out = torch.zeros(lq, hq, dv, dtype=torch.float64)
-    for h in range(hq):
-        kvh = h // (hq // hk)
-        scores = (q[:, h].double() @ k[:, kvh].double().T) * scale  # [Lq, Lk]
-        for i in range(lq):
-            row = scores[i]
-            if causal:
-                visible = i + (lk - lq) + 1
-                row = row[:max(visible, 0)]
-            if row.numel() == 0:
-                continue
-            p = torch.exp(row - row.max())
-            p = p / p.sum()
-            out[i, h] = p @ v[: p.numel(), kvh].double()
-    return out
-
-
-def gather_tokens(cache, table_row, length):
-    """Token j of a sequence is cache[table_row[j // bs], j % bs] (one token at a time)."""
-    bs = cache.shape[1]
-    return torch.stack([cache[int(table_row[j // bs]), j % bs] for j in range(length)]) if length else \
-        cache.new_zeros(0, *cache.shape[2:])
-
-
-def moe_64(x, gate_up, down, weights, ids, renormalize):
-    w = weights.double()
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    inter = down.shape[-1]
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            h = gate_up[e].double() @ x[t].double()
-            act = h[:inter] / (1 + torch.exp(-h[:inter])) * h[inter:]
-            out[t] += w[t, j] * (down[e].double() @ act)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- helpers

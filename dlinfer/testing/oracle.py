@@ -1,0 +1,276 @@
+"""An independent float64 oracle of every op of the contract (``dlinfer.ops.CORE_OPS`` + ``EXTRA_OPS``).
+
+Written from the op definitions, not from ``dlinfer/vendor/reference`` (which computes in float32 with
+batched einsums): here every op is plain float64 math, attention head by head over each sequence's keys
+gathered token by token from the block table, MoE expert by expert.
+
+Two layers:
+
+* dense helpers (``silu_and_mul_64``, ``rms_norm_64``, ``rotary_64``, ``attention_64``, ``gather_tokens``,
+  ``moe_64``) take tensors of any floating dtype and return float64 results; the core tests use them;
+* ``OPS``: one function per op with the vendor signature (the arguments the custom op passes to a vendor's
+  implementation, as in ``dlinfer/vendor/<name>/``). They compute in float64 and write in place where the
+  op does (rotary into ``query``/``key``, caches, ``attn_output``); given float64 tensors they are the float64
+  oracle. :func:`upcast_op` wraps one so it takes tensors of any dtype: floating inputs are copied to
+  float64, the oracle runs, results are cast back and in-place arguments written back (what the conformance
+  kit runs for ``dlinfer check --vendor reference``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------------------------------ dense math
+def silu_and_mul_64(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``."""
+    d = x.shape[-1] // 2
+    gate, up = x[..., :d].to(F64), x[..., d:].to(F64)
+    return gate / (1.0 + torch.exp(-gate)) * up
+
+
+def rms_norm_64(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.to(F64)
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w.to(F64)
+
+
+def rotary_64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary of ``x [T, H, D]`` with ``cos``/``sin [T, D]``: first half pairs with second half."""
+    x = x.to(F64)
+    h = x.shape[-1] // 2
+    c, s = cos.to(F64)[:, None, :], sin.to(F64)[:, None, :]
+    out = torch.empty_like(x)
+    out[..., :h] = x[..., :h] * c[..., :h] - x[..., h:] * s[..., :h]
+    out[..., h:] = x[..., h:] * c[..., h:] + x[..., :h] * s[..., h:]
+    return out
+
+
+def attention_64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q ``[Lq, Hq, D]``, k ``[Lk, Hk, D]``, v ``[Lk, Hk, Dv]`` -> ``[Lq, Hq, Dv]`` float64, head by head.
+
+    Causal aligns the ends (query i sees keys ``j <= i + Lk - Lq``); a query that sees no key gives zeros.
+    """
+    lq, hq, _ = q.shape
+    lk, hk, dv = v.shape
+    out = torch.zeros(lq, hq, dv, dtype=F64, device=q.device)
+    if lq == 0 or lk == 0:
+        return out
+    group = hq // hk
+    last_visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # [Lq, 1]
+    hidden = torch.arange(lk, device=q.device)[None, :] > last_visible if causal else None
+    for h in range(hq):
+        kvh = h // group
+        scores = (q[:, h].to(F64) @ k[:, kvh].to(F64).T) * scale  # [Lq, Lk]
+        if hidden is not None:
+            scores = scores.masked_fill(hidden, -math.inf)
+        top = scores.max(dim=-1, keepdim=True).values
+        seen = torch.isfinite(top)  # rows with at least one visible key
+        p = torch.exp(scores - torch.where(seen, top, torch.zeros_like(top)))
+        denom = p.sum(dim=-1, keepdim=True)
+        p = torch.where(seen, p / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(p))
+        out[:, h] = p @ v[:, kvh].to(F64)
+    return out
+
+
+def gather_tokens(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """Token j of a sequence is ``cache[table_row[j // block_size], j % block_size]``; only ``length`` tokens."""
+    bs = cache.shape[1]
+    j = torch.arange(length, device=cache.device)
+    blocks = table_row.to(cache.device).long()[j // bs] if length else j
+    return cache[blocks, j % bs]
+
+
+def moe_64(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+           renormalize: bool) -> torch.Tensor:
+    """Mixture of experts: ``sum_j w[t, j] * down[e] @ silu_and_mul(gate_up[e] @ x[t])`` with ``e = ids[t, j]``."""
+    w = weights.to(F64)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    ids = ids.long()
+    out = torch.zeros(x.shape, dtype=F64, device=x.device)
+    for e in range(gate_up.shape[0]):
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token].to(F64) @ gate_up[e].to(F64).T  # [n, 2I]
+        y = silu_and_mul_64(h) @ down[e].to(F64).T  # [n, H]
+        out.index_add_(0, token, y * w[token, slot, None])
+    return out
+
+
+# ------------------------------------------------------------------- the ops, with vendor signatures
+def silu_and_mul(x):
+    return silu_and_mul_64(x)
+
+
+def rms_norm(hidden_states, weight, epsilon):
+    return rms_norm_64(hidden_states, weight, epsilon)
+
+
+def add_rms_norm(hidden_states, residual, weight, epsilon):
+    added = hidden_states.to(F64) + residual.to(F64)
+    return rms_norm_64(added, weight, epsilon), added
+
+
+def apply_rotary_pos_emb(query, key, cos, sin) -> None:
+    query.copy_(rotary_64(query, cos, sin))
+    key.copy_(rotary_64(key, cos, sin))
+
+
+def fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros=None, v_scales_zeros=None,
+                  quant_bits=0) -> None:
+    """Token t goes to slot ``kv_start_indices[t]`` (block ``s // block_size``, row ``s % block_size``); -1 skips."""
+    bs = key_cache.shape[1]
+    for t, s in enumerate(kv_start_indices.tolist()):
+        if s < 0:
+            continue
+        key_cache[s // bs, s % bs] = key[t]
+        value_cache[s // bs, s % bs] = value[t]
+
+
+def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+                      attn_output) -> None:
+    qs = ks = 0
+    for ql, kl in zip(q_seqlens.tolist(), kv_seqlens.tolist()):
+        if ql:
+            attn_output[qs:qs + ql] = attention_64(query[qs:qs + ql], key[ks:ks + kl], value[ks:ks + kl],
+                                                   softmax_scale, causal).to(attn_output.dtype)
+        qs, ks = qs + ql, ks + kl
+
+
+def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+    """Sequence b has queries ``cu_seqlens_q[b-1]:cu_seqlens_q[b]`` (the last ones of its ``kv_seqlens[b]`` keys)."""
+    begin = 0
+    for b, (end, kl) in enumerate(zip(cu_seqlens_q.tolist(), kv_seqlens.tolist())):
+        if end > begin:
+            k = gather_tokens(key_cache, block_table[b], kl)
+            v = gather_tokens(value_cache, block_table[b], kl)
+            attn_output[begin:end] = attention_64(query[begin:end], k, v, softmax_scale, causal).to(attn_output.dtype)
+        begin = end
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
+                           attn_output) -> None:
+    """One query token per sequence, seeing all ``kv_seqlens[b]`` keys; a zero-length sequence gives zeros."""
+    q = query.to(F64)  # read before writing: attn_output may alias query
+    rows = []
+    for b, n in enumerate(kv_seqlens.tolist()):
+        k = gather_tokens(key_cache, block_table[b], n)
+        v = gather_tokens(value_cache, block_table[b], n)
+        rows.append(attention_64(q[b:b + 1], k, v, softmax_scale, False)[0])
+    if rows:
+        attn_output.copy_(torch.stack(rows).to(attn_output.dtype))
+
+
+def moe_gating_topk_softmax(router_logits, topk):
+    """Top-k of softmax probabilities, ties to the lower expert id: (weights float64, ids int64)."""
+    probs = torch.softmax(router_logits.to(F64), dim=-1)
+    ids = torch.zeros(probs.shape[0], topk, dtype=torch.int64, device=probs.device)
+    for t in range(probs.shape[0]):
+        row = probs[t].tolist()
+        order = sorted(range(len(row)), key=lambda e: (-row[e], e))[:topk]
+        ids[t] = torch.tensor(order, dtype=torch.int64)
+    return probs.gather(1, ids), ids
+
+
+def fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):
+    return moe_64(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
+
+
+def linear(x, weight, bias):
+    out = x.to(F64) @ weight.to(F64).T
+    return out + bias.to(F64) if bias is not None else out
+
+
+def apply_rotary_pos_emb_fill_kv_cache(query, key, value, key_cache, value_cache, cos, sin,
+                                       kv_start_indices) -> None:
+    apply_rotary_pos_emb(query, key, cos, sin)
+    fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices)
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "silu_and_mul": silu_and_mul,
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "apply_rotary_pos_emb": apply_rotary_pos_emb,
+    "fill_kv_cache": fill_kv_cache,
+    "prefill_attention": prefill_attention,
+    "paged_prefill_attention": paged_prefill_attention,
+    "paged_decode_attention": paged_decode_attention,
+    "moe_gating_topk_softmax": moe_gating_topk_softmax,
+    "fused_moe": fused_moe,
+    "linear": linear,
+    "apply_rotary_pos_emb_fill_kv_cache": apply_rotary_pos_emb_fill_kv_cache,
+}
+
+# dtype of the returned floating tensors, where the contract fixes it (others: the first floating input's)
+_RETURN_DTYPE = {"moe_gating_topk_softmax": torch.float32}
+# positions of the arguments each op writes in place
+IN_PLACE_ARGS = {"apply_rotary_pos_emb": (0, 1), "fill_kv_cache": (2, 3), "prefill_attention": (8,),
+                 "paged_prefill_attention": (10,), "paged_decode_attention": (7,),
+                 "apply_rotary_pos_emb_fill_kv_cache": (0, 1, 3, 4)}
+
+
+def upcast_op(op: str) -> Callable[..., Any]:
+    """``OPS[op]`` for tensors of any dtype: float64 inside, results cast back, in-place writes kept.
+
+    Every floating tensor argument is copied to float64 (aliases stay aliases: one copy per distinct tensor,
+    so ``attn_output`` passed as ``query`` stays the same tensor); after the oracle, the copies of the
+    arguments the op writes (``IN_PLACE_ARGS``) are written back into the originals (so in-place results land
+    in the caller's tensors, strided views of a packed buffer included) and returned tensors are cast to the
+    input dtype (``float32`` weights for ``moe_gating_topk_softmax``).
+    """
+    if op not in OPS:
+        raise ValueError(f"op: unknown op {op!r}; known: {', '.join(OPS)}")
+    fn = OPS[op]
+
+    def run(*args):
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        dtype = None
+
+        def up(a):
+            nonlocal dtype
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                dtype = dtype or a.dtype
+                for orig, copy in copies:
+                    if orig is a:
+                        return copy
+                copy = a.detach().to(F64, copy=True)
+                copies.append((a, copy))
+                return copy
+            if isinstance(a, (list, tuple)):
+                return type(a)(up(x) for x in a)
+            return a
+
+        args64 = [up(a) for a in args]
+        result = fn(*args64)
+        for i in IN_PLACE_ARGS.get(op, ()):
+            if isinstance(args[i], torch.Tensor) and args[i] is not args64[i]:
+                args[i].copy_(args64[i])
+        out_dtype = _RETURN_DTYPE.get(op, dtype)
+
+        def down(r):
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                return r.to(out_dtype)
+            if isinstance(r, tuple):
+                return tuple(down(x) for x in r)
+            return r
+
+        return down(result)
+
+    run.__name__ = f"oracle_{op}"
+    return run
+
+
+__all__ = ["IN_PLACE_ARGS", "OPS", "add_rms_norm", "apply_rotary_pos_emb", "apply_rotary_pos_emb_fill_kv_cache",
+           "attention_64",
+           "fill_kv_cache", "fused_moe", "gather_tokens", "linear", "moe_64", "moe_gating_topk_softmax",
+           "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "rms_norm", "rms_norm_64",
+           "rotary_64", "silu_and_mul", "silu_and_mul_64", "upcast_op"]
