@@ -1,7 +1,7 @@
 """An independent float64 oracle of every op of the contract (``dlinfer.ops.CORE_OPS`` + ``EXTRA_OPS``).
 
 Written from the op definitions, not from ``dlinfer/vendor/reference`` (which computes in float32 with
-batched einsums): here every op is plain float64 math, attention head by head over each sequence's keys
+batched einsums): here every op is plain float64 math, attention over each sequence's keys
 gathered token by token from the block table, MoE expert by expert.
 
 Two layers:
@@ -52,30 +52,27 @@ def rotary_64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def attention_64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q ``[Lq, Hq, D]``, k ``[Lk, Hk, D]``, v ``[Lk, Hk, Dv]`` -> ``[Lq, Hq, Dv]`` float64, head by head.
+    """q ``[Lq, Hq, D]``, k ``[Lk, Hk, D]``, v ``[Lk, Hk, Dv]`` -> ``[Lq, Hq, Dv]`` float64.
 
     Causal aligns the ends (query i sees keys ``j <= i + Lk - Lq``); a query that sees no key gives zeros.
     """
     lq, hq, _ = q.shape
     lk, hk, dv = v.shape
-    out = torch.zeros(lq, hq, dv, dtype=F64, device=q.device)
     if lq == 0 or lk == 0:
-        return out
-    group = hq // hk
-    last_visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # [Lq, 1]
-    hidden = torch.arange(lk, device=q.device)[None, :] > last_visible if causal else None
-    for h in range(hq):
-        kvh = h // group
-        scores = (q[:, h].to(F64) @ k[:, kvh].to(F64).T) * scale  # [Lq, Lk]
-        if hidden is not None:
-            scores = scores.masked_fill(hidden, -math.inf)
-        top = scores.max(dim=-1, keepdim=True).values
-        seen = torch.isfinite(top)  # rows with at least one visible key
-        p = torch.exp(scores - torch.where(seen, top, torch.zeros_like(top)))
-        denom = p.sum(dim=-1, keepdim=True)
-        p = torch.where(seen, p / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(p))
-        out[:, h] = p @ v[:, kvh].to(F64)
-    return out
+        return torch.zeros(lq, hq, dv, dtype=F64, device=q.device)
+    group = hq // hk  # query head h reads key/value head h // group
+    q4 = q.to(F64).reshape(lq, hk, group, -1)
+    scores = torch.einsum("igkd,jgd->gkij", q4, k.to(F64)) * scale  # [Hk, group, Lq, Lk]
+    if causal:
+        last_visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        scores = scores.masked_fill(torch.arange(lk, device=q.device)[None, :] > last_visible, -math.inf)
+    top = scores.max(dim=-1, keepdim=True).values
+    seen = torch.isfinite(top)  # rows with at least one visible key
+    p = torch.exp(scores - torch.where(seen, top, torch.zeros_like(top)))
+    denom = p.sum(dim=-1, keepdim=True)
+    p = torch.where(seen, p / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(p))
+    out = torch.einsum("gkij,jgd->igkd", p, v.to(F64))  # [Lq, Hk, group, Dv]
+    return out.reshape(lq, hq, dv)
 
 
 def gather_tokens(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
