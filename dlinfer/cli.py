@@ -162,7 +162,8 @@ def check(args: argparse.Namespace) -> int:
         return 2
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     if vendor == "reference":
-        print("note: checking 'reference' against itself exercises the kit and the op wrappers only", flush=True)
+        print("note: 'reference' is checked against an independent float64 oracle (dlinfer.testing.oracle)",
+              flush=True)
     try:
         report = run_conformance(vendor, device, quick=args.quick, ops=ops, seed=args.seed,
                                  progress=lambda line: print(line, flush=True))
@@ -210,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices, vendors and the op x vendor table")
     p.add_argument("--device", help="device type for the op table (default: this machine's default device)")
     p.add_argument("--dtype", help="dtype of the typical call (default: float32 on cpu, bfloat16 elsewhere)")
-    p = sub.add_parser("check", help="conformance of a vendor against the reference vendor")
+    p = sub.add_parser("check", help="conformance of a vendor against the reference vendor (reference itself: "
+                                          "against a float64 oracle)")
     p.add_argument("--vendor", help="vendor to check (default: the one serving the device)")
     p.add_argument("--device", help="device to run on, e.g. cuda, cuda:1, cpu (default: this machine's)")
     p.add_argument("--quick", action="store_true", help="small matrix (tiny shapes)")
