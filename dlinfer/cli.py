@@ -3,7 +3,7 @@
     dlinfer info [--device D] [--dtype T]      versions, devices, vendors, the op x vendor table
     dlinfer check [--vendor V] [--device D] [--quick] [--json PATH] [--ops a,b] [--seed N]
                                                the conformance kit (exits 1 on any failure)
-    dlinfer demo [args...]                     dlinfer.demo.main(args)
+    dlinfer demo [args...]                     dlinfer.framework.vllm_ext.demo.main(args)
     dlinfer serve lmdeploy [args...]           dlinfer.framework.lmdeploy_ext.cli.main(args)
 """
 
@@ -219,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--ops", help="comma-separated op names (default: all)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh; printed in the report)")
-    sub.add_parser("demo", help="the end-to-end demo (arguments go to dlinfer.demo)", add_help=False)
+    sub.add_parser("demo", help="the end-to-end demo (arguments go to dlinfer.framework.vllm_ext.demo)",
+                   add_help=False)
     sub.add_parser("serve", help="serve a model with an engine on dlinfer: dlinfer serve lmdeploy [args...]",
                    add_help=False)
     return parser
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv and argv[0] == "demo":
-        return _dispatch("dlinfer.demo", argv[1:], "demo")
+        return _dispatch("dlinfer.framework.vllm_ext.demo", argv[1:], "demo")
     if argv and argv[0] == "serve":
         if len(argv) < 2 or argv[1] not in SERVE_TARGETS:
             got = f"got {argv[1]!r}" if len(argv) > 1 else "none given"

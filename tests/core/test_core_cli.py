@@ -102,9 +102,9 @@ def test_no_command_prints_help(capsys):
 
 def test_demo_and_serve_dispatch(monkeypatch, capsys):
     seen = {}
-    demo = types.ModuleType("dlinfer.demo")
+    demo = types.ModuleType("dlinfer.framework.vllm_ext.demo")
     demo.main = lambda argv: seen.setdefault("demo", argv) and 0
-    monkeypatch.setitem(sys.modules, "dlinfer.demo", demo)
+    monkeypatch.setitem(sys.modules, "dlinfer.framework.vllm_ext.demo", demo)
     assert cli.main(["demo", "--model", "tiny", "-n", "3"]) == 0
     assert seen["demo"] == ["--model", "tiny", "-n", "3"]
 
@@ -117,7 +117,7 @@ def test_demo_and_serve_dispatch(monkeypatch, capsys):
 
 
 def test_missing_module_and_engine_are_clear_errors(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "dlinfer.demo", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "dlinfer.framework.vllm_ext.demo", None)  # import raises ModuleNotFoundError
     assert cli.main(["demo"]) == 2
     assert "dlinfer demo: not available" in capsys.readouterr().err
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)

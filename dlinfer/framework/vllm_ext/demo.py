@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nrunning the same requests on stock vLLM (DLINFER_VLLM=0) in a separate process ...")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "stock.json"
-            cmd = [sys.executable, "-m", "dlinfer.demo", "--arch", args.arch, "--model-dir", res["model"],
-                   "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
+            cmd = [sys.executable, "-m", "dlinfer.framework.vllm_ext.demo", "--arch", args.arch,
+                   "--model-dir", res["model"], "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
                    "--block-size", str(args.block_size), "--json", str(out)] + (["--compile"] if args.compile else [])
             env = dict(os.environ, DLINFER_VLLM="0")
             proc = subprocess.run(cmd, env=env, capture_output=not args.verbose, text=True)
