@@ -58,8 +58,10 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
 
     No host sync (lengths stay on the device), so it also runs under CUDA-graph capture.
     """
-    batch, max_blocks = block_table.shape
     block_size = key_cache.shape[1]
+    # Only the blocks the length bound can reach (a block table is often as wide as the model's max length).
+    max_blocks = max(1, min(block_table.shape[1], (max_kv_seq_len + block_size - 1) // block_size))
+    block_table = block_table[:, :max_blocks]
     lengths = kv_seqlens.long()
     used = torch.arange(max_blocks, device=query.device)[None, :] * block_size < lengths[:, None]
     blocks = torch.where(used, block_table.long(), 0)  # entries past a sequence's last block may be garbage
