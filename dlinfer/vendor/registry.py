@@ -150,15 +150,16 @@ _load_errors: dict[str, str] = {}
 _discovered = False
 _discovering = False
 _overrides: dict[str | None, str | None] = {}
-_selection_cache: dict[Call, tuple[Vendor, Callable[..., Any]]] = {}
-_impl_cache: dict[tuple, Callable[..., Any]] = {}  # Call fields as a tuple -> implementation (hot path)
+# Call's fields as a plain tuple -> (vendor, implementation). Keyed by the tuple, not the Call, so that the
+# per-call path of every op (implementation_for) never builds a Call.
+_selection_cache: dict[tuple, tuple[Vendor, Callable[..., Any]]] = {}
+_CALL_FIELDS = tuple(f.name for f in dataclasses.fields(Call))
 _logged_fallbacks: set[tuple[str, str, str]] = set()
 
 
 def clear_selection_cache() -> None:
     """Forget cached vendor choices (the next call of each op selects again, e.g. after env changes)."""
     _selection_cache.clear()
-    _impl_cache.clear()
 
 
 def _env_key(op: str | None) -> str:
@@ -306,28 +307,28 @@ def explain(call: Call) -> list[tuple[str, list[str]]]:
 
 def select(call: Call) -> tuple[Vendor, Callable[..., Any]]:
     """The vendor and implementation serving ``call``. Cached per distinct call metadata."""
-    hit = _selection_cache.get(call)
+    key = tuple(getattr(call, name) for name in _CALL_FIELDS)
+    hit = _selection_cache.get(key)
     if hit is not None:
         return hit
     with _lock:
         choice = _select_uncached(call)
-        _selection_cache[call] = choice
+        _selection_cache[key] = choice
         return choice
 
 
 def selections() -> dict[Call, str]:
     """Every call metadata selected so far in this process and the vendor that serves it (what ran)."""
     with _lock:
-        return {call: vendor.name for call, (vendor, _impl) in _selection_cache.items()}
+        return {Call(*key): vendor.name for key, (vendor, _impl) in _selection_cache.items()}
 
 
 def implementation_for(key: tuple) -> Callable[..., Any]:
-    """``select(Call(*key))[1]``, cached on the plain tuple: the per-call path of every op."""
-    impl = _impl_cache.get(key)
-    if impl is None:
-        impl = select(Call(*key))[1]
-        _impl_cache[key] = impl
-    return impl
+    """``select(Call(*key))[1]`` for ``key`` = Call's fields as a tuple: the per-call path of every op."""
+    hit = _selection_cache.get(key)
+    if hit is None:
+        hit = select(Call(*key))
+    return hit[1]
 
 
 def _select_uncached(call: Call) -> tuple[Vendor, Callable[..., Any]]:
