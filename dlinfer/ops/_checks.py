@@ -68,7 +68,9 @@ def same_dtype(**tensors: torch.Tensor | None) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.dtype != first.dtype:
-            raise ValueError(f"{name} has dtype {_dt(t.dtype)} but {first_name} has {_dt(first.dtype)}; they must match")
+            raise ValueError(
+                f"{name} has dtype {_dt(t.dtype)} but {first_name} has {_dt(first.dtype)}; they must match"
+            )
 
 
 def dim_is(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:

@@ -21,8 +21,15 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
-def implementation(op: str, ref: torch.Tensor, *, head_size: int = 0, head_size_v: int = 0, block_size: int = 0,
-                   features: frozenset[str] = frozenset()) -> Callable[..., Any]:
+def implementation(
+    op: str,
+    ref: torch.Tensor,
+    *,
+    head_size: int = 0,
+    head_size_v: int = 0,
+    block_size: int = 0,
+    features: frozenset[str] = frozenset(),
+) -> Callable[..., Any]:
     """The implementation serving this call, chosen from metadata only (device, dtype, sizes, features)."""
     return implementation_for((op, ref.device.type, ref.dtype, head_size, head_size_v, block_size, features))
 

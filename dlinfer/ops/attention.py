@@ -39,18 +39,28 @@ def _features(causal: bool, key_cache: torch.Tensor | None = None, quant_bits: i
 
 
 # --------------------------------------------------------------------------------------------- custom ops
-def _prefill_attention_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_seqlens: torch.Tensor,
-                       kv_seqlens: torch.Tensor, max_q_seq_len: int, softmax_scale: float, causal: bool,
-                       attn_output: torch.Tensor) -> None:
+def _prefill_attention_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_seqlens: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seq_len: int,
+    softmax_scale: float,
+    causal: bool,
+    attn_output: torch.Tensor,
+) -> None:
     if _checks.values_checked(q_seqlens, kv_seqlens):
         _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal)
-    impl = implementation("prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1],
-                     features=_features(causal))
-    impl(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
-                         attn_output)
+    impl = implementation(
+        "prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1], features=_features(causal)
+    )
+    impl(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal, attn_output)
 
 
-_prefill_attention = torch.library.custom_op("dlinfer::prefill_attention", _prefill_attention_impl, mutates_args=("attn_output",))
+_prefill_attention = torch.library.custom_op(
+    "dlinfer::prefill_attention", _prefill_attention_impl, mutates_args=("attn_output",)
+)
 
 
 @_prefill_attention.register_fake
@@ -58,41 +68,92 @@ def _(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, ca
     return None
 
 
-def _paged_prefill_attention_impl(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                             block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_seqlens: torch.Tensor,
-                             max_q_seq_len: int, max_kv_seq_len: int, softmax_scale: float, causal: bool,
-                             attn_output: torch.Tensor) -> None:
+def _paged_prefill_attention_impl(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seq_len: int,
+    max_kv_seq_len: int,
+    softmax_scale: float,
+    causal: bool,
+    attn_output: torch.Tensor,
+) -> None:
     if _checks.values_checked(cu_seqlens_q, kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q, max_q_seq_len)
-    impl = implementation("paged_prefill_attention", query, head_size=query.shape[-1],
-                     head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
-                     features=_features(causal, key_cache))
-    impl(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
-                         max_kv_seq_len, softmax_scale, causal, attn_output)
+    impl = implementation(
+        "paged_prefill_attention",
+        query,
+        head_size=query.shape[-1],
+        head_size_v=value_cache.shape[-1],
+        block_size=key_cache.shape[1],
+        features=_features(causal, key_cache),
+    )
+    impl(
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        cu_seqlens_q,
+        kv_seqlens,
+        max_q_seq_len,
+        max_kv_seq_len,
+        softmax_scale,
+        causal,
+        attn_output,
+    )
 
 
-_paged_prefill_attention = torch.library.custom_op("dlinfer::paged_prefill_attention", _paged_prefill_attention_impl, mutates_args=("attn_output",))
+_paged_prefill_attention = torch.library.custom_op(
+    "dlinfer::paged_prefill_attention", _paged_prefill_attention_impl, mutates_args=("attn_output",)
+)
 
 
 @_paged_prefill_attention.register_fake
-def _(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len, max_kv_seq_len,
-      softmax_scale, causal, attn_output):
+def _(
+    query,
+    key_cache,
+    value_cache,
+    block_table,
+    cu_seqlens_q,
+    kv_seqlens,
+    max_q_seq_len,
+    max_kv_seq_len,
+    softmax_scale,
+    causal,
+    attn_output,
+):
     return None
 
 
-def _paged_decode_attention_impl(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                            block_table: torch.Tensor, kv_seqlens: torch.Tensor, max_kv_seq_len: int,
-                            softmax_scale: float, attn_output: torch.Tensor) -> None:
+def _paged_decode_attention_impl(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_kv_seq_len: int,
+    softmax_scale: float,
+    attn_output: torch.Tensor,
+) -> None:
     if _checks.values_checked(kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
-    impl = implementation("paged_decode_attention", query, head_size=query.shape[-1],
-                     head_size_v=value_cache.shape[-1], block_size=key_cache.shape[1],
-                     features=_features(True, key_cache))
-    impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
-                         attn_output)
+    impl = implementation(
+        "paged_decode_attention",
+        query,
+        head_size=query.shape[-1],
+        head_size_v=value_cache.shape[-1],
+        block_size=key_cache.shape[1],
+        features=_features(True, key_cache),
+    )
+    impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output)
 
 
-_paged_decode_attention = torch.library.custom_op("dlinfer::paged_decode_attention", _paged_decode_attention_impl, mutates_args=("attn_output",))
+_paged_decode_attention = torch.library.custom_op(
+    "dlinfer::paged_decode_attention", _paged_decode_attention_impl, mutates_args=("attn_output",)
+)
 
 
 @_paged_decode_attention.register_fake
@@ -112,13 +173,19 @@ def _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causa
         raise ValueError("causal attention needs q_seqlens <= kv_seqlens for every sequence")
 
 
-def _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q=None,
-                        max_q_seq_len=None) -> None:
+def _check_paged_values(
+    query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q=None, max_q_seq_len=None
+) -> None:
     num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
     capacity = block_table.shape[1] * block_size
-    _checks.in_range("kv_seqlens", kv_seqlens, 0, min(capacity, max_kv_seq_len) + 1,
-                     f"lengths within max_kv_seq_len ({max_kv_seq_len}) and the block table's capacity "
-                     f"({block_table.shape[1]} blocks x {block_size} = {capacity} tokens)")
+    _checks.in_range(
+        "kv_seqlens",
+        kv_seqlens,
+        0,
+        min(capacity, max_kv_seq_len) + 1,
+        f"lengths within max_kv_seq_len ({max_kv_seq_len}) and the block table's capacity "
+        f"({block_table.shape[1]} blocks x {block_size} = {capacity} tokens)",
+    )
     kv = kv_seqlens.to("cpu", torch.int64)
     table = block_table.to("cpu", torch.int64)
     used = torch.arange(table.shape[1]) < ((kv + block_size - 1) // block_size)[:, None]
@@ -182,8 +249,10 @@ def _output(attn_output, query: torch.Tensor, head_size_v: int) -> torch.Tensor:
     if attn_output.dim() == 2 and attn_output.shape == (tokens, num_heads * head_size_v):
         attn_output = attn_output.view(tokens, num_heads, head_size_v)
     if tuple(attn_output.shape) != (tokens, num_heads, head_size_v):
-        raise ValueError(f"attn_output must have shape [{tokens}, {num_heads}, {head_size_v}] "
-                         f"(or [{tokens}, {num_heads * head_size_v}]), got {tuple(attn_output.shape)}")
+        raise ValueError(
+            f"attn_output must have shape [{tokens}, {num_heads}, {head_size_v}] "
+            f"(or [{tokens}, {num_heads * head_size_v}]), got {tuple(attn_output.shape)}"
+        )
     _checks.last_dim_contiguous("attn_output", attn_output)
     if attn_output.device != query.device:
         raise ValueError(f"attn_output is on {attn_output.device} but query is on {query.device}")
@@ -195,8 +264,10 @@ def _kv_quant(quant_bits, kv_scales, kv_zeros) -> int:
     if quant_bits:
         from dlinfer.errors import NotSupportedError
 
-        raise NotSupportedError(f"quant_bits={quant_bits}: quantized KV caches are not supported by dlinfer's "
-                                "attention ops yet; run with an unquantized cache (LMDeploy quant_policy=0)")
+        raise NotSupportedError(
+            f"quant_bits={quant_bits}: quantized KV caches are not supported by dlinfer's "
+            "attention ops yet; run with an unquantized cache (LMDeploy quant_policy=0)"
+        )
     return quant_bits
 
 
@@ -257,16 +328,28 @@ def prefill_attention(
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, q_seqlens.shape[0])
     max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
     if attn_mask is None or isinstance(attn_mask, torch.Tensor):
-        raise TypeError("attn_mask must be a sequence ([] for non-causal, non-empty for causal), "
-                        f"got {type(attn_mask).__name__}")
+        raise TypeError(
+            f"attn_mask must be a sequence ([] for non-causal, non-empty for causal), got {type(attn_mask).__name__}"
+        )
     causal = len(attn_mask) > 0
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, value.shape[-1])
     _checks.same_device(query=query, key=key, value=value)
     q_seqlens = _on_device("q_seqlens", q_seqlens, query.device)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    run(_prefill_attention, _prefill_attention_impl, query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, scale, causal,
-                                        out)
+    run(
+        _prefill_attention,
+        _prefill_attention_impl,
+        query,
+        key,
+        value,
+        q_seqlens,
+        kv_seqlens,
+        max_q_seq_len,
+        scale,
+        causal,
+        out,
+    )
     return out if attn_output is None or attn_output.dim() == 3 else attn_output
 
 
@@ -332,16 +415,30 @@ def paged_prefill_attention(
     max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
     max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
     if attn_mask is None or isinstance(attn_mask, torch.Tensor):
-        raise TypeError("attn_mask must be a sequence ([] for non-causal, non-empty for causal), "
-                        f"got {type(attn_mask).__name__}")
+        raise TypeError(
+            f"attn_mask must be a sequence ([] for non-causal, non-empty for causal), got {type(attn_mask).__name__}"
+        )
     causal = len(attn_mask) > 0
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     cu_seqlens_q = _on_device("cu_seqlens_q", cu_seqlens_q, query.device)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    run(_paged_prefill_attention, _paged_prefill_attention_impl, query, key_cache, value_cache, block_table, cu_seqlens_q,
-                                              kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, causal, out)
+    run(
+        _paged_prefill_attention,
+        _paged_prefill_attention_impl,
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        cu_seqlens_q,
+        kv_seqlens,
+        max_q_seq_len,
+        max_kv_seq_len,
+        scale,
+        causal,
+        out,
+    )
     return out if attn_output is None or attn_output.dim() == 3 else attn_output
 
 
@@ -399,6 +496,16 @@ def paged_decode_attention(
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
-    run(_paged_decode_attention, _paged_decode_attention_impl, query, key_cache, value_cache, block_table, kv_seqlens,
-                                             max_kv_seq_len, scale, out)
+    run(
+        _paged_decode_attention,
+        _paged_decode_attention_impl,
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        kv_seqlens,
+        max_kv_seq_len,
+        scale,
+        out,
+    )
     return out if attn_output is None or attn_output.dim() == 3 else attn_output

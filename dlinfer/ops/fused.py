@@ -4,23 +4,38 @@ from __future__ import annotations
 
 import torch
 
-from dlinfer.ops import _checks
 from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_call_features, check_slots, fill_kv_cache_checks
 from dlinfer.ops.rotary import rotary_checks
 
 
-def _rotary_fill_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                 value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 kv_start_indices: torch.Tensor) -> None:
+def _rotary_fill_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_start_indices: torch.Tensor,
+) -> None:
     check_slots(kv_start_indices, key_cache)
-    impl = implementation("apply_rotary_pos_emb_fill_kv_cache", query, head_size=key.shape[-1],
-                     head_size_v=value.shape[-1], block_size=key_cache.shape[1],
-                     features=cache_call_features(key_cache))
+    impl = implementation(
+        "apply_rotary_pos_emb_fill_kv_cache",
+        query,
+        head_size=key.shape[-1],
+        head_size_v=value.shape[-1],
+        block_size=key_cache.shape[1],
+        features=cache_call_features(key_cache),
+    )
     impl(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
 
 
-_rotary_fill = torch.library.custom_op("dlinfer::apply_rotary_pos_emb_fill_kv_cache", _rotary_fill_impl, mutates_args=("query", "key", "key_cache", "value_cache"))
+_rotary_fill = torch.library.custom_op(
+    "dlinfer::apply_rotary_pos_emb_fill_kv_cache",
+    _rotary_fill_impl,
+    mutates_args=("query", "key", "key_cache", "value_cache"),
+)
 
 
 @_rotary_fill.register_fake
@@ -28,10 +43,16 @@ def _(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices):
     return None
 
 
-def apply_rotary_pos_emb_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                       key_cache: torch.Tensor, value_cache: torch.Tensor, cos: torch.Tensor,
-                                       sin: torch.Tensor,
-                                       kv_start_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_pos_emb_fill_kv_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_start_indices: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rotary_pos_emb`` then ``fill_kv_cache`` of the rotated keys and the values, in one pass.
 
     Same arguments and semantics as the two ops (see their docstrings): ``query``/``key`` are rotated in
@@ -40,6 +61,5 @@ def apply_rotary_pos_emb_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, v
     """
     cos, sin = rotary_checks(query, key, cos, sin)
     fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, 0)
-    run(_rotary_fill, _rotary_fill_impl, query, key, value, key_cache, value_cache, cos, sin,
-                                                         kv_start_indices)
+    run(_rotary_fill, _rotary_fill_impl, query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
     return query, key

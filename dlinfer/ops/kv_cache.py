@@ -23,21 +23,41 @@ def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None
     """Value check (CPU always, accelerators with DLINFER_CHECK=1): slots in the cache or -1."""
     if _checks.values_checked(kv_start_indices):
         slots = key_cache.shape[0] * key_cache.shape[1]
-        _checks.in_range("kv_start_indices", kv_start_indices, 0, slots,
-                         f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}", allow=-1)
+        _checks.in_range(
+            "kv_start_indices",
+            kv_start_indices,
+            0,
+            slots,
+            f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}",
+            allow=-1,
+        )
 
 
-def _fill_kv_cache_impl(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                   kv_start_indices: torch.Tensor, k_scales_zeros: list[torch.Tensor],
-                   v_scales_zeros: list[torch.Tensor], quant_bits: int) -> None:
+def _fill_kv_cache_impl(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_start_indices: torch.Tensor,
+    k_scales_zeros: list[torch.Tensor],
+    v_scales_zeros: list[torch.Tensor],
+    quant_bits: int,
+) -> None:
     check_slots(kv_start_indices, key_cache)
-    impl = implementation("fill_kv_cache", key, head_size=key.shape[-1], head_size_v=value.shape[-1],
-                     block_size=key_cache.shape[1], features=cache_call_features(key_cache, quant_bits))
-    impl(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros,
-                         quant_bits)
+    impl = implementation(
+        "fill_kv_cache",
+        key,
+        head_size=key.shape[-1],
+        head_size_v=value.shape[-1],
+        block_size=key_cache.shape[1],
+        features=cache_call_features(key_cache, quant_bits),
+    )
+    impl(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits)
 
 
-_fill_kv_cache = torch.library.custom_op("dlinfer::fill_kv_cache", _fill_kv_cache_impl, mutates_args=("key_cache", "value_cache"))
+_fill_kv_cache = torch.library.custom_op(
+    "dlinfer::fill_kv_cache", _fill_kv_cache_impl, mutates_args=("key_cache", "value_cache")
+)
 
 
 @_fill_kv_cache.register_fake
@@ -45,15 +65,23 @@ def _(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_sc
     return None
 
 
-def check_cache(key_cache, value_cache, num_kv_heads: int | None, head_size: int | None,
-                head_size_v: int | None = None, block_size: int | None = None) -> None:
+def check_cache(
+    key_cache,
+    value_cache,
+    num_kv_heads: int | None,
+    head_size: int | None,
+    head_size_v: int | None = None,
+    block_size: int | None = None,
+) -> None:
     _checks.tensor("key_cache", key_cache, ndim=4)
     _checks.tensor("value_cache", value_cache, ndim=4)
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         _checks.last_dim_contiguous(name, cache)
     if value_cache.shape[:3] != key_cache.shape[:3]:
-        raise ValueError("value_cache must share key_cache's [num_blocks, block_size, num_kv_heads], got "
-                         f"{tuple(value_cache.shape)} vs {tuple(key_cache.shape)}")
+        raise ValueError(
+            "value_cache must share key_cache's [num_blocks, block_size, num_kv_heads], got "
+            f"{tuple(value_cache.shape)} vs {tuple(key_cache.shape)}"
+        )
     if num_kv_heads is not None:
         _checks.dim_is("key_cache", key_cache, 2, num_kv_heads, "num_kv_heads")
     if head_size is not None:
@@ -63,15 +91,23 @@ def check_cache(key_cache, value_cache, num_kv_heads: int | None, head_size: int
     if block_size is not None:
         block_size = _checks.integer("block_size", block_size, minimum=1)
         if key_cache.shape[1] != block_size:
-            raise ValueError(f"block_size ({block_size}) must equal key_cache.shape[1] "
-                             f"(caches are [num_blocks, block_size, num_kv_heads, head_size]), "
-                             f"got cache shape {tuple(key_cache.shape)}")
+            raise ValueError(
+                f"block_size ({block_size}) must equal key_cache.shape[1] "
+                f"(caches are [num_blocks, block_size, num_kv_heads, head_size]), "
+                f"got cache shape {tuple(key_cache.shape)}"
+            )
 
 
-def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  kv_start_indices: torch.Tensor, k_scales_zeros: Sequence[torch.Tensor | None] = (),
-                  v_scales_zeros: Sequence[torch.Tensor | None] = (),
-                  quant_bits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fill_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_start_indices: torch.Tensor,
+    k_scales_zeros: Sequence[torch.Tensor | None] = (),
+    v_scales_zeros: Sequence[torch.Tensor | None] = (),
+    quant_bits: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write each new token's key and value into its cache slot.
 
     Args:
@@ -91,7 +127,18 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     quant_bits = fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits)
     k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
     v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
-    run(_fill_kv_cache, _fill_kv_cache_impl, key, value, key_cache, value_cache, kv_start_indices, k_sz, v_sz, quant_bits)
+    run(
+        _fill_kv_cache,
+        _fill_kv_cache_impl,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        kv_start_indices,
+        k_sz,
+        v_sz,
+        quant_bits,
+    )
     return key_cache, value_cache
 
 
@@ -106,8 +153,9 @@ def fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, q
     _checks.dim_is("value", value, 1, heads, "key's head count")
     _checks.dim_is("kv_start_indices", kv_start_indices, 0, tokens, "the number of key tokens")
     check_cache(key_cache, value_cache, heads, head_size, value.shape[2])
-    _checks.same_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache,
-                        kv_start_indices=kv_start_indices)
+    _checks.same_device(
+        key=key, value=value, key_cache=key_cache, value_cache=value_cache, kv_start_indices=kv_start_indices
+    )
     if not quant_bits:
         _checks.same_dtype(key=key, value=value, key_cache=key_cache, value_cache=value_cache)
     return quant_bits

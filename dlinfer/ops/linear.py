@@ -31,8 +31,9 @@ def _process_group(group: Any):
     return group
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, all_reduce: bool = False,
-           group: Any = "") -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, all_reduce: bool = False, group: Any = ""
+) -> torch.Tensor:
     """``x @ weight.T + bias``, optionally all-reduced across a tensor-parallel group.
 
     Args:

@@ -15,21 +15,29 @@ def _moe_gating_topk_softmax_impl(router_logits: torch.Tensor, topk: int) -> tup
     return implementation("moe_gating_topk_softmax", router_logits)(router_logits, topk)
 
 
-_moe_gating_topk_softmax = torch.library.custom_op("dlinfer::moe_gating_topk_softmax", _moe_gating_topk_softmax_impl, mutates_args=())
+_moe_gating_topk_softmax = torch.library.custom_op(
+    "dlinfer::moe_gating_topk_softmax", _moe_gating_topk_softmax_impl, mutates_args=()
+)
 
 
 @_moe_gating_topk_softmax.register_fake
 def _(router_logits, topk):
     shape = (router_logits.shape[0], topk)
-    return (router_logits.new_empty(shape, dtype=torch.float32),
-            router_logits.new_empty(shape, dtype=torch.int64))
+    return (router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int64))
 
 
-def _fused_moe_impl(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
-               topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
+def _fused_moe_impl(
+    hidden_states: torch.Tensor,
+    gate_up_weights: torch.Tensor,
+    down_weights: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    renormalize: bool,
+) -> torch.Tensor:
     if _checks.values_checked(topk_ids):
-        _checks.in_range("topk_ids", topk_ids, 0, gate_up_weights.shape[0],
-                         f"expert ids of {gate_up_weights.shape[0]} experts")
+        _checks.in_range(
+            "topk_ids", topk_ids, 0, gate_up_weights.shape[0], f"expert ids of {gate_up_weights.shape[0]} experts"
+        )
     impl = implementation("fused_moe", hidden_states)
     return impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
 
@@ -46,12 +54,15 @@ def _check_metadata(moe_metadata: Any) -> None:
     if moe_metadata is None:
         return
     if getattr(moe_metadata, "ep_size", 1) not in (None, 1):
-        raise NotSupportedError(f"moe_metadata.ep_size={moe_metadata.ep_size}: expert parallelism is not "
-                                "supported by dlinfer's in-tree vendors; use tensor parallelism (ep_size=1)")
+        raise NotSupportedError(
+            f"moe_metadata.ep_size={moe_metadata.ep_size}: expert parallelism is not "
+            "supported by dlinfer's in-tree vendors; use tensor parallelism (ep_size=1)"
+        )
 
 
-def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int,
-                            moe_metadata: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_gating_topk_softmax(
+    router_logits: torch.Tensor, topk: int, moe_metadata: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Router gating: softmax over experts (in float32), then the ``topk`` largest per token.
 
     Args:
@@ -75,9 +86,17 @@ def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int,
     return run(_moe_gating_topk_softmax, _moe_gating_topk_softmax_impl, router_logits, topk)
 
 
-def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor, topk: int, renormalize: bool,
-              moe_metadata: Any = None, chunked_moe_layout: Any = None) -> torch.Tensor:
+def fused_moe(
+    hidden_states: torch.Tensor,
+    gate_up_weights: torch.Tensor,
+    down_weights: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    moe_metadata: Any = None,
+    chunked_moe_layout: Any = None,
+) -> torch.Tensor:
     """SwiGLU experts: ``out[t] = sum_k w[t,k] * down[e] @ silu_and_mul(gate_up[e] @ x[t])``, ``e = ids[t,k]``.
 
     Args:
@@ -109,18 +128,26 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     if two_inter % 2:
         raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
     if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
-        raise ValueError(f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] "
-                         f"([E, H, I]), got {tuple(down_weights.shape)}")
+        raise ValueError(
+            f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] "
+            f"([E, H, I]), got {tuple(down_weights.shape)}"
+        )
     if tuple(topk_ids.shape) != (tokens, topk):
         raise ValueError(f"topk_ids must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != (tokens, topk):
         raise ValueError(f"topk_weights must have shape [{tokens}, {topk}], got {tuple(topk_weights.shape)}")
     if topk > experts:
         raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
-    _checks.same_device(hidden_states=hidden_states, gate_up_weights=gate_up_weights, down_weights=down_weights,
-                        topk_weights=topk_weights, topk_ids=topk_ids)
+    _checks.same_device(
+        hidden_states=hidden_states,
+        gate_up_weights=gate_up_weights,
+        down_weights=down_weights,
+        topk_weights=topk_weights,
+        topk_ids=topk_ids,
+    )
     _check_metadata(moe_metadata)
     if chunked_moe_layout is not None:
         raise NotSupportedError("chunked_moe_layout is an Ascend-only weight layout; pass None")
-    return run(_fused_moe, _fused_moe_impl, hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids,
-                                       renormalize)
+    return run(
+        _fused_moe, _fused_moe_impl, hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize
+    )

@@ -20,8 +20,9 @@ def _(hidden_states, weight, epsilon):
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
-def _add_rms_norm_impl(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                  epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_rms_norm_impl(
+    hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("add_rms_norm", hidden_states)(hidden_states, residual, weight, epsilon)
 
 
@@ -30,8 +31,10 @@ _add_rms_norm = torch.library.custom_op("dlinfer::add_rms_norm", _add_rms_norm_i
 
 @_add_rms_norm.register_fake
 def _(hidden_states, residual, weight, epsilon):
-    return (torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
-            torch.empty_like(hidden_states, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
+        torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
+    )
 
 
 def _check(hidden_states, weight, epsilon, residual=None) -> float:
@@ -43,8 +46,9 @@ def _check(hidden_states, weight, epsilon, residual=None) -> float:
     if residual is not None:
         _checks.tensor("residual", residual, dtypes=_checks.FLOAT_DTYPES)
         if residual.shape != hidden_states.shape:
-            raise ValueError(f"residual must have hidden_states' shape {tuple(hidden_states.shape)}, "
-                             f"got {tuple(residual.shape)}")
+            raise ValueError(
+                f"residual must have hidden_states' shape {tuple(hidden_states.shape)}, got {tuple(residual.shape)}"
+            )
         _checks.same_dtype(hidden_states=hidden_states, residual=residual)
     _checks.same_device(hidden_states=hidden_states, weight=weight, residual=residual)
     epsilon = _checks.number("epsilon", epsilon)
@@ -68,8 +72,9 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float =
     return run(_rms_norm, _rms_norm_impl, hidden_states, weight, epsilon)
 
 
-def add_rms_norm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMS norm, in one pass: returns ``(rms_norm(hidden + residual), hidden + residual)``.
 
     The sum is rounded to the input dtype before it is normalized (as a separate add would do), so the

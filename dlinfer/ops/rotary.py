@@ -12,7 +12,9 @@ def _apply_rotary_pos_emb_impl(query: torch.Tensor, key: torch.Tensor, cos: torc
     implementation("apply_rotary_pos_emb", query, head_size=query.shape[-1])(query, key, cos, sin)
 
 
-_apply_rotary_pos_emb = torch.library.custom_op("dlinfer::apply_rotary_pos_emb", _apply_rotary_pos_emb_impl, mutates_args=("query", "key"))
+_apply_rotary_pos_emb = torch.library.custom_op(
+    "dlinfer::apply_rotary_pos_emb", _apply_rotary_pos_emb_impl, mutates_args=("query", "key")
+)
 
 
 @_apply_rotary_pos_emb.register_fake
@@ -23,15 +25,18 @@ def _(query, key, cos, sin):
 def _as_table(name: str, t: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:
     _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
     if t.dim() < 2 or t.shape[-1] != head_dim or t.numel() != tokens * head_dim:
-        raise ValueError(f"{name} must hold one row of {head_dim} values per token ([{tokens}, {head_dim}], "
-                         f"optionally with size-1 leading dims), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must hold one row of {head_dim} values per token ([{tokens}, {head_dim}], "
+            f"optionally with size-1 leading dims), got shape {tuple(t.shape)}"
+        )
     t = t.reshape(tokens, head_dim)
     _checks.last_dim_contiguous(name, t)
     return t
 
 
-def apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half (GPT-NeoX/Llama style) rotary embedding, in place.
 
     ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``, computed in
