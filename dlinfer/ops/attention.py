@@ -28,14 +28,11 @@ import torch
 
 from dlinfer.ops import _checks
 from dlinfer.ops._dispatch import implementation, run
-from dlinfer.ops.kv_cache import cache_call_features, check_cache
+from dlinfer.ops.kv_cache import cache_implementation, check_cache
 
 
-def _features(causal: bool, key_cache: torch.Tensor | None = None, quant_bits: int = 0) -> frozenset[str]:
-    feats = set() if key_cache is None else set(cache_call_features(key_cache, quant_bits))
-    if not causal:
-        feats.add("non_causal")
-    return frozenset(feats)
+def _features(causal: bool) -> frozenset[str]:
+    return frozenset() if causal else frozenset({"non_causal"})
 
 
 # --------------------------------------------------------------------------------------------- custom ops
@@ -83,13 +80,8 @@ def _paged_prefill_attention_impl(
 ) -> None:
     if _checks.values_checked(cu_seqlens_q, kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q, max_q_seq_len)
-    impl = implementation(
-        "paged_prefill_attention",
-        query,
-        head_size=query.shape[-1],
-        head_size_v=value_cache.shape[-1],
-        block_size=key_cache.shape[1],
-        features=_features(causal, key_cache),
+    impl = cache_implementation(
+        "paged_prefill_attention", query, key_cache, value_cache, query.shape[-1], extra_features=_features(causal)
     )
     impl(
         query,
@@ -140,14 +132,7 @@ def _paged_decode_attention_impl(
 ) -> None:
     if _checks.values_checked(kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
-    impl = implementation(
-        "paged_decode_attention",
-        query,
-        head_size=query.shape[-1],
-        head_size_v=value_cache.shape[-1],
-        block_size=key_cache.shape[1],
-        features=_features(True, key_cache),
-    )
+    impl = cache_implementation("paged_decode_attention", query, key_cache, value_cache, query.shape[-1])
     impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output)
 
 

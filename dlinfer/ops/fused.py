@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dlinfer.ops._dispatch import implementation, run
-from dlinfer.ops.kv_cache import cache_call_features, check_slots, fill_kv_cache_checks
+from dlinfer.ops._dispatch import run
+from dlinfer.ops.kv_cache import cache_implementation, check_slots, fill_kv_cache_checks
 from dlinfer.ops.rotary import rotary_checks
 
 
@@ -20,14 +20,7 @@ def _rotary_fill_impl(
     kv_start_indices: torch.Tensor,
 ) -> None:
     check_slots(kv_start_indices, key_cache)
-    impl = implementation(
-        "apply_rotary_pos_emb_fill_kv_cache",
-        query,
-        head_size=key.shape[-1],
-        head_size_v=value.shape[-1],
-        block_size=key_cache.shape[1],
-        features=cache_call_features(key_cache),
-    )
+    impl = cache_implementation("apply_rotary_pos_emb_fill_kv_cache", query, key_cache, value_cache, key.shape[-1])
     impl(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
 
 

@@ -19,6 +19,26 @@ def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozens
     return frozenset(feats)
 
 
+def cache_implementation(
+    op: str,
+    ref: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_size: int,
+    quant_bits: int = 0,
+    extra_features: frozenset[str] = frozenset(),
+):
+    """The implementation serving an op that reads or writes the paged cache (selected from its metadata)."""
+    return implementation(
+        op,
+        ref,
+        head_size=head_size,
+        head_size_v=value_cache.shape[-1],
+        block_size=key_cache.shape[1],
+        features=cache_call_features(key_cache, quant_bits) | extra_features,
+    )
+
+
 def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None:
     """Value check (CPU always, accelerators with DLINFER_CHECK=1): slots in the cache or -1."""
     if _checks.values_checked(kv_start_indices):
@@ -44,14 +64,7 @@ def _fill_kv_cache_impl(
     quant_bits: int,
 ) -> None:
     check_slots(kv_start_indices, key_cache)
-    impl = implementation(
-        "fill_kv_cache",
-        key,
-        head_size=key.shape[-1],
-        head_size_v=value.shape[-1],
-        block_size=key_cache.shape[1],
-        features=cache_call_features(key_cache, quant_bits),
-    )
+    impl = cache_implementation("fill_kv_cache", key, key_cache, value_cache, key.shape[-1], quant_bits)
     impl(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits)
 
 
