@@ -11,9 +11,17 @@ Models are random-weight bf16 checkpoints of real shapes, written on the GPU mac
 (``lmdeploy.pipeline``, greedy, ``ignore_eos``) on the same seeded synthetic workload: ``--requests`` prompts of
 uniformly random length in ``[--min-prompt, --max-prompt]`` random tokens, ``--new-tokens`` output tokens each,
 all submitted at once. Reported per run: output tokens/s, total tokens/s, mean time to first token (from
-submission, queueing included) and mean time per output token after the first; per pair of runs: greedy-token
+submission, queueing included), mean time per output token after the first and the Triton compilations that
+happened during the timed pass (after a warm-up pass of a like workload, ``--warmup``); per pair of runs: greedy-token
 agreement on the first ``--compare-tokens`` tokens of every prompt (stock eager vs stock graph calibrates what
 bf16 batching alone changes).
+
+Greedy tokens of two bf16 engines part ways wherever a random model's top two logits are closer than bf16 rounding,
+and from there on the sequences differ, so agreement alone cannot tell a rounding difference from a bug. The
+float32 oracle (``--oracle-prompts``, after the runs) settles it: transformers loads the same checkpoint in float32
+and, teacher-forced on each run's own tokens, scores every generated token against its float32 argmax (match rate,
+and how far below the float32 maximum the mismatched tokens' logits are). transformers itself in bf16, scored the
+same way on the first run's tokens, is the yardstick of what bf16 alone costs.
 
 Results go to ``$OUT/lmdeploy_e2e.json`` (``--out`` overrides; rewritten after every run, so a run cut short
 still leaves what finished) with the card, versions and settings; a table is printed at the end.
@@ -40,6 +48,8 @@ MODELS = {
     "qwen3moe": ("qwen3-30b-a3b", "Qwen3-30B-A3B shape", 12, 48),
 }
 QUICK_LAYERS = {"llama8b": 8, "qwen3moe": 6}
+WARMUPS = {"full": "one untimed pass of a like workload (other prompts)",
+           "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
 
 
 @dataclasses.dataclass
@@ -62,6 +72,7 @@ class RunSpec:
     vendor: str | None
     result_path: str
     profile: bool = False
+    warmup: str = "full"  # full | short
 
     @property
     def name(self) -> str:
@@ -97,6 +108,98 @@ def agreement(a: list[list[int]], b: list[list[int]], k: int) -> dict:
         "min_common_prefix": min(prefixes) if count else None,
         "k": k,
     }
+
+
+def score_tokens(logits, tokens: list[int], gap_floor: float = 0.0) -> dict:
+    """Score generated ``tokens`` against float32 ``logits`` ([len(tokens), vocab], teacher-forced on those very
+    tokens): per position whether the token is the float32 argmax, its deficit (float32 max logit minus the
+    token's logit; 0 where it is the argmax) and the float32 gap between the best two logits."""
+    import torch
+
+    logits = logits.float()
+    ids = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+    top2 = logits.topk(2, dim=-1).values
+    chosen = logits.gather(1, ids[:, None])[:, 0]
+    deficit = (top2[:, 0] - chosen).clamp_min(0)
+    return {"match": (logits.argmax(-1) == ids).tolist(), "deficit": deficit.tolist(),
+            "gap": (top2[:, 0] - top2[:, 1]).tolist()}
+
+
+def summarize_scores(scores: list[dict]) -> dict:
+    """One run's oracle scores over its prompts: match rate, first-token match rate, deficits of mismatches."""
+    import statistics
+
+    match = [m for s in scores for m in s["match"]]
+    first = [s["match"][0] for s in scores if s["match"]]
+    missed = sorted(d for s in scores for m, d in zip(s["match"], s["deficit"]) if not m)
+    gaps = [g for s in scores for g in s["gap"]]
+    return {
+        "prompts": len(scores),
+        "positions": len(match),
+        "match_rate": sum(match) / len(match) if match else None,
+        "first_token_match": sum(first) / len(first) if first else None,
+        "mismatches": len(missed),
+        "mismatch_deficit_median": statistics.median(missed) if missed else 0.0,
+        "mismatch_deficit_max": missed[-1] if missed else 0.0,
+        "gap_median": statistics.median(gaps) if gaps else None,
+    }
+
+
+def teacher_forced_logits(model, prompt: list[int], tokens: list[int]):
+    """Logits at the positions that produced ``tokens`` (prompt + tokens[:-1] in, the last len(tokens) out)."""
+    import torch
+
+    ids = torch.tensor([prompt + tokens[:-1]], device=model.device)
+    with torch.no_grad():
+        return model(input_ids=ids, logits_to_keep=len(tokens)).logits[0, -len(tokens):].float()
+
+
+def run_oracle(job: dict) -> None:
+    """The float32 oracle child: load ``job["model_dir"]`` with transformers in float32, score every run's tokens
+    on its first ``len(job["prompts"])`` prompts, then transformers in bf16 on the first run's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    kwargs = {"dtype": torch.float32}
+    if "moe" in job.get("arch", ""):
+        kwargs["experts_implementation"] = "eager"  # a plain per-expert loop: exact in float32 everywhere
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs).to(device).eval()
+    load_s = time.perf_counter() - t0
+    prompts, runs = job["prompts"], job["runs"]
+    out: dict = {"load_s": round(load_s, 1), "runs": {}}
+    seen: dict[str, list[dict]] = {}  # identical token lists are scored once
+    base = next(iter(runs))
+    base_logits = []
+    for name, token_lists in runs.items():
+        key = json.dumps(token_lists)
+        if key not in seen:
+            scores = []
+            for i, (prompt, tokens) in enumerate(zip(prompts, token_lists)):
+                logits = teacher_forced_logits(model, prompt, tokens)
+                scores.append(score_tokens(logits, tokens))
+                if name == base:
+                    base_logits.append(logits.cpu())
+            seen[key] = scores
+        out["runs"][name] = summarize_scores(seen[key])
+    # the yardstick: transformers in bf16, its own argmax teacher-forced on the first run's tokens; loaded anew,
+    # since .to(bfloat16) would also round the rotary inv_freq buffer (which a bf16 checkpoint keeps in float32)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    kwargs["dtype"] = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs).to(device).eval()
+    scores = []
+    for prompt, tokens, ref in zip(prompts, runs[base], base_logits):
+        own = teacher_forced_logits(model, prompt, tokens).argmax(-1).tolist()
+        scored = score_tokens(ref.to(device), own)
+        scores.append(scored)
+    out["runs"][f"transformers bf16 (on {base}'s tokens)"] = summarize_scores(scores)
+    out["oracle_s"] = round(time.perf_counter() - t0, 1)
+    Path(job["result_path"]).write_text(json.dumps(out))
 
 
 class GeneratedTokens:
@@ -180,13 +283,20 @@ def run_child(spec: RunSpec) -> None:
         coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen)
         return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result()
 
-    # warm-up: Triton JIT for both prefill lengths and decode batch sizes happens here, not in the timing
-    warm = workload(min(16, spec.requests), spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit)
+    # Warm-up: a whole pass of a workload like the timed one (other prompts, same lengths' distribution), so
+    # that Triton compiles the kernel variants every batch size and context length needs (both backends' kernels
+    # specialize on them) before the timing, not during it. --warmup short: the first 16 prompts only.
+    warm_count = spec.requests if spec.warmup == "full" else min(16, spec.requests)
+    warm = workload(warm_count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit)
+    compiles = CompileLog()
+    compiles.install()
     t0 = time.perf_counter()
     run(warm)
     warmup_s = time.perf_counter() - t0
+    warmup_compiles = compiles.take()
 
     duration, records = run(prompts)
+    timed_compiles = compiles.take()
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
     out_tokens = sum(len(r["tokens"]) for r in records)
@@ -199,7 +309,7 @@ def run_child(spec: RunSpec) -> None:
     profile = None
     if spec.profile:
         try:
-            profile = _profile_kernels(run, warm)
+            profile = _profile_kernels(run, prompts)
         except Exception as exc:  # noqa: BLE001 - a profile is a detail, never a reason to lose the run
             profile = [{"kernel": f"profiler failed: {type(exc).__name__}: {exc}", "total_ms": 0, "calls": 0,
                         "share": 0}]
@@ -220,11 +330,49 @@ def run_child(spec: RunSpec) -> None:
         else None,
         "ops_served": served,
         "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
+        "triton_compiles_warmup": warmup_compiles,
+        "triton_compiles_timed": timed_compiles,
         "profile_top_kernels": profile,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
     }
     pipe.close()
     Path(spec.result_path).write_text(json.dumps(result))
+
+
+class CompileLog:
+    """Triton compilations in this process (cache misses of a kernel's in-memory cache: a full compile, or a load
+    from the on-disk cache), through Triton's JIT hooks: how many, which kernels and the seconds they held the
+    host, per phase of a run."""
+
+    def __init__(self):
+        self.events: list[tuple[str, float]] = []
+        self._t0 = 0.0
+
+    def install(self) -> None:
+        try:
+            from triton import knobs
+        except ImportError:  # no Triton: nothing compiles
+            return
+        knobs.runtime.jit_cache_hook = self._before
+        knobs.runtime.jit_post_compile_hook = self._after
+
+    def _before(self, **kwargs) -> bool:
+        self._t0 = time.perf_counter()
+        return False  # False: go on and compile
+
+    def _after(self, **kwargs) -> bool:
+        fn = kwargs.get("fn")
+        self.events.append((getattr(fn, "name", "?"), time.perf_counter() - self._t0))
+        return False
+
+    def take(self) -> dict:
+        """The compilations since the last call: count, seconds, and count per kernel."""
+        events, self.events = self.events, []
+        per_kernel: dict[str, int] = {}
+        for name, _ in events:
+            per_kernel[name] = per_kernel.get(name, 0) + 1
+        return {"count": len(events), "seconds": round(sum(t for _, t in events), 2),
+                "per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))}
 
 
 def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> list[dict]:
@@ -254,8 +402,8 @@ def _ops_served() -> dict:
         from dlinfer.vendor import registry
 
         served: dict[str, set] = {}
-        for call, (vendor, _) in list(registry._selection_cache.items()):
-            served.setdefault(call.op, set()).add(f"{vendor.name}[{call.device_type},{str(call.dtype)[6:]}]")
+        for call, vendor in registry.selections().items():
+            served.setdefault(call.op, set()).add(f"{vendor}[{call.device_type},{str(call.dtype)[6:]}]")
         return {op: sorted(v) for op, v in sorted(served.items())}
     except Exception as exc:  # noqa: BLE001 - a report detail, never a reason to lose the run
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -353,7 +501,7 @@ def pairs(results: dict) -> list[tuple[str, str]]:
     return out
 
 
-def table(results: dict, agreements: list[dict]) -> str:
+def table(results: dict, agreements: list[dict], oracle: dict | None = None) -> str:
     lines = [f"{'run':34} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'time s':>7} "
              f"{'start s':>7}"]
     for name, r in results.items():
@@ -374,6 +522,15 @@ def table(results: dict, agreements: list[dict]) -> str:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
                      f"{agr['mean_common_prefix']:.1f}/{agr['k']}")
+    for model, result in (oracle or {}).items():
+        if "error" in result:
+            lines.append(f"float32 oracle {model}: FAILED: {result['error'][-200:]}")
+            continue
+        for name, o in result["runs"].items():
+            lines.append(f"float32 oracle, {name}: tokens = fp32 argmax {o['match_rate']:.1%}, first token "
+                         f"{o['first_token_match']:.1%}, {o['mismatches']}/{o['positions']} mismatches, deficit "
+                         f"median {o['mismatch_deficit_median']:.3f} max {o['mismatch_deficit_max']:.3f}, "
+                         f"median top-2 gap {o['gap_median']:.3f}")
     return "\n".join(lines)
 
 
@@ -389,21 +546,25 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
         lines += [f"{env['date']} on {card}; torch {env.get('torch')}, triton {env.get('triton')}, "
                   f"lmdeploy {env.get('lmdeploy')}, transformers {env.get('transformers')}. "
                   f"Models: {'; '.join(report['models'].values())}. Workload: {wl['requests']} requests, prompts "
-                  f"{wl['min_prompt']}-{wl['max_prompt']} tokens, {wl['new_tokens']} new tokens, greedy. "
+                  f"{wl['min_prompt']}-{wl['max_prompt']} tokens, {wl['new_tokens']} new tokens, greedy; warm-up: "
+                  f"{WARMUPS.get(wl.get('warmup', 'short'))}. "
                   f"Command: `python benchmarks/lmdeploy_e2e.py {' '.join(env.get('argv', []))}`", "",
-                  "| run | output tok/s | total tok/s | mean TTFT (ms) | mean TPOT (ms) | dlinfer / stock |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| run | output tok/s | total tok/s | mean TTFT (ms) | mean TPOT (ms) | dlinfer / stock | "
+                  "Triton compiles while timed |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, r in report["runs"].items():
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'][:60]} | | | | |")
+                lines.append(f"| {name} | failed: {r['error'][:60]} | | | | | |")
                 continue
             model, backend, mode, tp = name.split("/")
             ratio = ""
             stock = report["runs"].get(f"{model}/stock/{mode}/{tp}", {})
             if backend == "dlinfer" and "output_tok_s" in stock:
                 ratio = f"{r['output_tok_s'] / stock['output_tok_s']:.3f}"
+            jit = r.get("triton_compiles_timed")
+            jit = f"{jit['count']} ({jit['seconds']:.1f} s)" if jit else "not counted"
             lines.append(f"| {name} | {r['output_tok_s']:.0f} | {r['total_tok_s']:.0f} | "
-                         f"{1e3 * (r['mean_ttft_s'] or 0):.0f} | {1e3 * (r['mean_tpot_s'] or 0):.2f} | {ratio} |")
+                         f"{1e3 * (r['mean_ttft_s'] or 0):.0f} | {1e3 * (r['mean_tpot_s'] or 0):.2f} | {ratio} | "
+                         f"{jit} |")
             bars.append((name, r["output_tok_s"]))
         if report["agreement"]:
             lines += ["", "| greedy tokens | first token equal | first k equal | mean common prefix |",
@@ -411,6 +572,19 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
             for a in report["agreement"]:
                 lines.append(f"| {a['a']} vs {a['b']} | {a['first_token_equal']:.1%} | {a['all_k_equal']:.1%} "
                              f"(k={a['k']}) | {a['mean_common_prefix']:.1f} |")
+        for model, result in (report.get("oracle") or {}).items():
+            if "error" in result:
+                lines += ["", f"float32 oracle for {model}: failed: {result['error'][-200:]}"]
+                continue
+            lines += ["", f"Float32 oracle ({model}): transformers in float32, teacher-forced on each run's own "
+                      "tokens; a token counts as matching when it is the float32 argmax; the deficit is how far "
+                      "(in logits) below the float32 maximum a mismatched token scored.", "",
+                      "| tokens of | prompts | = fp32 argmax | first token = fp32 argmax | mismatches | "
+                      "deficit median / max | median top-2 gap |", "|---|---:|---:|---:|---:|---:|---:|"]
+            for name, o in result["runs"].items():
+                lines.append(f"| {name} | {o['prompts']} | {o['match_rate']:.1%} | {o['first_token_match']:.1%} | "
+                             f"{o['mismatches']}/{o['positions']} | {o['mismatch_deficit_median']:.3f} / "
+                             f"{o['mismatch_deficit_max']:.3f} | {o['gap_median']:.3f} |")
         lines.append("")
     written = [out_dir / "lmdeploy_e2e.md"]
     written[0].write_text("\n".join(lines))
@@ -459,12 +633,18 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=560,
                         help="seconds for the whole command; runs that would start later are skipped")
     parser.add_argument("--profile", action="store_true",
-                        help="after each timed run, list the GPU kernels by time over the warm-up prompts")
+                        help="after each timed run, list the GPU kernels by time over one more pass of the workload")
     parser.add_argument("--dry-run", action="store_true", help="check arguments and imports only (CPU)")
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
                         help="only write lmdeploy_e2e.md (+ .png with matplotlib) from result JSONs, into --out's "
                              "folder or $OUT")
+    parser.add_argument("--warmup", choices=["full", "short"], default="full",
+                        help="before timing, one pass of a like workload (full) or of 16 prompts (short)")
+    parser.add_argument("--oracle-prompts", type=int, default=16,
+                        help="score every run's tokens on this many prompts against transformers in float32 "
+                             "(teacher-forced; 0: off)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.render:
@@ -475,6 +655,9 @@ def main(argv=None) -> int:
 
     if args.child:
         run_child(RunSpec(**json.loads(args.child)))
+        return 0
+    if args.oracle_child:
+        run_oracle(json.loads(Path(args.oracle_child).read_text()))
         return 0
 
     started = time.perf_counter()
@@ -487,6 +670,8 @@ def main(argv=None) -> int:
         parser.error("need 1 <= --min-prompt <= --max-prompt")
     if args.compare_tokens < 1 or args.compare_tokens > new_tokens:
         parser.error("--compare-tokens must be in [1, --new-tokens]")
+    if args.oracle_prompts < 0:
+        parser.error("--oracle-prompts must be >= 0")
     out_path = Path(args.out or Path(os.environ.get("OUT", ".")) / "lmdeploy_e2e.json")
     log_lines: list[str] = []
 
@@ -522,8 +707,8 @@ def main(argv=None) -> int:
     report = {"environment": environment(), "layers": layers,
               "models": {m: f"{MODELS[m][1]}, {n} of {MODELS[m][3]} layers" for m, n in layers.items()},
               "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
-                           "new_tokens": new_tokens, "seed": args.seed},
-              "runs": {}, "agreement": [], "log": log_lines}
+                           "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup},
+              "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -542,7 +727,7 @@ def main(argv=None) -> int:
                        requests=requests, min_prompt=args.min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
                        max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
-                       block_size=args.block_size, vendor=args.vendor, profile=args.profile,
+                       block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{backend}_{mode}_tp{tp}.json")
         log(f"[run] {name}")
         t0 = time.perf_counter()
@@ -564,8 +749,10 @@ def main(argv=None) -> int:
         for note in notes[:10]:
             log(f"[warn] {name}: {note[:200]}")
         report["runs"][name] = result
+        timed_jit = result.get("triton_compiles_timed") or {}
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
-            f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s)")
+            f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s; Triton compiles in the "
+            f"timed pass: {timed_jit.get('count', '?')}, {timed_jit.get('seconds', '?')} s)")
         for row in (result.get("profile_top_kernels") or [])[:12]:
             log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
                 f"{row['kernel'][:90]}")
@@ -576,8 +763,37 @@ def main(argv=None) -> int:
                                for a, b in pairs(token_lists)]
         save()
 
+    if args.oracle_prompts:
+        prompts = workload(requests, args.min_prompt, max_prompt, args.seed, 500)[:args.oracle_prompts]
+        for model in layers:
+            runs_of_model = {n: t[:len(prompts)] for n, t in token_lists.items() if n.split("/")[0] == model}
+            left = args.deadline - (time.perf_counter() - started)
+            if not runs_of_model:
+                continue
+            if left < 60:
+                log(f"[skip] float32 oracle for {model}: {left:.0f} s left before the deadline")
+                report["oracle"][model] = {"error": "skipped: deadline"}
+                continue
+            job_path = Path(f"/tmp/lmdeploy_e2e_oracle_{model}.json")
+            result_path = Path(f"/tmp/lmdeploy_e2e_oracle_{model}_result.json")
+            job_path.write_text(json.dumps({"model_dir": str(model_dirs[model]), "arch": MODELS[model][0],
+                                            "prompts": prompts, "runs": runs_of_model,
+                                            "result_path": str(result_path)}))
+            log(f"[oracle] {model}: transformers float32, {len(prompts)} prompts x {len(runs_of_model)} runs")
+            try:
+                code, output = run_isolated([sys.executable, __file__, "--oracle-child", str(job_path)],
+                                            timeout=min(args.run_timeout, left - 10))
+                if code != 0:
+                    raise RuntimeError(f"exit {code}: {output[-3000:]}")
+                report["oracle"][model] = json.loads(result_path.read_text())
+                log(f"[oracle] {model}: done in {report['oracle'][model]['oracle_s']:.0f} s")
+            except Exception as exc:  # noqa: BLE001 - the runs' results stand without it
+                log(f"[fail] float32 oracle for {model}: {str(exc)[-1500:]}")
+                report["oracle"][model] = {"error": str(exc)[-3000:]}
+            save()
+
     log("")
-    log(table(report["runs"], report["agreement"]))
+    log(table(report["runs"], report["agreement"], report["oracle"]))
     save()
     for path in render([report], out_path.parent):
         log(f"wrote {path}")

@@ -82,7 +82,7 @@ def test_render_tables_from_a_report(e2e, tmp_path):
                                  **e2e.agreement([[1, 2]], [[1, 3]], 2))]}
     written = e2e.render([report], tmp_path)
     text = written[0].read_text()
-    assert "| llama8b/dlinfer/graph/tp1 | 1100 | 3000 | 500 | 20.00 | 1.100 |" in text
+    assert "| llama8b/dlinfer/graph/tp1 | 1100 | 3000 | 500 | 20.00 | 1.100 | not counted |" in text
     assert "failed: boom" in text and "100.0%" in text and "on H100" in text
     assert "Command: `python benchmarks/lmdeploy_e2e.py --model llama8b`" in text
 
@@ -169,6 +169,14 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
     monkeypatch.setattr(e2e, "environment", lambda: {"date": "today", "argv": []})
 
     def fake_run(command, timeout):
+        if "--oracle-child" in command:
+            job = json.loads(Path(command[command.index("--oracle-child") + 1]).read_text())
+            assert len(job["prompts"]) == 3 and len(job["runs"]["qwen3moe/stock/graph/tp1"]) == 3
+            row = {"prompts": 3, "positions": 12, "match_rate": 1.0, "first_token_match": 1.0, "mismatches": 0,
+                   "mismatch_deficit_median": 0.0, "mismatch_deficit_max": 0.0, "gap_median": 0.4}
+            with open(job["result_path"], "w") as f:
+                json.dump({"runs": {name: row for name in job["runs"]}, "oracle_s": 1.0}, f)
+            return 0, ""
         spec = json.loads(command[command.index("--child") + 1])
         if spec["backend"] == "dlinfer" and spec["mode"] == "eager":
             return 1, "Traceback ... boom"
@@ -177,7 +185,8 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
             tokens[0] = [7, 8] + [7] * (spec["compare_tokens"] - 2)
         result = {"name": spec["model"], "output_tok_s": 100.0 if spec["backend"] == "stock" else 110.0,
                   "total_tok_s": 300.0, "mean_ttft_s": 0.1, "mean_tpot_s": 0.01, "duration_s": 1.0,
-                  "startup_s": 2.0, "warmup_s": 0.5, "first_tokens": tokens}
+                  "startup_s": 2.0, "warmup_s": 0.5, "first_tokens": tokens,
+                  "triton_compiles_timed": {"count": 3, "seconds": 1.5, "per_kernel": {"k": 3}}}
         with open(spec["result_path"], "w") as f:
             json.dump(result, f)
         return 0, "2026 dlinfer WARNING dlinfer: fused_moe falls back from vendor 'triton' to 'reference'\n"
@@ -185,7 +194,7 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
     monkeypatch.setattr(e2e, "run_isolated", fake_run)
     out = tmp_path / "out" / "r.json"
     code = e2e.main(["--model", "qwen3moe", "--mode", "both", "--requests", "4", "--new-tokens", "8",
-                     "--compare-tokens", "4", "--out", str(out)])
+                     "--compare-tokens", "4", "--oracle-prompts", "3", "--out", str(out)])
     assert code == 1, "a failed run makes the command fail"
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"qwen3moe/stock/eager/tp1", "qwen3moe/dlinfer/eager/tp1",
@@ -197,4 +206,87 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
     assert pair["first_token_equal"] == 1.0 and pair["all_k_equal"] == 0.75
     assert report["models"] == {"qwen3moe": "Qwen3-30B-A3B shape, 12 of 48 layers"}
     table = (out.parent / "lmdeploy_e2e.md").read_text()
-    assert "| qwen3moe/dlinfer/graph/tp1 | 110 | 300 | 100 | 10.00 | 1.100 |" in table
+    assert "| qwen3moe/dlinfer/graph/tp1 | 110 | 300 | 100 | 10.00 | 1.100 | 3 (1.5 s) |" in table
+    assert "warm-up: one untimed pass of a like workload" in table
+    assert set(report["oracle"]["qwen3moe"]["runs"]) == {"qwen3moe/stock/eager/tp1", "qwen3moe/stock/graph/tp1",
+                                                         "qwen3moe/dlinfer/graph/tp1"}
+    assert "Float32 oracle (qwen3moe)" in table and "| qwen3moe/dlinfer/graph/tp1 | 3 | 100.0% |" in table
+
+
+def test_score_tokens_and_summary(e2e):
+    import torch
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.5], [0.0, 0.0, 5.0]])
+    scored = e2e.score_tokens(logits, [1, 2, 2])
+    assert scored["match"] == [True, False, True]
+    assert scored["deficit"] == pytest.approx([0.0, 0.5, 0.0]) and scored["gap"] == pytest.approx([2.0, 0.5, 5.0])
+    summary = e2e.summarize_scores([scored, e2e.score_tokens(logits[:1], [0])])
+    assert summary["positions"] == 4 and summary["match_rate"] == pytest.approx(0.5)
+    assert summary["first_token_match"] == pytest.approx(0.5) and summary["mismatches"] == 2
+    assert summary["mismatch_deficit_max"] == pytest.approx(3.0) and summary["gap_median"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
+    """The oracle child on a tiny model: float32 greedy tokens match the float32 argmax everywhere; tokens
+    replaced by other ids are mismatches with a positive deficit; the bf16 yardstick row is there."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dlinfer.testing.tiny_models import build_tiny_model
+
+    path = build_tiny_model(tmp_path / arch, arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = e2e.workload(3, 5, 12, 0, 200)
+    greedy = []
+    for prompt in prompts:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        greedy.append(ids[len(prompt):])
+    corrupted = [[(t + 1) % 200 for t in g] for g in greedy]
+    job = {"model_dir": path, "arch": e2e.MODELS["qwen3moe"][0] if arch == "qwen3_moe" else "llama3-8b",
+           "prompts": prompts, "runs": {"m/stock/eager/tp1": greedy, "m/dlinfer/eager/tp1": corrupted,
+                                        "m/stock/graph/tp1": greedy},
+           "result_path": str(tmp_path / "oracle.json")}
+    e2e.run_oracle(job)
+    out = json.loads((tmp_path / "oracle.json").read_text())["runs"]
+    assert out["m/stock/eager/tp1"]["match_rate"] == 1.0 and out["m/stock/graph/tp1"]["mismatches"] == 0
+    bad = out["m/dlinfer/eager/tp1"]
+    assert bad["match_rate"] == 0.0 and bad["first_token_match"] == 0.0 and bad["mismatch_deficit_median"] > 0
+    yardstick = out["transformers bf16 (on m/stock/eager/tp1's tokens)"]
+    assert yardstick["positions"] == 18 and 0.5 <= yardstick["match_rate"] <= 1.0
+
+
+def test_ops_served_lists_the_vendor_of_each_op(e2e):
+    import torch
+
+    import dlinfer.ops as ops
+
+    ops.silu_and_mul(torch.randn(3, 8))
+    served = e2e._ops_served()
+    assert "error" not in served and served["silu_and_mul"] == ["reference[cpu,float32]"]
+
+
+def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
+    """CompileLog installs itself as Triton's JIT hooks and counts one event per compilation, per kernel. (No GPU
+    here: Triton's interpreter compiles nothing, so the hooks are called the way Triton 3.6 calls them.)"""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
+    log = e2e.CompileLog()
+    log.install()
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == (log._before, log._after)
+    info = type("Info", (), {"name": "_probe_kernel"})()
+    for _ in range(2):
+        kwargs = dict(key=1, repr="", fn=info, compile={}, is_manual_warmup=False, already_compiled=False)
+        assert knobs.runtime.jit_cache_hook(**kwargs) is False  # False: Triton goes on and compiles
+        knobs.runtime.jit_post_compile_hook(**kwargs)
+    taken = log.take()
+    assert taken["count"] == 2 and taken["per_kernel"] == {"_probe_kernel": 2} and taken["seconds"] >= 0
+    assert log.take()["count"] == 0
