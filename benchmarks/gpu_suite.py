@@ -18,6 +18,8 @@ Parts (run in this order, whatever order ``--only`` names them in):
   rotary         apply_rotary_pos_emb, in place on strided q/k views of a fused qkv
   act            silu_and_mul
   moe            fused_moe, Mixtral-8x7B and Qwen3-30B-A3B shapes
+  moe_serving    fused_moe at the token counts a serving engine sends (decode batch 256, prefill chunks 2048 and
+                 8192 = LMDeploy's max_prefill_token_num) with uniform and skewed routing (hot experts)
   gating         moe_gating_topk_softmax
   eager          host cost per call (wrapper + dispatch + launch), dlinfer and peers interleaved
 
@@ -69,8 +71,9 @@ import torch  # noqa: E402
 from benchmarks import peers, timing  # noqa: E402
 
 PARTS = ("check", "graphs", "ceilings", "decode", "prefill", "paged_prefill", "fill", "norm", "rotary", "act",
-         "moe", "gating", "eager")
-BENCH_PARTS = ("decode", "prefill", "paged_prefill", "fill", "norm", "rotary", "act", "moe", "gating", "eager")
+         "moe", "moe_serving", "gating", "eager")
+BENCH_PARTS = ("decode", "prefill", "paged_prefill", "fill", "norm", "rotary", "act", "moe", "moe_serving", "gating",
+               "eager")
 
 DTYPE = torch.bfloat16
 HQ, HK, HEAD = 32, 8, 128
@@ -104,6 +107,11 @@ def grid(part: str, quick: bool) -> list[dict]:
     if part == "moe":
         tokens = (64, 4096) if quick else (1, 64, 512, 4096)
         return [dict(model=m, tokens=t) for m in MOE_MODELS for t in tokens]
+    if part == "moe_serving":
+        cases = [dict(model="qwen3-30b-a3b", tokens=t, routing=r) for t in (256, 2048, 8192)
+                 for r in ("uniform", "skewed")]
+        cases += [dict(model="mixtral-8x7b", tokens=t, routing="uniform") for t in (256, 8192)]
+        return cases[2:4] if quick else cases
     if part == "gating":
         tokens = (4096,) if quick else (1, 64, 512, 4096)
         return [dict(model=m, tokens=t) for m in MOE_MODELS for t in tokens]
@@ -743,17 +751,20 @@ class Suite:
                     self.measure("act", op, params, impl, fn, nbytes=nbytes, check=lambda o: rel_err(o, ref), tol=1e-2)
 
     # moe ---------------------------------------------------------------------------------------------
-    def part_moe(self) -> None:
+    def part_moe(self, part: str = "moe") -> None:
         current = None
         weights = None
-        for params in self.cases("moe"):
+        for params in self.cases(part):
             if params["model"] != current:
                 weights = None
                 torch.cuda.empty_cache()
                 current = params["model"]
                 weights = self._moe_weights(**MOE_MODELS[current])
-            self._moe_case(params, weights, **MOE_MODELS[current])
+            self._moe_case(part, params, weights, **MOE_MODELS[current])
             torch.cuda.empty_cache()
+
+    def part_moe_serving(self) -> None:
+        self.part_moe(part="moe_serving")
 
     def _moe_weights(self, experts, topk, hidden, inter):
         gen = torch.Generator(device=self.device).manual_seed(experts * 17 + hidden)
@@ -763,7 +774,7 @@ class Suite:
         down.mul_(inter ** -0.5)
         return gate_up, down
 
-    def _moe_case(self, params, weights, experts, topk, hidden, inter) -> None:
+    def _moe_case(self, part, params, weights, experts, topk, hidden, inter) -> None:
         import dlinfer.ops as ops
         from dlinfer.vendor.reference import moe as ref_moe
 
@@ -772,8 +783,14 @@ class Suite:
         gen = torch.Generator(device=self.device).manual_seed(tokens * 3 + experts)
         x = torch.randn(tokens, hidden, device=self.device, dtype=DTYPE, generator=gen)
         logits = torch.randn(tokens, experts, device=self.device, dtype=torch.float32, generator=gen)
+        if params.get("routing") == "skewed":
+            # a per-expert bias with a std of 1.5 logits: a few hot experts get several times the mean load
+            logits += 1.5 * torch.randn(experts, device=self.device, dtype=torch.float32, generator=gen)
         topk_w, topk_ids = torch.topk(torch.softmax(logits, -1), topk, dim=-1)
         used = int(torch.unique(topk_ids).numel())
+        if "routing" in params:
+            load = torch.bincount(topk_ids.flatten(), minlength=experts).float()
+            params = dict(params, max_load_x_mean=round(float(load.max() / load.mean()), 2))
         nbytes = used * 3 * hidden * inter * DTYPE.itemsize + 2 * x.numel() * DTYPE.itemsize
         flops = 6.0 * tokens * topk * hidden * inter
         params = dict(params, experts=experts, topk=topk, hidden=hidden, inter=inter, experts_used=used)
@@ -792,9 +809,9 @@ class Suite:
                  ("torch", lambda: peers.torch_moe_expert_loop(x, gate_up, down, topk_w, topk_ids, True), "", False)]
         for impl, fn, why, graph in order:
             if why:
-                self.skip("moe", op, params, impl, why)
+                self.skip(part, op, params, impl, why)
             else:
-                self.measure("moe", op, params, impl, fn, nbytes=nbytes, flops=flops, check=check, tol=3e-2,
+                self.measure(part, op, params, impl, fn, nbytes=nbytes, flops=flops, check=check, tol=3e-2,
                              graph=graph, note="expert loop (host syncs: eager events)" if impl == "torch" else "")
 
     def part_gating(self) -> None:
