@@ -272,7 +272,9 @@ def run_child(spec: RunSpec) -> None:
     prompts = workload(spec.requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
     config = PytorchEngineConfig(tp=spec.tp, eager_mode=spec.mode == "eager", max_batch_size=spec.max_batch_size,
                                  cache_max_entry_count=spec.cache_max_entry_count, block_size=spec.block_size,
-                                 session_len=spec.max_prompt + spec.new_tokens + 64)
+                                 session_len=spec.max_prompt + spec.new_tokens + 64,
+                                 # LMDeploy picks ray for tp > 1 on stock CUDA; its own mp executor needs no ray
+                                 distributed_executor_backend="mp" if spec.tp > 1 else None)
     t0 = time.perf_counter()
     pipe = pipeline(spec.model_dir, backend_config=config, log_level="WARNING")
     startup_s = time.perf_counter() - t0
