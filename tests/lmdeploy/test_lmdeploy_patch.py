@@ -149,3 +149,59 @@ def test_revert_restores_the_engine_entry_points():
                 ZMQMPEngine.__dict__["_mp_proc"].__func__) == stock
     finally:
         (ext.apply if was else ext.revert)()
+
+
+def _tp2_dist_checker(model_path: str):
+    """An EngineChecker for CUDA at tp = 2 (executor left to LMDeploy) that runs only the distributed check."""
+    from lmdeploy import PytorchEngineConfig
+    from lmdeploy.pytorch.check_env.dist import DistChecker
+    from lmdeploy.pytorch.engine.engine_checker import EngineChecker
+
+    config = PytorchEngineConfig(tp=2, max_batch_size=8, device_type="cuda")
+    checker = EngineChecker(model_path=model_path, engine_config=config)
+    # Triton/torch/model checks need a GPU; the distributed check is the one that depends on the backend.
+    checker._required_checker = [c for c in checker._required_checker if isinstance(c, DistChecker)]
+    assert len(checker._required_checker) == 1
+    return checker
+
+
+def test_engine_checks_in_lmdeploys_spawned_process_see_dlinfers_backend(tiny_model, monkeypatch):
+    """On CUDA, LMDeploy runs EngineChecker in a freshly spawned process. Unpatched, that process sees the stock
+    CUDA backend, picks ray for tp = 2 and stops the engine ("Multi-nodes support requires `ray`"), as it did on the
+    two-GPU machine; with dlinfer applied, the spawned process applies the patch first and picks mp."""
+    pytest.importorskip("lmdeploy")
+    try:
+        import ray  # noqa: F401
+
+        pytest.skip("ray is installed: the stock CUDA backend's choice of ray would pass the check")
+    except ImportError:
+        pass
+    import dlinfer.framework.lmdeploy_ext as ext
+    from lmdeploy.pytorch import envs
+
+    monkeypatch.setattr(envs, "enable_check_env", True)
+    was = ext.is_applied()
+    ext.revert()
+    try:
+        with pytest.raises(SystemExit):
+            _tp2_dist_checker(tiny_model("llama")).handle()  # stock: the spawned checker has no dlinfer
+        ext.apply()
+        _tp2_dist_checker(tiny_model("llama")).handle()  # passes: the spawned checker picked mp
+    finally:
+        (ext.apply if was else ext.revert)()
+
+
+def test_revert_restores_the_engine_checker():
+    import dlinfer.framework.lmdeploy_ext as ext
+    from lmdeploy.pytorch.engine.engine_checker import EngineChecker
+
+    was = ext.is_applied()
+    ext.revert()
+    try:
+        stock = EngineChecker.handle
+        ext.apply()
+        assert EngineChecker.handle is not stock
+        ext.revert()
+        assert EngineChecker.handle is stock
+    finally:
+        (ext.apply if was else ext.revert)()

@@ -11,6 +11,10 @@ Three patches, all undone by :func:`revert`:
    ``mp_executor.ExecutorProc.start`` (tensor-parallel workers, :func:`_worker_entry`) and
    ``mp_engine.zmq_engine.ZMQMPEngine._mp_proc`` (the engine process of ``lmdeploy serve api_server``,
    :func:`_mp_engine_entry`).
+   LMDeploy also runs its environment checks (``EngineChecker.handle``) in a process it spawns whenever the
+   device is CUDA; ``EngineChecker.handle`` is replaced by the same logic with that process running
+   :func:`_checker_entry`, so its ``DistChecker`` sees dlinfer's backend (which keeps tensor parallelism on the
+   ``mp`` executor) instead of stock CUDA's (which asks for ray).
 3. ``lmdeploy.pytorch.engine.engine.Engine.from_pretrained`` (the entry of ``lmdeploy.pipeline`` and
    ``lmdeploy serve``, in the calling process, before any engine process starts) and
    ``lmdeploy.pytorch.engine.engine.build_executor`` (every engine, in the process that builds it): the setup is
@@ -68,6 +72,35 @@ def _mp_engine_entry(*args, **kwargs):
     return _originals["zmq_engine.ZMQMPEngine._mp_proc"](*args, **kwargs)
 
 
+def _checker_entry(checker):
+    """The process LMDeploy spawns for its environment checks: apply dlinfer's patches, then run the checks."""
+    apply()
+    return checker._handle_impl()
+
+
+def _checked_engine_handle(self):
+    """``EngineChecker.handle`` of LMDeploy 0.18 with the spawned check process entering through
+    :func:`_checker_entry`. LMDeploy keeps CUDA out of the caller by running the checks in a fresh ``spawn``
+    process on CUDA (unless the caller is itself a daemon process); a fresh process has LMDeploy unpatched."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lmdeploy.pytorch import envs
+
+    if not envs.enable_check_env:
+        return None
+    if mp.current_process().daemon or self.engine_config.device_type != "cuda":
+        return self._handle_impl()
+    with ProcessPoolExecutor(mp_context=mp.get_context("spawn")) as executor:
+        try:
+            executor.submit(_checker_entry, self).result()
+        except SystemExit:
+            raise SystemExit(1) from None  # a check failed; it logged why (as LMDeploy's own handle does)
+        except BaseException as exc:  # noqa: BLE001 - LMDeploy reports any other failure the same way
+            self.log_and_exit(exc, mod_name="Engine")
+    return None
+
+
 def _read_hf_config(model_path, trust_remote_code: bool):
     """The model's Hugging Face config, or None when it cannot be read here (LMDeploy reports that itself)."""
     try:
@@ -111,6 +144,7 @@ def apply() -> None:
             return
         import lmdeploy.pytorch.backends.selector as selector
         import lmdeploy.pytorch.engine.engine as engine_module
+        import lmdeploy.pytorch.engine.engine_checker as engine_checker
         import lmdeploy.pytorch.engine.executor.mp_executor as mp_executor
         import lmdeploy.pytorch.engine.mp_engine.zmq_engine as zmq_engine
 
@@ -127,7 +161,9 @@ def apply() -> None:
         _originals["engine.build_executor"] = engine_module.build_executor
         _originals["zmq_engine.ZMQMPEngine._mp_proc"] = zmq_engine.ZMQMPEngine._mp_proc
         _originals["engine.Engine.from_pretrained"] = engine_module.Engine.__dict__["from_pretrained"]
+        _originals["engine_checker.EngineChecker.handle"] = engine_checker.EngineChecker.handle
         selector._get_backend = _dlinfer_get_backend
+        engine_checker.EngineChecker.handle = _checked_engine_handle
         mp_executor.ExecutorProc.start = _patched_start
         engine_module.build_executor = _checked_build_executor
         zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_mp_engine_entry)
@@ -142,10 +178,12 @@ def revert() -> None:
             return
         import lmdeploy.pytorch.backends.selector as selector
         import lmdeploy.pytorch.engine.engine as engine_module
+        import lmdeploy.pytorch.engine.engine_checker as engine_checker
         import lmdeploy.pytorch.engine.executor.mp_executor as mp_executor
         import lmdeploy.pytorch.engine.mp_engine.zmq_engine as zmq_engine
 
         selector._get_backend = _originals.pop("selector._get_backend")
+        engine_checker.EngineChecker.handle = _originals.pop("engine_checker.EngineChecker.handle")
         mp_executor.ExecutorProc.start = _originals.pop("mp_executor.ExecutorProc.start")
         engine_module.build_executor = _originals.pop("engine.build_executor")
         zmq_engine.ZMQMPEngine._mp_proc = staticmethod(_originals.pop("zmq_engine.ZMQMPEngine._mp_proc"))
