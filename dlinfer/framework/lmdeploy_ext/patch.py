@@ -1,6 +1,6 @@
 """Route LMDeploy's PyTorch engine on CUDA to dlinfer, in this process and in every worker it spawns.
 
-Three patches, all undone by :func:`revert`:
+Three groups of patches, all undone by :func:`revert`:
 
 1. ``lmdeploy.pytorch.backends.selector._get_backend``: device type ``cuda`` gets
    :class:`~dlinfer.framework.lmdeploy_ext.backend.DlinferCudaOpsBackend`. Every ``get_backend()`` call in
