@@ -8,12 +8,12 @@ Three groups of patches, all undone by :func:`revert`:
    cache layout and the graph runner.
 2. Spawned processes import LMDeploy afresh, so the two places LMDeploy spawns engine processes run their
    target through an entry point of this module that re-applies these patches first:
-   ``mp_executor.ExecutorProc.start`` (tensor-parallel workers, :func:`_worker_entry`) and
+   ``mp_executor.ExecutorProc.start`` (tensor-parallel workers, :func:`_spawned_entry`) and
    ``mp_engine.zmq_engine.ZMQMPEngine._mp_proc`` (the engine process of ``lmdeploy serve api_server``,
    :func:`_mp_engine_entry`).
    LMDeploy also runs its environment checks (``EngineChecker.handle``) in a process it spawns whenever the
    device is CUDA; ``EngineChecker.handle`` is replaced by the same logic with that process running
-   :func:`_checker_entry`, so its ``DistChecker`` sees dlinfer's backend (which keeps tensor parallelism on the
+   :func:`_spawned_entry`, so its ``DistChecker`` sees dlinfer's backend (which keeps tensor parallelism on the
    ``mp`` executor) instead of stock CUDA's (which asks for ray).
 3. ``lmdeploy.pytorch.engine.engine.Engine.from_pretrained`` (the entry of ``lmdeploy.pipeline`` and
    ``lmdeploy serve``, in the calling process, before any engine process starts) and
@@ -50,17 +50,18 @@ def _dlinfer_get_backend():
     return _originals["selector._get_backend"]()
 
 
-def _worker_entry(main_loop, *args, **kwargs):
-    """A spawned LMDeploy worker: apply dlinfer's patches, then run LMDeploy's worker loop."""
+def _spawned_entry(target, *args, **kwargs):
+    """A process LMDeploy spawns (a tensor-parallel worker, the environment checks): apply dlinfer's patches,
+    then run LMDeploy's ``target``."""
     apply()
-    return main_loop(*args, **kwargs)
+    return target(*args, **kwargs)
 
 
 def _patched_start(self, **kwargs):
-    """``ExecutorProc.start`` with the worker run through :func:`_worker_entry` (same process settings)."""
+    """``ExecutorProc.start`` with the worker run through :func:`_spawned_entry` (same process settings)."""
     if self._proc is not None:
         raise RuntimeError(f"ExecutorProc-{self.proc_id} was already started")
-    proc = self.mp_ctx.Process(target=_worker_entry, args=(self._main_loop,), kwargs=kwargs,
+    proc = self.mp_ctx.Process(target=_spawned_entry, args=(self._main_loop,), kwargs=kwargs,
                                name=f"ExecutorProc-{self.proc_id}", daemon=True)
     proc.start()
     self._proc = proc
@@ -72,15 +73,9 @@ def _mp_engine_entry(*args, **kwargs):
     return _originals["zmq_engine.ZMQMPEngine._mp_proc"](*args, **kwargs)
 
 
-def _checker_entry(checker):
-    """The process LMDeploy spawns for its environment checks: apply dlinfer's patches, then run the checks."""
-    apply()
-    return checker._handle_impl()
-
-
 def _checked_engine_handle(self):
     """``EngineChecker.handle`` of LMDeploy 0.18 with the spawned check process entering through
-    :func:`_checker_entry`. LMDeploy keeps CUDA out of the caller by running the checks in a fresh ``spawn``
+    :func:`_spawned_entry`. LMDeploy keeps CUDA out of the caller by running the checks in a fresh ``spawn``
     process on CUDA (unless the caller is itself a daemon process); a fresh process has LMDeploy unpatched."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -93,7 +88,7 @@ def _checked_engine_handle(self):
         return self._handle_impl()
     with ProcessPoolExecutor(mp_context=mp.get_context("spawn")) as executor:
         try:
-            executor.submit(_checker_entry, self).result()
+            executor.submit(_spawned_entry, self._handle_impl).result()
         except SystemExit:
             raise SystemExit(1) from None  # a check failed; it logged why (as LMDeploy's own handle does)
         except BaseException as exc:  # noqa: BLE001 - LMDeploy reports any other failure the same way
