@@ -7,7 +7,9 @@ and runs its implementation. Every custom op has a fake implementation, so ``tor
 trace through it.
 
 Vendor implementations take the custom op's arguments (see each ``_<name>`` definition): plain tensors and
-numbers, caches and outputs written in place.
+numbers, caches and outputs written in place. The batch layout is one form (``dlinfer.ops._batch``): a query
+partition is int32 ``[B + 1]`` start offsets on the query's device (``cu_seqlens_q[0] == 0``, as FlashInfer's
+``indptr`` and vLLM's ``query_start_loc``); per-sequence KV lengths are int32 ``[B]``.
 """
 
 from dlinfer.ops.activation import silu_and_mul

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _batch, _checks
 from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_implementation, check_cache
 
@@ -40,19 +40,19 @@ def _prefill_attention_impl(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_seqlens: torch.Tensor,
-    kv_seqlens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_kv: torch.Tensor,
     max_q_seq_len: int,
     softmax_scale: float,
     causal: bool,
     attn_output: torch.Tensor,
 ) -> None:
-    if _checks.values_checked(q_seqlens, kv_seqlens):
-        _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal)
+    if _checks.values_checked(cu_seqlens_q, cu_seqlens_kv):
+        _check_varlen_values(query, key, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, causal)
     impl = implementation(
         "prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1], features=_features(causal)
     )
-    impl(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal, attn_output)
+    impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output)
 
 
 _prefill_attention = torch.library.custom_op(
@@ -61,7 +61,7 @@ _prefill_attention = torch.library.custom_op(
 
 
 @_prefill_attention.register_fake
-def _(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal, attn_output):
+def _(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output):
     return None
 
 
@@ -147,14 +147,25 @@ def _(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, so
 
 
 # ------------------------------------------------------------------------------------------- value checks
-def _check_varlen_values(query, key, q_seqlens, kv_seqlens, max_q_seq_len, causal) -> None:
-    _checks.in_range("q_seqlens", q_seqlens, 0, max_q_seq_len + 1, "query lengths up to max_q_seq_len")
-    _checks.in_range("kv_seqlens", kv_seqlens, 0, key.shape[0] + 1, "key lengths")
-    if int(q_seqlens.sum()) > query.shape[0]:
-        raise ValueError(f"q_seqlens sum to {int(q_seqlens.sum())} but query holds {query.shape[0]} tokens")
-    if int(kv_seqlens.sum()) > key.shape[0]:
-        raise ValueError(f"kv_seqlens sum to {int(kv_seqlens.sum())} but key holds {key.shape[0]} tokens")
-    if causal and bool((q_seqlens.cpu() > kv_seqlens.cpu()).any()):
+def _starts(name: str, starts: torch.Tensor, rows: int, holder: str, verb: str = "ends at") -> torch.Tensor:
+    """Value check of ``[B + 1]`` start offsets: from 0, non-decreasing, within the ``rows`` of ``holder``;
+    returns the lengths. ``name`` is the public argument the offsets were built from."""
+    starts = starts.to("cpu", torch.int64)
+    if starts.numel() and int(starts[0]) != 0:
+        raise ValueError(f"{name} must start at 0 ([B + 1] start offsets), got {int(starts[0])}")
+    lens = starts[1:] - starts[:-1]
+    if bool((lens < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing ([B + 1] start offsets)")
+    if starts.numel() and int(starts[-1]) > rows:
+        raise ValueError(f"{name} {verb} {int(starts[-1])} but {holder} holds {rows} tokens")
+    return lens
+
+
+def _check_varlen_values(query, key, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, causal) -> None:
+    q_lens = _starts("q_seqlens", cu_seqlens_q, query.shape[0], "query", "sum to")
+    kv_lens = _starts("kv_seqlens", cu_seqlens_kv, key.shape[0], "key", "sum to")
+    _checks.in_range("q_seqlens", q_lens, 0, max_q_seq_len + 1, "query lengths up to max_q_seq_len")
+    if causal and bool((q_lens > kv_lens).any()):
         raise ValueError("causal attention needs q_seqlens <= kv_seqlens for every sequence")
 
 
@@ -176,13 +187,7 @@ def _check_paged_values(
     used = torch.arange(table.shape[1]) < ((kv + block_size - 1) // block_size)[:, None]
     _checks.in_range("block_offsets", table[used], 0, num_blocks, f"block ids of a cache of {num_blocks} blocks")
     if cu_seqlens_q is not None:
-        ends = cu_seqlens_q.to("cpu", torch.int64)
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        lens = ends - starts
-        if bool((lens < 0).any()):
-            raise ValueError("cu_seqlens_q must be non-decreasing (cumulative query ends)")
-        if ends.numel() and int(ends[-1]) > query.shape[0]:
-            raise ValueError(f"cu_seqlens_q ends at {int(ends[-1])} but query holds {query.shape[0]} tokens")
+        lens = _starts("cu_seqlens_q", cu_seqlens_q, query.shape[0], "query")
         if bool((lens > max_q_seq_len).any()):
             raise ValueError(f"a query length exceeds max_q_seq_len ({max_q_seq_len})")
         if bool((lens > kv).any()):
@@ -210,11 +215,9 @@ def _lengths(name: str, t, batch: int | None = None) -> torch.Tensor:
 
 def _on_device(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Lengths may come from the host (LMDeploy's ``*_cpu`` arguments); other devices are an error."""
-    if t.device == device:
-        return t
-    if t.device.type != "cpu":
+    if t.device != device and t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device}; it must be on the host or on query's device {device}")
-    return t.to(device, non_blocking=True)
+    return t
 
 
 def _scale(softmax_scale, head_size: int) -> float:
@@ -320,16 +323,16 @@ def prefill_attention(
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, value.shape[-1])
     _checks.same_device(query=query, key=key, value=value)
-    q_seqlens = _on_device("q_seqlens", q_seqlens, query.device)
-    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    cu_seqlens_q = _batch.starts_from_lengths(_on_device("q_seqlens", q_seqlens, query.device), query.device)
+    cu_seqlens_kv = _batch.starts_from_lengths(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
     run(
         _prefill_attention,
         _prefill_attention_impl,
         query,
         key,
         value,
-        q_seqlens,
-        kv_seqlens,
+        cu_seqlens_q,
+        cu_seqlens_kv,
         max_q_seq_len,
         scale,
         causal,
@@ -407,8 +410,8 @@ def paged_prefill_attention(
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
-    cu_seqlens_q = _on_device("cu_seqlens_q", cu_seqlens_q, query.device)
-    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    cu_seqlens_q = _batch.starts_from_ends(_on_device("cu_seqlens_q", cu_seqlens_q, query.device), query.device)
+    kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
     run(
         _paged_prefill_attention,
         _paged_prefill_attention_impl,
@@ -480,7 +483,7 @@ def paged_decode_attention(
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
-    kv_seqlens = _on_device("kv_seqlens", kv_seqlens, query.device)
+    kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
     run(
         _paged_decode_attention,
         _paged_decode_attention_impl,

@@ -131,10 +131,12 @@ def fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_scales
         value_cache[s // bs, s % bs] = value[t]
 
 
-def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
                       attn_output) -> None:
+    """Sequence b has queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys ``cu_seqlens_kv[b]:cu_seqlens_kv[b+1]``."""
     qs = ks = 0
-    for ql, kl in zip(q_seqlens.tolist(), kv_seqlens.tolist()):
+    q_lens, kv_lens = cu_seqlens_q.diff().tolist(), cu_seqlens_kv.diff().tolist()
+    for ql, kl in zip(q_lens, kv_lens):
         if ql:
             attn_output[qs:qs + ql] = attention_64(query[qs:qs + ql], key[ks:ks + kl], value[ks:ks + kl],
                                                    softmax_scale, causal).to(attn_output.dtype)
@@ -143,9 +145,9 @@ def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, s
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                             max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
-    """Sequence b has queries ``cu_seqlens_q[b-1]:cu_seqlens_q[b]`` (the last ones of its ``kv_seqlens[b]`` keys)."""
+    """Sequence b has queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (the last ones of its ``kv_seqlens[b]`` keys)."""
     begin = 0
-    for b, (end, kl) in enumerate(zip(cu_seqlens_q.tolist(), kv_seqlens.tolist())):
+    for b, (end, kl) in enumerate(zip(cu_seqlens_q[1:].tolist(), kv_seqlens.tolist())):
         if end > begin:
             k = gather_tokens(key_cache, block_table[b], kl)
             v = gather_tokens(value_cache, block_table[b], kl)

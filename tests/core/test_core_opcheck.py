@@ -23,6 +23,11 @@ def _paged():
     return kc, vc, table
 
 
+def _starts(*offsets):
+    """The vendor contract's batch layout: int32 [B + 1] start offsets."""
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
 def _args():
     g = _g()
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -33,9 +38,9 @@ def _args():
         "add_rms_norm": (r(3, 8), r(3, 8), r(8), 1e-6),
         "apply_rotary_pos_emb": (r(4, 4, 8), r(4, 2, 8), r(4, 8), r(4, 8)),
         "fill_kv_cache": (r(3, 2, 8), r(3, 2, 8), kc.clone(), vc.clone(), torch.tensor([5, -1, 40]), [], [], 0),
-        "prefill_attention": (r(5, 4, 8), r(5, 2, 8), r(5, 2, 8), torch.tensor([2, 3]), torch.tensor([2, 3]), 3,
+        "prefill_attention": (r(5, 4, 8), r(5, 2, 8), r(5, 2, 8), _starts(0, 2, 5), _starts(0, 2, 5), 3,
                               0.35, True, torch.empty(5, 4, 8)),
-        "paged_prefill_attention": (r(4, 4, 8), kc, vc, table, torch.tensor([3, 4]), torch.tensor([20, 1]), 3, 20,
+        "paged_prefill_attention": (r(4, 4, 8), kc, vc, table, _starts(0, 3, 4), torch.tensor([20, 1]), 3, 20,
                                     0.35, True, torch.empty(4, 4, 8)),
         "paged_decode_attention": (r(2, 4, 8), kc, vc, table, torch.tensor([20, 1]), 32, 0.35, torch.empty(2, 4, 8)),
         "moe_gating_topk_softmax": (r(5, 6), 2),

@@ -270,7 +270,8 @@ def test_prefill_other_lengths(triton_vendor, dtype, causal):
         graph.replay()
         used = int(lens.sum())
         ref = torch.zeros(total, hq, d, device=DEV, dtype=torch.float32)
-        ref_attn.prefill_attention(q, k, v, q_lens, kv_lens, max_len, 1.0 / math.sqrt(d), causal, ref)
+        starts = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(DEV, torch.int32)  # vendor layout: [B + 1]
+        ref_attn.prefill_attention(q, k, v, starts, starts, max_len, 1.0 / math.sqrt(d), causal, ref)
         close(out[:used], ref[:used], dtype, f"prefill (causal={causal}), replay {i}, lens {lens.tolist()}")
 
 
@@ -304,7 +305,8 @@ def test_paged_prefill_chunked_other_lengths(triton_vendor, block_size):
         graph.replay()
         used = int(q_lens.sum())
         ref = torch.zeros(total, hq, d, device=DEV, dtype=torch.float32)
-        ref_attn.paged_prefill_attention(q, k_cache, v_cache, table, cu_q, kv_lens, max_q, max_kv,
+        starts = torch.nn.functional.pad(cu_q, (1, 0))  # vendor layout: [B + 1] start offsets
+        ref_attn.paged_prefill_attention(q, k_cache, v_cache, table, starts, kv_lens, max_q, max_kv,
                                          1.0 / math.sqrt(d), True, ref)
         close(out[:used], ref[:used], dtype,
               f"paged prefill, replay {i}, q lens {q_lens.tolist()}, history {hist.tolist()}")

@@ -367,11 +367,12 @@ def test_prefill_rows_that_see_no_key_are_zero():
     query = torch.randn(20, 2, 32, generator=gen)
     key = torch.randn(6, 1, 32, generator=gen)
     value = torch.randn(6, 1, 32, generator=gen)
-    q_seqlens, kv_seqlens = torch.tensor([20]), torch.tensor([6])
+    cu_seqlens_q = torch.tensor([0, 20], dtype=torch.int32)  # the vendor contract: [B + 1] start offsets
+    cu_seqlens_kv = torch.tensor([0, 6], dtype=torch.int32)
     got = torch.full((20, 2, 32), float("nan"))
     want = torch.full((20, 2, 32), float("nan"))
-    attention_prefill.prefill_attention(query, key, value, q_seqlens, kv_seqlens, 20, 0.2, True, got)
-    reference.prefill_attention(query, key, value, q_seqlens, kv_seqlens, 20, 0.2, True, want)
+    attention_prefill.prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, 20, 0.2, True, got)
+    reference.prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, 20, 0.2, True, want)
     close(got, want, torch.float32)
     assert torch.equal(got[:14], torch.zeros_like(got[:14]))
 

@@ -27,29 +27,27 @@ def _gather(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.
     return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
 
 
-def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
                       attn_output) -> None:
-    q_start = kv_start = 0
-    for q_len, kv_len in zip(q_seqlens.tolist(), kv_seqlens.tolist()):
-        if q_len:
-            q = query[q_start:q_start + q_len]
-            out = _attend(q, key[kv_start:kv_start + kv_len], value[kv_start:kv_start + kv_len], softmax_scale,
-                          causal)
-            attn_output[q_start:q_start + q_len] = out.to(attn_output.dtype)
-        q_start += q_len
-        kv_start += kv_len
+    q_starts, kv_starts = cu_seqlens_q.tolist(), cu_seqlens_kv.tolist()
+    for b in range(len(q_starts) - 1):
+        q_start, q_end = q_starts[b], q_starts[b + 1]
+        kv_start, kv_end = kv_starts[b], kv_starts[b + 1]
+        if q_end > q_start:
+            out = _attend(query[q_start:q_end], key[kv_start:kv_end], value[kv_start:kv_end], softmax_scale, causal)
+            attn_output[q_start:q_end] = out.to(attn_output.dtype)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                             max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
-    start = 0
-    for b, (end, kv_len) in enumerate(zip(cu_seqlens_q.tolist(), kv_seqlens.tolist())):
+    starts = cu_seqlens_q.tolist()
+    for b, kv_len in enumerate(kv_seqlens.tolist()):
+        start, end = starts[b], starts[b + 1]
         if end > start:
             k = _gather(key_cache, block_table[b], kv_len)
             v = _gather(value_cache, block_table[b], kv_len)
             out = _attend(query[start:end], k, v, softmax_scale, causal)
             attn_output[start:end] = out.to(attn_output.dtype)
-        start = end
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,

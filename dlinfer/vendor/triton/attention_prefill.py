@@ -20,12 +20,13 @@ sequence need no mask at all; the few diagonal/tail tiles are masked; tiles whol
 visited. Non-causal attention (vision encoders) is the same kernel with only the length mask. A query row that
 sees no key gives zeros. Head sizes are padded to powers of two with masks; ``Dv`` may differ from ``D``.
 
-* ``prefill_attention``: keys/values are packed like the queries; the start of each sequence is the exclusive
-  cumulative sum of the lengths, computed on the device (``torch.cumsum``, no host sync).
+* Both ops take the contract's int32 ``[B + 1]`` start offsets (``starts[0] == 0``); the kernel reads
+  ``starts[1:]``, a view, as cumulative ends (sequence ``b`` starts at ``ends[b - 1]``, 0 for ``b = 0``).
+* ``prefill_attention``: keys/values are packed like the queries, partitioned by their own start offsets.
 * ``paged_prefill_attention``: keys/values come from the paged cache through the block table (history and the new
   tokens, which are already in the cache), token ``t`` at page ``block_table[b, t // block_size]``, slot
-  ``t % block_size``; caches are addressed through their strides. Query starts come from the given cumulative
-  ends; queries past ``cu_seqlens_q[-1]`` are never touched.
+  ``t % block_size``; caches are addressed through their strides. Queries past ``cu_seqlens_q[-1]`` are never
+  touched.
 
 Each program reads its query tile before it writes its output tile, and only its own rows and heads, so
 ``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``).
@@ -308,20 +309,20 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     )
 
 
-def prefill_attention(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, softmax_scale, causal,
+def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
                       attn_output) -> None:
-    q_ends = torch.cumsum(q_seqlens, 0)
-    kv_ends = torch.cumsum(kv_seqlens, 0)
+    # [B + 1] starts with starts[0] == 0: starts[1:] (a view, no launch) are the kernel's cumulative ends.
+    q_ends = cu_seqlens_q[1:]
     kv_strides = (0, key.stride(0), key.stride(1), 0, value.stride(0), value.stride(1))
-    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, softmax_scale, causal,
-            kv_strides)
+    _launch(query, key, value, attn_output, q_ends, cu_seqlens_kv[1:], q_ends, False, 1, max_q_seq_len,
+            softmax_scale, causal, kv_strides)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                             max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
     kv_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                   value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
-    _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q, kv_seqlens, block_table, True,
+    _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q[1:], kv_seqlens, block_table, True,
             key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides)
 
 
