@@ -1,0 +1,170 @@
+"""Attention cases: varlen prefill, paged (chunked) prefill, paged decode."""
+
+from __future__ import annotations
+
+import torch
+
+import dlinfer.ops as ops
+from dlinfer.testing.conformance.inputs import mask, paged, qkv
+from dlinfer.testing.conformance.spec import OpSpec
+
+
+def _attn_output(x, mode, tokens, hq, dv, dtype, rnd):
+    if mode == "given":
+        return torch.full((tokens, hq, dv), float("nan"), dtype=dtype, device=rnd.device)
+    if mode == "alias":
+        return x["q"]
+    return None
+
+
+def _prefill_cases(quick):
+    if quick:
+        return [dict(seqs=((5, 5), (1, 1), (9, 9)), hq=8, hk=8, d=16, dv=16, causal=True, fused=True, out="none"),
+                dict(seqs=((4, 4), (7, 7)), hq=8, hk=2, d=16, dv=24, causal=False, fused=False, out="given"),
+                dict(seqs=((3, 6), (2, 2)), hq=8, hk=1, d=16, dv=16, causal=True, fused=False, out="alias")]
+    cases = []
+    ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
+    for i, d in enumerate((64, 80, 96, 128, 256)):
+        hq, hk = ratios[i % 4]
+        cases.append(dict(seqs=((1, 1), (129, 129), (17, 17), (600, 600)), hq=hq, hk=hk, d=d, dv=d, causal=True,
+                          fused=True, out="none"))
+        cases.append(dict(seqs=((256, 256), (77, 77)), hq=hq, hk=hk, d=d, dv=d, causal=False, fused=False,
+                          out="given"))
+        cases.append(dict(seqs=((31, 100), (5, 5), (64, 1000)), hq=hq, hk=hk, d=d, dv=d, causal=True, fused=False,
+                          out="alias"))
+    cases.append(dict(seqs=((33, 33), (250, 250)), hq=16, hk=4, d=192, dv=128, causal=True, fused=True,
+                      out="given"))
+    cases.append(dict(seqs=((2048, 2048),), hq=32, hk=8, d=128, dv=128, causal=True, fused=True, out="none"))
+    return cases
+
+
+def _prefill_build(p, dtype, rnd):
+    q_lens = [s[0] for s in p["seqs"]]
+    kv_lens = [s[1] for s in p["seqs"]]
+    hq, hk, d, dv = p["hq"], p["hk"], p["d"], p["dv"]
+    if p["fused"] and q_lens == kv_lens:
+        q, k, v, _ = qkv(rnd, sum(q_lens), hq, hk, d, dv, dtype, True)
+    else:
+        q = rnd.normal(sum(q_lens), hq, d, dtype=dtype)
+        k, v = rnd.normal(sum(kv_lens), hk, d, dtype=dtype), rnd.normal(sum(kv_lens), hk, dv, dtype=dtype)
+    x = {"q": q, "k": k, "v": v, "p": p,
+         "q_lens": torch.tensor(q_lens, dtype=torch.int32, device=rnd.device),
+         "kv_lens": torch.tensor(kv_lens, dtype=torch.int32, device=rnd.device)}
+    x["out"] = _attn_output(x, p["out"], q.shape[0], hq, dv, dtype, rnd)
+    return x
+
+
+def _prefill_run(x):
+    p = x["p"]
+    out = ops.prefill_attention(x["q"], x["k"], x["v"], None, None, x["q_lens"], x["kv_lens"],
+                                max(s[0] for s in p["seqs"]) + 2, p["hq"], p["hk"], mask(p["causal"], x["q"].device),
+                                attn_output=x["out"])
+    if x["out"] is not None and out is not x["out"]:
+        raise AssertionError("prefill_attention must return the attn_output it was given")
+    return {"out": out}
+
+
+def _paged_prefill_cases(quick):
+    if quick:
+        return [dict(seqs=((0, 5), (7, 3), (20, 1)), hq=8, hk=8, d=16, dv=16, block=16, layout="separate",
+                     causal=True, out="none"),
+                dict(seqs=((9, 4), (0, 6)), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", causal=False,
+                     out="given", pad=2),
+                dict(seqs=((16, 2), (3, 3)), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", causal=True,
+                     out="alias", tail="garbage")]
+    cases = []
+    ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
+    layouts = ("separate", "packed", "head_major")
+    seqs_list = (((0, 129), (300, 17), (1000, 1), (64, 64)), ((0, 512), (2000, 48)), ((5, 3), (0, 1), (4095, 200)))
+    i = 0
+    for d in (64, 80, 96, 128, 256):
+        for block in (16, 32, 64, 128):
+            hq, hk = ratios[i % 4]
+            cases.append(dict(seqs=seqs_list[i % 3], hq=hq, hk=hk, d=d, dv=d, block=block, layout=layouts[i % 3],
+                              causal=(i % 4 != 3), out=("none", "given", "alias")[i % 3], pad=(0, 5)[i % 2],
+                              tail=("random", "garbage")[(i // 2) % 2], host_lens=(i % 5 == 0)))
+            i += 1
+    cases.append(dict(seqs=((100, 33), (0, 250)), hq=16, hk=4, d=192, dv=128, block=64, layout="packed",
+                      causal=True, out="given"))
+    return cases
+
+
+def _paged_prefill_build(p, dtype, rnd):
+    q_lens = [s[1] for s in p["seqs"]]
+    kv_lens = [s[0] + s[1] for s in p["seqs"]]
+    hq, hk, d, dv = p["hq"], p["hk"], p["d"], p["dv"]
+    k_cache, v_cache, _, table = paged(rnd, kv_lens, p["block"], hk, d, dv, dtype, p["layout"],
+                                        tail=p.get("tail", "random"))
+    tokens = sum(q_lens) + p.get("pad", 0)
+    lens_device = "cpu" if p.get("host_lens") else rnd.device
+    x = {"q": rnd.normal(tokens, hq, d, dtype=dtype), "k_cache": k_cache, "v_cache": v_cache, "table": table,
+         "p": p, "valid": sum(q_lens),
+         "cu": torch.tensor(q_lens, dtype=torch.int64).cumsum(0).to(lens_device, torch.int32),
+         "kv_lens": torch.tensor(kv_lens, dtype=torch.int32, device=lens_device)}
+    x["out"] = _attn_output(x, p["out"], tokens, hq, dv, dtype, rnd)
+    return x
+
+
+def _paged_prefill_run(x):
+    p = x["p"]
+    out = ops.paged_prefill_attention(
+        x["q"], None, None, x["k_cache"], x["v_cache"], x["table"], p["block"], x["cu"], x["kv_lens"],
+        max(s[1] for s in p["seqs"]) + 3, max(s[0] + s[1] for s in p["seqs"]) + 5, p["hq"], p["hk"],
+        mask(p["causal"], x["q"].device), head_size_v=p["dv"], attn_output=x["out"])
+    if x["out"] is not None and out is not x["out"]:
+        raise AssertionError("paged_prefill_attention must return the attn_output it was given")
+    return {"out": out[: x["valid"]]}
+
+
+def _decode_cases(quick):
+    if quick:
+        return [dict(lens=(1, 17, 0, 40), hq=8, hk=8, d=16, dv=16, block=16, layout="separate", out="given"),
+                dict(lens=(33, 5), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", out="none"),
+                dict(lens=(20, 0, 3), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", out="alias",
+                     tail="garbage", idx=torch.int64)]
+    cases = []
+    ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
+    layouts = ("separate", "packed", "head_major")
+    lens_list = ((1, 17, 0, 4000, 129, 64, 65, 1023), (2048,), (0, 0, 1, 300, 5000, 16, 33, 100, 7, 1, 2, 3, 999,
+                                                               4096, 31, 32, 1500))
+    i = 0
+    for d in (64, 80, 96, 128, 256):
+        for block in (16, 32, 64, 128):
+            hq, hk = ratios[i % 4]
+            cases.append(dict(lens=lens_list[i % 3], hq=hq, hk=hk, d=d, dv=d, block=block, layout=layouts[i % 3],
+                              out=("given", "none", "alias")[i % 3], tail=("random", "garbage")[(i // 2) % 2],
+                              idx=(torch.int32, torch.int64)[(i // 3) % 2], host_lens=(i % 5 == 1)))
+            i += 1
+    cases.append(dict(lens=(100, 0, 777), hq=16, hk=4, d=192, dv=128, block=64, layout="packed", out="given"))
+    cases.append(dict(lens=tuple(range(1, 257, 5)), hq=32, hk=8, d=128, dv=128, block=64, layout="packed",
+                      out="given"))
+    return cases
+
+
+def _decode_build(p, dtype, rnd):
+    hq, hk, d, dv = p["hq"], p["hk"], p["d"], p["dv"]
+    k_cache, v_cache, _, table = paged(rnd, p["lens"], p["block"], hk, d, dv, dtype, p["layout"],
+                                        index_dtype=p.get("idx", torch.int32), tail=p.get("tail", "random"))
+    lens_device = "cpu" if p.get("host_lens") else rnd.device
+    x = {"q": rnd.normal(len(p["lens"]), hq, d, dtype=dtype), "k_cache": k_cache, "v_cache": v_cache,
+         "table": table, "p": p, "kv_lens": torch.tensor(p["lens"], dtype=torch.int32, device=lens_device)}
+    x["out"] = _attn_output(x, p["out"], len(p["lens"]), hq, dv, dtype, rnd)
+    return x
+
+
+def _decode_run(x):
+    p = x["p"]
+    b = len(p["lens"])
+    cu = torch.arange(1, b + 1, dtype=torch.int32, device=x["q"].device)
+    out = ops.paged_decode_attention(x["q"], x["k_cache"], x["v_cache"], x["table"], p["block"], cu, x["kv_lens"],
+                                     max(p["lens"]) + 9, p["hq"], p["hk"], head_size_v=p["dv"], attn_output=x["out"])
+    if x["out"] is not None and out is not x["out"]:
+        raise AssertionError("paged_decode_attention must return the attn_output it was given")
+    return {"out": out}
+
+
+SPECS: dict[str, OpSpec] = {
+    "prefill_attention": OpSpec("matmul", _prefill_cases, _prefill_build, _prefill_run),
+    "paged_prefill_attention": OpSpec("matmul", _paged_prefill_cases, _paged_prefill_build, _paged_prefill_run),
+    "paged_decode_attention": OpSpec("matmul", _decode_cases, _decode_build, _decode_run),
+}
