@@ -9,9 +9,9 @@ a wrong Python type) that names the argument and says what was expected.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from dlinfer import settings
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -94,7 +94,7 @@ def values_checked(*tensors: torch.Tensor) -> bool:
     """Whether checks that read tensor values run for these tensors (see module doc)."""
     if all(t.device.type == "cpu" for t in tensors if t is not None):
         return True
-    if os.environ.get("DLINFER_CHECK", "0") in ("", "0"):
+    if not settings.check_values():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False

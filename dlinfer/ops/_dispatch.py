@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from dlinfer.vendor.registry import implementation_for
+from dlinfer.vendor.registry import Call, implementation_for
 
+_key = Call.make_key
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
@@ -31,7 +32,7 @@ def implementation(
     features: frozenset[str] = frozenset(),
 ) -> Callable[..., Any]:
     """The implementation serving this call, chosen from metadata only (device, dtype, sizes, features)."""
-    return implementation_for((op, ref.device.type, ref.dtype, head_size, head_size_v, block_size, features))
+    return implementation_for(_key(op, ref.device.type, ref.dtype, head_size, head_size_v, block_size, features))
 
 
 def run(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:

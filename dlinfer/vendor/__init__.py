@@ -4,21 +4,28 @@
 """
 
 from dlinfer.vendor.registry import (
+    REGISTRY,
     Call,
     Capabilities,
+    Registry,
     Vendor,
     clear_overrides,
     default_device_type,
+    forced,
     get_vendor,
+    pinned,
     register_vendor,
+    restore,
     set_override,
+    snapshot,
     unregister_vendor,
     vendor_for_device,
     vendors,
 )
 
-__all__ = ["Call", "Capabilities", "Vendor", "clear_overrides", "default_device_type", "get_vendor",
-           "register_vendor", "set_override", "unregister_vendor", "vendor_for_device", "vendors", "vendor_name"]
+__all__ = ["REGISTRY", "Call", "Capabilities", "Registry", "Vendor", "clear_overrides", "default_device_type",
+           "forced", "get_vendor", "pinned", "register_vendor", "restore", "set_override", "snapshot",
+           "unregister_vendor", "vendor_for_device", "vendors", "vendor_name"]
 
 
 def __getattr__(name):

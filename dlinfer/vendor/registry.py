@@ -14,21 +14,25 @@ CUDA-graph capture):
    that does not provide the op at all does not apply to that op.
 2. Otherwise the highest-priority vendor that is the automatic choice for the input's device type and can
    serve the call. If the best candidate refuses, the next one is tried, ending at ``reference``; the fallback
-   is logged once per (op, reason).
+   is warned about once per (op, vendor, reason).
+
+:data:`REGISTRY` holds the state; tests use its public API (:meth:`Registry.forced`, :meth:`Registry.pinned`,
+:meth:`Registry.snapshot` / :meth:`Registry.restore`), never its attributes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from dlinfer.errors import NotSupportedError
+from dlinfer import settings
+from dlinfer.errors import NotSupportedError, warn
 
 logger = logging.getLogger("dlinfer")
 
@@ -51,6 +55,18 @@ class Call:
     head_size_v: int = 0
     block_size: int = 0
     features: frozenset[str] = frozenset()
+
+    @staticmethod
+    def make_key(op: str, device_type: str, dtype: torch.dtype, head_size: int = 0, head_size_v: int = 0,
+                 block_size: int = 0, features: frozenset[str] = frozenset()) -> tuple:
+        """The selection-cache key of the call with these fields (what :meth:`key` returns), without building a
+        ``Call``: the per-call path of every op uses it."""
+        return (op, device_type, dtype, head_size, head_size_v, block_size, features)
+
+    def key(self) -> tuple:
+        """This call's selection-cache key; ``Call(*call.key()) == call``."""
+        return Call.make_key(self.op, self.device_type, self.dtype, self.head_size, self.head_size_v,
+                             self.block_size, self.features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,229 +160,333 @@ class Vendor:
         return reasons
 
 
-_lock = threading.RLock()
-_vendors: dict[str, Vendor] = {}
-_load_errors: dict[str, str] = {}
-_discovered = False
-_discovering = False
-_overrides: dict[str | None, str | None] = {}
-# Call's fields as a plain tuple -> (vendor, implementation). Keyed by the tuple, not the Call, so that the
-# per-call path of every op (implementation_for) never builds a Call.
-_selection_cache: dict[tuple, tuple[Vendor, Callable[..., Any]]] = {}
-_CALL_FIELDS = tuple(f.name for f in dataclasses.fields(Call))
-_logged_fallbacks: set[tuple[str, str, str]] = set()
+class _Snapshot:
+    """A registry's state at one moment (see :meth:`Registry.snapshot`); opaque, only for :meth:`Registry.restore`."""
+
+    __slots__ = ("vendors", "load_errors", "discovered", "overrides", "warned")
+
+    def __init__(self, vendors, load_errors, discovered, overrides, warned):
+        self.vendors, self.load_errors, self.discovered = vendors, load_errors, discovered
+        self.overrides, self.warned = overrides, warned
 
 
-def clear_selection_cache() -> None:
-    """Forget cached vendor choices (the next call of each op selects again, e.g. after env changes)."""
-    _selection_cache.clear()
+class Registry:
+    """The vendors known to this process, the overrides, and the cached choice per call metadata.
 
-
-def _env_key(op: str | None) -> str:
-    return "DLINFER_VENDOR" if op is None else f"DLINFER_VENDOR_{op.upper()}"
-
-
-def register_vendor(vendor: Vendor, *, replace: bool = False) -> None:
-    """Register a vendor (in-tree or from a plugin). Re-registering a name needs ``replace=True``."""
-    if not isinstance(vendor, Vendor):
-        raise TypeError(f"register_vendor expects a dlinfer.vendor.Vendor, got {type(vendor).__name__}")
-    with _lock:
-        if vendor.name in _vendors and not replace and _vendors[vendor.name] is not vendor:
-            raise ValueError(f"a vendor named {vendor.name!r} is already registered")
-        _vendors[vendor.name] = vendor
-        clear_selection_cache()
-
-
-def unregister_vendor(name: str) -> None:
-    with _lock:
-        _vendors.pop(name, None)
-        clear_selection_cache()
-
-
-def _discover() -> None:
-    """Register in-tree vendors and load entry-point vendors once. Broken plugins are logged and skipped.
-
-    A plugin may use the registry while it is imported (e.g. to reuse the reference implementations): that
-    re-entrant call, in the same thread, sees the vendors registered so far and does not restart discovery.
-    Other threads wait on the lock until discovery is complete.
+    One instance, :data:`REGISTRY`, serves dlinfer; the module-level functions of this module are its methods.
+    Every method is thread-safe: selection reads a dict without a lock on a cache hit and takes the lock to fill
+    it; changing vendors or overrides clears the cache under the same lock.
     """
-    global _discovered, _discovering
-    if _discovered:
-        return
-    with _lock:
-        if _discovered or _discovering:
+
+    def __init__(self, discover: bool = True):
+        self._lock = threading.RLock()
+        self._vendors: dict[str, Vendor] = {}
+        self._load_errors: dict[str, str] = {}
+        self._discovered = not discover
+        self._discovering = False
+        self._overrides: dict[str | None, str | None] = {}
+        # Call.key() -> (vendor, implementation): the per-call path (implementation_for) never builds a Call.
+        self._selection_cache: dict[tuple, tuple[Vendor, Callable[..., Any]]] = {}
+        self._warned: set[tuple[str, ...]] = set()
+
+    # ---------------------------------------------------------------------------------- vendors
+    def register_vendor(self, vendor: Vendor, *, replace: bool = False) -> None:
+        """Register a vendor (in-tree or from a plugin). Re-registering a name needs ``replace=True``."""
+        if not isinstance(vendor, Vendor):
+            raise TypeError(f"register_vendor expects a dlinfer.vendor.Vendor, got {type(vendor).__name__}")
+        with self._lock:
+            if vendor.name in self._vendors and not replace and self._vendors[vendor.name] is not vendor:
+                raise ValueError(f"a vendor named {vendor.name!r} is already registered")
+            self._vendors[vendor.name] = vendor
+            self._selection_cache.clear()
+
+    def unregister_vendor(self, name: str) -> None:
+        with self._lock:
+            self._vendors.pop(name, None)
+            self._selection_cache.clear()
+
+    def vendors(self) -> dict[str, Vendor]:
+        """All registered vendors by name."""
+        self._discover()
+        return dict(self._vendors)
+
+    def load_errors(self) -> dict[str, str]:
+        """Vendor plugins that failed to load, with the reason."""
+        self._discover()
+        return dict(self._load_errors)
+
+    def get_vendor(self, name: str) -> Vendor:
+        self._discover()
+        try:
+            return self._vendors[name]
+        except KeyError:
+            known = ", ".join(sorted(self._vendors)) or "none"
+            extra = f" (failed to load: {self._load_errors[name]})" if name in self._load_errors else ""
+            raise ValueError(f"unknown vendor {name!r}{extra}; registered vendors: {known}") from None
+
+    def _discover(self) -> None:
+        """Register in-tree vendors and load entry-point vendors once. Broken plugins are skipped with a warning.
+
+        A plugin may use the registry while it is imported (e.g. to reuse the reference implementations): that
+        re-entrant call, in the same thread, sees the vendors registered so far and does not restart discovery.
+        Other threads wait on the lock until discovery is complete.
+        """
+        if self._discovered:
             return
-        _discovering = True
-        try:
-            from dlinfer.vendor import reference
-
-            register_vendor(reference.VENDOR, replace=True)
+        with self._lock:
+            if self._discovered or self._discovering:
+                return
+            self._discovering = True
             try:
-                from dlinfer.vendor import triton as triton_vendor
+                from dlinfer.vendor import reference
 
-                register_vendor(triton_vendor.VENDOR, replace=True)
-            except Exception as exc:  # noqa: BLE001 - an in-tree optional vendor must never break import
-                _load_errors["triton"] = f"{type(exc).__name__}: {exc}"
-                logger.debug("dlinfer: triton vendor unavailable: %s", exc)
-            _load_entry_points()
-        finally:
-            _discovering = False
-            _discovered = True
+                self.register_vendor(reference.VENDOR, replace=True)
+                try:
+                    from dlinfer.vendor import triton as triton_vendor
 
+                    self.register_vendor(triton_vendor.VENDOR, replace=True)
+                except Exception as exc:  # noqa: BLE001 - an in-tree optional vendor must never break import
+                    self._load_errors["triton"] = f"{type(exc).__name__}: {exc}"
+                    logger.debug("dlinfer: triton vendor unavailable: %s", exc)
+                self._load_entry_points()
+            finally:
+                self._discovering = False
+                self._discovered = True
 
-def _load_entry_points() -> None:
-    from importlib.metadata import entry_points
+    def _load_entry_points(self) -> None:
+        from importlib.metadata import entry_points
 
-    try:
-        eps = entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("dlinfer: could not read entry points: %s", exc)
-        return
-    for ep in eps:
         try:
-            obj = ep.load()
-            vendor = obj() if callable(obj) and not isinstance(obj, Vendor) else obj
-            if not isinstance(vendor, Vendor):
-                raise TypeError(f"entry point must give a dlinfer.vendor.Vendor, got {type(vendor).__name__}")
-            if vendor.name in _vendors:
-                raise ValueError(f"vendor name {vendor.name!r} is already taken")
-            register_vendor(vendor)
-            logger.debug("dlinfer: loaded vendor %s from %s", vendor.name, ep.value)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must never break `import dlinfer`
-            _load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
-            logger.warning("dlinfer: skipped vendor plugin %r (%s): %s: %s", ep.name, ep.value,
-                           type(exc).__name__, exc)
+            eps = entry_points(group=ENTRY_POINT_GROUP)
+        except Exception as exc:  # noqa: BLE001
+            self.warn_once(("entry_points",), f"dlinfer: could not read entry points: {exc}")
+            return
+        for ep in eps:
+            try:
+                obj = ep.load()
+                vendor = obj() if callable(obj) and not isinstance(obj, Vendor) else obj
+                if not isinstance(vendor, Vendor):
+                    raise TypeError(f"entry point must give a dlinfer.vendor.Vendor, got {type(vendor).__name__}")
+                if vendor.name in self._vendors:
+                    raise ValueError(f"vendor name {vendor.name!r} is already taken")
+                self.register_vendor(vendor)
+                logger.debug("dlinfer: loaded vendor %s from %s", vendor.name, ep.value)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must never break `import dlinfer`
+                self._load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+                self.warn_once(("plugin", ep.name, ep.value),
+                               f"dlinfer: skipped vendor plugin {ep.name!r} ({ep.value}): {type(exc).__name__}: {exc}")
 
+    # -------------------------------------------------------------------------------- overrides
+    def set_override(self, name: str | None, op: str | None = None) -> None:
+        """Force ``name`` for ``op`` (or all ops when ``op`` is None); ``name=None`` clears the override.
 
-def vendors() -> dict[str, Vendor]:
-    """All registered vendors by name."""
-    _discover()
-    return dict(_vendors)
+        Takes precedence over the ``DLINFER_VENDOR*`` environment variables.
+        """
+        if name is not None:
+            self.get_vendor(name)
+        with self._lock:
+            self._overrides[op] = name
+            self._selection_cache.clear()
 
+    def clear_overrides(self) -> None:
+        """Drop every override (and the cached choices: environment variables are read again)."""
+        with self._lock:
+            self._overrides.clear()
+            self._selection_cache.clear()
 
-def load_errors() -> dict[str, str]:
-    """Vendor plugins that failed to load, with the reason."""
-    _discover()
-    return dict(_load_errors)
+    @contextlib.contextmanager
+    def forced(self, vendor: str | None, op: str | None = None) -> Iterator[None]:
+        """Force ``vendor`` for ``op`` (all ops when None) inside the ``with`` block, then restore exactly the
+        override that was there before (``vendor=None`` lifts an override for the block)."""
+        if vendor is not None:
+            self.get_vendor(vendor)
+        with self._lock:
+            had, previous = op in self._overrides, self._overrides.get(op)
+            self._overrides[op] = vendor
+            self._selection_cache.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if had:
+                    self._overrides[op] = previous
+                else:
+                    self._overrides.pop(op, None)
+                self._selection_cache.clear()
 
+    def forced_vendor(self, op: str) -> tuple[str | None, str]:
+        """The vendor forced for ``op`` and where the force comes from (``""`` when none)."""
+        overrides = self._overrides
+        for key in (op, None):
+            if key in overrides:
+                if overrides[key] is not None:
+                    return overrides[key], "set_override" + (f"(op={op!r})" if key else "")
+                continue
+            env = settings.vendor_override(key)
+            if env:
+                return env, settings.vendor_variable(key)
+        return None, ""
 
-def get_vendor(name: str) -> Vendor:
-    _discover()
-    try:
-        return _vendors[name]
-    except KeyError:
-        known = ", ".join(sorted(_vendors)) or "none"
-        extra = f" (failed to load: {_load_errors[name]})" if name in _load_errors else ""
-        raise ValueError(f"unknown vendor {name!r}{extra}; registered vendors: {known}") from None
+    # --------------------------------------------------------------------------- state for tests
+    def snapshot(self) -> _Snapshot:
+        """Everything :meth:`restore` needs to put the registry back: vendors, load errors, overrides, the
+        warnings already given. Discovery runs first, so the snapshot is complete."""
+        self._discover()
+        with self._lock:
+            return _Snapshot(dict(self._vendors), dict(self._load_errors), self._discovered, dict(self._overrides),
+                             set(self._warned))
 
+    def restore(self, snap: _Snapshot) -> None:
+        """Put back the state of ``snap`` (a :meth:`snapshot`); cached choices are dropped."""
+        if not isinstance(snap, _Snapshot):
+            raise TypeError(f"restore expects a Registry.snapshot(), got {type(snap).__name__}")
+        with self._lock:
+            self._vendors = dict(snap.vendors)
+            self._load_errors = dict(snap.load_errors)
+            self._discovered = snap.discovered
+            self._overrides = dict(snap.overrides)
+            self._warned = set(snap.warned)
+            self._selection_cache.clear()
 
-def set_override(name: str | None, op: str | None = None) -> None:
-    """Force ``name`` for ``op`` (or all ops when ``op`` is None); ``name=None`` clears the override.
+    @contextlib.contextmanager
+    def pinned(self, *names: str) -> Iterator[None]:
+        """Only the vendors ``names`` are registered inside the block (whatever plugins are installed), then the
+        previous state comes back: tests whose result depends on the vendor set pin it."""
+        snap = self.snapshot()
+        unknown = [n for n in names if n not in snap.vendors]
+        if unknown:
+            raise ValueError(f"pinned: unknown vendor(s) {unknown}; registered: {sorted(snap.vendors)}")
+        with self._lock:
+            self._vendors = {n: v for n, v in snap.vendors.items() if n in names}
+            self._selection_cache.clear()
+        try:
+            yield
+        finally:
+            self.restore(snap)
 
-    Takes precedence over the ``DLINFER_VENDOR*`` environment variables.
-    """
-    if name is not None:
-        get_vendor(name)
-    with _lock:
-        _overrides[op] = name
-        clear_selection_cache()
+    def rediscover(self) -> None:
+        """Forget every vendor and load error and run discovery again (in-tree vendors and entry points)."""
+        with self._lock:
+            self._vendors.clear()
+            self._load_errors.clear()
+            self._discovered = False
+            self._selection_cache.clear()
+        self._discover()
 
+    def clear_selection_cache(self) -> None:
+        """Forget cached vendor choices (the next call of each op selects again, e.g. after env changes)."""
+        self._selection_cache.clear()
 
-def clear_overrides() -> None:
-    with _lock:
-        _overrides.clear()
-        clear_selection_cache()
+    # -------------------------------------------------------------------------------- selection
+    def candidates(self, device_type: str) -> list[Vendor]:
+        """Vendors that are an automatic choice for ``device_type``, best first."""
+        self._discover()
+        found = [v for v in self._vendors.values() if v.is_default_for(device_type)]
+        return sorted(found, key=lambda v: (-v.priority, v.name))
 
+    def explain(self, call: Call) -> list[tuple[str, list[str]]]:
+        """Every registered vendor and why it can't serve ``call`` (empty list: it can), best first."""
+        self._discover()
+        ordered = sorted(self._vendors.values(), key=lambda v: (-v.priority, v.name))
+        return [(v.name, v.not_supported_reasons(call)) for v in ordered]
 
-def forced_vendor(op: str) -> tuple[str | None, str]:
-    """The vendor forced for ``op`` and where the force comes from (``""`` when none)."""
-    for key in (op, None):
-        if key in _overrides:
-            if _overrides[key] is not None:
-                return _overrides[key], "set_override" + (f"(op={op!r})" if key else "")
-            continue
-        env = os.environ.get(_env_key(key), "").strip()
-        if env:
-            return env, _env_key(key)
-    return None, ""
+    def select(self, call: Call) -> tuple[Vendor, Callable[..., Any]]:
+        """The vendor and implementation serving ``call``. Cached per distinct call metadata."""
+        key = call.key()
+        hit = self._selection_cache.get(key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            choice = self._select_uncached(call)
+            self._selection_cache[key] = choice
+            return choice
 
+    def selections(self) -> dict[Call, str]:
+        """Every call metadata selected so far in this process and the vendor that serves it (what ran)."""
+        with self._lock:
+            return {Call(*key): vendor.name for key, (vendor, _impl) in self._selection_cache.items()}
 
-def candidates(device_type: str) -> list[Vendor]:
-    """Vendors that are an automatic choice for ``device_type``, best first."""
-    _discover()
-    found = [v for v in _vendors.values() if v.is_default_for(device_type)]
-    return sorted(found, key=lambda v: (-v.priority, v.name))
+    def implementation_for(self, key: tuple) -> Callable[..., Any]:
+        """``select(Call(*key))[1]`` for ``key`` = ``Call.key()``: the per-call path of every op."""
+        hit = self._selection_cache.get(key)
+        if hit is None:
+            hit = self.select(Call(*key))
+        return hit[1]
 
-
-def explain(call: Call) -> list[tuple[str, list[str]]]:
-    """Every registered vendor and why it can't serve ``call`` (empty list: it can), best first."""
-    _discover()
-    ordered = sorted(_vendors.values(), key=lambda v: (-v.priority, v.name))
-    return [(v.name, v.not_supported_reasons(call)) for v in ordered]
-
-
-def select(call: Call) -> tuple[Vendor, Callable[..., Any]]:
-    """The vendor and implementation serving ``call``. Cached per distinct call metadata."""
-    key = tuple(getattr(call, name) for name in _CALL_FIELDS)
-    hit = _selection_cache.get(key)
-    if hit is not None:
-        return hit
-    with _lock:
-        choice = _select_uncached(call)
-        _selection_cache[key] = choice
-        return choice
-
-
-def selections() -> dict[Call, str]:
-    """Every call metadata selected so far in this process and the vendor that serves it (what ran)."""
-    with _lock:
-        return {Call(*key): vendor.name for key, (vendor, _impl) in _selection_cache.items()}
-
-
-def implementation_for(key: tuple) -> Callable[..., Any]:
-    """``select(Call(*key))[1]`` for ``key`` = Call's fields as a tuple: the per-call path of every op."""
-    hit = _selection_cache.get(key)
-    if hit is None:
-        hit = select(Call(*key))
-    return hit[1]
-
-
-def _select_uncached(call: Call) -> tuple[Vendor, Callable[..., Any]]:
-    _discover()
-    forced, source = forced_vendor(call.op)
-    if forced is not None:
-        vendor = get_vendor(forced)
-        if vendor.provides(call.op):
+    def _select_uncached(self, call: Call) -> tuple[Vendor, Callable[..., Any]]:
+        self._discover()
+        forced, source = self.forced_vendor(call.op)
+        if forced is not None:
+            vendor = self.get_vendor(forced)
+            if vendor.provides(call.op):
+                reasons = vendor.not_supported_reasons(call)
+                if reasons:
+                    raise NotSupportedError(
+                        f"{call.op}: vendor {vendor.name!r} (forced by {source}) cannot serve this call on "
+                        f"{call.device_type} {str(call.dtype).replace('torch.', '')}: " + "; ".join(reasons))
+                return vendor, vendor.ops[call.op]
+            # A forced vendor that does not provide the op does not apply to it.
+        refusals: list[tuple[str, list[str]]] = []
+        for vendor in self.candidates(call.device_type):
+            if not vendor.provides(call.op):
+                continue
             reasons = vendor.not_supported_reasons(call)
-            if reasons:
-                raise NotSupportedError(
-                    f"{call.op}: vendor {vendor.name!r} (forced by {source}) cannot serve this call on "
-                    f"{call.device_type} {str(call.dtype).replace('torch.', '')}: " + "; ".join(reasons))
-            return vendor, vendor.ops[call.op]
-        # A forced vendor that does not provide the op does not apply to it.
-    refusals: list[tuple[str, list[str]]] = []
-    for vendor in candidates(call.device_type):
-        if not vendor.provides(call.op):
-            continue
-        reasons = vendor.not_supported_reasons(call)
-        if not reasons:
-            if refusals:
-                _log_fallback(call, vendor.name, refusals)
-            return vendor, vendor.ops[call.op]
-        refusals.append((vendor.name, reasons))
-    detail = " | ".join(f"{name}: {'; '.join(r)}" for name, r in refusals) or "no vendor provides it"
-    raise NotSupportedError(
-        f"{call.op}: no vendor can serve this call on {call.device_type} "
-        f"{str(call.dtype).replace('torch.', '')} — {detail}")
+            if not reasons:
+                for name, why in refusals:
+                    self.warn_once((call.op, name, "; ".join(why)),
+                                   f"dlinfer: {call.op} falls back from vendor {name!r} to {vendor.name!r}: "
+                                   + "; ".join(why))
+                return vendor, vendor.ops[call.op]
+            refusals.append((vendor.name, reasons))
+        detail = " | ".join(f"{name}: {'; '.join(r)}" for name, r in refusals) or "no vendor provides it"
+        raise NotSupportedError(
+            f"{call.op}: no vendor can serve this call on {call.device_type} "
+            f"{str(call.dtype).replace('torch.', '')} — {detail}")
+
+    def vendor_for_device(self, device_type: str, op: str = "paged_decode_attention") -> str:
+        """Name of the vendor that serves ``op`` on ``device_type`` by default (overrides included)."""
+        forced, _ = self.forced_vendor(op)
+        vendors = self.vendors()
+        if forced is not None and forced in vendors and vendors[forced].provides(op):
+            return forced
+        for vendor in self.candidates(device_type):
+            if vendor.provides(op) and (vendor.available is None or not vendor.available()):
+                return vendor.name
+        return "reference"
+
+    # --------------------------------------------------------------------------------- warnings
+    def warn_once(self, cause: tuple[str, ...], message: str) -> None:
+        """A warning the user must see, once per ``cause`` in this process (see :func:`dlinfer.errors.warn`)."""
+        with self._lock:
+            if cause in self._warned:
+                return
+            self._warned.add(cause)
+        warn(message)
 
 
-def _log_fallback(call: Call, chosen: str, refusals: Iterable[tuple[str, list[str]]]) -> None:
-    for name, reasons in refusals:
-        key = (call.op, name, "; ".join(reasons))
-        if key in _logged_fallbacks:
-            continue
-        _logged_fallbacks.add(key)
-        logger.warning("dlinfer: %s falls back from vendor %r to %r: %s", call.op, name, chosen, "; ".join(reasons))
+#: The registry dlinfer uses.
+REGISTRY = Registry()
+
+register_vendor = REGISTRY.register_vendor
+unregister_vendor = REGISTRY.unregister_vendor
+vendors = REGISTRY.vendors
+load_errors = REGISTRY.load_errors
+get_vendor = REGISTRY.get_vendor
+set_override = REGISTRY.set_override
+clear_overrides = REGISTRY.clear_overrides
+forced = REGISTRY.forced
+forced_vendor = REGISTRY.forced_vendor
+snapshot = REGISTRY.snapshot
+restore = REGISTRY.restore
+pinned = REGISTRY.pinned
+rediscover = REGISTRY.rediscover
+clear_selection_cache = REGISTRY.clear_selection_cache
+candidates = REGISTRY.candidates
+explain = REGISTRY.explain
+select = REGISTRY.select
+selections = REGISTRY.selections
+implementation_for = REGISTRY.implementation_for
+vendor_for_device = REGISTRY.vendor_for_device
 
 
 def default_device_type() -> str:
@@ -379,14 +499,3 @@ def default_device_type() -> str:
         except Exception:  # noqa: BLE001
             continue
     return "cpu"
-
-
-def vendor_for_device(device_type: str, op: str = "paged_decode_attention") -> str:
-    """Name of the vendor that serves ``op`` on ``device_type`` by default (overrides included)."""
-    forced, _ = forced_vendor(op)
-    if forced is not None and forced in vendors() and _vendors[forced].provides(op):
-        return forced
-    for vendor in candidates(device_type):
-        if vendor.provides(op) and (vendor.available is None or not vendor.available()):
-            return vendor.name
-    return "reference"

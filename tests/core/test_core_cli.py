@@ -47,11 +47,22 @@ def test_info(isolated_registry, capsys):
     assert "op x vendor on cpu" in out
 
 
-def test_info_shows_refusals_na_and_load_errors(isolated_registry, capsys):
+class _BrokenEntryPoint:
+    name, value = "ghost", "ghost_chip:VENDOR"
+
+    def load(self):
+        raise ImportError("no module named ghost_chip")
+
+
+def test_info_shows_refusals_na_and_load_errors(isolated_registry, capsys, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [_BrokenEntryPoint()] if group == "dlinfer.vendors" else [])
+    isolated_registry.rediscover()
     isolated_registry.register_vendor(Vendor(
         name="partial", priority=5, devices=frozenset({"cpu"}), default_devices=frozenset({"cpu"}),
         ops={"silu_and_mul": lambda x: x}, available=lambda: "driver libpartial.so missing"))
-    isolated_registry._load_errors["ghost"] = "ImportError: no module named ghost_chip"
     assert cli.main(["info", "--device", "cpu", "--dtype", "bf16"]) == 0
     out = capsys.readouterr().out
     silu_row = next(line for line in out.splitlines() if line.strip().startswith("silu_and_mul"))

@@ -143,7 +143,7 @@ def test_automatic_choice_falls_back_to_reference_and_logs_once(isolated_registr
     isolated_registry.register_vendor(vendor)
     with caplog.at_level(logging.WARNING, logger="dlinfer"):
         silu(F16)
-        isolated_registry._selection_cache.clear()  # even when selection runs again, the reason is logged once
+        isolated_registry.clear_selection_cache()  # even when selection runs again, the reason is logged once
         silu(F16)
     assert calls["silu_and_mul"] == 0
     records = [r for r in caplog.records if "falls back" in r.getMessage()]
@@ -270,10 +270,7 @@ def rediscover(registry, monkeypatch, entries) -> set[str]:
     """Run discovery again from scratch with ``entries`` as the installed ``dlinfer.vendors`` entry points."""
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group=None: entries if group == "dlinfer.vendors" else [])
-    with registry._lock:
-        registry._vendors.clear()
-        registry._load_errors.clear()
-        registry._discovered = False
+    registry.rediscover()
     return set(registry.vendors())
 
 

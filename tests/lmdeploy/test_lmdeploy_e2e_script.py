@@ -265,9 +265,18 @@ def test_ops_served_lists_the_vendor_of_each_op(e2e):
     import torch
 
     import dlinfer.ops as ops
+    from dlinfer.vendor import registry
 
-    ops.silu_and_mul(torch.randn(3, 8))
-    served = e2e._ops_served()
+    saved = registry.snapshot()
+    try:  # a developer's installed vendor plugin (simulated) must not change the answer: the test pins the set
+        registry.register_vendor(registry.Vendor(
+            name="developer_plugin", priority=500, devices=frozenset({"cpu"}), default_devices=frozenset({"cpu"}),
+            ops={"silu_and_mul": registry.get_vendor("reference").ops["silu_and_mul"]}))
+        with registry.pinned("reference"):
+            ops.silu_and_mul(torch.randn(3, 8))
+            served = e2e._ops_served()
+    finally:
+        registry.restore(saved)
     assert "error" not in served and served["silu_and_mul"] == ["reference[cpu,float32]"]
 
 

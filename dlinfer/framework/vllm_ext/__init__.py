@@ -30,8 +30,10 @@ for attention, whose backend is chosen for the whole model, an unsupported featu
 from __future__ import annotations
 
 import logging
-import os
 import threading
+
+from dlinfer import settings
+from dlinfer.errors import warn
 
 # A child of vLLM's logger, so the messages show in vLLM's log with its format and level.
 logger = logging.getLogger("vllm.dlinfer")
@@ -58,13 +60,13 @@ _summary_logged = False
 
 
 def enabled() -> bool:
-    """``False`` when ``DLINFER_VLLM`` is ``0``/``false``/``off``/``no``."""
-    return os.environ.get("DLINFER_VLLM", "1").strip().lower() not in ("0", "false", "off", "no")
+    """``False`` when ``DLINFER_VLLM`` is ``0``/``false``/``off``/``no`` (an unknown value is an error)."""
+    return settings.flag("DLINFER_VLLM")
 
 
 def disabled_ops(value: str | None = None) -> frozenset[str]:
     """The switch names turned off by ``DLINFER_VLLM_DISABLE`` (or ``value``); unknown names are logged."""
-    raw = os.environ.get("DLINFER_VLLM_DISABLE", "") if value is None else value
+    raw = settings.text("DLINFER_VLLM_DISABLE") if value is None else value
     out = set()
     for item in raw.replace(";", ",").split(","):
         name = item.strip().lower().replace("-", "_")
@@ -95,8 +97,13 @@ def register() -> None:
         if _done:
             return
         _done = True
-        if not enabled():
-            logger.info("dlinfer: vLLM plugin off (DLINFER_VLLM=%s)", os.environ.get("DLINFER_VLLM"))
+        try:
+            on = enabled()
+        except ValueError as exc:  # a misspelt switch: say so on stderr, and leave vLLM as it is
+            warn(f"dlinfer: vLLM plugin off: {exc}")
+            return
+        if not on:
+            logger.info("dlinfer: vLLM plugin off (DLINFER_VLLM=%s)", settings.text("DLINFER_VLLM"))
             return
         try:
             _register(disabled_ops())

@@ -14,6 +14,7 @@ import torch
 
 import dlinfer
 import dlinfer.ops as ops
+from dlinfer import settings
 from dlinfer.errors import NotSupportedError
 from dlinfer.testing import oracle
 from dlinfer.testing.conformance.cases import SPECS
@@ -28,23 +29,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Ops whose Triton kernels use tl.dot, which Triton 3.6's interpreter computes wrongly in bfloat16.
 MATMUL_OPS = frozenset({"prefill_attention", "paged_prefill_attention", "paged_decode_attention", "fused_moe",
                         "linear"})
-
-
-@contextlib.contextmanager
-def _forced(vendor: str, op: str):
-    """Force ``vendor`` for ``op`` (beats the per-op env var too), restoring the previous state after."""
-    with registry._lock:
-        had, previous = op in registry._overrides, registry._overrides.get(op)
-    registry.set_override(vendor, op=op)
-    try:
-        yield
-    finally:
-        with registry._lock:
-            if had:
-                registry._overrides[op] = previous
-            else:
-                registry._overrides.pop(op, None)
-            registry.clear_selection_cache()
 
 
 def _describe(p: dict) -> str:
@@ -72,7 +56,7 @@ def _sync(device: torch.device) -> None:
 def interpreter_skip(vendor: str, op: str, dtype: torch.dtype) -> str | None:
     """Why a case is skipped on this machine, or None."""
     if (vendor == "triton" and dtype == torch.bfloat16 and op in MATMUL_OPS
-            and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+            and settings.flag("TRITON_INTERPRET")):
         return "bf16 tl.dot is wrong in Triton 3.6's interpreter (TRITON_INTERPRET=1); run bf16 on a GPU"
     return None
 
@@ -98,15 +82,14 @@ def _oracle_as_vendor() -> registry.Vendor:
 def _oracle_vendor():
     """Register the float64 oracle as a vendor (never a default; only forced) for the duration; re-entrant."""
     vendor = _oracle_as_vendor()
-    with registry._lock:
-        current = registry._vendors.get(ORACLE_VENDOR)
-        if current is vendor:  # already registered by an enclosing run
-            nested = True
-        elif current is not None:
-            raise RuntimeError(f"a vendor named {ORACLE_VENDOR!r} is already registered; the kit needs the name")
-        else:
-            nested = False
-            registry.register_vendor(vendor)
+    current = registry.vendors().get(ORACLE_VENDOR)
+    if current is vendor:  # already registered by an enclosing run
+        nested = True
+    elif current is not None:
+        raise RuntimeError(f"a vendor named {ORACLE_VENDOR!r} is already registered; the kit needs the name")
+    else:
+        nested = False
+        registry.register_vendor(vendor)
     try:
         yield
     finally:
@@ -127,7 +110,7 @@ def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: tor
     baseline = ORACLE_VENDOR if vendor == "reference" else "reference"
     try:
         ref_inputs = spec.build(params, dtype, Rand(seed, device))
-        with _oracle_vendor() if baseline == ORACLE_VENDOR else contextlib.nullcontext(), _forced(baseline, op):
+        with _oracle_vendor() if baseline == ORACLE_VENDOR else contextlib.nullcontext(), registry.forced(baseline, op):
             ref = spec.run(ref_inputs)
         _sync(device)
     except Exception as exc:  # noqa: BLE001 - reported as an error of the kit, never hidden
@@ -136,7 +119,7 @@ def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: tor
                           seconds=time.perf_counter() - start)
     try:
         inputs = spec.build(params, dtype, Rand(seed, device))
-        with _forced(vendor, op):
+        with registry.forced(vendor, op):
             out = spec.run(inputs)
         _sync(device)
     except NotSupportedError as exc:

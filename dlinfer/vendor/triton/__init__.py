@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 
+from dlinfer import settings
 from dlinfer.vendor.registry import Vendor
 
 logger = logging.getLogger("dlinfer")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = settings.flag("TRITON_INTERPRET")
 
 _MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "attention_prefill", "moe", "linear",
             "fused_rotary_kv")

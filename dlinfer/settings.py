@@ -1,0 +1,128 @@
+"""Every environment variable dlinfer reads: its meaning, default and when it is read, and one parser.
+
+Booleans accept ``1/true/yes/on`` and ``0/false/no/off`` (any case; empty or unset means the default); any other
+value is a ``ValueError`` naming the variable. README's table of variables is :func:`markdown_table`'s output (a
+test keeps them equal).
+
+This module imports nothing heavy (no torch): the LMDeploy start-up hook and the vLLM plugin read it early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    name: str
+    kind: str  # "bool", "vendor", "list", "spec"
+    default: str
+    meaning: str
+    read: str  # when it is read
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("DLINFER_CHECK", "bool", "0",
+             "also run the checks that read tensor values (slot ids, lengths, block ids) and check each vendor "
+             "result's count, shapes and dtypes on accelerators (a host sync per op); on CPU tensors they always run",
+             "at every op call"),
+    Variable("DLINFER_VENDOR", "vendor", "",
+             "force one vendor for every op it provides (e.g. `reference`)", "when an op's vendor is selected"),
+    Variable("DLINFER_VENDOR_<OP>", "vendor", "",
+             "force one vendor for one op (e.g. `DLINFER_VENDOR_PAGED_DECODE_ATTENTION=reference`); beats "
+             "`DLINFER_VENDOR`", "when an op's vendor is selected"),
+    Variable("DLINFER_LMDEPLOY", "bool", "0",
+             "route LMDeploy's PyTorch engine through dlinfer (needs the start-up hook: "
+             "`python -m dlinfer.framework.lmdeploy_ext install-hook`)", "at Python start-up"),
+    Variable("DLINFER_VLLM", "bool", "1", "`0` turns the vLLM plugin off", "when vLLM loads its plugins"),
+    Variable("DLINFER_VLLM_DISABLE", "list", "",
+             "comma-separated parts of the vLLM plugin to leave to vLLM (`attention`, `rms_norm`, ..., `all`)",
+             "when vLLM loads its plugins"),
+    Variable("DLINFER_TRITON_PREFILL", "spec", "",
+             "launch-parameter overrides of the Triton prefill attention kernel (`block_n=128,pack_gqa=0`)",
+             "when a kernel configuration is first built"),
+    Variable("DLINFER_TRITON_DECODE", "spec", "",
+             "launch-parameter overrides of the Triton decode attention kernel (`block_n=64,num_warps=4`)",
+             "when a kernel configuration is first built"),
+    Variable("TRITON_INTERPRET", "bool", "0",
+             "Triton's interpreter: the `triton` vendor then runs on CPU tensors (slowly; for tests)",
+             "when the `triton` vendor is imported"),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+def _variable(name: str) -> Variable:
+    if name.startswith("DLINFER_VENDOR_"):
+        return _BY_NAME["DLINFER_VENDOR_<OP>"]
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name} is not one of dlinfer's settings ({', '.join(_BY_NAME)})") from None
+
+
+def parse_bool(name: str, raw: str | None, default: bool) -> bool:
+    """The one boolean parser (see the module doc)."""
+    value = "" if raw is None else raw.strip().lower()
+    if not value:
+        return default
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of {', '.join(TRUE + FALSE)} (or unset)")
+
+
+_bool_memo: dict[tuple[str, str | None], bool] = {}
+
+
+def flag(name: str) -> bool:
+    """A boolean variable's current value (read from the environment now)."""
+    raw = os.environ.get(name)
+    key = (name, raw)
+    hit = _bool_memo.get(key)
+    if hit is None:
+        var = _variable(name)
+        if var.kind != "bool":
+            raise TypeError(f"{name} is not a boolean setting")
+        hit = parse_bool(name, raw, var.default == "1")
+        _bool_memo[key] = hit
+    return hit
+
+
+def check_values() -> bool:
+    """``DLINFER_CHECK``."""
+    return flag("DLINFER_CHECK")
+
+
+def text(name: str) -> str:
+    """A non-boolean variable's current value, stripped (``""`` when unset)."""
+    _variable(name)
+    return os.environ.get(name, "").strip()
+
+
+def vendor_variable(op: str | None) -> str:
+    """The variable forcing a vendor for ``op`` (all ops when None)."""
+    return "DLINFER_VENDOR" if op is None else f"DLINFER_VENDOR_{op.upper()}"
+
+
+def vendor_override(op: str | None) -> str:
+    """The vendor name ``DLINFER_VENDOR[_<OP>]`` forces (``""`` when unset)."""
+    return os.environ.get(vendor_variable(op), "").strip()
+
+
+def markdown_table() -> str:
+    """README's table of environment variables."""
+    rows = ["| Variable | Default | Meaning | Read |", "| --- | --- | --- | --- |"]
+    for v in VARIABLES:
+        default = f"`{v.default}`" if v.default else "unset"
+        rows.append(f"| `{v.name}` | {default} | {v.meaning} | {v.read} |")
+    return "\n".join(rows)
+
+
+__all__ = ["FALSE", "TRUE", "VARIABLES", "Variable", "check_values", "flag", "markdown_table", "parse_bool", "text",
+           "vendor_override", "vendor_variable"]
