@@ -6,8 +6,9 @@ Each public function keeps the signature LMDeploy 0.18's dlinfer backend calls, 
 and runs its implementation. Every custom op has a fake implementation, so ``torch.compile`` and CUDA graphs
 trace through it.
 
-Vendor implementations take the custom op's arguments (see each ``_<name>`` definition): plain tensors and
-numbers, caches and outputs written in place. The batch layout is one form (``dlinfer.ops._batch``): a query
+Every op is declared once, in the op table (``dlinfer.ops.table``): its vendor signature, what it writes and
+returns, its kind and features. Vendor implementations take the custom op's arguments in the table's order
+(``table.OPS[name].signature``): plain tensors and numbers, caches and outputs written in place. The batch layout is one form (``dlinfer.ops._batch``): a query
 partition is int32 ``[B + 1]`` start offsets on the query's device (``cu_seqlens_q[0] == 0``, as FlashInfer's
 ``indptr`` and vLLM's ``query_start_loc``); per-sequence KV lengths are int32 ``[B]``.
 """
@@ -21,21 +22,11 @@ from dlinfer.ops.moe import fused_moe, moe_gating_topk_softmax
 from dlinfer.ops.norm import add_rms_norm, rms_norm
 from dlinfer.ops.rotary import apply_rotary_pos_emb
 
-CORE_OPS = (
-    "silu_and_mul",
-    "rms_norm",
-    "add_rms_norm",
-    "apply_rotary_pos_emb",
-    "fill_kv_cache",
-    "prefill_attention",
-    "paged_prefill_attention",
-    "paged_decode_attention",
-    "moe_gating_topk_softmax",
-    "fused_moe",
-    "linear",
-)
+from dlinfer.ops.table import TABLE
 
-# Beyond LMDeploy's contract: fusions a vendor may serve; the reference defines them by composition.
-EXTRA_OPS = ("apply_rotary_pos_emb_fill_kv_cache",)
+#: LMDeploy's contract, in the op table's order.
+CORE_OPS = tuple(d.name for d in TABLE if d.core)
+#: Beyond LMDeploy's contract: fusions a vendor may serve; the reference defines them by composition.
+EXTRA_OPS = tuple(d.name for d in TABLE if not d.core)
 
 __all__ = list(CORE_OPS) + list(EXTRA_OPS) + ["CORE_OPS", "EXTRA_OPS"]

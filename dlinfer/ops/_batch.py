@@ -6,12 +6,18 @@ FlashInfer's ``indptr`` and vLLM's ``query_start_loc``. Per-sequence KV lengths 
 device. An engine adapter builds these once per step (``dlinfer.framework.batch``) and every layer only reads them.
 
 LMDeploy's public signatures pass lengths (``q_seqlens``) or cumulative ends (``cu_seqlens_q[1:]``), possibly on
-the host. The wrappers convert with :func:`starts_from_lengths` / :func:`starts_from_ends` / :func:`lengths_on`,
-which remember their last result per source tensor: LMDeploy hands every layer of a step the same metadata
-tensors, so the conversion (a cumsum launch, a host-to-device copy) runs once per step, not once per layer. A
-result is reused only for the very same tensor object at the same version counter (an in-place write, such as
-a CUDA-graph runner refilling its static buffers, bumps it), and never while tracing or capturing a CUDA graph
-(there the conversion is recorded in the graph, so a replay converts the buffers' new values).
+the host. The wrappers convert with :func:`starts_from_lengths` / :func:`starts_from_ends` / :func:`lengths_on`.
+Every layer of a step gets the same metadata tensors, so a conversion runs once per step, not once per layer:
+
+* the per-step metadata builder of an adapter (``dlinfer.framework.batch``) records (:func:`plan`) the conversions it
+  already computed (the ``[B + 1]`` offsets next to the lengths it hands the engine); a wrapper given a planned
+  tensor, or a ``[1:]`` view of planned offsets, reads the planned result and launches nothing;
+* otherwise a result is remembered per source tensor object and version counter (an in-place write, such as a
+  CUDA-graph runner refilling its static buffers, bumps it). Inference-mode tensors have no version counter:
+  for them only planned conversions are reused.
+
+Nothing is reused while tracing or capturing a CUDA graph (there the conversion is recorded in the graph, so a
+replay converts the buffers' new values).
 """
 
 from __future__ import annotations
@@ -27,8 +33,38 @@ _lock = threading.Lock()
 _MAX_ENTRIES = 32
 
 
+_planned: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_PLANNED = 64
+_planned_ends: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def plan(kind: str, src: torch.Tensor, converted: torch.Tensor) -> None:
+    """Record that ``converted`` is ``src`` in the contract's layout (``kind``: ``"lengths"`` -> ``[B + 1]``
+    offsets, int32, starting at 0). For metadata builders: they compute the layout once per step, and the wrappers
+    of every layer read it. The planned tensors are held until more are planned, so their memory is not reused."""
+    with _lock:
+        if len(_planned) >= _MAX_PLANNED:
+            _planned.clear()
+            _planned_ends.clear()
+        _planned[(id(src), kind)] = (src, converted)
+        if kind == "starts" and src.dtype == torch.int32 and src.dim() == 1 and src.stride(0) == 1:
+            # ``src[1:]`` (LMDeploy passes cumulative ends that way) is found by its address: inference-mode views
+            # do not record their base.
+            _planned_ends[(src.device, src.data_ptr() + src.element_size())] = src
+
+
+def _planned_for(kind: str, src: torch.Tensor) -> torch.Tensor | None:
+    hit = _planned.get((id(src), kind))
+    return hit[1] if hit is not None and hit[0] is src else None
+
+
 def _cached(kind: str, src: torch.Tensor, device: torch.device, convert) -> torch.Tensor:
     if type(src) is not torch.Tensor or _is_compiling() or src.is_meta or _capturing(src, device):
+        return convert(src, device)
+    planned = _planned_for(kind, src)
+    if planned is not None and planned.device == device:
+        return planned
+    if src.is_inference():  # no version counter: an in-place update could not be told apart
         return convert(src, device)
     key = (id(src), kind, device)
     hit = _cache.get(key)
@@ -67,6 +103,11 @@ def starts_from_lengths(lengths: torch.Tensor, device: torch.device) -> torch.Te
 
 def starts_from_ends(ends: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``[B]`` cumulative ends (host or device) -> int32 ``[B + 1]`` start offsets on ``device``."""
+    if _planned_ends and type(ends) is torch.Tensor and ends.dtype == torch.int32 and not _is_compiling():
+        starts = _planned_ends.get((ends.device, ends.data_ptr()))  # ``ends`` is ``starts[1:]``: no launch
+        if (starts is not None and starts.device == device and ends.dim() == 1 and ends.stride(0) == 1
+                and ends.numel() == starts.numel() - 1):
+            return starts
     return _cached("ends", ends, device, _from_ends)
 
 
@@ -81,3 +122,5 @@ def clear() -> None:
     """Forget every remembered conversion (tests)."""
     with _lock:
         _cache.clear()
+        _planned.clear()
+        _planned_ends.clear()

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from dlinfer.vendor.registry import Call, implementation_for
+from dlinfer.ops.table import check_result
+from dlinfer.settings import check_values
+from dlinfer.vendor.registry import Call, implementation_for, select
 
 _key = Call.make_key
 _is_compiling = torch.compiler.is_compiling
@@ -31,8 +33,35 @@ def implementation(
     block_size: int = 0,
     features: frozenset[str] = frozenset(),
 ) -> Callable[..., Any]:
-    """The implementation serving this call, chosen from metadata only (device, dtype, sizes, features)."""
-    return implementation_for(_key(op, ref.device.type, ref.dtype, head_size, head_size_v, block_size, features))
+    """The implementation serving this call, chosen from metadata only (device, dtype, sizes, features).
+
+    On CPU tensors, and elsewhere with ``DLINFER_CHECK=1``, the implementation comes wrapped so that its result is
+    checked against the op table's declaration (count, shapes, dtypes), naming the vendor and op on a mismatch.
+    """
+    key = _key(op, ref.device.type, ref.dtype, head_size, head_size_v, block_size, features)
+    impl = implementation_for(key)
+    if ref.device.type == "cpu" or check_values():
+        return _checked(key, impl)
+    return impl
+
+
+_checked_cache: dict[tuple, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def _checked(key: tuple, impl: Callable[..., Any]) -> Callable[..., Any]:
+    hit = _checked_cache.get(key)
+    if hit is not None and hit[0] is impl:
+        return hit[1]
+    vendor = select(Call(*key))[0].name
+    op = key[0]
+
+    def checked(*args: Any) -> Any:
+        result = impl(*args)
+        check_result(vendor, op, args, result)
+        return result
+
+    _checked_cache[key] = (impl, checked)
+    return checked
 
 
 def run(op: Callable[..., Any], impl: Callable[..., Any], *args: Any) -> Any:

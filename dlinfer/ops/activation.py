@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -12,12 +12,7 @@ def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
     return implementation("silu_and_mul", x)(x)
 
 
-_silu_and_mul = torch.library.custom_op("dlinfer::silu_and_mul", _silu_and_mul_impl, mutates_args=())
-
-
-@_silu_and_mul.register_fake
-def _(x):
-    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+_silu_and_mul = table.define("silu_and_mul", _silu_and_mul_impl)
 
 
 def silu_and_mul(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

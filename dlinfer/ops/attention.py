@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dlinfer.ops import _batch, _checks
+from dlinfer.ops import _batch, _checks, table
 from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_implementation, check_cache
 
@@ -55,14 +55,7 @@ def _prefill_attention_impl(
     impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output)
 
 
-_prefill_attention = torch.library.custom_op(
-    "dlinfer::prefill_attention", _prefill_attention_impl, mutates_args=("attn_output",)
-)
-
-
-@_prefill_attention.register_fake
-def _(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output):
-    return None
+_prefill_attention = table.define("prefill_attention", _prefill_attention_impl)
 
 
 def _paged_prefill_attention_impl(
@@ -98,26 +91,7 @@ def _paged_prefill_attention_impl(
     )
 
 
-_paged_prefill_attention = torch.library.custom_op(
-    "dlinfer::paged_prefill_attention", _paged_prefill_attention_impl, mutates_args=("attn_output",)
-)
-
-
-@_paged_prefill_attention.register_fake
-def _(
-    query,
-    key_cache,
-    value_cache,
-    block_table,
-    cu_seqlens_q,
-    kv_seqlens,
-    max_q_seq_len,
-    max_kv_seq_len,
-    softmax_scale,
-    causal,
-    attn_output,
-):
-    return None
+_paged_prefill_attention = table.define("paged_prefill_attention", _paged_prefill_attention_impl)
 
 
 def _paged_decode_attention_impl(
@@ -136,14 +110,7 @@ def _paged_decode_attention_impl(
     impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output)
 
 
-_paged_decode_attention = torch.library.custom_op(
-    "dlinfer::paged_decode_attention", _paged_decode_attention_impl, mutates_args=("attn_output",)
-)
-
-
-@_paged_decode_attention.register_fake
-def _(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output):
-    return None
+_paged_decode_attention = table.define("paged_decode_attention", _paged_decode_attention_impl)
 
 
 # ------------------------------------------------------------------------------------------- value checks

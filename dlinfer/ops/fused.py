@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dlinfer.ops import table
 from dlinfer.ops._dispatch import run
 from dlinfer.ops.kv_cache import cache_implementation, check_slots, fill_kv_cache_checks
 from dlinfer.ops.rotary import rotary_checks
@@ -24,16 +25,7 @@ def _rotary_fill_impl(
     impl(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
 
 
-_rotary_fill = torch.library.custom_op(
-    "dlinfer::apply_rotary_pos_emb_fill_kv_cache",
-    _rotary_fill_impl,
-    mutates_args=("query", "key", "key_cache", "value_cache"),
-)
-
-
-@_rotary_fill.register_fake
-def _(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices):
-    return None
+_rotary_fill = table.define("apply_rotary_pos_emb_fill_kv_cache", _rotary_fill_impl)
 
 
 def apply_rotary_pos_emb_fill_kv_cache(

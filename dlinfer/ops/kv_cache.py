@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -68,14 +68,7 @@ def _fill_kv_cache_impl(
     impl(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits)
 
 
-_fill_kv_cache = torch.library.custom_op(
-    "dlinfer::fill_kv_cache", _fill_kv_cache_impl, mutates_args=("key_cache", "value_cache")
-)
-
-
-@_fill_kv_cache.register_fake
-def _(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits):
-    return None
+_fill_kv_cache = table.define("fill_kv_cache", _fill_kv_cache_impl)
 
 
 def check_cache(

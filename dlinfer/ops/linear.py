@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -14,12 +14,7 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return implementation("linear", x)(x, weight, bias)
 
 
-_linear = torch.library.custom_op("dlinfer::linear", _linear_impl, mutates_args=())
-
-
-@_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+_linear = table.define("linear", _linear_impl)
 
 
 def _process_group(group: Any):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from dlinfer.errors import NotSupportedError
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -15,15 +15,7 @@ def _moe_gating_topk_softmax_impl(router_logits: torch.Tensor, topk: int) -> tup
     return implementation("moe_gating_topk_softmax", router_logits)(router_logits, topk)
 
 
-_moe_gating_topk_softmax = torch.library.custom_op(
-    "dlinfer::moe_gating_topk_softmax", _moe_gating_topk_softmax_impl, mutates_args=()
-)
-
-
-@_moe_gating_topk_softmax.register_fake
-def _(router_logits, topk):
-    shape = (router_logits.shape[0], topk)
-    return (router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int64))
+_moe_gating_topk_softmax = table.define("moe_gating_topk_softmax", _moe_gating_topk_softmax_impl)
 
 
 def _fused_moe_impl(
@@ -42,12 +34,7 @@ def _fused_moe_impl(
     return impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
 
 
-_fused_moe = torch.library.custom_op("dlinfer::fused_moe", _fused_moe_impl, mutates_args=())
-
-
-@_fused_moe.register_fake
-def _(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):
-    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+_fused_moe = table.define("fused_moe", _fused_moe_impl)
 
 
 def _check_metadata(moe_metadata: Any) -> None:

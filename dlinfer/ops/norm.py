@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -12,12 +12,7 @@ def _rms_norm_impl(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: f
     return implementation("rms_norm", hidden_states)(hidden_states, weight, epsilon)
 
 
-_rms_norm = torch.library.custom_op("dlinfer::rms_norm", _rms_norm_impl, mutates_args=())
-
-
-@_rms_norm.register_fake
-def _(hidden_states, weight, epsilon):
-    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+_rms_norm = table.define("rms_norm", _rms_norm_impl)
 
 
 def _add_rms_norm_impl(
@@ -26,15 +21,7 @@ def _add_rms_norm_impl(
     return implementation("add_rms_norm", hidden_states)(hidden_states, residual, weight, epsilon)
 
 
-_add_rms_norm = torch.library.custom_op("dlinfer::add_rms_norm", _add_rms_norm_impl, mutates_args=())
-
-
-@_add_rms_norm.register_fake
-def _(hidden_states, residual, weight, epsilon):
-    return (
-        torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
-        torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
-    )
+_add_rms_norm = table.define("add_rms_norm", _add_rms_norm_impl)
 
 
 def _check(hidden_states, weight, epsilon, residual=None) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dlinfer.ops import _checks
+from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -12,14 +12,7 @@ def _apply_rotary_pos_emb_impl(query: torch.Tensor, key: torch.Tensor, cos: torc
     implementation("apply_rotary_pos_emb", query, head_size=query.shape[-1])(query, key, cos, sin)
 
 
-_apply_rotary_pos_emb = torch.library.custom_op(
-    "dlinfer::apply_rotary_pos_emb", _apply_rotary_pos_emb_impl, mutates_args=("query", "key")
-)
-
-
-@_apply_rotary_pos_emb.register_fake
-def _(query, key, cos, sin):
-    return None
+_apply_rotary_pos_emb = table.define("apply_rotary_pos_emb", _apply_rotary_pos_emb_impl)
 
 
 def _as_table(name: str, t: torch.Tensor, tokens: int, head_dim: int) -> torch.Tensor:

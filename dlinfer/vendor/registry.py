@@ -131,6 +131,10 @@ class Vendor:
         unknown = set(self.capabilities) - set(self.ops)
         if unknown:
             raise ValueError(f"vendor {self.name}: capabilities for ops it does not provide: {sorted(unknown)}")
+        from dlinfer.ops.table import check_vendor_function  # the op table (imports no vendor code)
+
+        for op, fn in self.ops.items():
+            check_vendor_function(self.name, op, fn)
 
     def provides(self, op: str) -> bool:
         return op in self.ops

@@ -62,3 +62,44 @@ def test_an_in_place_update_of_the_lengths_is_seen():
     _batch.clear()
     want = ops.prefill_attention(q, k, v, None, None, torch.tensor([1, 4]), torch.tensor([1, 4]), 4, 2, 2, [None])
     assert torch.equal(got, want)
+
+
+def test_inference_mode_tensors_are_converted_not_cached():
+    """Inference tensors have no version counter (vLLM and LMDeploy run under torch.inference_mode)."""
+    _batch.clear()
+    with torch.inference_mode():
+        q_lens = torch.tensor([3, 2])
+        q, k, v = _prefill(q_lens)
+        first = ops.prefill_attention(q, k, v, None, None, q_lens, q_lens, 3, 2, 2, [None])
+        assert torch.equal(ops.prefill_attention(q, k, v, None, None, q_lens, q_lens, 3, 2, 2, [None]), first)
+
+
+def test_a_planned_step_layout_is_read_by_every_layer_without_a_launch(monkeypatch):
+    """The adapters' per-step builder plans the [B + 1] offsets; the LMDeploy-shaped wrappers then convert nothing,
+    for the lengths and for LMDeploy's ``cu_seqlens_q[1:]`` view alike, in inference mode too."""
+    from dlinfer.framework import batch
+
+    conversions = []
+    for name in ("_from_lengths", "_from_ends", "_int32_on"):
+        real = getattr(_batch, name)
+        monkeypatch.setattr(_batch, name, lambda t, d, real=real, name=name: conversions.append(name) or real(t, d))
+    _batch.clear()
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        q_lens, kv_lens = torch.tensor([3, 1]), torch.tensor([5, 4])
+        layout = batch.from_lengths(q_lens, kv_lens)
+        assert layout.cu_seqlens_q.tolist() == [0, 3, 4] and layout.cu_seqlens_q.dtype == torch.int32
+        q = torch.randn(4, 2, 8, generator=g)
+        k_cache, v_cache = torch.randn(4, 4, 1, 8, generator=g), torch.randn(4, 4, 1, 8, generator=g)
+        table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+        outs = [ops.paged_prefill_attention(q, None, None, k_cache, v_cache, table, 4, layout.cu_seqlens_q[1:],
+                                            layout.kv_seqlens, 3, 5, 2, 1, [None]) for _layer in range(3)]
+        # no-history prefill: prefill_attention gets the planned lengths for queries and keys
+        nh = batch.from_lengths(q_lens, q_lens, no_history=True)
+        ops.prefill_attention(q, q[:, :1], q[:, :1], None, None, nh.q_seqlens, nh.kv_seqlens, 3, 2, 1, [None])
+    assert conversions == []
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    _batch.clear()
+    want = ops.paged_prefill_attention(q.clone(), None, None, k_cache, v_cache, table, 4, torch.tensor([3, 4]),
+                                       torch.tensor([5, 4]), 3, 5, 2, 1, [None])
+    torch.testing.assert_close(outs[0], want)

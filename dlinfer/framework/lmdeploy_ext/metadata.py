@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from dlinfer.framework import batch
+
 #: ``attention_mask`` for causal LLM attention: dlinfer's attention ops read only whether the sequence is empty
 #: (``[]`` means non-causal, as LMDeploy's vision encoders pass it).
 CAUSAL_MASK: tuple = (None,)
@@ -46,24 +48,23 @@ def build_attention_metadata(meta_cls, step_context, *, block_size: int):
 
     ``meta_cls`` is LMDeploy's ``DlinferAttentionMetadata`` (passed in so this module does not import LMDeploy).
     """
-    q_seqlens = step_context.q_seqlens.to(torch.int32)
-    kv_seqlens = step_context.kv_seqlens.to(torch.int32)
+    num_tokens = step_context.input_ids.numel()
+    is_decoding = bool(step_context.is_decoding)
+    # kv >= q for every sequence, so equal totals mean no sequence has history: plain varlen attention.
+    sum_kv = step_context.sum_kv_seqlen
+    is_prefill_no_cache = (not is_decoding) and sum_kv is not None and int(sum_kv) == num_tokens
+    # The vendor layout, once for the step; every layer's op call reads it (no per-layer conversion).
+    layout = batch.from_lengths(step_context.q_seqlens, step_context.kv_seqlens, no_history=is_prefill_no_cache)
+    q_seqlens, kv_seqlens, cu_seqlens_q = layout.q_seqlens, layout.kv_seqlens, layout.cu_seqlens_q
     block_offsets = step_context.block_offsets
     if block_offsets.dtype != torch.int32:
         block_offsets = block_offsets.to(torch.int32)
-    num_tokens = step_context.input_ids.numel()
-    is_decoding = bool(step_context.is_decoding)
     if is_decoding and num_tokens != q_seqlens.numel():
         from dlinfer.errors import NotSupportedError
 
         raise NotSupportedError(f"multi-token decoding ({num_tokens} tokens for {q_seqlens.numel()} sequences, as in "
                                 "speculative decoding) is not supported by dlinfer's LMDeploy backend")
-    cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_seqlens, 0, dtype=torch.int32), (1, 0))
     kv_start_indices = slot_indices(q_seqlens, kv_seqlens, block_offsets, block_size, num_tokens, is_decoding)
-
-    # kv >= q for every sequence, so equal totals mean no sequence has history: plain varlen attention.
-    sum_kv = step_context.sum_kv_seqlen
-    is_prefill_no_cache = (not is_decoding) and sum_kv is not None and int(sum_kv) == num_tokens
 
     max_q = step_context.max_q_seqlen
     max_kv = step_context.max_kv_seqlen

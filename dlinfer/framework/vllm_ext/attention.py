@@ -27,6 +27,7 @@ import torch
 
 import dlinfer.ops as dl
 from dlinfer.errors import NotSupportedError
+from dlinfer.framework import batch
 from dlinfer.framework.vllm_ext import log_summary_once
 from dlinfer.framework.vllm_ext.counters import hit
 from vllm.v1.attention.backend import (
@@ -166,9 +167,6 @@ class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionM
         seq_lens = cm.seq_lens[:num_reqs]
         block_table = cm.block_table_tensor[:num_reqs]
 
-        prefill_qsl = qsl[num_decodes:]
-        prefill_query_lens = prefill_qsl[1:] - prefill_qsl[:-1]
-        prefill_query_ends = prefill_qsl[1:] - prefill_qsl[0]
         without_history = True
         prefill_max_query_len = 0
         if num_prefills:
@@ -179,6 +177,8 @@ class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionM
             seq_cpu = seq_lens.cpu() if seq_cpu is None else seq_cpu[:num_reqs]
             without_history = bool(torch.equal(seq_cpu[num_decodes:].to(q_lens_cpu.dtype), q_lens_cpu))
             prefill_max_query_len = int(q_lens_cpu.max())
+        # The vendor layout of the prefill part, once per step (every layer's op call reads it).
+        prefill = batch.from_start_offsets(qsl[num_decodes:], seq_lens[num_decodes:], no_history=without_history)
 
         return DlinferAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -190,9 +190,9 @@ class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionM
             decode_seq_lens=seq_lens[:num_decodes],
             num_prefills=num_prefills,
             prefill_block_table=block_table[num_decodes:],
-            prefill_query_lens=prefill_query_lens,
-            prefill_query_ends=prefill_query_ends,
-            prefill_seq_lens=seq_lens[num_decodes:],
+            prefill_query_lens=prefill.q_seqlens,
+            prefill_query_ends=prefill.q_ends,
+            prefill_seq_lens=prefill.kv_seqlens,
             prefill_max_query_len=prefill_max_query_len,
             prefill_without_history=without_history,
         )
