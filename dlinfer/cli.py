@@ -93,15 +93,17 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
     w()
     w("vendors (best first):")
     vends = sorted(registry.vendors().values(), key=lambda v: (-v.priority, v.name))
+    load_errors = sorted(registry.load_errors().items())
+    nw = max([12] + [len(v.name) for v in vends] + [len(name) for name, _ in load_errors])  # one name column
     for v in vends:
         why = v.available() if v.available is not None else None
         default = ", ".join(sorted(v.default_devices)) or "none (only when forced)"
-        w(f"  {v.name:<12} priority {v.priority:<5} runs on: {', '.join(sorted(v.devices))}; automatic for: "
+        w(f"  {v.name:<{nw}} priority {v.priority:<5} runs on: {', '.join(sorted(v.devices))}; automatic for: "
           f"{default}; {len(v.ops)} ops" + (f"  [unavailable: {why}]" if why else ""))
         if v.description:
-            w(f"  {'':<12} {v.description}")
-    for name, err in sorted(registry.load_errors().items()):
-        w(f"  {name:<12} FAILED TO LOAD (skipped): {err}")
+            w(f"  {'':<{nw}} {v.description}")
+    for name, err in load_errors:
+        w(f"  {name:<{nw}} FAILED TO LOAD (skipped): {err}")
     forced = {op: registry.forced_vendor(op) for op in _all_ops()}
     if any(f for f, _ in forced.values()):
         w()
@@ -120,11 +122,10 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
         except NotSupportedError:
             chosen = "NONE"
         cells, details = [], []
-        for v in vends:
+        for v, (_name, reasons) in zip(vends, registry.explain(call)):  # explain lists vendors in this order
             if not v.provides(op):
                 cells.append("n/a")
                 continue
-            reasons = v.not_supported_reasons(call)
             if not reasons:
                 cells.append("serves")
             else:
@@ -139,7 +140,7 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
 def _all_ops() -> tuple[str, ...]:
     import dlinfer.ops as ops
 
-    return tuple(ops.CORE_OPS) + tuple(getattr(ops, "EXTRA_OPS", ()))
+    return ops.CORE_OPS + ops.EXTRA_OPS
 
 
 def check(args: argparse.Namespace) -> int:

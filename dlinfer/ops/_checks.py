@@ -28,7 +28,8 @@ def tensor(name: str, value, *, ndim: int | tuple[int, ...] | None = None, dtype
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if value.dim() not in allowed:
             want = " or ".join(str(n) for n in allowed)
-            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
+            noun = "dimension" if allowed == (1,) else "dimensions"
+            raise ValueError(f"{name} must have {want} {noun}, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in ({', '.join(_dt(d) for d in dtypes)}), got {_dt(value.dtype)}")
     return value
@@ -38,7 +39,12 @@ def integer(name: str, value, *, minimum: int | None = None) -> int:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name} must be an int, got a tensor of shape {tuple(value.shape)}")
-        value = int(value.item())
+        if value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int, got a bool tensor")
+        item = value.item()
+        if isinstance(item, float) and not item.is_integer():
+            raise ValueError(f"{name} must be an integer, got {item} (a non-integral value is never truncated)")
+        value = int(item)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
@@ -88,6 +94,19 @@ def heads(num_q_heads: int, num_kv_heads: int) -> None:
     integer("num_kv_heads", num_kv_heads, minimum=1)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def distinct(**tensors: torch.Tensor) -> None:
+    """Arguments written in place must not be the same memory (a cheap check: same first element address), or
+    one write would clobber the other (e.g. the same tensor as key and value cache loses the keys)."""
+    if torch.compiler.is_compiling():  # traced: functionalization sees the aliasing, and data_ptr is not traceable
+        return
+    items = [(k, t) for k, t in tensors.items() if t is not None and t.numel() and not t.is_meta]
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if a.device == b.device and a.data_ptr() == b.data_ptr():
+                raise ValueError(f"{name_a} and {name_b} are the same memory; they must be distinct tensors "
+                                 "(one is written in place)")
 
 
 def values_checked(*tensors: torch.Tensor) -> bool:

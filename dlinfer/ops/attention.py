@@ -6,7 +6,8 @@ Layouts shared by the three ops (LMDeploy's TND layout):
 * the paged KV cache of one layer is ``key_cache[num_blocks, block_size, Hk, D]`` and
   ``value_cache[num_blocks, block_size, Hk, Dv]`` (``Dv = head_size_v`` may differ from ``D``). Caches may be
   strided views of one packed buffer (last-dim stride 1); they are read in place.
-* ``block_table[b, i]`` (LMDeploy's ``block_offsets``) is the cache block holding tokens
+* ``block_offsets[b, i]`` (the public argument's name, as in LMDeploy; the vendor contract receives it as
+  ``block_table``) is the cache block holding tokens
   ``[i * block_size, (i + 1) * block_size)`` of sequence ``b``; blocks need not be ordered or contiguous.
   Entries past a sequence's last block are ignored.
 * GQA/MQA: query head ``h`` reads KV head ``h // (Hq // Hk)``.
@@ -146,7 +147,7 @@ def _check_paged_values(
         kv_seqlens,
         0,
         min(capacity, max_kv_seq_len) + 1,
-        f"lengths within max_kv_seq_len ({max_kv_seq_len}) and the block table's capacity "
+        f"lengths within max_kv_seq_len ({max_kv_seq_len}) and block_offsets' capacity "
         f"({block_table.shape[1]} blocks x {block_size} = {capacity} tokens)",
     )
     kv = kv_seqlens.to("cpu", torch.int64)
@@ -167,8 +168,10 @@ def _queries(query, num_q_heads: int, name: str = "query") -> torch.Tensor:
     if query.dim() == 2:
         if query.shape[1] % num_q_heads:
             raise ValueError(f"{name} of shape {tuple(query.shape)} cannot be split into {num_q_heads} heads")
-        query = query.view(query.shape[0], num_q_heads, -1)
+        query = query.view(query.shape[0], num_q_heads, query.shape[1] // num_q_heads)  # 0 tokens too
     _checks.dim_is(name, query, 1, num_q_heads, "num_q_heads")
+    if query.shape[2] == 0:
+        raise ValueError(f"{name} must have a head size >= 1, got shape {tuple(query.shape)}")
     _checks.last_dim_contiguous(name, query)
     return query
 
@@ -214,7 +217,7 @@ def _output(attn_output, query: torch.Tensor, head_size_v: int) -> torch.Tensor:
     return attn_output
 
 
-def _kv_quant(quant_bits, kv_scales, kv_zeros) -> int:
+def _kv_quant(quant_bits) -> int:
     quant_bits = _checks.integer("quant_bits", 0 if quant_bits is None else quant_bits, minimum=0)
     if quant_bits:
         from dlinfer.errors import NotSupportedError
@@ -224,6 +227,19 @@ def _kv_quant(quant_bits, kv_scales, kv_zeros) -> int:
             "attention ops yet; run with an unquantized cache (LMDeploy quant_policy=0)"
         )
     return quant_bits
+
+
+def _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v, quant_bits):
+    """The metadata checks both paged ops share; returns ``query`` as ``[T, Hq, D]`` and ``head_size_v``."""
+    _checks.heads(num_q_heads, num_kv_heads)
+    _kv_quant(quant_bits)
+    query = _queries(query, num_q_heads)
+    if head_size_v is None:
+        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
+    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
+    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
+    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    return query, head_size_v
 
 
 def _block_table(block_table, batch: int) -> torch.Tensor:
@@ -351,19 +367,14 @@ def paged_prefill_attention(
         head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
         softmax_scale: default ``1/sqrt(D)``.
         attn_output: optional ``[T, Hq, Dv]`` destination.
-        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served.
+        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
+            accepted for LMDeploy's signature and not read).
 
     Returns:
         ``attn_output`` (given or new).
     """
-    _checks.heads(num_q_heads, num_kv_heads)
-    _kv_quant(quant_bits, kv_scales, kv_zeros)
-    query = _queries(query, num_q_heads)
-    if head_size_v is None:
-        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
-    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
-    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
-    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    query, head_size_v = _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads,
+                                       head_size_v, quant_bits)
     cu_seqlens_q = _lengths("cu_seqlens_q", cu_seqlens_q)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, cu_seqlens_q.shape[0])
     block_table = _block_table(block_offsets, kv_seqlens.shape[0])
@@ -431,19 +442,14 @@ def paged_decode_attention(
         head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
         softmax_scale: default ``1/sqrt(D)``.
         attn_output: optional ``[B, Hq, Dv]`` destination.
-        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served.
+        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
+            accepted for LMDeploy's signature and not read).
 
     Returns:
         ``attn_output`` (given or new).
     """
-    _checks.heads(num_q_heads, num_kv_heads)
-    _kv_quant(quant_bits, kv_scales, kv_zeros)
-    query = _queries(query, num_q_heads)
-    if head_size_v is None:
-        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
-    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
-    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
-    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    query, head_size_v = _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads,
+                                       head_size_v, quant_bits)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, query.shape[0])
     block_table = _block_table(block_offsets, query.shape[0])
     max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)

@@ -40,7 +40,7 @@ def cache_implementation(
 
 
 def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None:
-    """Value check (CPU always, accelerators with DLINFER_CHECK=1): slots in the cache or -1."""
+    """Value check (CPU always, accelerators with DLINFER_CHECK=1): slots in the cache or -1, each at most once."""
     if _checks.values_checked(kv_start_indices):
         slots = key_cache.shape[0] * key_cache.shape[1]
         _checks.in_range(
@@ -51,6 +51,10 @@ def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None
             f"slot ids of a cache of {key_cache.shape[0]} blocks x {key_cache.shape[1]}",
             allow=-1,
         )
+        used = kv_start_indices[kv_start_indices >= 0]
+        if used.numel() != torch.unique(used).numel():
+            raise ValueError("kv_start_indices holds a slot id twice; each slot takes at most one token per call "
+                             "(-1 for padding may repeat)")
 
 
 def _fill_kv_cache_impl(
@@ -123,7 +127,9 @@ def fill_kv_cache(
             K and V in one tensor): it is written in place, never copied.
         value_cache: ``[num_blocks, block_size, Hk, Dv]``, likewise.
         kv_start_indices: ``[T]`` int32/int64 slot id per token, ``slot = block * block_size + offset``;
-            ``-1`` marks a padding token, which is skipped.
+            ``-1`` marks a padding token, which is skipped. A slot id may appear at most once per call (which of
+            two writes to one slot would land is not defined, as vendors write in parallel): the value checks
+            (always on CPU tensors, elsewhere with ``DLINFER_CHECK=1``) refuse duplicates.
         k_scales_zeros, v_scales_zeros, quant_bits: KV-cache quantization (LMDeploy's ``quant_policy``);
             ``quant_bits=0`` (no quantization) is the only setting the in-tree vendors serve.
 
@@ -164,4 +170,5 @@ def fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, q
     )
     if not quant_bits:
         _checks.same_dtype(key=key, value=value, key_cache=key_cache, value_cache=value_cache)
+    _checks.distinct(key_cache=key_cache, value_cache=value_cache)
     return quant_bits

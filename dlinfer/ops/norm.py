@@ -52,7 +52,8 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float =
 
     Args:
         hidden_states: ``[..., H]`` float32/float16/bfloat16.
-        weight: ``[H]``.
+        weight: ``[H]``, any of those dtypes (it need not match ``hidden_states``: a float32 weight with float16
+            input is accepted, applied in float32, and the output is float16).
         epsilon: added to the mean square.
     """
     epsilon = _check(hidden_states, weight, epsilon)
@@ -69,9 +70,11 @@ def add_rms_norm(
 
     Args:
         hidden_states: ``[..., H]``.
-        residual: same shape and dtype as ``hidden_states``.
-        weight: ``[H]``.
+        residual: same shape and dtype as ``hidden_states`` (required: a ``TypeError`` names it otherwise).
+        weight: ``[H]``, any float dtype (applied in float32, as in ``rms_norm``).
         epsilon: added to the mean square.
     """
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__} (use rms_norm without one)")
     epsilon = _check(hidden_states, weight, epsilon, residual)
     return run(_add_rms_norm, _add_rms_norm_impl, hidden_states, residual, weight, epsilon)

@@ -61,6 +61,7 @@ def rotary_checks(query, key, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"query's head size must be even for rotate-half rotary, got {head_dim}")
     _checks.last_dim_contiguous("query", query)
     _checks.last_dim_contiguous("key", key)
+    _checks.distinct(query=query, key=key)
     cos = _as_table("cos", cos, tokens, head_dim)
     sin = _as_table("sin", sin, tokens, head_dim)
     _checks.same_device(query=query, key=key, cos=cos, sin=sin)

@@ -71,6 +71,13 @@ def _same_as_first(x: torch.Tensor, *_: Any) -> tuple[Meta, ...]:
     return ((tuple(x.shape), x.dtype),)
 
 
+#: Every call feature, and what in a call asks for it (named in refusals, so the user knows which argument to change).
+FEATURES = {
+    "kv_quant": "quant_bits != 0: a quantized KV cache",
+    "non_causal": "attn_mask=[]: non-causal attention",
+    "strided_cache": "a strided (packed or head-major) key/value cache view",
+}
+
 _CACHE_FEATURES = frozenset({"strided_cache", "kv_quant"})
 
 TABLE: tuple[OpDef, ...] = (
@@ -200,5 +207,5 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["KINDS", "OPS", "TABLE", "OpDef", "check_result", "check_vendor_function", "define", "get",
+__all__ = ["FEATURES", "KINDS", "OPS", "TABLE", "OpDef", "check_result", "check_vendor_function", "define", "get",
            "markdown_table"]

@@ -89,8 +89,13 @@ class Capabilities:
                     out.append(f"{what} {size} not supported (supports {sorted(self.head_sizes)})")
         if self.block_sizes is not None and call.block_size and call.block_size not in self.block_sizes:
             out.append(f"block size {call.block_size} not supported (supports {sorted(self.block_sizes)})")
-        for feature in sorted(call.features - self.features):
-            out.append(f"feature '{feature}' not supported")
+        if call.features - self.features:
+            from dlinfer.ops.table import FEATURES
+
+            for feature in sorted(call.features - self.features):
+                cause = FEATURES.get(feature)
+                out.append(f"feature '{feature}' ({cause}) not supported" if cause else
+                           f"feature '{feature}' not supported")
         return out
 
 

@@ -14,3 +14,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # Relative-norm tolerance of a low-precision result against float64 math.
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class _BrokenEntryPoint:
+    def __init__(self, name: str, value: str, exc: Exception):
+        self.name, self.value, self._exc = name, value, exc
+
+    def load(self):
+        raise self._exc
+
+
+def install_broken_plugin(monkeypatch, registry, name: str, value: str, exc: Exception) -> None:
+    """Rediscover vendors as if the only installed ``dlinfer.vendors`` entry point were one that fails to load."""
+    import importlib.metadata
+
+    ep = _BrokenEntryPoint(name, value, exc)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [ep] if group == "dlinfer.vendors" else [])
+    registry.rediscover()

@@ -126,7 +126,7 @@ case("silu_and_mul", "dim-range", {"dim": 2}, ValueError, r"^dim must be in \[-2
 case("rms_norm", "not-tensor", {"hidden_states": 3}, TypeError, r"^hidden_states must be a torch.Tensor")
 case("rms_norm", "dtype", {"hidden_states": torch.ones(3, 8, dtype=torch.float64)}, ValueError, r"^hidden_states")
 case("rms_norm", "scalar", {"hidden_states": torch.tensor(1.0), "weight": r(1)}, ValueError, r"^hidden_states")
-case("rms_norm", "weight-ndim", {"weight": r(1, 8)}, ValueError, r"^weight must have 1 dimensions")
+case("rms_norm", "weight-ndim", {"weight": r(1, 8)}, ValueError, r"^weight must have 1 dimension,")
 case("rms_norm", "weight-size", {"weight": r(7)}, ValueError, r"^weight.shape\[0\] must equal")
 case("rms_norm", "eps-type", {"epsilon": "1e-6"}, TypeError, r"^epsilon must be a float")
 case("rms_norm", "eps-negative", {"epsilon": -1e-6}, ValueError, r"^epsilon must be >= 0")
@@ -158,7 +158,7 @@ case("fill_kv_cache", "slots-dtype", {"kv_start_indices": torch.tensor([0.0, 1.0
 case("fill_kv_cache", "slots-length", {"kv_start_indices": torch.tensor([0, 1])}, ValueError,
      r"^kv_start_indices.shape\[0\] must equal")
 case("fill_kv_cache", "slots-ndim", {"kv_start_indices": torch.tensor([[0, 1, 2]])}, ValueError,
-     r"^kv_start_indices must have 1 dimensions")
+     r"^kv_start_indices must have 1 dimension,")
 case("fill_kv_cache", "cache-ndim", {"key_cache": r(32, 2, 8)}, ValueError, r"^key_cache must have 4 dimensions")
 case("fill_kv_cache", "cache-mismatch", {"value_cache": r(3, 16, 2, 6)}, ValueError,
      r"^value_cache must share key_cache")

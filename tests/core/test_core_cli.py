@@ -11,6 +11,8 @@ import types
 import pytest
 import torch
 
+from core_helpers import install_broken_plugin
+
 from dlinfer import cli
 from dlinfer.vendor import Vendor
 
@@ -47,19 +49,9 @@ def test_info(isolated_registry, capsys):
     assert "op x vendor on cpu" in out
 
 
-class _BrokenEntryPoint:
-    name, value = "ghost", "ghost_chip:VENDOR"
-
-    def load(self):
-        raise ImportError("no module named ghost_chip")
-
-
 def test_info_shows_refusals_na_and_load_errors(isolated_registry, capsys, monkeypatch):
-    import importlib.metadata
-
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: [_BrokenEntryPoint()] if group == "dlinfer.vendors" else [])
-    isolated_registry.rediscover()
+    install_broken_plugin(monkeypatch, isolated_registry, "ghost", "ghost_chip:VENDOR",
+                          ImportError("no module named ghost_chip"))
     isolated_registry.register_vendor(Vendor(
         name="partial", priority=5, devices=frozenset({"cpu"}), default_devices=frozenset({"cpu"}),
         ops={"silu_and_mul": lambda x: x}, available=lambda: "driver libpartial.so missing"))

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from core_helpers import install_broken_plugin
 
 import dlinfer.ops as ops
 from dlinfer import cli
@@ -97,3 +98,31 @@ def test_an_in_place_op_must_return_none(isolated_registry):
     q, k = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
     with pytest.raises(VendorContractError, match="vendor 'chatty', op apply_rotary_pos_emb: returned tuple"):
         ops.apply_rotary_pos_emb(q, k, torch.randn(2, 8), torch.randn(2, 8))
+
+
+def test_changelog_counts_the_ops_info_lists():
+    words = {11: "eleven", 12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen",
+             17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty"}
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"{words[len(table.TABLE)]} ops (the {words[len(table.TABLE)]} rows of `dlinfer info`)" in changelog
+
+
+def test_info_aligns_a_broken_plugin_row_with_the_vendor_rows(isolated_registry, capsys, monkeypatch):
+    install_broken_plugin(monkeypatch, isolated_registry, "dlinfer_vendor_broken_chip", "broken_chip_dlinfer:VENDOR",
+                          ImportError("libbroken.so: cannot open shared object file"))
+    assert cli.main(["info", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    vendor_row = next(line for line in lines if line.startswith("  reference "))
+    broken_row = next(line for line in lines if "FAILED TO LOAD" in line)
+    assert vendor_row.index("priority") == broken_row.index("FAILED TO LOAD")
+
+
+def test_public_docs_and_errors_name_block_offsets():
+    """One public name: the argument is ``block_offsets`` (LMDeploy's); only the vendor contract says block_table."""
+    kc = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(ValueError, match="^block_offsets must have 2 dimensions"):
+        ops.paged_decode_attention(torch.zeros(1, 2, 8), kc, kc.clone(), torch.zeros(1, dtype=torch.int32), 4, None,
+                                   torch.tensor([1]), 4, 2, 1)
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        doc = getattr(ops, name).__doc__
+        assert "block_offsets" in doc and "block_table" not in doc

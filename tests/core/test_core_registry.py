@@ -231,7 +231,7 @@ def test_capabilities_reasons_are_sentences():
         "head size 80 not supported (supports [64, 128])",
         "value head size 96 not supported (supports [64, 128])",
         "block size 32 not supported (supports [16])",
-        "feature 'non_causal' not supported",
+        "feature 'non_causal' (attn_mask=[]: non-causal attention) not supported",
     ]
     assert caps.reasons(Call("paged_decode_attention", "cpu", F32, 64, 64, 16, frozenset({"strided_cache"}))) == []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import dlinfer.ops as ops
 from dlinfer.testing.conformance.inputs import qkv, rope_tables
 from dlinfer.testing.conformance.spec import OpSpec
@@ -24,10 +26,11 @@ def _silu_build(p, dtype, rnd):
 
 def _norm_cases(quick):
     if quick:
-        return [dict(shape=(3, 17), eps=1e-6), dict(shape=(2, 2, 32), eps=1e-5, strided=True)]
+        return [dict(shape=(3, 17), eps=1e-6), dict(shape=(2, 2, 32), eps=1e-5, strided=True),
+                dict(shape=(4, 24), eps=1e-6, weight_fp32=True)]
     return [dict(shape=(1, 4096), eps=1e-6), dict(shape=(257, 4096), eps=1e-5), dict(shape=(13, 5120), eps=1e-6),
             dict(shape=(64, 129), eps=1e-6), dict(shape=(3, 7, 2048), eps=1e-6, strided=True),
-            dict(shape=(1000, 8192), eps=1e-5)]
+            dict(shape=(1000, 8192), eps=1e-5), dict(shape=(7, 4096), eps=1e-6, weight_fp32=True)]
 
 
 def _norm_build(p, dtype, rnd, residual=False):
@@ -36,7 +39,8 @@ def _norm_build(p, dtype, rnd, residual=False):
         hidden = rnd.normal(*shape[:-1], shape[-1] + 16, dtype=dtype)[..., : shape[-1]]
     else:
         hidden = rnd.normal(*shape, dtype=dtype)
-    inputs = {"hidden": hidden, "weight": (1.0 + rnd.normal(shape[-1], scale=0.1)).to(dtype), "eps": p["eps"]}
+    weight_dtype = torch.float32 if p.get("weight_fp32") else dtype  # a float32 weight is accepted with any input
+    inputs = {"hidden": hidden, "weight": (1.0 + rnd.normal(shape[-1], scale=0.1)).to(weight_dtype), "eps": p["eps"]}
     if residual:
         inputs["residual"] = rnd.normal(*shape, dtype=dtype)
     return inputs
