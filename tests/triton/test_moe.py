@@ -275,3 +275,19 @@ def test_kernels_compile_for_sm90():
         assert info["shared"] <= 232448, f"{name}: {info['shared']} bytes of shared memory (H100 max 232448)"
         if name.startswith("gemm"):
             assert info["async_copies"] > 0, f"{name}: the K loop is not pipelined"
+
+
+def test_library_never_imports_benchmarks_or_tests():
+    """dlinfer must work from an installed wheel, where ``benchmarks/`` and ``tests/`` do not exist."""
+    import ast
+    from pathlib import Path
+
+    import dlinfer
+
+    bad = []
+    for path in Path(dlinfer.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("benchmarks", "tests")]
+    assert not bad, bad

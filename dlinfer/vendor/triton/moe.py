@@ -18,7 +18,7 @@ capturable), and is deterministic (no atomics):
    order: deterministic, no atomics, and the routing weight is applied to the down output rounded to the
    input dtype, exactly as the reference computes it.
 
-Launch parameters (tile sizes, warps, stages) come from :data:`MOE_CONFIGS` via :func:`moe_launch_config`,
+Launch parameters (tile sizes, warps, stages) come from :data:`MOE_CONFIGS` via :func:`moe_launch_config`
 chosen by the expected rows per expert (``T * topk / E``): small (decode: memory-bound on weights) to large
 (prefill: compute-bound).
 """
@@ -383,82 +383,3 @@ def _fused_moe_op(hidden_states, gate_up_weights, down_weights, topk_weights, to
 
 
 OPS = {"moe_gating_topk_softmax": moe_gating_topk_softmax, "fused_moe": _fused_moe_op}
-
-
-# ---------------------------------------------------------------------------------------------- tuning (GPU)
-
-_TUNE_UP = [dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4,
-            num_stages=3), dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-            dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3), dict(BLOCK_N=64, BLOCK_K=64, num_warps=8,
-            num_stages=4)]
-_TUNE_DOWN = [dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4,
-              num_stages=3), dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-              dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4), dict(BLOCK_N=256, BLOCK_K=64, num_warps=8,
-              num_stages=3)]
-_TUNE_MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768)}
-
-
-def tune(argv=None) -> None:
-    """Coordinate-descent sweep of the GEMM tiles on a GPU, from the current tier's config, for the MoE shapes of
-    shared/anchors.md. Prints each step's GPU time (CUDA-graph replay, L2 flushed) and the best config per case,
-    ready to paste into MOE_CONFIGS. Run from the repository root:
-
-        python -c "from dlinfer.vendor.triton import moe; moe.tune()" --models mixtral qwen3 --tokens 1 64 512 4096
-    """
-    import argparse
-    import copy
-
-    from benchmarks import timing
-
-    parser = argparse.ArgumentParser(description=tune.__doc__)
-    parser.add_argument("--models", nargs="+", default=list(_TUNE_MODELS), choices=list(_TUNE_MODELS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 512, 4096])
-    parser.add_argument("--quick", action="store_true", help="sweep BLOCK_M and GROUP_M only")
-    args = parser.parse_args(argv)
-    flush = timing.Flusher("cuda")
-    dtype = torch.bfloat16
-    for model in args.models:
-        experts, topk, hidden, inter = _TUNE_MODELS[model]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype, generator=gen) * hidden ** -0.5
-        w_down = torch.randn(experts, hidden, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5
-        for tokens in args.tokens:
-            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, generator=gen)
-            logits = torch.randn(tokens, experts, device="cuda", generator=gen)
-            weights, ids = moe_gating_topk_softmax(logits, topk)
-            ref = fused_moe(x, w_up, w_down, weights, ids, True)
-
-            def run(cfg):
-                try:
-                    out = fused_moe(x, w_up, w_down, weights, ids, True, config=cfg)
-                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                    if err > 2e-2:
-                        return float("inf"), f"rel err {err:.3g}"
-                    return timing.graph_gpu_time(lambda: fused_moe(x, w_up, w_down, weights, ids, True, config=cfg),
-                                                 flush, reps=10).us, ""
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the candidate
-                    return float("inf"), f"{type(exc).__name__}: {str(exc)[:80]}"
-
-            best = copy.deepcopy(moe_launch_config(tokens, experts, topk, hidden, inter))
-            best_us, _ = run(best)
-            print(f"{model} T={tokens} start {best_us:.1f} us {best}", flush=True)
-            steps = [("BLOCK_M", None, v) for v in (16, 32, 64, 128)]
-            steps += [("GROUP_M", g, v) for g in ("up", "down") for v in (1, 4, 8, 16)]
-            if not args.quick:
-                steps += [("tile", "up", v) for v in _TUNE_UP] + [("tile", "down", v) for v in _TUNE_DOWN]
-            for what, gemm, value in steps:
-                cand = copy.deepcopy(best)
-                if what == "BLOCK_M":
-                    cand["BLOCK_M"] = value
-                elif what == "GROUP_M":
-                    cand[gemm]["GROUP_M"] = value
-                else:
-                    cand[gemm].update(value)
-                if cand == best:
-                    continue
-                us, why = run(cand)
-                print(f"  {what} {gemm or ''} {value}: {us:.1f} us {why}", flush=True)
-                if us < best_us:
-                    best, best_us = cand, us
-            print(f"BEST {model} T={tokens}: {best_us:.1f} us {best}", flush=True)
-
