@@ -229,17 +229,62 @@ def _kv_quant(quant_bits) -> int:
     return quant_bits
 
 
-def _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v, quant_bits):
-    """The metadata checks both paged ops share; returns ``query`` as ``[T, Hq, D]`` and ``head_size_v``."""
+def _paged_common(query, key_cache, value_cache) -> tuple[torch.Tensor, int]:
+    """The metadata checks both paged ops share; returns ``query`` (3-D) and the value head size."""
+    num_q_heads = _heads_of("query", query)
+    _checks.tensor("key_cache", key_cache, ndim=4)
+    _checks.tensor("value_cache", value_cache, ndim=4)
+    _checks.heads(num_q_heads, key_cache.shape[2])
+    query = _queries(query, num_q_heads)
+    head_size_v = value_cache.shape[-1]
+    check_cache(key_cache, value_cache, key_cache.shape[2], query.shape[-1], head_size_v, key_cache.shape[1])
+    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+    return query, head_size_v
+
+
+def _causal(attn_mask) -> bool:
+    if attn_mask is None or isinstance(attn_mask, torch.Tensor):
+        raise TypeError(
+            f"attn_mask must be a sequence ([] for non-causal, non-empty for causal), got {type(attn_mask).__name__}"
+        )
+    return len(attn_mask) > 0
+
+
+def _heads_of(name: str, t) -> int:
+    """The head count of a ``[T, H, D]`` tensor (the clean contract takes 3-D tensors)."""
+    _checks.tensor(name, t, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    return t.shape[1]
+
+
+def _offsets(name: str, t, device: torch.device, batch: int | None = None) -> torch.Tensor:
+    """An int32 index tensor of the contract's layout on ``device`` (``[B + 1]`` offsets or ``[B]`` lengths)."""
+    _checks.tensor(name, t, ndim=1, dtypes=(torch.int32,))
+    if batch is not None:
+        _checks.dim_is(name, t, 0, batch, "the batch size" if name == "kv_seqlens" else "len(cu_seqlens_q)")
+    elif t.shape[0] == 0:
+        raise ValueError(f"{name} must hold B + 1 start offsets (at least one element), got shape (0,)")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}; the contract's layout lives on query's device {device}")
+    return t
+
+
+def _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v, quant_bits):
+    """What LMDeploy's paged signatures add to the clean contract: the head counts (and a 2-D query), the block
+    size, ``head_size_v`` and ``quant_bits``, each checked against the tensors; returns ``query`` as 3-D."""
     _checks.heads(num_q_heads, num_kv_heads)
     _kv_quant(quant_bits)
     query = _queries(query, num_q_heads)
-    if head_size_v is None:
-        head_size_v = value_cache.shape[-1] if isinstance(value_cache, torch.Tensor) else query.shape[-1]
-    head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
-    check_cache(key_cache, value_cache, num_kv_heads, query.shape[-1], head_size_v, block_size)
-    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
-    return query, head_size_v
+    _checks.tensor("key_cache", key_cache, ndim=4)
+    _checks.tensor("value_cache", value_cache, ndim=4)
+    _checks.dim_is("key_cache", key_cache, 2, num_kv_heads, "num_kv_heads")
+    block_size = _checks.integer("block_size", block_size, minimum=1)
+    if key_cache.shape[1] != block_size:
+        raise ValueError(f"block_size ({block_size}) must equal key_cache.shape[1] (caches are [num_blocks, "
+                         f"block_size, num_kv_heads, head_size]), got cache shape {tuple(key_cache.shape)}")
+    if head_size_v is not None:
+        head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
+        _checks.dim_is("value_cache", value_cache, 3, head_size_v, "the value head size")
+    return query
 
 
 def _block_table(block_table, batch: int) -> torch.Tensor:
@@ -292,36 +337,13 @@ def prefill_attention(
     query = _queries(query, num_q_heads)
     key = _queries(key, num_kv_heads, "key")
     value = _queries(value, num_kv_heads, "value")
-    _checks.same_dtype(query=query, key=key, value=value)
-    _checks.dim_is("key", key, 2, query.shape[2], "query's head size")
-    _checks.dim_is("value", value, 0, key.shape[0], "the number of key tokens")
     q_seqlens = _lengths("q_seqlens", q_seqlens)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, q_seqlens.shape[0])
-    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
-    if attn_mask is None or isinstance(attn_mask, torch.Tensor):
-        raise TypeError(
-            f"attn_mask must be a sequence ([] for non-causal, non-empty for causal), got {type(attn_mask).__name__}"
-        )
-    causal = len(attn_mask) > 0
-    scale = _scale(softmax_scale, query.shape[-1])
-    out = _output(attn_output, query, value.shape[-1])
-    _checks.same_device(query=query, key=key, value=value)
+    causal = _causal(attn_mask)
     cu_seqlens_q = _batch.starts_from_lengths(_on_device("q_seqlens", q_seqlens, query.device), query.device)
     cu_seqlens_kv = _batch.starts_from_lengths(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
-    run(
-        _prefill_attention,
-        _prefill_attention_impl,
-        query,
-        key,
-        value,
-        cu_seqlens_q,
-        cu_seqlens_kv,
-        max_q_seq_len,
-        scale,
-        causal,
-        out,
-    )
-    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+    return varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len,
+                            softmax_scale=softmax_scale, causal=causal, attn_output=attn_output)
 
 
 def paged_prefill_attention(
@@ -373,39 +395,15 @@ def paged_prefill_attention(
     Returns:
         ``attn_output`` (given or new).
     """
-    query, head_size_v = _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads,
-                                       head_size_v, quant_bits)
+    query = _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v,
+                            quant_bits)
     cu_seqlens_q = _lengths("cu_seqlens_q", cu_seqlens_q)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, cu_seqlens_q.shape[0])
-    block_table = _block_table(block_offsets, kv_seqlens.shape[0])
-    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
-    max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
-    if attn_mask is None or isinstance(attn_mask, torch.Tensor):
-        raise TypeError(
-            f"attn_mask must be a sequence ([] for non-causal, non-empty for causal), got {type(attn_mask).__name__}"
-        )
-    causal = len(attn_mask) > 0
-    scale = _scale(softmax_scale, query.shape[-1])
-    out = _output(attn_output, query, head_size_v)
-    _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
+    causal = _causal(attn_mask)
     cu_seqlens_q = _batch.starts_from_ends(_on_device("cu_seqlens_q", cu_seqlens_q, query.device), query.device)
     kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
-    run(
-        _paged_prefill_attention,
-        _paged_prefill_attention_impl,
-        query,
-        key_cache,
-        value_cache,
-        block_table,
-        cu_seqlens_q,
-        kv_seqlens,
-        max_q_seq_len,
-        max_kv_seq_len,
-        scale,
-        causal,
-        out,
-    )
-    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+    return paged_prefill(query, key_cache, value_cache, block_offsets, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+                         max_kv_seq_len, softmax_scale=softmax_scale, causal=causal, attn_output=attn_output)
 
 
 def paged_decode_attention(
@@ -448,25 +446,107 @@ def paged_decode_attention(
     Returns:
         ``attn_output`` (given or new).
     """
-    query, head_size_v = _paged_common(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads,
-                                       head_size_v, quant_bits)
+    query = _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v,
+                            quant_bits)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, query.shape[0])
-    block_table = _block_table(block_offsets, query.shape[0])
+    kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
+    return paged_decode(query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len,
+                        softmax_scale=softmax_scale, attn_output=attn_output)
+
+
+# ------------------------------------------------------------------------------------ the clean contract
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_kv: torch.Tensor,
+    max_q_seq_len: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    attn_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``prefill_attention`` in the vendor contract's layout, for adapters that build it once per step.
+
+    Args:
+        query: ``[T, Hq, D]``; key: ``[Tk, Hk, D]``; value: ``[Tk, Hk, Dv]`` (``Hq % Hk == 0``).
+        cu_seqlens_q, cu_seqlens_kv: int32 ``[B + 1]`` start offsets on query's device, ``[0] == 0``.
+        max_q_seq_len: upper bound of the query lengths.
+        softmax_scale: default ``1/sqrt(D)``; causal: ends-aligned causal mask (``False`` for encoders).
+        attn_output: optional ``[T, Hq, Dv]`` (or ``[T, Hq * Dv]``) destination.
+
+    Returns:
+        ``attn_output`` (given or new).
+    """
+    query = _queries(query, _heads_of("query", query))
+    key = _queries(key, _heads_of("key", key), "key")
+    value = _queries(value, key.shape[1], "value")
+    _checks.heads(query.shape[1], key.shape[1])
+    _checks.same_dtype(query=query, key=key, value=value)
+    _checks.dim_is("key", key, 2, query.shape[2], "query's head size")
+    _checks.dim_is("value", value, 0, key.shape[0], "the number of key tokens")
+    _checks.same_device(query=query, key=key, value=value)
+    cu_seqlens_q = _offsets("cu_seqlens_q", cu_seqlens_q, query.device)
+    cu_seqlens_kv = _offsets("cu_seqlens_kv", cu_seqlens_kv, query.device, cu_seqlens_q.shape[0])
+    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
+    scale = _scale(softmax_scale, query.shape[-1])
+    out = _output(attn_output, query, value.shape[-1])
+    run(_prefill_attention, _prefill_attention_impl, query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len,
+        scale, bool(causal), out)
+    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+
+
+def paged_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_q_seq_len: int,
+    max_kv_seq_len: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    attn_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``paged_prefill_attention`` in the vendor contract's layout (``cu_seqlens_q`` int32 ``[B + 1]`` start
+    offsets, ``kv_seqlens`` int32 ``[B]``, both on query's device); see that op for the semantics."""
+    query, head_size_v = _paged_common(query, key_cache, value_cache)
+    cu_seqlens_q = _offsets("cu_seqlens_q", cu_seqlens_q, query.device)
+    kv_seqlens = _offsets("kv_seqlens", kv_seqlens, query.device, cu_seqlens_q.shape[0] - 1)
+    block_table = _block_table(block_table, kv_seqlens.shape[0])
+    max_q_seq_len = _checks.integer("max_q_seq_len", max_q_seq_len, minimum=0)
     max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
     scale = _scale(softmax_scale, query.shape[-1])
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
-    kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
-    run(
-        _paged_decode_attention,
-        _paged_decode_attention_impl,
-        query,
-        key_cache,
-        value_cache,
-        block_table,
-        kv_seqlens,
-        max_kv_seq_len,
-        scale,
-        out,
-    )
+    run(_paged_prefill_attention, _paged_prefill_attention_impl, query, key_cache, value_cache, block_table,
+        cu_seqlens_q, kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, bool(causal), out)
+    return out if attn_output is None or attn_output.dim() == 3 else attn_output
+
+
+def paged_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_seqlens: torch.Tensor,
+    max_kv_seq_len: int,
+    *,
+    softmax_scale: float | None = None,
+    attn_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``paged_decode_attention`` in the vendor contract's layout (``kv_seqlens`` int32 ``[B]`` on query's
+    device); see that op for the semantics."""
+    query, head_size_v = _paged_common(query, key_cache, value_cache)
+    kv_seqlens = _offsets("kv_seqlens", kv_seqlens, query.device, query.shape[0])
+    block_table = _block_table(block_table, query.shape[0])
+    max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
+    scale = _scale(softmax_scale, query.shape[-1])
+    out = _output(attn_output, query, head_size_v)
+    _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
+    run(_paged_decode_attention, _paged_decode_attention_impl, query, key_cache, value_cache, block_table,
+        kv_seqlens, max_kv_seq_len, scale, out)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output

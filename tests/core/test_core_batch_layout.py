@@ -1,5 +1,6 @@
 """The vendor contract's batch layout ([B + 1] int32 start offsets) and the once-per-step conversion into it."""
 
+import pytest
 import torch
 
 import dlinfer.ops as ops
@@ -103,3 +104,31 @@ def test_a_planned_step_layout_is_read_by_every_layer_without_a_launch(monkeypat
     want = ops.paged_prefill_attention(q.clone(), None, None, k_cache, v_cache, table, 4, torch.tensor([3, 4]),
                                        torch.tensor([5, 4]), 3, 5, 2, 1, [None])
     torch.testing.assert_close(outs[0], want)
+
+
+def test_the_clean_contract_equals_the_lmdeploy_wrappers():
+    """Adapters that build the layout (vLLM's) call ``varlen_attention``/``paged_prefill``/``paged_decode``
+    directly: same results as the LMDeploy-shaped wrappers, no placeholders."""
+    from dlinfer.framework import batch
+    from dlinfer.ops import attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(5, h, 8, generator=g) for h in (4, 2, 2))
+    lens = torch.tensor([2, 3])
+    layout = batch.from_lengths(lens, lens, no_history=True)
+    clean = attention.varlen_attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_q, 3, causal=True)
+    torch.testing.assert_close(clean, ops.prefill_attention(q, k, v, None, None, lens, lens, 3, 4, 2, [None]))
+
+    k_cache, v_cache = torch.randn(4, 4, 2, 8, generator=g), torch.randn(4, 4, 2, 8, generator=g)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    kv = torch.tensor([6, 3], dtype=torch.int32)
+    clean = attention.paged_prefill(q, k_cache, v_cache, table, layout.cu_seqlens_q, kv, 3, 6)
+    torch.testing.assert_close(clean, ops.paged_prefill_attention(q, None, None, k_cache, v_cache, table, 4,
+                                                                  torch.tensor([2, 5]), kv, 3, 6, 4, 2, [None]))
+    clean = attention.paged_decode(q[:2], k_cache, v_cache, table, kv, 6)
+    torch.testing.assert_close(clean, ops.paged_decode_attention(q[:2], k_cache, v_cache, table, 4, None, kv, 6, 4, 2))
+
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must have dtype in \(int32\)"):
+        attention.varlen_attention(q, k, v, layout.cu_seqlens_q.long(), layout.cu_seqlens_q, 3)
+    with pytest.raises(ValueError, match="query must have 3 dimensions"):
+        attention.paged_decode(q[:2].flatten(1), k_cache, v_cache, table, kv, 6)

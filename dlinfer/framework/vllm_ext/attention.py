@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 import dlinfer.ops as dl
+from dlinfer.ops import attention
 from dlinfer.errors import NotSupportedError
 from dlinfer.framework import batch
 from dlinfer.framework.vllm_ext import log_summary_once
@@ -45,7 +46,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 __all__ = ["DlinferAttentionBackend", "DlinferAttentionImpl", "DlinferAttentionMetadata",
            "DlinferAttentionMetadataBuilder", "layer_refusals"]
 
-_CAUSAL = (None,)  # dlinfer's attn_mask: a non-empty sequence means causal
 _HOW_TO_OPT_OUT = "set DLINFER_VLLM_DISABLE=attention to run vLLM's own attention backend"
 
 
@@ -139,9 +139,7 @@ class DlinferAttentionMetadata:
     # prefill part: requests [num_decodes, num_reqs), tokens [num_decode_tokens, num_actual_tokens)
     num_prefills: int
     prefill_block_table: torch.Tensor
-    prefill_query_lens: torch.Tensor  # [P] new tokens per request
-    prefill_query_ends: torch.Tensor  # [P] cumulative ends, relative to num_decode_tokens
-    prefill_seq_lens: torch.Tensor  # [P] history + new tokens
+    prefill: batch.BatchLayout  # the prefill part in the vendor layout ([P + 1] offsets from num_decode_tokens)
     prefill_max_query_len: int
     prefill_without_history: bool  # no prefill request has tokens in the cache before this step
 
@@ -190,9 +188,7 @@ class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionM
             decode_seq_lens=seq_lens[:num_decodes],
             num_prefills=num_prefills,
             prefill_block_table=block_table[num_decodes:],
-            prefill_query_lens=prefill.q_seqlens,
-            prefill_query_ends=prefill.q_ends,
-            prefill_seq_lens=prefill.kv_seqlens,
+            prefill=prefill,
             prefill_max_query_len=prefill_max_query_len,
             prefill_without_history=without_history,
         )
@@ -255,25 +251,26 @@ class DlinferAttentionImpl(AttentionImpl[DlinferAttentionMetadata]):
         block_size = key_cache.shape[1]
         head_size_v = value_cache.shape[-1]
         nd = meta.num_decode_tokens
+        # The clean contract: 3-D views and the step's [B + 1] layout, no LMDeploy-shaped placeholders.
+        q = query.view(query.shape[0], self.num_heads, self.head_size)
+        out = output.view(output.shape[0], self.num_heads, head_size_v)
         if meta.num_decodes:
             hit("paged_decode_attention")
-            dl.paged_decode_attention(query[:nd], key_cache, value_cache, meta.decode_block_table, block_size,
-                                      None, meta.decode_seq_lens, meta.max_seq_len, self.num_heads,
-                                      self.num_kv_heads, head_size_v=head_size_v, softmax_scale=self.scale,
-                                      attn_output=output[:nd])
+            attention.paged_decode(q[:nd], key_cache, value_cache, meta.decode_block_table, meta.decode_seq_lens,
+                                   meta.max_seq_len, softmax_scale=self.scale, attn_output=out[:nd])
         if meta.num_prefills:
             end = meta.num_actual_tokens
+            prefill = meta.prefill
             if meta.prefill_without_history and key is not None and value is not None:
                 hit("prefill_attention")
-                dl.prefill_attention(query[nd:end], key[nd:end], value[nd:end], None, None,
-                                     meta.prefill_query_lens, meta.prefill_query_lens, meta.prefill_max_query_len,
-                                     self.num_heads, self.num_kv_heads, _CAUSAL, softmax_scale=self.scale,
-                                     attn_output=output[nd:end])
+                k = key.view(key.shape[0], self.num_kv_heads, self.head_size)
+                v = value.view(value.shape[0], self.num_kv_heads, head_size_v)
+                attention.varlen_attention(q[nd:end], k[nd:end], v[nd:end], prefill.cu_seqlens_q,
+                                           prefill.cu_seqlens_q, meta.prefill_max_query_len,
+                                           softmax_scale=self.scale, attn_output=out[nd:end])
             else:
                 hit("paged_prefill_attention")
-                dl.paged_prefill_attention(query[nd:end], None, None, key_cache, value_cache,
-                                           meta.prefill_block_table, block_size, meta.prefill_query_ends,
-                                           meta.prefill_seq_lens, meta.prefill_max_query_len, meta.max_seq_len,
-                                           self.num_heads, self.num_kv_heads, _CAUSAL, head_size_v=head_size_v,
-                                           softmax_scale=self.scale, attn_output=output[nd:end])
+                attention.paged_prefill(q[nd:end], key_cache, value_cache, meta.prefill_block_table,
+                                        prefill.cu_seqlens_q, prefill.kv_seqlens, meta.prefill_max_query_len,
+                                        meta.max_seq_len, softmax_scale=self.scale, attn_output=out[nd:end])
         return output
