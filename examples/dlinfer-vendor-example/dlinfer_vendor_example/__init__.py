@@ -3,11 +3,13 @@
 It serves two ops of the contract, ``silu_and_mul`` and ``rms_norm``, in plain PyTorch on CPU tensors, and
 declares that it handles float32 and bfloat16 only. Everything else is left to the other vendors: an op a
 vendor does not provide is served as if it were not there (``dlinfer info``/``dlinfer check`` show "n/a"), and
-a call it refuses (a float16 tensor) falls back to ``reference`` with a logged reason, or, when the vendor is
-forced with ``DLINFER_VENDOR=example``, raises ``NotSupportedError`` saying why.
+a call it refuses (a float16 tensor) falls back to ``reference`` with a warning giving the reason, or, when
+the vendor is forced with ``DLINFER_VENDOR=example``, raises ``NotSupportedError`` saying why.
 
-Implementations take the arguments of ``torch.ops.dlinfer.<op>`` (the ``_<op>`` custom-op definitions in
-``dlinfer/ops/``), after dlinfer has checked them.
+Implementations take the arguments of ``torch.ops.dlinfer.<op>`` in the order of the op table
+(``dlinfer.ops.table.OPS[name].signature``), after dlinfer has checked them. ``Vendor(...)`` checks each function
+against that signature, and dlinfer checks what it returns (CPU tensors always, elsewhere with
+``DLINFER_CHECK=1``).
 """
 
 from __future__ import annotations
