@@ -14,6 +14,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -134,6 +135,14 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
         w(f"  {op:<36} {chosen:<12} " + " ".join(f"{c:<{col}}" for c in cells))
         for d in details:
             w(f"  {'':<38}{d}")
+    try:  # which fused-MoE tile configs are in force on this card, and where they come from
+        from dlinfer.vendor.triton import tuning
+    except ImportError:
+        pass
+    else:
+        w()
+        for line in tuning.describe(device if device and device.startswith("cuda") else None):
+            w(line)
     return 0
 
 
@@ -161,6 +170,11 @@ def check(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"dlinfer check: device {device!r} is not usable here: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        problem = _unwritable(args.json)
+        if problem:
+            print(f"dlinfer check: --json {args.json}: {problem}", file=sys.stderr)
+            return 2
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     if vendor == "reference":
         print("note: 'reference' is checked against an independent float64 oracle (dlinfer.testing.oracle)",
@@ -171,15 +185,37 @@ def check(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dlinfer check: {exc}", file=sys.stderr)
         return 2
+    nothing_tested = report.ok and not any(r.status == "pass" for r in report.results)
+    lines = report.table().splitlines()
+    if nothing_tested and lines and lines[-1].startswith("OK:"):
+        lines[-1] = "NOTHING TESTED:" + lines[-1][len("OK:"):]
     print()
-    print(report.table())
+    print("\n".join(lines))
     if args.json:
         report.write_json(args.json)
         print(f"JSON report written to {args.json}")
-    if report.ok and not any(r.status == "pass" for r in report.results):
-        print(f"nothing was tested: {vendor!r} refused or skipped every case on {device} (see the notes above)")
+    if nothing_tested:
+        hint = "see the notes above"
+        if vendor == "triton" and device.split(":")[0] == "cpu":
+            hint = "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
+        print(f"nothing was tested: {vendor!r} refused or skipped every case on {device} ({hint})")
         return 1
     return 0 if report.ok else 1
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a report cannot be written to ``path`` (checked before a long run), or None."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        return "is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        return "file is not writable"
+    return None
 
 
 def _dispatch(module_name: str, argv: list[str], what: str, engine: str | None = None) -> int:
@@ -208,7 +244,7 @@ def _dispatch(module_name: str, argv: list[str], what: str, engine: str | None =
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlinfer", description="dlinfer: one op contract, many chip vendors.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,check,demo,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,check,demo,serve,tune}")
     p = sub.add_parser("info", help="versions, devices, vendors and the op x vendor table")
     p.add_argument("--device", help="device type for the op table (default: this machine's default device)")
     p.add_argument("--dtype", help="dtype of the typical call (default: float32 on cpu, bfloat16 elsewhere)")
@@ -223,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="the end-to-end demo (arguments go to dlinfer.framework.vllm_ext.demo)",
                    add_help=False)
     sub.add_parser("serve", help="serve a model with an engine on dlinfer: dlinfer serve lmdeploy [args...]",
+                   add_help=False)
+    sub.add_parser("tune", help="tune the Triton fused-MoE tiles on this GPU and cache them (dlinfer tune --help)",
                    add_help=False)
     return parser
 
@@ -255,9 +293,26 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`dlinfer info | head`): stop, and keep the interpreter's final flush quiet.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        command = argv[0] if argv else ""
+        print(f"dlinfer {command}: output closed early (broken pipe); stopped".replace("  ", " "), file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
+
+
+def _main(argv: list[str]) -> int:
     _setup_logging()
     if argv and argv[0] == "demo":
         return _dispatch("dlinfer.framework.vllm_ext.demo", argv[1:], "demo")
+    if argv and argv[0] == "tune":
+        return _dispatch("dlinfer.vendor.triton.tuning", argv[1:], "tune")
     if argv and argv[0] == "serve":
         if len(argv) < 2 or argv[1] not in SERVE_TARGETS:
             got = f"got {argv[1]!r}" if len(argv) > 1 else "none given"

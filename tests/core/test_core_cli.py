@@ -150,3 +150,62 @@ def test_check_with_nothing_tested_is_not_a_success(isolated_registry, capsys):
 def test_check_unusable_device(capsys):
     assert cli.main(["check", "--vendor", "reference", "--device", "nosuchdevice", "--quick"]) == 2
     assert "is not usable here" in capsys.readouterr().err
+
+
+def test_check_with_nothing_tested_does_not_say_ok(isolated_registry, capsys):
+    isolated_registry.register_vendor(Vendor(
+        name="elsewhere", priority=-1, devices=frozenset({"npu"}), default_devices=frozenset(),
+        ops={"silu_and_mul": lambda x: x}))
+    assert cli.main(["check", "--vendor", "elsewhere", "--device", "cpu", "--quick", "--ops", "silu_and_mul"]) == 1
+    out = capsys.readouterr().out
+    assert "\nOK:" not in out and "NOTHING TESTED: 0 passed" in out
+
+
+def test_check_triton_on_cpu_without_interpreter_says_what_to_do():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = run_cli("check", "--vendor", "triton", "--device", "cpu", "--quick", "--ops", "silu_and_mul", env=env)
+    if "unknown vendor" in res.stderr:
+        pytest.skip("triton is not installed here")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "NOTHING TESTED" in res.stdout and "set TRITON_INTERPRET=1" in res.stdout
+    assert "\nOK:" not in res.stdout
+
+
+@pytest.mark.parametrize("where, why", [("missing/report.json", "does not exist"), ("", "is a folder")])
+def test_check_json_path_is_checked_before_the_run(tmp_path, capsys, where, why):
+    path = str(tmp_path / where) if where else str(tmp_path)
+    assert cli.main(["check", "--vendor", "reference", "--device", "cpu", "--quick", "--json", path]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dlinfer check: --json {path}: ") and why in err[0]
+    assert "passed" not in captured.out  # refused before any case ran
+
+
+def test_info_into_a_closed_pipe_is_one_line_and_nonzero():
+    proc = subprocess.Popen([sys.executable, "-m", "dlinfer.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)  # like `| head -c 10`: read a little, then go away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "dlinfer info: output closed early (broken pipe); stopped"
+
+
+def test_serve_lmdeploy_with_a_missing_model_path_is_one_line(tmp_path, capsys):
+    pytest.importorskip("lmdeploy")
+    missing = str(tmp_path / "no-such-model")
+    assert cli.main(["serve", "lmdeploy", "api_server", missing, "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dlinfer serve lmdeploy: model path {missing} does not exist"]
+    assert cli.main(["serve", "lmdeploy", "chat", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_serve_lmdeploy_model_path_rules():
+    from dlinfer.framework.lmdeploy_ext.cli import lmdeploy_argv, model_path_problem
+
+    assert model_path_problem(lmdeploy_argv(["api_server", "/no/such/model"])) == \
+        "model path /no/such/model does not exist"
+    assert model_path_problem(lmdeploy_argv(["api_server", "org/model"])) is None  # a hub id: LMDeploy resolves it
+    assert model_path_problem(lmdeploy_argv(["proxy", "--server-port", "1"])) is None

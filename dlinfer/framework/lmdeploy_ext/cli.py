@@ -51,6 +51,28 @@ def lmdeploy_argv(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def model_path_problem(args: Sequence[str]) -> str | None:
+    """Why the model argument of an ``lmdeploy`` command line (as :func:`lmdeploy_argv` returns it) cannot be
+    served, or None. A local path (absolute, ``./``, ``../``, ``~``) must exist; anything else may be a hub id,
+    which LMDeploy resolves itself."""
+    if args and args[0] == "serve":
+        rest = list(args[2:]) if len(args) > 1 and args[1] in _BACKEND_COMMANDS else []
+    elif args and args[0] == "chat":
+        rest = list(args[1:])
+    else:
+        return None
+    model = next((a for a in rest if not a.startswith("-")), None)
+    if model is None:
+        return None
+    local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or model in (".", "..")
+    path = os.path.expanduser(model)
+    if local and not os.path.exists(path):
+        return f"model path {model} does not exist"
+    if local and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return f"model path {model} has no config.json (not a Hugging Face model folder)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run an ``lmdeploy`` command line on dlinfer; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -58,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = lmdeploy_argv(argv)
     except ValueError as exc:
         print(f"dlinfer serve lmdeploy: {exc}\n{USAGE}", file=sys.stderr)
+        return 2
+    problem = model_path_problem(args)
+    if problem:
+        print(f"dlinfer serve lmdeploy: {problem}", file=sys.stderr)
         return 2
     try:
         from lmdeploy.cli.entrypoint import run
