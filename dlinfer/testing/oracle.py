@@ -194,6 +194,68 @@ def apply_rotary_pos_emb_fill_kv_cache(query, key, value, key_cache, value_cache
     fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices)
 
 
+# quantized ops: float64 math from the definitions; they take inputs of any dtype and return the op's declared
+# dtypes themselves (upcast_op hands them out as they are)
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ order: nibble i of a word holds column (0, 2, 4, 6, 1, 3, 5, 7)[i] of its group of 8."""
+    rows, words = packed.shape
+    out = torch.empty(rows, words * 8, dtype=F64, device=packed.device)
+    for nibble, column in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
+        out[:, column::8] = ((packed >> (4 * nibble)) & 15).to(F64)
+    return out
+
+
+def _per_token_64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.full_like(amax, 1 / 127.0)).to(torch.float32).to(F64)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale.to(torch.float32)
+
+
+def weight_quant_matmul(x, qweight, scale, offset, bias, group_size):
+    q = _unpack_int4(qweight)
+    zeros = _unpack_int4(offset) if offset is not None else torch.full_like(scale, 8, dtype=F64)
+    group = torch.arange(q.shape[0], device=q.device) // group_size
+    w = (q - zeros[group]) * scale.to(F64)[group]
+    out = x.to(F64) @ w
+    return (out + bias.to(F64) if bias is not None else out).to(x.dtype)
+
+
+def dynamic_quant(x, quant_dtype, quant_granularity):
+    return _per_token_64(x.to(F64))
+
+
+def linear_w8a8(a, b, rms_scale, linear_scale, out_dtype, quant_dtype, bias):
+    out = (a.to(F64) @ b.to(F64).T) * rms_scale.to(F64).reshape(-1, 1).reshape(*a.shape[:-1], 1)
+    out = out * linear_scale.to(F64).reshape(-1)
+    return (out + bias.to(F64) if bias is not None else out).to(out_dtype)
+
+
+def linear_w8a8_static(x, weight, input_scale, input_offset, deq_scale, out_dtype, quant_dtype, quant_bias):
+    xq = (torch.round(x.to(F64) / input_scale.to(F64).reshape(())) + input_offset.to(F64).reshape(())).clamp(-128, 127)
+    acc = xq @ weight.to(F64).T
+    if quant_bias is not None:
+        acc = acc + quant_bias.to(F64)
+    return (acc * deq_scale.to(F64).reshape(-1)).to(out_dtype)
+
+
+def rms_norm_w8a8(hidden_states, weight, epsilon, quant_dtype):
+    return _per_token_64(rms_norm_64(hidden_states, weight, epsilon))
+
+
+def add_rms_norm_w8a8(hidden_states, residual, weight, epsilon, quant_dtype):
+    added = (hidden_states.to(F64) + residual.to(F64)).to(hidden_states.dtype)  # the op rounds the sum first
+    return (*_per_token_64(rms_norm_64(added, weight, epsilon)), added)
+
+
+QUANT_OPS: dict[str, Callable[..., Any]] = {
+    "weight_quant_matmul": weight_quant_matmul,
+    "dynamic_quant": dynamic_quant,
+    "linear_w8a8": linear_w8a8,
+    "linear_w8a8_static": linear_w8a8_static,
+    "rms_norm_w8a8": rms_norm_w8a8,
+    "add_rms_norm_w8a8": add_rms_norm_w8a8,
+}
+
 OPS: dict[str, Callable[..., Any]] = {
     "silu_and_mul": silu_and_mul,
     "rms_norm": rms_norm,
@@ -208,6 +270,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "linear": linear,
     "apply_rotary_pos_emb_fill_kv_cache": apply_rotary_pos_emb_fill_kv_cache,
 }
+OPS.update(QUANT_OPS)
 
 # dtype of the returned floating tensors, where the contract fixes it (others: the first floating input's)
 _RETURN_DTYPE = {"moe_gating_topk_softmax": torch.float32}
@@ -229,6 +292,8 @@ def upcast_op(op: str) -> Callable[..., Any]:
     if op not in OPS:
         raise ValueError(f"op: unknown op {op!r}; known: {', '.join(OPS)}")
     fn = OPS[op]
+    if op in QUANT_OPS:  # any input dtype already, declared output dtypes
+        return fn
 
     def run(*args):
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []

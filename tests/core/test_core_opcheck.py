@@ -31,6 +31,7 @@ def _starts(*offsets):
 def _args():
     g = _g()
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    i8 = lambda *s: torch.randint(-127, 128, s, generator=g).to(torch.int8)  # noqa: E731
     kc, vc, table = _paged()
     cases = {
         "silu_and_mul": (r(3, 10),),
@@ -47,6 +48,16 @@ def _args():
         "fused_moe": (r(3, 8), r(4, 12, 8), r(4, 8, 6), torch.rand(3, 2, generator=g),
                       torch.tensor([[0, 3], [1, 2], [3, 1]]), True),
         "linear": (r(3, 8), r(5, 8), r(5)),
+        "weight_quant_matmul": (r(3, 64), torch.randint(-2 ** 31, 2 ** 31 - 1, (64, 2), generator=g, dtype=torch.int32),
+                                r(2, 16).abs(), torch.randint(0, 2 ** 31 - 1, (2, 2), generator=g, dtype=torch.int32),
+                                r(16), 32),
+        "dynamic_quant": (r(3, 8), torch.int8, "PER_TOKEN"),
+        "linear_w8a8": (i8(3, 8), i8(5, 8), r(3, 1).abs(), r(5, 1).abs(), torch.float16, torch.int8,
+                        r(5).half()),
+        "linear_w8a8_static": (r(3, 8), i8(5, 8), torch.tensor([0.05]), torch.tensor([2], dtype=torch.int8),
+                               r(5).abs(), torch.float32, torch.int8, torch.arange(5, dtype=torch.int32)),
+        "rms_norm_w8a8": (r(3, 8), r(8), 1e-6, torch.int8),
+        "add_rms_norm_w8a8": (r(3, 8), r(3, 8), r(8), 1e-6, torch.int8),
         "apply_rotary_pos_emb_fill_kv_cache": (r(3, 4, 8), r(3, 2, 8), r(3, 2, 8), kc.clone(), vc.clone(), r(3, 8),
                                                r(3, 8), torch.tensor([0, 17, -1])),
     }

@@ -4,8 +4,8 @@ Adding cases for an op: edit its family's module (``_<op>_cases`` returns the pa
 CI matrix). Adding an op: add its ``OpSpec`` to its family's ``SPECS``.
 """
 
-from dlinfer.testing.conformance.cases import attention, elementwise, kv_cache, linear, moe
+from dlinfer.testing.conformance.cases import attention, elementwise, kv_cache, linear, moe, quant
 
-SPECS = {**elementwise.SPECS, **kv_cache.SPECS, **attention.SPECS, **moe.SPECS, **linear.SPECS}
+SPECS = {**elementwise.SPECS, **kv_cache.SPECS, **attention.SPECS, **moe.SPECS, **linear.SPECS, **quant.SPECS}
 
 __all__ = ["SPECS"]
