@@ -55,6 +55,9 @@ def attention_64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """q ``[Lq, Hq, D]``, k ``[Lk, Hk, D]``, v ``[Lk, Hk, Dv]`` -> ``[Lq, Hq, Dv]`` float64.
 
     Causal aligns the ends (query i sees keys ``j <= i + Lk - Lq``); a query that sees no key gives zeros.
+    NaN in, NaN out: a NaN or infinite score among a query's visible keys (NaN/Inf in the query, in a key it
+    sees, or an overflowing product) makes its row NaN, as the softmax's definition does; values are never
+    used to decide which rows are empty.
     """
     lq, hq, _ = q.shape
     lk, hk, dv = v.shape
@@ -63,14 +66,15 @@ def attention_64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     group = hq // hk  # query head h reads key/value head h // group
     q4 = q.to(F64).reshape(lq, hk, group, -1)
     scores = torch.einsum("igkd,jgd->gkij", q4, k.to(F64)) * scale  # [Hk, group, Lq, Lk]
+    last_visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
     if causal:
-        last_visible = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         scores = scores.masked_fill(torch.arange(lk, device=q.device)[None, :] > last_visible, -math.inf)
-    top = scores.max(dim=-1, keepdim=True).values
-    seen = torch.isfinite(top)  # rows with at least one visible key
+        seen = last_visible >= 0  # [Lq, 1]: rows with at least one visible key (by position)
+    else:
+        seen = torch.ones_like(last_visible, dtype=torch.bool)
+    top = scores.max(dim=-1, keepdim=True).values  # NaN if any visible score is NaN
     p = torch.exp(scores - torch.where(seen, top, torch.zeros_like(top)))
-    denom = p.sum(dim=-1, keepdim=True)
-    p = torch.where(seen, p / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(p))
+    p = torch.where(seen, p / p.sum(dim=-1, keepdim=True), torch.zeros_like(p))
     out = torch.einsum("gkij,jgd->igkd", p, v.to(F64))  # [Lq, Hk, group, Dv]
     return out.reshape(lq, hq, dv)
 

@@ -12,12 +12,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    probs = None
     if causal:
         lq, lk = q.shape[0], k.shape[0]
         pos_q = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         pos_k = torch.arange(lk, device=q.device)[None, :]
         scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no key gives zeros
+        if lk < lq:  # the first lq - lk queries see no key: zeros, decided by position, never by value
+            probs = torch.where(pos_q >= 0, torch.softmax(scores, dim=-1), 0.0)
+    if probs is None:
+        probs = torch.softmax(scores, dim=-1)  # NaN/Inf in a visible score stays NaN: NaN in, NaN out
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
@@ -72,5 +76,6 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     v = v.masked_fill(~visible[:, :, None, None], 0.0)  # slots past a length may hold anything, NaN included
     scores = torch.einsum("bhd,bkhd->bhk", query.float(), k) * softmax_scale
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a zero-length sequence gives a zero row
+    # A zero-length sequence gives a zero row (by its length, never by value: NaN in, NaN out).
+    probs = torch.where((lengths > 0)[:, None, None], torch.softmax(scores, dim=-1), 0.0)
     attn_output.copy_(torch.einsum("bhk,bkhd->bhd", probs, v).to(attn_output.dtype))
