@@ -48,6 +48,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DLINFER_TRITON_DECODE", "spec", "",
              "launch-parameter overrides of the Triton decode attention kernel (`block_n=64,num_warps=4`)",
              "when a kernel configuration is first built"),
+    Variable("DLINFER_AUTOTUNE", "bool", "1",
+             "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
+             "tiers)", "at the first fused_moe call of a shape bucket"),
+    Variable("DLINFER_CACHE_DIR", "spec", "",
+             "directory of dlinfer's caches (tuned kernel configs under `tuning/`); default "
+             "`$XDG_CACHE_HOME/dlinfer`, else `~/.cache/dlinfer`", "when a tuning cache is read or written"),
     Variable("TRITON_INTERPRET", "bool", "0",
              "Triton's interpreter: the `triton` vendor then runs on CPU tensors (slowly; for tests)",
              "when the `triton` vendor is imported"),

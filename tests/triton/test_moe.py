@@ -7,12 +7,15 @@ huge ints): an unwritten output element shows up as NaN, an unwritten index as a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import dlinfer.ops as ops
 import dlinfer.vendor
 from dlinfer.vendor.triton import moe as triton_moe
+from dlinfer.vendor.triton import tuning
 
 GEMM_TOL = {torch.float32: (2e-5, 2e-4), torch.float16: (3e-3, 5e-3)}
 
@@ -180,16 +183,126 @@ def test_fused_moe_after_triton_gating(poison):
 
 def test_launch_config_tiers():
     # Decode-sized calls get the smallest row block, big prefill the largest, and it never shrinks as T grows.
-    block_ms = [cfg["BLOCK_M"] for _, cfg in triton_moe.MOE_CONFIGS]
-    for experts, topk, hidden, inter in ((8, 2, 4096, 14336), (128, 8, 2048, 768)):
-        chosen = [triton_moe.moe_launch_config(t, experts, topk, hidden, inter)["BLOCK_M"]
-                  for t in (1, 8, 64, 512, 4096, 65536)]
-        assert chosen[0] == min(block_ms) and chosen[-1] == max(block_ms)
-        assert chosen == sorted(chosen)
-    for _, cfg in triton_moe.MOE_CONFIGS:
-        assert cfg["BLOCK_M"] >= 16  # tl.dot needs 16 rows
-        for gemm in ("up", "down"):
-            assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg[gemm])
+    for tiers in [t["tiers"] for t in tuning.TABLES.values()] + [tuning.GENERIC_TIERS]:
+        block_ms = [cfg["BLOCK_M"] for _, cfg in tiers]
+        for experts, topk in ((8, 2), (128, 8)):
+            chosen = [tuning._tier(tiers, t * topk / experts)["BLOCK_M"] for t in (1, 8, 64, 512, 4096, 65536)]
+            assert chosen[0] == min(block_ms) and chosen[-1] == max(block_ms)
+            assert chosen == sorted(chosen)
+    for cfg in _all_configs():
+        assert tuning._valid(cfg), cfg  # BLOCK_M >= 16 (tl.dot), every GEMM key present
+
+
+def _all_configs():
+    out = []
+    for table in tuning.TABLES.values():
+        out += [c for _, c in table["tiers"]] + list(table["shapes"].values())
+    out += [c for _, c in tuning.GENERIC_TIERS] + tuning.CANDIDATES
+    return [c for i, c in enumerate(out) if c not in out[:i]]
+
+
+# ---------------------------------------------------------------- where configs come from (tuning.py)
+
+
+@pytest.fixture
+def fake_card(monkeypatch, tmp_path):
+    """Tuning state isolated in tmp_path; ``fake_card(name, capturing=False)`` makes CUDA calls see that card."""
+    monkeypatch.setenv("DLINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DLINFER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tuning, "_memo", {})
+    monkeypatch.setattr(tuning, "_disk", {})
+
+    def use(name, capturing=False):
+        monkeypatch.setattr(tuning, "card_name", lambda device: name if device.type == "cuda" else device.type)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+
+    return use
+
+
+_SHAPE = (torch.bfloat16, 8, 2, 4096, 14336)
+
+
+def _config(tokens, calls, card_device=torch.device("cuda")):
+    def autotune(cands):
+        calls.append(cands)
+        return cands[-1], 12.5  # "the fastest": any candidate but the first, to see it take effect
+    return tuning.launch_config(card_device, *_SHAPE, tokens, autotune=autotune)
+
+
+def test_unknown_card_autotunes_once_per_bucket_and_caches_on_disk(fake_card, tmp_path):
+    fake_card("Some Future GPU")
+    calls = []
+    cfg = _config(300, calls)
+    assert len(calls) == 1 and cfg == calls[0][-1] and calls[0][0] == tuning._tier(tuning.GENERIC_TIERS, 75)
+    assert _config(500, calls) == cfg and len(calls) == 1  # same bucket (512): no second tune
+    _config(1000, calls)
+    assert len(calls) == 2  # a new bucket tunes
+    path = tmp_path / "tuning" / "moe-some-future-gpu.json"
+    data = json.loads(path.read_text())
+    assert data["configs"][tuning.shape_key(*_SHAPE, 300)] == cfg
+    assert data["us"][tuning.shape_key(*_SHAPE, 300)] == 12.5
+    # A new process reads the cache instead of tuning again.
+    tuning._memo.clear()
+    tuning._disk.clear()
+    assert _config(400, calls) == cfg and len(calls) == 2
+    assert any("tuning cache" in line and "T512" in line for line in tuning.describe("cuda"))
+    assert [p.name for p in tuning.clear("Some Future GPU")] == [path.name] and not path.exists()
+
+
+def test_no_autotune_inside_graph_capture_or_when_off(fake_card, monkeypatch):
+    fake_card("Some Future GPU", capturing=True)
+    calls = []
+    assert _config(64, calls) == tuning._tier(tuning.GENERIC_TIERS, 16) and not calls
+    fake_card("Some Future GPU", capturing=False)
+    _config(64, calls)
+    assert len(calls) == 1  # the capture-time fallback was not memoized: the first eager call tunes
+    monkeypatch.setenv("DLINFER_AUTOTUNE", "0")
+    assert _config(4096, calls) == tuning._tier(tuning.GENERIC_TIERS, 1024) and len(calls) == 1
+
+
+def test_card_with_a_table_never_autotunes(fake_card):
+    card = next(iter(tuning.TABLES))
+    fake_card(card)
+    calls = []
+    for tokens in (1, 64, 512, 8192):
+        table = tuning.TABLES[card]
+        key = tuning.shape_key(*_SHAPE, tokens)
+        want = table["shapes"].get(key) or tuning._tier(table["tiers"], tokens * 2 / 8)
+        assert _config(tokens, calls) == want
+    assert not calls
+    assert any(card in line and "shipped table" in line for line in tuning.describe("cuda"))
+
+
+def test_tuning_cache_beats_the_table_and_bad_files_are_ignored(fake_card, tmp_path, caplog):
+    card = next(iter(tuning.TABLES))
+    fake_card(card)
+    mine = tuning.CANDIDATES[-1]
+    tuning.store(card, tuning.shape_key(*_SHAPE, 64), mine)
+    assert _config(64, []) == mine
+    tuning.cache_file(card).write_text("{not json")
+    tuning._memo.clear()
+    tuning._disk.clear()
+    assert _config(64, []) != mine or mine == tuning._tier(tuning.TABLES[card]["tiers"], 16)
+    assert "ignoring the tuning cache" in caplog.text
+    tuning.cache_file(card).write_text(json.dumps({"configs": {tuning.shape_key(*_SHAPE, 64): {"BLOCK_M": 8}}}))
+    assert tuning.load_cache(card) == {}  # BLOCK_M < 16 cannot run tl.dot: dropped
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("DLINFER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.cache_file("NVIDIA H200") == tmp_path / "xdg" / "dlinfer" / "tuning" / "moe-nvidia-h200.json"
+    monkeypatch.setenv("DLINFER_CACHE_DIR", str(tmp_path / "mine"))
+    assert tuning.cache_dir() == tmp_path / "mine"
+
+
+def test_tune_cli_refuses_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        tuning.main(["--shape", "8,2,4096"])
+    assert "four integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tuning.main([])
+    assert "--model or --shape" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the kernels compile for the H100
@@ -199,7 +312,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dlinfer.vendor.triton import activation, fused_rotary_kv, kv_cache, moe, norm, rotary
+from dlinfer.vendor.triton import activation, fused_rotary_kv, kv_cache, moe, norm, rotary, tuning
 
 def compile_sm90(fn, types, constexprs, num_warps, num_stages=3):
     sig, attrs = {}, {}
@@ -215,10 +328,13 @@ def compile_sm90(fn, types, constexprs, num_warps, num_stages=3):
 
 bf = "*bf16"
 out = {}
-for bound, cfg in moe.MOE_CONFIGS:
+configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]] + list(t["shapes"].values())]
+configs += tuning.CANDIDATES
+configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
+for cfg in configs:
     for gemm in ("up", "down"):
         c = cfg[gemm]
-        out[f"gemm {gemm} BLOCK_M={cfg['BLOCK_M']}"] = compile_sm90(
+        out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = compile_sm90(
             moe._moe_gemm_kernel, dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
             dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"], EB=128,
                  SILU=gemm == "up", EVEN_K=True, PRECISION="tf32", WHILE_LOOP=False), c["num_warps"], c["num_stages"])

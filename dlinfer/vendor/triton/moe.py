@@ -18,9 +18,9 @@ capturable), and is deterministic (no atomics):
    order: deterministic, no atomics, and the routing weight is applied to the down output rounded to the
    input dtype, exactly as the reference computes it.
 
-Launch parameters (tile sizes, warps, stages) come from :data:`MOE_CONFIGS` via :func:`moe_launch_config`
-chosen by the expected rows per expert (``T * topk / E``): small (decode: memory-bound on weights) to large
-(prefill: compute-bound).
+Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
+cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
+E``): small (decode: memory-bound on weights) to large (prefill: compute-bound).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from dlinfer.vendor.triton import tuning
 
 # ---------------------------------------------------------------------------------------------- gating
 
@@ -257,31 +259,8 @@ def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, hidden, topk, stride_y, stride_w,
 
 # ---------------------------------------------------------------------------------------------- launch configs
 
-# Tile configurations for the two grouped GEMMs, by the expected rows per expert (T * topk / E), smallest
-# tier first: (upper bound of rows per expert, config). BLOCK_M is shared by both GEMMs (it is the sorting's
-# padding unit). "up" = gate_up GEMM + SiLU (each program holds two BLOCK_M x BLOCK_N accumulators),
-# "down" = down GEMM. Decode tiers stream weights (small BLOCK_M, many programs over the output columns);
-# prefill tiers are compute-bound (large tiles, GROUP_M swizzle for L2 reuse).
-MOE_CONFIGS: list[tuple[float, dict]] = [
-    # decode: a few rows per expert, stream the weights with many narrow programs
-    (8, dict(BLOCK_M=16,
-             up=dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-             down=dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4))),
-    # small batches: one row block per expert, still memory-bound
-    (24, dict(BLOCK_M=32,
-              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4),
-              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4))),
-    (96, dict(BLOCK_M=64,
-              up=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3),
-              down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3))),
-    (192, dict(BLOCK_M=64,
-               up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-               down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4))),
-    # prefill: compute-bound, Hopper-sized tiles (up: 2 x 128 columns of gate/up)
-    (float("inf"), dict(BLOCK_M=128,
-                        up=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                        down=dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))),
-]
+# The GEMM tile configs come from the card at hand: per-card tables, a disk cache, an autotune on first use
+# (dlinfer/vendor/triton/tuning.py).
 
 # Sorting / combine launch parameters: a sorting chunk holds at most SORT_TILE one-hot entries (CHUNK x experts).
 SORT_TILE = 16384
@@ -292,13 +271,14 @@ COMBINE_BLOCK_H = 1024
 COMBINE_NUM_WARPS = 4
 
 
-def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: int) -> dict:
-    """The tile configuration ``fused_moe`` uses for this problem (a dict: ``BLOCK_M``, ``up``, ``down``)."""
-    rows_per_expert = tokens * topk / experts
-    for bound, config in MOE_CONFIGS:
-        if rows_per_expert <= bound:
-            return config
-    return MOE_CONFIGS[-1][1]
+def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: int, device=None,
+                      dtype=torch.bfloat16) -> dict:
+    """The tile configuration (a dict: ``BLOCK_M``, ``up``, ``down``) the cache or table gives this problem on
+    ``device`` (default: the current CUDA device, else the generic tiers), without autotuning."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    card = tuning.card_name(torch.device(device))
+    return tuning.static_config(card, dtype, experts, topk, hidden, inter, tokens)[0]
 
 
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
@@ -335,7 +315,14 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         return out
     if inter == 0:
         return out.zero_()
-    cfg = config or moe_launch_config(tokens, experts, topk, hidden, inter)
+    if config is None:
+        def run(cand):
+            return fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize,
+                             config=cand)
+
+        config = tuning.launch_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens,
+                                      autotune=lambda cands: tuning.pick_fastest(run, cands))
+    cfg = config
     block_m = cfg["BLOCK_M"]
     x = _rows_contiguous(hidden_states)
     w_up = _rows_contiguous(gate_up_weights)

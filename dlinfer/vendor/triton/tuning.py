@@ -1,0 +1,397 @@
+"""Launch configurations of the fused-MoE GEMMs from the card at hand: shipped tables, a disk cache, an autotune.
+
+Where a config comes from, first match wins (per card name, dtype and shape bucket):
+
+1. **the tuning cache**: configs measured on this card by ``dlinfer tune`` or by an autotune on first use, in
+   ``<cache dir>/tuning/moe-<card>.json``. The cache dir is ``$DLINFER_CACHE_DIR`` when set, else
+   ``$XDG_CACHE_HOME/dlinfer``, else ``~/.cache/dlinfer`` (never inside the installed package). To ship configs
+   to other machines with the same card, copy that file into their cache dir (or point ``DLINFER_CACHE_DIR`` at
+   a directory holding it); to clear them, ``dlinfer tune --clear`` (or delete the file).
+2. **a shipped per-card table** (:data:`TABLES`), for the cards it was measured on, matched by the exact device
+   name ``torch.cuda.get_device_name()`` reports: the rows-per-expert tiers, refined by exact shape entries.
+3. **an autotune on first use** on any other card: the first call of a shape bucket that is outside CUDA-graph
+   capture times a bounded set of candidates (:data:`CANDIDATES`, at most ``AUTOTUNE_MAX_S`` seconds) on the
+   call's own tensors, keeps the fastest whose output agrees with the first candidate's, and writes it to the
+   cache. Engines run eager warm-up passes before they capture graphs or time anything, so the tune lands there;
+   ``DLINFER_AUTOTUNE=0`` turns it off.
+4. otherwise (inside graph capture before any eager call, on CPU under the interpreter, autotune off) the generic
+   tiers, which are the H100's table.
+
+The shape bucket is ``dtype, E, top-k, hidden, intermediate`` and the token count rounded up to a power of two.
+:func:`describe` (shown by ``dlinfer info``) says which configs are in force and where each came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dlinfer import settings
+
+logger = logging.getLogger("dlinfer")
+
+# ---------------------------------------------------------------------------------------------- shipped tables
+
+
+def _cfg(block_m, up, down):
+    """``up``/``down`` = (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
+    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
+
+
+# Tiers by expected rows per expert (T * topk / E), smallest first: (upper bound, config). BLOCK_M is shared by
+# both GEMMs (the sorting's padding unit); "up" = gate_up GEMM + SiLU (two accumulators), "down" = down GEMM.
+# Decode tiers stream the weights with narrow programs; prefill tiers are compute-bound (large tiles, GROUP_M
+# swizzle for L2 reuse). Measured on an H100 SXM (CUDA-graph replay, L2 flushed, against LMDeploy's kernel).
+H100_TIERS: list[tuple[float, dict]] = [
+    (8, _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))),
+    (24, _cfg(32, (64, 128, 4, 4, 4), (64, 128, 4, 4, 4))),
+    (96, _cfg(64, (64, 128, 4, 4, 3), (64, 128, 4, 4, 3))),
+    (192, _cfg(64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))),
+    (math.inf, _cfg(128, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3))),
+]
+
+# Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}}. Only cards measured.
+TABLES: dict[str, dict] = {
+    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}),
+}
+
+# The generic fallback when nothing else applies (see the module doc, case 4).
+GENERIC_TIERS = H100_TIERS
+
+# Autotune candidates, tried in this order after the generic tier's own config (bounded: AUTOTUNE_MAX_S).
+CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
+    _cfg(16, (64, 128, 1, 4, 3), (64, 128, 1, 4, 3)),
+    _cfg(32, (128, 64, 4, 4, 3), (128, 64, 4, 4, 4)),
+    _cfg(64, (128, 64, 8, 8, 3), (128, 64, 8, 8, 4)),
+    _cfg(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4)),
+]
+AUTOTUNE_MAX_S = 20.0
+AUTOTUNE_REPS = 5
+
+# ---------------------------------------------------------------------------------------------- keys, cache
+
+
+def token_bucket(tokens: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(int(tokens), 1))))
+
+
+def shape_key(dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int) -> str:
+    """The bucket a config is stored under (the card is the cache file / table)."""
+    dt = str(dtype).replace("torch.", "")
+    return f"{dt}:E{experts}:k{topk}:H{hidden}:I{inter}:T{token_bucket(tokens)}"
+
+
+def card_slug(card: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
+
+
+def cache_dir() -> Path:
+    """Where tuned configs live (``$DLINFER_CACHE_DIR``, else the user cache dir; read at every call)."""
+    explicit = settings.text("DLINFER_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dlinfer"
+
+
+def cache_file(card: str) -> Path:
+    return cache_dir() / "tuning" / f"moe-{card_slug(card)}.json"
+
+
+def _valid(cfg) -> bool:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("BLOCK_M"), int) or cfg["BLOCK_M"] < 16:
+        return False
+    need = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+    return all(isinstance(cfg.get(g), dict) and need <= set(cfg[g])
+               and all(isinstance(cfg[g][k], int) and cfg[g][k] > 0 for k in need) for g in ("up", "down"))
+
+
+def load_cache(card: str) -> dict[str, dict]:
+    """The cached configs of ``card`` (bucket key -> config); a missing or unreadable file is empty (warned)."""
+    path = cache_file(card)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("dlinfer: ignoring the tuning cache %s (%s)", path, exc)
+        return {}
+    entries = data.get("configs", {}) if isinstance(data, dict) else {}
+    good = {k: v for k, v in entries.items() if isinstance(k, str) and _valid(v)}
+    if len(good) != len(entries):
+        logger.warning("dlinfer: ignoring %d malformed entries of %s", len(entries) - len(good), path)
+    return good
+
+
+def store(card: str, key: str, cfg: dict, us: float | None = None) -> Path:
+    """Add one entry to the card's cache file (read-merge-replace: concurrent writers lose no other key)."""
+    path = cache_file(card)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = load_cache(card)
+    entries[key] = cfg
+    timings = {}
+    try:
+        timings = json.loads(path.read_text()).get("us", {})
+    except (OSError, ValueError, AttributeError):
+        pass
+    if us is not None:
+        timings[key] = round(us, 2)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(card=card, configs=entries, us=timings), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def clear(card: str | None = None) -> list[Path]:
+    """Delete the cache file of ``card`` (all cards when None); returns what was removed."""
+    folder = cache_dir() / "tuning"
+    paths = [cache_file(card)] if card else sorted(folder.glob("moe-*.json"))
+    removed = []
+    for p in paths:
+        if p.exists():
+            p.unlink()
+            removed.append(p)
+    with _lock:
+        _memo.clear()
+        _disk.clear()
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+
+_lock = threading.Lock()
+_memo: dict[tuple, tuple[dict, str]] = {}  # (card, key) -> (config, source): what is in force in this process
+_disk: dict[str, dict] = {}  # card -> its cache file's entries (read once per process)
+_cards: dict[int, str] = {}
+
+
+def card_name(device) -> str:
+    """The device name tables and caches are keyed by (``cpu`` for CPU tensors)."""
+    if device.type != "cuda":
+        return device.type
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _cards.get(index)
+    if name is None:
+        name = _cards[index] = torch.cuda.get_device_name(index)
+    return name
+
+
+def _tier(tiers, rows_per_expert):
+    for bound, cfg in tiers:
+        if rows_per_expert <= bound:
+            return cfg
+    return tiers[-1][1]
+
+
+def static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tuple[dict, str, bool]:
+    """(config, source, final): the cache, the card's table or the generic tiers; ``final`` is False when the
+    config is only the generic fallback of a card without a table (an autotune may replace it)."""
+    key = shape_key(dtype, experts, topk, hidden, inter, tokens)
+    with _lock:
+        if card not in _disk:
+            _disk[card] = load_cache(card) if card != "cpu" else {}
+        cached = _disk[card].get(key)
+    if cached is not None:
+        return cached, f"tuning cache {cache_file(card)}", True
+    rows = tokens * topk / experts
+    table = TABLES.get(card)
+    if table is not None:
+        if key in table["shapes"]:
+            return table["shapes"][key], f"table for {card} (this shape)", True
+        return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
+    return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table; no table for this card)", False
+
+
+def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None) -> dict:
+    """The config ``fused_moe`` launches with. ``autotune(candidates) -> (config, us)`` is called at most once per
+    bucket, only when the card has no table or cache entry, autotune is on and no CUDA graph is being captured."""
+    card = card_name(device)
+    memo_key = (card, dtype, experts, topk, hidden, inter, tokens)
+    hit = _memo.get(memo_key)
+    if hit is not None:
+        return hit[0]
+    cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens)
+    if not final and device.type == "cuda":
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return cfg  # not memoized: the first eager call of this bucket still tunes
+        if autotune is not None and settings.flag("DLINFER_AUTOTUNE"):
+            key = shape_key(dtype, experts, topk, hidden, inter, tokens)
+            t0 = time.perf_counter()
+            cfg, us = autotune(candidates(cfg))
+            path = store(card, key, cfg, us)
+            with _lock:
+                _disk.setdefault(card, {})[key] = cfg
+            source = f"autotuned on first use ({time.perf_counter() - t0:.1f} s), cached in {path}"
+            logger.info("dlinfer: fused_moe %s on %s: %s", key, card, source)
+    _memo[memo_key] = (cfg, source)
+    return cfg
+
+
+def candidates(first: dict) -> list[dict]:
+    """``first``, then :data:`CANDIDATES` without repeats."""
+    out = [first]
+    for c in CANDIDATES:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOTUNE_REPS, tol: float = 2e-2):
+    """Time ``run(config) -> tensor`` for each candidate (CUDA events, after one untimed call that compiles) and
+    return ``(fastest config, its us)``. A candidate that fails to launch or whose output differs from the first
+    candidate's by more than ``tol`` (relative norm) is skipped; stops trying new ones after ``max_s`` seconds."""
+    import torch
+
+    t_end = time.perf_counter() + max_s
+    best, best_us, ref = None, math.inf, None
+    for cfg in cands:
+        if best is not None and time.perf_counter() > t_end:
+            break
+        try:
+            out = run(cfg).float()
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - e.g. a tile that does not fit this card's shared memory
+            logger.debug("dlinfer: autotune skips %s (%s)", cfg, exc)
+            continue
+        if ref is None:
+            ref = out
+        elif not float((out - ref).norm()) <= tol * max(float(ref.norm()), 1e-30):
+            continue
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(cfg)
+        stop.record()
+        stop.synchronize()
+        us = start.elapsed_time(stop) * 1e3 / reps
+        if us < best_us:
+            best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError("fused_moe autotune: no candidate config could run")
+    return best, best_us
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def describe(device=None) -> list[str]:
+    """Lines for ``dlinfer info``: the card, its table, the cache file and the configs in force in this process."""
+    lines = []
+    card = None
+    try:
+        import torch
+
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda")
+        if device is not None:
+            card = card_name(torch.device(device))
+    except Exception as exc:  # noqa: BLE001 - info must always print something
+        lines.append(f"fused_moe configs: cannot query the device ({exc})")
+    if card is None or card == "cpu":
+        lines.append(f"fused_moe configs: no CUDA device; shipped tables for: {', '.join(TABLES)}")
+        lines.append(f"  tuning cache dir: {cache_dir() / 'tuning'} (DLINFER_CACHE_DIR relocates it)")
+        return lines
+    table = TABLES.get(card)
+    lines.append(f"fused_moe configs on {card}: " + (
+        f"shipped table ({len(table['tiers'])} tiers, {len(table['shapes'])} exact shapes)" if table else
+        "no shipped table: autotune on first use " + ("(on)" if settings.flag("DLINFER_AUTOTUNE") else
+                                                      "is OFF (DLINFER_AUTOTUNE=0): generic tiers")))
+    path = cache_file(card)
+    n = len(load_cache(card))
+    lines.append(f"  tuning cache: {path} ({n} entries{'' if path.exists() else ', no file yet'}; "
+                 "DLINFER_CACHE_DIR relocates it, `dlinfer tune --clear` clears it)")
+    in_force = {}  # one line per bucket and config
+    for (c, dtype, e, k, h, i, t), (cfg, source) in list(_memo.items()):
+        if c == card:
+            in_force[(shape_key(dtype, e, k, h, i, t), cfg["BLOCK_M"], source)] = None
+    for key, block_m, source in sorted(in_force):
+        lines.append(f"  in force: {key} BLOCK_M={block_m} <- {source}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- dlinfer tune
+
+MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-moe": (128, 8, 2048, 768)}
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        e, k, h, i = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shape {text!r}: expected E,topk,hidden,inter (four integers)") from None
+    if min(e, k, h, i) <= 0 or k > e:
+        raise ValueError(f"--shape {text!r}: sizes must be positive and topk <= E")
+    return e, k, h, i
+
+
+def main(argv=None) -> int:
+    """``dlinfer tune``: measure fused_moe configs on this card for some shapes and cache them (see module doc)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dlinfer tune", description="Tune the fused-MoE kernel's tiles on this GPU "
+                                "and cache them (" + str(cache_dir() / "tuning") + ").")
+    p.add_argument("--model", action="append", choices=sorted(MODELS), help="a known MoE shape (repeatable)")
+    p.add_argument("--shape", action="append", default=[], metavar="E,TOPK,HIDDEN,INTER", help="(repeatable)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 4096, 8192])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--max-s", type=float, default=AUTOTUNE_MAX_S, help="seconds per shape bucket (default %(default)s)")
+    p.add_argument("--clear", action="store_true", help="delete this card's cache (all cards without a GPU)")
+    p.add_argument("--show", action="store_true", help="print where configs come from and exit")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.show:
+        print("\n".join(describe()))
+        return 0
+    if args.clear:
+        card = card_name(torch.device("cuda")) if torch.cuda.is_available() else None
+        removed = clear(card)
+        print("removed: " + (", ".join(map(str, removed)) if removed else "nothing (no cache file)"))
+        return 0
+    try:
+        shapes = [MODELS[m] for m in args.model or []] + [_shape(s) for s in args.shape]
+    except ValueError as exc:
+        p.error(str(exc))
+    if not shapes:
+        p.error("name at least one --model or --shape")
+    if any(t <= 0 for t in args.tokens):
+        p.error("--tokens must be positive")
+    if not torch.cuda.is_available():
+        print("dlinfer tune: needs a CUDA device (tables and caches are per card)", file=sys.stderr)
+        return 2
+    from dlinfer.vendor.triton import moe
+
+    dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    card = card_name(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for e, k, h, i in shapes:
+        w_up = torch.randn(e, 2 * i, h, device=dev, dtype=dtype, generator=gen) * h ** -0.5
+        w_down = torch.randn(e, h, i, device=dev, dtype=dtype, generator=gen) * i ** -0.5
+        for t in args.tokens:
+            x = torch.randn(t, h, device=dev, dtype=dtype, generator=gen)
+            w, ids = moe.moe_gating_topk_softmax(torch.randn(t, e, device=dev, generator=gen), k)
+            first, _, _ = static_config(card, dtype, e, k, h, i, t)
+            cfg, us = pick_fastest(lambda c: moe.fused_moe(x, w_up, w_down, w, ids, True, config=c),
+                                   candidates(first), max_s=args.max_s)
+            key = shape_key(dtype, e, k, h, i, t)
+            path = store(card, key, cfg, us)
+            with _lock:
+                _disk.setdefault(card, {})[key] = cfg
+                _memo.clear()
+            print(f"{key}: {us:9.1f} us  BLOCK_M={cfg['BLOCK_M']} up={cfg['up']} down={cfg['down']}", flush=True)
+    print(f"cached in {path}")
+    return 0
+
