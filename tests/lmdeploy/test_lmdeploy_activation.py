@@ -75,9 +75,18 @@ def test_wrapper_argument_forwarding():
             cli.lmdeploy_argv(bad)
 
 
-def test_wrapper_runs_lmdeploy_with_dlinfer_applied(monkeypatch):
+def _model_dir(tmp_path) -> str:
+    """A local model folder as the wrapper wants one (it refuses a missing path or one without config.json before
+    LMDeploy runs)."""
+    (tmp_path / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+def test_wrapper_runs_lmdeploy_with_dlinfer_applied(monkeypatch, tmp_path):
     import dlinfer.framework.lmdeploy_ext as ext
     import lmdeploy.cli.entrypoint as entrypoint
+
+    model = _model_dir(tmp_path)
 
     monkeypatch.setenv("DLINFER_LMDEPLOY", "0")
     was = ext.is_applied()
@@ -90,11 +99,11 @@ def test_wrapper_runs_lmdeploy_with_dlinfer_applied(monkeypatch):
 
     monkeypatch.setattr(entrypoint, "run", fake_run)
     try:
-        assert cli.main(["api_server", "/models/x", "--tp", "2", "--server-port", "23333"]) == 0
-        assert seen == {"argv": ["lmdeploy", "serve", "api_server", "/models/x", "--tp", "2", "--server-port",
+        assert cli.main(["api_server", model, "--tp", "2", "--server-port", "23333"]) == 0
+        assert seen == {"argv": ["lmdeploy", "serve", "api_server", model, "--tp", "2", "--server-port",
                                  "23333", "--backend", "pytorch"], "applied": True}
         assert os.environ["DLINFER_LMDEPLOY"] == "1", "spawned processes must inherit the switch"
-        assert cli.main(["api_server", "/models/x", "--backend", "turbomind"]) == 2
+        assert cli.main(["api_server", model, "--backend", "turbomind"]) == 2
         monkeypatch.undo()
         monkeypatch.setenv("DLINFER_LMDEPLOY", "0")  # restored after the test
         # LMDeploy's real parser: --help exits 0 after the patch is applied
@@ -114,7 +123,7 @@ def test_module_entry_point_installs_and_reports(tmp_path, capsys):
     assert main(["bogus"]) == 2
 
 
-def test_wrapper_reports_a_refusal_cleanly(monkeypatch, capsys):
+def test_wrapper_reports_a_refusal_cleanly(monkeypatch, capsys, tmp_path):
     import dlinfer.framework.lmdeploy_ext as ext
     import lmdeploy.cli.entrypoint as entrypoint
     from dlinfer.errors import NotSupportedError
@@ -126,7 +135,7 @@ def test_wrapper_reports_a_refusal_cleanly(monkeypatch, capsys):
     monkeypatch.setattr(entrypoint, "run", refusing_run)
     was = ext.is_applied()
     try:
-        assert cli.main(["api_server", "/models/x"]) == 1
+        assert cli.main(["api_server", _model_dir(tmp_path)]) == 1
         assert "sliding-window attention" in capsys.readouterr().err
     finally:
         if not was:
