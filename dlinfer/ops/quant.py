@@ -86,10 +86,10 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def _vector(name: str, t: torch.Tensor, n: int, what: str, dtypes) -> None:
-    """A per-row/per-channel vector: ``[n]`` or ``[n, 1]``."""
+    """A per-row/per-channel vector of ``n`` values: ``[n]``, or any shape ending in 1 (``[n, 1]``, ``[..., 1]``)."""
     _checks.tensor(name, t, dtypes=dtypes)
-    if t.numel() != n or not (t.dim() == 1 or (t.dim() == 2 and t.shape[1] == 1)):
-        raise ValueError(f"{name} must have shape [{n}] or [{n}, 1] ({what}), got {tuple(t.shape)}")
+    if t.numel() != n or not (t.dim() == 1 or (t.dim() >= 2 and t.shape[-1] == 1)):
+        raise ValueError(f"{name} must hold {n} values ({what}) as [{n}] or [..., 1], got shape {tuple(t.shape)}")
 
 
 def _all_reduce(out: torch.Tensor, all_reduce: bool, group: Any) -> torch.Tensor:
@@ -182,7 +182,7 @@ def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linea
     Args:
         a: ``[..., K]`` int8 activations (from ``dynamic_quant`` or ``rms_norm_w8a8``).
         b: ``[N, K]`` int8 weight (LMDeploy's W8A8 layout).
-        rms_scale: float32 per-token scales, ``[M]`` or ``[M, 1]`` (``M`` = rows of ``a``).
+        rms_scale: float32 per-token scales, ``[M]`` or ``a.shape[:-1] + (1,)`` (``M`` = rows of ``a``).
         linear_scale: float32 per-output-channel weight scales, ``[N]`` or ``[N, 1]``.
         out_dtype: float16/bfloat16/float32.
         quant_dtype: ``torch.int8``.

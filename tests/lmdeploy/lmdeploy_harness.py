@@ -41,7 +41,8 @@ class PagedModel:
         self.model = build_patched_model(self.model_config, device=torch.device("cpu"),
                                          build_model_ctx=BuildModelContext(
                                              strategy_factory=build_strategy_factory(self.model_config,
-                                                                                     MiscConfig())))
+                                                                                     MiscConfig()),
+                                             quant_config=self.model_config.quant_config))  # as the engine does
         load_model_weights(self.model, model_path, device=torch.device("cpu"))
         cfg = self.model_config
         _, heads = cfg.get_num_qkv_head_by_tp()  # this rank's KV heads (all of them without tensor parallelism)
