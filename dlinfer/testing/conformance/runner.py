@@ -15,6 +15,7 @@ import torch
 import dlinfer
 import dlinfer.ops as ops
 from dlinfer import settings
+from dlinfer.ops import table
 from dlinfer.errors import NotSupportedError
 from dlinfer.testing import oracle
 from dlinfer.testing.conformance.cases import SPECS
@@ -67,13 +68,11 @@ _ORACLE: registry.Vendor | None = None
 def _oracle_as_vendor() -> registry.Vendor:
     global _ORACLE
     if _ORACLE is None:
-        features = frozenset({"strided_cache", "non_causal"})
         _ORACLE = registry.Vendor(
             name=ORACLE_VENDOR, priority=-1000, devices=frozenset({registry.ANY_DEVICE}),
             default_devices=frozenset(), ops={op: oracle.upcast_op(op) for op in oracle.OPS},
-            capabilities={op: registry.Capabilities(features=features)
-                          for op in ("fill_kv_cache", "prefill_attention", "paged_prefill_attention",
-                                     "paged_decode_attention", "apply_rotary_pos_emb_fill_kv_cache")},
+            capabilities={d.name: registry.Capabilities(features=d.features - {"kv_quant"})
+                          for d in table.TABLE if d.features and d.name in oracle.OPS},
             description="dlinfer.testing.oracle: independent float64 math (conformance kit only)")
     return _ORACLE
 
