@@ -240,7 +240,8 @@ def _decode_split_kernel(
                                          PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
             pages = next_pages
 
-    has = l_i > 0.0
+    # Empty = no token in this slice (l_i == 0). NaN in, NaN out: a NaN l_i is not empty, its partial stays NaN.
+    has = l_i != 0.0
     res = acc / tl.where(has, l_i, 1.0)[:, None]
     store_mask = h_mask[:, None] & dv_mask[None, :]
     if DIRECT:
@@ -270,7 +271,7 @@ def _decode_reduce_kernel(
     dv_mask = offs_dv < HEAD_DIM_V
 
     lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    live = lse > float("-inf")
+    live = lse != float("-inf")  # a NaN partial is live: the combined row is NaN, never the other splits
     top = tl.max(lse, axis=0)
     top = tl.where(top > float("-inf"), top, 0.0)
     weight = tl.where(live, tl.math.exp2(lse - top), 0.0)
