@@ -26,19 +26,26 @@ from benchmarks import timing  # noqa: E402
 HQ, HK, D = 32, 8, 128
 PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
            "block_m=64,num_warps=4")
-DECODE = ("", "num_stages=2", "target_programs=528", "target_programs=1056", "min_split_tokens=128", "num_warps=8")
+DECODE = ("", "split_stages=2", "pdl=0", "page_tiles=0", "reduce_warps=2", "target_programs=528")
 
 
-def _time(rows, part, case, cfg, fn, flush, work, unit):
+def _time(rows, part, case, cfg, fn, flush, work, unit, check=None):
+    """Time ``fn`` (after ``check(fn())`` returns its relative error, when given) and record one row."""
     try:
-        t = timing.gpu_time(fn, flush).us
+        err = check(fn()) if check is not None else None
+        measured = timing.gpu_time(fn, flush)
     except Exception as exc:  # noqa: BLE001 - a config that fails to compile is recorded and skipped
         print(part, case, cfg or "default", "FAILED", type(exc).__name__, str(exc)[:100], flush=True)
         rows.append({"part": part, "case": case, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        return
+        return None
+    t = measured.us
     rate = work / t / 1e6 if unit == "TFLOP/s" else work / t / 1e3
-    print(part, case, cfg or "default", f"{t:.1f} us {rate:.0f} {unit}", flush=True)
-    rows.append({"part": part, "case": case, "config": cfg, "us": t, unit: rate})
+    note = f" rel_err {err:.1e}" if err is not None else ""
+    note += f" ({measured.note})" if getattr(measured, "note", "") else ""
+    print(part, case, cfg or "default", f"{t:.2f} us {rate:.0f} {unit}{note}", flush=True)
+    rows.append({"part": part, "case": case, "config": cfg, "us": t, unit: rate, "rel_err": err,
+                 "note": getattr(measured, "note", "")})
+    return t
 
 
 def prefill(rows, flush):
@@ -63,12 +70,17 @@ def prefill(rows, flush):
     ap._config.cache_clear()
 
 
-def decode(rows, flush):
+def decode(rows, flush, peer):
+    """The latency-bound decode shapes (and one bandwidth-bound), each candidate beside the peer when loaded."""
     import dlinfer.ops as ops
+    from dlinfer.vendor.reference import attention as ref_attention
     from dlinfer.vendor.triton import attention_decode as ad
 
-    for block in (16, 64):
-        for batch, ctx in ((1, 1024), (1, 4096), (1, 16384), (16, 1024), (16, 16384), (64, 4096)):
+    from benchmarks import peers
+
+    for block in (64, 16):
+        for batch, ctx in ((1, 1024), (1, 4096), (1, 16384), (16, 1024), (16, 4096), (16, 16384), (64, 1024),
+                           (64, 4096), (256, 1024)):
             blocks = batch * ctx // block
             kc = torch.randn(blocks, block, HK, D, device="cuda", dtype=torch.bfloat16)
             vc = torch.randn_like(kc)
@@ -76,13 +88,30 @@ def decode(rows, flush):
             q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
             lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
             out = torch.empty_like(q)
+            sub = min(batch, 2)
+            ref = torch.empty(sub, HQ, D, device="cuda", dtype=torch.float32)
+            ref_attention.paged_decode_attention(q[:sub].float(), kc, vc, table[:sub], lens[:sub], ctx, D ** -0.5, ref)
+
+            def check(o):
+                o = o[:sub].double()
+                return float((o - ref.double()).norm() / ref.double().norm())
+
+            case = f"block{block} B{batch} ctx{ctx}"
+            work = 2 * kc.numel() * 2
+            peer_us = None
+            if peer is not None:
+                peer_us = _time(rows, "decode", case, "lmdeploy", lambda: peers.lmdeploy_paged_decode(
+                    peer, q, kc, vc, table, lens, D ** -0.5), flush, work, "GB/s", check)
             for cfg in DECODE:
                 ad._config.cache_clear()
                 os.environ["DLINFER_TRITON_DECODE"] = cfg
-                _time(rows, "decode", f"block{block} B{batch} ctx{ctx}", cfg,
-                      lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
-                                                         attn_output=out),
-                      flush, 2 * kc.numel() * 2, "GB/s")
+                t = _time(rows, "decode", case, cfg,
+                          lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
+                                                             attn_output=out),
+                          flush, work, "GB/s", check)
+                if t and peer_us:
+                    rows[-1]["vs_peer"] = peer_us / t
+                    print(f"   {case} {cfg or 'default'}: {peer_us / t:.3f}x the peer", flush=True)
             del kc, vc
     os.environ.pop("DLINFER_TRITON_DECODE", None)
     ad._config.cache_clear()
@@ -97,9 +126,19 @@ def main(argv=None) -> int:
 
     vendor.set_override("triton")
     flush = timing.Flusher("cuda")
+    try:
+        from benchmarks import peers
+
+        peer = peers.load_lmdeploy()
+    except Exception as exc:  # noqa: BLE001 - the sweep runs without the peer, and says so
+        print(f"peer not loaded: {type(exc).__name__}: {exc}")
+        peer = None
     rows: list[dict] = []
     for part in args.parts.split(","):
-        {"prefill": prefill, "decode": decode}[part](rows, flush)
+        if part == "decode":
+            decode(rows, flush, peer)
+        else:
+            prefill(rows, flush)
         Path(args.out, "tune_attention.json").write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -30,6 +30,7 @@ DTYPE = torch.bfloat16
 
 def _cases():
     """(name, module, {constant: candidates}, [(tokens, build)]) per kernel family."""
+    from benchmarks import peers
     from dlinfer.vendor.triton import activation, kv_cache, norm, rotary
 
     def rotary_inputs(tokens):
@@ -38,11 +39,13 @@ def _cases():
         sin = torch.randn(tokens, 128, device="cuda", dtype=DTYPE)
         q, k = qkv[:, :32], qkv[:, 32:40]
         nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
-        return (lambda: rotary.apply_rotary_pos_emb(q, k, cos, sin)), (lambda: qkv.clone()), nbytes
+        peer = (lambda lmd: peers.lmdeploy_rotary(lmd, q, k, cos, sin))
+        return (lambda: rotary.apply_rotary_pos_emb(q, k, cos, sin)), peer, nbytes
 
     def silu_inputs(tokens):
         x = torch.randn(tokens, 2 * 14336, device="cuda", dtype=DTYPE)
-        return (lambda: activation.silu_and_mul(x)), None, x.numel() * 2 * 3 // 2
+        return (lambda: activation.silu_and_mul(x)), (lambda lmd: peers.lmdeploy_silu_and_mul(lmd, x)), \
+            x.numel() * 2 * 3 // 2
 
     def fill_inputs(tokens):
         k = torch.randn(tokens, 8, 128, device="cuda", dtype=DTYPE)
@@ -59,9 +62,10 @@ def _cases():
         return (lambda: norm.rms_norm(x, w, 1e-6)), None, 2 * x.numel() * 2
 
     return {
-        "rotary": (rotary, {"ROTARY_TILE": [256, 512, 1024, 2048], "ROTARY_ELEMS_PER_WARP": [64, 128, 256]},
+        "rotary": (rotary, {"ROTARY_TOKEN_BLOCKS": [True, False], "ROTARY_WARPS": [1, 2, 4, 8]},
                    [1, 256, 8192], rotary_inputs),
-        "silu": (activation, {"SILU_MAX_BLOCK": [512, 1024, 2048, 4096], "SILU_NUM_WARPS": [2, 4, 8]},
+        "silu": (activation, {"SILU_ROW_PROGRAMS_PER_SM": [0, 4, 8, 16, 32], "SILU_MAX_BLOCK": [1024, 2048],
+                              "SILU_NUM_WARPS": [4, 8]},
                  [256, 8192], silu_inputs),
         "fill": (kv_cache, {"KV_TILE": [1024, 2048, 4096], "KV_ELEMS_PER_WARP": [128, 256, 512]},
                  [256, 8192], fill_inputs),
@@ -77,13 +81,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     flush = timing.Flusher("cuda")
     copy_gbs = timing.measure_ceilings("cuda").copy_gbps
+    try:
+        from benchmarks import peers
+
+        lmd = peers.load_lmdeploy()
+    except Exception as exc:  # noqa: BLE001 - the sweep runs without the peer, and says so
+        print(f"peer not loaded: {type(exc).__name__}: {exc}")
+        lmd = None
     results = []
     for name in args.ops.split(","):
         module, space, token_list, build = _cases()[name]
         defaults = {k: getattr(module, k) for k in space}
         for tokens in token_list:
-            fn, reset, nbytes = build(tokens)
+            fn, peer, nbytes = build(tokens)
             best = None
+            peer_us = None
+            if peer is not None and lmd is not None:
+                peer_us = timing.gpu_time(lambda: peer(lmd), flush).us
+                gbs = nbytes / peer_us / 1e3
+                results.append({"op": name, "tokens": tokens, "config": "lmdeploy", "us": peer_us, "gbs": gbs,
+                                "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None, "default": False})
+                print(f"{name:7s} T={tokens:<5d} lmdeploy {peer_us:8.2f} us {gbs:7.0f} GB/s")
             for values in itertools.product(*space.values()):
                 cfg = dict(zip(space, values))
                 for k, v in cfg.items():
@@ -107,7 +125,10 @@ def main(argv=None) -> int:
             default_us = next((r["us"] for r in results if r["op"] == name and r["tokens"] == tokens
                                and r["default"]), float("nan"))
             if best:
-                print(f"BEST {name} T={tokens}: {best['config']} {best['us']:.2f} us (default {default_us:.2f} us)")
+                vs = f", peer {peer_us:.2f} us: best {peer_us / best['us']:.3f}x, default {peer_us / default_us:.3f}x" \
+                    if peer_us else ""
+                print(f"BEST {name} T={tokens}: {best['config']} {best['us']:.2f} us {best['gbs']:.0f} GB/s "
+                      f"(default {default_us:.2f} us{vs}; copy {copy_gbs:.0f} GB/s)")
     out = Path(args.out) / "tune_elementwise.json"
     out.write_text(json.dumps({"copy_gbs": copy_gbs, "device": torch.cuda.get_device_name(),
                                "results": results}, indent=1))

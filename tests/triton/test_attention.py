@@ -96,6 +96,7 @@ DECODE_CASES = [
     (8, 1, 64, 32, 64, torch.float16, False, [70, 1]),  # Dv != D
     (16, 2, 32, 32, 16, torch.float32, True, [40, 0, 3, 77]),  # GQA 8
     (4, 4, 32, 48, 16, torch.float16, False, [33, 0, 48, 15]),  # B*Hk = 16 programs: one split, no reduce
+    (8, 2, 64, 64, 128, torch.float16, True, [128, 0, 129, 300]),  # tiles inside one page (one page id each)
 ]
 
 
@@ -410,15 +411,18 @@ def compile_(fn, ptrs, consts, floats, num_warps, num_stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                                   num_stages=num_stages))
 
-for dt, group, use_dot, direct in (("bf16", 4, True, False), ("bf16", 1, True, True), ("fp32", 1, False, False)):
+for dt, group, use_dot, direct, page in (("bf16", 4, True, False, 64), ("bf16", 1, True, True, 16),
+                                        ("fp32", 1, False, False, 16)):
     ptrs = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, block_table_ptr="i32", kv_lens_ptr="i32", out_ptr=dt,
                 mid_o_ptr="fp32", mid_lse_ptr="fp32")
     consts = dict(GROUP=group, BLOCK_H=16 if use_dot else 1, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128,
-                  BLOCK_DV=128, PAGE_SIZE=16, BLOCK_N=64, USE_DOT=use_dot, DIRECT=direct,
-                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False)
+                  BLOCK_DV=128, PAGE_SIZE=page, BLOCK_N=64, USE_DOT=use_dot, DIRECT=direct,
+                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False, PAGE_TILES=page % 64 == 0,
+                  USE_PDL=not direct)
     compile_(dec._decode_split_kernel, ptrs, consts, ("qk_scale",), 4, 3)
-compile_(dec._decode_reduce_kernel, dict(mid_o_ptr="fp32", mid_lse_ptr="fp32", out_ptr="bf16"),
-         dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16), (), 4, 1)
+for pdl in (True, False):
+    compile_(dec._decode_reduce_kernel, dict(mid_o_ptr="fp32", mid_lse_ptr="fp32", out_ptr="bf16"),
+             dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16, USE_PDL=pdl), (), 4, 1)
 for paged, pack, causal in ((False, 4, True), (True, 1, True), (True, 4, False)):
     ptrs = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16", q_ends_ptr="i32", kv_ptr_lens="i32",
                 block_table_ptr="i32")

@@ -15,7 +15,8 @@ One query token per sequence attends to its whole sequence in the paged KV cache
 
 Inside a program, the slice is read in tiles of ``BLOCK_N`` tokens. Each token's cache page comes from the block
 table (``page = block_table[b, t // block_size]``, slot ``t % block_size``), so any block size works, pages may be
-shuffled, and tiles may span several pages or part of one. The page ids of the next tile are loaded one
+shuffled, and tiles may span several pages or part of one. When the page size is a multiple of ``BLOCK_N``, a tile lies inside one page and
+takes one page id (a scalar) instead of one per token. The page ids of the next tile are loaded one
 iteration ahead into registers, so the K/V loads do not depend on a load of their own iteration and the
 pipeliner keeps a tile of K/V in flight (cp.async, double-buffered) while the current one is computed. Caches are
 addressed through their strides (a vLLM packed ``kv[NB, Hk, BS, D+Dv]`` buffer viewed as ``[NB, BS, Hk, D]`` is
@@ -28,14 +29,17 @@ dots run on CUDA cores, where padding is not free). Head sizes are padded to pow
 With one split the program writes ``attn_output`` directly. With several, each writes its normalized partial
 output and base-2 log-sum-exp to an fp32 scratch buffer and a second kernel, ``grid = (batch, num_q_heads)``,
 combines the splits with their log-sum-exp weights; empty partials get weight 0, and a sequence with
-``kv_seqlens == 0`` gets a zero row.
+``kv_seqlens == 0`` gets a zero row. On sm90+ the reduce kernel is a programmatic dependent launch: it is
+scheduled while the split kernel's programs finish and waits (``griddepcontrol.wait``) for their stores, which
+hides most of the second launch's latency when the whole decode takes a few microseconds.
 
 Launch parameters
 -----------------
 All in :func:`_config` (per device type / dtype / head sizes / group) and :func:`num_splits`:
 
 * GPU: ``BLOCK_N`` 64 tokens per tile (32 when a head size exceeds 128, halved again for fp32), ``num_warps`` 4
-  (8 for groups above 32 heads or fp32 groups), ``num_stages`` 3 (two K/V tiles of shared memory);
+  (8 for groups above 32 heads or fp32 groups), ``num_stages`` per card (:data:`CARD_STAGES`), deeper where
+  sequences are split (small grids) than for a large batch;
 * ``num_splits = min(cdiv(target_programs, B * Hk), cdiv(max_kv_seq_len, min_split_tokens), MAX_SPLITS)``
   with ``target_programs = 2 * SM count`` and ``min_split_tokens = BLOCK_N``: small batches and short
   contexts still fill the GPU; a large batch uses one split and skips the reduce kernel;
@@ -70,6 +74,10 @@ class DecodeConfig:
     num_stages: int
     target_programs: int  # split sequences until batch x kv heads x splits reaches this
     min_split_tokens: int  # ... but never into slices shorter than this
+    split_stages: int = 2  # num_stages when sequences are split (a small grid: deeper prefetch per program)
+    page_tiles: bool = True  # a tile inside one page (page size a multiple of block_n): one page id per tile
+    pdl: bool = False  # programmatic dependent launch of the reduce kernel (sm90+): it starts while splits finish
+    reduce_warps: int = 4  # warps of the reduce kernel (one program per sequence and query head)
 
 
 def env_overrides(config, env_name: str):
@@ -99,6 +107,33 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Per card (matched against the device name), measured with benchmarks/tune_attention.py against LMDeploy's
+# kernel in the same run (bf16, 32/8 heads, D 128, block 16 and 64):
+# * H100 (2026-11-25): num_stages 2 (366 vs 410 us at B=64 ctx 4k, equal within noise at B=1 and B=16).
+# * H200 (2026-12-04): 3 stages where sequences are split (block 64 B=1 ctx 16k 1.01x the peer vs 0.96x with 2;
+#   block 16 B=1 ctx 16k 1.78x vs 1.59x), 2 stages for a large batch (3 stages: B=64 ctx 4k 0.84x vs 1.03x).
+# Other cards: 2 and 2 (the H100's values; a deeper pipeline costs occupancy on a card with less shared memory).
+CARD_STAGES = {"H100": (2, 2), "H200": (2, 3)}
+
+
+@functools.lru_cache(maxsize=None)
+def _card_stages(device_index: int) -> tuple[int, int]:
+    """``(num_stages, split_stages)`` for this card from :data:`CARD_STAGES`, else the defaults."""
+    name = torch.cuda.get_device_name(device_index)
+    for card, stages in CARD_STAGES.items():
+        if card in name:
+            return stages
+    return 2, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    """Major compute capability (9 = Hopper: programmatic dependent launch)."""
+    if torch.version.hip is not None:
+        return 0
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: int, head_size_v: int,
             group: int) -> DecodeConfig:
@@ -106,7 +141,8 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     if device_type == "cpu":  # TRITON_INTERPRET=1: small tiles, many splits (to test them); MHA elementwise
         use_dot = group > 1
         return DecodeConfig(block_n=32, block_h=max(16, triton.next_power_of_2(group)) if use_dot else 1,
-                            use_dot=use_dot, num_warps=1, num_stages=1, target_programs=16, min_split_tokens=32)
+                            use_dot=use_dot, num_warps=1, num_stages=1, split_stages=1, target_programs=16,
+                            min_split_tokens=32)
     widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
     block_n = 64 if widest <= 128 else 32
     # 16-bit: always tensor cores, even for one head (16x padded rows are free in a memory-bound kernel, and
@@ -117,10 +153,11 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     num_warps = 4 if block_h <= 32 else 8
     if dtype == torch.float32:
         block_n, num_warps = block_n // 2, (8 if use_dot else 4)
-    # num_stages 2: measured on the H100 (bf16, 32/8 heads, D 128; benchmarks/tune_attention.py, 2026-11-25)
-    # 366 vs 410 us at B=64 ctx 4k, equal within noise at B=1 and B=16.
-    cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=2,
-                       target_programs=2 * _sm_count(device_index), min_split_tokens=block_n)
+    num_stages, split_stages = _card_stages(device_index)
+    cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
+                       split_stages=split_stages,
+                       target_programs=2 * _sm_count(device_index), min_split_tokens=block_n,
+                       pdl=device_type == "cuda" and _capability(device_index) >= 9)
     cfg = env_overrides(cfg, "DLINFER_TRITON_DECODE")
     if not cfg.use_dot and group > 1:
         raise ValueError(f"DLINFER_TRITON_DECODE: use_dot=0 serves one query head per KV head, not {group}")
@@ -141,12 +178,16 @@ def _dot_precision(query: torch.Tensor) -> str:
 
 
 @triton.jit
-def _tile_pages(table_row, n0, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Cache page of each token of the tile at ``n0``. The loop loads them one tile ahead, in registers: an
-    address that depends on a load made in the same iteration would make the pipeliner wait for every
-    outstanding K/V copy before it can issue the next ones."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    return tl.load(table_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+def _tile_pages(table_row, n0, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_TILES: tl.constexpr):
+    """Cache page of each token of the tile at ``n0`` (``PAGE_TILES``: the tile lies in one page, so one scalar
+    page id). The loop loads them one tile ahead, in registers: an address that depends on a load made in the
+    same iteration would make the pipeliner wait for every outstanding K/V copy before it can issue the next
+    ones."""
+    if PAGE_TILES:
+        return tl.load(table_row + n0 // PAGE_SIZE, mask=n0 < end, other=0)
+    else:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        return tl.load(table_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
 
 
 @triton.jit
@@ -156,7 +197,7 @@ def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, st
     """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
-    page = pages.to(tl.int64)
+    page = pages.to(tl.int64)  # a scalar when the tile lies in one page, else one per token
     slot = (offs_n % PAGE_SIZE).to(tl.int64)
     k = tl.load(k_head + (page * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :],
                 mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -194,6 +235,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    PAGE_TILES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -222,11 +264,11 @@ def _decode_split_kernel(
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    pages = _tile_pages(table_row, start, end, PAGE_SIZE, BLOCK_N)
+    pages = _tile_pages(table_row, start, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = start
         while n0 < end:
-            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
                                          PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
@@ -234,12 +276,14 @@ def _decode_split_kernel(
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
-            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
+            next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
                                          PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
             pages = next_pages
 
+    if USE_PDL:  # the reduce kernel may launch now; it waits for this grid's stores before reading them
+        tl.extra.cuda.gdc_launch_dependents()
     # Empty = no token in this slice (l_i == 0). NaN in, NaN out: a NaN l_i is not empty, its partial stays NaN.
     has = l_i != 0.0
     res = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -261,7 +305,7 @@ def _decode_reduce_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     n_splits,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -269,6 +313,8 @@ def _decode_reduce_kernel(
     s_mask = offs_s < n_splits
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < HEAD_DIM_V
+    if USE_PDL:  # launched early (programmatic dependent launch): wait for the split kernel's partials
+        tl.extra.cuda.gdc_wait()
 
     lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     live = lse != float("-inf")  # a NaN partial is live: the combined row is NaN, never the other splits
@@ -304,6 +350,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
     block_d = triton.next_power_of_2(head_size)
     block_dv = triton.next_power_of_2(head_size_v)
+    page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
+    pdl = cfg.pdl and not direct
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse,
         query.stride(0), query.stride(1),
@@ -317,7 +365,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         HEAD_DIM=head_size, BLOCK_D=block_d, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device.type == "cpu",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAGE_TILES=page_tiles, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.split_stages if splits > 1 else cfg.num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -325,8 +374,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
             *mid_strides,
             attn_output.stride(0), attn_output.stride(1),
             splits,
-            HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(splits),
-            num_warps=4 if device.type == "cuda" else 1,
+            HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(splits), USE_PDL=pdl,
+            num_warps=cfg.reduce_warps if device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
         )
 
 
