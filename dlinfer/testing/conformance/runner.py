@@ -29,7 +29,7 @@ ALL_OPS: tuple[str, ...] = tuple(ops.CORE_OPS) + tuple(ops.EXTRA_OPS)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Ops whose Triton kernels use tl.dot, which Triton 3.6's interpreter computes wrongly in bfloat16.
 MATMUL_OPS = frozenset({"prefill_attention", "paged_prefill_attention", "paged_decode_attention", "fused_moe",
-                        "linear"})
+                        "linear", "weight_quant_matmul"})
 
 
 def _describe(p: dict) -> str:

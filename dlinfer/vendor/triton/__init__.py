@@ -19,7 +19,7 @@ logger = logging.getLogger("dlinfer")
 INTERPRET = settings.flag("TRITON_INTERPRET")
 
 _MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "attention_prefill", "moe", "linear",
-            "fused_rotary_kv")
+            "fused_rotary_kv", "quant")
 
 
 def _collect():
