@@ -407,3 +407,37 @@ def test_library_never_imports_benchmarks_or_tests():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("benchmarks", "tests")]
     assert not bad, bad
+
+
+def test_pick_fastest_skips_failing_and_wrong_candidates(monkeypatch):
+    """The autotune's selection on fake CUDA events: a candidate that raises or disagrees is never picked."""
+    import time as _time
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    good = torch.ones(4)
+    slow, fast, wrong, broken = ({"n": i} for i in range(4))
+
+    def run(cfg):
+        if cfg is broken:
+            raise RuntimeError("out of shared memory")
+        _time.sleep(0.004 if cfg is slow else 0.0005)
+        return good * (2 if cfg is wrong else 1)
+
+    best, us = tuning.pick_fastest(run, [slow, broken, wrong, fast], reps=2)
+    assert best is fast and 0 < us < 4000
+    with pytest.raises(RuntimeError, match="no candidate"):
+        tuning.pick_fastest(run, [broken])

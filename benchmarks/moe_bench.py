@@ -1,0 +1,181 @@
+"""Fused MoE on the GPU at hand: dlinfer against LMDeploy's kernel in one run, checked against the reference vendor.
+
+For every shape (the two anchor models and shapes no table lists), token count and routing (uniform; skewed: one
+hot expert plus a random per-expert bias), on fresh random bf16 inputs:
+
+* correctness: dlinfer (``dlinfer.ops.fused_moe``, the triton vendor with the configs in force on this card) and
+  the peer against the reference vendor on the first 128 tokens (relative error norm);
+* GPU time by CUDA-graph replay with the L2 flushed (``benchmarks/timing.py``) of the peer (LMDeploy 0.18's
+  ``fused_moe``, autotuned on its warm-up calls) and of dlinfer as a user gets it (its warm-up calls run the
+  autotune on first use where the card has no table; the tune's seconds are reported);
+* ``--autotune-shapes`` run as on a card without a table (its table is hidden for them): their first call runs
+  the autotune on first use, whose result lands in the tuning cache (``DLINFER_CACHE_DIR``);
+* with ``--candidates``: extra tile configs (``EXTRA``) at ``rows per expert >= --candidates-from``, uniform
+  routing only, each checked against the reference before it is timed: material for the card's table.
+
+Prints one line per case and a table of speed ratios last; writes everything to ``--out`` (JSON).
+
+    python benchmarks/moe_bench.py --out moe_bench.json --budget-s 240 --candidates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import peers, timing  # noqa: E402
+
+# (name, experts, topk, hidden, inter): the anchors, then shapes no table lists.
+SHAPES = [("mixtral", 8, 2, 4096, 14336), ("qwen3", 128, 8, 2048, 768), ("e64k6", 64, 6, 2048, 1408),
+          ("e16k2", 16, 2, 4096, 6400), ("e256k8", 256, 8, 7168, 512), ("e32k1", 32, 1, 2048, 3584),
+          ("e8k1", 8, 1, 1024, 512)]
+TOKENS = [1, 64, 256, 512, 2048, 4096, 8192]
+
+
+def _cfg(block_m, up, down):
+    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
+
+
+# Wide tiles for compute-bound calls (the peer's own shape on Hopper is 64 x 512 x 64, 8 warps, 3 stages).
+EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
+         _cfg(64, (128, 64, 8, 4, 4), (256, 64, 8, 4, 4)),
+         _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
+         _cfg(128, (128, 128, 8, 8, 2), (256, 128, 8, 8, 2)),
+         _cfg(64, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4))]
+
+
+def routing(tokens, experts, topk, skewed, gen):
+    logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+    if skewed:  # expert 0 is hot (in nearly every token's top-k), the rest get a random bias
+        bias = 1.5 * torch.randn(experts, device="cuda", generator=gen)
+        bias[0] = 6.0
+        logits += bias
+    w, ids = torch.topk(torch.softmax(logits, -1), topk, dim=-1)
+    return w, ids
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="moe_bench.json")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="skip remaining cases after this many seconds")
+    ap.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES])
+    ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
+    ap.add_argument("--routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"])
+    ap.add_argument("--candidates", action="store_true", help="also time EXTRA configs (uniform routing)")
+    ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
+    ap.add_argument("--autotune-shapes", nargs="*", default=["e32k1", "e8k1"],
+                    help="shapes run as on a card without a table: the first call autotunes (default %(default)s)")
+    args = ap.parse_args(argv)
+    import dlinfer.ops as ops
+    from dlinfer.vendor import registry
+    from dlinfer.vendor.reference import moe as ref_moe
+    from dlinfer.vendor.triton import moe as tmoe
+    from dlinfer.vendor.triton import tuning
+
+    t0 = time.time()
+    dtype = torch.bfloat16
+    flush = timing.Flusher("cuda")
+    lmd = peers.load_lmdeploy()
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache=str(tuning.cache_dir()),
+                  cases=[], skipped=[])
+    print(f"{result['device']}  torch {torch.__version__}  tuning: " + " | ".join(tuning.describe()), flush=True)
+
+    def gpu_us(fn):
+        return timing.graph_gpu_time(fn, flush, reps=10, target_us=2000).us
+
+    for name, experts, topk, hidden, inter in SHAPES:
+        if name not in args.shapes:
+            continue
+        card = torch.cuda.get_device_name()
+        hidden_table = tuning.TABLES.pop(card, None) if name in args.autotune_shapes else None
+        gen = torch.Generator(device="cuda").manual_seed(experts * 31 + hidden + 7)
+        w_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype, generator=gen) * hidden ** -0.5
+        w_down = torch.randn(experts, hidden, inter, device="cuda", dtype=dtype, generator=gen) * inter ** -0.5
+        for tokens in args.tokens:
+            for rt in args.routings:
+                if time.time() - t0 > args.budget_s:
+                    result["skipped"].append(f"{name} T={tokens} {rt}")
+                    continue
+                x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, generator=gen)
+                tw, ti = routing(tokens, experts, topk, rt == "skewed", gen)
+                load = torch.bincount(ti.flatten(), minlength=experts).float()
+                sub = min(tokens, 128)
+                ref = ref_moe.fused_moe(x[:sub], w_up, w_down, tw[:sub], ti[:sub], True)
+                assert registry.select(registry.Call("fused_moe", "cuda", dtype))[0].name == "triton"
+
+                def ours():
+                    return ops.fused_moe(x, w_up, w_down, tw, ti, topk, True)
+
+                def peer():
+                    return peers.lmdeploy_fused_moe(lmd, x, w_up, w_down, tw, ti, topk, True)
+
+                t_first = time.time()
+                out = ours()  # the first eager call: where an autotune on first use happens
+                torch.cuda.synchronize()
+                first_s = time.time() - t_first
+                err, peer_err = rel(out[:sub], ref), rel(peer()[:sub], ref)
+                peer_us, our_us = gpu_us(peer), gpu_us(ours)
+                src = tuning.launch_config(x.device, dtype, experts, topk, hidden, inter, tokens)
+                in_force = [ln for ln in tuning.describe() if tuning.shape_key(dtype, experts, topk, hidden, inter,
+                                                                               tokens) in ln]
+                case = dict(shape=name, experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
+                            routing=rt, max_load_x_mean=round(float(load.max() / load.mean()), 2),
+                            rel_err=err, peer_rel_err=peer_err, peer_us=peer_us, dlinfer_us=our_us,
+                            speed=peer_us / our_us, config=src, source=in_force, first_call_s=round(first_s, 2),
+                            tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, extra=[])
+                rows = tokens * topk / experts
+                if args.candidates and rt == "uniform" and rows >= args.candidates_from:
+                    for cfg in EXTRA:
+                        if cfg == src:
+                            continue
+                        try:
+                            e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
+                            us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
+                                if e < 2e-2 else float("inf")
+                        except Exception as exc:  # noqa: BLE001 - a tile that cannot launch here is skipped
+                            e, us = float("nan"), float("inf")
+                            print(f"   candidate {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                        case["extra"].append(dict(config=cfg, us=us, rel_err=e, speed=peer_us / us))
+                result["cases"].append(case)
+                best_extra = min(case["extra"], key=lambda c: c["us"], default=None)
+                extra_txt = f" best extra {peer_us / best_extra['us']:.2f}x" if best_extra else ""
+                print(f"{name:7s} T={tokens:5d} {rt:7s} load {case['max_load_x_mean']:5.1f}x  peer {peer_us:8.1f} "
+                      f"dlinfer {our_us:8.1f} us  {case['speed']:.2f}x  err {err:.1e} (peer {peer_err:.1e})  "
+                      f"first call {first_s:.1f}s{extra_txt}", flush=True)
+                del x, tw, ti, ref, out
+        del w_up, w_down
+        torch.cuda.empty_cache()
+        if hidden_table is not None:
+            tuning.TABLES[card] = hidden_table
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nfused_moe speed vs LMDeploy (peer us / dlinfer us), {result['device']}:")
+    for rt in args.routings:
+        print(f"  {rt:8s}" + "".join(f"{t:>7d}" for t in args.tokens))
+        for name, *_ in SHAPES:
+            row = {c["tokens"]: c["speed"] for c in result["cases"] if c["shape"] == name and c["routing"] == rt}
+            if row:
+                print(f"  {name:8s}" + "".join(f"{row[t]:7.2f}" if t in row else "      -" for t in args.tokens))
+    if not result["cases"]:
+        print("no case ran")
+        return 1
+    worst = min((c["speed"], c["shape"], c["tokens"], c["routing"]) for c in result["cases"])
+    bad = [c for c in result["cases"] if not c["rel_err"] < 2e-2]
+    print(f"worst {worst[0]:.2f}x ({worst[1]} T={worst[2]} {worst[3]}); {len(bad)} cases over 2e-2 rel err; "
+          f"skipped {len(result['skipped'])}; {time.time() - t0:.0f} s")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
