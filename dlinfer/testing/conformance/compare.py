@@ -16,8 +16,13 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
 
 
 def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str,
-            ) -> tuple[bool, float, float, str]:
-    """``(ok, rel_err, max_abs, why)`` of one output against the reference's."""
+            nonfinite: bool = False) -> tuple[bool, float, float, str]:
+    """``(ok, rel_err, max_abs, why)`` of one output against the reference's.
+
+    ``nonfinite``: the case puts NaN/Inf into the inputs on purpose, so the reference may hold NaN/Inf; the
+    output must then hold NaN exactly where the reference does and the same infinities (NaN in, NaN out: a
+    vendor that turns them into numbers fails), and the finite elements are compared as usual.
+    """
     if not isinstance(out, torch.Tensor):
         return False, math.inf, math.inf, f"{name}: expected a tensor, got {type(out).__name__}"
     if tuple(out.shape) != tuple(ref.shape):
@@ -37,7 +42,13 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
             return False, math.inf, max_abs, f"{name}: {bad} elements differ (first at {idx}); writes must be exact"
         return True, 0.0, 0.0, ""
     if not bool(torch.isfinite(r).all()):
-        return False, math.inf, math.inf, f"{name}: the reference output is not finite (a bug in the kit)"
+        if not nonfinite:
+            return False, math.inf, math.inf, f"{name}: the reference output is not finite (a bug in the kit)"
+        why = _nonfinite_mismatch(name, o, r)
+        if why:
+            return False, math.inf, math.inf, why
+        keep = torch.isfinite(r)
+        o, r = o[keep], r[keep]
     bad = ~torch.isfinite(o)
     if bool(bad.any()):
         idx = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
@@ -58,3 +69,17 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
     why = "" if ok else (f"{name}: rel err {rel:.3e} (tol {rtol:.0e}), max abs {max_abs:.3e} "
                          f"(tol {abs_bound:.3e})")
     return ok, rel, max_abs, why
+
+
+def _nonfinite_mismatch(name: str, o: torch.Tensor, r: torch.Tensor) -> str:
+    """Why ``o``'s NaN/Inf elements differ from the reference's (``""`` when they agree)."""
+    for what, o_mask, r_mask in (("NaN", o.isnan(), r.isnan()), ("+Inf", o == math.inf, r == math.inf),
+                                 ("-Inf", o == -math.inf, r == -math.inf)):
+        differ = o_mask != r_mask
+        if bool(differ.any()):
+            idx = tuple(int(i) for i in torch.nonzero(differ)[0].tolist())
+            masked = bool(r_mask[idx]) and not bool(o_mask[idx])
+            return (f"{name}: {int(differ.sum())} elements where the reference has {what} and the output has not, "
+                    f"or the other way round (first at {idx}, output {float(o[idx])}, reference {float(r[idx])})"
+                    + ("; NaN/Inf in must give NaN/Inf out, never a number" if masked else ""))
+    return ""

@@ -130,12 +130,20 @@ def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: tor
         return CaseResult(op, name, dt, ERROR, detail=f"{type(exc).__name__}: {exc}",
                           seconds=time.perf_counter() - start)
     worst_rel, worst_abs, problems = 0.0, 0.0, []
+    empty = _tests_nothing(ref, ref_inputs, spec.build(params, dtype, Rand(seed, device)))
+    if empty:
+        problems.append(f"the case tests nothing ({empty}): a kit bug, never a pass")
+    poisoned = bool(params.get("poison"))
+    if poisoned and not any(bool(t.isnan().any()) for t in ref.values()
+                            if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        problems.append(f"the case puts NaN into the inputs but the {baseline_for(vendor)}'s outputs hold no NaN: "
+                        "NaN in must give NaN out")
     if set(out) != set(ref):
         problems.append(f"outputs {sorted(out)} vs reference {sorted(ref)}")
     for key in ref:
         if key not in out:
             continue
-        ok, rel, max_abs, why = compare(key, out[key], ref[key], dtype, spec.kind)
+        ok, rel, max_abs, why = compare(key, out[key], ref[key], dtype, spec.kind, nonfinite=poisoned)
         worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, max_abs)
         if not ok:
             problems.append(why)
@@ -144,6 +152,44 @@ def run_case(vendor: str, op: str, params: dict, dtype: torch.dtype, device: tor
     status = FAIL if problems else PASS
     return CaseResult(op, name, dt, status, worst_rel, worst_abs, "; ".join(problems),
                       time.perf_counter() - start)
+
+
+def _tensors(x, path=()):
+    """``(path, tensor)`` of every tensor in a case's inputs (dict values, list and tuple items)."""
+    if isinstance(x, torch.Tensor):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _tensors(v, path + (k,))
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _tensors(v, path + (i,))
+
+
+def _at(x, path):
+    for key in path:
+        x = x[key]
+    return x
+
+
+def _tests_nothing(ref: dict, inputs: dict, fresh: dict) -> str:
+    """Why a case exercises no write (``""`` when it does): every output is empty, or is an input buffer the
+    baseline left exactly as the case built it (e.g. a cache write whose every token is padding, which any
+    vendor passes however wrong its slot arithmetic)."""
+    tensors = list(_tensors(inputs))
+    for out in ref.values():
+        if not isinstance(out, torch.Tensor):
+            return ""
+        if out.numel() == 0:
+            continue
+        path = next((p for p, t in tensors if t is out), None)
+        if path is None:
+            return ""  # a new tensor: the op wrote it
+        before = _at(fresh, path)
+        same = (out == before) | (out.isnan() & before.isnan()) if out.is_floating_point() else out == before
+        if not bool(same.all()):
+            return ""
+    return "every output is empty or an input left unchanged by the baseline"
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -21,8 +21,13 @@ def _prefill_cases(quick):
     if quick:
         return [dict(seqs=((5, 5), (1, 1), (9, 9)), hq=8, hk=8, d=16, dv=16, causal=True, fused=True, out="none"),
                 dict(seqs=((4, 4), (7, 7)), hq=8, hk=2, d=16, dv=24, causal=False, fused=False, out="given"),
-                dict(seqs=((3, 6), (2, 2)), hq=8, hk=1, d=16, dv=16, causal=True, fused=False, out="alias")]
-    cases = []
+                dict(seqs=((3, 6), (2, 2)), hq=8, hk=1, d=16, dv=16, causal=True, fused=False, out="alias"),
+                dict(seqs=((4, 4), (5, 5)), hq=4, hk=2, d=16, dv=16, causal=True, fused=False, out="given",
+                     poison=True)]
+    cases = [dict(seqs=((1, 1), (129, 129), (33, 40)), hq=32, hk=8, d=128, dv=128, causal=True, fused=True,
+                  out="none", poison=True),
+             dict(seqs=((77, 77), (256, 256)), hq=16, hk=16, d=64, dv=64, causal=False, fused=False, out="given",
+                  poison=True)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     for i, d in enumerate((64, 80, 96, 128, 256)):
         hq, hk = ratios[i % 4]
@@ -50,8 +55,24 @@ def _prefill_build(p, dtype, rnd):
     x = {"q": q, "k": k, "v": v, "p": p,
          "q_lens": torch.tensor(q_lens, dtype=torch.int32, device=rnd.device),
          "kv_lens": torch.tensor(kv_lens, dtype=torch.int32, device=rnd.device)}
+    if p.get("poison"):
+        first_kv = [sum(kv_lens[:b]) for b in range(len(kv_lens))]
+        _poison(q, k, v, q_row=0, k_row=first_kv[-1], v_row=first_kv[0])
     x["out"] = _attn_output(x, p["out"], q.shape[0], hq, dv, dtype, rnd)
     return x
+
+
+def _poison(q, k, v, q_row, k_row, v_row):
+    """NaN/Inf where the rule "NaN in, NaN out" decides the answer: NaN in one query element (that row and head
+    become NaN), NaN in the FIRST key of a sequence (every query of it sees that key: the heads of KV head 0
+    become NaN) and +Inf in the first value of a sequence (+Inf in that column of the heads of the last KV head;
+    ``None`` skips one). Positions a query cannot see are never poisoned: what reaches those is not defined."""
+    if q_row is not None:
+        q[q_row, q.shape[1] - 1, 1] = float("nan")
+    if k_row is not None:
+        k[k_row, 0, 0] = float("nan")
+    if v_row is not None:
+        v[v_row, v.shape[1] - 1, 0] = float("inf")
 
 
 def _prefill_run(x):
@@ -71,8 +92,11 @@ def _paged_prefill_cases(quick):
                 dict(seqs=((9, 4), (0, 6)), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", causal=False,
                      out="given", pad=2),
                 dict(seqs=((16, 2), (3, 3)), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", causal=True,
-                     out="alias", tail="garbage")]
-    cases = []
+                     out="alias", tail="garbage"),
+                dict(seqs=((6, 3), (0, 4), (20, 2)), hq=4, hk=2, d=16, dv=16, block=16, layout="separate",
+                     causal=True, out="given", pad=1, poison=True)]
+    cases = [dict(seqs=((0, 129), (300, 17), (64, 64)), hq=32, hk=8, d=128, dv=128, block=64, layout="packed",
+                  causal=True, out="none", poison=True)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     layouts = ("separate", "packed", "head_major")
     seqs_list = (((0, 129), (300, 17), (1000, 1), (64, 64)), ((0, 512), (2000, 48)), ((5, 3), (0, 1), (4095, 200)))
@@ -97,7 +121,10 @@ def _paged_prefill_build(p, dtype, rnd):
                                         tail=p.get("tail", "random"))
     tokens = sum(q_lens) + p.get("pad", 0)
     lens_device = "cpu" if p.get("host_lens") else rnd.device
-    x = {"q": rnd.normal(tokens, hq, d, dtype=dtype), "k_cache": k_cache, "v_cache": v_cache, "table": table,
+    q = rnd.normal(tokens, hq, d, dtype=dtype)
+    if p.get("poison"):
+        _poison_cache(q, k_cache, v_cache, table, kv_lens)
+    x = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "table": table,
          "p": p, "valid": sum(q_lens),
          "cu": torch.tensor(q_lens, dtype=torch.int64).cumsum(0).to(lens_device, torch.int32),
          "kv_lens": torch.tensor(kv_lens, dtype=torch.int32, device=lens_device)}
@@ -121,8 +148,14 @@ def _decode_cases(quick):
         return [dict(lens=(1, 17, 0, 40), hq=8, hk=8, d=16, dv=16, block=16, layout="separate", out="given"),
                 dict(lens=(33, 5), hq=8, hk=2, d=32, dv=16, block=32, layout="packed", out="none"),
                 dict(lens=(20, 0, 3), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", out="alias",
-                     tail="garbage", idx=torch.int64)]
-    cases = []
+                     tail="garbage", idx=torch.int64),
+                dict(lens=(70, 0, 9, 40), hq=4, hk=2, d=16, dv=16, block=16, layout="separate", out="given",
+                     poison=True),
+                dict(lens=(70, 33), hq=2, hk=2, d=16, dv=16, block=16, layout="packed", out="none", poison=True)]
+    cases = [dict(lens=(4000, 0, 129, 1), hq=32, hk=8, d=128, dv=128, block=64, layout="packed", out="given",
+                  poison=True),
+             dict(lens=(2048, 17), hq=32, hk=32, d=128, dv=128, block=16, layout="separate", out="none",
+                  poison=True)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     layouts = ("separate", "packed", "head_major")
     lens_list = ((1, 17, 0, 4000, 129, 64, 65, 1023), (2048,), (0, 0, 1, 300, 5000, 16, 33, 100, 7, 1, 2, 3, 999,
@@ -146,10 +179,26 @@ def _decode_build(p, dtype, rnd):
     k_cache, v_cache, _, table = paged(rnd, p["lens"], p["block"], hk, d, dv, dtype, p["layout"],
                                         index_dtype=p.get("idx", torch.int32), tail=p.get("tail", "random"))
     lens_device = "cpu" if p.get("host_lens") else rnd.device
-    x = {"q": rnd.normal(len(p["lens"]), hq, d, dtype=dtype), "k_cache": k_cache, "v_cache": v_cache,
+    q = rnd.normal(len(p["lens"]), hq, d, dtype=dtype)
+    if p.get("poison"):
+        _poison_cache(q, k_cache, v_cache, table, p["lens"])
+        for b, n in enumerate(p["lens"]):
+            if n == 0:
+                q[b] = float("nan")  # a sequence with no key is zero, whatever its query holds
+    x = {"q": q, "k_cache": k_cache, "v_cache": v_cache,
          "table": table, "p": p, "kv_lens": torch.tensor(p["lens"], dtype=torch.int32, device=lens_device)}
     x["out"] = _attn_output(x, p["out"], len(p["lens"]), hq, dv, dtype, rnd)
     return x
+
+
+def _poison_cache(q, k_cache, v_cache, table, kv_lens):
+    """:func:`_poison` for a paged cache: NaN in query row 0, NaN in the first key of the longest sequence (in
+    the first of a split decode's slices), +Inf in the first value of the shortest non-empty one."""
+    live = [b for b, n in enumerate(kv_lens) if n > 0]
+    longest = max(live, key=lambda b: kv_lens[b])
+    shortest = min(live, key=lambda b: kv_lens[b])
+    k_first, v_first = int(table[longest, 0]), int(table[shortest, 0])
+    _poison(q, k_cache[k_first], v_cache[v_first], q_row=0, k_row=0, v_row=0)
 
 
 def _decode_run(x):

@@ -18,9 +18,10 @@ def _fill_cases(quick):
     layouts = ("separate", "packed", "head_major")
     for i, block in enumerate((16, 32, 64, 128)):
         for j, (d, dv) in enumerate(((64, 64), (80, 80), (128, 128), (256, 256), (192, 128))):
-            cases.append(dict(T=(1, 37, 256, 2049)[(i + j) % 4], hk=(8, 1, 4, 2, 16)[j], d=d, dv=dv, block=block,
-                              layout=layouts[(i + j) % 3], pad=(0, 3)[(i * j) % 2], fused_kv=bool((i + j) % 2),
-                              idx=(torch.int32, torch.int64)[i % 2]))
+            T = (1, 37, 256, 2049)[(i + j) % 4]
+            cases.append(dict(T=T, hk=(8, 1, 4, 2, 16)[j], d=d, dv=dv, block=block,
+                              layout=layouts[(i + j) % 3], pad=min((0, 3)[(i * j) % 2], T - 1),  # a token to write
+                              fused_kv=bool((i + j) % 2), idx=(torch.int32, torch.int64)[i % 2]))
     return cases
 
 
