@@ -86,6 +86,39 @@ def base_rotary_fill():
                 value_cache=r(2, 16, 2, 8), cos=r(3, 8), sin=r(3, 8), kv_start_indices=torch.tensor([0, 17, -1]))
 
 
+def i8(*shape):
+    return torch.randint(-127, 128, shape, generator=g()).to(torch.int8)
+
+
+def base_awq():
+    return dict(x=r(3, 64, dtype=F16), qweight=torch.randint(-2 ** 31, 2 ** 31 - 1, (64, 2), dtype=torch.int32),
+                scale=r(2, 16, dtype=F16).abs(), offset=torch.zeros(2, 2, dtype=torch.int32), bias=r(16, dtype=F16),
+                group_size=32)
+
+
+def base_dynamic_quant():
+    return dict(x=r(3, 8), quant_dtype=torch.int8)
+
+
+def base_w8a8():
+    return dict(a=i8(3, 8), b=i8(5, 8), rms_scale=r(3, 1).abs(), linear_scale=r(5, 1).abs(), out_dtype=F16,
+                quant_dtype=torch.int8, bias=r(5, dtype=F16))
+
+
+def base_w8a8_static():
+    return dict(x=r(3, 8), weight=i8(5, 8), input_scale=torch.tensor([0.05]),
+                input_offset=torch.tensor([1], dtype=torch.int8), deq_scale=r(5).abs(), out_dtype=F16,
+                quant_dtype=torch.int8, quant_bias=torch.zeros(5, dtype=torch.int32))
+
+
+def base_rms_w8a8():
+    return dict(hidden_states=r(3, 8), weight=r(8), epsilon=1e-6, quant_dtype=torch.int8)
+
+
+def base_add_rms_w8a8():
+    return dict(hidden_states=r(3, 8), residual=r(3, 8), weight=r(8), epsilon=1e-6, quant_dtype=torch.int8)
+
+
 OPS = {
     "silu_and_mul": (ops.silu_and_mul, base_silu),
     "rms_norm": (ops.rms_norm, base_rms),
@@ -98,6 +131,12 @@ OPS = {
     "moe_gating_topk_softmax": (ops.moe_gating_topk_softmax, base_gating),
     "fused_moe": (ops.fused_moe, base_moe),
     "linear": (ops.linear, base_linear),
+    "weight_quant_matmul": (ops.weight_quant_matmul, base_awq),
+    "dynamic_quant": (ops.dynamic_quant, base_dynamic_quant),
+    "linear_w8a8": (ops.linear_w8a8, base_w8a8),
+    "linear_w8a8_static": (ops.linear_w8a8_static, base_w8a8_static),
+    "rms_norm_w8a8": (ops.rms_norm_w8a8, base_rms_w8a8),
+    "add_rms_norm_w8a8": (ops.add_rms_norm_w8a8, base_add_rms_w8a8),
     "apply_rotary_pos_emb_fill_kv_cache": (ops.apply_rotary_pos_emb_fill_kv_cache, base_rotary_fill),
 }
 
@@ -329,6 +368,46 @@ case("apply_rotary_pos_emb_fill_kv_cache", "cos-shape", {"cos": r(3, 4)}, ValueE
 case("apply_rotary_pos_emb_fill_kv_cache", "value-heads", {"value": r(3, 1, 8)}, ValueError, r"^value.shape\[1\]")
 case("apply_rotary_pos_emb_fill_kv_cache", "cache-dtype", {"value_cache": r(2, 16, 2, 8, dtype=F16)}, ValueError,
      r"^value_cache has dtype")
+
+# quantized linear family
+FP8 = torch.float8_e4m3fn
+case("weight_quant_matmul", "qweight-dtype", {"qweight": torch.zeros(64, 2, dtype=torch.int64)}, ValueError,
+     r"^qweight must have dtype")
+case("weight_quant_matmul", "group-size", {"group_size": 16, "scale": r(4, 16, dtype=F16),
+                                           "offset": torch.zeros(4, 2, dtype=torch.int32)}, ValueError,
+     r"^group_size must be one of")
+case("weight_quant_matmul", "scale-dtype", {"scale": r(2, 16)}, ValueError, r"^scale must have dtype")
+case("weight_quant_matmul", "offset-shape", {"offset": torch.zeros(2, 1, dtype=torch.int32)}, ValueError,
+     r"^offset must have shape")
+case("weight_quant_matmul", "x-3d", {"x": r(1, 3, 64, dtype=F16)}, ValueError, r"^x must have 2 dimensions")
+case("weight_quant_matmul", "x-k", {"x": r(3, 32, dtype=F16)}, ValueError, r"^qweight.shape\[0\] must equal")
+case("weight_quant_matmul", "bias-shape", {"bias": r(8, dtype=F16)}, ValueError, r"^bias.shape\[0\] must equal")
+case("weight_quant_matmul", "all-reduce-no-group", {"all_reduce": True}, ValueError,
+     r"^all_reduce=True needs an initialized")
+case("weight_quant_matmul", "scale-device", {"scale": torch.empty(2, 16, dtype=F16, device=META)}, ValueError,
+     r"^scale is on meta")
+case("dynamic_quant", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
+case("dynamic_quant", "granularity", {"quant_granularity": "PER_TENSOR"}, ValueError, r"^quant_granularity must be")
+case("dynamic_quant", "x-int", {"x": torch.ones(3, 8, dtype=torch.int32)}, ValueError, r"^x must have dtype")
+case("linear_w8a8", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
+case("linear_w8a8", "a-float", {"a": r(3, 8)}, ValueError, r"^a must have dtype")
+case("linear_w8a8", "rms-scale-count", {"rms_scale": r(2, 1)}, ValueError, r"^rms_scale must hold 3 values")
+case("linear_w8a8", "linear-scale-dtype", {"linear_scale": r(5, 1, dtype=F16)}, ValueError,
+     r"^linear_scale must have dtype")
+case("linear_w8a8", "out-dtype", {"out_dtype": torch.int32}, ValueError, r"^out_dtype must be")
+case("linear_w8a8", "bias-dtype", {"bias": r(5)}, ValueError, r"^bias must have dtype")
+case("linear_w8a8", "b-k", {"b": i8(5, 7)}, ValueError, r"^b.shape\[1\] must equal a.shape\[-1\]")
+case("linear_w8a8_static", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
+case("linear_w8a8_static", "scale-count", {"input_scale": torch.ones(2)}, ValueError,
+     r"^input_scale must hold one value")
+case("linear_w8a8_static", "quant-bias-dtype", {"quant_bias": torch.zeros(5)}, ValueError,
+     r"^quant_bias must have dtype")
+case("linear_w8a8_static", "weight-float", {"weight": r(5, 8)}, ValueError, r"^weight must have dtype")
+case("rms_norm_w8a8", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
+case("rms_norm_w8a8", "weight-size", {"weight": r(7)}, ValueError, r"^weight.shape\[0\] must equal")
+case("add_rms_norm_w8a8", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
+case("add_rms_norm_w8a8", "residual-none", {"residual": None}, TypeError, r"^residual must be a torch.Tensor")
+case("add_rms_norm_w8a8", "residual-shape", {"residual": r(2, 8)}, ValueError, r"^residual must have")
 
 
 @pytest.mark.parametrize("op", list(OPS))
