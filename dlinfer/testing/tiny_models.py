@@ -160,3 +160,48 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
         else:
             values = std * noise
         param.copy_(values.to(param.dtype))
+
+
+def _value(text: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, booleans, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dlinfer.testing.tiny_models PATH [--arch A] [--dtype D] [--seed N] [--set field=value ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dlinfer.testing.tiny_models",
+        description="Write a random-weight model with an offline tokenizer to PATH (a Hugging Face model "
+                    "directory that transformers, vLLM and LMDeploy load offline). Same arguments, same files.")
+    parser.add_argument("path", help="output directory (created)")
+    parser.add_argument("--arch", default="llama", choices=ARCHS + tuple(REAL_SHAPES),
+                        help="architecture, or a real-shaped model (default: llama)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="weight dtype (default: float32)")
+    parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="where weights are initialised (cuda for real shapes)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field, e.g. --set num_hidden_layers=4 (repeatable; values parsed as JSON)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            parser.error(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[field.strip()] = _value(text)
+    try:
+        path = build_tiny_model(args.path, args.arch, dtype=getattr(torch, args.dtype), seed=args.seed,
+                                device=args.device, **overrides)
+    except (ValueError, TypeError) as exc:  # a bad config field or value: one line, exit 2
+        parser.error(str(exc))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
