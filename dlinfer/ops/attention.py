@@ -32,6 +32,11 @@ from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_implementation, check_cache
 
 
+#: The largest ``softmax_scale`` accepted (typical scales are ``1/sqrt(D)``; beyond this, scale times a q.k
+#: product overflows float32).
+MAX_SOFTMAX_SCALE = 1e36
+
+
 def _features(causal: bool) -> frozenset[str]:
     return frozenset() if causal else frozenset({"non_causal"})
 
@@ -194,15 +199,16 @@ def _scale(softmax_scale, head_size: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_size)
     scale = _checks.number("softmax_scale", softmax_scale)
-    if scale <= 0:
-        raise ValueError(f"softmax_scale must be > 0, got {scale}")
+    if not 0 < scale <= MAX_SOFTMAX_SCALE:
+        raise ValueError(f"softmax_scale must be in (0, {MAX_SOFTMAX_SCALE:g}], got {scale} (larger scales overflow "
+                         "the float32 scores of every vendor)")
     return scale
 
 
 def _output(attn_output, query: torch.Tensor, head_size_v: int) -> torch.Tensor:
     tokens, num_heads = query.shape[0], query.shape[1]
-    if attn_output is None:
-        return query.new_empty(tokens, num_heads, head_size_v)
+    if attn_output is None:  # zeros: rows past the last sequence (padding) are never written by a vendor
+        return query.new_zeros(tokens, num_heads, head_size_v)
     _checks.tensor("attn_output", attn_output, dtypes=(query.dtype,))
     if attn_output.dim() == 2 and attn_output.shape == (tokens, num_heads * head_size_v):
         attn_output = attn_output.view(tokens, num_heads, head_size_v)
@@ -326,8 +332,9 @@ def prefill_attention(
         num_q_heads, num_kv_heads: ``Hq`` and ``Hk``; ``Hq % Hk == 0``.
         attn_mask: a non-empty sequence means causal (LLM) attention; ``[]`` means non-causal (vision
             encoders). Mask tensors themselves are not read.
-        softmax_scale: default ``1/sqrt(D)``.
-        attn_output: optional ``[T, Hq, Dv]`` destination.
+        softmax_scale: default ``1/sqrt(D)``; at most ``MAX_SOFTMAX_SCALE`` (1e36).
+        attn_output: optional ``[T, Hq, Dv]`` destination; rows past ``sum(q_seqlens)`` (padding) are zeros in a
+            new output and left unwritten in a given one.
         actual_seq_lengths_cpu: cumulative query ends as LMDeploy passes them; not needed and ignored.
 
     Returns:
@@ -376,7 +383,8 @@ def paged_prefill_attention(
     causal, sees cache positions ``0 ..`` that position.
 
     Args:
-        query: ``[T, Hq, D]``; tokens past ``cu_seqlens_q[-1]`` (padding) are left unwritten.
+        query: ``[T, Hq, D]``; output rows past ``cu_seqlens_q[-1]`` (padding) are zeros in a new output and
+            left unwritten in a given ``attn_output``.
         key, value: the new tokens (LMDeploy passes them); not read, the cache holds them.
         key_cache, value_cache: ``[num_blocks, block_size, Hk, D]`` / ``[..., Dv]``, possibly strided views.
         block_offsets: ``[B, max_blocks]`` int32/int64 block table.
@@ -387,7 +395,7 @@ def paged_prefill_attention(
         num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
         attn_mask: non-empty = causal, ``[]`` = non-causal.
         head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
-        softmax_scale: default ``1/sqrt(D)``.
+        softmax_scale: default ``1/sqrt(D)``; at most ``MAX_SOFTMAX_SCALE`` (1e36).
         attn_output: optional ``[T, Hq, Dv]`` destination.
         kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
             accepted for LMDeploy's signature and not read).
@@ -438,7 +446,7 @@ def paged_decode_attention(
         max_kv_seq_len: upper bound of ``kv_seqlens``.
         num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
         head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
-        softmax_scale: default ``1/sqrt(D)``.
+        softmax_scale: default ``1/sqrt(D)``; at most ``MAX_SOFTMAX_SCALE`` (1e36).
         attn_output: optional ``[B, Hq, Dv]`` destination.
         kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
             accepted for LMDeploy's signature and not read).
