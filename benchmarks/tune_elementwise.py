@@ -2,9 +2,10 @@
 
     python3 benchmarks/tune_elementwise.py [--ops rotary,silu,fill,norm] [--out DIR]
 
-Each kernel module keeps its launch parameters in module-level constants (``ROTARY_TILE``, ``SILU_MAX_BLOCK``,
-``KV_TILE``, ``NORM_TILE`` ...). This script sets each candidate, checks the output against the reference
-vendor, and times it by CUDA-graph replay with the L2 flushed (benchmarks/timing.py), at the anchor shapes.
+Each kernel module keeps its launch parameters in module-level constants (``ROTARY_WARPS``, ``SILU_MAX_BLOCK``,
+``KV_TILE``, ``NORM_TILE`` ...). This script sets each candidate and times it by CUDA-graph replay with the L2
+flushed (benchmarks/timing.py) at the anchor shapes, beside LMDeploy's kernel (rotary, silu) when its wheel is
+importable (benchmarks/peers.py). It only times: correctness is `dlinfer check` and benchmarks/gpu_suite.py.
 It prints one line per candidate and the best per case, and writes ``tune_elementwise.json`` under ``--out``.
 """
 
@@ -64,8 +65,7 @@ def _cases():
     return {
         "rotary": (rotary, {"ROTARY_TOKEN_BLOCKS": [True, False], "ROTARY_WARPS": [1, 2, 4, 8]},
                    [1, 256, 8192], rotary_inputs),
-        "silu": (activation, {"SILU_ROW_PROGRAMS_PER_SM": [0, 4, 8, 16, 32], "SILU_MAX_BLOCK": [1024, 2048],
-                              "SILU_NUM_WARPS": [4, 8]},
+        "silu": (activation, {"SILU_MAX_BLOCK": [512, 1024, 2048, 4096], "SILU_NUM_WARPS": [2, 4, 8]},
                  [256, 8192], silu_inputs),
         "fill": (kv_cache, {"KV_TILE": [1024, 2048, 4096], "KV_ELEMS_PER_WARP": [128, 256, 512]},
                  [256, 8192], fill_inputs),
