@@ -59,9 +59,9 @@ H100_TIERS: list[tuple[float, dict]] = [
 ]
 
 # Measured on an H200 (2026-12-04): a coordinate-descent sweep per shape against LMDeploy's kernel in the same
-# run (benchmarks/moe_tune.py) gave the best config per measured shape; a second run (benchmarks/moe_bench.py
-# --candidates) found wider tiles better at 128+ rows per expert (4-stage down GEMM; 64 x 2*256 gate_up tiles),
-# which the T2048 entries and the two upper tiers use.
+# run (benchmarks/moe_tune.py) gave the best config per measured shape; wider tiles at 128+ rows per expert
+# (4-stage down GEMM; 64 x 2*256 gate_up tiles), which won candidate comparisons in benchmarks/moe_bench.py
+# --candidates, are the two upper tiers (shapes without an entry).
 H200_TIERS: list[tuple[float, dict]] = [
     (2, _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))),
     (10, _cfg(16, (32, 128, 4, 4, 4), (64, 128, 1, 4, 3))),
@@ -75,14 +75,14 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E8:k2:H4096:I14336:T64": _cfg(32, (64, 128, 4, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E8:k2:H4096:I14336:T256": _cfg(128, (128, 64, 1, 8, 4), (128, 128, 1, 8, 3)),
     "bfloat16:E8:k2:H4096:I14336:T512": _cfg(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4)),
-    "bfloat16:E8:k2:H4096:I14336:T2048": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
+    "bfloat16:E8:k2:H4096:I14336:T2048": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 16, 8, 3)),
     "bfloat16:E8:k2:H4096:I14336:T4096": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E8:k2:H4096:I14336:T8192": _cfg(128, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E128:k8:H2048:I768:T1": _cfg(16, (32, 128, 1, 4, 4), (128, 128, 1, 8, 3)),
     "bfloat16:E128:k8:H2048:I768:T64": _cfg(16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E128:k8:H2048:I768:T256": _cfg(32, (64, 128, 16, 4, 3), (64, 128, 4, 4, 3)),
     "bfloat16:E128:k8:H2048:I768:T512": _cfg(64, (64, 128, 4, 4, 3), (128, 64, 8, 4, 4)),
-    "bfloat16:E128:k8:H2048:I768:T2048": _cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
+    "bfloat16:E128:k8:H2048:I768:T2048": _cfg(64, (64, 64, 1, 4, 4), (128, 64, 4, 8, 4)),
     "bfloat16:E128:k8:H2048:I768:T4096": _cfg(128, (128, 64, 1, 8, 4), (256, 64, 1, 8, 3)),
     "bfloat16:E128:k8:H2048:I768:T8192": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3)),
     "bfloat16:E64:k6:H2048:I1408:T1": _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4)),
@@ -96,7 +96,7 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E16:k2:H4096:I6400:T64": _cfg(32, (64, 128, 1, 4, 3), (32, 128, 1, 4, 4)),
     "bfloat16:E16:k2:H4096:I6400:T256": _cfg(64, (64, 64, 1, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E16:k2:H4096:I6400:T512": _cfg(64, (64, 64, 16, 4, 4), (128, 64, 8, 8, 4)),
-    "bfloat16:E16:k2:H4096:I6400:T2048": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
+    "bfloat16:E16:k2:H4096:I6400:T2048": _cfg(128, (128, 64, 16, 8, 4), (256, 64, 8, 8, 3)),
     "bfloat16:E16:k2:H4096:I6400:T4096": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E16:k2:H4096:I6400:T8192": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E256:k8:H7168:I512:T1": _cfg(16, (32, 128, 4, 4, 4), (128, 64, 1, 4, 4)),
