@@ -441,3 +441,14 @@ def test_pick_fastest_skips_failing_and_wrong_candidates(monkeypatch):
     assert best is fast and 0 < us < 4000
     with pytest.raises(RuntimeError, match="no candidate"):
         tuning.pick_fastest(run, [broken])
+
+
+def test_autotune_result_kept_when_the_cache_cannot_be_written(fake_card, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DLINFER_CACHE_DIR", str(blocker))  # a file where the folder should be: mkdir fails
+    fake_card("Some Future GPU")
+    calls = []
+    cfg = _config(40, calls)
+    assert cfg == calls[0][-1] and _config(64, calls) == cfg and len(calls) == 1  # one bucket: tuned once
+    assert "not cached" in caplog.text

@@ -277,10 +277,14 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
             key = shape_key(dtype, experts, topk, hidden, inter, tokens)
             t0 = time.perf_counter()
             cfg, us = autotune(candidates(cfg))
-            path = store(card, key, cfg, us)
+            try:
+                where = f"cached in {store(card, key, cfg, us)}"
+            except (OSError, RuntimeError) as exc:  # a read-only or missing home: keep it for this process
+                where = f"not cached ({exc})"
+                logger.warning("dlinfer: fused_moe autotune result not cached: %s", exc)
             with _lock:
                 _disk.setdefault(card, {})[key] = cfg
-            source = f"autotuned on first use ({time.perf_counter() - t0:.1f} s), cached in {path}"
+            source = f"autotuned on first use ({time.perf_counter() - t0:.1f} s), {where}"
             logger.info("dlinfer: fused_moe %s on %s: %s", key, card, source)
     _memo[memo_key] = (cfg, source)
     return cfg
