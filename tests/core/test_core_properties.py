@@ -21,6 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import dlinfer.ops as ops  # noqa: E402
 from dlinfer.testing import oracle  # noqa: E402
+from dlinfer.testing.conformance.inputs import Rand, paged  # noqa: E402
 from dlinfer.vendor import registry  # noqa: E402
 
 BOUNDED = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -50,31 +51,21 @@ def _assert_matches_oracle(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 @st.composite
 def paged_batches(draw, max_batch=4, max_len=40):
-    """A paged batch: heads (GQA), head sizes, block size, per-sequence lengths (0 allowed), shuffled blocks,
-    garbage table entries past each sequence's blocks, NaN in every cache slot no sequence owns."""
+    """A paged batch (the conformance kit's builder): heads (GQA), head sizes, block size, per-sequence lengths
+    (0 allowed), shuffled blocks, cache layouts (strided views included), garbage table entries past each
+    sequence's blocks, NaN in every cache slot no sequence owns."""
     hk = draw(st.sampled_from([1, 2]))
     hq = hk * draw(st.sampled_from([1, 2, 4]))
     d = draw(st.sampled_from([8, 16]))
     dv = draw(st.sampled_from([d, 8]))
     block = draw(st.sampled_from([1, 4, 16]))
     lens = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=max_batch))
-    need = [-(-n // block) for n in lens]
-    width = max(need + [1])
-    num_blocks = sum(need) + 2
-    seed = draw(st.integers(0, 2 ** 16))
-    g = torch.Generator().manual_seed(seed)
-    kc = torch.randn(num_blocks, block, hk, d, generator=g, dtype=torch.float64).float()
-    vc = torch.randn(num_blocks, block, hk, dv, generator=g, dtype=torch.float64).float()
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    table = torch.full((len(lens), width), 10 ** 6, dtype=torch.int32)  # garbage past the last block
-    owned = torch.zeros(num_blocks, block, dtype=torch.bool)
-    nxt = 0
-    for b, (n, m) in enumerate(zip(lens, need)):
-        for i in range(m):
-            table[b, i] = order[nxt]
-            owned[order[nxt], : min(block, n - i * block)] = True
-            nxt += 1
-    kc[~owned], vc[~owned] = float("nan"), float("nan")
+    rnd = Rand(draw(st.integers(0, 2 ** 16)), torch.device("cpu"))
+    kc, vc, _, table = paged(rnd, lens, block, hk, d, dv, torch.float32,
+                             draw(st.sampled_from(["separate", "packed", "head_major"])),
+                             index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                             tail=draw(st.sampled_from(["random", "garbage"])))
+    g = rnd.gen
     return dict(hq=hq, hk=hk, d=d, dv=dv, block=block, lens=lens, kc=kc, vc=vc, table=table, gen=g)
 
 
