@@ -5,7 +5,7 @@
 #   scripts/lmdeploy_gpu_wheels.sh [DEST]        (default: .whl in the repository root)
 #
 # The GPU image (Python 3.12, torch 2.11, transformers 5.17, no network) lacks LMDeploy and 15 of the modules
-# its engine imports (shared/DESIGN.md section 3). The LMDeploy wheel is rewritten without the TurboMind
+# its engine imports (listed in WHEELS below). The LMDeploy wheel is rewritten without the TurboMind
 # extension and its bundled libraries (never loaded by the PyTorch engine), so the set is about 10 MiB.
 # Versions are pinned to those tested on the CPU with scripts/setup_lmdeploy.sh.
 #

@@ -271,3 +271,39 @@ def test_suite_parts_run_on_cpu(tmp_path, monkeypatch):
     gpu_suite.print_goals(tmp_path / "r.json")
     assert report.main([str(tmp_path / "r.json"), "--md", str(tmp_path / "R.md"), "--png", ""]) == 0
     assert "### fused_moe" in (tmp_path / "R.md").read_text()
+
+
+def test_summary_cards_and_hygiene(tmp_path):
+    """The summary opens the report (the developers' end-to-end lines, then one computed op line per card), every
+    table names its card, the peer's install path is left out, and correctness runs kept elsewhere are pointed to."""
+    h100 = synthetic()
+    h100["meta"]["peer"] = "lmdeploy 0.18.0 (/tmp/site/lmdeploy)"
+    del h100["check"]
+    h200 = synthetic(date="2026-12-04T10:00:00+00:00")
+    h200["meta"]["card"] = "NVIDIA H200"
+    h200["records"] = [r for r in h200["records"] if r["op"] == "rms_norm"]
+    del h200["check"]
+    paths = []
+    for name, data in (("h100.json", h100), ("h200.json", h200)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(data))
+    summary = tmp_path / "summary.md"
+    summary.write_text("- **End to end**: 1.06× stock on the H100.\n")
+    checks = tmp_path / "checks.md"
+    checks.write_text("## GPU correctness runs (H100)\n\n- check: 10 passed\n")
+    md = tmp_path / "RESULTS.md"
+    assert report.main([*map(str, paths), "--md", str(md), "--png", "", "--summary", str(summary),
+                        "--include", str(checks)]) == 0
+    text = md.read_text()
+    top = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert top[0] == "- **End to end**: 1.06× stock on the H100."
+    h100_line = next(line for line in top if line.startswith("- **Ops on NVIDIA H100 80GB HBM3**"))
+    # decode: 7/5 = 1.4x at B=1, 0.80/0.85 = 0.94x at B=256 (the peer nearer its bound) -> geometric mean 1.15x
+    assert "paged_decode_attention 1.15× (0.94-1.40×)" in h100_line and "prefill_attention 1.25×" in h100_line
+    assert any(line.startswith("- **Ops on NVIDIA H200**") and "rms_norm" in line for line in top)
+    assert "### paged_decode_attention (NVIDIA H100 80GB HBM3)" in text
+    assert "### rms_norm (NVIDIA H200)" in text  # the newer run's rows replace the same shapes of the older one
+    assert "## Speed goals (NVIDIA H100 80GB HBM3, NVIDIA H200)" in text
+    assert "/tmp/" not in text and "issue" not in text.lower()
+    assert 'listed under "GPU correctness runs (H100)" below' in text
+    assert "--summary summary.md" in text
