@@ -146,6 +146,8 @@ def _print_result(res: dict, stock: dict | None, compiled: bool = False) -> None
         print(f"[{i}] {prompt!r}\n    -> {shown[:110]!r}{'...' if len(shown) > 110 else ''}")
     if len(res["prompts"]) > 4:
         print(f"    ({len(res['prompts']) - 4} more)")
+    print("(gibberish by design: the tiny model is built offline with random weights; what the demo shows is that "
+          "vLLM ran every layer on dlinfer's ops, below)")
     tps = res["output_tokens"] / res["generate_s"]
     print(f"\n{res['output_tokens']} output tokens in {res['generate_s']:.2f} s: {tps:.1f} tokens/s "
           f"(vLLM + dlinfer; model loaded in {res['load_s']:.1f} s)")
@@ -155,6 +157,12 @@ def _print_result(res: dict, stock: dict | None, compiled: bool = False) -> None
         print(f"{stock['output_tokens']} output tokens in {stock['generate_s']:.2f} s: {stps:.1f} tokens/s "
               f"(stock vLLM, DLINFER_VLLM=0)")
         print(f"greedy tokens identical to stock vLLM for {same} of {len(res['token_ids'])} prompts")
+        used = sorted({v for names in report["vendors"].values() for v in names})
+        served = ("the 'reference' vendor (plain PyTorch, written as the correctness oracle)" if used == ["reference"]
+                  else f"the vendor(s) {', '.join(used) or '-'}")
+        print(f"speed: dlinfer at {tps / stps:.2f}x stock here: on this CPU dlinfer's ops run on {served}, stock "
+              "vLLM on its compiled CPU kernels;\n       speed is the GPU vendors' job (Triton on NVIDIA: numbers in "
+              "benchmarks/RESULTS.md)")
     counts, vendors, registered = report["counts"], report["vendors"], report["registered"]
     print(f"\nwho served what (counted in the model process, pid {report['pid']}):")
     print(f"  {'vLLM layer':<24} {'dlinfer op':<26} {'vendor':<12} {'calls':>7}")
