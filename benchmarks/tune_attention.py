@@ -26,7 +26,7 @@ from benchmarks import timing  # noqa: E402
 HQ, HK, D = 32, 8, 128
 PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
            "block_m=64,num_warps=4")
-DECODE = ("", "split_stages=2", "pdl=0", "page_tiles=0", "reduce_warps=2", "target_programs=528")
+DECODE = ("", "one_wave=1", "target_programs=396")
 
 
 def _time(rows, part, case, cfg, fn, flush, work, unit, check=None):
@@ -70,7 +70,7 @@ def prefill(rows, flush):
     ap._config.cache_clear()
 
 
-def decode(rows, flush, peer):
+def decode(rows, flush, peer, batches=None):
     """The latency-bound decode shapes (and one bandwidth-bound), each candidate beside the peer when loaded."""
     import dlinfer.ops as ops
     from dlinfer.vendor.reference import attention as ref_attention
@@ -81,6 +81,8 @@ def decode(rows, flush, peer):
     for block in (64, 16):
         for batch, ctx in ((1, 1024), (1, 4096), (1, 16384), (16, 1024), (16, 4096), (16, 16384), (64, 1024),
                            (64, 4096), (256, 1024)):
+            if batches and batch not in batches:
+                continue
             blocks = batch * ctx // block
             kc = torch.randn(blocks, block, HK, D, device="cuda", dtype=torch.bfloat16)
             vc = torch.randn_like(kc)
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", default="prefill,decode")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--batches", default="", help="decode: only these batch sizes (comma-separated)")
     args = parser.parse_args(argv)
     import dlinfer.vendor as vendor
 
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for part in args.parts.split(","):
         if part == "decode":
-            decode(rows, flush, peer)
+            decode(rows, flush, peer, {int(b) for b in args.batches.split(",") if b})
         else:
             prefill(rows, flush)
         Path(args.out, "tune_attention.json").write_text(json.dumps(rows, indent=1))

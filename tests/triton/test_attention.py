@@ -450,3 +450,23 @@ def test_gpu_code_paths_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_num_splits_rules():
+    """One wave (default on GPUs): as many slices as fit in the resident programs, never a second partial wave;
+    the older rule reaches target_programs (ceil). Both respect the length bound and MAX_SPLITS."""
+    import dataclasses
+
+    from dlinfer.vendor.triton.attention_decode import MAX_SPLITS, DecodeConfig, num_splits
+
+    cfg = DecodeConfig(block_n=64, block_h=16, use_dot=True, num_warps=4, num_stages=2, target_programs=264,
+                       min_split_tokens=64, resident_programs=264)
+    assert cfg.one_wave
+    assert num_splits(1, 8, 4096, cfg) == 33
+    assert num_splits(16, 8, 1024, cfg) == 2
+    assert num_splits(64, 8, 4096, cfg) == 1
+    assert num_splits(1, 8, 100, cfg) == 2
+    assert num_splits(1, 1, 1 << 20, cfg) == MAX_SPLITS
+    old = dataclasses.replace(cfg, one_wave=False)
+    assert num_splits(16, 8, 1024, old) == 3
+    assert num_splits(64, 8, 4096, old) == 1
