@@ -86,3 +86,23 @@ def test_every_cache_write_case_writes_a_token(op):
     for quick in (True, False):
         for p in SPECS[op].cases(quick):
             assert p["pad"] < p["T"], (op, p)
+
+
+_SCALE_POS = {"prefill_attention": 6, "paged_prefill_attention": 8, "paged_decode_attention": 6}
+
+
+@pytest.mark.parametrize("op", ATTENTION)
+def test_a_vendor_that_ignores_softmax_scale_fails(isolated_registry, op):
+    """Every case without an explicit scale uses the default 1/sqrt(D); the sharp-scale cases catch a vendor
+    that always uses the default."""
+    reference = get_vendor("reference").ops[op]
+
+    def default_scale(*args):
+        args = list(args)
+        args[_SCALE_POS[op]] = args[0].shape[-1] ** -0.5
+        reference(*args)
+
+    _register(isolated_registry, "noscale", {op: default_scale})
+    report = run_conformance("noscale", "cpu", quick=True, ops=[op], seed=12, dtypes=[torch.float32])
+    failed = {r.case for r in report.failures}
+    assert failed and all("scale=" in case for case in failed), failed

@@ -8,6 +8,10 @@ import dlinfer.ops as ops
 from dlinfer.testing.conformance.inputs import mask, paged, qkv
 from dlinfer.testing.conformance.spec import OpSpec
 
+# A scale far above 1/sqrt(D): scores spread over hundreds, so a kernel that exponentiates before subtracting
+# the row max, or applies the scale twice or not at all, fails (a refused, absurd scale is the ops' own check).
+SHARP = 40.0
+
 
 def _attn_output(x, mode, tokens, hq, dv, dtype, rnd):
     if mode == "given":
@@ -23,11 +27,15 @@ def _prefill_cases(quick):
                 dict(seqs=((4, 4), (7, 7)), hq=8, hk=2, d=16, dv=24, causal=False, fused=False, out="given"),
                 dict(seqs=((3, 6), (2, 2)), hq=8, hk=1, d=16, dv=16, causal=True, fused=False, out="alias"),
                 dict(seqs=((4, 4), (5, 5)), hq=4, hk=2, d=16, dv=16, causal=True, fused=False, out="given",
-                     poison=True)]
+                     poison=True),
+                dict(seqs=((6, 9), (3, 3)), hq=4, hk=1, d=16, dv=16, causal=True, fused=False, out="none",
+                     scale=SHARP)]
     cases = [dict(seqs=((1, 1), (129, 129), (33, 40)), hq=32, hk=8, d=128, dv=128, causal=True, fused=True,
                   out="none", poison=True),
              dict(seqs=((77, 77), (256, 256)), hq=16, hk=16, d=64, dv=64, causal=False, fused=False, out="given",
-                  poison=True)]
+                  poison=True),
+             dict(seqs=((100, 300), (64, 64)), hq=32, hk=8, d=128, dv=128, causal=True, fused=False, out="none",
+                  scale=SHARP)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     for i, d in enumerate((64, 80, 96, 128, 256)):
         hq, hk = ratios[i % 4]
@@ -79,7 +87,7 @@ def _prefill_run(x):
     p = x["p"]
     out = ops.prefill_attention(x["q"], x["k"], x["v"], None, None, x["q_lens"], x["kv_lens"],
                                 max(s[0] for s in p["seqs"]) + 2, p["hq"], p["hk"], mask(p["causal"], x["q"].device),
-                                attn_output=x["out"])
+                                softmax_scale=p.get("scale"), attn_output=x["out"])
     if x["out"] is not None and out is not x["out"]:
         raise AssertionError("prefill_attention must return the attn_output it was given")
     return {"out": out}
@@ -94,9 +102,13 @@ def _paged_prefill_cases(quick):
                 dict(seqs=((16, 2), (3, 3)), hq=8, hk=1, d=16, dv=16, block=16, layout="head_major", causal=True,
                      out="alias", tail="garbage"),
                 dict(seqs=((6, 3), (0, 4), (20, 2)), hq=4, hk=2, d=16, dv=16, block=16, layout="separate",
-                     causal=True, out="given", pad=1, poison=True)]
+                     causal=True, out="given", pad=1, poison=True),
+                dict(seqs=((10, 3), (0, 5)), hq=4, hk=2, d=16, dv=16, block=16, layout="packed", causal=True,
+                     out="none", scale=SHARP)]
     cases = [dict(seqs=((0, 129), (300, 17), (64, 64)), hq=32, hk=8, d=128, dv=128, block=64, layout="packed",
-                  causal=True, out="none", poison=True)]
+                  causal=True, out="none", poison=True),
+             dict(seqs=((200, 56), (0, 300)), hq=32, hk=8, d=128, dv=128, block=16, layout="separate",
+                  causal=True, out="given", scale=SHARP)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     layouts = ("separate", "packed", "head_major")
     seqs_list = (((0, 129), (300, 17), (1000, 1), (64, 64)), ((0, 512), (2000, 48)), ((5, 3), (0, 1), (4095, 200)))
@@ -137,7 +149,7 @@ def _paged_prefill_run(x):
     out = ops.paged_prefill_attention(
         x["q"], None, None, x["k_cache"], x["v_cache"], x["table"], p["block"], x["cu"], x["kv_lens"],
         max(s[1] for s in p["seqs"]) + 3, max(s[0] + s[1] for s in p["seqs"]) + 5, p["hq"], p["hk"],
-        mask(p["causal"], x["q"].device), head_size_v=p["dv"], attn_output=x["out"])
+        mask(p["causal"], x["q"].device), head_size_v=p["dv"], softmax_scale=p.get("scale"), attn_output=x["out"])
     if x["out"] is not None and out is not x["out"]:
         raise AssertionError("paged_prefill_attention must return the attn_output it was given")
     return {"out": out[: x["valid"]]}
@@ -151,11 +163,15 @@ def _decode_cases(quick):
                      tail="garbage", idx=torch.int64),
                 dict(lens=(70, 0, 9, 40), hq=4, hk=2, d=16, dv=16, block=16, layout="separate", out="given",
                      poison=True),
-                dict(lens=(70, 33), hq=2, hk=2, d=16, dv=16, block=16, layout="packed", out="none", poison=True)]
+                dict(lens=(70, 33), hq=2, hk=2, d=16, dv=16, block=16, layout="packed", out="none", poison=True),
+                dict(lens=(50, 1, 9), hq=4, hk=2, d=16, dv=16, block=16, layout="separate", out="none",
+                     scale=SHARP)]
     cases = [dict(lens=(4000, 0, 129, 1), hq=32, hk=8, d=128, dv=128, block=64, layout="packed", out="given",
                   poison=True),
              dict(lens=(2048, 17), hq=32, hk=32, d=128, dv=128, block=16, layout="separate", out="none",
-                  poison=True)]
+                  poison=True),
+             dict(lens=(1000, 3, 129), hq=32, hk=8, d=128, dv=128, block=64, layout="packed", out="given",
+                  scale=SHARP)]
     ratios = ((32, 32), (32, 8), (32, 4), (16, 1))
     layouts = ("separate", "packed", "head_major")
     lens_list = ((1, 17, 0, 4000, 129, 64, 65, 1023), (2048,), (0, 0, 1, 300, 5000, 16, 33, 100, 7, 1, 2, 3, 999,
@@ -206,7 +222,8 @@ def _decode_run(x):
     b = len(p["lens"])
     cu = torch.arange(1, b + 1, dtype=torch.int32, device=x["q"].device)
     out = ops.paged_decode_attention(x["q"], x["k_cache"], x["v_cache"], x["table"], p["block"], cu, x["kv_lens"],
-                                     max(p["lens"]) + 9, p["hq"], p["hk"], head_size_v=p["dv"], attn_output=x["out"])
+                                     max(p["lens"]) + 9, p["hq"], p["hk"], head_size_v=p["dv"],
+                                     softmax_scale=p.get("scale"), attn_output=x["out"])
     if x["out"] is not None and out is not x["out"]:
         raise AssertionError("paged_decode_attention must return the attn_output it was given")
     return {"out": out}
