@@ -242,3 +242,33 @@ def test_malformed_paged_metadata_is_refused_by_name_and_writes_nothing(data):
     assert bool((out == 7.0).all())
     assert torch.equal(x["kc"].nan_to_num(123.0), kc_before.nan_to_num(123.0))
     assert torch.equal(x["vc"].nan_to_num(123.0), vc_before.nan_to_num(123.0))
+
+
+@BOUNDED
+@given(data=st.data())
+def test_norms_and_activation_match_the_oracle_and_keep_nan_in_its_row(data):
+    tokens = data.draw(st.integers(0, 6))
+    hidden = 2 * data.draw(st.integers(1, 24))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    x, res, w = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, hidden, generator=g), \
+        torch.randn(hidden, generator=g)
+    bad_row = None
+    if tokens and data.draw(st.booleans()):
+        bad_row = data.draw(st.integers(0, tokens - 1))
+        x[bad_row, data.draw(st.integers(0, hidden // 2 - 1))] = data.draw(st.sampled_from([float("nan"),
+                                                                                           float("inf")]))
+    eps = data.draw(st.sampled_from([1e-6, 1e-5]))
+    outs = {"rms_norm": (ops.rms_norm(x, w, eps), oracle.rms_norm_64(x, w, eps)),
+            "add_rms_norm": (ops.add_rms_norm(x, res, w, eps)[0], oracle.rms_norm_64(x.double() + res.double(), w,
+                                                                                     eps)),
+            "silu_and_mul": (ops.silu_and_mul(x), oracle.silu_and_mul_64(x))}
+    for name, (out, ref) in outs.items():
+        assert out.shape == ref.shape, name
+        good = torch.ones(tokens, dtype=torch.bool)
+        if bad_row is not None:
+            good[bad_row] = False
+            if name != "silu_and_mul":  # the norm of a row with NaN/Inf is NaN: that row, whole
+                assert bool(out[bad_row].isnan().any()), name
+            else:  # the poisoned gate column: NaN or Inf there too, never a number
+                assert not bool(torch.isfinite(out[bad_row]).all()), name
+        torch.testing.assert_close(out[good].double(), ref[good], atol=1e-4, rtol=1e-4)
