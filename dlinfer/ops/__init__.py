@@ -20,8 +20,8 @@ from dlinfer.ops.kv_cache import fill_kv_cache
 from dlinfer.ops.linear import linear
 from dlinfer.ops.moe import fused_moe, moe_gating_topk_softmax
 from dlinfer.ops.norm import add_rms_norm, rms_norm
-from dlinfer.ops.quant import (add_rms_norm_w8a8, dynamic_quant, linear_w8a8, linear_w8a8_static, rms_norm_w8a8,
-                              weight_quant_matmul)
+from dlinfer.ops.quant import (add_rms_norm_w8a8, dynamic_quant, fused_moe_w8a8, linear_w8a8, linear_w8a8_static,
+                              rms_norm_w8a8, weight_quant_matmul)
 from dlinfer.ops.rotary import apply_rotary_pos_emb
 
 from dlinfer.ops.table import TABLE

@@ -1,6 +1,6 @@
 """Quantized linear-family ops: AWQ W4A16 (``weight_quant_matmul``) and SmoothQuant-style W8A8 (``dynamic_quant``,
-``linear_w8a8``, ``linear_w8a8_static``, ``rms_norm_w8a8``, ``add_rms_norm_w8a8``), with LMDeploy 0.18's
-signatures.
+``linear_w8a8``, ``linear_w8a8_static``, ``rms_norm_w8a8``, ``add_rms_norm_w8a8``, ``fused_moe_w8a8``), with
+LMDeploy 0.18's signatures.
 
 Quantized dtype: ``torch.int8`` (symmetric, range -127..127 for dynamic scales). fp8 ``quant_dtype`` is refused with a
 ``ValueError`` naming ``quant_dtype``.
@@ -53,12 +53,24 @@ def _add_rms_norm_w8a8_impl(hidden_states: torch.Tensor, residual: torch.Tensor,
     return implementation("add_rms_norm_w8a8", hidden_states)(hidden_states, residual, weight, epsilon, quant_dtype)
 
 
+def _fused_moe_w8a8_impl(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, gate_up_scales: torch.Tensor,
+                         down_weights: torch.Tensor, down_scales: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    if _checks.values_checked(topk_ids):
+        experts = gate_up_weights.shape[0]
+        _checks.in_range("topk_ids", topk_ids, 0, experts, f"expert ids of {experts} experts")
+    return implementation("fused_moe_w8a8", hidden_states)(hidden_states, gate_up_weights, gate_up_scales,
+                                                           down_weights, down_scales, topk_weights, topk_ids,
+                                                           renormalize)
+
+
 _weight_quant_matmul = table.define("weight_quant_matmul", _weight_quant_matmul_impl)
 _dynamic_quant = table.define("dynamic_quant", _dynamic_quant_impl)
 _linear_w8a8 = table.define("linear_w8a8", _linear_w8a8_impl)
 _linear_w8a8_static = table.define("linear_w8a8_static", _linear_w8a8_static_impl)
 _rms_norm_w8a8 = table.define("rms_norm_w8a8", _rms_norm_w8a8_impl)
 _add_rms_norm_w8a8 = table.define("add_rms_norm_w8a8", _add_rms_norm_w8a8_impl)
+_fused_moe_w8a8 = table.define("fused_moe_w8a8", _fused_moe_w8a8_impl)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -278,3 +290,61 @@ def add_rms_norm_w8a8(hidden_states: torch.Tensor, residual: torch.Tensor, weigh
     quant_dtype = _quant_dtype(quant_dtype)
     epsilon = _norm_check(hidden_states, weight, epsilon, residual)
     return run(_add_rms_norm_w8a8, _add_rms_norm_w8a8_impl, hidden_states, residual, weight, epsilon, quant_dtype)
+
+
+def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, gate_up_scales: torch.Tensor,
+                   down_weights: torch.Tensor, down_scales: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, topk: int, renormalize: bool, moe_metadata: Any = None) -> torch.Tensor:
+    """W8A8 SwiGLU experts (as ``fused_moe``, quantized): each token's hidden state is quantized per token to int8,
+    ``gate_up = (xq @ gate_up[e].T) * x_scale * gate_up_scales[e]``, ``act = silu(gate) * up`` (rounded to the
+    input dtype), quantized per token again, ``y = (aq @ down[e].T) * a_scale * down_scales[e]``, and
+    ``out[t] = sum_k w[t, k] * y``.
+
+    Args:
+        hidden_states: ``[T, H]`` float16/bfloat16/float32.
+        gate_up_weights: ``[E, 2 * I, H]`` int8 (gate rows, then up rows).
+        gate_up_scales: ``[E, 2 * I, 1]`` (or ``[E, 2 * I]``) per-output-channel scales, float32 or bfloat16.
+        down_weights: ``[E, H, I]`` int8.
+        down_scales: ``[E, H, 1]`` (or ``[E, H]``).
+        topk_weights: ``[T, topk]`` routing weights (used in float32).
+        topk_ids: ``[T, topk]`` int32/int64 expert ids in ``[0, E)``.
+        topk: ``topk_ids.shape[1]``.
+        renormalize: divide each token's weights by their sum first.
+        moe_metadata: LMDeploy's ``MoeMetadata`` or ``None``; expert parallelism is refused (as for ``fused_moe``).
+
+    Returns ``[T, H]`` in hidden_states' dtype.
+    """
+    from dlinfer.ops.moe import _check_metadata
+
+    _checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("gate_up_weights", gate_up_weights, ndim=3, dtypes=(torch.int8,))
+    _checks.tensor("down_weights", down_weights, ndim=3, dtypes=(torch.int8,))
+    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    topk = _checks.integer("topk", topk, minimum=1)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    tokens, hidden = hidden_states.shape
+    experts, two_inter, _ = gate_up_weights.shape
+    _checks.dim_is("gate_up_weights", gate_up_weights, 2, hidden, "the hidden size")
+    if two_inter % 2:
+        raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
+    if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
+        raise ValueError(f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] ([E, H, I]), got "
+                         f"{tuple(down_weights.shape)}")
+    for name, t, rows in (("gate_up_scales", gate_up_scales, two_inter), ("down_scales", down_scales, hidden)):
+        _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
+        if t.numel() != experts * rows or t.dim() not in (2, 3) or t.shape[:2] != (experts, rows):
+            raise ValueError(f"{name} must have shape [{experts}, {rows}, 1] or [{experts}, {rows}], got "
+                             f"{tuple(t.shape)}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if tuple(t.shape) != (tokens, topk):
+            raise ValueError(f"{name} must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(t.shape)}")
+    if topk > experts:
+        raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
+    _checks.same_device(hidden_states=hidden_states, gate_up_weights=gate_up_weights, gate_up_scales=gate_up_scales,
+                        down_weights=down_weights, down_scales=down_scales, topk_weights=topk_weights,
+                        topk_ids=topk_ids)
+    _check_metadata(moe_metadata)
+    return run(_fused_moe_w8a8, _fused_moe_w8a8_impl, hidden_states, gate_up_weights, gate_up_scales, down_weights,
+               down_scales, topk_weights, topk_ids, renormalize)

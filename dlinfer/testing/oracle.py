@@ -210,9 +210,11 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _per_token_64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale is a float32 tensor by contract and ``q = round(x / scale)`` a float32 quotient: at a tie (frequent
+    with 16-bit inputs, e.g. x = amax / 2) a float64 quotient would round the other way."""
     amax = x.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.full_like(amax, 1 / 127.0)).to(torch.float32).to(F64)
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale.to(torch.float32)
+    scale = torch.where(amax > 0, amax / 127.0, torch.full_like(amax, 1 / 127.0)).to(torch.float32)
+    return torch.round(x.to(torch.float32) / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 def weight_quant_matmul(x, qweight, scale, offset, bias, group_size):
@@ -251,6 +253,25 @@ def add_rms_norm_w8a8(hidden_states, residual, weight, epsilon, quant_dtype):
     return (*_per_token_64(rms_norm_64(added, weight, epsilon)), added)
 
 
+def fused_moe_w8a8(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk_weights, topk_ids,
+                   renormalize):
+    w = topk_weights.to(F64)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    xq, xs = _per_token_64(hidden_states.to(F64))
+    out = torch.zeros(hidden_states.shape, dtype=F64, device=hidden_states.device)
+    for t in range(hidden_states.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            gu = (gate_up_weights[e].to(F64) @ xq[t].to(F64)) * xs[t].to(F64) * gate_up_scales[e].to(F64).reshape(-1)
+            gate, up = gu.chunk(2)
+            act = (gate * torch.sigmoid(gate) * up).to(hidden_states.dtype).to(F64)
+            aq, as_ = _per_token_64(act)
+            y = (down_weights[e].to(F64) @ aq.to(F64)) * as_.to(F64) * down_scales[e].to(F64).reshape(-1)
+            out[t] += w[t, k] * y
+    return out.to(hidden_states.dtype)
+
+
 QUANT_OPS: dict[str, Callable[..., Any]] = {
     "weight_quant_matmul": weight_quant_matmul,
     "dynamic_quant": dynamic_quant,
@@ -258,6 +279,7 @@ QUANT_OPS: dict[str, Callable[..., Any]] = {
     "linear_w8a8_static": linear_w8a8_static,
     "rms_norm_w8a8": rms_norm_w8a8,
     "add_rms_norm_w8a8": add_rms_norm_w8a8,
+    "fused_moe_w8a8": fused_moe_w8a8,
 }
 
 OPS: dict[str, Callable[..., Any]] = {

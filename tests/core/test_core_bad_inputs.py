@@ -119,6 +119,12 @@ def base_add_rms_w8a8():
     return dict(hidden_states=r(3, 8), residual=r(3, 8), weight=r(8), epsilon=1e-6, quant_dtype=torch.int8)
 
 
+def base_moe_w8a8():
+    return dict(hidden_states=r(3, 8), gate_up_weights=i8(4, 12, 8), gate_up_scales=r(4, 12, 1).abs(),
+                down_weights=i8(4, 8, 6), down_scales=r(4, 8, 1).abs(), topk_weights=r(3, 2).abs(),
+                topk_ids=torch.tensor([[0, 3], [1, 2], [3, 1]]), topk=2, renormalize=True)
+
+
 OPS = {
     "silu_and_mul": (ops.silu_and_mul, base_silu),
     "rms_norm": (ops.rms_norm, base_rms),
@@ -137,6 +143,7 @@ OPS = {
     "linear_w8a8_static": (ops.linear_w8a8_static, base_w8a8_static),
     "rms_norm_w8a8": (ops.rms_norm_w8a8, base_rms_w8a8),
     "add_rms_norm_w8a8": (ops.add_rms_norm_w8a8, base_add_rms_w8a8),
+    "fused_moe_w8a8": (ops.fused_moe_w8a8, base_moe_w8a8),
     "apply_rotary_pos_emb_fill_kv_cache": (ops.apply_rotary_pos_emb_fill_kv_cache, base_rotary_fill),
 }
 
@@ -409,6 +416,12 @@ case("rms_norm_w8a8", "weight-size", {"weight": r(7)}, ValueError, r"^weight.sha
 case("add_rms_norm_w8a8", "fp8", {"quant_dtype": FP8}, ValueError, r"^quant_dtype must be torch.int8")
 case("add_rms_norm_w8a8", "residual-none", {"residual": None}, TypeError, r"^residual must be a torch.Tensor")
 case("add_rms_norm_w8a8", "residual-shape", {"residual": r(2, 8)}, ValueError, r"^residual must have")
+case("fused_moe_w8a8", "weights-float", {"gate_up_weights": r(4, 12, 8)}, ValueError, r"^gate_up_weights must have dtype")
+case("fused_moe_w8a8", "scales-shape", {"down_scales": r(4, 6, 1)}, ValueError, r"^down_scales must have shape")
+case("fused_moe_w8a8", "down-shape", {"down_weights": i8(4, 8, 5)}, ValueError, r"^down_weights must have shape")
+case("fused_moe_w8a8", "expert-id-range", {"topk_ids": torch.tensor([[0, 4], [1, 2], [3, 1]])}, ValueError,
+     r"^topk_ids must hold values in \[0, 4\)")
+case("fused_moe_w8a8", "renormalize-type", {"renormalize": 1}, TypeError, r"^renormalize must be a bool")
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -58,6 +58,8 @@ def _args():
                                r(5).abs(), torch.float32, torch.int8, torch.arange(5, dtype=torch.int32)),
         "rms_norm_w8a8": (r(3, 8), r(8), 1e-6, torch.int8),
         "add_rms_norm_w8a8": (r(3, 8), r(3, 8), r(8), 1e-6, torch.int8),
+        "fused_moe_w8a8": (r(3, 8), i8(4, 12, 8), r(4, 12, 1).abs(), i8(4, 8, 6), r(4, 8, 1).abs(),
+                           torch.rand(3, 2, generator=g), torch.tensor([[0, 3], [1, 2], [3, 1]]), True),
         "apply_rotary_pos_emb_fill_kv_cache": (r(3, 4, 8), r(3, 2, 8), r(3, 2, 8), kc.clone(), vc.clone(), r(3, 8),
                                                r(3, 8), torch.tensor([0, 17, -1])),
     }

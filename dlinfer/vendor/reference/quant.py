@@ -100,3 +100,24 @@ def add_rms_norm_w8a8(hidden_states: torch.Tensor, residual: torch.Tensor, weigh
     total = (hidden_states.float() + residual.float()).to(hidden_states.dtype)
     q, scale = quantize_per_token(_rms(total, weight, epsilon), quant_dtype)
     return q, scale, total
+
+
+def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, gate_up_scales: torch.Tensor,
+                   down_weights: torch.Tensor, down_scales: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    weights = topk_weights.float()
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    xq, xs = quantize_per_token(hidden_states.float(), torch.int8)
+    ids = topk_ids.long()
+    for expert in torch.unique(ids).tolist():
+        token_idx, slot_idx = torch.nonzero(ids == expert, as_tuple=True)
+        gate_up = (xq[token_idx].double() @ gate_up_weights[expert].double().T).float()
+        gate_up = gate_up * xs[token_idx] * gate_up_scales[expert].float().reshape(1, -1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = (torch.nn.functional.silu(gate) * up).to(hidden_states.dtype)  # as a separate op would round it
+        aq, as_ = quantize_per_token(act.float(), torch.int8)
+        y = (aq.double() @ down_weights[expert].double().T).float() * as_ * down_scales[expert].float().reshape(1, -1)
+        out.index_add_(0, token_idx, y * weights[token_idx, slot_idx, None])
+    return out.to(hidden_states.dtype)

@@ -79,6 +79,25 @@ def _w8a8_build(p, dtype, rnd):
             "quant_bias": rnd.ints(-5000, 5000, n).to(torch.int32).to(rnd.device) if p["bias"] else None}
 
 
+def _moe_cases(quick):
+    if quick:
+        return [dict(T=5, H=32, I=16, E=4, topk=2, renormalize=True)]
+    return [dict(T=t, H=2048, I=768, E=16, topk=4, renormalize=True) for t in (1, 64)]
+
+
+def _moe_build(p, dtype, rnd):
+    t, h, i, e = p["T"], p["H"], p["I"], p["E"]
+    ids = torch.stack([rnd.perm(e)[:p["topk"]] for _ in range(t)]).to(rnd.device)
+    return {"x": rnd.normal(t, h, dtype=dtype), "gu": _int8(rnd, e, 2 * i, h), "dw": _int8(rnd, e, h, i),
+            "gs": _pos(rnd, e, 2 * i, 1, scale=0.5 / 127 * h ** -0.5), "ds": _pos(rnd, e, h, 1, scale=0.5 / 127 * i ** -0.5),
+            "w": rnd.normal(t, p["topk"]).abs(), "ids": ids, "topk": p["topk"], "renormalize": p["renormalize"]}
+
+
+def _moe_run(x):
+    return {"out": ops.fused_moe_w8a8(x["x"], x["gu"], x["gs"], x["dw"], x["ds"], x["w"], x["ids"], x["topk"],
+                                      x["renormalize"])}
+
+
 def _q(result, names):
     """Outputs by name; the int8 values go out as int32 (the comparison leaves integer outputs to ``_q_check``)."""
     out = dict(zip(names, result))
@@ -114,4 +133,5 @@ SPECS: dict[str, OpSpec] = {
     "add_rms_norm_w8a8": OpSpec("matmul", _rows_cases, _rows_build,
                                 lambda x: _q(ops.add_rms_norm_w8a8(x["x"], x["residual"], x["w"], 1e-6),
                                              ("q", "scale", "residual")), _q_check),
+    "fused_moe_w8a8": OpSpec("matmul", _moe_cases, _moe_build, _moe_run),
 }
