@@ -73,6 +73,37 @@ def moe_gating_topk_softmax(
     return run(_moe_gating_topk_softmax, _moe_gating_topk_softmax_impl, router_logits, topk)
 
 
+def check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize,
+                  weight_dtypes) -> int:
+    """The expert-layout checks of ``fused_moe`` and ``fused_moe_w8a8`` (weights of ``weight_dtypes``); returns
+    ``topk`` as an int."""
+    _checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("gate_up_weights", gate_up_weights, ndim=3, dtypes=weight_dtypes)
+    _checks.tensor("down_weights", down_weights, ndim=3, dtypes=weight_dtypes)
+    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    topk = _checks.integer("topk", topk, minimum=1)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    tokens, hidden = hidden_states.shape
+    experts, two_inter, _ = gate_up_weights.shape
+    _checks.dim_is("gate_up_weights", gate_up_weights, 2, hidden, "the hidden size")
+    if two_inter % 2:
+        raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
+    if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
+        raise ValueError(
+            f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] "
+            f"([E, H, I]), got {tuple(down_weights.shape)}"
+        )
+    if tuple(topk_ids.shape) != (tokens, topk):
+        raise ValueError(f"topk_ids must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != (tokens, topk):
+        raise ValueError(f"topk_weights must have shape [{tokens}, {topk}], got {tuple(topk_weights.shape)}")
+    if topk > experts:
+        raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
+    return topk
+
+
 def fused_moe(
     hidden_states: torch.Tensor,
     gate_up_weights: torch.Tensor,
@@ -101,30 +132,8 @@ def fused_moe(
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype.
     """
-    _checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("gate_up_weights", gate_up_weights, ndim=3, dtypes=(hidden_states.dtype,))
-    _checks.tensor("down_weights", down_weights, ndim=3, dtypes=(hidden_states.dtype,))
-    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES)
-    topk = _checks.integer("topk", topk, minimum=1)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    tokens, hidden = hidden_states.shape
-    experts, two_inter, _ = gate_up_weights.shape
-    _checks.dim_is("gate_up_weights", gate_up_weights, 2, hidden, "the hidden size")
-    if two_inter % 2:
-        raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
-    if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
-        raise ValueError(
-            f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] "
-            f"([E, H, I]), got {tuple(down_weights.shape)}"
-        )
-    if tuple(topk_ids.shape) != (tokens, topk):
-        raise ValueError(f"topk_ids must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(topk_ids.shape)}")
-    if tuple(topk_weights.shape) != (tokens, topk):
-        raise ValueError(f"topk_weights must have shape [{tokens}, {topk}], got {tuple(topk_weights.shape)}")
-    if topk > experts:
-        raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
+    topk = check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize,
+                         (hidden_states.dtype,))
     _checks.same_device(
         hidden_states=hidden_states,
         gate_up_weights=gate_up_weights,

@@ -15,6 +15,7 @@ import torch
 from dlinfer.ops import _checks, table
 from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.linear import _process_group
+from dlinfer.ops.moe import _check_metadata, check_experts
 
 _AWQ_GROUP_SIZES = (32, 64, 128)
 
@@ -314,34 +315,14 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
 
     Returns ``[T, H]`` in hidden_states' dtype.
     """
-    from dlinfer.ops.moe import _check_metadata
-
-    _checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("gate_up_weights", gate_up_weights, ndim=3, dtypes=(torch.int8,))
-    _checks.tensor("down_weights", down_weights, ndim=3, dtypes=(torch.int8,))
-    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=_checks.INDEX_DTYPES)
-    topk = _checks.integer("topk", topk, minimum=1)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    tokens, hidden = hidden_states.shape
-    experts, two_inter, _ = gate_up_weights.shape
-    _checks.dim_is("gate_up_weights", gate_up_weights, 2, hidden, "the hidden size")
-    if two_inter % 2:
-        raise ValueError(f"gate_up_weights.shape[1] must be even (gate and up rows), got {two_inter}")
-    if tuple(down_weights.shape) != (experts, hidden, two_inter // 2):
-        raise ValueError(f"down_weights must have shape [{experts}, {hidden}, {two_inter // 2}] ([E, H, I]), got "
-                         f"{tuple(down_weights.shape)}")
+    topk = check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize,
+                         (torch.int8,))
+    experts, two_inter, hidden = gate_up_weights.shape
     for name, t, rows in (("gate_up_scales", gate_up_scales, two_inter), ("down_scales", down_scales, hidden)):
         _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
         if t.numel() != experts * rows or t.dim() not in (2, 3) or t.shape[:2] != (experts, rows):
             raise ValueError(f"{name} must have shape [{experts}, {rows}, 1] or [{experts}, {rows}], got "
                              f"{tuple(t.shape)}")
-    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
-        if tuple(t.shape) != (tokens, topk):
-            raise ValueError(f"{name} must have shape [{tokens}, {topk}] ([T, topk]), got {tuple(t.shape)}")
-    if topk > experts:
-        raise ValueError(f"topk ({topk}) must be <= the number of experts ({experts})")
     _checks.same_device(hidden_states=hidden_states, gate_up_weights=gate_up_weights, gate_up_scales=gate_up_scales,
                         down_weights=down_weights, down_scales=down_scales, topk_weights=topk_weights,
                         topk_ids=topk_ids)
