@@ -59,7 +59,7 @@ def test_register_is_idempotent_and_uses_vllm_hooks():
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from dlinfer.framework.vllm_ext import layers, moe
+    from dlinfer.framework.vllm_ext import compat, layers, moe
 
     vllm_ext.register()
     vllm_ext._reset_for_tests()
@@ -70,7 +70,7 @@ def test_register_is_idempotent_and_uses_vllm_hooks():
     assert op_registry_oot["RotaryEmbedding"] is layers.DlinferRotaryEmbedding
     assert op_registry_oot["UnquantizedFusedMoEMethod"] is moe.DlinferUnquantizedFusedMoEMethod
     assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_ext.ATTENTION_BACKEND_PATH
-    assert AttentionBackendEnum["DLINFER"].get_path() == vllm_ext.ATTENTION_BACKEND_PATH
+    assert AttentionBackendEnum[compat.ATTENTION_BACKEND_NAME].get_path() == vllm_ext.ATTENTION_BACKEND_PATH
 
 
 def test_off_switch_registers_nothing(monkeypatch):

@@ -13,6 +13,7 @@ switch name               vLLM class replaced                 dlinfer ops
 ``fused_moe``             ``UnquantizedFusedMoEMethod``       ``moe_gating_topk_softmax``, ``fused_moe``
 ``attention``             the ``CPU_ATTN`` backend (CPU),     ``fill_kv_cache``, ``prefill_attention``,
                           plus a ``DLINFER`` backend name     ``paged_prefill_attention``, ``paged_decode_attention``
+                          (``CUSTOM`` on vLLM 0.26)
 ========================  ==================================  =================================================
 
 Switches (environment variables, read by every process):
@@ -50,7 +51,6 @@ DLINFER_OPS = {
     "fused_moe": ("moe_gating_topk_softmax", "fused_moe"),
     "attention": ("fill_kv_cache", "prefill_attention", "paged_prefill_attention", "paged_decode_attention"),
 }
-ATTENTION_BACKEND_NAME = "DLINFER"
 ATTENTION_BACKEND_PATH = "dlinfer.framework.vllm_ext.attention.DlinferAttentionBackend"
 
 _lock = threading.Lock()
@@ -160,19 +160,18 @@ def _register(off: frozenset[str]) -> None:
 
 def _register_attention() -> None:
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    # A name of its own, so that vLLM can report it and CUDA-like platforms can select it with
-    # attention_config={"backend": "DLINFER"} once a CUDA build of vLLM can be tested here.
-    if ATTENTION_BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(ATTENTION_BACKEND_NAME, ATTENTION_BACKEND_PATH)
+    from dlinfer.framework.vllm_ext import compat
+
+    # A name of its own (DLINFER; vLLM 0.26 has only the CUSTOM slot), so that vLLM reports it and CUDA-like
+    # platforms select it with attention_config={"backend": <name>}.
+    name = compat.register_attention_backend(ATTENTION_BACKEND_PATH)
     if current_platform.is_cpu():
         # vLLM's CPU platform always picks CPU_ATTN: take that member over.
-        register_backend(AttentionBackendEnum.CPU_ATTN, ATTENTION_BACKEND_PATH)
-        _registered["attention"] = "CPU_ATTN -> " + ATTENTION_BACKEND_NAME
+        compat.override_attention_backend("CPU_ATTN", ATTENTION_BACKEND_PATH)
+        _registered["attention"] = "CPU_ATTN -> " + name
     else:
-        _registered["attention"] = (f"{ATTENTION_BACKEND_NAME} (select with "
-                                    f"attention_config={{'backend': '{ATTENTION_BACKEND_NAME}'}})")
+        _registered["attention"] = f"{name} (select with attention_config={{'backend': '{name}'}})"
 
 
 def _log_summary() -> None:

@@ -1,10 +1,10 @@
 """A vLLM v1 attention backend on dlinfer's paged-attention ops.
 
 vLLM keeps one KV-cache tensor per layer, logically ``[num_blocks, num_kv_heads, block_size, D + Dv]`` with a
-token's key and value packed in the last dimension; the backend's ``supported_kv_cache_layouts()`` picks the
-physical order. ``kv.transpose(1, 2)[..., :D]`` is then a zero-copy ``[num_blocks, block_size, Hk, D]`` view,
-the layout of ``dlinfer.ops`` (last-dim stride 1, other strides arbitrary), so the cache is read and written in
-place in any layout. The preferred layout is LBNHC (token-major blocks, as in LMDeploy).
+token's key and value packed in the last dimension; the backend picks the physical order (the methods differ
+between vLLM releases: ``compat.PackedKVCacheLayout``). ``kv.transpose(1, 2)[..., :D]`` is then a zero-copy
+``[num_blocks, block_size, Hk, D]`` view, the layout of ``dlinfer.ops`` (last-dim stride 1, other strides
+arbitrary), so the cache is read and written in place in any layout. The preferred layout is LBNHC (token-major blocks, as in LMDeploy).
 
 Per batch (vLLM orders decodes first, ``reorder_batch_threshold = 1``):
 
@@ -29,7 +29,7 @@ import dlinfer.ops as dl
 from dlinfer.ops import attention
 from dlinfer.errors import NotSupportedError
 from dlinfer.framework import batch
-from dlinfer.framework.vllm_ext import log_summary_once
+from dlinfer.framework.vllm_ext import compat, log_summary_once
 from dlinfer.framework.vllm_ext.counters import hit
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -41,7 +41,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 __all__ = ["DlinferAttentionBackend", "DlinferAttentionImpl", "DlinferAttentionMetadata",
            "DlinferAttentionMetadataBuilder", "layer_refusals"]
@@ -49,8 +49,9 @@ __all__ = ["DlinferAttentionBackend", "DlinferAttentionImpl", "DlinferAttentionM
 _HOW_TO_OPT_OUT = "set DLINFER_VLLM_DISABLE=attention to run vLLM's own attention backend"
 
 
-class DlinferAttentionBackend(AttentionBackend):
-    """Decoder self-attention through ``dlinfer.ops``; registered as ``DLINFER`` and, on CPU, as ``CPU_ATTN``."""
+class DlinferAttentionBackend(compat.PackedKVCacheLayout, AttentionBackend):
+    """Decoder self-attention through ``dlinfer.ops``; registered as ``DLINFER`` (``CUSTOM`` on vLLM 0.26) and,
+    on CPU, as ``CPU_ATTN``. The KV-cache layout methods come from :class:`compat.PackedKVCacheLayout`."""
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
@@ -58,7 +59,7 @@ class DlinferAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return "DLINFER"
+        return compat.ATTENTION_BACKEND_NAME  # vLLM looks the layer's backend up by this name
 
     @staticmethod
     def get_impl_cls() -> type[DlinferAttentionImpl]:
@@ -75,10 +76,6 @@ class DlinferAttentionBackend(AttentionBackend):
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return []  # any: a vendor that cannot serve a head size falls back to dlinfer's reference vendor
-
-    @classmethod
-    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -18,7 +18,7 @@ import logging
 import torch
 
 import dlinfer.ops as dl
-from dlinfer.framework.vllm_ext import log_summary_once
+from dlinfer.framework.vllm_ext import compat, log_summary_once
 from dlinfer.framework.vllm_ext.counters import hit
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, RoutingMethodType
@@ -44,7 +44,7 @@ def config_refusal(moe: FusedMoEConfig) -> str | None:
         return "expert biases"
     if moe.is_lora_enabled:
         return "LoRA on experts"
-    if moe.has_hash_routing:
+    if compat.moe_has_hash_routing(moe):
         return "hash routing"
     par = moe.moe_parallel_config
     if par.use_ep or par.ep_size > 1:

