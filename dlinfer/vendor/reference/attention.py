@@ -1,4 +1,11 @@
-"""Attention by the definition: per sequence, gather its keys and values, softmax(q k^T * scale) v in fp32."""
+"""Attention by the definition: per sequence, gather its keys and values, softmax(q k^T * scale) v in fp32.
+
+NaN in, NaN out (the contract every vendor keeps): a NaN or Inf in a query row, or in a key or value that row
+can see, makes the row NaN, as softmax's definition does; only rows that see no key at all (a zero-length
+sequence) are zero, decided by lengths and positions, never by values. Cache slots past a sequence's length are
+never read. A NaN value at a position the causal mask hides may still reach earlier rows of its sequence
+(``0 * NaN`` in ``p @ v``, as in torch's SDPA and FlashAttention); the conformance kit does not test that case.
+"""
 
 import torch
 
