@@ -16,6 +16,10 @@ Layouts shared by the three ops (LMDeploy's TND layout):
   ``max_*`` integers are upper bounds only, so a CUDA graph captured at one length replays at any length up
   to the bound. No op here syncs with the host unless ``DLINFER_CHECK=1``.
 * A sequence of length 0 (batch padding under CUDA graphs) produces zeros.
+* NaN in, NaN out: a NaN or Inf in a query row, or in a key or value that row can see, makes the row NaN
+  (never zeros). Only rows that see no key at all (a zero-length sequence) are zero, decided by the lengths,
+  not by the values. Cache slots past a sequence's length are never read. A NaN value at a position the causal
+  mask hides may still reach earlier rows of the same sequence (as in torch's SDPA and FlashAttention).
 * ``attn_output``, when given, is written in place (it may be a strided view, e.g. of the query buffer,
   last-dim stride 1) and returned; otherwise a new ``[T, Hq, Dv]`` tensor is returned.
 """
