@@ -51,7 +51,7 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)  # the same 32 bits, signed
 
 
-__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
+__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "fake_quant_per_token", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
            "quantize_w8a8_weight", "unpack_awq"]
 
 
@@ -78,6 +78,15 @@ def quantize_w8a8_weight(weight: torch.Tensor):
     scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
     q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
     return q, scale, q.float() * scale
+
+
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``x`` quantized per token (last dim) to int8 and dequantized, in x's dtype: what W8A8 does to a linear's
+    input (a float model with this applied before each quantized linear is the W8A8 model's float twin)."""
+    from dlinfer.vendor.reference.quant import quantize_per_token
+
+    q, scale = quantize_per_token(x.float(), torch.int8)
+    return (q.float() * scale).to(x.dtype)
 
 
 def _read(src: Path) -> dict[str, torch.Tensor]:
