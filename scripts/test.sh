@@ -11,8 +11,8 @@ cd "$root"
 suites=${SUITES:-core triton vllm vllm026}
 venv=${DLINFER_VENV:-$root/.venv}
 vllm_venv=${DLINFER_VLLM_VENV:-$root/.venv-vllm}
-echo "[test] suites: $suites. Sets up .venv (and .venv-vllm for vllm) the first time (about 5.5 GB, 5-10 minutes),"
-echo "[test] then runs the tests: about 7 minutes on two cores."
+echo "[test] suites: $suites. The first run sets up their venvs (.venv ~2 GB, .venv-vllm ~3.5 GB, .venv-vllm026"
+echo "[test] for vllm026; a few minutes each), later runs reuse them; then the tests run (core+triton+vllm ~11 min)."
 start=$SECONDS
 bash scripts/setup_env.sh "$venv"
 py="$venv/bin/python"
