@@ -92,7 +92,7 @@ MOE_MODELS = {
 
 # ------------------------------------------------------------------------------------------------- grids
 def grid(part: str, quick: bool) -> list[dict]:
-    """The cases of a benchmark part (the shapes of issue 3 and shared/anchors.md; a subset when quick)."""
+    """The cases of a benchmark part (the anchor shapes of the speed goals; a subset when quick)."""
     if part == "decode":
         batches, ctxs = ((1, 256), (1024, 16384)) if quick else ((1, 16, 64, 256), (1024, 4096, 16384))
         return [dict(batch=b, ctx=c, block=bs) for bs in (64, 16) for b in batches for c in ctxs]
@@ -1144,7 +1144,7 @@ def plan(args: argparse.Namespace) -> str:
 
 
 def print_goals(path: Path) -> None:
-    """The speed goals of issue 3 as benchmarks/report.py judges this run alone (shapes of other runs missing)."""
+    """The speed goals as benchmarks/report.py judges this run alone (shapes of other runs missing)."""
     try:
         from benchmarks import report
 

@@ -1,6 +1,6 @@
 """GPU timing for µs-scale ops: CUDA-graph replay with the L2 flushed, eager call cost, the two ceilings.
 
-GPU time per call (the method of shared/anchors.md, which held within ~1 % across runs): capture one CUDA
+GPU time per call (a method that held within ~1 % across runs): capture one CUDA
 graph of ``n x [128 MB memset; op]`` and one of ``n x [128 MB memset]``, replay both alternately ``reps``
 times, and take ``(median(op graph) - median(memset graph)) / n``. The memset evicts the 50 MB L2, so every
 call reads its inputs from HBM as it would inside a model, and graph replay removes the launch gaps that make

@@ -29,7 +29,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 def require(vendor, op: str) -> None:
-    """Fail (not skip) when the triton vendor lacks a core op: issue 3 asks for every one."""
+    """Fail (not skip) when the triton vendor lacks a core op: the vendor serves every core op on NVIDIA."""
     if not vendor.provides(op):
         pytest.fail(f"the triton vendor does not provide {op}; it provides {sorted(vendor.ops)}")
 

@@ -1,4 +1,4 @@
-"""The call ABI: every dlinfer op LMDeploy 0.18 calls arrives with the arguments of shared/DESIGN.md section 2.
+"""The call ABI: every dlinfer op LMDeploy 0.18 calls arrives with the arguments of the op contract (dlinfer/ops/table.py).
 
 The calls are recorded while LMDeploy's own patched models run (prefill, chunked prefill, decode), so an LMDeploy
 upgrade that changes a call site (argument order, count, keyword names, layouts) fails here loudly.
