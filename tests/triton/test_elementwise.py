@@ -14,7 +14,6 @@ import torch
 import dlinfer.ops as ops
 import dlinfer.vendor
 from dlinfer.errors import NotSupportedError
-from dlinfer.vendor.triton.fused_rotary_kv import rotary_fill_kv_cache
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 DTYPES = list(TOL)
@@ -263,7 +262,7 @@ def test_rotary_fill_kv_cache(dtype, packed, tokens, hq, hk, d, dv, block_size):
     k_cache, v_cache = _caches(num_blocks, block_size, hk, d, dv, dtype, packed)
     rk_cache, rv_cache = _caches(num_blocks, block_size, hk, d, dv, dtype, packed)
     rq, rk = q.clone(), k.clone()
-    rotary_fill_kv_cache(q, k, v, k_cache, v_cache, cos, sin, slots)
+    run("triton", ops.apply_rotary_pos_emb_fill_kv_cache, q, k, v, k_cache, v_cache, cos, sin, slots)
     run("reference", ops.apply_rotary_pos_emb, rq, rk, cos, sin)
     run("reference", ops.fill_kv_cache, rk, v, rk_cache, rv_cache, slots)
     assert_close(q, rq, dtype, "q")
@@ -308,6 +307,8 @@ def test_rotary_fill_kv_cache_rejects_bad_shapes():
     k_cache, v_cache = _caches(1, 16, 1, 16, 16, torch.float32, packed=False)
     cos, sin = _cos_sin(2, 16, torch.float32)
     with pytest.raises(ValueError, match="kv_start_indices"):
-        rotary_fill_kv_cache(q, k, v, k_cache, v_cache, cos, sin, torch.tensor([0, 1, 2]))
+        run("triton", ops.apply_rotary_pos_emb_fill_kv_cache, q, k, v, k_cache, v_cache, cos, sin,
+            torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="key_cache"):
-        rotary_fill_kv_cache(q, k, v, k_cache[..., :8], v_cache, cos, sin, torch.tensor([0, 1]))
+        run("triton", ops.apply_rotary_pos_emb_fill_kv_cache, q, k, v, k_cache[..., :8], v_cache, cos, sin,
+            torch.tensor([0, 1]))

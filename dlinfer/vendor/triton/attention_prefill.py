@@ -51,9 +51,8 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.attention_decode import env_overrides
+from dlinfer.vendor.triton.attention_decode import BLOCK_SIZES, HEAD_SIZES, LOG2E, env_overrides
 
-LOG2E = 1.4426950408889634
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
 
@@ -328,13 +327,12 @@ def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqle
 
 OPS = {"prefill_attention": prefill_attention, "paged_prefill_attention": paged_prefill_attention}
 
-HEAD_SIZES = frozenset(range(16, 257, 8))  # padded to a power of two inside; >= 16 for tl.dot
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 CAPABILITIES = {
     "prefill_attention": Capabilities(dtypes=_DTYPES, head_sizes=HEAD_SIZES, features=frozenset({"non_causal"})),
     "paged_prefill_attention": Capabilities(
-        dtypes=_DTYPES, head_sizes=HEAD_SIZES, block_sizes=frozenset({8, 16, 32, 64, 128, 256}),
+        dtypes=_DTYPES, head_sizes=HEAD_SIZES, block_sizes=BLOCK_SIZES,
         features=frozenset({"strided_cache", "non_causal"})),
 }
 

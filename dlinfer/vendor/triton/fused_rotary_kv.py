@@ -3,8 +3,7 @@ k and the value into the paged cache.
 
 It saves re-reading k after rotation (and one launch) on every layer: ``apply_rotary_pos_emb`` followed by
 ``fill_kv_cache`` reads k twice and writes it twice; this reads it once and writes it twice (in place and into
-the cache). Serves the op ``apply_rotary_pos_emb_fill_kv_cache`` (``dlinfer.ops.fused``);
-:func:`rotary_fill_kv_cache` is the same kernel with its own argument checks, for direct callers.
+the cache). Serves the op ``apply_rotary_pos_emb_fill_kv_cache`` (``dlinfer.ops.fused``), which checks the arguments.
 
 Grid: ``(T, q head groups + k head groups)``; q groups only rotate, k groups rotate, then write k and v to the
 token's slot (slot ``-1``: padding, rotated in place but not cached).
@@ -46,49 +45,6 @@ def _rotary_fill_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr
             tl.store(dst + half, out2.to(kc_ptr.dtype.element_ty), mask=mask)
             _copy_heads(v_ptr, vc_ptr, token, stride_vt, stride_vh, block, offset, stride_vcb, stride_vcs,
                         stride_vch, heads, heads < n_k_heads, head_dim_v, DV)
-
-
-def _check(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices) -> None:
-    for name, t, ndim in (("query", query, 3), ("key", key, 3), ("value", value, 3), ("key_cache", key_cache, 4),
-                          ("value_cache", value_cache, 4), ("cos", cos, 2), ("sin", sin, 2),
-                          ("kv_start_indices", kv_start_indices, 1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-        if t.shape[-1] > 1 and t.stride(-1) != 1 and name != "kv_start_indices":
-            raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {t.stride()}")
-    tokens, _, head_dim = query.shape
-    if head_dim % 2:
-        raise ValueError(f"query's head size must be even for rotate-half rotary, got {head_dim}")
-    if key.shape[0] != tokens or key.shape[2] != head_dim:
-        raise ValueError(f"key must be [{tokens}, Hk, {head_dim}], got {tuple(key.shape)}")
-    if tuple(value.shape[:2]) != tuple(key.shape[:2]):
-        raise ValueError(f"value must be [{tokens}, {key.shape[1]}, Dv], got {tuple(value.shape)}")
-    if tuple(key_cache.shape[2:]) != (key.shape[1], head_dim):
-        raise ValueError(f"key_cache must be [num_blocks, block_size, {key.shape[1]}, {head_dim}], "
-                         f"got {tuple(key_cache.shape)}")
-    if tuple(value_cache.shape) != (*key_cache.shape[:3], value.shape[2]):
-        raise ValueError(f"value_cache must be [{', '.join(map(str, key_cache.shape[:3]))}, {value.shape[2]}], "
-                         f"got {tuple(value_cache.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (tokens, head_dim):
-            raise ValueError(f"{name} must be [{tokens}, {head_dim}], got {tuple(t.shape)}")
-    if kv_start_indices.shape[0] != tokens or kv_start_indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"kv_start_indices must be int32/int64 [{tokens}], got {kv_start_indices.dtype} "
-                         f"{tuple(kv_start_indices.shape)}")
-    if not (query.dtype == key.dtype == value.dtype == key_cache.dtype == value_cache.dtype):
-        raise ValueError("query, key, value, key_cache and value_cache must share one dtype")
-
-
-def rotary_fill_kv_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                         value_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         kv_start_indices: torch.Tensor) -> None:
-    """Rotate ``query`` ``[T, Hq, D]`` and ``key`` ``[T, Hk, D]`` in place (rotate-half, fp32 math) and write the
-    rotated key and ``value`` ``[T, Hk, Dv]`` to ``key_cache``/``value_cache`` ``[NB, BS, Hk, D|Dv]`` (any strides,
-    last-dim stride 1) at ``kv_start_indices`` ``[T]`` (``slot = block * BS + offset``, ``-1`` skipped)."""
-    _check(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
-    _launch(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
 
 
 def _launch(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices) -> None:
