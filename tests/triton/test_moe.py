@@ -144,6 +144,45 @@ def test_fused_moe_tile_configs(poison, config):
     _check_moe(out, ref, dtype)
 
 
+_NARROW = dict(BLOCK_M=16, up=dict(BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2),
+               down=dict(BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2))
+_WIDE = dict(BLOCK_M=32, up=dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2),
+             down=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2))
+
+
+@pytest.mark.parametrize("hot_rows", [20, 1, 10_000])  # some experts hot, every expert hot, none
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_moe_hot_experts_get_their_own_tiles(poison, dtype, hot_rows):
+    """Skewed routing: experts holding >= hot_rows rows run on the wide-tile GEMMs, the others on the narrow
+    ones; every (token, slot) pair is computed exactly once (NaN poison shows a row no GEMM wrote)."""
+    x, gate_up, down, weights, ids = _moe_inputs(70, 48, 40, 6, 2, dtype)
+    ids[:, 0] = 0  # expert 0 is in every token's top-2 (70 rows), the others share the second slot
+    ids[:, 1] = 1 + ids[:, 1] % 5
+    ids[::3, 1] = 1  # expert 1 hot too (>= 24 rows)
+    config = dict(_NARROW, hot=_WIDE, hot_rows=hot_rows)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    _check_moe(out, ref, dtype)
+
+
+def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monkeypatch):
+    """Without a config, a call with enough tokens takes the two-class path (the hot experts' config from
+    tuning.hot_config) and matches the reference."""
+    monkeypatch.setattr(tuning, "hot_config", lambda *a: dict(_WIDE))
+    monkeypatch.setattr(tuning, "launch_config", lambda *a, **k: dict(_NARROW))
+    launched = []
+    real = triton_moe._gemm
+    monkeypatch.setattr(triton_moe, "_gemm", lambda *a, **k: (launched.append((k["hot"], k["block_m"])),
+                                                                 real(*a, **k))[1])
+    x, gate_up, down, weights, ids = _moe_inputs(40, 32, 24, 4, 2, torch.float32)
+    ids[:, 0] = 0
+    ids[:, 1] = 1 + ids[:, 1] % 3
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, False)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, False)
+    _check_moe(out, ref, torch.float32)
+    assert sorted(set(launched)) == [(False, 16), (True, 32)]
+
+
 @pytest.mark.parametrize("max_chunk,chunks_per_step", [(16, 2), (32, 64)])
 def test_fused_moe_sort_in_several_chunks(poison, monkeypatch, max_chunk, chunks_per_step):
     """Small sorting chunks: each pair's row must count the same-expert pairs of all earlier chunks."""
@@ -337,7 +376,8 @@ for cfg in configs:
         out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = compile_sm90(
             moe._moe_gemm_kernel, dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
             dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"], EB=128,
-                 SILU=gemm == "up", EVEN_K=True, PRECISION="tf32", WHILE_LOOP=False), c["num_warps"], c["num_stages"])
+                 HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32", WHILE_LOOP=False),
+            c["num_warps"], c["num_stages"])
 for experts, topk in ((8, 2), (128, 8)):
     chunk = max(16, min(moe.SORT_MAX_CHUNK, moe.SORT_TILE // experts))
     ids = dict(ids_ptr="*i64", rank_ptr="*i32", hist_ptr="*i32", sorted_ptr="*i32", meta_ptr="*i32")
@@ -345,8 +385,8 @@ for experts, topk in ((8, 2), (128, 8)):
                                                  moe.SORT_NUM_WARPS)
     for single in (False, True):
         out[f"scatter E={experts} single={single}"] = compile_sm90(
-            moe._moe_scatter_kernel, ids, dict(CHUNK=chunk, EB=experts, CB=moe.SORT_CHUNKS_PER_STEP, BLOCK_M=64,
-                                               SINGLE_CHUNK=single, WHILE_LOOP=False), moe.SORT_NUM_WARPS)
+            moe._moe_scatter_kernel, ids, dict(CHUNK=chunk, EB=experts, CB=moe.SORT_CHUNKS_PER_STEP, BLOCK_M=32,
+                                               HOT_BLOCK_M=128, SINGLE_CHUNK=single, WHILE_LOOP=False), moe.SORT_NUM_WARPS)
     rows = max(1, min(moe.GATING_MAX_ROWS, moe.GATING_TILE // experts))
     out[f"gating E={experts}"] = compile_sm90(moe._gating_kernel, dict(logits_ptr=bf, weights_ptr="*fp32",
                                               ids_ptr="*i64"), dict(TOPK=topk, ROWS=rows, EB=experts), 4)

@@ -1,22 +1,29 @@
 """Mixture of experts: router gating (softmax + top-k in one kernel) and the fused SwiGLU experts.
 
-``fused_moe`` runs five launches (four when the pairs fit one sorting chunk, as in decode) and no host sync
-(every buffer is sized from ``T * topk`` and ``E``; grids depend on shapes only, so it is CUDA-graph
+``fused_moe`` runs five launches (four when the pairs fit one sorting chunk, as in decode; two more with the
+hot experts' own GEMMs, below) and no host sync (every buffer is sized from ``T * topk`` and ``E``; grids depend on shapes only, so it is CUDA-graph
 capturable), and is deterministic (no atomics):
 
 1. ``_moe_histogram_kernel``: per chunk of the ``N = T * topk`` routed (token, slot) pairs, a per-expert
    histogram and each pair's rank among the chunk's pairs of the same expert (skipped for one chunk: the
    scatter kernel then does it itself).
-2. ``_moe_scatter_kernel``: per chunk, the expert's start (experts padded to ``BLOCK_M`` rows, in expert order)
+2. ``_moe_scatter_kernel``: per chunk, the expert's start (in expert order, each padded to the hot block size)
    plus the counts of earlier chunks plus the rank gives each pair's row in the expert-sorted order: a stable
    counting sort. Program 0 also writes the per-expert block table the GEMMs read.
 3. ``_moe_gemm_kernel`` (gate_up, ``SILU=True``): a grouped GEMM over blocks of ``BLOCK_M`` sorted rows of one
-   expert, gathering the hidden rows, with two accumulators (gate rows and up rows of the same output columns)
-   and ``silu(gate) * up`` in the epilogue, so only ``[N, I]`` activations are written.
+   expert, gathering the hidden rows; the gate and up weight rows of the same output columns are interleaved in
+   one B tile (one wide MMA per K step) and split in the epilogue, ``silu(gate) * up``, so only ``[N, I]``
+   activations are written.
 4. ``_moe_gemm_kernel`` (down): the same grouped GEMM on the activations, into ``[N, H]`` per-pair outputs.
 5. ``_moe_combine_kernel``: ``out[t] = sum_k w[t, k] * y[t, k]`` in fp32 (renormalized if asked), in a fixed
    order: deterministic, no atomics, and the routing weight is applied to the down output rounded to the
    input dtype, exactly as the reference computes it.
+
+Row-count-aware tiles: the host picks tiles from the mean load, but under skewed routing a few experts hold many
+rows. When an expert could (``T >= hot_rows``), the scatter kernel classes each expert on the device by its row
+count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM launches with the wide tiles of
+a heavy load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
+so nothing waits on the host and the call stays capturable.
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
@@ -115,11 +122,15 @@ def _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB: 
 
 
 @triton.jit
-def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pairs, n_experts, n_chunks,
+def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pairs, n_experts, n_chunks, hot_rows,
                         CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, BLOCK_M: tl.constexpr,
-                        SINGLE_CHUNK: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                        HOT_BLOCK_M: tl.constexpr, SINGLE_CHUNK: tl.constexpr, WHILE_LOOP: tl.constexpr):
     """Each pair's row in the expert-sorted order. ``SINGLE_CHUNK``: all pairs fit one chunk, and this one
-    program also does the histogram pass (one launch fewer: the decode case)."""
+    program also does the histogram pass (one launch fewer: the decode case).
+
+    Every expert's rows start at a multiple of ``HOT_BLOCK_M`` (a multiple of ``BLOCK_M``). Experts with at least
+    ``hot_rows`` rows are *hot*: the wide-tile GEMM serves them in blocks of ``HOT_BLOCK_M`` rows, the others are
+    served in blocks of ``BLOCK_M`` (with one tile size, ``HOT_BLOCK_M == BLOCK_M`` and no expert is hot)."""
     chunk = tl.program_id(0)
     experts = tl.arange(0, EB)
     if SINGLE_CHUNK:
@@ -140,14 +151,18 @@ def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pai
         mask = offs < n_pairs
         ids = tl.load(ids_ptr + offs, mask=mask, other=n_experts).to(tl.int32)
         rank = tl.load(rank_ptr + offs, mask=mask, other=0)
-    n_blocks = (total + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(n_blocks, axis=0)
+    segments = (total + HOT_BLOCK_M - 1) // HOT_BLOCK_M
+    row_start = (tl.cumsum(segments, axis=0) - segments) * HOT_BLOCK_M
     if chunk == 0:
-        # The block table the GEMMs read: meta[0, e] = end block of expert e, meta[1, e] = its row count.
-        tl.store(meta_ptr + experts, block_end)
+        # The block tables the GEMMs read, per expert: meta[0] = end block (in BLOCK_M blocks of the experts that
+        # are not hot), meta[1] = row count, meta[2] = first row, meta[3] = end block (HOT_BLOCK_M blocks of the
+        # hot experts).
+        hot = total >= hot_rows
+        tl.store(meta_ptr + experts, tl.cumsum(tl.where(hot, 0, (total + BLOCK_M - 1) // BLOCK_M), axis=0))
         tl.store(meta_ptr + EB + experts, total)
-    first_row = (block_end - n_blocks) * BLOCK_M + earlier
-    base = tl.sum(tl.where(ids[:, None] == experts[None, :], first_row[None, :], 0), axis=1)
+        tl.store(meta_ptr + 2 * EB + experts, row_start)
+        tl.store(meta_ptr + 3 * EB + experts, tl.cumsum(tl.where(hot, segments, 0), axis=0))
+    base = tl.sum(tl.where(ids[:, None] == experts[None, :], (row_start + earlier)[None, :], 0), axis=1)
     # An id outside [0, E) (a contract violation) is dropped here rather than written over another row.
     tl.store(sorted_ptr + base + rank, offs, mask=mask & (ids >= 0) & (ids < n_experts))
 
@@ -156,36 +171,32 @@ def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pai
 
 
 @triton.jit
-def _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
-               SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]`` (and ``acc_up`` with the up rows when ``SILU``)."""
+def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]``. ``b`` needs no column mask: its column offsets are
+    always inside the weight (wrapped; the store drops those columns)."""
     if EVEN_K:
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=n_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0)
     else:
         k_mask = offs_k < k_dim - k0
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if SILU:
-        if EVEN_K:
-            b_up = tl.load(b_ptrs + up_shift + k0, mask=n_mask[None, :], other=0.0)
-        else:
-            b_up = tl.load(b_ptrs + up_shift + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-    return acc, acc_up
+        b = tl.load(b_ptrs + k0, mask=k_mask[:, None], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset, max_blocks,
                      n_experts, stride_am, stride_we, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EB: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                     WHILE_LOOP: tl.constexpr):
-    """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block.
+                     EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+                     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block of
+    ``BLOCK_M`` rows: the blocks of the hot experts (``HOT``) or of the others (see ``_moe_scatter_kernel``).
 
     With ``SILU``: ``out[r, n] = silu(g) * u``, ``g``/``u`` that sum for weight rows ``n`` and ``n + up_offset``
-    (each rounded to the output dtype first, like a separate GEMM would)."""
+    (each rounded to the output dtype first, like a separate GEMM would). The gate and up rows of a tile are
+    interleaved into one ``2 * BLOCK_N`` wide B tile (one MMA per K step, the A tile read once), split apart in
+    the epilogue."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the output columns together, so a weight tile is read from
@@ -197,44 +208,49 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, 
     n_tile = (pid % per_group) // group_rows
 
     experts = tl.arange(0, EB)
-    block_ends = tl.load(meta_ptr + experts, mask=experts < n_experts, other=2147483647)
+    ends_ptr = meta_ptr + 3 * EB if HOT else meta_ptr
+    block_ends = tl.load(ends_ptr + experts, mask=experts < n_experts, other=2147483647)
     expert = tl.sum((block_ends <= m_block).to(tl.int32), axis=0)
-    if expert < n_experts:  # else: a block past the padded total, nothing to do
-        block_end = tl.load(meta_ptr + expert)
+    if expert < n_experts:  # else: a block past this class's total, nothing to do
+        block_end = tl.load(ends_ptr + expert)
         count = tl.load(meta_ptr + EB + expert)
         block_start = block_end - (count + BLOCK_M - 1) // BLOCK_M
         local = (m_block - block_start) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = local < count
-        rows = tl.load(sorted_ptr + m_block * BLOCK_M + tl.arange(0, BLOCK_M), mask=row_mask, other=0)
+        first_row = tl.load(meta_ptr + 2 * EB + expert)
+        rows = tl.load(sorted_ptr + first_row + local, mask=row_mask, other=0)
         a_rows = (rows // a_row_div).to(tl.int64)
 
-        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_out
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        up_shift = up_offset * stride_wn  # < 2**31 elements: I * H of one expert
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SILU:
+            # B column c is weight row n_tile * BLOCK_N + c // 2 (+ up_offset for odd c): gate, up, gate, ...
+            cols = tl.arange(0, 2 * BLOCK_N)
+            w_rows = (n_tile * BLOCK_N + cols // 2) % n_out + (cols % 2) * up_offset
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        else:
+            w_rows = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
             k0 = 0
             while k0 < k_dim:
-                acc, acc_up = _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
-                                         SILU, EVEN_K, PRECISION)
+                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
                 k0 += BLOCK_K
         else:
             for k0 in range(0, k_dim, BLOCK_K):
-                acc, acc_up = _gemm_step(acc, acc_up, a_ptrs, b_ptrs, k0, k_dim, up_shift, row_mask, n_mask, offs_k,
-                                         SILU, EVEN_K, PRECISION)
+                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
         out_dtype = out_ptr.dtype.element_ty
         if SILU:
-            gate = acc.to(out_dtype).to(tl.float32)
-            up = acc_up.to(out_dtype).to(tl.float32)
+            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+            gate = gate.to(out_dtype).to(tl.float32)
+            up = up.to(out_dtype).to(tl.float32)
             result = (gate * tl.sigmoid(gate) * up).to(out_dtype)
         else:
             result = acc.to(out_dtype)
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, result, mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(out_ptrs, result, mask=row_mask[:, None] & (offs_n < n_out)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- combine
@@ -282,7 +298,7 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
 
 
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
-          block_m, silu, cfg):
+          block_m, hot, silu, cfg):
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
     precision = "tf32"  # the default; ignored for 16-bit operands
     if a.dtype == torch.float32:
@@ -292,7 +308,7 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
     _moe_gemm_kernel[grid](
         a, weight, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, SILU=silu,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, HOT=hot, SILU=silu,
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -315,6 +331,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         return out
     if inter == 0:
         return out.zero_()
+    config_given = config
     if config is None:
         def run(cand):
             return fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize,
@@ -324,6 +341,20 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
                                       autotune=lambda cands: tuning.pick_fastest(run, cands))
     cfg = config
     block_m = cfg["BLOCK_M"]
+    # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
+    # hold at least ``hot_rows`` rows get the wide tiles of a heavy load instead, in a second pair of GEMM
+    # launches; an expert holds at most ``tokens`` rows, so small calls never need it.
+    hot_cfg = cfg.get("hot") if "hot" in cfg else (
+        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter) if config_given is None
+        else None)
+    hot_rows = 0
+    if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
+        hot_rows = cfg.get("hot_rows", hot_cfg["BLOCK_M"])
+        if tokens < hot_rows:
+            hot_cfg, hot_rows = None, 0
+    else:
+        hot_cfg = None
+    hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
     x = _rows_contiguous(hidden_states)
     w_up = _rows_contiguous(gate_up_weights)
     w_down = _rows_contiguous(down_weights)
@@ -335,14 +366,16 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     eb = triton.next_power_of_2(experts)
     chunk = max(16, min(SORT_MAX_CHUNK, SORT_TILE // eb, triton.next_power_of_2(pairs)))
     n_chunks = triton.cdiv(pairs, chunk)
-    # Every non-empty expert pads to a multiple of BLOCK_M: at most pairs / BLOCK_M + min(E, pairs) blocks.
+    # Every non-empty expert pads to a multiple of its block: at most pairs / BLOCK_M + min(E, pairs) blocks; hot
+    # experts hold >= hot_rows rows each, so there are at most pairs // hot_rows of them.
     max_blocks = triton.cdiv(pairs, block_m) + min(experts, pairs)
+    max_hot_blocks = triton.cdiv(pairs, hot_m) + min(experts, pairs // hot_rows) if hot_cfg is not None else 0
 
     i32 = dict(dtype=torch.int32, device=device)
     rank = torch.empty(pairs, **i32)
     hist = torch.empty(n_chunks, eb, **i32)
-    meta = torch.empty(2, eb, **i32)
-    sorted_rows = torch.empty(max_blocks * block_m, **i32)
+    meta = torch.empty(4, eb, **i32)
+    sorted_rows = torch.empty((triton.cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
     act = torch.empty(pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
@@ -350,14 +383,20 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     if not single:
         _moe_histogram_kernel[(n_chunks,)](ids, rank, hist, pairs, experts, CHUNK=chunk, EB=eb,
                                            num_warps=SORT_NUM_WARPS)
-    _moe_scatter_kernel[(n_chunks,)](ids, rank, hist, sorted_rows, meta, pairs, experts, n_chunks, CHUNK=chunk,
+    _moe_scatter_kernel[(n_chunks,)](ids, rank, hist, sorted_rows, meta, pairs, experts, n_chunks,
+                                     hot_rows if hot_cfg is not None else pairs + 1, CHUNK=chunk,
                                      EB=eb, CB=min(SORT_CHUNKS_PER_STEP, triton.next_power_of_2(n_chunks)),
-                                     BLOCK_M=block_m, SINGLE_CHUNK=single, WHILE_LOOP=device.type == "cpu",
-                                     num_warps=SORT_NUM_WARPS)
-    _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
-          max_blocks=max_blocks, experts=experts, eb=eb, block_m=block_m, silu=True, cfg=cfg["up"])
-    _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
-          max_blocks=max_blocks, experts=experts, eb=eb, block_m=block_m, silu=False, cfg=cfg["down"])
+                                     BLOCK_M=block_m, HOT_BLOCK_M=hot_m, SINGLE_CHUNK=single,
+                                     WHILE_LOOP=device.type == "cpu", num_warps=SORT_NUM_WARPS)
+    classes = [(False, block_m, max_blocks, cfg)]
+    if hot_cfg is not None:
+        classes.append((True, hot_m, max_hot_blocks, hot_cfg))
+    for hot, bm, blocks, c in classes:
+        _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
+              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=True, cfg=c["up"])
+    for hot, bm, blocks, c in classes:
+        _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
+              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"])
     block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),

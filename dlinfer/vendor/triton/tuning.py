@@ -47,7 +47,8 @@ def _cfg(block_m, up, down):
 
 
 # Tiers by expected rows per expert (T * topk / E), smallest first: (upper bound, config). BLOCK_M is shared by
-# both GEMMs (the sorting's padding unit); "up" = gate_up GEMM + SiLU (two accumulators), "down" = down GEMM.
+# both GEMMs (the sorting's padding unit); "up" = gate_up GEMM + SiLU (BLOCK_N gate and BLOCK_N up
+# rows in one interleaved tile), "down" = down GEMM.
 # Decode tiers stream the weights with narrow programs; prefill tiers are compute-bound (large tiles, GROUP_M
 # swizzle for L2 reuse). Measured on an H100 SXM (CUDA-graph replay, L2 flushed, against LMDeploy's kernel).
 H100_TIERS: list[tuple[float, dict]] = [
@@ -59,15 +60,14 @@ H100_TIERS: list[tuple[float, dict]] = [
 ]
 
 # Measured on an H200 (2026-12-04): a coordinate-descent sweep per shape against LMDeploy's kernel in the same
-# run (benchmarks/moe_tune.py) gave the best config per measured shape; wider tiles at 128+ rows per expert
-# (4-stage down GEMM; 64 x 2*256 gate_up tiles), which won candidate comparisons in benchmarks/moe_bench.py
-# --candidates, are the two upper tiers (shapes without an entry).
+# run (benchmarks/moe_tune.py) gave the best config per measured shape; from 96 rows per expert up, 128-row
+# blocks with 2 x 128-wide gate_up tiles and 256-wide down tiles (4 stages) won the candidate comparisons of
+# benchmarks/moe_bench.py --candidates on six shapes with the single-MMA gate_up kernel (the upper tier).
 H200_TIERS: list[tuple[float, dict]] = [
     (2, _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))),
     (10, _cfg(16, (32, 128, 4, 4, 4), (64, 128, 1, 4, 3))),
     (24, _cfg(32, (64, 128, 8, 4, 3), (64, 128, 4, 4, 3))),
     (96, _cfg(64, (64, 64, 1, 4, 4), (128, 64, 8, 8, 4))),
-    (192, _cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3))),
     (math.inf, _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4))),
 ]
 H200_SHAPES: dict[str, dict] = {
@@ -75,30 +75,22 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E8:k2:H4096:I14336:T64": _cfg(32, (64, 128, 4, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E8:k2:H4096:I14336:T256": _cfg(128, (128, 64, 1, 8, 4), (128, 128, 1, 8, 3)),
     "bfloat16:E8:k2:H4096:I14336:T512": _cfg(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4)),
-    "bfloat16:E8:k2:H4096:I14336:T2048": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 16, 8, 3)),
+    "bfloat16:E8:k2:H4096:I14336:T2048": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4)),
     "bfloat16:E8:k2:H4096:I14336:T4096": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E8:k2:H4096:I14336:T8192": _cfg(128, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E128:k8:H2048:I768:T1": _cfg(16, (32, 128, 1, 4, 4), (128, 128, 1, 8, 3)),
     "bfloat16:E128:k8:H2048:I768:T64": _cfg(16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E128:k8:H2048:I768:T256": _cfg(32, (64, 128, 16, 4, 3), (64, 128, 4, 4, 3)),
     "bfloat16:E128:k8:H2048:I768:T512": _cfg(64, (64, 128, 4, 4, 3), (128, 64, 8, 4, 4)),
-    "bfloat16:E128:k8:H2048:I768:T2048": _cfg(64, (64, 64, 1, 4, 4), (128, 64, 4, 8, 4)),
-    "bfloat16:E128:k8:H2048:I768:T4096": _cfg(128, (128, 64, 1, 8, 4), (256, 64, 1, 8, 3)),
-    "bfloat16:E128:k8:H2048:I768:T8192": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3)),
     "bfloat16:E64:k6:H2048:I1408:T1": _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4)),
     "bfloat16:E64:k6:H2048:I1408:T64": _cfg(16, (32, 128, 4, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E64:k6:H2048:I1408:T256": _cfg(32, (64, 128, 8, 4, 3), (128, 64, 4, 4, 4)),
     "bfloat16:E64:k6:H2048:I1408:T512": _cfg(64, (64, 64, 1, 4, 4), (128, 64, 1, 8, 4)),
-    "bfloat16:E64:k6:H2048:I1408:T2048": _cfg(128, (128, 64, 8, 8, 4), (128, 64, 1, 4, 4)),
-    "bfloat16:E64:k6:H2048:I1408:T4096": _cfg(128, (128, 64, 4, 8, 4), (256, 64, 1, 8, 3)),
-    "bfloat16:E64:k6:H2048:I1408:T8192": _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3)),
     "bfloat16:E16:k2:H4096:I6400:T1": _cfg(16, (64, 128, 1, 4, 3), (32, 128, 1, 4, 4)),
     "bfloat16:E16:k2:H4096:I6400:T64": _cfg(32, (64, 128, 1, 4, 3), (32, 128, 1, 4, 4)),
     "bfloat16:E16:k2:H4096:I6400:T256": _cfg(64, (64, 64, 1, 4, 4), (64, 128, 1, 4, 3)),
     "bfloat16:E16:k2:H4096:I6400:T512": _cfg(64, (64, 64, 16, 4, 4), (128, 64, 8, 8, 4)),
-    "bfloat16:E16:k2:H4096:I6400:T2048": _cfg(128, (128, 64, 16, 8, 4), (256, 64, 8, 8, 3)),
     "bfloat16:E16:k2:H4096:I6400:T4096": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
-    "bfloat16:E16:k2:H4096:I6400:T8192": _cfg(128, (128, 64, 16, 8, 3), (256, 64, 8, 8, 3)),
     "bfloat16:E256:k8:H7168:I512:T1": _cfg(16, (32, 128, 4, 4, 4), (128, 64, 1, 4, 4)),
 }
 
@@ -119,6 +111,7 @@ CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
     _cfg(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4)),
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
     _cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
+    _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4)),
 ]
 AUTOTUNE_MAX_S = 20.0  # per shape bucket
 AUTOTUNE_REPS = 5
@@ -208,6 +201,7 @@ def clear(card: str | None = None) -> list[Path]:
             removed.append(p)
     with _lock:
         _memo.clear()
+        _hot_memo.clear()
         _disk.clear()
     return removed
 
@@ -216,6 +210,7 @@ def clear(card: str | None = None) -> list[Path]:
 
 _lock = threading.Lock()
 _memo: dict[tuple, tuple[dict, str]] = {}  # (card, key) -> (config, source): what is in force in this process
+_hot_memo: dict[tuple, dict] = {}  # (card, dtype, E, topk, hidden, inter) -> the hot experts' config
 _disk: dict[str, dict] = {}  # card -> its cache file's entries (read once per process)
 _cards: dict[int, str] = {}
 
@@ -288,6 +283,23 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
             logger.info("dlinfer: fused_moe %s on %s: %s", key, card, source)
     _memo[memo_key] = (cfg, source)
     return cfg
+
+
+# Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
+# with the config this card uses at HOT_LOAD rows per expert (tables, cache or generic tiers; never autotuned for
+# this, as the call's own tensors have another load).
+HOT_LOAD = 512
+
+
+def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int) -> dict:
+    """The config of the hot experts' GEMMs for this problem on ``device``."""
+    card = card_name(device)
+    key = (card, dtype, experts, topk, hidden, inter)
+    hit = _hot_memo.get(key)
+    if hit is None:
+        tokens = max(1, HOT_LOAD * experts // max(topk, 1))
+        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, tokens)[0]
+    return hit
 
 
 def candidates(first: dict) -> list[dict]:
@@ -442,6 +454,7 @@ def main(argv=None) -> int:
             with _lock:
                 _disk.setdefault(card, {})[key] = cfg
                 _memo.clear()
+                _hot_memo.clear()
             print(f"{key}: {us:9.1f} us  BLOCK_M={cfg['BLOCK_M']} up={cfg['up']} down={cfg['down']}", flush=True)
     print(f"cached in {path}")
     return 0
