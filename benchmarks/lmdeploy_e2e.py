@@ -46,8 +46,9 @@ MODELS = {
     # name: (tiny_models REAL_SHAPES key, description, default layers, full layers)
     "llama8b": ("llama3-8b", "Llama-3-8B shape", 32, 32),
     "qwen3moe": ("qwen3-30b-a3b", "Qwen3-30B-A3B shape", 12, 48),
+    "mixtral": ("mixtral-8x7b", "Mixtral-8x7B shape", 8, 32),
 }
-QUICK_LAYERS = {"llama8b": 8, "qwen3moe": 6}
+QUICK_LAYERS = {"llama8b": 8, "qwen3moe": 6, "mixtral": 4}
 WARMUPS = {"full": "one untimed pass of a like workload (other prompts)",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
 
@@ -73,6 +74,7 @@ class RunSpec:
     result_path: str
     profile: bool = False
     warmup: str = "full"  # full | short
+    timed_passes: int = 1
 
     @property
     def name(self) -> str:
@@ -297,8 +299,15 @@ def run_child(spec: RunSpec) -> None:
     warmup_s = time.perf_counter() - t0
     warmup_compiles = compiles.take()
 
-    duration, records = run(prompts)
+    # The timed pass, --timed-passes times over the same prompts: their spread is the run-to-run noise of the
+    # throughput (the median pass is reported).
+    passes = []
+    for _ in range(max(1, spec.timed_passes)):
+        duration, records = run(prompts)
+        passes.append((duration, records))
     timed_compiles = compiles.take()
+    durations = [d for d, _ in passes]
+    duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
     out_tokens = sum(len(r["tokens"]) for r in records)
@@ -325,7 +334,11 @@ def run_child(spec: RunSpec) -> None:
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
         "total_tok_s": (out_tokens + in_tokens) / duration,
+        "pass_output_tok_s": [round(out_tokens / d, 1) for d in durations],
+        "pass_spread": round((max(durations) - min(durations)) / duration, 4),
         "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
+        "median_ttft_s": sorted(ttft)[len(ttft) // 2] if ttft else None,
+        "p99_ttft_s": sorted(ttft)[min(len(ttft) - 1, (len(ttft) * 99) // 100)] if ttft else None,
         "mean_tpot_s": sum(tpot) / len(tpot) if tpot else None,
         "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "max_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
@@ -470,7 +483,8 @@ def environment() -> dict:
 
 def plan(args) -> list[tuple[str, str, str, int]]:
     """(model, backend, mode, tp) of every run, in order."""
-    models = list(MODELS) if args.model == "all" else [args.model]
+    chosen = [args.model] if isinstance(args.model, str) else args.model
+    models = list(MODELS) if "all" in chosen else list(dict.fromkeys(chosen))
     modes = ["eager", "graph"] if args.mode == "both" else [args.mode]
     backends = ["stock", "dlinfer"] if args.backend == "both" else [args.backend]
     runs = []
@@ -622,7 +636,8 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=list(MODELS) + ["all"], default="llama8b")
+    parser.add_argument("--model", choices=list(MODELS) + ["all"], nargs="+", default=["llama8b"],
+                        help="one or more models, or all (default %(default)s)")
     parser.add_argument("--mode", choices=["eager", "graph", "both"], default="both")
     parser.add_argument("--backend", choices=["stock", "dlinfer", "both"], default="both")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (2 on the two-GPU machine)")
@@ -652,6 +667,8 @@ def main(argv=None) -> int:
                              "folder or $OUT")
     parser.add_argument("--warmup", choices=["full", "short"], default="full",
                         help="before timing, one pass of a like workload (full) or of 16 prompts (short)")
+    parser.add_argument("--timed-passes", type=int, default=1,
+                        help="timed passes over the same prompts; the median is reported, the spread is the noise")
     parser.add_argument("--oracle-prompts", type=int, default=16,
                         help="score every run's tokens on this many prompts against transformers in float32 "
                              "(teacher-forced; 0: off)")
@@ -740,6 +757,7 @@ def main(argv=None) -> int:
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
                        max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
+                       timed_passes=args.timed_passes,
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{backend}_{mode}_tp{tp}.json")
         log(f"[run] {name}")
         t0 = time.perf_counter()
@@ -764,7 +782,9 @@ def main(argv=None) -> int:
         timed_jit = result.get("triton_compiles_timed") or {}
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
             f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s; Triton compiles in the "
-            f"timed pass: {timed_jit.get('count', '?')}, {timed_jit.get('seconds', '?')} s)")
+            f"timed pass: {timed_jit.get('count', '?')}, {timed_jit.get('seconds', '?')} s; passes "
+            f"{result.get('pass_output_tok_s')}, spread {result.get('pass_spread', 0):.1%}; TTFT median "
+            f"{1e3 * (result.get('median_ttft_s') or 0):.0f} ms, p99 {1e3 * (result.get('p99_ttft_s') or 0):.0f} ms)")
         for row in (result.get("profile_top_kernels") or [])[:12]:
             log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
                 f"{row['kernel'][:90]}")
