@@ -83,26 +83,57 @@ def parse_bool(name: str, raw: str | None, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r}: expected one of {', '.join(TRUE + FALSE)} (or unset)")
 
 
-_bool_memo: dict[tuple[str, str | None], bool] = {}
+_bool_memo: dict[tuple[str, object], bool] = {}
+
+# ``os.environ.get`` encodes the name and decodes the value on every call (~1 µs); the mapping underneath
+# (CPython's ``os.environ._data``, the encoded names and values that ``os.environ`` keeps up to date) answers in
+# ~25 ns, and the op path reads DLINFER_CHECK on every call. Where it is missing, os.environ itself is read.
+_environ_data = getattr(os.environ, "_data", None)
+_encodekey = getattr(os.environ, "encodekey", None)
+if not isinstance(_environ_data, dict) or _encodekey is None:
+    _environ_data = None
+_encoded: dict[str, object] = {}
+
+
+def _raw(name: str):
+    """The variable's current value in the environment, in whatever form is cheapest to read (only compared and
+    memoized; :func:`flag` decodes it once per distinct value)."""
+    if _environ_data is None:
+        return os.environ.get(name)
+    key = _encoded.get(name)
+    if key is None:
+        key = _encoded[name] = _encodekey(name)
+    return _environ_data.get(key)
 
 
 def flag(name: str) -> bool:
     """A boolean variable's current value (read from the environment now)."""
-    raw = os.environ.get(name)
+    raw = _raw(name)
     key = (name, raw)
     hit = _bool_memo.get(key)
     if hit is None:
         var = _variable(name)
         if var.kind != "bool":
             raise TypeError(f"{name} is not a boolean setting")
-        hit = parse_bool(name, raw, var.default == "1")
+        hit = parse_bool(name, os.environ.get(name), var.default == "1")
         _bool_memo[key] = hit
     return hit
 
 
 def check_values() -> bool:
-    """``DLINFER_CHECK``."""
-    return flag("DLINFER_CHECK")
+    """``DLINFER_CHECK``, read now (on accelerators, at every op call: one dict lookup, see :func:`_raw`)."""
+    raw = _raw("DLINFER_CHECK") if _environ_data is None else _environ_data.get(_CHECK_KEY)
+    if raw is None:
+        return _CHECK_UNSET
+    hit = _check_memo.get(raw)
+    if hit is None:
+        hit = _check_memo[raw] = flag("DLINFER_CHECK")  # a value that does not parse raises at every call
+    return hit
+
+
+_CHECK_KEY = None if _environ_data is None else _encodekey("DLINFER_CHECK")
+_CHECK_UNSET = parse_bool("DLINFER_CHECK", None, _BY_NAME["DLINFER_CHECK"].default == "1")
+_check_memo: dict[object, bool] = {}
 
 
 def text(name: str) -> str:

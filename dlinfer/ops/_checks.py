@@ -109,9 +109,31 @@ def distinct(**tensors: torch.Tensor) -> None:
                                  "(one is written in place)")
 
 
+#: Device types whose tensors live in host memory: value checks cost no sync there, so they (and the check of
+#: each vendor result) always run. ``"cpu"``, or nothing: the benchmarks model an accelerator on the CPU by
+#: emptying it (:func:`set_host_device_types`).
+HOST_DEVICE_TYPES: frozenset[str] = frozenset({"cpu"})
+_cpu_is_host = True
+
+
+def set_host_device_types(types: frozenset[str]) -> None:
+    """Replace :data:`HOST_DEVICE_TYPES` (``{"cpu"}`` or empty); the ops' cached vendor choices are dropped."""
+    global HOST_DEVICE_TYPES, _cpu_is_host
+    types = frozenset(types)
+    if not types <= {"cpu"}:
+        raise ValueError(f"host device types are 'cpu' or none, got {sorted(types)}")
+    HOST_DEVICE_TYPES, _cpu_is_host = types, "cpu" in types
+    from dlinfer.vendor.registry import REGISTRY
+
+    REGISTRY.clear_selection_cache()
+
+
 def values_checked(*tensors: torch.Tensor) -> bool:
     """Whether checks that read tensor values run for these tensors (see module doc)."""
-    if all(t.device.type == "cpu" for t in tensors if t is not None):
+    for t in tensors:
+        if t is not None and not (_cpu_is_host and t.is_cpu):
+            break
+    else:
         return True
     if not settings.check_values():
         return False

@@ -196,6 +196,8 @@ class Registry:
         self._overrides: dict[str | None, str | None] = {}
         # Call.key() -> (vendor, implementation): the per-call path (implementation_for) never builds a Call.
         self._selection_cache: dict[tuple, tuple[Vendor, Callable[..., Any]]] = {}
+        # The per-op caches of the eager call path (site_cache): cleared with the selection cache.
+        self._site_caches: list[dict] = []
         self._warned: set[tuple[str, ...]] = set()
 
     # ---------------------------------------------------------------------------------- vendors
@@ -207,12 +209,12 @@ class Registry:
             if vendor.name in self._vendors and not replace and self._vendors[vendor.name] is not vendor:
                 raise ValueError(f"a vendor named {vendor.name!r} is already registered")
             self._vendors[vendor.name] = vendor
-            self._selection_cache.clear()
+            self._forget_selections()
 
     def unregister_vendor(self, name: str) -> None:
         with self._lock:
             self._vendors.pop(name, None)
-            self._selection_cache.clear()
+            self._forget_selections()
 
     def vendors(self) -> dict[str, Vendor]:
         """All registered vendors by name."""
@@ -295,13 +297,13 @@ class Registry:
             self.get_vendor(name)
         with self._lock:
             self._overrides[op] = name
-            self._selection_cache.clear()
+            self._forget_selections()
 
     def clear_overrides(self) -> None:
         """Drop every override (and the cached choices: environment variables are read again)."""
         with self._lock:
             self._overrides.clear()
-            self._selection_cache.clear()
+            self._forget_selections()
 
     @contextlib.contextmanager
     def forced(self, vendor: str | None, op: str | None = None) -> Iterator[None]:
@@ -312,7 +314,7 @@ class Registry:
         with self._lock:
             had, previous = op in self._overrides, self._overrides.get(op)
             self._overrides[op] = vendor
-            self._selection_cache.clear()
+            self._forget_selections()
         try:
             yield
         finally:
@@ -321,7 +323,7 @@ class Registry:
                     self._overrides[op] = previous
                 else:
                     self._overrides.pop(op, None)
-                self._selection_cache.clear()
+                self._forget_selections()
 
     def forced_vendor(self, op: str) -> tuple[str | None, str]:
         """The vendor forced for ``op`` and where the force comes from (``""`` when none)."""
@@ -355,7 +357,7 @@ class Registry:
             self._discovered = snap.discovered
             self._overrides = dict(snap.overrides)
             self._warned = set(snap.warned)
-            self._selection_cache.clear()
+            self._forget_selections()
 
     @contextlib.contextmanager
     def pinned(self, *names: str) -> Iterator[None]:
@@ -367,7 +369,7 @@ class Registry:
             raise ValueError(f"pinned: unknown vendor(s) {unknown}; registered: {sorted(snap.vendors)}")
         with self._lock:
             self._vendors = {n: v for n, v in snap.vendors.items() if n in names}
-            self._selection_cache.clear()
+            self._forget_selections()
         try:
             yield
         finally:
@@ -379,12 +381,39 @@ class Registry:
             self._vendors.clear()
             self._load_errors.clear()
             self._discovered = False
-            self._selection_cache.clear()
+            self._forget_selections()
         self._discover()
 
     def clear_selection_cache(self) -> None:
         """Forget cached vendor choices (the next call of each op selects again, e.g. after env changes)."""
+        with self._lock:
+            self._forget_selections()
+
+    def _forget_selections(self) -> None:
+        """Under the lock: every cached choice goes, the per-op caches of the call path too."""
         self._selection_cache.clear()
+        for cache in self._site_caches:
+            cache.clear()
+
+    def site_cache(self) -> dict:
+        """A new, empty per-op cache for the eager call path of one op (``dlinfer.ops._dispatch``). It maps
+        whatever key the op chooses (its cheapest description of the call's metadata) to what
+        :meth:`fill_site` stored; the registry empties it, under its lock, whenever the choice could change
+        (vendors registered or removed, overrides, pinned/restore, :meth:`clear_selection_cache`)."""
+        cache: dict = {}
+        with self._lock:
+            self._site_caches.append(cache)
+        return cache
+
+    def fill_site(self, cache: dict, site_key: Any, call: Call,
+                  make: Callable[[Vendor, Callable[..., Any]], Any]) -> Any:
+        """Select for ``call`` and store ``make(vendor, implementation)`` in ``cache`` (a :meth:`site_cache`)
+        under ``site_key``, all under the lock: an override changed meanwhile by another thread clears the
+        cache after the entry is stored, never before, so no entry outlives the state it was chosen in."""
+        with self._lock:
+            vendor, impl = self.select(call)
+            value = cache[site_key] = make(vendor, impl)
+            return value
 
     # -------------------------------------------------------------------------------- selection
     def candidates(self, device_type: str) -> list[Vendor]:
