@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import eager, run, selector
+
+_select = selector("silu_and_mul")
+_FLOATS = _checks.FLOAT_DTYPES
 
 
 def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
-    return implementation("silu_and_mul", x)(x)
+    return _select(x)(x)
 
 
 _silu_and_mul = table.define("silu_and_mul", _silu_and_mul_impl)
@@ -25,6 +28,8 @@ def silu_and_mul(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         A new tensor of ``x``'s shape with ``dim`` halved, in ``x``'s dtype.
     """
+    if eager(x) and x.dtype in _FLOATS and type(dim) is int and dim == -1 and x.dim() > 0 and not x.shape[-1] % 2:
+        return _silu_and_mul_impl(x)  # the common call, its checks in one expression
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     dim = _checks.integer("dim", dim)
     if x.dim() == 0:

@@ -7,11 +7,15 @@ from typing import Any
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import eager, run, selector
+
+_select = selector("linear")
+_FLOATS = _checks.FLOAT_DTYPES
+_Tensor = torch.Tensor
 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return implementation("linear", x)(x, weight, bias)
+    return _select(x)(x, weight, bias)
 
 
 _linear = table.define("linear", _linear_impl)
@@ -38,6 +42,12 @@ def linear(
         all_reduce: sum the result over ``group`` (row-parallel layers) with ``torch.distributed``.
         group: ``''`` for the default process group, or a ``torch.distributed.ProcessGroup``.
     """
+    if (not all_reduce and eager(x) and isinstance(weight, _Tensor) and x.dtype in _FLOATS
+            and weight.dtype is x.dtype and weight.dim() == 2 and x.dim() > 0 and weight.shape[1] == x.shape[-1]
+            and weight.device == x.device
+            and (bias is None or (isinstance(bias, _Tensor) and bias.dtype is x.dtype and bias.dim() == 1
+                                  and bias.shape[0] == weight.shape[0] and bias.device == x.device))):
+        return _linear_impl(x, weight, bias)  # the common call, its checks in one expression
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=(x.dtype,))
     if x.dim() == 0:

@@ -8,11 +8,17 @@ import torch
 
 from dlinfer.errors import NotSupportedError
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import eager, run, selector
+
+_select_gating = selector("moe_gating_topk_softmax")
+_select_fused_moe = selector("fused_moe")
+_FLOATS = _checks.FLOAT_DTYPES
+_INDEX = _checks.INDEX_DTYPES
+_Tensor = torch.Tensor
 
 
 def _moe_gating_topk_softmax_impl(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation("moe_gating_topk_softmax", router_logits)(router_logits, topk)
+    return _select_gating(router_logits)(router_logits, topk)
 
 
 _moe_gating_topk_softmax = table.define("moe_gating_topk_softmax", _moe_gating_topk_softmax_impl)
@@ -30,7 +36,7 @@ def _fused_moe_impl(
         _checks.in_range(
             "topk_ids", topk_ids, 0, gate_up_weights.shape[0], f"expert ids of {gate_up_weights.shape[0]} experts"
         )
-    impl = implementation("fused_moe", hidden_states)
+    impl = _select_fused_moe(hidden_states)
     return impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
 
 
@@ -45,6 +51,17 @@ def _check_metadata(moe_metadata: Any) -> None:
             f"moe_metadata.ep_size={moe_metadata.ep_size}: expert parallelism is not "
             "supported by dlinfer's in-tree vendors; use tensor parallelism (ep_size=1)"
         )
+
+
+def _plain_metadata(moe_metadata: Any, gating: bool = False) -> bool:
+    """No metadata, or metadata that :func:`_check_metadata` (and, for gating, the grouped-routing check)
+    accepts."""
+    if moe_metadata is None:
+        return True
+    if getattr(moe_metadata, "ep_size", 1) not in (None, 1):
+        return False
+    groups = getattr(moe_metadata, "router_n_groups", -1) if gating else None
+    return groups is None or groups <= 1
 
 
 def moe_gating_topk_softmax(
@@ -62,6 +79,9 @@ def moe_gating_topk_softmax(
         ``(weights, ids)``: ``[T, topk]`` float32 softmax probabilities (not renormalized) in descending
         order, and ``[T, topk]`` int64 expert ids. Ties go to the lower expert id.
     """
+    if (_plain_metadata(moe_metadata, gating=True) and eager(router_logits) and router_logits.dtype in _FLOATS
+            and router_logits.dim() == 2 and type(topk) is int and 1 <= topk <= router_logits.shape[1]):
+        return _moe_gating_topk_softmax_impl(router_logits, topk)  # the common call, checked in one expression
     _checks.tensor("router_logits", router_logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     topk = _checks.integer("topk", topk, minimum=1)
     if topk > router_logits.shape[1]:
@@ -104,6 +124,26 @@ def check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, to
     return topk
 
 
+def _plain_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize) -> bool:
+    """The common call of ``fused_moe`` in eager mode, checked in one expression: when it holds,
+    :func:`check_experts` and the device check pass."""
+    if not (eager(hidden_states) and isinstance(gate_up_weights, _Tensor) and isinstance(down_weights, _Tensor)
+            and isinstance(topk_weights, _Tensor) and isinstance(topk_ids, _Tensor) and type(topk) is int
+            and type(renormalize) is bool and hidden_states.dim() == 2 and gate_up_weights.dim() == 3
+            and down_weights.dim() == 3 and topk_weights.dim() == 2 and topk_ids.dim() == 2):
+        return False
+    dtype, device = hidden_states.dtype, hidden_states.device
+    tokens, hidden = hidden_states.shape
+    experts, two_inter, gate_up_hidden = gate_up_weights.shape
+    pair = (tokens, topk)
+    return (dtype in _FLOATS and gate_up_weights.dtype is dtype and down_weights.dtype is dtype
+            and topk_weights.dtype in _FLOATS and topk_ids.dtype in _INDEX and gate_up_hidden == hidden
+            and not two_inter % 2 and down_weights.shape == (experts, hidden, two_inter // 2)
+            and topk_ids.shape == pair and topk_weights.shape == pair and 1 <= topk <= experts
+            and gate_up_weights.device == device and down_weights.device == device
+            and topk_weights.device == device and topk_ids.device == device)
+
+
 def fused_moe(
     hidden_states: torch.Tensor,
     gate_up_weights: torch.Tensor,
@@ -132,6 +172,9 @@ def fused_moe(
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype.
     """
+    if (chunked_moe_layout is None and _plain_metadata(moe_metadata)
+            and _plain_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize)):
+        return _fused_moe_impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
     topk = check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize,
                          (hidden_states.dtype,))
     _checks.same_device(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import eager, run, selector
+
+_select = selector("apply_rotary_pos_emb")
+_FLOATS = _checks.FLOAT_DTYPES
+_Tensor = torch.Tensor
 
 
 def _apply_rotary_pos_emb_impl(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    implementation("apply_rotary_pos_emb", query, head_size=query.shape[-1])(query, key, cos, sin)
+    _select(query, query.shape[-1])(query, key, cos, sin)
 
 
 _apply_rotary_pos_emb = table.define("apply_rotary_pos_emb", _apply_rotary_pos_emb_impl)
@@ -44,9 +48,32 @@ def apply_rotary_pos_emb(
     Returns:
         ``(query, key)``, the same tensor objects, rotated in place.
     """
+    if plain_rotary(query, key, cos, sin):
+        _apply_rotary_pos_emb_impl(query, key, cos, sin)
+        return query, key
     cos, sin = rotary_checks(query, key, cos, sin)
     run(_apply_rotary_pos_emb, _apply_rotary_pos_emb_impl, query, key, cos, sin)
     return query, key
+
+
+def _plain_table(t, shape, device) -> bool:
+    return isinstance(t, _Tensor) and t.dtype in _FLOATS and t.shape == shape and t.device == device and (
+        t.stride()[-1] == 1)
+
+
+def plain_rotary(query, key, cos, sin) -> bool:
+    """The common call of ``apply_rotary_pos_emb`` in eager mode, checked in one expression: 3-D ``query``/``key``
+    of one float dtype on one device, ``[T, D]`` tables, last-dim stride 1, distinct memory. When it holds,
+    :func:`rotary_checks` passes and returns ``cos``/``sin`` unchanged."""
+    if not (eager(query) and type(key) is _Tensor and query.dim() == 3 and key.dim() == 3):
+        return False
+    dtype, device = query.dtype, query.device
+    tokens, _, head_dim = qs = query.shape
+    ks = key.shape
+    return (dtype in _FLOATS and key.dtype is dtype and ks[0] == tokens and ks[2] == head_dim and head_dim > 0
+            and not head_dim % 2 and query.stride()[-1] == 1 and key.stride()[-1] == 1 and key.device == device
+            and query.data_ptr() != key.data_ptr()
+            and _plain_table(cos, qs[::2], device) and _plain_table(sin, qs[::2], device))
 
 
 def rotary_checks(query, key, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
