@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x_row, stride_x_col, stride_out_row,
@@ -38,18 +40,32 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, -2)  # a view when possible, else a copy (exotic layouts only)
 
 
+@memo
+def _launch_config(d: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for half-width ``d``."""
+    block = min(SILU_MAX_BLOCK, next_power_of_2(d))
+    return block, SILU_NUM_WARPS if block >= 512 else 1
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    two_d = x.shape[-1]
-    d = two_d // 2
-    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
+    d = x.shape[-1] // 2
+    if x.dim() == 2:  # the common case: [rows, 2d] in, a new [rows, d] out, no views
+        rows = x.shape[0]
+        out2 = out = x.new_empty((rows, d))
+        x2 = x
+    else:
+        out = x.new_empty((*x.shape[:-1], d))
+        if out.numel() == 0:
+            return out
+        x2 = _rows_view(x)
+        out2 = out.view(-1, d)
+        rows = x2.shape[0]
+    if rows == 0 or d == 0:
         return out
-    x2 = _rows_view(x)
-    out2 = out.view(-1, d)
-    block = min(SILU_MAX_BLOCK, triton.next_power_of_2(d))
-    grid = (x2.shape[0], triton.cdiv(d, block))
-    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), x2.stride(1), out2.stride(0), BLOCK=block,
-                               num_warps=SILU_NUM_WARPS if block >= 512 else 1)
+    block, warps = _launch_config(d)
+    stride_x = x2.stride()
+    _silu_and_mul_kernel[(rows, cdiv(d, block))](x2, out2, d, stride_x[0], stride_x[1], out2.stride()[0], BLOCK=block,
+                                                 num_warps=warps)
     return out
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
+from dlinfer.vendor.triton.host import cdiv, next_power_of_2
 from dlinfer.vendor.triton.kv_cache import _copy_heads
 from dlinfer.vendor.triton.rotary import _load_cos_sin, _rotate_heads, launch_config as rotary_launch_config
 
@@ -54,16 +55,15 @@ def _launch(query, key, value, key_cache, value_cache, cos, sin, kv_start_indice
     if tokens == 0:
         return
     half_block, heads_q, heads_k, warps = rotary_launch_config(n_q_heads, n_k_heads, head_dim)
-    q_groups = triton.cdiv(n_q_heads, heads_q)
-    k_groups = triton.cdiv(n_k_heads, heads_k)
+    q_groups = cdiv(n_q_heads, heads_q)
+    k_groups = cdiv(n_k_heads, heads_k)
+    sq, sk, sv, skc, svc = query.stride(), key.stride(), value.stride(), key_cache.stride(), value_cache.stride()
     _rotary_fill_kv_kernel[(tokens, q_groups + k_groups)](
         query, key, value, key_cache, value_cache, cos, sin, kv_start_indices,
         n_q_heads, n_k_heads, head_dim // 2, head_dim_v, key_cache.shape[1],
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        cos.stride(0), sin.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), q_groups,
-        HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_block, DV=triton.next_power_of_2(head_dim_v), num_warps=warps)
+        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], cos.stride()[0], sin.stride()[0],
+        skc[0], skc[1], skc[2], svc[0], svc[1], svc[2], q_groups,
+        HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_block, DV=next_power_of_2(head_dim_v), num_warps=warps)
 
 
 OPS = {"apply_rotary_pos_emb_fill_kv_cache": _launch}

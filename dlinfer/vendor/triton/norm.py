@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_rows, hidden, eps,
@@ -42,14 +44,18 @@ NORM_ELEMS_PER_WARP = 512
 NORM_MAX_WARPS = 16
 
 
+@memo
 def _launch_config(hidden: int) -> tuple[int, int, int]:
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     rows = max(1, min(NORM_MAX_ROWS, NORM_TILE // block))
     warps = max(1, min(NORM_MAX_WARPS, rows * block // NORM_ELEMS_PER_WARP))
     return block, rows, warps
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, H]`` with stride 1 along ``H``: itself when it already is (no new view)."""
+    if t.dim() == 2 and t.stride()[-1] == 1:
+        return t
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, t.shape[-1])  # a view when the leading dims collapse, else a copy
@@ -57,20 +63,28 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(hidden_states, residual, weight, epsilon):
     hidden = hidden_states.shape[-1]
-    out = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-    added = torch.empty_like(out) if residual is not None else None
+    x = _as_rows(hidden_states)
+    # A 2-D input with stride 1 along H gets a row-major output of its own shape from empty_like (the cheapest
+    # allocation); other inputs a contiguous one, seen as rows.
+    if x is hidden_states:
+        out2 = out = torch.empty_like(x)
+    else:
+        out = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        out2 = out.view(-1, hidden)
+    added = sum2 = None
+    if residual is not None:
+        added = torch.empty_like(out)
+        sum2 = added if added.dim() == 2 else added.view(-1, hidden)
     if out.numel() == 0:
         return out, added
-    x = _as_rows(hidden_states)
     res = _as_rows(residual) if residual is not None else x
-    out2 = out.view(-1, hidden)
-    sum2 = added.view(-1, hidden) if added is not None else out2
-    weight = weight if weight.stride(0) == 1 else weight.contiguous()
+    sum2 = out2 if sum2 is None else sum2
+    weight = weight if weight.stride()[0] == 1 else weight.contiguous()
     n_rows = x.shape[0]
     block, rows, warps = _launch_config(hidden)
-    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+    _rms_norm_kernel[(cdiv(n_rows, rows),)](
         x, res, weight, out2, sum2, n_rows, hidden, float(epsilon),
-        x.stride(0), res.stride(0), out2.stride(0), sum2.stride(0),
+        x.stride()[0], res.stride()[0], out2.stride()[0], sum2.stride()[0],
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, num_warps=warps)
     return out, added
 

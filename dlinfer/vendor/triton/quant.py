@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlinfer.vendor.triton.host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _round_half_even(y):
@@ -82,7 +84,7 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         return out
     block_m, block_n = _blocks(m)
     block_k = min(32, group_size)  # a K tile never straddles two groups' rows in one load of scales
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     _awq_gemm_kernel[grid](x, qweight, scale, offset if offset is not None else qweight,
                            bias if bias is not None else scale, out, m, n, k, group_size,
                            x.stride(0), qweight.stride(0), scale.stride(0),
@@ -134,7 +136,7 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
     if m == 0 or n == 0:
         return out
     block_m, block_n = _blocks(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     dummy = col_scale
     _int8_gemm_kernel[grid](a2, b, out, row_scale if row_scale is not None else dummy, col_scale,
                             qbias if qbias is not None else dummy, bias if bias is not None else dummy,
@@ -170,7 +172,7 @@ def linear_w8a8_static(x: torch.Tensor, weight: torch.Tensor, input_scale: torch
     xq = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     if x2.numel():
         block = 1024
-        _static_quant_kernel[(triton.cdiv(x2.numel(), block),)](x2, xq, input_scale.reshape(1),
+        _static_quant_kernel[(cdiv(x2.numel(), block),)](x2, xq, input_scale.reshape(1),
                                                                   input_offset.reshape(1), x2.numel(), BLOCK=block)
     out = _int8_gemm(xq, weight.contiguous(), None, deq_scale.reshape(-1).float().contiguous(),
                      quant_bias.contiguous() if quant_bias is not None else None, None, out_dtype)
@@ -217,7 +219,7 @@ def _row_quant(x: torch.Tensor, residual, weight, epsilon: float):
     total = torch.empty_like(x2) if residual is not None else None
     r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
     if rows and hidden:
-        block = triton.next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         _row_quant_kernel[(rows,)](x2, r2 if r2 is not None else x2, weight if weight is not None else x2, q, scale,
                                    total if total is not None else x2, hidden, float(epsilon),
                                    x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0),

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
+
 
 @triton.jit
 def _load_cos_sin(cos_ptr, sin_ptr, token, stride_cos, stride_sin, half, HALF: tl.constexpr):
@@ -102,19 +104,21 @@ ROTARY_ELEMS_PER_WARP = 128
 ROTARY_MAX_WARPS = 8
 
 
+@memo
 def launch_config(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
     """``(HALF, HEADS_Q, HEADS_K, num_warps)`` for a head layout."""
-    half_block = triton.next_power_of_2(head_dim // 2)
+    half_block = next_power_of_2(head_dim // 2)
     cap = max(1, ROTARY_TILE // half_block)
-    heads_q = min(triton.next_power_of_2(n_q_heads), cap)
-    heads_k = min(triton.next_power_of_2(n_k_heads), cap)
+    heads_q = min(next_power_of_2(n_q_heads), cap)
+    heads_k = min(next_power_of_2(n_k_heads), cap)
     warps = max(1, min(ROTARY_MAX_WARPS, heads_q * half_block // ROTARY_ELEMS_PER_WARP))
     return half_block, heads_q, heads_k, warps
 
 
+@memo
 def token_block(head_dim: int, itemsize: int, warps: int) -> tuple[int, int]:
     """``(HALF, BLOCK_T)`` of the token-block kernel: 16 bytes per thread per half."""
-    half_block = triton.next_power_of_2(head_dim // 2)
+    half_block = next_power_of_2(head_dim // 2)
     return half_block, max(1, warps * 32 * max(1, 16 // itemsize) // half_block)
 
 
@@ -123,20 +127,21 @@ def apply_rotary_pos_emb(query: torch.Tensor, key: torch.Tensor, cos: torch.Tens
     n_k_heads = key.shape[1]
     if tokens == 0:
         return
+    sq, sk = query.stride(), key.stride()
     if ROTARY_TOKEN_BLOCKS:
         warps = ROTARY_WARPS if query.is_cuda else 1
         half_block, block_t = token_block(head_dim, query.element_size(), warps)
-        _rotary_tokens_kernel[(n_q_heads + n_k_heads, triton.cdiv(tokens, block_t))](
+        _rotary_tokens_kernel[(n_q_heads + n_k_heads, cdiv(tokens, block_t))](
             query, key, cos, sin, tokens, n_q_heads, head_dim // 2,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0), sin.stride(0),
+            sq[0], sq[1], sk[0], sk[1], cos.stride()[0], sin.stride()[0],
             BLOCK_T=block_t, HALF=half_block, num_warps=warps)
         return
     half_block, heads_q, heads_k, warps = launch_config(n_q_heads, n_k_heads, head_dim)
-    q_groups = triton.cdiv(n_q_heads, heads_q)
-    k_groups = triton.cdiv(n_k_heads, heads_k)
+    q_groups = cdiv(n_q_heads, heads_q)
+    k_groups = cdiv(n_k_heads, heads_k)
     _rotary_kernel[(tokens, q_groups + k_groups)](
         query, key, cos, sin, n_q_heads, n_k_heads, head_dim // 2,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0), sin.stride(0), q_groups,
+        sq[0], sq[1], sk[0], sk[1], cos.stride()[0], sin.stride()[0], q_groups,
         HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_block, num_warps=warps)
 
 
