@@ -116,7 +116,7 @@ def grid(part: str, quick: bool) -> list[dict]:
         tokens = (4096,) if quick else (1, 64, 512, 4096)
         return [dict(model=m, tokens=t) for m in MOE_MODELS for t in tokens]
     if part == "eager":
-        return [dict(calls=1000)]
+        return [dict(calls=1000 if quick else 2000)]
     return []
 
 
@@ -848,6 +848,7 @@ class Suite:
     def part_eager(self) -> None:
         """Host cost per call at one-decode-step shapes, every implementation interleaved in one loop."""
         import dlinfer.ops as ops
+        from dlinfer.framework import batch as batch_layout
 
         dev = self.device
         calls = grid("eager", self.quick)[0]["calls"]
@@ -900,6 +901,14 @@ class Suite:
         add("fill_kv_cache", "lmdeploy", lambda: peers.lmdeploy_fill_kv_cache(self.lmd, k, v, k_cache, v_cache,
                                                                               q_start, ones, seqlens, 1, table),
             lmd_why)
+        # dlinfer's fusion against what LMDeploy runs for the same work: its rotary, then its cache fill
+        add("apply_rotary_pos_emb_fill_kv_cache", "dlinfer",
+            lambda: ops.apply_rotary_pos_emb_fill_kv_cache(q, k, v, k_cache, v_cache, cos, sin, slots),
+            self.provides("apply_rotary_pos_emb_fill_kv_cache"))
+        add("apply_rotary_pos_emb_fill_kv_cache", "lmdeploy",
+            lambda: (peers.lmdeploy_rotary(self.lmd, q, k, cos, sin),
+                     peers.lmdeploy_fill_kv_cache(self.lmd, k, v, k_cache, v_cache, q_start, ones, seqlens, 1, table)),
+            lmd_why)
         qd = q.contiguous()
         out_d = torch.empty_like(qd)
         scale = 1.0 / math.sqrt(HEAD)
@@ -922,9 +931,13 @@ class Suite:
         add("prefill_attention", "lmdeploy",
             lambda: peers.lmdeploy_prefill(self.lmd, qp, kp, vp, cup, cup, tp, tp, scale), lmd_why)
         tbl1 = table[:1]
+        # The engine adapters build the step's batch layout once (dlinfer.framework.batch), before the layers run:
+        # the wrappers then get LMDeploy's lengths and a fresh cu_seqlens[1:] view per layer and convert nothing
+        # (LMDeploy's kernels get the offsets its own metadata builder made, likewise outside the timed call).
+        layout = batch_layout.from_lengths(lp, lp, no_history=True)
         add("paged_prefill_attention", "dlinfer",
-            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, cup[1:], lp, tp, tp,
-                                                HQ, HK, [None], attn_output=out_p),
+            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, layout.q_ends, lp, tp,
+                                                tp, HQ, HK, [None], attn_output=out_p),
             self.provides("paged_prefill_attention"))
         add("paged_prefill_attention", "lmdeploy",
             lambda: peers.lmdeploy_paged_prefill(self.lmd, qp, k_cache, v_cache, tbl1, cup, cup, lp, cup[:1], tp,
@@ -945,6 +958,8 @@ class Suite:
         lw = torch.randn(HIDDEN, HIDDEN, device=dev, dtype=DTYPE, generator=g)
         add("linear", "dlinfer", lambda: ops.linear(x1, lw), self.provides("linear"))
         add("linear", "torch", lambda: torch.nn.functional.linear(x1, lw))
+
+        self._add_vendor_only(fns, pairs)
 
         # A callable that raises would stop the loop: try each once, drop (and record) the broken ones.
         broken = {}
@@ -970,6 +985,40 @@ class Suite:
             print(f"    {op:<26} " + ", ".join(cells), flush=True)
         for name, why in broken.items():
             print(f"    BROKEN {name}: {why}", flush=True)
+
+
+    def _add_vendor_only(self, fns: dict[str, Callable[[], object]], pairs: dict[str, dict[str, str]]) -> None:
+        """Per op, a ``vendor_only`` row: the triton vendor's function called directly with the arguments dlinfer
+        hands it (recorded from one call of each dlinfer row), so ``dlinfer - vendor_only`` is dlinfer's own
+        wrapper and dispatch cost and ``vendor_only`` its launch code plus Triton's launcher."""
+        from dlinfer.vendor import Vendor, registry
+
+        triton_vendor, recorded = self.triton_vendor, {}
+
+        def recording(op, fn):
+            def record(*args):
+                recorded[op] = args
+                return fn(*args)
+            return record
+
+        recorder = Vendor(name="triton_recording", priority=triton_vendor.priority, devices=triton_vendor.devices,
+                          default_devices=frozenset(), capabilities=triton_vendor.capabilities,
+                          ops={op: recording(op, fn) for op, fn in triton_vendor.ops.items()})
+        with registry.pinned(*registry.vendors()):
+            registry.register_vendor(recorder)
+            with registry.forced(recorder.name):
+                for op, impls in pairs.items():
+                    if impls.get("dlinfer") in fns:
+                        try:
+                            fns[impls["dlinfer"]]()
+                        except Exception:  # noqa: BLE001 - recorded as broken by the caller's own trial call
+                            pass
+        torch.cuda.synchronize()
+        for op, args in recorded.items():
+            if op in pairs:
+                name = f"{op}:vendor_only"
+                fns[name] = lambda fn=triton_vendor.ops[op], args=args: fn(*args)
+                pairs[op]["vendor_only"] = name
 
 
 def _rope_tables(tokens: int, head: int, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
