@@ -51,6 +51,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DLINFER_AUTOTUNE", "bool", "1",
              "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
              "tiers)", "at the first fused_moe call of a shape bucket"),
+    Variable("DLINFER_PRECOMPILE", "bool", "1",
+             "`0` turns off compiling every fused-MoE kernel variant of a shape's token buckets at its first eager "
+             "call (else they compile one by one as batch sizes change while serving)",
+             "at the first fused_moe call of a shape"),
     Variable("DLINFER_CACHE_DIR", "spec", "",
              "directory of dlinfer's caches (tuned kernel configs under `tuning/`); default "
              "`$XDG_CACHE_HOME/dlinfer`, else `~/.cache/dlinfer`", "when a tuning cache is read or written"),

@@ -521,3 +521,28 @@ def test_mixtral_like_routing_is_as_close_to_float64_as_the_reference():
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
     assert err(ours) <= 1.05 * err(ref) + 1e-7
     assert err(ours) <= 4 * err(exact.to(dtype))
+
+
+def test_precompile_runs_every_token_bucket(poison):
+    """precompile() runs one dummy call per bucket 1, 2, 4, ... up to max_tokens (compiling what each needs)."""
+    _, gate_up, down, _, _ = _moe_inputs(1, 32, 24, 4, 2, torch.float32)
+    assert triton_moe.precompile(gate_up, down, 2, 5) == 4  # 1, 2, 4, 8
+
+
+def test_precompile_on_first_use_once_per_shape_and_off_switch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_moe, "precompile", lambda gu, d, k, max_tokens, dtype: calls.append(max_tokens) or 1)
+    monkeypatch.setattr(triton_moe, "_precompiled", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x, gate_up, down, _, _ = _moe_inputs(3000, 32, 24, 4, 2, torch.float32)
+    triton_moe._precompile_on_first_use(x, gate_up, down, 2)
+    assert calls == [3000]  # the first call's tokens (an engine's largest prefill), at least PRECOMPILE_MIN_TOKENS
+    triton_moe._precompile_on_first_use(x[:5], gate_up, down, 2)
+    assert calls == [3000, triton_moe.PRECOMPILE_MIN_TOKENS]  # (the caller skips shapes already done)
+    monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
+    triton_moe._precompile_on_first_use(x, gate_up, down, 2)
+    assert len(calls) == 2
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(triton_moe, "_precompiled", set())
+    triton_moe._precompile_on_first_use(x, gate_up, down, 2)
+    assert triton_moe._precompiled == set()  # inside graph capture: nothing, the next eager call does it

@@ -32,16 +32,24 @@ E``): small (decode: memory-bound on weights) to large (prefill: compute-bound).
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import triton
 import triton.language as tl
 
+from dlinfer import settings
 from dlinfer.vendor.triton import tuning
+
+logger = logging.getLogger("dlinfer")
 
 # ---------------------------------------------------------------------------------------------- gating
 
 
-@triton.jit
+# Arguments that change from call to call (token and pair counts, grid sizes) are not specialized on (Triton
+# would otherwise compile a variant whenever one turns divisible by 16 or equal to 1, in the middle of serving).
+@triton.jit(do_not_specialize=["n_tokens"])
 def _gating_kernel(logits_ptr, weights_ptr, ids_ptr, n_tokens, n_experts, stride_logits, stride_w, stride_ids,
                    TOPK: tl.constexpr, ROWS: tl.constexpr, EB: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -104,7 +112,7 @@ def _chunk_histogram(ids_ptr, chunk, n_pairs, n_experts, CHUNK: tl.constexpr, EB
     return offs, mask, ids, rank, tl.sum(onehot, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])
 def _moe_histogram_kernel(ids_ptr, rank_ptr, hist_ptr, n_pairs, n_experts, CHUNK: tl.constexpr, EB: tl.constexpr):
     chunk = tl.program_id(0)
     offs, mask, _, rank, counts = _chunk_histogram(ids_ptr, chunk, n_pairs, n_experts, CHUNK, EB)
@@ -121,7 +129,7 @@ def _sum_histograms(hist_ptr, c0, chunk, n_chunks, experts, total, earlier, EB: 
     return total, earlier
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "n_chunks", "hot_rows"])
 def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pairs, n_experts, n_chunks, hot_rows,
                         CHUNK: tl.constexpr, EB: tl.constexpr, CB: tl.constexpr, BLOCK_M: tl.constexpr,
                         HOT_BLOCK_M: tl.constexpr, SINGLE_CHUNK: tl.constexpr, WHILE_LOOP: tl.constexpr):
@@ -184,7 +192,7 @@ def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K: tl.cons
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset, max_blocks,
                      n_experts, stride_am, stride_we, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -333,6 +341,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         return out.zero_()
     config_given = config
     if config is None:
+        if device.type == "cuda" and (device.index, hidden_states.dtype, gate_up_weights.shape) not in _precompiled:
+            _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk)
+
         def run(cand):
             return fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize,
                              config=cand)
@@ -402,6 +413,56 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
         RENORMALIZE=renormalize, KB=triton.next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- precompile
+
+# Every token bucket has its own tile config (and the sorting kernels their own chunk size), so a serving engine
+# meets new kernel variants as batches change: each is a Triton compile of ~0.5-1 s in the middle of serving.
+# The first eager call of a problem shape compiles them all instead (engines make that call in their warm-up,
+# before they capture graphs or serve): every bucket up to the larger of that call's token count (an engine's
+# first call is its largest prefill) and PRECOMPILE_MIN_TOKENS (decode batches). DLINFER_PRECOMPILE=0 turns it off.
+PRECOMPILE_MIN_TOKENS = 512
+_precompiled: set[tuple] = set()
+
+
+def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: int, max_tokens: int,
+               dtype: torch.dtype | None = None) -> int:
+    """Run ``fused_moe`` once per token bucket ``1, 2, 4, ... >= max_tokens`` on dummy inputs with the configs the
+    card's table or cache gives those buckets (and the hot experts' GEMMs where a bucket can have them), so that
+    every kernel variant those calls need is compiled. Returns the number of buckets run."""
+    experts, two_inter, hidden = gate_up_weights.shape
+    dtype = dtype or gate_up_weights.dtype
+    device = gate_up_weights.device
+    card = tuning.card_name(device)
+    hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2)
+    runs, tokens = 0, 1
+    while True:
+        cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens)[0]
+        x = torch.zeros(tokens, hidden, dtype=dtype, device=device)
+        slots = torch.arange(tokens * topk, device=device).view(tokens, topk)
+        ids = slots % experts  # consecutive experts: distinct within a token
+        weights = torch.full((tokens, topk), 1.0 / topk, device=device)
+        fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
+        runs += 1
+        if tokens >= max_tokens:
+            return runs
+        tokens *= 2
+
+
+def _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk) -> None:
+    device = hidden_states.device
+    if torch.cuda.is_current_stream_capturing():
+        return  # the first eager call still does it
+    _precompiled.add((device.index, hidden_states.dtype, gate_up_weights.shape))
+    if not settings.flag("DLINFER_PRECOMPILE"):
+        return
+    t0 = time.perf_counter()
+    max_tokens = max(hidden_states.shape[0], PRECOMPILE_MIN_TOKENS)
+    n = precompile(gate_up_weights, down_weights, topk, max_tokens, hidden_states.dtype)
+    logger.info("dlinfer: fused_moe kernels for E=%d top-%d hidden %d intermediate %d compiled for %d token buckets "
+                "(up to %d tokens) in %.1f s", gate_up_weights.shape[0], topk, gate_up_weights.shape[2],
+                gate_up_weights.shape[1] // 2, n, max_tokens, time.perf_counter() - t0)
 
 
 def _fused_moe_op(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):
