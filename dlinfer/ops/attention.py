@@ -11,6 +11,9 @@ Layouts shared by the three ops (LMDeploy's TND layout):
   ``[i * block_size, (i + 1) * block_size)`` of sequence ``b``; blocks need not be ordered or contiguous.
   Entries past a sequence's last block are ignored.
 * GQA/MQA: query head ``h`` reads KV head ``h // (Hq // Hk)``.
+* A quantized cache (``quant_bits`` 8 or 4, LMDeploy's ``quant_policy``) is ``uint8``, with one scale and zero
+  point per token and KV head beside it (``kv_scales``/``kv_zeros``); the paged ops dequantize as they read
+  (layout: ``dlinfer.ops.kv_quant``).
 * ``softmax_scale`` defaults to ``1 / sqrt(D)``.
 * Lengths may be host or device tensors (LMDeploy's ``*_cpu`` arguments may arrive on the device); the
   ``max_*`` integers are upper bounds only, so a CUDA graph captured at one length replays at any length up
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dlinfer.ops import _batch, _checks, table
+from dlinfer.ops import _batch, _checks, kv_quant, table
 from dlinfer.ops._dispatch import implementation, run
 from dlinfer.ops.kv_cache import cache_implementation, check_cache
 
@@ -80,12 +83,18 @@ def _paged_prefill_attention_impl(
     softmax_scale: float,
     causal: bool,
     attn_output: torch.Tensor,
+    kv_scales: list[torch.Tensor],
+    kv_zeros: list[torch.Tensor],
+    quant_bits: int,
 ) -> None:
     if _checks.values_checked(cu_seqlens_q, kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len, cu_seqlens_q, max_q_seq_len)
     impl = cache_implementation(
-        "paged_prefill_attention", query, key_cache, value_cache, query.shape[-1], extra_features=_features(causal)
+        "paged_prefill_attention", query, key_cache, value_cache, query.shape[-1], quant_bits,
+        extra_features=_features(causal)
     )
+    # the quantized-cache arguments only when the cache is quantized (the table's optional_args)
+    quant = (kv_scales, kv_zeros, quant_bits) if quant_bits else ()
     impl(
         query,
         key_cache,
@@ -98,6 +107,7 @@ def _paged_prefill_attention_impl(
         softmax_scale,
         causal,
         attn_output,
+        *quant,
     )
 
 
@@ -113,11 +123,15 @@ def _paged_decode_attention_impl(
     max_kv_seq_len: int,
     softmax_scale: float,
     attn_output: torch.Tensor,
+    kv_scales: list[torch.Tensor],
+    kv_zeros: list[torch.Tensor],
+    quant_bits: int,
 ) -> None:
     if _checks.values_checked(kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
-    impl = cache_implementation("paged_decode_attention", query, key_cache, value_cache, query.shape[-1])
-    impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output)
+    impl = cache_implementation("paged_decode_attention", query, key_cache, value_cache, query.shape[-1], quant_bits)
+    quant = (kv_scales, kv_zeros, quant_bits) if quant_bits else ()  # the table's optional_args
+    impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output, *quant)
 
 
 _paged_decode_attention = table.define("paged_decode_attention", _paged_decode_attention_impl)
@@ -227,29 +241,25 @@ def _output(attn_output, query: torch.Tensor, head_size_v: int) -> torch.Tensor:
     return attn_output
 
 
-def _kv_quant(quant_bits) -> int:
-    quant_bits = _checks.integer("quant_bits", 0 if quant_bits is None else quant_bits, minimum=0)
-    if quant_bits:
-        from dlinfer.errors import NotSupportedError
-
-        raise NotSupportedError(
-            f"quant_bits={quant_bits}: quantized KV caches are not supported by dlinfer's "
-            "attention ops yet; run with an unquantized cache (LMDeploy quant_policy=0)"
-        )
-    return quant_bits
-
-
-def _paged_common(query, key_cache, value_cache) -> tuple[torch.Tensor, int]:
-    """The metadata checks both paged ops share; returns ``query`` (3-D) and the value head size."""
+def _paged_common(query, key_cache, value_cache, kv_scales, kv_zeros, quant_bits):
+    """The metadata checks both paged ops share; returns ``query`` (3-D), the value head size, the quant bits and
+    the vendor's ``kv_scales``/``kv_zeros`` (``[k, v]`` views with a quantized cache, else empty lists)."""
     num_q_heads = _heads_of("query", query)
     _checks.tensor("key_cache", key_cache, ndim=4)
     _checks.tensor("value_cache", value_cache, ndim=4)
     _checks.heads(num_q_heads, key_cache.shape[2])
     query = _queries(query, num_q_heads)
-    head_size_v = value_cache.shape[-1]
-    check_cache(key_cache, value_cache, key_cache.shape[2], query.shape[-1], head_size_v, key_cache.shape[1])
-    _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
-    return query, head_size_v
+    quant_bits = kv_quant.quant_bits_arg(quant_bits)
+    head_size_v = kv_quant.head_size_of(value_cache, quant_bits)
+    check_cache(key_cache, value_cache, key_cache.shape[2], kv_quant.cache_head_size(query.shape[-1], quant_bits),
+                value_cache.shape[-1], key_cache.shape[1])
+    if not quant_bits:
+        _checks.same_dtype(query=query, key_cache=key_cache, value_cache=value_cache)
+        return query, head_size_v, 0, [], []
+    kv_quant.check_caches(key_cache, value_cache, quant_bits)
+    scales = kv_quant.kv_pair("kv_scales", kv_scales, key_cache)
+    zeros = kv_quant.kv_pair("kv_zeros", kv_zeros, key_cache)
+    return query, head_size_v, quant_bits, scales, zeros
 
 
 def _causal(attn_mask) -> bool:
@@ -282,7 +292,7 @@ def _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_
     """What LMDeploy's paged signatures add to the clean contract: the head counts (and a 2-D query), the block
     size, ``head_size_v`` and ``quant_bits``, each checked against the tensors; returns ``query`` as 3-D."""
     _checks.heads(num_q_heads, num_kv_heads)
-    _kv_quant(quant_bits)
+    quant_bits = kv_quant.quant_bits_arg(quant_bits)
     query = _queries(query, num_q_heads)
     _checks.tensor("key_cache", key_cache, ndim=4)
     _checks.tensor("value_cache", value_cache, ndim=4)
@@ -293,7 +303,8 @@ def _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_
                          f"block_size, num_kv_heads, head_size]), got cache shape {tuple(key_cache.shape)}")
     if head_size_v is not None:
         head_size_v = _checks.integer("head_size_v", head_size_v, minimum=1)
-        _checks.dim_is("value_cache", value_cache, 3, head_size_v, "the value head size")
+        _checks.dim_is("value_cache", value_cache, 3, kv_quant.cache_head_size(head_size_v, quant_bits, "value"),
+                       "the value head size" + (" / 2 (two 4-bit values per byte)" if quant_bits == 4 else ""))
     return query
 
 
@@ -398,11 +409,14 @@ def paged_prefill_attention(
         max_q_seq_len, max_kv_seq_len: upper bounds of the query and KV lengths.
         num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
         attn_mask: non-empty = causal, ``[]`` = non-causal.
-        head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
+        head_size_v: ``Dv``; defaults to the value cache's (``value_cache.shape[-1]``, twice that for 4 bits).
         softmax_scale: default ``1/sqrt(D)``; at most ``MAX_SOFTMAX_SCALE`` (1e36).
         attn_output: optional ``[T, Hq, Dv]`` destination.
-        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
-            accepted for LMDeploy's signature and not read).
+        kv_scales, kv_zeros, quant_bits: ``quant_bits=0``: float caches (the scales are not read). 8 or 4
+            (LMDeploy's ``quant_policy``): ``uint8`` caches as ``fill_kv_cache`` writes them, dequantized as they
+            are read (``(q - zero) * scale``); ``kv_scales`` is ``[k_scales, v_scales]`` (two ``[num_blocks,
+            block_size, Hk]`` float tensors, or one ``[2, num_blocks, block_size, Hk]``), ``kv_zeros``
+            likewise (``dlinfer.ops.kv_quant``).
 
     Returns:
         ``attn_output`` (given or new).
@@ -415,7 +429,8 @@ def paged_prefill_attention(
     cu_seqlens_q = _batch.starts_from_ends(_on_device("cu_seqlens_q", cu_seqlens_q, query.device), query.device)
     kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
     return paged_prefill(query, key_cache, value_cache, block_offsets, cu_seqlens_q, kv_seqlens, max_q_seq_len,
-                         max_kv_seq_len, softmax_scale=softmax_scale, causal=causal, attn_output=attn_output)
+                         max_kv_seq_len, softmax_scale=softmax_scale, causal=causal, attn_output=attn_output,
+                         kv_scales=kv_scales, kv_zeros=kv_zeros, quant_bits=quant_bits)
 
 
 def paged_decode_attention(
@@ -449,11 +464,10 @@ def paged_decode_attention(
             slot) gives a zero output row.
         max_kv_seq_len: upper bound of ``kv_seqlens``.
         num_q_heads, num_kv_heads: ``Hq``, ``Hk``.
-        head_size_v: ``Dv``; defaults to ``value_cache.shape[-1]``.
+        head_size_v: ``Dv``; defaults to the value cache's (``value_cache.shape[-1]``, twice that for 4 bits).
         softmax_scale: default ``1/sqrt(D)``; at most ``MAX_SOFTMAX_SCALE`` (1e36).
         attn_output: optional ``[B, Hq, Dv]`` destination.
-        kv_scales, kv_zeros, quant_bits: KV quantization; only ``quant_bits=0`` is served (the scales are
-            accepted for LMDeploy's signature and not read).
+        kv_scales, kv_zeros, quant_bits: a quantized cache, as in ``paged_prefill_attention``.
 
     Returns:
         ``attn_output`` (given or new).
@@ -463,7 +477,8 @@ def paged_decode_attention(
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, query.shape[0])
     kv_seqlens = _batch.lengths_on(_on_device("kv_seqlens", kv_seqlens, query.device), query.device)
     return paged_decode(query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len,
-                        softmax_scale=softmax_scale, attn_output=attn_output)
+                        softmax_scale=softmax_scale, attn_output=attn_output, kv_scales=kv_scales, kv_zeros=kv_zeros,
+                        quant_bits=quant_bits)
 
 
 # ------------------------------------------------------------------------------------ the clean contract
@@ -522,10 +537,14 @@ def paged_prefill(
     softmax_scale: float | None = None,
     causal: bool = True,
     attn_output: torch.Tensor | None = None,
+    kv_scales=None,
+    kv_zeros=None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """``paged_prefill_attention`` in the vendor contract's layout (``cu_seqlens_q`` int32 ``[B + 1]`` start
     offsets, ``kv_seqlens`` int32 ``[B]``, both on query's device); see that op for the semantics."""
-    query, head_size_v = _paged_common(query, key_cache, value_cache)
+    query, head_size_v, quant_bits, kv_scales, kv_zeros = _paged_common(query, key_cache, value_cache, kv_scales,
+                                                                        kv_zeros, quant_bits)
     cu_seqlens_q = _offsets("cu_seqlens_q", cu_seqlens_q, query.device)
     kv_seqlens = _offsets("kv_seqlens", kv_seqlens, query.device, cu_seqlens_q.shape[0] - 1)
     block_table = _block_table(block_table, kv_seqlens.shape[0])
@@ -535,7 +554,8 @@ def paged_prefill(
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     run(_paged_prefill_attention, _paged_prefill_attention_impl, query, key_cache, value_cache, block_table,
-        cu_seqlens_q, kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, bool(causal), out)
+        cu_seqlens_q, kv_seqlens, max_q_seq_len, max_kv_seq_len, scale, bool(causal), out, kv_scales, kv_zeros,
+        quant_bits)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output
 
 
@@ -549,10 +569,14 @@ def paged_decode(
     *,
     softmax_scale: float | None = None,
     attn_output: torch.Tensor | None = None,
+    kv_scales=None,
+    kv_zeros=None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """``paged_decode_attention`` in the vendor contract's layout (``kv_seqlens`` int32 ``[B]`` on query's
     device); see that op for the semantics."""
-    query, head_size_v = _paged_common(query, key_cache, value_cache)
+    query, head_size_v, quant_bits, kv_scales, kv_zeros = _paged_common(query, key_cache, value_cache, kv_scales,
+                                                                        kv_zeros, quant_bits)
     kv_seqlens = _offsets("kv_seqlens", kv_seqlens, query.device, query.shape[0])
     block_table = _block_table(block_table, query.shape[0])
     max_kv_seq_len = _checks.integer("max_kv_seq_len", max_kv_seq_len, minimum=0)
@@ -560,5 +584,5 @@ def paged_decode(
     out = _output(attn_output, query, head_size_v)
     _checks.same_device(query=query, key_cache=key_cache, block_offsets=block_table)
     run(_paged_decode_attention, _paged_decode_attention_impl, query, key_cache, value_cache, block_table,
-        kv_seqlens, max_kv_seq_len, scale, out)
+        kv_seqlens, max_kv_seq_len, scale, out, kv_scales, kv_zeros, quant_bits)
     return out if attn_output is None or attn_output.dim() == 3 else attn_output

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dlinfer.ops import _checks, table
+from dlinfer.ops import _checks, kv_quant, table
 from dlinfer.ops._dispatch import implementation, run
 
 
@@ -33,7 +33,7 @@ def cache_implementation(
         op,
         ref,
         head_size=head_size,
-        head_size_v=value_cache.shape[-1],
+        head_size_v=kv_quant.head_size_of(value_cache, quant_bits),
         block_size=key_cache.shape[1],
         features=cache_call_features(key_cache, quant_bits) | extra_features,
     )
@@ -130,15 +130,18 @@ def fill_kv_cache(
             ``-1`` marks a padding token, which is skipped. A slot id may appear at most once per call (which of
             two writes to one slot would land is not defined, as vendors write in parallel): the value checks
             (always on CPU tensors, elsewhere with ``DLINFER_CHECK=1``) refuse duplicates.
-        k_scales_zeros, v_scales_zeros, quant_bits: KV-cache quantization (LMDeploy's ``quant_policy``);
-            ``quant_bits=0`` (no quantization) is the only setting the in-tree vendors serve.
+        k_scales_zeros, v_scales_zeros, quant_bits: KV-cache quantization (LMDeploy's ``quant_policy``):
+            ``quant_bits=0`` writes the values as they are (the scales are not read); 8 or 4 quantizes each
+            token's head into a ``uint8`` cache (``[..., D]`` for 8 bits, ``[..., D / 2]`` for 4) and writes its
+            scale and zero point into ``k_scales_zeros``/``v_scales_zeros``: ``[scales, zeros]`` (each
+            ``[num_blocks, block_size, Hk]``, float) or ``[scales_zeros]`` (one ``[..., Hk, 2]`` tensor, scale
+            then zero, LMDeploy's CUDA cache layout). Layout and rounding: ``dlinfer.ops.kv_quant``.
 
     Returns:
         ``(key_cache, value_cache)``, the same tensor objects.
     """
     quant_bits = fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits)
-    k_sz = [t for t in (k_scales_zeros or ()) if t is not None]
-    v_sz = [t for t in (v_scales_zeros or ()) if t is not None]
+    k_sz, v_sz = fill_scales_zeros(key_cache, value_cache, k_scales_zeros, v_scales_zeros, quant_bits)
     run(
         _fill_kv_cache,
         _fill_kv_cache_impl,
@@ -159,16 +162,31 @@ def fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, q
     _checks.tensor("key", key, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("value", value, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("kv_start_indices", kv_start_indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
-    quant_bits = _checks.integer("quant_bits", 0 if quant_bits is None else quant_bits, minimum=0)
+    quant_bits = kv_quant.quant_bits_arg(quant_bits)
     tokens, heads, head_size = key.shape
     _checks.dim_is("value", value, 0, tokens, "the number of key tokens")
     _checks.dim_is("value", value, 1, heads, "key's head count")
     _checks.dim_is("kv_start_indices", kv_start_indices, 0, tokens, "the number of key tokens")
-    check_cache(key_cache, value_cache, heads, head_size, value.shape[2])
+    check_cache(key_cache, value_cache, heads, kv_quant.cache_head_size(head_size, quant_bits),
+                kv_quant.cache_head_size(value.shape[2], quant_bits, "value"))
     _checks.same_device(
         key=key, value=value, key_cache=key_cache, value_cache=value_cache, kv_start_indices=kv_start_indices
     )
-    if not quant_bits:
+    if quant_bits:
+        _checks.same_dtype(key=key, value=value)
+        kv_quant.check_caches(key_cache, value_cache, quant_bits)
+    else:
         _checks.same_dtype(key=key, value=value, key_cache=key_cache, value_cache=value_cache)
     _checks.distinct(key_cache=key_cache, value_cache=value_cache)
     return quant_bits
+
+
+def fill_scales_zeros(key_cache, value_cache, k_scales_zeros, v_scales_zeros, quant_bits):
+    """What the vendor receives: ``[scales, zeros]`` per cache with a quantized cache (see ``kv_quant``), else
+    empty lists (the scales are not read)."""
+    if not quant_bits:
+        return [], []
+    k_sz = kv_quant.scales_zeros("k_scales_zeros", k_scales_zeros, key_cache, "key_cache")
+    v_sz = kv_quant.scales_zeros("v_scales_zeros", v_scales_zeros, value_cache, "value_cache")
+    _checks.distinct(k_scales=k_sz[0], k_zeros=k_sz[1], v_scales=v_sz[0], v_zeros=v_sz[1])
+    return k_sz, v_sz

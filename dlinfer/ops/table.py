@@ -46,6 +46,9 @@ class OpDef:
     returns_doc: str = "None"
     features: frozenset[str] = frozenset()
     core: bool = True  # LMDeploy's contract; False: a fusion beyond it that a vendor may serve
+    # trailing args a vendor receives only when a call needs them (the paged attention ops' quantized-cache
+    # arguments, passed only with quant_bits != 0): a vendor that serves no such call may leave them out
+    optional_args: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -53,10 +56,18 @@ class OpDef:
         unknown = set(self.mutates) - set(self.args)
         if unknown:
             raise ValueError(f"op {self.name}: mutates arguments it does not take: {sorted(unknown)}")
+        if self.optional_args and self.args[len(self.args) - len(self.optional_args):] != self.optional_args:
+            raise ValueError(f"op {self.name}: optional_args must be the last arguments")
+
+    @property
+    def required_args(self) -> tuple[str, ...]:
+        """The arguments every call passes (``args`` without the trailing ``optional_args``)."""
+        return self.args[:len(self.args) - len(self.optional_args)]
 
     @property
     def signature(self) -> str:
-        return f"{self.name}({', '.join(self.args)})"
+        optional = f"[, {', '.join(self.optional_args)}]" if self.optional_args else ""
+        return f"{self.name}({', '.join(self.required_args)}{optional})"
 
     def fake(self, *args: Any) -> Any:
         """The fake implementation: empty outputs of the declared shapes and dtypes (``None`` for in-place ops)."""
@@ -73,12 +84,18 @@ def _same_as_first(x: torch.Tensor, *_: Any) -> tuple[Meta, ...]:
 
 #: Every call feature, and what in a call asks for it (named in refusals, so the user knows which argument to change).
 FEATURES = {
-    "kv_quant": "quant_bits != 0: a quantized KV cache",
+    "kv_quant": "quant_bits != 0: a quantized (uint8, 8- or 4-bit) KV cache",
     "non_causal": "attn_mask=[]: non-causal attention",
     "strided_cache": "a strided (packed or head-major) key/value cache view",
 }
 
 _CACHE_FEATURES = frozenset({"strided_cache", "kv_quant"})
+#: Features a vendor serves only where its capabilities name them (a vendor without a capabilities record for an
+#: op serves every other call of it): a quantized cache needs kernels written for it.
+OPT_IN_FEATURES = frozenset({"kv_quant"})
+# the paged attention ops' quantized-cache arguments: kv_scales = [k, v], kv_zeros = [k, v] (each
+# [num_blocks, block_size, Hk]) and quant_bits (8 / 4), passed to a vendor only when quant_bits != 0
+_KV_QUANT_ARGS = ("kv_scales", "kv_zeros", "quant_bits")
 
 TABLE: tuple[OpDef, ...] = (
     OpDef("silu_and_mul", "elementwise", ("x",), "silu(x[..., :d]) * x[..., d:]", "activation",
@@ -95,8 +112,9 @@ TABLE: tuple[OpDef, ...] = (
     OpDef("fill_kv_cache", "paged",
           ("key", "value", "key_cache", "value_cache", "kv_start_indices", "k_scales_zeros", "v_scales_zeros",
            "quant_bits"),
-          "write new keys/values into the paged cache at their slots", "kv_cache",
-          mutates=("key_cache", "value_cache"), features=_CACHE_FEATURES),
+          "write new keys/values into the paged cache at their slots (quantizing them into a uint8 cache)",
+          "kv_cache", mutates=("key_cache", "value_cache", "k_scales_zeros", "v_scales_zeros"),
+          features=_CACHE_FEATURES),
     OpDef("prefill_attention", "attention",
           ("query", "key", "value", "cu_seqlens_q", "cu_seqlens_kv", "max_q_seq_len", "softmax_scale", "causal",
            "attn_output"),
@@ -104,14 +122,15 @@ TABLE: tuple[OpDef, ...] = (
           features=frozenset({"non_causal"})),
     OpDef("paged_prefill_attention", "paged",
           ("query", "key_cache", "value_cache", "block_table", "cu_seqlens_q", "kv_seqlens", "max_q_seq_len",
-           "max_kv_seq_len", "softmax_scale", "causal", "attn_output"),
+           "max_kv_seq_len", "softmax_scale", "causal", "attn_output", "kv_scales", "kv_zeros", "quant_bits"),
           "chunked prefill: new queries over history + themselves in the paged cache", "attention",
-          mutates=("attn_output",), features=frozenset({"non_causal"}) | _CACHE_FEATURES),
+          mutates=("attn_output",), features=frozenset({"non_causal"}) | _CACHE_FEATURES,
+          optional_args=_KV_QUANT_ARGS),
     OpDef("paged_decode_attention", "paged",
           ("query", "key_cache", "value_cache", "block_table", "kv_seqlens", "max_kv_seq_len", "softmax_scale",
-           "attn_output"),
+           "attn_output", "kv_scales", "kv_zeros", "quant_bits"),
           "decode: one query token per sequence over its paged cache", "attention", mutates=("attn_output",),
-          features=_CACHE_FEATURES),
+          features=_CACHE_FEATURES, optional_args=_KV_QUANT_ARGS),
     OpDef("moe_gating_topk_softmax", "moe", ("router_logits", "topk"),
           "top-k of the router's softmax: (float32 weights, int64 expert ids)", "moe",
           returns=lambda logits, topk: (((logits.shape[0], topk), torch.float32),
@@ -198,7 +217,12 @@ def check_vendor_function(vendor: str, name: str, fn: Callable[..., Any]) -> Non
     except (TypeError, ValueError):  # builtins without a signature: cannot check here, the result check remains
         return
     try:
-        sig.bind(*d.args)
+        try:
+            sig.bind(*d.args)
+        except TypeError:
+            if not d.optional_args:
+                raise
+            sig.bind(*d.required_args)  # a vendor that serves no call needing the optional arguments
     except TypeError as exc:
         raise TypeError(f"vendor {vendor}: {name} implementation {getattr(fn, '__qualname__', fn)}{sig} cannot be "
                         f"called as the contract calls it, {d.signature}: {exc}") from None
@@ -240,5 +264,5 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["FEATURES", "KINDS", "OPS", "TABLE", "OpDef", "check_result", "check_vendor_function", "define", "get",
+__all__ = ["FEATURES", "KINDS", "OPS", "OPT_IN_FEATURES", "TABLE", "OpDef", "check_result", "check_vendor_function", "define", "get",
            "markdown_table"]

@@ -79,12 +79,40 @@ def attention_64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out.reshape(lq, hq, dv)
 
 
-def gather_tokens(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
-    """Token j of a sequence is ``cache[table_row[j // block_size], j % block_size]``; only ``length`` tokens."""
+def gather_tokens(cache: torch.Tensor, table_row: torch.Tensor, length: int, scales_zeros=None,
+                  quant_bits: int = 0) -> torch.Tensor:
+    """Token j of a sequence is ``cache[table_row[j // block_size], j % block_size]``; only ``length`` tokens.
+
+    A quantized cache (``quant_bits`` 8 / 4, ``scales_zeros = (scales, zeros)``) gives float64
+    ``(q - zero) * scale``; 4 bits: byte i holds element i (low nibble) and element i + D/2 (high nibble)."""
     bs = cache.shape[1]
     j = torch.arange(length, device=cache.device)
     blocks = table_row.to(cache.device).long()[j // bs] if length else j
-    return cache[blocks, j % bs]
+    tokens = cache[blocks, j % bs]
+    if not quant_bits:
+        return tokens
+    scales, zeros = scales_zeros
+    q = tokens.to(torch.int64)
+    if quant_bits == 4:
+        q = torch.cat((q % 16, q // 16), dim=-1)
+    return (q.to(F64) - zeros[blocks, j % bs].to(F64)[..., None]) * scales[blocks, j % bs].to(F64)[..., None]
+
+
+def quantize_kv_row(x: torch.Tensor, quant_bits: int, scale_dtype: torch.dtype, zero_dtype: torch.dtype):
+    """One token's head ``x [D]`` -> ``(q int64 [D], scale, zero)`` by the definition (``dlinfer.ops.kv_quant``):
+    float32 arithmetic, scale and zero rounded to their storage dtypes."""
+    levels = 2 ** quant_bits - 1
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        return torch.zeros(x.shape, dtype=torch.int64), math.nan, math.nan
+    lo, hi = x.min(), x.max()
+    scale = torch.maximum((hi - lo) / levels, torch.maximum(lo.abs(), hi.abs()) / (64 * levels))
+    scale = scale.to(scale_dtype).to(torch.float32)
+    if float(scale) == 0.0 or float(hi) == float(lo):
+        scale = torch.ones((), dtype=torch.float32)
+    zero = (-lo / scale).to(zero_dtype).to(torch.float32)
+    q = torch.floor(x / scale + zero + 0.5).clamp(0, levels).to(torch.int64)
+    return q, float(scale), float(zero)
 
 
 def moe_64(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -126,13 +154,33 @@ def apply_rotary_pos_emb(query, key, cos, sin) -> None:
 
 def fill_kv_cache(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros=None, v_scales_zeros=None,
                   quant_bits=0) -> None:
-    """Token t goes to slot ``kv_start_indices[t]`` (block ``s // block_size``, row ``s % block_size``); -1 skips."""
+    """Token t goes to slot ``kv_start_indices[t]`` (block ``s // block_size``, row ``s % block_size``); -1 skips.
+    Quantized (``quant_bits`` 8 / 4): each head is quantized by :func:`quantize_kv_row`, 4 bits packed two to a
+    byte (element i low nibble, i + D/2 high), its scale and zero written to ``[scales, zeros]``."""
     bs = key_cache.shape[1]
     for t, s in enumerate(kv_start_indices.tolist()):
         if s < 0:
             continue
-        key_cache[s // bs, s % bs] = key[t]
-        value_cache[s // bs, s % bs] = value[t]
+        for new, cache, scales_zeros in ((key, key_cache, k_scales_zeros), (value, value_cache, v_scales_zeros)):
+            if not quant_bits:
+                cache[s // bs, s % bs] = new[t]
+                continue
+            scales, zeros = scales_zeros
+            for h in range(new.shape[1]):
+                q, scale, zero = quantize_kv_row(new[t, h], quant_bits, scales.dtype, zeros.dtype)
+                if quant_bits == 4:
+                    half = q.shape[0] // 2
+                    q = q[:half] + 16 * q[half:]
+                cache[s // bs, s % bs, h] = q.to(cache.dtype)
+                scales[s // bs, s % bs, h] = scale
+                zeros[s // bs, s % bs, h] = zero
+
+
+def _kv_scales_zeros(kv_scales, kv_zeros, quant_bits):
+    """The attention ops' ``kv_scales = [k, v]``, ``kv_zeros = [k, v]`` -> ``(k_scales, k_zeros), (v_scales, v_zeros)``."""
+    if not quant_bits:
+        return None, None
+    return (kv_scales[0], kv_zeros[0]), (kv_scales[1], kv_zeros[1])
 
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
@@ -148,25 +196,28 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
-                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+                            max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
+                            quant_bits=0) -> None:
     """Sequence b has queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (the last ones of its ``kv_seqlens[b]`` keys)."""
     begin = 0
+    k_sz, v_sz = _kv_scales_zeros(kv_scales, kv_zeros, quant_bits)
     for b, (end, kl) in enumerate(zip(cu_seqlens_q[1:].tolist(), kv_seqlens.tolist())):
         if end > begin:
-            k = gather_tokens(key_cache, block_table[b], kl)
-            v = gather_tokens(value_cache, block_table[b], kl)
+            k = gather_tokens(key_cache, block_table[b], kl, k_sz, quant_bits)
+            v = gather_tokens(value_cache, block_table[b], kl, v_sz, quant_bits)
             attn_output[begin:end] = attention_64(query[begin:end], k, v, softmax_scale, causal).to(attn_output.dtype)
         begin = end
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
-                           attn_output) -> None:
+                           attn_output, kv_scales=(), kv_zeros=(), quant_bits=0) -> None:
     """One query token per sequence, seeing all ``kv_seqlens[b]`` keys; a zero-length sequence gives zeros."""
     q = query.to(F64)  # read before writing: attn_output may alias query
     rows = []
+    k_sz, v_sz = _kv_scales_zeros(kv_scales, kv_zeros, quant_bits)
     for b, n in enumerate(kv_seqlens.tolist()):
-        k = gather_tokens(key_cache, block_table[b], n)
-        v = gather_tokens(value_cache, block_table[b], n)
+        k = gather_tokens(key_cache, block_table[b], n, k_sz, quant_bits)
+        v = gather_tokens(value_cache, block_table[b], n, v_sz, quant_bits)
         rows.append(attention_64(q[b:b + 1], k, v, softmax_scale, False)[0])
     if rows:
         attn_output.copy_(torch.stack(rows).to(attn_output.dtype))
@@ -320,6 +371,13 @@ def upcast_op(op: str) -> Callable[..., Any]:
     fn = OPS[op]
     if op in QUANT_OPS:  # any input dtype already, declared output dtypes
         return fn
+    if op == "fill_kv_cache":  # a quantized write rounds in float32 to the scales' own dtypes: never upcast it
+        upcast = _upcast(op, fn)
+        return lambda *args: fn(*args) if args[-1] else upcast(*args)
+    return _upcast(op, fn)
+
+
+def _upcast(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args):
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -362,5 +420,6 @@ def upcast_op(op: str) -> Callable[..., Any]:
 __all__ = ["IN_PLACE_ARGS", "OPS", "add_rms_norm", "apply_rotary_pos_emb", "apply_rotary_pos_emb_fill_kv_cache",
            "attention_64",
            "fill_kv_cache", "fused_moe", "gather_tokens", "linear", "moe_64", "moe_gating_topk_softmax",
-           "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "rms_norm", "rms_norm_64",
+           "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "quantize_kv_row", "rms_norm",
+           "rms_norm_64",
            "rotary_64", "silu_and_mul", "silu_and_mul_64", "upcast_op"]

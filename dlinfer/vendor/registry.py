@@ -109,7 +109,9 @@ class Vendor:
         devices: device types the vendor can run on (``"cuda"``, ``"npu"``, ``"cpu"``; ``"*"`` for any).
         default_devices: device types for which the vendor is an automatic choice (a subset of ``devices``).
         ops: op name -> implementation with the signature of ``torch.ops.dlinfer.<op>`` (see ``dlinfer.ops``).
-        capabilities: op name -> :class:`Capabilities`; ops missing here support everything.
+        capabilities: op name -> :class:`Capabilities`; ops missing here support everything except the opt-in
+            features (``dlinfer.ops.table.OPT_IN_FEATURES``: a quantized KV cache), which a vendor serves only
+            where its capabilities name them.
         extra_reasons: optional hook ``(call) -> list[str]`` for refusals the record cannot express.
         available: optional hook ``() -> str | None`` returning why the vendor cannot run at all here.
     """
@@ -162,6 +164,11 @@ class Vendor:
         if not self.runs_on(call.device_type):
             reasons.append(f"does not run on device type '{call.device_type}' (runs on {sorted(self.devices)})")
         caps = self.capabilities.get(call.op)
+        if caps is None:
+            from dlinfer.ops.table import OPT_IN_FEATURES
+
+            if call.features & OPT_IN_FEATURES:  # never implied by a missing record
+                caps = Capabilities(features=call.features - OPT_IN_FEATURES)
         if caps is not None:
             reasons.extend(caps.reasons(call))
         if self.extra_reasons is not None:

@@ -455,8 +455,6 @@ def test_every_op_has_bad_input_cases():
 
 # ---------------------------------------------------------------- valid calls dlinfer does not serve
 @pytest.mark.parametrize("op,change,match", [
-    ("paged_decode_attention", {"quant_bits": 8}, r"quant_bits=8: quantized KV caches"),
-    ("paged_prefill_attention", {"quant_bits": 4}, r"quant_bits=4"),
     ("moe_gating_topk_softmax", {"moe_metadata": MoeMetadata(router_n_groups=4)}, r"router_n_groups=4"),
     ("moe_gating_topk_softmax", {"moe_metadata": MoeMetadata(ep_size=2)}, r"ep_size=2"),
     ("fused_moe", {"moe_metadata": MoeMetadata(ep_size=8)}, r"ep_size=8: expert parallelism"),

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import dlinfer.ops as ops
-from dlinfer.errors import NotSupportedError
 
 g = torch.Generator().manual_seed(0)
 
@@ -40,9 +39,11 @@ def test_a_2d_query_with_zero_tokens_works_like_the_3d_form():
 
 
 def test_fill_kv_cache_with_quant_bits_names_quant_bits():
-    kc, vc = r(2, 4, 1, 8), r(2, 4, 1, 8)
-    with pytest.raises(NotSupportedError, match="quant_bits"):
+    kc, vc = r(2, 4, 1, 8), r(2, 4, 1, 8)  # float caches: a quantized cache is uint8
+    with pytest.raises(ValueError, match="key_cache must be a uint8 tensor with quant_bits=8"):
         ops.fill_kv_cache(r(1, 1, 8), r(1, 1, 8), kc, vc, torch.tensor([0]), [], [], 8)
+    with pytest.raises(ValueError, match="quant_bits must be 0 .*, 8 .* or 4"):
+        ops.fill_kv_cache(r(1, 1, 8), r(1, 1, 8), kc, vc, torch.tensor([0]), [], [], 2)
 
 
 # ------------------------------------------------------------------------------ coercions and aliasing

@@ -411,23 +411,28 @@ def compile_(fn, ptrs, consts, floats, num_warps, num_stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                                   num_stages=num_stages))
 
-for dt, group, use_dot, direct, page in (("bf16", 4, True, False, 64), ("bf16", 1, True, True, 16),
-                                        ("fp32", 1, False, False, 16)):
-    ptrs = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, block_table_ptr="i32", kv_lens_ptr="i32", out_ptr=dt,
-                mid_o_ptr="fp32", mid_lse_ptr="fp32")
+for dt, group, use_dot, direct, page, quant in (("bf16", 4, True, False, 64, 0), ("bf16", 1, True, True, 16, 0),
+                                               ("fp32", 1, False, False, 16, 0), ("bf16", 4, True, False, 64, 8),
+                                               ("fp16", 1, True, True, 16, 4), ("fp32", 1, False, False, 16, 8)):
+    cache = "u8" if quant else dt
+    ptrs = dict(q_ptr=dt, k_ptr=cache, v_ptr=cache, block_table_ptr="i32", kv_lens_ptr="i32", out_ptr=dt,
+                mid_o_ptr="fp32", mid_lse_ptr="fp32", ks_ptr=dt, kz_ptr=dt, vs_ptr=dt, vz_ptr=dt)
     consts = dict(GROUP=group, BLOCK_H=16 if use_dot else 1, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128,
                   BLOCK_DV=128, PAGE_SIZE=page, BLOCK_N=64, USE_DOT=use_dot, DIRECT=direct,
                   DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False, PAGE_TILES=page % 64 == 0,
-                  USE_PDL=not direct)
+                  USE_PDL=not direct, QUANT=quant)
     compile_(dec._decode_split_kernel, ptrs, consts, ("qk_scale",), 4, 3)
 for pdl in (True, False):
     compile_(dec._decode_reduce_kernel, dict(mid_o_ptr="fp32", mid_lse_ptr="fp32", out_ptr="bf16"),
              dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16, USE_PDL=pdl), (), 4, 1)
-for paged, pack, causal in ((False, 4, True), (True, 1, True), (True, 4, False)):
-    ptrs = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", out_ptr="bf16", q_ends_ptr="i32", kv_ptr_lens="i32",
-                block_table_ptr="i32")
+for paged, pack, causal, quant in ((False, 4, True, 0), (True, 1, True, 0), (True, 4, False, 0), (True, 4, True, 8),
+                                  (True, 1, True, 4)):
+    cache = "u8" if quant else "bf16"
+    ptrs = dict(q_ptr="bf16", k_ptr=cache, v_ptr=cache, out_ptr="bf16", q_ends_ptr="i32", kv_ptr_lens="i32",
+                block_table_ptr="i32", ks_ptr="bf16", kz_ptr="bf16", vs_ptr="bf16", vz_ptr="bf16")
     consts = dict(GROUP=4, PACK=pack, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_M=128,
-                  BLOCK_N=64, PAGED=paged, PAGE_SIZE=64, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False)
+                  BLOCK_N=64, PAGED=paged, PAGE_SIZE=64, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False,
+                  QUANT=quant)
     kernel = compile_(pre._prefill_kernel, ptrs, consts, ("qk_scale",), 8, 3)
     assert "wgmma" in kernel.asm["ptx"], "prefill must run on Hopper tensor cores (wgmma)"
 print("compiled")
@@ -436,20 +441,11 @@ print("compiled")
 
 def test_gpu_code_paths_compile_for_sm90():
     """The for-loop (pipelined) code paths the interpreter does not run, compiled for an H100 (sm_90a) on this
-    CPU with the ptxas of the triton wheel: catches compile errors, and checks prefill uses wgmma."""
-    import os
-    import subprocess
-    import sys
+    CPU with the ptxas of the triton wheel: catches compile errors (quantized caches included), and checks prefill
+    uses wgmma."""
+    from sm90 import compile_for_sm90
 
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"no ptxas in the triton wheel ({ptxas})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_for_sm90(_COMPILE_FOR_SM90)
 
 
 def test_num_splits_rules():

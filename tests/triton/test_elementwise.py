@@ -13,7 +13,6 @@ import torch
 
 import dlinfer.ops as ops
 import dlinfer.vendor
-from dlinfer.errors import NotSupportedError
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 DTYPES = list(TOL)
@@ -234,16 +233,6 @@ def test_fill_kv_cache_strided_key_value():
     run("reference", ops.fill_kv_cache, key, value, rk_cache, rv_cache, slots)
     assert torch.equal(k_cache.nan_to_num(7.0), rk_cache.nan_to_num(7.0))
     assert torch.equal(v_cache.nan_to_num(7.0), rv_cache.nan_to_num(7.0))
-
-
-def test_fill_kv_cache_refuses_quant():
-    key = torch.randn(2, 1, 16)
-    k_cache, v_cache = _caches(1, 16, 1, 16, 16, torch.float32, packed=False)
-    slots = torch.tensor([0, 1])
-    dlinfer.vendor.set_override("triton")
-    with pytest.raises(NotSupportedError, match="kv_quant"):
-        ops.fill_kv_cache(key, key, k_cache.to(torch.uint8), v_cache.to(torch.uint8), slots,
-                          [torch.ones(1)], [torch.ones(1)], quant_bits=8)
 
 
 # ---------------------------------------------------------------- rotary + fill_kv_cache, fused

@@ -71,7 +71,7 @@ def _oracle_as_vendor() -> registry.Vendor:
         _ORACLE = registry.Vendor(
             name=ORACLE_VENDOR, priority=-1000, devices=frozenset({registry.ANY_DEVICE}),
             default_devices=frozenset(), ops={op: oracle.upcast_op(op) for op in oracle.OPS},
-            capabilities={d.name: registry.Capabilities(features=d.features - {"kv_quant"})
+            capabilities={d.name: registry.Capabilities(features=d.features)
                           for d in table.TABLE if d.features and d.name in oracle.OPS},
             description="dlinfer.testing.oracle: independent float64 math (conformance kit only)")
     return _ORACLE

@@ -17,6 +17,6 @@ VENDOR = Vendor(
     devices=frozenset({ANY_DEVICE}),
     default_devices=frozenset({ANY_DEVICE}),
     ops=_OPS,
-    capabilities={d.name: Capabilities(features=d.features - {"kv_quant"}) for d in TABLE if d.features},
+    capabilities={d.name: Capabilities(features=d.features) for d in TABLE if d.features},
     description="pure PyTorch, any device; the correctness oracle",
 )

@@ -5,9 +5,14 @@ can see, makes the row NaN, as softmax's definition does; only rows that see no 
 sequence) are zero, decided by lengths and positions, never by values. Cache slots past a sequence's length are
 never read. A NaN value at a position the causal mask hides may still reach earlier rows of its sequence
 (``0 * NaN`` in ``p @ v``, as in torch's SDPA and FlashAttention); the conformance kit does not test that case.
+
+A quantized cache (``quant_bits`` 8 / 4) is dequantized, token by token as it is gathered, to float32
+(``(q - zero) * scale``, ``dlinfer.vendor.reference.kv_cache.dequantize``); only the gathered blocks are.
 """
 
 import torch
+
+from dlinfer.vendor.reference.kv_cache import dequantize
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
@@ -32,10 +37,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
-def _gather(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_row: torch.Tensor, length: int, scales=None, zeros=None,
+            quant_bits: int = 0) -> torch.Tensor:
     block_size = cache.shape[1]
     blocks = block_row[: (length + block_size - 1) // block_size].long()
-    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+    tokens = cache[blocks]
+    if quant_bits:
+        tokens = dequantize(tokens, scales[blocks], zeros[blocks], quant_bits)
+    return tokens.reshape(-1, *tokens.shape[2:])[:length]
+
+
+def _kv(kv_scales, kv_zeros, quant_bits):
+    """``(k_scales, k_zeros), (v_scales, v_zeros)`` (Nones for a float cache)."""
+    if not quant_bits:
+        return (None, None), (None, None)
+    return (kv_scales[0], kv_zeros[0]), (kv_scales[1], kv_zeros[1])
 
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
@@ -50,19 +66,21 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
-                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+                            max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
+                            quant_bits=0) -> None:
     starts = cu_seqlens_q.tolist()
+    k_sz, v_sz = _kv(kv_scales, kv_zeros, quant_bits)
     for b, kv_len in enumerate(kv_seqlens.tolist()):
         start, end = starts[b], starts[b + 1]
         if end > start:
-            k = _gather(key_cache, block_table[b], kv_len)
-            v = _gather(value_cache, block_table[b], kv_len)
+            k = _gather(key_cache, block_table[b], kv_len, *k_sz, quant_bits)
+            v = _gather(value_cache, block_table[b], kv_len, *v_sz, quant_bits)
             out = _attend(query[start:end], k, v, softmax_scale, causal)
             attn_output[start:end] = out.to(attn_output.dtype)
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
-                           attn_output) -> None:
+                           attn_output, kv_scales=(), kv_zeros=(), quant_bits=0) -> None:
     """All sequences at once: gather every sequence's block-table row, mask positions past its length.
 
     No host sync (lengths stay on the device), so it also runs under CUDA-graph capture.
@@ -74,8 +92,13 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     lengths = kv_seqlens.long()
     used = torch.arange(max_blocks, device=query.device)[None, :] * block_size < lengths[:, None]
     blocks = torch.where(used, block_table.long(), 0)  # entries past a sequence's last block may be garbage
-    k = key_cache[blocks].flatten(1, 2).float()  # [B, max_blocks * block_size, Hk, D]
-    v = value_cache[blocks].flatten(1, 2).float()
+    k, v = key_cache[blocks], value_cache[blocks]  # [B, max_blocks, block_size, Hk, D]
+    if quant_bits:
+        (ks, kz), (vs, vz) = _kv(kv_scales, kv_zeros, quant_bits)
+        k = dequantize(k, ks[blocks], kz[blocks], quant_bits)
+        v = dequantize(v, vs[blocks], vz[blocks], quant_bits)
+    k = k.flatten(1, 2).float()  # [B, max_blocks * block_size, Hk, D]
+    v = v.flatten(1, 2).float()
     group = query.shape[1] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)

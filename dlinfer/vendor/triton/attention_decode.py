@@ -52,6 +52,14 @@ All in :func:`_config` (per device type / dtype / head sizes / group) and :func:
 * ``DLINFER_TRITON_DECODE="num_stages=2,target_programs=528,..."`` overrides GPU fields (tuning sweeps).
 
 No host syncs: the grid depends only on shapes and ``max_kv_seq_len``; lengths are read on the device.
+
+Quantized caches
+----------------
+``quant_bits`` 8 / 4 (a ``uint8`` cache with a scale and zero point per token and KV head beside it,
+``dlinfer.ops.kv_quant``) is a compile-time branch (``QUANT``) of the same kernel: each K/V tile is loaded as bytes
+(4 bits: the byte of column ``d % (D / 2)``, shifted by 4 for the upper half), its tokens' scales and zeros
+with it, and dequantized in registers (``(q - zero) * scale`` in fp32, then the query's dtype) before the same
+dots; no dequantized copy of the cache is ever written. ``QUANT = 0`` compiles to the unquantized kernel.
 """
 
 from __future__ import annotations
@@ -208,16 +216,40 @@ def _tile_pages(table_row, n0, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def load_dequant(head_ptr, rows, offs, row_mask, col_mask, s_ptr, z_ptr, s_rows, DIM: tl.constexpr,
+                 QUANT: tl.constexpr):
+    """A ``[rows, offs]`` tile of a quantized cache head as fp32 ``(q - zero) * scale`` (``rows``: element offsets
+    of the tokens, ``s_rows``: their offsets in the scales/zeros). 4 bits: column ``d`` is in the byte of column
+    ``d % (DIM / 2)``, low nibble for the first half, high nibble for the second."""
+    if QUANT == 4:
+        cols = offs % (DIM // 2)
+    else:
+        cols = offs
+    raw = tl.load(head_ptr + rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0)
+    if QUANT == 4:
+        raw = (raw >> ((offs >= DIM // 2).to(tl.uint8) * 4)[None, :]) & 15
+    scale = tl.load(s_ptr + s_rows, mask=row_mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + s_rows, mask=row_mask, other=0.0).to(tl.float32)
+    return (raw.to(tl.float32) - zero[:, None]) * scale[:, None]
+
+
+@triton.jit
 def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
-                 qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 qk_scale, offs_d, d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
     """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
     page = pages.to(tl.int64)  # a scalar when the tile lies in one page, else one per token
     slot = (offs_n % PAGE_SIZE).to(tl.int64)
-    k = tl.load(k_head + (page * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :],
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if QUANT:
+        s_rows = page * stride_sb + slot * stride_st
+        k = load_dequant(k_head, page * stride_kb + slot * stride_kt, offs_d, n_mask, d_mask, ks_head, kz_head,
+                         s_rows, HEAD_DIM, QUANT).to(q.dtype)
+    else:
+        k = tl.load(k_head + (page * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     if USE_DOT:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     else:  # one query head (BLOCK_H == 1): a row of scores on CUDA cores
@@ -227,8 +259,12 @@ def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, st
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_head + (page * stride_vb + slot * stride_vt)[:, None] + offs_dv[None, :],
-                mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    if QUANT:
+        v = load_dequant(v_head, page * stride_vb + slot * stride_vt, offs_dv, n_mask, dv_mask, vs_head, vz_head,
+                         s_rows, HEAD_DIM_V, QUANT).to(q.dtype)
+    else:
+        v = tl.load(v_head + (page * stride_vb + slot * stride_vt)[:, None] + offs_dv[None, :],
+                    mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
     acc = acc * alpha[:, None]
     if USE_DOT:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -240,6 +276,7 @@ def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, st
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, kv_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -252,7 +289,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    PAGE_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+    PAGE_TILES: tl.constexpr, USE_PDL: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -281,6 +318,8 @@ def _decode_split_kernel(
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    s_head = kvh.to(tl.int64) * stride_sh  # scales and zeros (a quantized cache)
+    ks_head, kz_head, vs_head, vz_head = ks_ptr + s_head, kz_ptr + s_head, vs_ptr + s_head, vz_ptr + s_head
     pages = _tile_pages(table_row, start, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = start
@@ -288,7 +327,8 @@ def _decode_split_kernel(
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
+                                         ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
             n0 += BLOCK_N
     else:
@@ -296,7 +336,8 @@ def _decode_split_kernel(
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION)
+                                         ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
 
     if USE_PDL:  # the reduce kernel may launch now; it waits for this grid's stores before reading them
@@ -345,10 +386,22 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv, res.to(out_ptr.dtype.element_ty), mask=dv_mask)
 
 
+def quant_scales(key_cache, kv_scales, kv_zeros, quant_bits):
+    """``(k_scales, k_zeros, v_scales, v_zeros, (block, token, head) strides)`` for the kernels: the four share
+    strides (copies if they do not, which LMDeploy's layout never needs); stand-ins when not quantized."""
+    if not quant_bits:
+        return key_cache, key_cache, key_cache, key_cache, (0, 0, 0)
+    tensors = (kv_scales[0], kv_zeros[0], kv_scales[1], kv_zeros[1])
+    if len({t.stride() for t in tensors}) > 1:
+        tensors = tuple(t.contiguous() for t in tensors)
+    return (*tensors, tensors[0].stride())
+
+
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
-                           attn_output) -> None:
+                           attn_output, kv_scales=(), kv_zeros=(), quant_bits=0) -> None:
     batch, num_q_heads, head_size = query.shape
-    num_kv_heads, head_size_v = key_cache.shape[2], value_cache.shape[3]
+    num_kv_heads = key_cache.shape[2]
+    head_size_v = value_cache.shape[3] * (2 if quant_bits == 4 else 1)
     page_size = key_cache.shape[1]
     if batch == 0 or num_q_heads == 0:
         return
@@ -369,8 +422,10 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     block_dv = triton.next_power_of_2(head_size_v)
     page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
     pdl = cfg.pdl and not direct
+    ks, kz, vs, vz, s_strides = quant_scales(key_cache, kv_scales, kv_zeros, quant_bits)
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse,
+        ks, kz, vs, vz, *s_strides,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -382,7 +437,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         HEAD_DIM=head_size, BLOCK_D=block_d, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device.type == "cpu",
-        PAGE_TILES=page_tiles, USE_PDL=pdl,
+        PAGE_TILES=page_tiles, USE_PDL=pdl, QUANT=quant_bits,
         num_warps=cfg.num_warps, num_stages=cfg.split_stages if splits > 1 else cfg.num_stages,
     )
     if not direct:
@@ -406,8 +461,9 @@ CAPABILITIES = {
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         head_sizes=HEAD_SIZES,
         block_sizes=BLOCK_SIZES,
-        features=frozenset({"strided_cache"}),
+        features=frozenset({"strided_cache", "kv_quant"}),
     ),
 }
 
-__all__ = ["OPS", "CAPABILITIES", "paged_decode_attention", "num_splits", "DecodeConfig"]
+__all__ = ["OPS", "CAPABILITIES", "paged_decode_attention", "num_splits", "DecodeConfig", "load_dequant",
+           "quant_scales"]

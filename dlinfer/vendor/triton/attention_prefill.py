@@ -31,6 +31,10 @@ sees no key gives zeros. Head sizes are padded to powers of two with masks; ``Dv
 Each program reads its query tile before it writes its output tile, and only its own rows and heads, so
 ``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``).
 
+A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the compile-time branch ``QUANT`` of
+the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
+(``attention_decode.load_dequant``) before the dots; ``QUANT = 0`` compiles to the unquantized kernel.
+
 Launch parameters
 -----------------
 All in :func:`_config` (and :func:`_pack`): on the GPU, 16-bit inputs with ``D <= 128`` use ``BLOCK_M=128,
@@ -51,7 +55,8 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.attention_decode import BLOCK_SIZES, HEAD_SIZES, LOG2E, env_overrides
+from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, env_overrides, load_dequant,
+                                                    quant_scales)
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -103,8 +108,10 @@ def _dot_precision(query: torch.Tensor) -> str:
 @triton.jit
 def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head, pages,
                   stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
+                  ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
     """Fold keys ``[n0, n0 + BLOCK_N)`` into the online softmax of the query tile (``pages``: their cache pages).
 
     ``MASKED=False`` tiles lie wholly inside the sequence and below the diagonal. ``diag = kv_len - q_len``:
@@ -121,7 +128,11 @@ def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v
         token = kv_base + offs_n.to(tl.int64)
         k_rows = token * stride_kt
         v_rows = token * stride_vt
-    if MASKED:
+    if QUANT:  # paged only; every tile masked by length (the unmasked tiles' mask is all true)
+        s_rows = page * stride_sb + slot * stride_st
+        k = load_dequant(k_head, k_rows, offs_d, n_mask, d_mask, ks_head, kz_head, s_rows, HEAD_DIM,
+                         QUANT).to(q.dtype)
+    elif MASKED:
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     else:
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
@@ -140,7 +151,10 @@ def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
+    if QUANT:
+        v = load_dequant(v_head, v_rows, offs_dv, n_mask, dv_mask, vs_head, vz_head, s_rows, HEAD_DIM_V,
+                         QUANT).to(q.dtype)
+    elif MASKED:
         v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
     else:
         v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=dv_mask[None, :], other=0.0)
@@ -164,6 +178,7 @@ def _tile_pages(table_row, n0, kv_len, PAGED: tl.constexpr, PAGE_SIZE: tl.conste
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -174,7 +189,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QUANT: tl.constexpr,
 ):
     """One ``BLOCK_M``-row tile: ``BLOCK_M // PACK`` tokens x ``PACK`` query heads (of one KV head).
 
@@ -228,6 +243,8 @@ def _prefill_kernel(
 
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    s_head = kvh.to(tl.int64) * stride_sh  # scales and zeros (a quantized cache)
+    ks_head, kz_head, vs_head, vz_head = ks_ptr + s_head, kz_ptr + s_head, vs_ptr + s_head, vz_ptr + s_head
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = full * 0
@@ -236,8 +253,9 @@ def _prefill_kernel(
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
                                           pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL,
-                                          DOT_PRECISION)
+                                          d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb,
+                                          stride_st, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+                                          QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
             n0 += BLOCK_N
         n0 = full
@@ -246,8 +264,9 @@ def _prefill_kernel(
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
                                           pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL,
-                                          DOT_PRECISION)
+                                          d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb,
+                                          stride_st, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+                                          QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
             n0 += BLOCK_N
     else:
@@ -256,16 +275,18 @@ def _prefill_kernel(
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
                                           pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL,
-                                          DOT_PRECISION)
+                                          d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb,
+                                          stride_st, PAGED, PAGE_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+                                          QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
         pages = _tile_pages(table_row, full, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         for n0 in range(full, hi, BLOCK_N):
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
                                           pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
-                                          d_mask, offs_dv, dv_mask, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL,
-                                          DOT_PRECISION)
+                                          d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb,
+                                          stride_st, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+                                          QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
 
     res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -281,9 +302,10 @@ def _pack(cfg: PrefillConfig, group: int) -> int:
 
 
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
-            softmax_scale: float, causal: bool, kv_strides) -> None:
+            softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ())) -> None:
     tokens, num_q_heads, head_size = query.shape
-    num_kv_heads, head_size_v = key.shape[-2], value.shape[-1]
+    quant_bits, kv_scales, kv_zeros = quant
+    num_kv_heads, head_size_v = key.shape[-2], value.shape[-1] * (2 if quant_bits == 4 else 1)
     batch = q_ends.shape[0]
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
@@ -291,8 +313,10 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
     num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m // pack)
+    ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
     _prefill_kernel[(num_m_tiles, num_q_heads // pack, batch)](
         query, key, value, out, q_ends, kv_arg, block_table,
+        ks, kz, vs, vz, *s_strides,
         query.stride(0), query.stride(1),
         *kv_strides,
         block_table.stride(0) if paged else 0,
@@ -303,7 +327,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
         HEAD_DIM_V=head_size_v, BLOCK_DV=triton.next_power_of_2(head_size_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=_dot_precision(query),
-        WHILE_LOOP=query.device.type == "cpu",
+        WHILE_LOOP=query.device.type == "cpu", QUANT=quant_bits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -318,11 +342,12 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
-                            max_kv_seq_len, softmax_scale, causal, attn_output) -> None:
+                            max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
+                            quant_bits=0) -> None:
     kv_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                   value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
     _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q[1:], kv_seqlens, block_table, True,
-            key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides)
+            key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides, (quant_bits, kv_scales, kv_zeros))
 
 
 OPS = {"prefill_attention": prefill_attention, "paged_prefill_attention": paged_prefill_attention}
@@ -333,7 +358,7 @@ CAPABILITIES = {
     "prefill_attention": Capabilities(dtypes=_DTYPES, head_sizes=HEAD_SIZES, features=frozenset({"non_causal"})),
     "paged_prefill_attention": Capabilities(
         dtypes=_DTYPES, head_sizes=HEAD_SIZES, block_sizes=BLOCK_SIZES,
-        features=frozenset({"strided_cache", "non_causal"})),
+        features=frozenset({"strided_cache", "non_causal", "kv_quant"})),
 }
 
 __all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig"]
