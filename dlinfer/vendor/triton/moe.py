@@ -41,6 +41,7 @@ import triton.language as tl
 
 from dlinfer import settings
 from dlinfer.vendor.triton import tuning
+from dlinfer.vendor.triton.host import cdiv, next_power_of_2
 
 logger = logging.getLogger("dlinfer")
 
@@ -87,10 +88,10 @@ def moe_gating_topk_softmax(router_logits: torch.Tensor, topk: int) -> tuple[tor
     if tokens == 0:
         return weights, ids
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    eb = triton.next_power_of_2(experts)
-    rows = max(1, min(GATING_MAX_ROWS, GATING_TILE // eb, triton.next_power_of_2(tokens)))
+    eb = next_power_of_2(experts)
+    rows = max(1, min(GATING_MAX_ROWS, GATING_TILE // eb, next_power_of_2(tokens)))
     warps = 4 if rows * eb >= 1024 else 1
-    _gating_kernel[(triton.cdiv(tokens, rows),)](
+    _gating_kernel[(cdiv(tokens, rows),)](
         logits, weights, ids, tokens, experts, logits.stride(0), weights.stride(0), ids.stride(0),
         TOPK=topk, ROWS=rows, EB=eb, num_warps=warps)
     return weights, ids
@@ -312,7 +313,7 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
     if a.dtype == torch.float32:
         # fp32 is served exactly (no tf32), with half the K tile so the stages fit in shared memory.
         precision, block_k = "ieee", max(16, block_k // 2)
-    grid = (max_blocks * triton.cdiv(n_out, block_n),)
+    grid = (max_blocks * cdiv(n_out, block_n),)
     _moe_gemm_kernel[grid](
         a, weight, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
@@ -374,19 +375,19 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     ids = ids if ids.is_contiguous() else ids.contiguous()
 
     pairs = tokens * topk
-    eb = triton.next_power_of_2(experts)
-    chunk = max(16, min(SORT_MAX_CHUNK, SORT_TILE // eb, triton.next_power_of_2(pairs)))
-    n_chunks = triton.cdiv(pairs, chunk)
+    eb = next_power_of_2(experts)
+    chunk = max(16, min(SORT_MAX_CHUNK, SORT_TILE // eb, next_power_of_2(pairs)))
+    n_chunks = cdiv(pairs, chunk)
     # Every non-empty expert pads to a multiple of its block: at most pairs / BLOCK_M + min(E, pairs) blocks; hot
     # experts hold >= hot_rows rows each, so there are at most pairs // hot_rows of them.
-    max_blocks = triton.cdiv(pairs, block_m) + min(experts, pairs)
-    max_hot_blocks = triton.cdiv(pairs, hot_m) + min(experts, pairs // hot_rows) if hot_cfg is not None else 0
+    max_blocks = cdiv(pairs, block_m) + min(experts, pairs)
+    max_hot_blocks = cdiv(pairs, hot_m) + min(experts, pairs // hot_rows) if hot_cfg is not None else 0
 
     i32 = dict(dtype=torch.int32, device=device)
     rank = torch.empty(pairs, **i32)
     hist = torch.empty(n_chunks, eb, **i32)
     meta = torch.empty(4, eb, **i32)
-    sorted_rows = torch.empty((triton.cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
+    sorted_rows = torch.empty((cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
     act = torch.empty(pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
@@ -396,7 +397,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
                                            num_warps=SORT_NUM_WARPS)
     _moe_scatter_kernel[(n_chunks,)](ids, rank, hist, sorted_rows, meta, pairs, experts, n_chunks,
                                      hot_rows if hot_cfg is not None else pairs + 1, CHUNK=chunk,
-                                     EB=eb, CB=min(SORT_CHUNKS_PER_STEP, triton.next_power_of_2(n_chunks)),
+                                     EB=eb, CB=min(SORT_CHUNKS_PER_STEP, next_power_of_2(n_chunks)),
                                      BLOCK_M=block_m, HOT_BLOCK_M=hot_m, SINGLE_CHUNK=single,
                                      WHILE_LOOP=device.type == "cpu", num_warps=SORT_NUM_WARPS)
     classes = [(False, block_m, max_blocks, cfg)]
@@ -408,10 +409,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     for hot, bm, blocks, c in classes:
         _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"])
-    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(hidden))
-    _moe_combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
+    block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
+    _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
-        RENORMALIZE=renormalize, KB=triton.next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
+        RENORMALIZE=renormalize, KB=next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
     return out
 
 
