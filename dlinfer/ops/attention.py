@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _batch, _checks, kv_quant, table
-from dlinfer.ops._dispatch import implementation, run
-from dlinfer.ops.kv_cache import cache_implementation, check_cache
+from dlinfer.ops._dispatch import eager, implementation, run
+from dlinfer.ops.kv_cache import cache_implementation, check_cache, plain_caches, unquantized
 
 
 #: The largest ``softmax_scale`` accepted (typical scales are ``1/sqrt(D)``; beyond this, scale times a q.k
@@ -44,8 +44,11 @@ from dlinfer.ops.kv_cache import cache_implementation, check_cache
 MAX_SOFTMAX_SCALE = 1e36
 
 
+_CAUSAL, _NON_CAUSAL = frozenset(), frozenset({"non_causal"})
+
+
 def _features(causal: bool) -> frozenset[str]:
-    return frozenset() if causal else frozenset({"non_causal"})
+    return _CAUSAL if causal else _NON_CAUSAL
 
 
 # --------------------------------------------------------------------------------------------- custom ops
@@ -314,6 +317,139 @@ def _block_table(block_table, batch: int) -> torch.Tensor:
     return block_table
 
 
+# -------------------------------------------------------------------------------------- eager fast paths
+# The common call of each LMDeploy-shaped wrapper (eager mode, plain tensors, 3-D query, unquantized cache),
+# checked in one pass. Each ``_plain_*`` function either runs the op and returns its output, or returns None
+# having run nothing, and the wrapper's named checks decide (they give the errors). It accepts nothing those
+# checks refuse: only what they pass, with stricter conditions where that is cheaper (a float softmax_scale,
+# last-dim stride 1).
+_FLOATS, _INDEX = _checks.FLOAT_DTYPES, _checks.INDEX_DTYPES
+_Tensor = torch.Tensor
+_MASKS = (list, tuple)
+
+
+def _plain_heads(num_q_heads, num_kv_heads) -> bool:
+    return (type(num_q_heads) is int and type(num_kv_heads) is int and num_q_heads >= 1 and num_kv_heads >= 1
+            and not num_q_heads % num_kv_heads)
+
+
+def _plain_lengths(t) -> bool:
+    return isinstance(t, _Tensor) and t.dim() == 1 and t.dtype in _INDEX
+
+
+def _near(t: torch.Tensor, device: torch.device) -> bool:
+    """On ``device`` or the host (what :func:`_on_device` accepts)."""
+    return t.is_cpu or t.device == device
+
+
+def _plain_scale(softmax_scale, head_size: int) -> float:
+    """The scale :func:`_scale` returns, or 0.0 when it must decide."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_size)
+    if type(softmax_scale) is float and 0.0 < softmax_scale <= MAX_SOFTMAX_SCALE:
+        return softmax_scale
+    return 0.0
+
+
+def _plain_output(attn_output, query: torch.Tensor, shape: tuple[int, int, int], device: torch.device):
+    """What :func:`_output` returns for a 3-D or absent ``attn_output``, or None when it must decide."""
+    if attn_output is None:
+        return query.new_zeros(shape)
+    if (isinstance(attn_output, _Tensor) and attn_output.dtype is query.dtype and attn_output.shape == shape
+            and attn_output.stride()[-1] == 1 and attn_output.device == device):
+        return attn_output
+    return None
+
+
+def _plain_paged(query, key_cache, value_cache, block_table, block_size, num_q_heads, num_kv_heads, head_size_v,
+                 quant_bits, lengths, batch: int | None) -> int:
+    """The metadata both paged wrappers share: returns the value head size, or 0. ``batch`` is the number of
+    sequences (``None``: one query token each, decode); ``lengths`` the ``[B]`` KV lengths."""
+    if not (unquantized(quant_bits) and eager(query) and _plain_heads(num_q_heads, num_kv_heads)
+            and query.dim() == 3 and type(block_size) is int and block_size > 0 and _plain_lengths(lengths)
+            and isinstance(block_table, _Tensor) and block_table.dim() == 2 and block_table.dtype in _INDEX):
+        return 0
+    dtype, device = query.dtype, query.device
+    tokens, heads, head_size = query.shape
+    batch = tokens if batch is None else batch
+    if not (dtype in _FLOATS and heads == num_q_heads and head_size > 0 and query.stride()[-1] == 1
+            and lengths.shape[0] == batch and block_table.shape[0] == batch and block_table.device == device
+            and _near(lengths, device)):
+        return 0
+    head_size_v_cache = plain_caches(key_cache, value_cache, dtype, device, num_kv_heads, head_size)
+    if (not head_size_v_cache or key_cache.shape[1] != block_size
+            or (head_size_v is not None and (type(head_size_v) is not int or head_size_v != head_size_v_cache))):
+        return 0
+    return head_size_v_cache
+
+
+def _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_seqlens, max_kv_seq_len,
+                  num_q_heads, num_kv_heads, head_size_v, softmax_scale, attn_output, quant_bits):
+    if not (type(max_kv_seq_len) is int and max_kv_seq_len >= 0):
+        return None
+    dv = _plain_paged(query, key_cache, value_cache, block_offsets, block_size, num_q_heads, num_kv_heads,
+                      head_size_v, quant_bits, kv_seqlens, None)
+    scale = _plain_scale(softmax_scale, query.shape[2]) if dv else 0.0
+    out = _plain_output(attn_output, query, (query.shape[0], num_q_heads, dv), query.device) if scale else None
+    if out is None:
+        return None
+    kv_seqlens = _batch.lengths_on(kv_seqlens, query.device)
+    _paged_decode_attention_impl(query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len, scale, out,
+                                 [], [], 0)
+    return out
+
+
+def _plain_paged_prefill(query, key_cache, value_cache, block_offsets, block_size, cu_seqlens_q, kv_seqlens,
+                         max_q_seq_len, max_kv_seq_len, num_q_heads, num_kv_heads, attn_mask, head_size_v,
+                         softmax_scale, attn_output, quant_bits):
+    if not (type(max_q_seq_len) is int and type(max_kv_seq_len) is int and max_q_seq_len >= 0
+            and max_kv_seq_len >= 0 and type(attn_mask) in _MASKS and _plain_lengths(cu_seqlens_q)):
+        return None
+    batch = cu_seqlens_q.shape[0]
+    dv = _plain_paged(query, key_cache, value_cache, block_offsets, block_size, num_q_heads, num_kv_heads,
+                      head_size_v, quant_bits, kv_seqlens, batch)
+    if not dv or not _near(cu_seqlens_q, query.device):
+        return None
+    scale = _plain_scale(softmax_scale, query.shape[2])
+    out = _plain_output(attn_output, query, (query.shape[0], num_q_heads, dv), query.device) if scale else None
+    if out is None:
+        return None
+    device = query.device
+    starts = _batch.starts_from_ends(cu_seqlens_q, device)
+    kv_seqlens = _batch.lengths_on(kv_seqlens, device)
+    _paged_prefill_attention_impl(query, key_cache, value_cache, block_offsets, starts, kv_seqlens, max_q_seq_len,
+                                  max_kv_seq_len, scale, len(attn_mask) > 0, out, [], [], 0)
+    return out
+
+
+def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads, attn_mask,
+                   softmax_scale, attn_output):
+    if not (eager(query) and _plain_heads(num_q_heads, num_kv_heads) and type(attn_mask) in _MASKS
+            and type(max_q_seq_len) is int and max_q_seq_len >= 0 and isinstance(key, _Tensor)
+            and isinstance(value, _Tensor) and query.dim() == 3 and key.dim() == 3 and value.dim() == 3
+            and _plain_lengths(q_seqlens) and _plain_lengths(kv_seqlens)):
+        return None
+    dtype, device = query.dtype, query.device
+    tokens, heads, head_size = query.shape
+    kv_tokens, kv_heads, key_size = key.shape
+    vs = value.shape
+    if not (dtype in _FLOATS and key.dtype is dtype and value.dtype is dtype and heads == num_q_heads
+            and kv_heads == num_kv_heads and head_size > 0 and key_size == head_size and vs[0] == kv_tokens
+            and vs[1] == kv_heads and vs[2] > 0 and query.stride()[-1] == 1 and key.stride()[-1] == 1
+            and value.stride()[-1] == 1 and key.device == device and value.device == device
+            and kv_seqlens.shape[0] == q_seqlens.shape[0] and _near(q_seqlens, device) and _near(kv_seqlens, device)):
+        return None
+    scale = _plain_scale(softmax_scale, head_size)
+    out = _plain_output(attn_output, query, (tokens, heads, vs[2]), device) if scale else None
+    if out is None:
+        return None
+    cu_seqlens_q = _batch.starts_from_lengths(q_seqlens, device)
+    cu_seqlens_kv = cu_seqlens_q if kv_seqlens is q_seqlens else _batch.starts_from_lengths(kv_seqlens, device)
+    _prefill_attention_impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, scale, len(attn_mask) > 0,
+                            out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- public wrappers
 def prefill_attention(
     query: torch.Tensor,
@@ -355,6 +491,10 @@ def prefill_attention(
     Returns:
         ``attn_output`` (given or new), ``[T, Hq, Dv]``.
     """
+    out = _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads,
+                         attn_mask, softmax_scale, attn_output)
+    if out is not None:
+        return out
     _checks.heads(num_q_heads, num_kv_heads)
     query = _queries(query, num_q_heads)
     key = _queries(key, num_kv_heads, "key")
@@ -421,6 +561,11 @@ def paged_prefill_attention(
     Returns:
         ``attn_output`` (given or new).
     """
+    out = _plain_paged_prefill(query, key_cache, value_cache, block_offsets, block_size, cu_seqlens_q, kv_seqlens,
+                               max_q_seq_len, max_kv_seq_len, num_q_heads, num_kv_heads, attn_mask, head_size_v,
+                               softmax_scale, attn_output, quant_bits)
+    if out is not None:
+        return out
     query = _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v,
                             quant_bits)
     cu_seqlens_q = _lengths("cu_seqlens_q", cu_seqlens_q)
@@ -472,6 +617,10 @@ def paged_decode_attention(
     Returns:
         ``attn_output`` (given or new).
     """
+    out = _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_seqlens, max_kv_seq_len,
+                        num_q_heads, num_kv_heads, head_size_v, softmax_scale, attn_output, quant_bits)
+    if out is not None:
+        return out
     query = _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v,
                             quant_bits)
     kv_seqlens = _lengths("kv_seqlens", kv_seqlens, query.shape[0])

@@ -6,8 +6,8 @@ import torch
 
 from dlinfer.ops import table
 from dlinfer.ops._dispatch import run
-from dlinfer.ops.kv_cache import cache_implementation, check_slots, fill_kv_cache_checks
-from dlinfer.ops.rotary import rotary_checks
+from dlinfer.ops.kv_cache import cache_implementation, check_slots, fill_kv_cache_checks, plain_fill
+from dlinfer.ops.rotary import plain_rotary, rotary_checks
 
 
 def _rotary_fill_impl(
@@ -44,6 +44,9 @@ def apply_rotary_pos_emb_fill_kv_cache(
     place (strided views allowed), the rotated keys and ``value`` are written at ``kv_start_indices``
     (``-1`` skipped) into the possibly strided caches. Returns ``(query, key)``.
     """
+    if plain_rotary(query, key, cos, sin) and plain_fill(key, value, key_cache, value_cache, kv_start_indices):
+        _rotary_fill_impl(query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)
+        return query, key
     cos, sin = rotary_checks(query, key, cos, sin)
     fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, 0)
     run(_rotary_fill, _rotary_fill_impl, query, key, value, key_cache, value_cache, cos, sin, kv_start_indices)

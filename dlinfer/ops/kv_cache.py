@@ -7,16 +7,17 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _checks, kv_quant, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import eager, implementation, run
+
+_FLOATS, _INDEX = _checks.FLOAT_DTYPES, _checks.INDEX_DTYPES
+_Tensor = torch.Tensor
+# (strided cache, quantized cache) -> the call's cache features (built once: the op path runs per layer)
+_CACHE_FEATURES = {(strided, quant): frozenset({"strided_cache"} if strided else ()) | (
+    frozenset({"kv_quant"}) if quant else frozenset()) for strided in (False, True) for quant in (False, True)}
 
 
 def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozenset[str]:
-    feats = set()
-    if not key_cache.is_contiguous():
-        feats.add("strided_cache")
-    if quant_bits:
-        feats.add("kv_quant")
-    return frozenset(feats)
+    return _CACHE_FEATURES[not key_cache.is_contiguous(), bool(quant_bits)]
 
 
 def cache_implementation(
@@ -29,14 +30,53 @@ def cache_implementation(
     extra_features: frozenset[str] = frozenset(),
 ):
     """The implementation serving an op that reads or writes the paged cache (selected from its metadata)."""
+    features = cache_call_features(key_cache, quant_bits)
     return implementation(
         op,
         ref,
         head_size=head_size,
         head_size_v=kv_quant.head_size_of(value_cache, quant_bits),
         block_size=key_cache.shape[1],
-        features=cache_call_features(key_cache, quant_bits) | extra_features,
+        features=features | extra_features if extra_features else features,
     )
+
+
+def unquantized(quant_bits) -> bool:
+    """``quant_bits`` is a plain 0 or None (eager fast paths; anything else takes the named checks)."""
+    return quant_bits is None or (type(quant_bits) is int and quant_bits == 0)
+
+
+def plain_caches(key_cache, value_cache, dtype: torch.dtype, device: torch.device, num_kv_heads: int,
+                 head_size: int) -> int:
+    """For the eager fast paths: unquantized ``[num_blocks, block_size, num_kv_heads, head_size]`` caches of
+    ``dtype`` on ``device`` with last-dim stride 1 that :func:`check_cache` accepts. Returns the value head size,
+    or 0 when the named checks must decide."""
+    if not (isinstance(key_cache, _Tensor) and isinstance(value_cache, _Tensor) and key_cache.dim() == 4
+            and value_cache.dim() == 4 and key_cache.dtype is dtype and value_cache.dtype is dtype):
+        return 0
+    blocks, block_size, heads, size = key_cache.shape
+    vs = value_cache.shape
+    if (heads == num_kv_heads and size == head_size and vs[0] == blocks and vs[1] == block_size and vs[2] == heads
+            and key_cache.stride()[-1] == 1 and value_cache.stride()[-1] == 1 and key_cache.device == device
+            and value_cache.device == device):
+        return vs[3]
+    return 0
+
+
+def plain_fill(key, value, key_cache, value_cache, kv_start_indices) -> bool:
+    """The common unquantized call of ``fill_kv_cache`` in eager mode, checked in one pass: when it holds,
+    :func:`fill_kv_cache_checks` passes."""
+    if not (eager(key) and isinstance(value, _Tensor) and isinstance(kv_start_indices, _Tensor) and key.dim() == 3
+            and value.dim() == 3 and kv_start_indices.dim() == 1):
+        return False
+    dtype, device = key.dtype, key.device
+    tokens, heads, head_size = key.shape
+    vs = value.shape
+    return (dtype in _FLOATS and value.dtype is dtype and kv_start_indices.dtype in _INDEX and vs[0] == tokens
+            and vs[1] == heads and vs[2] > 0 and kv_start_indices.shape[0] == tokens and value.device == device
+            and kv_start_indices.device == device
+            and plain_caches(key_cache, value_cache, dtype, device, heads, head_size) == vs[2]
+            and key_cache.data_ptr() != value_cache.data_ptr())
 
 
 def check_slots(kv_start_indices: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -140,6 +180,9 @@ def fill_kv_cache(
     Returns:
         ``(key_cache, value_cache)``, the same tensor objects.
     """
+    if unquantized(quant_bits) and plain_fill(key, value, key_cache, value_cache, kv_start_indices):
+        _fill_kv_cache_impl(key, value, key_cache, value_cache, kv_start_indices, [], [], 0)
+        return key_cache, value_cache
     quant_bits = fill_kv_cache_checks(key, value, key_cache, value_cache, kv_start_indices, quant_bits)
     k_sz, v_sz = fill_scales_zeros(key_cache, value_cache, k_scales_zeros, v_scales_zeros, quant_bits)
     run(

@@ -16,8 +16,9 @@ from dlinfer.ops import _checks
 from dlinfer.vendor import Vendor
 
 # the modules (dlinfer.ops re-exports functions of the same names)
-activation, linear, moe, norm, rotary = (importlib.import_module(f"dlinfer.ops.{name}")
-                                         for name in ("activation", "linear", "moe", "norm", "rotary"))
+activation, attention, fused, kv_cache, linear, moe, norm, rotary = (
+    importlib.import_module(f"dlinfer.ops.{name}")
+    for name in ("activation", "attention", "fused", "kv_cache", "linear", "moe", "norm", "rotary"))
 
 BF16 = torch.bfloat16
 
@@ -33,6 +34,14 @@ def _fast_calls():
     logits, xm = rnd(3, 8), rnd(3, 64)
     tw, ti = torch.topk(torch.softmax(logits.float(), -1), 2, dim=-1)
     gate_up, down, lw = rnd(8, 32, 64), rnd(8, 64, 16), rnd(32, 64)
+    v = qkv[:, 96:].view(3, 2, 16)
+    k_cache, v_cache = rnd(4, 8, 2, 16), rnd(4, 8, 2, 16)
+    packed = rnd(4, 8, 2, 32)  # a strided (packed) K/V cache, as vLLM lays it out
+    slots = torch.tensor([3, 17, -1], dtype=torch.int32)
+    table = torch.tensor([[0, 1], [2, 3], [1, 0]], dtype=torch.int32)
+    kv_lens = torch.tensor([9, 16, 0], dtype=torch.int32)
+    q_lens = torch.tensor([2, 1], dtype=torch.int32)
+    out = torch.empty(3, 4, 16, dtype=BF16)
     return {
         "rms_norm": lambda: ops.rms_norm(x, w, 1e-6),
         "add_rms_norm": lambda: ops.add_rms_norm(x, r, w, 1e-6),
@@ -42,19 +51,42 @@ def _fast_calls():
         "fused_moe": lambda: ops.fused_moe(xm, gate_up, down, tw, ti, 2, True),
         "linear": lambda: ops.linear(x, lw),
         "linear_bias": lambda: ops.linear(x, lw, torch.nn.Parameter(rnd(32), requires_grad=False)),
+        "fill_kv_cache": lambda: ops.fill_kv_cache(k, v, k_cache, v_cache, slots),
+        "fill_kv_cache_packed": lambda: ops.fill_kv_cache(k, v, packed[..., :16], packed[..., 16:], slots.long()),
+        "apply_rotary_pos_emb_fill_kv_cache": lambda: ops.apply_rotary_pos_emb_fill_kv_cache(
+            q, k, v, k_cache, v_cache, cos, sin, slots),
+        "paged_decode_attention": lambda: ops.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, table, 8, None, kv_lens, 16, 4, 2),
+        "paged_decode_attention_out": lambda: ops.paged_decode_attention(
+            q, packed[..., :16], packed[..., 16:], table, 8, None, kv_lens.long(), 16, 4, 2, head_size_v=16,
+            softmax_scale=0.3, attn_output=out, quant_bits=None),
+        "prefill_attention": lambda: ops.prefill_attention(q, k, v, None, None, q_lens, q_lens, 2, 4, 2, [None]),
+        "prefill_attention_non_causal": lambda: ops.prefill_attention(
+            q, k, v, None, None, q_lens, q_lens.long(), 2, 4, 2, [], softmax_scale=0.25, attn_output=out),
+        "paged_prefill_attention": lambda: ops.paged_prefill_attention(
+            q, None, None, k_cache, v_cache, table[:2], 8, torch.cumsum(q_lens, 0, dtype=torch.int32),
+            kv_lens[:2], 2, 16, 4, 2, [None], attn_output=out),
     }
 
 
-#: op -> (module, the custom op's attribute, the slow-path check function's attribute)
+#: op -> (module, the custom op's attribute, the slow path's check functions in that module)
 _SLOW = {
-    "rms_norm": (norm, "_rms_norm", "_check"),
-    "add_rms_norm": (norm, "_add_rms_norm", "_check"),
-    "silu_and_mul": (activation, "_silu_and_mul", None),
-    "apply_rotary_pos_emb": (rotary, "_apply_rotary_pos_emb", "rotary_checks"),
-    "moe_gating_topk_softmax": (moe, "_moe_gating_topk_softmax", None),
-    "fused_moe": (moe, "_fused_moe", "check_experts"),
-    "linear": (linear, "_linear", None),
-    "linear_bias": (linear, "_linear", None),
+    "rms_norm": (norm, "_rms_norm", ("_check",)),
+    "add_rms_norm": (norm, "_add_rms_norm", ("_check",)),
+    "silu_and_mul": (activation, "_silu_and_mul", ()),
+    "apply_rotary_pos_emb": (rotary, "_apply_rotary_pos_emb", ("rotary_checks",)),
+    "moe_gating_topk_softmax": (moe, "_moe_gating_topk_softmax", ()),
+    "fused_moe": (moe, "_fused_moe", ("check_experts",)),
+    "linear": (linear, "_linear", ()),
+    "linear_bias": (linear, "_linear", ()),
+    "fill_kv_cache": (kv_cache, "_fill_kv_cache", ("fill_kv_cache_checks", "check_cache")),
+    "fill_kv_cache_packed": (kv_cache, "_fill_kv_cache", ("fill_kv_cache_checks", "check_cache")),
+    "apply_rotary_pos_emb_fill_kv_cache": (fused, "_rotary_fill", ("rotary_checks", "fill_kv_cache_checks")),
+    "paged_decode_attention": (attention, "_paged_decode_attention", ("_lmdeploy_paged", "paged_decode")),
+    "paged_decode_attention_out": (attention, "_paged_decode_attention", ("_lmdeploy_paged", "paged_decode")),
+    "prefill_attention": (attention, "_prefill_attention", ("_queries", "varlen_attention")),
+    "prefill_attention_non_causal": (attention, "_prefill_attention", ("_queries", "varlen_attention")),
+    "paged_prefill_attention": (attention, "_paged_prefill_attention", ("_lmdeploy_paged", "paged_prefill")),
 }
 
 
@@ -66,10 +98,10 @@ def slow_path_forbidden(monkeypatch):
             raise AssertionError(f"the eager fast path was not taken: {what} was called")
         return fail
 
-    for op, (module, custom_op, check) in _SLOW.items():
+    for op, (module, custom_op, checks) in _SLOW.items():
         monkeypatch.setattr(module, custom_op, forbidden(f"the custom op {custom_op}"))
         monkeypatch.setattr(module, "run", forbidden("_dispatch.run"))
-        if check:
+        for check in checks:
             monkeypatch.setattr(module, check, forbidden(f"{module.__name__}.{check}"))
     for name in ("tensor", "integer", "number", "same_device", "same_dtype", "dim_is", "distinct"):
         monkeypatch.setattr(_checks, name, forbidden(f"_checks.{name}"))
@@ -84,6 +116,7 @@ def test_plain_eager_calls_take_the_fast_path(op, slow_path_forbidden):
 def test_the_fast_path_gives_the_checked_path_result(op, monkeypatch):
     """Same output through the fast path and through the custom op with the named checks (tracing mode)."""
     fast = _fast_calls()[op]()
+    fast = tuple(t.clone() for t in fast) if isinstance(fast, tuple) else fast.clone()  # in-place ops return inputs
     monkeypatch.setattr("dlinfer.ops._dispatch._dispatch_modes", lambda: 1)  # as if a dispatch mode were active
     slow = _fast_calls()[op]()
     torch.testing.assert_close(fast, slow)
@@ -104,6 +137,18 @@ def test_bad_arguments_still_get_the_named_error():
         ops.linear(x, torch.randn(8, 32))
     with pytest.raises(ValueError, match="topk"):
         ops.moe_gating_topk_softmax(torch.randn(3, 4), 5)
+    cache = torch.zeros(4, 8, 2, 16)
+    k = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="key_cache and value_cache are the same memory"):
+        ops.fill_kv_cache(k, k, cache, cache, torch.tensor([0, 1, 2]))
+    table, lens = torch.zeros(3, 2, dtype=torch.int32), torch.full((3,), 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_size"):
+        ops.paged_decode_attention(torch.randn(3, 4, 16), cache, cache, table, 16, None, lens, 16, 4, 2)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        ops.paged_decode_attention(torch.randn(3, 4, 16), cache, cache, table, 8, None, lens, 16, 4, 2,
+                                   softmax_scale=-1.0)
+    with pytest.raises(TypeError, match="attn_mask"):
+        ops.prefill_attention(k, k, k, None, None, lens, lens, 1, 2, 2, None)
 
 
 # ------------------------------------------------------------------------------------ cache invalidation
