@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
+from dlinfer.vendor.triton.host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -157,22 +158,22 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     """Launch parameters of the split kernel (the one place to tune them)."""
     if device_type == "cpu":  # TRITON_INTERPRET=1: small tiles, many splits (to test them); MHA elementwise
         use_dot = group > 1
-        return DecodeConfig(block_n=32, block_h=max(16, triton.next_power_of_2(group)) if use_dot else 1,
+        return DecodeConfig(block_n=32, block_h=max(16, next_power_of_2(group)) if use_dot else 1,
                             use_dot=use_dot, num_warps=1, num_stages=1, split_stages=1, target_programs=16,
                             min_split_tokens=32)
-    widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
+    widest = max(next_power_of_2(head_size), next_power_of_2(head_size_v))
     block_n = 64 if widest <= 128 else 32
     # 16-bit: always tensor cores, even for one head (16x padded rows are free in a memory-bound kernel, and
     # tl.dot operands stream through shared memory, which the pipeliner double-buffers with cp.async).
     # fp32 (exact ieee dots run on CUDA cores): elementwise for one head, half tiles and 8 warps for a group.
     use_dot = group > 1 or dtype != torch.float32
-    block_h = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    block_h = max(16, next_power_of_2(group)) if use_dot else 1
     num_warps = 4 if block_h <= 32 else 8
     if dtype == torch.float32:
         block_n, num_warps = block_n // 2, (8 if use_dot else 4)
     num_stages, split_stages = _card_stages(device_index)
     props = torch.cuda.get_device_properties(device_index)
-    stage_bytes = block_n * (triton.next_power_of_2(head_size) + triton.next_power_of_2(head_size_v)) * dtype.itemsize
+    stage_bytes = block_n * (next_power_of_2(head_size) + next_power_of_2(head_size_v)) * dtype.itemsize
     smem = getattr(props, "shared_memory_per_multiprocessor", 0)
     per_sm = min(smem // (split_stages * stage_bytes) if smem else 2,
                  getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps))
@@ -184,16 +185,16 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     cfg = env_overrides(cfg, "DLINFER_TRITON_DECODE")
     if not cfg.use_dot and group > 1:
         raise ValueError(f"DLINFER_TRITON_DECODE: use_dot=0 serves one query head per KV head, not {group}")
-    return dataclasses.replace(cfg, block_h=max(16, triton.next_power_of_2(group)) if cfg.use_dot else 1)
+    return dataclasses.replace(cfg, block_h=max(16, next_power_of_2(group)) if cfg.use_dot else 1)
 
 
 def num_splits(batch: int, num_kv_heads: int, max_kv_seq_len: int, config: DecodeConfig) -> int:
     """How many slices each sequence is cut into; depends only on shapes and the length bound."""
     programs = max(1, batch * num_kv_heads)
-    want = triton.cdiv(config.target_programs, programs)
+    want = cdiv(config.target_programs, programs)
     if config.one_wave and config.resident_programs:
         want = min(want, config.resident_programs // programs)
-    by_length = triton.cdiv(max(max_kv_seq_len, 1), config.min_split_tokens)
+    by_length = cdiv(max(max_kv_seq_len, 1), config.min_split_tokens)
     return max(1, min(want, by_length, MAX_SPLITS))
 
 
@@ -407,47 +408,43 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         return
     group = num_q_heads // num_kv_heads
     device = query.device
-    cfg = _config(device.type, device.index or 0, query.dtype, head_size, head_size_v, group)
+    device_type = device.type
+    cfg = _config(device_type, device.index or 0, query.dtype, head_size, head_size_v, group)
     splits = num_splits(batch, num_kv_heads, max_kv_seq_len, cfg)
     direct = splits == 1
     if direct:
         mid_o = mid_lse = attn_output  # unused
         mid_strides = (0, 0, 0, 0, 0)
-    else:
-        scratch = torch.empty(batch * num_q_heads * splits * (head_size_v + 1), dtype=torch.float32, device=device)
-        mid_o = scratch[: batch * num_q_heads * splits * head_size_v].view(batch, num_q_heads, splits, head_size_v)
-        mid_lse = scratch[batch * num_q_heads * splits * head_size_v:].view(batch, num_q_heads, splits)
-        mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
-    block_d = triton.next_power_of_2(head_size)
-    block_dv = triton.next_power_of_2(head_size_v)
+    else:  # fp32 partial outputs [B, Hq, splits, Dv] and log-sum-exps [B, Hq, splits], contiguous
+        mid_o = query.new_empty((batch, num_q_heads, splits, head_size_v), dtype=torch.float32)
+        mid_lse = query.new_empty((batch, num_q_heads, splits), dtype=torch.float32)
+        mid_strides = (num_q_heads * splits * head_size_v, splits * head_size_v, head_size_v,
+                       num_q_heads * splits, splits)
+    block_d = next_power_of_2(head_size)
+    block_dv = next_power_of_2(head_size_v)
     page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
     pdl = cfg.pdl and not direct
     ks, kz, vs, vz, s_strides = quant_scales(key_cache, kv_scales, kv_zeros, quant_bits)
+    out_strides = attn_output.stride()[:2]
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse,
         ks, kz, vs, vz, *s_strides,
-        query.stride(0), query.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_table.stride(0),
-        attn_output.stride(0), attn_output.stride(1),
-        *mid_strides,
+        *query.stride()[:2], *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride()[0],
+        *out_strides, *mid_strides,
         softmax_scale * LOG2E, splits,
         GROUP=group, BLOCK_H=cfg.block_h,
         HEAD_DIM=head_size, BLOCK_D=block_d, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
-        USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device.type == "cpu",
+        USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device_type == "cpu",
         PAGE_TILES=page_tiles, USE_PDL=pdl, QUANT=quant_bits,
         num_warps=cfg.num_warps, num_stages=cfg.split_stages if splits > 1 else cfg.num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(batch, num_q_heads)](
             mid_o, mid_lse, attn_output,
-            *mid_strides,
-            attn_output.stride(0), attn_output.stride(1),
-            splits,
-            HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_S=triton.next_power_of_2(splits), USE_PDL=pdl,
-            num_warps=cfg.reduce_warps if device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
+            *mid_strides, *out_strides, splits,
+            HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_S=next_power_of_2(splits), USE_PDL=pdl,
+            num_warps=cfg.reduce_warps if device_type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
         )
 
 

@@ -57,6 +57,7 @@ import triton.language as tl
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, env_overrides, load_dequant,
                                                     quant_scales)
+from dlinfer.vendor.triton.host import cdiv, next_power_of_2
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -83,7 +84,7 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     """
     if device_type == "cpu":  # TRITON_INTERPRET=1
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
-    widest = max(triton.next_power_of_2(head_size), triton.next_power_of_2(head_size_v))
+    widest = max(next_power_of_2(head_size), next_power_of_2(head_size_v))
     if dtype == torch.float32 and widest > 128:
         # 64x32 fp32 tiles with 2 stages need 256 KB of shared memory at D=256 (over the H100's 227 KB).
         cfg = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
@@ -309,25 +310,23 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     batch = q_ends.shape[0]
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
-    cfg = _config(query.device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES)
+    device_type = query.device.type
+    cfg = _config(device_type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES)
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
-    num_m_tiles = triton.cdiv(max_q_seq_len, cfg.block_m // pack)
+    num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
     ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
     _prefill_kernel[(num_m_tiles, num_q_heads // pack, batch)](
         query, key, value, out, q_ends, kv_arg, block_table,
         ks, kz, vs, vz, *s_strides,
-        query.stride(0), query.stride(1),
-        *kv_strides,
-        block_table.stride(0) if paged else 0,
-        out.stride(0), out.stride(1),
+        *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0, *out.stride()[:2],
         softmax_scale * LOG2E, num_m_tiles,
         GROUP=group, PACK=pack,
-        HEAD_DIM=head_size, BLOCK_D=triton.next_power_of_2(head_size),
-        HEAD_DIM_V=head_size_v, BLOCK_DV=triton.next_power_of_2(head_size_v),
+        HEAD_DIM=head_size, BLOCK_D=next_power_of_2(head_size),
+        HEAD_DIM_V=head_size_v, BLOCK_DV=next_power_of_2(head_size_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=_dot_precision(query),
-        WHILE_LOOP=query.device.type == "cpu", QUANT=quant_bits,
+        WHILE_LOOP=device_type == "cpu", QUANT=quant_bits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -336,7 +335,8 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
                       attn_output) -> None:
     # [B + 1] starts with starts[0] == 0: starts[1:] (a view, no launch) are the kernel's cumulative ends.
     q_ends = cu_seqlens_q[1:]
-    kv_strides = (0, key.stride(0), key.stride(1), 0, value.stride(0), value.stride(1))
+    sk, sv = key.stride(), value.stride()
+    kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
     _launch(query, key, value, attn_output, q_ends, cu_seqlens_kv[1:], q_ends, False, 1, max_q_seq_len,
             softmax_scale, causal, kv_strides)
 
@@ -344,8 +344,7 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                             max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
                             quant_bits=0) -> None:
-    kv_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-                  value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
+    kv_strides = (*key_cache.stride()[:3], *value_cache.stride()[:3])
     _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q[1:], kv_seqlens, block_table, True,
             key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides, (quant_bits, kv_scales, kv_zeros))
 

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from dlinfer.ops.kv_quant import LEVELS, MIN_STEP_DIVISOR
 from dlinfer.vendor.registry import Capabilities
+from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
 
 
 @triton.jit
@@ -136,11 +137,12 @@ KV_ELEMS_PER_WARP = 512
 KV_MAX_WARPS = 8
 
 
+@memo
 def launch_config(n_heads: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int]:
     """``(HEADS, D, DV, num_warps)``."""
-    d_block = triton.next_power_of_2(head_dim)
-    dv_block = triton.next_power_of_2(head_dim_v)
-    heads = min(triton.next_power_of_2(n_heads), max(1, KV_TILE // max(d_block, dv_block)))
+    d_block = next_power_of_2(head_dim)
+    dv_block = next_power_of_2(head_dim_v)
+    heads = min(next_power_of_2(n_heads), max(1, KV_TILE // max(d_block, dv_block)))
     warps = max(1, min(KV_MAX_WARPS, heads * max(d_block, dv_block) // KV_ELEMS_PER_WARP))
     return heads, d_block, dv_block, warps
 
@@ -151,17 +153,21 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     if tokens == 0:
         return
     head_dim_v = value.shape[2]
-    key = key if key.stride(2) == 1 or head_dim == 1 else key.contiguous()
-    value = value if value.stride(2) == 1 or head_dim_v == 1 else value.contiguous()
+    sk, sv = key.stride(), value.stride()
+    if sk[2] != 1 and head_dim != 1:
+        key = key.contiguous()
+        sk = key.stride()
+    if sv[2] != 1 and head_dim_v != 1:
+        value = value.contiguous()
+        sv = value.stride()
     if quant_bits:
         _fill_quant(key, value, key_cache, value_cache, kv_start_indices, k_scales_zeros, v_scales_zeros, quant_bits)
         return
     heads, d_block, dv_block, warps = launch_config(n_heads, head_dim, head_dim_v)
-    _fill_kv_cache_kernel[(tokens, triton.cdiv(n_heads, heads))](
+    skc, svc = key_cache.stride(), value_cache.stride()
+    _fill_kv_cache_kernel[(tokens, cdiv(n_heads, heads))](
         key, value, key_cache, value_cache, kv_start_indices, n_heads, head_dim, head_dim_v, key_cache.shape[1],
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        sk[0], sk[1], sv[0], sv[1], skc[0], skc[1], skc[2], svc[0], svc[1], svc[2],
         HEADS=heads, D=d_block, DV=dv_block, num_warps=warps)
 
 
@@ -172,7 +178,7 @@ def _fill_quant(key, value, key_cache, value_cache, kv_start_indices, k_scales_z
     (ks, kz), (vs, vz) = k_scales_zeros, v_scales_zeros
     # columns per program: D (8 bits) or D / 2 (4 bits: both halves are loaded)
     heads, d_block, dv_block, warps = launch_config(n_heads, key_cache.shape[3], value_cache.shape[3])
-    _fill_kv_cache_quant_kernel[(tokens, triton.cdiv(n_heads, heads))](
+    _fill_kv_cache_quant_kernel[(tokens, cdiv(n_heads, heads))](
         key, value, key_cache, value_cache, kv_start_indices, ks, kz, vs, vz,
         n_heads, head_dim, head_dim_v, key_cache.shape[1],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
