@@ -175,6 +175,7 @@ def eager_calls(t: types.SimpleNamespace) -> dict[str, Callable[[], object]]:
     from dlinfer.framework import batch as batch_layout
 
     layout = batch_layout.from_lengths(t.lp, t.lp, no_history=True)
+    q_ends, table1 = layout.q_ends, t.table[:1]  # made by the caller (LMDeploy's backend), once per step
     return {
         "rms_norm": lambda: ops.rms_norm(t.x1, t.w, 1e-6),
         "add_rms_norm": lambda: ops.add_rms_norm(t.x1, t.r1, t.w, 1e-6),
@@ -188,8 +189,8 @@ def eager_calls(t: types.SimpleNamespace) -> dict[str, Callable[[], object]]:
         "prefill_attention": lambda: ops.prefill_attention(t.qp, t.kp, t.vp, None, None, t.lp, t.lp, t.tp, t.hq, t.hk,
                                                            [None], attn_output=t.out_p),
         "paged_prefill_attention": lambda: ops.paged_prefill_attention(
-            t.qp, None, None, t.k_cache, t.v_cache, t.table[:1], t.block, layout.q_ends, t.lp, t.tp, t.tp, t.hq,
-            t.hk, [None], attn_output=t.out_p),
+            t.qp, None, None, t.k_cache, t.v_cache, table1, t.block, q_ends, t.lp, t.tp, t.tp, t.hq, t.hk, [None],
+            attn_output=t.out_p),
         "moe_gating_topk_softmax": lambda: ops.moe_gating_topk_softmax(t.logits, t.topk, None),
         "fused_moe": lambda: ops.fused_moe(t.xm, t.gate_up, t.down, t.tw, t.ti, t.topk, True),
         "linear": lambda: ops.linear(t.x1, t.lw),
@@ -304,7 +305,7 @@ def _lmdeploy_calls(k, t: types.SimpleNamespace) -> dict[str, Callable[[], objec
             if hasattr(module, "is_cuda"):
                 module.is_cuda = lambda: True
     q_start, ones = torch.arange(t.batch, dtype=torch.int32), torch.ones(t.batch, dtype=torch.int32)
-    cup, tp = t.cup, t.tp
+    cup, tp, table1, start1 = t.cup, t.tp, t.table[:1], t.cup[:1]
     return {
         "rms_norm": lambda: peers.lmdeploy_rms_norm(k, t.x1, t.w, 1e-6),
         "add_rms_norm": lambda: peers.lmdeploy_add_rms_norm(k, t.x1, t.r1, t.w, 1e-6),
@@ -315,8 +316,8 @@ def _lmdeploy_calls(k, t: types.SimpleNamespace) -> dict[str, Callable[[], objec
         "paged_decode_attention": lambda: peers.lmdeploy_paged_decode(k, t.qd, t.k_cache, t.v_cache, t.table,
                                                                       t.seqlens, t.scale),
         "prefill_attention": lambda: peers.lmdeploy_prefill(k, t.qp, t.kp, t.vp, cup, cup, tp, tp, t.scale),
-        "paged_prefill_attention": lambda: peers.lmdeploy_paged_prefill(k, t.qp, t.k_cache, t.v_cache, t.table[:1],
-                                                                        cup, cup, t.lp, cup[:1], tp, tp, tp, t.scale),
+        "paged_prefill_attention": lambda: peers.lmdeploy_paged_prefill(k, t.qp, t.k_cache, t.v_cache, table1, cup,
+                                                                        cup, t.lp, start1, tp, tp, tp, t.scale),
         "linear": lambda: torch.nn.functional.linear(t.x1, t.lw),
     }
 

@@ -932,15 +932,17 @@ class Suite:
             lambda: peers.lmdeploy_prefill(self.lmd, qp, kp, vp, cup, cup, tp, tp, scale), lmd_why)
         tbl1 = table[:1]
         # The engine adapters build the step's batch layout once (dlinfer.framework.batch), before the layers run:
-        # the wrappers then get LMDeploy's lengths and a fresh cu_seqlens[1:] view per layer and convert nothing
-        # (LMDeploy's kernels get the offsets its own metadata builder made, likewise outside the timed call).
+        # the wrappers then get LMDeploy's lengths and its cu_seqlens[1:] view and convert nothing (LMDeploy's
+        # kernels get the offsets its own metadata builder made, likewise outside the timed call; the [1:] view is
+        # made by LMDeploy's backend, the caller).
         layout = batch_layout.from_lengths(lp, lp, no_history=True)
+        q_ends, start1 = layout.q_ends, cup[:1]
         add("paged_prefill_attention", "dlinfer",
-            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, layout.q_ends, lp, tp,
+            lambda: ops.paged_prefill_attention(qp, None, None, k_cache, v_cache, tbl1, block, q_ends, lp, tp,
                                                 tp, HQ, HK, [None], attn_output=out_p),
             self.provides("paged_prefill_attention"))
         add("paged_prefill_attention", "lmdeploy",
-            lambda: peers.lmdeploy_paged_prefill(self.lmd, qp, k_cache, v_cache, tbl1, cup, cup, lp, cup[:1], tp,
+            lambda: peers.lmdeploy_paged_prefill(self.lmd, qp, k_cache, v_cache, tbl1, cup, cup, lp, start1, tp,
                                                  tp, tp, scale), lmd_why)
         # MoE, Qwen3-30B-A3B shapes, one token
         cfg = MOE_MODELS["qwen3-30b-a3b"]
