@@ -72,6 +72,23 @@ def selector(op: str) -> Selector:
     return select
 
 
+def dtype_selector(op: str) -> Callable[[torch.device, torch.dtype], Callable[..., Any]]:
+    """:func:`selector` for an op whose calls carry no sizes or features (norms, activations, linear, MoE):
+    ``select(device, dtype)``, for wrappers that already hold the reference tensor's device and dtype."""
+    cache = REGISTRY.site_cache()
+
+    def select(device: torch.device, dtype: torch.dtype) -> Callable[..., Any]:
+        hit = cache.get((device, dtype))
+        if hit is None:
+            call = Call(op, device.type, dtype)
+            hit = REGISTRY.fill_site(cache, (device, dtype), call, _entry(op, device.type))
+        if hit[2] or check_values():
+            return hit[1]
+        return hit[0]
+
+    return select
+
+
 def _entry(op: str, device_type: str):
     """What a selector caches: ``(implementation, result-checked implementation, on a host device)``."""
     def make(vendor, impl):

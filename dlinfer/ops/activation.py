@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import eager, run, selector
+from dlinfer.ops._dispatch import dtype_selector, eager, run
 
-_select = selector("silu_and_mul")
+_select = dtype_selector("silu_and_mul")
 _FLOATS = _checks.FLOAT_DTYPES
 
 
 def _silu_and_mul_impl(x: torch.Tensor) -> torch.Tensor:
-    return _select(x)(x)
+    return _select(x.device, x.dtype)(x)
 
 
 _silu_and_mul = table.define("silu_and_mul", _silu_and_mul_impl)

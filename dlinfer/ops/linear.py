@@ -7,15 +7,15 @@ from typing import Any
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import eager, run, selector
+from dlinfer.ops._dispatch import dtype_selector, eager, run
 
-_select = selector("linear")
+_select = dtype_selector("linear")
 _FLOATS = _checks.FLOAT_DTYPES
 _Tensor = torch.Tensor
 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _select(x)(x, weight, bias)
+    return _select(x.device, x.dtype)(x, weight, bias)
 
 
 _linear = table.define("linear", _linear_impl)
@@ -42,12 +42,13 @@ def linear(
         all_reduce: sum the result over ``group`` (row-parallel layers) with ``torch.distributed``.
         group: ``''`` for the default process group, or a ``torch.distributed.ProcessGroup``.
     """
-    if (not all_reduce and eager(x) and isinstance(weight, _Tensor) and x.dtype in _FLOATS
-            and weight.dtype is x.dtype and weight.dim() == 2 and x.dim() > 0 and weight.shape[1] == x.shape[-1]
-            and weight.device == x.device
-            and (bias is None or (isinstance(bias, _Tensor) and bias.dtype is x.dtype and bias.dim() == 1
-                                  and bias.shape[0] == weight.shape[0] and bias.device == x.device))):
-        return _linear_impl(x, weight, bias)  # the common call, its checks in one expression
+    if not all_reduce and eager(x) and isinstance(weight, _Tensor):  # the common call, checked in one expression
+        device, dtype = x.device, x.dtype
+        if (dtype in _FLOATS and weight.dtype is dtype and weight.dim() == 2 and x.dim() > 0
+                and weight.shape[1] == x.shape[-1] and weight.device == device
+                and (bias is None or (isinstance(bias, _Tensor) and bias.dtype is dtype and bias.dim() == 1
+                                      and bias.shape[0] == weight.shape[0] and bias.device == device))):
+            return _select(device, dtype)(x, weight, bias)
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=(x.dtype,))
     if x.dim() == 0:

@@ -8,17 +8,17 @@ import torch
 
 from dlinfer.errors import NotSupportedError
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import eager, run, selector
+from dlinfer.ops._dispatch import dtype_selector, eager, run
 
-_select_gating = selector("moe_gating_topk_softmax")
-_select_fused_moe = selector("fused_moe")
+_select_gating = dtype_selector("moe_gating_topk_softmax")
+_select_fused_moe = dtype_selector("fused_moe")
 _FLOATS = _checks.FLOAT_DTYPES
 _INDEX = _checks.INDEX_DTYPES
 _Tensor = torch.Tensor
 
 
 def _moe_gating_topk_softmax_impl(router_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _select_gating(router_logits)(router_logits, topk)
+    return _select_gating(router_logits.device, router_logits.dtype)(router_logits, topk)
 
 
 _moe_gating_topk_softmax = table.define("moe_gating_topk_softmax", _moe_gating_topk_softmax_impl)
@@ -36,7 +36,7 @@ def _fused_moe_impl(
         _checks.in_range(
             "topk_ids", topk_ids, 0, gate_up_weights.shape[0], f"expert ids of {gate_up_weights.shape[0]} experts"
         )
-    impl = _select_fused_moe(hidden_states)
+    impl = _select_fused_moe(hidden_states.device, hidden_states.dtype)
     return impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
 
 
@@ -172,8 +172,8 @@ def fused_moe(
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype.
     """
-    if (chunked_moe_layout is None and _plain_metadata(moe_metadata)
-            and _plain_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize)):
+    if (chunked_moe_layout is None and _plain_metadata(moe_metadata) and _plain_experts(
+            hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize)):
         return _fused_moe_impl(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize)
     topk = check_experts(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, topk, renormalize,
                          (hidden_states.dtype,))

@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import eager, run, selector
+from dlinfer.ops._dispatch import dtype_selector, eager, run
 
-_select_rms_norm = selector("rms_norm")
-_select_add_rms_norm = selector("add_rms_norm")
+_select_rms_norm = dtype_selector("rms_norm")
+_select_add_rms_norm = dtype_selector("add_rms_norm")
 _FLOATS = _checks.FLOAT_DTYPES
 _Tensor = torch.Tensor
 _INF = float("inf")
 
 
 def _rms_norm_impl(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
-    return _select_rms_norm(hidden_states)(hidden_states, weight, epsilon)
+    return _select_rms_norm(hidden_states.device, hidden_states.dtype)(hidden_states, weight, epsilon)
 
 
 _rms_norm = table.define("rms_norm", _rms_norm_impl)
@@ -24,18 +24,21 @@ _rms_norm = table.define("rms_norm", _rms_norm_impl)
 def _add_rms_norm_impl(
     hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _select_add_rms_norm(hidden_states)(hidden_states, residual, weight, epsilon)
+    return _select_add_rms_norm(hidden_states.device, hidden_states.dtype)(hidden_states, residual, weight, epsilon)
 
 
 _add_rms_norm = table.define("add_rms_norm", _add_rms_norm_impl)
 
 
-def _plain(hidden_states, weight, epsilon) -> bool:
-    """The common call, checked in one expression (eager mode only): when it holds, :func:`_check` passes."""
-    return (eager(hidden_states) and isinstance(weight, _Tensor) and hidden_states.dtype in _FLOATS
-            and weight.dtype in _FLOATS and weight.dim() == 1 and hidden_states.dim() > 0
-            and weight.shape[0] == hidden_states.shape[-1] and weight.device == hidden_states.device
-            and type(epsilon) is float and 0.0 <= epsilon < _INF)
+def _plain(hidden_states, weight, epsilon) -> torch.device | None:
+    """The common call, checked in one pass (eager mode only): ``hidden_states``' device when it holds (then
+    :func:`_check` passes), else None."""
+    if not (eager(hidden_states) and isinstance(weight, _Tensor) and type(epsilon) is float
+            and 0.0 <= epsilon < _INF and hidden_states.dtype in _FLOATS and weight.dtype in _FLOATS
+            and weight.dim() == 1 and hidden_states.dim() > 0 and weight.shape[0] == hidden_states.shape[-1]):
+        return None
+    device = hidden_states.device
+    return device if weight.device == device else None
 
 
 def _check(hidden_states, weight, epsilon, residual=None) -> float:
@@ -70,8 +73,9 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float =
             input is accepted, applied in float32, and the output is float16).
         epsilon: added to the mean square.
     """
-    if _plain(hidden_states, weight, epsilon):
-        return _rms_norm_impl(hidden_states, weight, epsilon)
+    device = _plain(hidden_states, weight, epsilon)
+    if device is not None:
+        return _select_rms_norm(device, hidden_states.dtype)(hidden_states, weight, epsilon)
     epsilon = _check(hidden_states, weight, epsilon)
     return run(_rms_norm, _rms_norm_impl, hidden_states, weight, epsilon)
 
@@ -90,10 +94,10 @@ def add_rms_norm(
         weight: ``[H]``, any float dtype (applied in float32, as in ``rms_norm``).
         epsilon: added to the mean square.
     """
-    if (_plain(hidden_states, weight, epsilon) and isinstance(residual, _Tensor)
-            and residual.dtype is hidden_states.dtype and residual.shape == hidden_states.shape
-            and residual.device == hidden_states.device):
-        return _add_rms_norm_impl(hidden_states, residual, weight, epsilon)
+    device = _plain(hidden_states, weight, epsilon)
+    if (device is not None and isinstance(residual, _Tensor) and residual.dtype is hidden_states.dtype
+            and residual.shape == hidden_states.shape and residual.device == device):
+        return _select_add_rms_norm(device, hidden_states.dtype)(hidden_states, residual, weight, epsilon)
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__} (use rms_norm without one)")
     epsilon = _check(hidden_states, weight, epsilon, residual)
