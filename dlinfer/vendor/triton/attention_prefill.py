@@ -337,8 +337,9 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
     q_ends = cu_seqlens_q[1:]
     sk, sv = key.stride(), value.stride()
     kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
-    _launch(query, key, value, attn_output, q_ends, cu_seqlens_kv[1:], q_ends, False, 1, max_q_seq_len,
-            softmax_scale, causal, kv_strides)
+    kv_ends = q_ends if cu_seqlens_kv is cu_seqlens_q else cu_seqlens_kv[1:]  # one view when they are one tensor
+    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, softmax_scale, causal,
+            kv_strides)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
