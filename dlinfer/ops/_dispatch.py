@@ -109,7 +109,6 @@ _selectors: dict[str, Selector] = {}
 def implementation(
     op: str,
     ref: torch.Tensor,
-    *,
     head_size: int = 0,
     head_size_v: int = 0,
     block_size: int = 0,

@@ -65,9 +65,7 @@ def _prefill_attention_impl(
 ) -> None:
     if _checks.values_checked(cu_seqlens_q, cu_seqlens_kv):
         _check_varlen_values(query, key, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, causal)
-    impl = implementation(
-        "prefill_attention", query, head_size=query.shape[-1], head_size_v=value.shape[-1], features=_features(causal)
-    )
+    impl = implementation("prefill_attention", query, query.shape[-1], value.shape[-1], 0, _features(causal))
     impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output)
 
 

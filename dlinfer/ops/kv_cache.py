@@ -31,14 +31,8 @@ def cache_implementation(
 ):
     """The implementation serving an op that reads or writes the paged cache (selected from its metadata)."""
     features = cache_call_features(key_cache, quant_bits)
-    return implementation(
-        op,
-        ref,
-        head_size=head_size,
-        head_size_v=kv_quant.head_size_of(value_cache, quant_bits),
-        block_size=key_cache.shape[1],
-        features=features | extra_features if extra_features else features,
-    )
+    return implementation(op, ref, head_size, kv_quant.head_size_of(value_cache, quant_bits), key_cache.shape[1],
+                          features | extra_features if extra_features else features)
 
 
 def unquantized(quant_bits) -> bool:
