@@ -51,7 +51,7 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)  # the same 32 bits, signed
 
 
-__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "fake_quant_per_token", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
+__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "fake_quant_kv", "fake_quant_per_token", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
            "quantize_w8a8_weight", "unpack_awq"]
 
 
@@ -87,6 +87,17 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
 
     q, scale = quantize_per_token(x.float(), torch.int8)
     return (q.float() * scale).to(x.dtype)
+
+
+def fake_quant_kv(x: torch.Tensor, quant_bits: int) -> torch.Tensor:
+    """``x [..., D]`` (one row per token and KV head) through a quantized KV cache and back, in x's dtype: what
+    ``fill_kv_cache`` stores with ``quant_bits`` 8 / 4 (scales and zeros in x's dtype, as LMDeploy keeps them) and
+    the attention ops read. A float model with this applied to its keys (after rotary) and values is the float twin
+    of a model served with LMDeploy's ``quant_policy``."""
+    from dlinfer.vendor.reference.kv_cache import dequantize, quantize
+
+    q, scale, zero = quantize(x, quant_bits, x.dtype, x.dtype)
+    return dequantize(q, scale, zero, quant_bits).to(x.dtype)
 
 
 def _read(src: Path) -> dict[str, torch.Tensor]:

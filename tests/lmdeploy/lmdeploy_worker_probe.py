@@ -18,7 +18,8 @@ class ProbeProc(ExecutorProc):
 
 def tensor_parallel_rank(rank: int, world: int, port: int, model_path: str, steps, out_path: str) -> None:
     """One rank of a CPU tensor-parallel run (gloo): LMDeploy's patched model sharded over ``world`` ranks through
-    dlinfer's backend; rank 0 saves the logits of every step and the MoE metadata's tp_size it saw."""
+    dlinfer's backend; rank 0 saves the logits of every step and the MoE metadata's tp_size it saw. ``steps`` may
+    also name the KV-cache ``quant_policy``."""
     import os
 
     import torch
@@ -37,7 +38,8 @@ def tensor_parallel_rank(rank: int, world: int, port: int, model_path: str, step
 
         context = DistContext.build(rank, DistConfig(tp=world), ccl_backend="gloo")
         with get_dist_manager().context(context):
-            pm = PagedModel(model_path, block_size=16, dist_config=DistConfig(tp=world))
+            pm = PagedModel(model_path, block_size=16, dist_config=DistConfig(tp=world),
+                            quant_policy=steps.get("quant_policy", 0))
             seqs = [pm.new_sequence(tokens) for tokens in steps["tokens"]]
             logits, tp_sizes = [], []
             for q_lens in steps["q_lens"]:

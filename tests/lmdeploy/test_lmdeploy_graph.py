@@ -16,7 +16,7 @@ pytest.importorskip("triton", reason="LMDeploy's CUDA graph runner imports its T
 
 import torch  # noqa: E402
 
-from lmdeploy_harness import PagedModel, hf_logits  # noqa: E402
+from lmdeploy_harness import PagedModel, hf_logits, hf_logits_kv_quant  # noqa: E402
 
 pytestmark = pytest.mark.lmdeploy
 
@@ -53,11 +53,15 @@ def _tokens(seed, n):
 FULL_THEN_SHRINK = [[0, 1, 2]] * 4 + [[0, 1]] * 2
 
 
-def _decode_through_graph(runner_cls, path, refs, seqs_tokens, max_batches=4, schedule=FULL_THEN_SHRINK):
+PREFILL = [14, 15, 10]
+
+
+def _decode_through_graph(runner_cls, path, refs, seqs_tokens, max_batches=4, schedule=FULL_THEN_SHRINK,
+                          quant_policy=0):
     """Eager prefill, then decode steps through one emulated graph; returns the max logit error."""
-    pm = PagedModel(path, block_size=16, num_blocks=48)
+    pm = PagedModel(path, block_size=16, num_blocks=48, quant_policy=quant_policy)
     seqs = [pm.new_sequence(t) for t in seqs_tokens]
-    pm.step(seqs, [14, 15, 10])
+    pm.step(seqs, PREFILL)
     graph = EmulatedGraph(runner_cls, pm, max_batches=max_batches)
     worst = 0.0
     # default: 4 steps of 3 rows (a and b cross into their second block), then c finishes: 2 steps of 2 rows
@@ -101,8 +105,23 @@ def test_dlinfer_graph_runner_replays_match_transformers(arch, tiny_model, patch
     worst, replays, pm, unused = _decode_through_graph(DlinferSingleGraphRunner, path, refs, tokens)
     assert replays == 5
     assert worst <= TOL, f"graph replays differ from transformers by {worst:.3g}"
-    for k_cache, v_cache in pm.kv_caches:
-        assert k_cache[unused].eq(0).all() and v_cache[unused].eq(0).all(), "padding wrote into the KV cache"
+    for caches in pm.kv_caches:
+        assert all(cache[unused].eq(0).all() for cache in caches), "padding wrote into the KV cache"
+
+
+def test_dlinfer_graph_runner_replays_a_quantized_cache(llama_case, patched):
+    """quant_policy=8: decode replays fill and read the uint8 cache and its scales (static tensors of the cache
+    engine, nothing per step) and match transformers over the same quantized cache (``hf_logits_kv_quant``)."""
+    from dlinfer.framework.lmdeploy_ext.graph import DlinferSingleGraphRunner
+
+    path, tokens, _ = llama_case
+    decodes = [sum(i in live for live in FULL_THEN_SHRINK) for i in range(len(tokens))]
+    refs = [hf_logits_kv_quant(path, t, [n] + [1] * d, 8) for t, n, d in zip(tokens, PREFILL, decodes)]
+    worst, replays, pm, unused = _decode_through_graph(DlinferSingleGraphRunner, path, refs, tokens, quant_policy=8)
+    assert replays == 5 and [c.dtype for c in pm.kv_caches[0]][:2] == [torch.uint8, torch.uint8]
+    assert worst <= 1e-4, f"graph replays over a quantized cache differ from transformers by {worst:.3g}"
+    for caches in pm.kv_caches:
+        assert all(cache[unused].eq(0).all() for cache in caches), "padding wrote into the cache or its scales"
 
 
 def test_stock_graph_runner_replays_stale_dlinfer_metadata(llama_case, patched):

@@ -70,12 +70,12 @@ def test_engine_start_refuses_unsupported_features_naming_them(patched, tmp_path
     from lmdeploy.pytorch.config import CacheConfig, DistConfig
 
     path = _config_dir(tmp_path, tiny_model, "qwen2", use_sliding_window=True, sliding_window=64)
-    cache = CacheConfig(max_batches=8, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0, quant_policy=8)
+    cache = CacheConfig(max_batches=8, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0, quant_policy=16)
     with pytest.raises(NotSupportedError) as info:
         engine_module.build_executor(path, cache_config=cache, backend_config=None, dist_config=DistConfig(),
                                      misc_config=None, adapters={"my_lora": "/x"})
     message = str(info.value)
-    for feature in ("sliding-window attention", "KV-cache quantization (quant_policy=8)", "LoRA adapters (my_lora)"):
+    for feature in ("sliding-window attention", "KV-cache quantization quant_policy=16", "LoRA adapters (my_lora)"):
         assert feature in message
 
 
@@ -94,8 +94,11 @@ def test_supported_models_pass_the_check(tiny_model):
     reasons = model_features(gemma)
     assert any("architecture Gemma2ForCausalLM" in r for r in reasons)
     assert any("soft-capping" in r for r in reasons)
-    assert any("quant_method='awq'" in r for r in model_features({"architectures": ["LlamaForCausalLM"],
-                                                                  "quantization_config": {"quant_method": "awq"}}))
+    assert any("quant_method='gptq'" in r for r in model_features({"architectures": ["LlamaForCausalLM"],
+                                                                   "quantization_config": {"quant_method": "gptq"}}))
+    for method in ("awq", "smooth_quant"):  # served (tests/lmdeploy/test_lmdeploy_quant.py)
+        assert model_features({"architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": method}}
+                              ) == []
 
 
 def test_engine_feature_refusals_name_each_feature():
@@ -104,18 +107,21 @@ def test_engine_feature_refusals_name_each_feature():
     from dlinfer.framework.lmdeploy_ext.support import check_supported, engine_features
 
     assert engine_features() == []
-    reasons = engine_features(cache_config=SimpleNamespace(quant_policy=4), adapters={"a": "/x", "b": "/y"},
+    reasons = engine_features(cache_config=SimpleNamespace(quant_policy=42), adapters={"a": "/x", "b": "/y"},
                               specdecode_config=object(), dist_config=SimpleNamespace(dp=2, ep=4),
-                              misc_config=SimpleNamespace(model_format="awq"), dtype="float8",
+                              misc_config=SimpleNamespace(model_format="fp8"), dtype="float8",
                               backend_config=SimpleNamespace(device_type="ascend"))
-    expected = ["quant_policy=4", "LoRA adapters (a, b)", "speculative decoding", "data parallelism (dp=2)",
-                "expert parallelism (ep=4)", "model_format='awq'", "dtype='float8'", "device_type='ascend'"]
+    expected = ["quant_policy=42", "LoRA adapters (a, b)", "speculative decoding", "data parallelism (dp=2)",
+                "expert parallelism (ep=4)", "model_format='fp8'", "dtype='float8'", "device_type='ascend'"]
     assert len(reasons) == len(expected)
     for reason, fragment in zip(reasons, expected):
         assert fragment in reason
     with pytest.raises(NotSupportedError, match="speculative decoding.*DLINFER_LMDEPLOY"):
         check_supported(None, specdecode_config=object())
     assert engine_features(dtype="bfloat16", dist_config=SimpleNamespace(dp=1, ep=1)) == []
+    for policy in (4, 8):  # integer KV caches are served
+        assert engine_features(cache_config=SimpleNamespace(quant_policy=policy),
+                               misc_config=SimpleNamespace(model_format="awq")) == []
 
 
 def test_pipeline_entry_refuses_before_any_engine_starts(patched, tmp_path, tiny_model):
@@ -124,11 +130,11 @@ def test_pipeline_entry_refuses_before_any_engine_starts(patched, tmp_path, tiny
     from lmdeploy import PytorchEngineConfig
     from lmdeploy.pytorch.engine.engine import Engine
 
-    path = _config_dir(tmp_path, tiny_model, "llama", quantization_config={"quant_method": "awq"})
-    config = PytorchEngineConfig(quant_policy=8, ep=2, enable_mp_engine=True)
+    path = _config_dir(tmp_path, tiny_model, "llama", quantization_config={"quant_method": "gptq"})
+    config = PytorchEngineConfig(quant_policy=16, ep=2, enable_mp_engine=True)
     with pytest.raises(NotSupportedError) as info:
         Engine.from_pretrained(path, engine_config=config)
-    for feature in ("quant_method='awq'", "quant_policy=8", "expert parallelism (ep=2)"):
+    for feature in ("quant_method='gptq'", "quant_policy=16", "expert parallelism (ep=2)"):
         assert feature in str(info.value)
 
 

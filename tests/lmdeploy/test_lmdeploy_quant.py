@@ -1,7 +1,14 @@
-"""Quantized checkpoints written offline by ``dlinfer.testing.quantize``: stock LMDeploy's loader reads them (its
-own AWQ / SmoothQuant modules, built from the checkpoint's ``quantization_config``) and its patched model, run on
-the CPU through dlinfer's quantized ops (reference vendor), reproduces the dequantized float model's logits (for
-W8A8 with the same per-token activation quantization applied to transformers' linears)."""
+"""Quantized serving through dlinfer's LMDeploy backend, on the CPU (reference vendor):
+
+* checkpoints written offline by ``dlinfer.testing.quantize``: stock LMDeploy's loader reads them (its own AWQ /
+  SmoothQuant modules, built from the checkpoint's ``quantization_config``) and its patched model reproduces the
+  dequantized float model's logits (for W8A8 with the same per-token activation quantization applied to
+  transformers' linears);
+* the KV cache in 8 / 4 bits (``quant_policy``, LMDeploy's cache layout): transformers over a cache quantized the
+  same way (``lmdeploy_harness.hf_logits_kv_quant``);
+* tensor parallelism (tp = 2 over gloo) of AWQ, W8A8 and a quantized cache; the engine-start check.
+CUDA graphs with a quantized cache: tests/lmdeploy/test_lmdeploy_graph.py.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ pytest.importorskip("lmdeploy", reason="LMDeploy is not installed (scripts/setup
 
 import torch  # noqa: E402
 
-from lmdeploy_harness import PagedModel, hf_logits  # noqa: E402
+from lmdeploy_harness import PagedModel, hf_logits, hf_logits_kv_quant  # noqa: E402
 
 pytestmark = pytest.mark.lmdeploy
 
@@ -36,16 +43,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _fake_quant_logits(path: str, token_lists: list[list[int]]) -> list[torch.Tensor]:
-    """transformers (float32) with each quantized linear's input quantized per token to int8 and back."""
+ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism each rank holds a slice of their input
+
+
+def _fake_quant_logits(path: str, token_lists: list[list[int]], tp: int = 1) -> list[torch.Tensor]:
+    """transformers (float32) with each quantized linear's input quantized per token to int8 and back; with ``tp``
+    ranks, the row-parallel linears' inputs slice by slice, as each rank quantizes its own slice."""
     import transformers
 
     from dlinfer.testing.quantize import fake_quant_per_token
 
+    def per_slice(x):
+        return torch.cat([fake_quant_per_token(part) for part in x.chunk(tp, dim=-1)], dim=-1)
+
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for name, module in model.named_modules():
         if name.endswith(LINEARS):
-            module.register_forward_pre_hook(lambda mod, args: (fake_quant_per_token(args[0]), *args[1:]))
+            quant = per_slice if name.endswith(ROW_PARALLEL) else fake_quant_per_token
+            module.register_forward_pre_hook(lambda mod, args, quant=quant: (quant(args[0]), *args[1:]))
     with torch.inference_mode():
         return [model(torch.tensor(tokens)[None]).logits[0].float() for tokens in token_lists]
 
@@ -92,3 +107,143 @@ def test_lmdeploy_loads_the_quantized_checkpoint_and_matches_the_dequantized_mod
     assert err <= TOL[fmt], f"{fmt}: relative logits error vs the dequantized model {err:.3g} > {TOL[fmt]}"
     # the quantized weights were read: the float model is much farther away than the dequantized one
     assert _rel(got, unquantized) > 10 * err
+
+
+# ------------------------------------------------------------------------------ quantized KV cache (quant_policy)
+STEPS = [[10, 5], [8, 3], [1, 1], [1, 1]]
+
+
+def _run_steps(pm, a, b):
+    """Prefill (no history), chunked prefill over it, two decode steps (:data:`STEPS`); the logits of each step."""
+    sa, sb = pm.new_sequence(a), pm.new_sequence(b)
+    return [pm.step([sa, sb], q_lens) for q_lens in STEPS]
+
+
+def _rows(logits_a, logits_b):
+    """Per-sequence logits (one row per token) in the order of :func:`_run_steps`' outputs."""
+    out, done = [], [0, 0]
+    for q_lens in STEPS:
+        rows = []
+        for seq, (logits, n) in enumerate(zip((logits_a, logits_b), q_lens)):
+            rows.append(logits[done[seq]:done[seq] + n])
+            done[seq] += n
+        out.append(torch.cat(rows))
+    return out
+
+
+# relative logits error where only float32 rounding separates dlinfer from the reference (a rounding tie may land
+# one value of a token's head on the next level)
+KV_TOL = {8: 1e-4, 4: 1e-3}
+
+
+def _count_quant_bits(monkeypatch, names):
+    """``{op: [quant_bits of each call]}`` for the dlinfer.ops functions LMDeploy's kernels call by name."""
+    import dlinfer.ops
+
+    seen = {name: [] for name in names}
+    for name in names:
+        original = getattr(dlinfer.ops, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            seen[_name].append(kwargs.get("quant_bits"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dlinfer.ops, name, counting)
+    return seen
+
+
+@pytest.mark.parametrize("arch,bits", [("llama", 8), ("llama", 4), ("qwen3_moe", 8)])
+def test_quantized_kv_cache_matches_the_float_model_with_fake_quantized_keys_and_values(arch, bits, tiny_model,
+                                                                                     patched, monkeypatch):
+    """quant_policy 8 / 4 through dlinfer's LMDeploy backend (LMDeploy's cache layout, its attention layer, the
+    reference vendor): the first prefill attends to the new keys as they are (float attention over the batch);
+    every later step reads the quantized cache and reproduces transformers with the same quantization applied
+    to its keys and values, which moves the logits far more than that."""
+    from dlinfer.vendor import registry
+
+    path = tiny_model(arch)
+    a, b = _tokens(1, 24), _tokens(2, 12)
+    seen = _count_quant_bits(monkeypatch, ("fill_kv_cache", "paged_decode_attention", "paged_prefill_attention"))
+    with registry.pinned("reference"):
+        pm = PagedModel(path, block_size=16, quant_policy=bits)
+        assert [t.dtype for t in pm.kv_caches[0]] == [torch.uint8, torch.uint8, torch.float32, torch.float32]
+        got = _run_steps(pm, a, b)
+    assert all(calls and set(calls) == {bits} for calls in seen.values()), seen
+    plain = _rows(*hf_logits(path, [a, b]))
+    fake = _rows(*(hf_logits_kv_quant(path, tokens, [q[i] for q in STEPS], bits) for i, tokens in enumerate((a, b))))
+    assert _rel(got[0], plain[0]) <= 1e-5, "the first prefill attends to the new keys and values themselves"
+    for step, (out, want, unquantized) in enumerate(zip(got[1:], fake[1:], plain[1:]), 1):
+        err = _rel(out, want)
+        assert err <= KV_TOL[bits], f"step {step}: {err:.3g} from the fake-quantized model"
+        assert _rel(out, unquantized) > 10 * err, f"step {step}: the quantized cache was not read"
+
+
+# ----------------------------------------------------------------------------------------- tensor parallelism
+@pytest.mark.parametrize("fmt,quant_policy", [("awq", 0), ("w8a8", 0), ("float", 8)])
+def test_tensor_parallel_quantized_model(fmt, quant_policy, tiny_model, tmp_path, patched):
+    """tp = 2 (two spawned gloo ranks, LMDeploy's sharding of the AWQ / W8A8 weights, the quantized cache's heads
+    split across the ranks). AWQ and the quantized cache: the logits of one process running the same model, up to
+    the order of the all-reduce's sums (float16 for AWQ). W8A8: each rank quantizes its own slice of the
+    row-parallel linears' input, so the reference is transformers doing the same (``_fake_quant_logits(tp=2)``)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dlinfer.testing.quantize import quantize_model
+    from dlinfer.vendor import registry
+    from lmdeploy_worker_probe import tensor_parallel_rank
+
+    path = tiny_model("llama")
+    if fmt != "float":
+        path = str(tmp_path / "q")
+        # LMDeploy shards AWQ outputs in multiples of the group size: the tiny model's 64 KV features need 32
+        quantize_model(tiny_model("llama"), path, fmt, group_size=32, dequantized_dir=tmp_path / "deq")
+    a, b = _tokens(1, 24), _tokens(2, 12)
+    steps = {"tokens": [a, b], "q_lens": STEPS, "quant_policy": quant_policy}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(tensor_parallel_rank, args=(2, port, path, steps, str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "rank0.pt")["logits"]
+    if fmt == "w8a8":
+        want = _rows(*_fake_quant_logits(str(tmp_path / "deq"), [a, b], tp=2))
+    else:
+        with registry.pinned("reference"):
+            want = _run_steps(PagedModel(path, block_size=16, dtype=DTYPE.get(fmt, "float32"),
+                                         quant_policy=quant_policy), a, b)
+    for step, (got, ref) in enumerate(zip(sharded, want)):
+        err = _rel(got, ref)
+        assert err <= {"awq": 2e-3, "w8a8": 1e-3, "float": 1e-5}[fmt], f"{fmt} tp=2 step {step}: {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------- the engine-start check
+def test_engine_start_serves_the_quantized_checkpoints_and_refuses_the_rest_naming_them(tiny_model, tmp_path):
+    import transformers
+
+    from dlinfer.errors import NotSupportedError
+    from dlinfer.framework.lmdeploy_ext.support import check_engine_config
+    from dlinfer.testing.quantize import quantize_model
+    from lmdeploy import PytorchEngineConfig
+
+    for arch, fmt in (("llama", "awq"), ("qwen3", "awq"), ("llama", "w8a8"), ("qwen2", "w8a8"), ("qwen3", "w8a8")):
+        quantize_model(tiny_model(arch), tmp_path / f"{arch}_{fmt}", fmt, group_size=32)
+        config = transformers.AutoConfig.from_pretrained(tmp_path / f"{arch}_{fmt}")
+        for policy in (0, 4, 8):
+            check_engine_config(config, PytorchEngineConfig(quant_policy=policy, tp=2, model_format=None))
+    refused = [("qwen3_moe", {"quant_method": "smooth_quant", "quant_dtype": "int8"},
+                "Qwen3MoeForCausalLM: LMDeploy 0.18 builds its q/k norms as W8A8 norms"),
+               ("mixtral", {"quant_method": "smooth_quant"}, "MixtralForCausalLM: W8A8 experts are untested"),
+               ("qwen3_moe", {"quant_method": "awq", "bits": 4}, "LMDeploy builds no AWQ experts"),
+               ("llama", {"quant_method": "fp8", "fmt": "e4m3"}, "quant_method='fp8'"),
+               ("llama", {"quant_method": "awq", "bits": 4, "version": "gemv"}, "version='gemv'")]
+    for arch, quant, fragment in refused:
+        config = transformers.AutoConfig.from_pretrained(tiny_model(arch))
+        config.quantization_config = quant
+        with pytest.raises(NotSupportedError, match=fragment):
+            check_engine_config(config, PytorchEngineConfig())
+    config = transformers.AutoConfig.from_pretrained(tiny_model("llama"))
+    for policy, fragment in ((16, "quant_policy=16"), (42, "quant_policy=42")):
+        with pytest.raises(NotSupportedError, match=fragment):
+            check_engine_config(config, PytorchEngineConfig(quant_policy=policy))
+    with pytest.raises(NotSupportedError, match="model_format='fp8'"):
+        check_engine_config(config, PytorchEngineConfig(model_format="fp8"))

@@ -5,7 +5,9 @@ routes LMDeploy's ``cuda`` device to :class:`~dlinfer.framework.lmdeploy_ext.bac
 (per-step metadata built on the device without host syncs, CUDA graphs with static buffers for dlinfer's
 metadata, tensor-parallel workers and the ``api_server`` engine process patched too) and refuses at engine start,
 naming them, the features it cannot serve. Served: Llama, Qwen2, Qwen3 (dense) and Qwen3-MoE, Mixtral (MoE), in
-float16/bfloat16/float32, eager or with CUDA graphs, tensor parallel over LMDeploy's ``mp`` executor.
+float16/bfloat16/float32, eager or with CUDA graphs, tensor parallel over LMDeploy's ``mp`` executor; AWQ (W4A16)
+and SmoothQuant (W8A8) checkpoints of the dense models and 8- or 4-bit KV caches (``quant_policy``; see
+:mod:`.support` for what is refused).
 
 Install (LMDeploy 0.18 caps torch at 2.12.1; dlinfer never forces torch): ``pip install "dlinfer[triton]"`` next
 to LMDeploy, or ``scripts/setup_lmdeploy.sh VENV [--serve]`` for a venv whose torch must not move.

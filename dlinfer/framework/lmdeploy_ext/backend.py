@@ -2,18 +2,25 @@
 
 LMDeploy 0.18 ships ``DlinferOpsBackend`` (every layer through ``dlinfer.ops``) but selects it only for Ascend,
 MetaX and Cambricon devices. This subclass serves device type ``cuda``: it builds the per-step metadata on the
-device (``metadata.build_attention_metadata``), gives tensor-parallel MoE its ``MoeMetadata`` and builds a CUDA
-graph runner whose static buffers cover dlinfer's own metadata fields (``graph.DlinferCudaGraphRunner``).
+device (``metadata.build_attention_metadata``), gives tensor-parallel MoE its ``MoeMetadata``, builds a CUDA
+graph runner whose static buffers cover dlinfer's own metadata fields (``graph.DlinferCudaGraphRunner``) and an
+attention layer that hands a quantized KV cache's scales to dlinfer (:class:`DlinferCudaAttentionImpl`).
+Quantized weights need nothing here: LMDeploy's dlinfer layers for AWQ and SmoothQuant call ``dlinfer.ops``.
 
 Importing this module imports LMDeploy.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
+from lmdeploy.pytorch.backends.attention import PagedAttentionBuildSpec
+from lmdeploy.pytorch.backends.dlinfer.attention import DlinferAttentionImpl
 from lmdeploy.pytorch.backends.dlinfer.op_backend import DlinferOpsBackend
+
+from dlinfer.errors import NotSupportedError
 
 from dlinfer.framework.lmdeploy_ext.metadata import build_attention_metadata
 from dlinfer.utils.type_annotation import MoECommType, MoeMetadata
@@ -36,12 +43,56 @@ def _tensor_parallel_info() -> tuple[int, int, object]:
         return 1, 0, None
 
 
+class DlinferCudaAttentionImpl(DlinferAttentionImpl):
+    """LMDeploy's dlinfer attention, with the KV cache quantized the way stock LMDeploy quantizes it on CUDA.
+
+    With ``quant_policy`` 8 or 4, LMDeploy's cache engine gives each layer a uint8 cache and, beside it, one
+    ``[num_blocks, block_size, Hk, 2]`` tensor of per-token scales and zeros per cache, which the model passes to
+    the attention as ``k_scales_zeros``/``v_scales_zeros``. LMDeploy's dlinfer attention reads the scales from its
+    metadata's ``quant_meta`` (iterators filled for Ascend's per-tensor scales) and ignores those arguments; this
+    layer points ``quant_meta`` at them (views, made once per layer and cache) before running it, so
+    ``fill_kv_cache`` gets ``[scales, zeros]`` per cache and the paged attention ops ``kv_scales = (k, v)``,
+    ``kv_zeros = (k, v)`` (``dlinfer.ops.kv_quant``). Without quantization it is LMDeploy's layer unchanged.
+    """
+
+    def forward(self, query, key, value, k_cache, v_cache, attn_metadata, k_scales_zeros=None, v_scales_zeros=None,
+                *args, **kwargs):
+        if attn_metadata.quant_policy:
+            attn_metadata.quant_meta = self._quant_meta(attn_metadata.quant_policy, k_scales_zeros, v_scales_zeros)
+        return super().forward(query, key, value, k_cache, v_cache, attn_metadata, k_scales_zeros, v_scales_zeros,
+                               *args, **kwargs)
+
+    def _quant_meta(self, quant_policy, k_scales_zeros, v_scales_zeros) -> dict:
+        if int(quant_policy) not in (4, 8) or k_scales_zeros is None or v_scales_zeros is None:
+            raise NotSupportedError(f"dlinfer's LMDeploy attention serves quant_policy 4 and 8 with per-token scales "
+                                    f"beside the cache; got quant_policy={int(quant_policy)}")
+        key = (k_scales_zeros, v_scales_zeros)
+        cached = getattr(self, "_dlinfer_quant_meta", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            ks, kz = k_scales_zeros[..., 0], k_scales_zeros[..., 1]
+            vs, vz = v_scales_zeros[..., 0], v_scales_zeros[..., 1]
+            values = {"k_scales": ks, "k_zeros": kz, "v_scales": vs, "v_zeros": vz, "kv_scales": (ks, vs),
+                      "kv_zeros": (kz, vz)}
+            # itertools.repeat: LMDeploy calls next() on each, once per forward of this layer
+            cached = (key, {name: itertools.repeat(v) for name, v in values.items()})
+            self._dlinfer_quant_meta = cached
+        return cached[1]
+
+
 class DlinferCudaOpsBackend(DlinferOpsBackend):
     """LMDeploy's dlinfer layer backend on CUDA devices (kernels chosen by dlinfer's vendor registry)."""
 
     @staticmethod
     def get_name() -> str:
         return "dlinfer_cuda"
+
+    @classmethod
+    def build_op(cls, spec, *, enable_deterministic: bool = False):
+        """LMDeploy's dlinfer layers; the paged attention is :class:`DlinferCudaAttentionImpl` (quantized caches)."""
+        impl = super().build_op(spec, enable_deterministic=enable_deterministic)
+        if isinstance(spec, PagedAttentionBuildSpec) and type(impl) is DlinferAttentionImpl:
+            impl.__class__ = DlinferCudaAttentionImpl  # same state, one more step in forward
+        return impl
 
     @classmethod
     def update_step_context(cls, step_context):
