@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -112,12 +113,17 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
     w()
     dt = str(dtype).replace("torch.", "")
     w(f"op x vendor on {device_type} for a typical {dt} call (head size 128, block size 64):")
-    w("  serves = can serve it; n/a = does not provide the op; otherwise why it refuses")
+    w("  serves = can serve it; n/a = does not provide the op; otherwise why it refuses; +kv_quant = the same op on "
+      "a quantized KV cache (quant_bits 8 / 4)")
     names = [v.name for v in vends]
     col = 22
     w(f"  {'op':<36} {'chosen':<12} " + " ".join(f"{n:<{col}}" for n in names))
-    for op in _all_ops():
-        call = _typical_call(op, device_type, dtype)
+    rows = [(op, _typical_call(op, device_type, dtype)) for op in _all_ops()]
+    rows += [(f"{op} +kv_quant", dataclasses.replace(_typical_call(op, device_type, dtype),
+                                                      features=frozenset({"kv_quant"})))
+             for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention")]
+    for label, call in rows:
+        op = call.op
         try:
             chosen = registry.select(call)[0].name
         except NotSupportedError:
@@ -132,7 +138,7 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
             else:
                 cells.append(f"refuses [{len(details) + 1}]")
                 details.append(f"[{len(details) + 1}] {v.name}: " + "; ".join(reasons))
-        w(f"  {op:<36} {chosen:<12} " + " ".join(f"{c:<{col}}" for c in cells))
+        w(f"  {label:<36} {chosen:<12} " + " ".join(f"{c:<{col}}" for c in cells))
         for d in details:
             w(f"  {'':<38}{d}")
     try:  # which fused-MoE tile configs are in force on this card, and where they come from

@@ -222,3 +222,20 @@ def test_vendors_receive_the_quantized_arguments_only_when_they_declare_kv_quant
     with isolated_registry.forced("legacy"):
         with pytest.raises(NotSupportedError, match="feature 'kv_quant'"):
             ops.paged_decode_attention(**d)
+
+
+def test_info_lists_the_quantized_cache_calls_for_both_vendors(capsys):
+    """``dlinfer info --device cuda`` (no GPU needed: selection reads metadata only): the Triton vendor serves the
+    quantized-cache calls and the quantized linear family; fused_moe_w8a8 is the reference's alone."""
+    from dlinfer import cli
+
+    assert cli.main(["info", "--device", "cuda"]) == 0
+    rows = {line.split()[0] + (" +kv_quant" if "+kv_quant" in line else ""): line.split()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and len(line.split()) >= 4}
+    for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention"):
+        row = rows[f"{op} +kv_quant"]
+        assert row[2:5] == ["triton", "serves", "serves"], row
+    for op in ("weight_quant_matmul", "dynamic_quant", "linear_w8a8", "linear_w8a8_static", "rms_norm_w8a8",
+               "add_rms_norm_w8a8"):
+        assert rows[op][1:4] == ["triton", "serves", "serves"], rows[op]
+    assert rows["fused_moe_w8a8"][1:4] == ["reference", "n/a", "serves"]
