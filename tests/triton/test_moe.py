@@ -534,11 +534,12 @@ def test_precompile_on_first_use_once_per_shape_and_off_switch(monkeypatch):
     monkeypatch.setattr(triton_moe, "precompile", lambda gu, d, k, max_tokens, dtype: calls.append(max_tokens) or 1)
     monkeypatch.setattr(triton_moe, "_precompiled", set())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    x, gate_up, down, _, _ = _moe_inputs(3000, 32, 24, 4, 2, torch.float32)
+    big = triton_moe.PRECOMPILE_MIN_TOKENS + 3
+    x, gate_up, down, _, _ = _moe_inputs(big, 32, 24, 4, 2, torch.float32)
     triton_moe._precompile_on_first_use(x, gate_up, down, 2)
-    assert calls == [3000]  # the first call's tokens (an engine's largest prefill), at least PRECOMPILE_MIN_TOKENS
+    assert calls == [big]  # the first call's tokens when it is larger than PRECOMPILE_MIN_TOKENS
     triton_moe._precompile_on_first_use(x[:5], gate_up, down, 2)
-    assert calls == [3000, triton_moe.PRECOMPILE_MIN_TOKENS]  # (the caller skips shapes already done)
+    assert calls == [big, triton_moe.PRECOMPILE_MIN_TOKENS]  # (the caller skips shapes already done)
     monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
     triton_moe._precompile_on_first_use(x, gate_up, down, 2)
     assert len(calls) == 2

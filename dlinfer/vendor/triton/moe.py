@@ -421,9 +421,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
 # Every token bucket has its own tile config (and the sorting kernels their own chunk size), so a serving engine
 # meets new kernel variants as batches change: each is a Triton compile of ~0.5-1 s in the middle of serving.
 # The first eager call of a problem shape compiles them all instead (engines make that call in their warm-up,
-# before they capture graphs or serve): every bucket up to the larger of that call's token count (an engine's
-# first call is its largest prefill) and PRECOMPILE_MIN_TOKENS (decode batches). DLINFER_PRECOMPILE=0 turns it off.
-PRECOMPILE_MIN_TOKENS = 512
+# before they capture graphs or serve): every bucket up to the larger of that call's token count and
+# PRECOMPILE_MIN_TOKENS (engines' usual largest prefill chunk: an engine's first call is not always its largest,
+# LMDeploy's is not). DLINFER_PRECOMPILE=0 turns it off.
+PRECOMPILE_MIN_TOKENS = 8192
 _precompiled: set[tuple] = set()
 
 
