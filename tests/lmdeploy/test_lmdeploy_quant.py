@@ -247,3 +247,30 @@ def test_engine_start_serves_the_quantized_checkpoints_and_refuses_the_rest_nami
             check_engine_config(config, PytorchEngineConfig(quant_policy=policy))
     with pytest.raises(NotSupportedError, match="model_format='fp8'"):
         check_engine_config(config, PytorchEngineConfig(model_format="fp8"))
+
+
+# ------------------------------------------------------------------------------ benchmarks/quant_gpu.py (CPU)
+def test_quant_gpu_script_dry_run_and_comparison():
+    """The GPU script's arguments, imports and case lists (its parts need a GPU), and how it compares runs."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "full-matrix quantized-cache cases x 3 dtypes" in done.stdout
+    spec = importlib.util.spec_from_file_location("quant_gpu", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ops = {op for op, _ in module.quantized_cache_cases()}
+    assert ops == set(module.CACHE_OPS)
+    la = torch.ones(3, 5)
+    runs = {"stock": {"tokens": [[1, 2, 3], [4, 5, 6]], "logits": [la, la], "startup_s": 1.0},
+            "dlinfer": {"tokens": [[1, 2, 9], [7, 5, 6]], "logits": [la * 1.01, la], "startup_s": 2.0}}
+    summary = module.compare_runs(runs, "awq", 8)
+    assert summary["first_token_equal"] == 1 and summary["mean_common_prefix"] == 1.0
+    assert abs(summary["max_logits_rel_diff"] - 0.01) < 1e-6
+    failed = module.compare_runs({"stock": {"error": "boom"}, "dlinfer": runs["dlinfer"]}, "awq", 8)
+    assert failed["stock"] == "boom" and "prompts" not in failed
