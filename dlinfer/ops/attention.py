@@ -321,9 +321,18 @@ def _block_table(block_table, batch: int) -> torch.Tensor:
 # having run nothing, and the wrapper's named checks decide (they give the errors). It accepts nothing those
 # checks refuse: only what they pass, with stricter conditions where that is cheaper (a float softmax_scale,
 # last-dim stride 1).
-_FLOATS, _INDEX = _checks.FLOAT_DTYPES, _checks.INDEX_DTYPES
+_FLOATS, _INDEX, _I32 = _checks.FLOAT_DTYPES, _checks.INDEX_DTYPES, torch.int32
 _Tensor = torch.Tensor
 _MASKS = (list, tuple)
+
+
+def _dims(t, n: int) -> bool:
+    return isinstance(t, _Tensor) and t.dim() == n
+
+
+def _contract_layout(t: torch.Tensor, device: torch.device) -> bool:
+    """int32 on query's device: the contract's offsets and lengths (what :func:`_offsets` accepts)."""
+    return t.dtype is _I32 and t.device == device
 
 
 def _plain_heads(num_q_heads, num_kv_heads) -> bool:
@@ -382,11 +391,14 @@ def _plain_paged(query, key_cache, value_cache, block_table, block_size, num_q_h
 
 
 def _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_seqlens, max_kv_seq_len,
-                  num_q_heads, num_kv_heads, head_size_v, softmax_scale, attn_output, quant_bits):
+                  num_q_heads, num_kv_heads, head_size_v, softmax_scale, attn_output, quant_bits, contract=False):
+    """``kv_seqlens``: host or device, int32 or int64 (converted); with ``contract``, int32 on query's device."""
     if not (type(max_kv_seq_len) is int and max_kv_seq_len >= 0):
         return None
     dv = _plain_paged(query, key_cache, value_cache, block_offsets, block_size, num_q_heads, num_kv_heads,
                       head_size_v, quant_bits, kv_seqlens, None)
+    if dv and contract and not _contract_layout(kv_seqlens, query.device):
+        return None
     scale = _plain_scale(softmax_scale, query.shape[2]) if dv else 0.0
     out = _plain_output(attn_output, query, (query.shape[0], num_q_heads, dv), query.device) if scale else None
     if out is None:
@@ -398,34 +410,39 @@ def _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_s
 
 
 def _plain_paged_prefill(query, key_cache, value_cache, block_offsets, block_size, cu_seqlens_q, kv_seqlens,
-                         max_q_seq_len, max_kv_seq_len, num_q_heads, num_kv_heads, attn_mask, head_size_v,
-                         softmax_scale, attn_output, quant_bits):
+                         max_q_seq_len, max_kv_seq_len, num_q_heads, num_kv_heads, causal, head_size_v,
+                         softmax_scale, attn_output, quant_bits, contract=False):
+    """``cu_seqlens_q``: LMDeploy's ``[B]`` cumulative ends and ``[B]`` lengths, host or device (converted); with
+    ``contract``, the contract's int32 ``[B + 1]`` offsets and ``[B]`` lengths on query's device."""
     if not (type(max_q_seq_len) is int and type(max_kv_seq_len) is int and max_q_seq_len >= 0
-            and max_kv_seq_len >= 0 and type(attn_mask) in _MASKS and _plain_lengths(cu_seqlens_q)):
+            and max_kv_seq_len >= 0 and _plain_lengths(cu_seqlens_q)):
         return None
-    batch = cu_seqlens_q.shape[0]
+    batch = cu_seqlens_q.shape[0] - 1 if contract else cu_seqlens_q.shape[0]
     dv = _plain_paged(query, key_cache, value_cache, block_offsets, block_size, num_q_heads, num_kv_heads,
                       head_size_v, quant_bits, kv_seqlens, batch)
-    if not dv or not _near(cu_seqlens_q, query.device):
+    device = query.device if dv else None
+    if not dv or not (_contract_layout(cu_seqlens_q, device) and _contract_layout(kv_seqlens, device) if contract
+                      else _near(cu_seqlens_q, device)):
         return None
     scale = _plain_scale(softmax_scale, query.shape[2])
-    out = _plain_output(attn_output, query, (query.shape[0], num_q_heads, dv), query.device) if scale else None
+    out = _plain_output(attn_output, query, (query.shape[0], num_q_heads, dv), device) if scale else None
     if out is None:
         return None
-    device = query.device
-    starts = _batch.starts_from_ends(cu_seqlens_q, device)
-    kv_seqlens = _batch.lengths_on(kv_seqlens, device)
-    _paged_prefill_attention_impl(query, key_cache, value_cache, block_offsets, starts, kv_seqlens, max_q_seq_len,
-                                  max_kv_seq_len, scale, len(attn_mask) > 0, out, [], [], 0)
+    if not contract:
+        cu_seqlens_q = _batch.starts_from_ends(cu_seqlens_q, device)
+        kv_seqlens = _batch.lengths_on(kv_seqlens, device)
+    _paged_prefill_attention_impl(query, key_cache, value_cache, block_offsets, cu_seqlens_q, kv_seqlens,
+                                  max_q_seq_len, max_kv_seq_len, scale, bool(causal), out, [], [], 0)
     return out
 
 
-def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads, attn_mask,
-                   softmax_scale, attn_output):
-    if not (eager(query) and _plain_heads(num_q_heads, num_kv_heads) and type(attn_mask) in _MASKS
-            and type(max_q_seq_len) is int and max_q_seq_len >= 0 and isinstance(key, _Tensor)
-            and isinstance(value, _Tensor) and query.dim() == 3 and key.dim() == 3 and value.dim() == 3
-            and _plain_lengths(q_seqlens) and _plain_lengths(kv_seqlens)):
+def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads, causal,
+                   softmax_scale, attn_output, contract=False):
+    """``q_seqlens``/``kv_seqlens``: LMDeploy's ``[B]`` lengths, host or device (converted); with ``contract``, the
+    contract's int32 ``[B + 1]`` offsets on query's device."""
+    if not (eager(query) and _plain_heads(num_q_heads, num_kv_heads) and type(max_q_seq_len) is int
+            and max_q_seq_len >= 0 and isinstance(key, _Tensor) and isinstance(value, _Tensor) and query.dim() == 3
+            and key.dim() == 3 and value.dim() == 3 and _plain_lengths(q_seqlens) and _plain_lengths(kv_seqlens)):
         return None
     dtype, device = query.dtype, query.device
     tokens, heads, head_size = query.shape
@@ -435,16 +452,21 @@ def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_
             and kv_heads == num_kv_heads and head_size > 0 and key_size == head_size and vs[0] == kv_tokens
             and vs[1] == kv_heads and vs[2] > 0 and query.stride()[-1] == 1 and key.stride()[-1] == 1
             and value.stride()[-1] == 1 and key.device == device and value.device == device
-            and kv_seqlens.shape[0] == q_seqlens.shape[0] and _near(q_seqlens, device) and _near(kv_seqlens, device)):
+            and kv_seqlens.shape[0] == q_seqlens.shape[0]
+            and ((q_seqlens.shape[0] > 0 and _contract_layout(q_seqlens, device)
+                  and _contract_layout(kv_seqlens, device)) if contract
+                 else (_near(q_seqlens, device) and _near(kv_seqlens, device)))):
         return None
     scale = _plain_scale(softmax_scale, head_size)
     out = _plain_output(attn_output, query, (tokens, heads, vs[2]), device) if scale else None
     if out is None:
         return None
-    cu_seqlens_q = _batch.starts_from_lengths(q_seqlens, device)
-    cu_seqlens_kv = cu_seqlens_q if kv_seqlens is q_seqlens else _batch.starts_from_lengths(kv_seqlens, device)
-    _prefill_attention_impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, scale, len(attn_mask) > 0,
-                            out)
+    if contract:
+        cu_seqlens_q, cu_seqlens_kv = q_seqlens, kv_seqlens
+    else:
+        cu_seqlens_q = _batch.starts_from_lengths(q_seqlens, device)
+        cu_seqlens_kv = cu_seqlens_q if kv_seqlens is q_seqlens else _batch.starts_from_lengths(kv_seqlens, device)
+    _prefill_attention_impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, scale, bool(causal), out)
     return out
 
 
@@ -489,8 +511,9 @@ def prefill_attention(
     Returns:
         ``attn_output`` (given or new), ``[T, Hq, Dv]``.
     """
-    out = _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads,
-                         attn_mask, softmax_scale, attn_output)
+    out = None if type(attn_mask) not in _MASKS else _plain_prefill(
+        query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads, len(attn_mask) > 0,
+        softmax_scale, attn_output)
     if out is not None:
         return out
     _checks.heads(num_q_heads, num_kv_heads)
@@ -559,9 +582,10 @@ def paged_prefill_attention(
     Returns:
         ``attn_output`` (given or new).
     """
-    out = _plain_paged_prefill(query, key_cache, value_cache, block_offsets, block_size, cu_seqlens_q, kv_seqlens,
-                               max_q_seq_len, max_kv_seq_len, num_q_heads, num_kv_heads, attn_mask, head_size_v,
-                               softmax_scale, attn_output, quant_bits)
+    out = None if type(attn_mask) not in _MASKS else _plain_paged_prefill(
+        query, key_cache, value_cache, block_offsets, block_size, cu_seqlens_q, kv_seqlens, max_q_seq_len,
+        max_kv_seq_len, num_q_heads, num_kv_heads, len(attn_mask) > 0, head_size_v, softmax_scale, attn_output,
+        quant_bits)
     if out is not None:
         return out
     query = _lmdeploy_paged(query, key_cache, value_cache, block_size, num_q_heads, num_kv_heads, head_size_v,
@@ -653,6 +677,11 @@ def varlen_attention(
     Returns:
         ``attn_output`` (given or new).
     """
+    if _dims(query, 3) and _dims(key, 3):
+        out = _plain_prefill(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, query.shape[1],
+                             key.shape[1], causal, softmax_scale, attn_output, contract=True)
+        if out is not None:
+            return out
     query = _queries(query, _heads_of("query", query))
     key = _queries(key, _heads_of("key", key), "key")
     value = _queries(value, key.shape[1], "value")
@@ -690,6 +719,12 @@ def paged_prefill(
 ) -> torch.Tensor:
     """``paged_prefill_attention`` in the vendor contract's layout (``cu_seqlens_q`` int32 ``[B + 1]`` start
     offsets, ``kv_seqlens`` int32 ``[B]``, both on query's device); see that op for the semantics."""
+    if _dims(query, 3) and _dims(key_cache, 4):
+        out = _plain_paged_prefill(query, key_cache, value_cache, block_table, key_cache.shape[1], cu_seqlens_q,
+                                   kv_seqlens, max_q_seq_len, max_kv_seq_len, query.shape[1], key_cache.shape[2],
+                                   causal, None, softmax_scale, attn_output, quant_bits, contract=True)
+        if out is not None:
+            return out
     query, head_size_v, quant_bits, kv_scales, kv_zeros = _paged_common(query, key_cache, value_cache, kv_scales,
                                                                         kv_zeros, quant_bits)
     cu_seqlens_q = _offsets("cu_seqlens_q", cu_seqlens_q, query.device)
@@ -722,6 +757,12 @@ def paged_decode(
 ) -> torch.Tensor:
     """``paged_decode_attention`` in the vendor contract's layout (``kv_seqlens`` int32 ``[B]`` on query's
     device); see that op for the semantics."""
+    if _dims(query, 3) and _dims(key_cache, 4):
+        out = _plain_decode(query, key_cache, value_cache, block_table, key_cache.shape[1], kv_seqlens, max_kv_seq_len,
+                            query.shape[1], key_cache.shape[2], None, softmax_scale, attn_output, quant_bits,
+                            contract=True)
+        if out is not None:
+            return out
     query, head_size_v, quant_bits, kv_scales, kv_zeros = _paged_common(query, key_cache, value_cache, kv_scales,
                                                                         kv_zeros, quant_bits)
     kv_seqlens = _offsets("kv_seqlens", kv_seqlens, query.device, query.shape[0])

@@ -19,6 +19,10 @@ from dlinfer.vendor import Vendor
 activation, attention, fused, kv_cache, linear, moe, norm, rotary = (
     importlib.import_module(f"dlinfer.ops.{name}")
     for name in ("activation", "attention", "fused", "kv_cache", "linear", "moe", "norm", "rotary"))
+# the clean contract, as vLLM's backend calls it (held here: the LMDeploy wrappers' slow path calls them, and the
+# fixture below forbids that path)
+_varlen_attention, _paged_prefill, _paged_decode = (attention.varlen_attention, attention.paged_prefill,
+                                                    attention.paged_decode)
 
 BF16 = torch.bfloat16
 
@@ -42,6 +46,7 @@ def _fast_calls():
     kv_lens = torch.tensor([9, 16, 0], dtype=torch.int32)
     q_lens = torch.tensor([2, 1], dtype=torch.int32)
     out = torch.empty(3, 4, 16, dtype=BF16)
+    starts = torch.tensor([0, 2, 3], dtype=torch.int32)  # the contract's [B + 1] offsets
     return {
         "rms_norm": lambda: ops.rms_norm(x, w, 1e-6),
         "add_rms_norm": lambda: ops.add_rms_norm(x, r, w, 1e-6),
@@ -66,6 +71,12 @@ def _fast_calls():
         "paged_prefill_attention": lambda: ops.paged_prefill_attention(
             q, None, None, k_cache, v_cache, table[:2], 8, torch.cumsum(q_lens, 0, dtype=torch.int32),
             kv_lens[:2], 2, 16, 4, 2, [None], attn_output=out),
+        # the clean contract (vLLM's backend calls it)
+        "varlen_attention": lambda: _varlen_attention(q, k, v, starts, starts, 2, attn_output=out),
+        "paged_prefill": lambda: _paged_prefill(q, k_cache, v_cache, table[:2], starts, kv_lens[:2], 2, 16,
+                                                causal=False),
+        "paged_decode": lambda: _paged_decode(q, packed[..., :16], packed[..., 16:], table, kv_lens, 16,
+                                              softmax_scale=0.5, attn_output=out),
     }
 
 
@@ -87,6 +98,9 @@ _SLOW = {
     "prefill_attention": (attention, "_prefill_attention", ("_queries", "varlen_attention")),
     "prefill_attention_non_causal": (attention, "_prefill_attention", ("_queries", "varlen_attention")),
     "paged_prefill_attention": (attention, "_paged_prefill_attention", ("_lmdeploy_paged", "paged_prefill")),
+    "varlen_attention": (attention, "_prefill_attention", ("_queries", "_heads_of", "_offsets")),
+    "paged_prefill": (attention, "_paged_prefill_attention", ("_paged_common", "_offsets", "_block_table")),
+    "paged_decode": (attention, "_paged_decode_attention", ("_paged_common", "_offsets", "_block_table")),
 }
 
 
@@ -149,6 +163,11 @@ def test_bad_arguments_still_get_the_named_error():
                                    softmax_scale=-1.0)
     with pytest.raises(TypeError, match="attn_mask"):
         ops.prefill_attention(k, k, k, None, None, lens, lens, 1, 2, 2, None)
+    q = torch.randn(3, 4, 16)
+    with pytest.raises(ValueError, match=r"kv_seqlens must have dtype in \(int32\)"):  # the contract: int32 only
+        _paged_decode(q, cache, cache, table, lens.long(), 16)
+    with pytest.raises(ValueError, match="cu_seqlens_q must hold B \\+ 1 start offsets"):
+        _varlen_attention(k, k, k, lens[:0], lens[:0], 1)
 
 
 # ------------------------------------------------------------------------------------ cache invalidation
