@@ -977,7 +977,7 @@ class Suite:
         # Passes in different orders (the first as built, then seeded shuffles): a row's cost depends on the call
         # before it (caches, the driver's state after a heavy peer call), so no row always follows the same one.
         # Each row's cost is the median of its passes' medians.
-        passes = grid("eager", self.quick)[0]["passes"]
+        passes = grid("eager", self.quick)[0].get("passes", 1)
         order, rng, per_pass = list(fns), random.Random(0), []
         for i in range(passes):
             if i:
