@@ -13,7 +13,9 @@ switch name               vLLM class replaced                 dlinfer ops
 ``fused_moe``             ``UnquantizedFusedMoEMethod``       ``moe_gating_topk_softmax``, ``fused_moe``
 ``attention``             the ``CPU_ATTN`` backend (CPU),     ``fill_kv_cache``, ``prefill_attention``,
                           plus a ``DLINFER`` backend name     ``paged_prefill_attention``, ``paged_decode_attention``
-                          (``CUSTOM`` on vLLM 0.26)
+                          (``CUSTOM`` on vLLM 0.26): select
+                          it on CUDA with ``LLM(...,
+                          attention_config=attention_config())``
 ========================  ==================================  =================================================
 
 Switches (environment variables, read by every process):
@@ -81,6 +83,22 @@ def disabled_ops(value: str | None = None) -> frozenset[str]:
             continue
         out.add(name)
     return frozenset(out)
+
+
+def attention_config() -> dict[str, str]:
+    """``attention_config`` for ``vllm.LLM(...)`` that selects dlinfer's attention backend, needed on CUDA-like
+    platforms (on a CPU the plugin serves vLLM's ``CPU_ATTN`` anyway): ``{"backend": "DLINFER"}``, or
+    ``{"backend": "CUSTOM"}`` on vLLM 0.26.
+
+    The name is registered in this process first: newer vLLM checks it when ``LLM`` builds its configuration,
+    before it loads plugins. Engine processes register it again when vLLM loads the plugin there. On a vLLM that
+    adds the name (0.32), an engine process started with ``spawn`` receives the configuration before it loads
+    plugins and cannot read the new name back: run such engines forked (vLLM's default on CUDA when the parent has
+    not initialized CUDA). vLLM 0.26's ``CUSTOM`` is a fixed member and has no such limit.
+    """
+    from dlinfer.framework.vllm_ext import compat
+
+    return {"backend": compat.register_attention_backend(ATTENTION_BACKEND_PATH)}
 
 
 def registered_ops() -> dict[str, str]:

@@ -33,7 +33,8 @@ def snapshot() -> dict[str, int]:
         return dict(_counts)
 
 
-def reset() -> None:
+def reset(worker=None) -> None:
+    """Forget the counts (``worker`` is ignored: ``LLM.collective_rpc(reset)`` passes the worker)."""
     with _lock:
         _counts.clear()
 
