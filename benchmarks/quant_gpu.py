@@ -19,7 +19,12 @@ Parts, in this order (a part that would start past the deadline is skipped and s
   LMDeploy's engine (``lmdeploy.pipeline``, CUDA graphs) with ``quant_policy`` 8 (AWQ) / 4 (W8A8), stock and on
   dlinfer, each in its own process: greedy tokens and the generated tokens' logits compared.
 
-LMDeploy on the GPU machine: the wheels of ``scripts/lmdeploy_gpu_wheels.sh`` (see its header). Results:
+LMDeploy on the GPU machine: the wheels of ``scripts/lmdeploy_gpu_wheels.sh`` (run it here, carry ``.whl``)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; python3 benchmarks/quant_gpu.py --deadline 270
+
+(one H200, about 4-5 minutes; ``--parts check,timing --deadline 150`` starts no engine). Results:
 ``$OUT/quant_gpu.json`` (``--out``), rewritten after every part; a summary is printed last.
 """
 
