@@ -41,6 +41,12 @@ def _plain(hidden_states, weight, epsilon) -> torch.device | None:
     return device if weight.device == device else None
 
 
+def _plain_residual(hidden_states, residual, device) -> bool:
+    """``residual`` as :func:`_check` wants it, for a common call whose ``hidden_states`` are on ``device``."""
+    return (isinstance(residual, _Tensor) and residual.dtype is hidden_states.dtype
+            and residual.shape == hidden_states.shape and residual.device == device)
+
+
 def _check(hidden_states, weight, epsilon, residual=None) -> float:
     _checks.tensor("hidden_states", hidden_states, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=1, dtypes=_checks.FLOAT_DTYPES)
@@ -95,8 +101,7 @@ def add_rms_norm(
         epsilon: added to the mean square.
     """
     device = _plain(hidden_states, weight, epsilon)
-    if (device is not None and isinstance(residual, _Tensor) and residual.dtype is hidden_states.dtype
-            and residual.shape == hidden_states.shape and residual.device == device):
+    if device is not None and _plain_residual(hidden_states, residual, device):
         return _select_add_rms_norm(device, hidden_states.dtype)(hidden_states, residual, weight, epsilon)
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__} (use rms_norm without one)")

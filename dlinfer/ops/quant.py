@@ -13,11 +13,19 @@ from typing import Any
 import torch
 
 from dlinfer.ops import _checks, table
-from dlinfer.ops._dispatch import implementation, run
+from dlinfer.ops._dispatch import dtype_selector, eager, implementation, run
 from dlinfer.ops.linear import _process_group
 from dlinfer.ops.moe import _check_metadata, check_experts
+from dlinfer.ops.norm import _plain as _plain_norm, _plain_residual
 
 _AWQ_GROUP_SIZES = (32, 64, 128)
+_FLOATS = _checks.FLOAT_DTYPES
+_I8, _F32 = torch.int8, torch.float32
+_Tensor = torch.Tensor
+_select_dynamic_quant = dtype_selector("dynamic_quant")
+_select_linear_w8a8 = dtype_selector("linear_w8a8")
+_select_rms_norm_w8a8 = dtype_selector("rms_norm_w8a8")
+_select_add_rms_norm_w8a8 = dtype_selector("add_rms_norm_w8a8")
 
 
 def _weight_quant_matmul_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -98,10 +106,14 @@ def _rows(x: torch.Tensor) -> int:
     return n
 
 
+def _vector_shape(t: torch.Tensor, n: int) -> bool:
+    return t.numel() == n and (t.dim() == 1 or (t.dim() >= 2 and t.shape[-1] == 1))
+
+
 def _vector(name: str, t: torch.Tensor, n: int, what: str, dtypes) -> None:
     """A per-row/per-channel vector of ``n`` values: ``[n]``, or any shape ending in 1 (``[n, 1]``, ``[..., 1]``)."""
     _checks.tensor(name, t, dtypes=dtypes)
-    if t.numel() != n or not (t.dim() == 1 or (t.dim() >= 2 and t.shape[-1] == 1)):
+    if not _vector_shape(t, n):
         raise ValueError(f"{name} must hold {n} values ({what}) as [{n}] or [..., 1], got shape {tuple(t.shape)}")
 
 
@@ -176,6 +188,9 @@ def dynamic_quant(x: torch.Tensor, quant_dtype: torch.dtype = torch.int8, quant_
 
     Returns ``(q, scale)``: int8 of x's shape and float32 ``[..., 1]`` (an all-zero row gets scale ``1/127``).
     """
+    if (quant_dtype is _I8 and quant_granularity == "PER_TOKEN" and eager(x) and x.dtype in _FLOATS
+            and x.dim() > 0):  # the common call, checked in one expression
+        return _select_dynamic_quant(x.device, x.dtype)(x, quant_dtype, quant_granularity)
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension, got a scalar")
@@ -203,6 +218,8 @@ def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linea
 
     Returns ``[..., N]`` in ``out_dtype``.
     """
+    if _plain_linear_w8a8(a, b, rms_scale, linear_scale, out_dtype, quant_dtype, bias):
+        return _select_linear_w8a8(a.device, _I8)(a, b, rms_scale, linear_scale, out_dtype, quant_dtype, bias)
     quant_dtype = _quant_dtype(quant_dtype)
     out_dtype = _out_dtype(out_dtype)
     _checks.tensor("a", a, dtypes=(quant_dtype,))
@@ -217,6 +234,21 @@ def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linea
         _checks.dim_is("bias", bias, 0, b.shape[0], "b.shape[0]")
     _checks.same_device(a=a, b=b, rms_scale=rms_scale, linear_scale=linear_scale, bias=bias)
     return run(_linear_w8a8, _linear_w8a8_impl, a, b, rms_scale, linear_scale, out_dtype, quant_dtype, bias)
+
+
+def _plain_linear_w8a8(a, b, rms_scale, linear_scale, out_dtype, quant_dtype, bias) -> bool:
+    """The common call of ``linear_w8a8`` in eager mode, checked in one pass: when it holds, its named checks
+    pass."""
+    if not (quant_dtype is _I8 and out_dtype in _FLOATS and eager(a) and isinstance(b, _Tensor)
+            and isinstance(rms_scale, _Tensor) and isinstance(linear_scale, _Tensor) and a.dtype is _I8
+            and b.dtype is _I8 and a.dim() > 0 and b.dim() == 2 and rms_scale.dtype is _F32
+            and linear_scale.dtype is _F32):
+        return False
+    device, n = a.device, b.shape[0]
+    return (b.shape[1] == a.shape[-1] and _vector_shape(rms_scale, _rows(a)) and _vector_shape(linear_scale, n)
+            and b.device == device and rms_scale.device == device and linear_scale.device == device
+            and (bias is None or (isinstance(bias, _Tensor) and bias.dtype is out_dtype and bias.dim() == 1
+                                  and bias.shape[0] == n and bias.device == device)))
 
 
 def linear_w8a8_static(x: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor,
@@ -273,6 +305,9 @@ def rms_norm_w8a8(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: fl
 
     Returns ``(q, scale)``: int8 of hidden_states' shape, float32 ``[..., 1]``.
     """
+    device = _plain_norm(hidden_states, weight, epsilon) if quant_dtype is _I8 else None
+    if device is not None:  # the common call (rms_norm's one-pass check)
+        return _select_rms_norm_w8a8(device, hidden_states.dtype)(hidden_states, weight, epsilon, quant_dtype)
     quant_dtype = _quant_dtype(quant_dtype)
     epsilon = _norm_check(hidden_states, weight, epsilon)
     return run(_rms_norm_w8a8, _rms_norm_w8a8_impl, hidden_states, weight, epsilon, quant_dtype)
@@ -285,6 +320,10 @@ def add_rms_norm_w8a8(hidden_states: torch.Tensor, residual: torch.Tensor, weigh
 
     The sum is rounded to the input dtype first (it is the new residual stream), then normed in float32.
     """
+    device = _plain_norm(hidden_states, weight, epsilon) if quant_dtype is _I8 else None
+    if device is not None and _plain_residual(hidden_states, residual, device):
+        return _select_add_rms_norm_w8a8(device, hidden_states.dtype)(hidden_states, residual, weight, epsilon,
+                                                                      quant_dtype)
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__} "
                         "(use rms_norm_w8a8 without one)")

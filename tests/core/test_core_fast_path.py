@@ -16,9 +16,9 @@ from dlinfer.ops import _checks
 from dlinfer.vendor import Vendor
 
 # the modules (dlinfer.ops re-exports functions of the same names)
-activation, attention, fused, kv_cache, linear, moe, norm, rotary = (
+activation, attention, fused, kv_cache, linear, moe, norm, quant, rotary = (
     importlib.import_module(f"dlinfer.ops.{name}")
-    for name in ("activation", "attention", "fused", "kv_cache", "linear", "moe", "norm", "rotary"))
+    for name in ("activation", "attention", "fused", "kv_cache", "linear", "moe", "norm", "quant", "rotary"))
 # the clean contract, as vLLM's backend calls it (held here: the LMDeploy wrappers' slow path calls them, and the
 # fixture below forbids that path)
 _varlen_attention, _paged_prefill, _paged_decode = (attention.varlen_attention, attention.paged_prefill,
@@ -47,6 +47,9 @@ def _fast_calls():
     q_lens = torch.tensor([2, 1], dtype=torch.int32)
     out = torch.empty(3, 4, 16, dtype=BF16)
     starts = torch.tensor([0, 2, 3], dtype=torch.int32)  # the contract's [B + 1] offsets
+    a8 = torch.randint(-127, 128, (2, 64), dtype=torch.int8, generator=g)
+    b8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+    a_scale, b_scale = torch.rand(2, 1, generator=g) + 0.1, torch.rand(32, generator=g) + 0.1
     return {
         "rms_norm": lambda: ops.rms_norm(x, w, 1e-6),
         "add_rms_norm": lambda: ops.add_rms_norm(x, r, w, 1e-6),
@@ -77,6 +80,11 @@ def _fast_calls():
                                                 causal=False),
         "paged_decode": lambda: _paged_decode(q, packed[..., :16], packed[..., 16:], table, kv_lens, 16,
                                               softmax_scale=0.5, attn_output=out),
+        # W8A8
+        "dynamic_quant": lambda: ops.dynamic_quant(x),
+        "linear_w8a8": lambda: ops.linear_w8a8(a8, b8, a_scale, b_scale, BF16, bias=rnd(32)),
+        "rms_norm_w8a8": lambda: ops.rms_norm_w8a8(x, w, 1e-6),
+        "add_rms_norm_w8a8": lambda: ops.add_rms_norm_w8a8(x, r, w, 1e-6),
     }
 
 
@@ -101,6 +109,10 @@ _SLOW = {
     "varlen_attention": (attention, "_prefill_attention", ("_queries", "_heads_of", "_offsets")),
     "paged_prefill": (attention, "_paged_prefill_attention", ("_paged_common", "_offsets", "_block_table")),
     "paged_decode": (attention, "_paged_decode_attention", ("_paged_common", "_offsets", "_block_table")),
+    "dynamic_quant": (quant, "_dynamic_quant", ("_quant_dtype",)),
+    "linear_w8a8": (quant, "_linear_w8a8", ("_quant_dtype", "_out_dtype", "_vector")),
+    "rms_norm_w8a8": (quant, "_rms_norm_w8a8", ("_quant_dtype", "_norm_check")),
+    "add_rms_norm_w8a8": (quant, "_add_rms_norm_w8a8", ("_quant_dtype", "_norm_check")),
 }
 
 
