@@ -220,7 +220,7 @@ def sha256(path: pathlib.Path) -> str:
 # dependency wheels first (first fit, largest first), then the vLLM wheel's bytes in chunks that fill each part.
 capacity = part_bytes - MANIFEST_SLACK
 total_bytes = sum(p.stat().st_size for p in deps) + vllm_whl.stat().st_size
-capacity = min(capacity, -(-total_bytes // -(-total_bytes // capacity)) + 1024 * 1024)
+capacity = min(capacity, -(-total_bytes // -(-total_bytes // capacity)) + MANIFEST_SLACK)
 parts: list[list[pathlib.Path]] = []
 for f in deps:
     if f.stat().st_size > capacity:
