@@ -212,25 +212,27 @@ def _row_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, sum_ptr, hidden, 
 
 def _row_quant(x: torch.Tensor, residual, weight, epsilon: float):
     hidden = x.shape[-1]
-    x2 = x.reshape(-1, hidden).contiguous()
+    flat = x.dim() != 2  # 2-D rows (the common call) need no views in or out
+    x2 = (x.reshape(-1, hidden) if flat else x).contiguous()
     rows = x2.shape[0]
-    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    q = torch.empty_like(x2, dtype=torch.int8)
+    scale = x2.new_empty((rows, 1), dtype=torch.float32)
     total = torch.empty_like(x2) if residual is not None else None
-    r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    r2 = (residual.reshape(-1, hidden) if flat else residual).contiguous() if residual is not None else None
     if rows and hidden:
         block = next_power_of_2(hidden)
         _row_quant_kernel[(rows,)](x2, r2 if r2 is not None else x2, weight if weight is not None else x2, q, scale,
                                    total if total is not None else x2, hidden, float(epsilon),
-                                   x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0),
-                                   total.stride(0) if total is not None else 0,
+                                   x2.stride()[0], r2.stride()[0] if r2 is not None else 0, q.stride()[0],
+                                   total.stride()[0] if total is not None else 0,
                                    HAS_RESIDUAL=residual is not None, NORM=weight is not None, BLOCK=block,
                                    num_warps=max(1, min(16, block // 512)))
     elif rows:  # hidden == 0: nothing to quantize, the scale of an all-zero row
         scale.fill_(1.0 / 127.0)
-    lead = tuple(x.shape[:-1])
-    out = (q.reshape(x.shape), scale.reshape(*lead, 1))
-    return out if total is None else (*out, total.reshape(x.shape))
+    if flat:
+        q, scale = q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+        total = total.reshape(x.shape) if total is not None else None
+    return (q, scale) if total is None else (q, scale, total)
 
 
 def dynamic_quant(x: torch.Tensor, quant_dtype: torch.dtype, quant_granularity: str):
