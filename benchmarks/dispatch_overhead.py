@@ -165,6 +165,9 @@ def step_tensors(dtype=torch.bfloat16) -> types.SimpleNamespace:
     t.gate_up, t.down = rnd(t.experts, 2 * t.inter, t.hidden), rnd(t.experts, t.hidden, t.inter)
     t.tw, t.ti = torch.topk(torch.softmax(t.logits.float(), -1), t.topk, dim=-1)
     t.lw = rnd(t.hidden, t.hidden)
+    t.a8 = torch.randint(-127, 128, (1, t.hidden), dtype=torch.int8, generator=g)
+    t.b8 = torch.randint(-127, 128, (t.hidden, t.hidden), dtype=torch.int8, generator=g)
+    t.a_scale, t.b_scale = torch.rand(1, 1, generator=g) + 0.1, torch.rand(t.hidden, 1, generator=g) + 0.1
     return t
 
 
@@ -194,6 +197,11 @@ def eager_calls(t: types.SimpleNamespace) -> dict[str, Callable[[], object]]:
         "moe_gating_topk_softmax": lambda: ops.moe_gating_topk_softmax(t.logits, t.topk, None),
         "fused_moe": lambda: ops.fused_moe(t.xm, t.gate_up, t.down, t.tw, t.ti, t.topk, True),
         "linear": lambda: ops.linear(t.x1, t.lw),
+        # the W8A8 family's per-layer ops (LMDeploy's SmoothQuant models)
+        "rms_norm_w8a8": lambda: ops.rms_norm_w8a8(t.x1, t.w, 1e-6),
+        "add_rms_norm_w8a8": lambda: ops.add_rms_norm_w8a8(t.x1, t.r1, t.w, 1e-6),
+        "dynamic_quant": lambda: ops.dynamic_quant(t.x1),
+        "linear_w8a8": lambda: ops.linear_w8a8(t.a8, t.b8, t.a_scale, t.b_scale, t.x1.dtype),
     }
 
 
