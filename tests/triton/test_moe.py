@@ -310,6 +310,13 @@ def test_card_with_a_table_never_autotunes(fake_card):
         assert _config(tokens, calls) == want
     assert not calls
     assert any(card in line and "shipped table" in line for line in tuning.describe("cuda"))
+    assert any("precompile: every token bucket up to 8192" in line for line in tuning.describe("cuda"))
+
+
+def test_info_says_when_precompile_is_off(fake_card, monkeypatch):
+    fake_card(next(iter(tuning.TABLES)))
+    monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
+    assert any("precompile: off (DLINFER_PRECOMPILE=0)" in line for line in tuning.describe("cuda"))
 
 
 def test_tuning_cache_beats_the_table_and_bad_files_are_ignored(fake_card, tmp_path, caplog):

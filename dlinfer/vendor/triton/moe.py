@@ -424,7 +424,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
 # before they capture graphs or serve): every bucket up to the larger of that call's token count and
 # PRECOMPILE_MIN_TOKENS (engines' usual largest prefill chunk: an engine's first call is not always its largest,
 # LMDeploy's is not). DLINFER_PRECOMPILE=0 turns it off.
-PRECOMPILE_MIN_TOKENS = 8192
+PRECOMPILE_MIN_TOKENS = tuning.PRECOMPILE_MIN_TOKENS
 _precompiled: set[tuple] = set()
 
 

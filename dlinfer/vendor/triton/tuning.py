@@ -285,6 +285,10 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
     return cfg
 
 
+# fused_moe compiles every token bucket's kernel variants up to this many tokens (or the first call's count, if
+# larger) at a shape's first eager call (see moe.py, "precompile").
+PRECOMPILE_MIN_TOKENS = 8192
+
 # Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
 # with the config this card uses at HOT_LOAD rows per expert (tables, cache or generic tiers; never autotuned for
 # this, as the call's own tensors have another load).
@@ -371,6 +375,9 @@ def describe(device=None) -> list[str]:
         f"shipped table ({len(table['tiers'])} tiers, {len(table['shapes'])} exact shapes)" if table else
         "no shipped table: autotune on first use " + ("(on)" if settings.flag("DLINFER_AUTOTUNE") else
                                                       "is OFF (DLINFER_AUTOTUNE=0): generic tiers")))
+    lines.append("  precompile: " + (f"every token bucket up to {PRECOMPILE_MIN_TOKENS} tokens at a shape's first "
+                                     "eager call" if settings.flag("DLINFER_PRECOMPILE") else
+                                     "off (DLINFER_PRECOMPILE=0): variants compile as token counts first appear"))
     path = cache_file(card)
     n = len(load_cache(card))
     lines.append(f"  tuning cache: {path} ({n} entries{'' if path.exists() else ', no file yet'}; "
