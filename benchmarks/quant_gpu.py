@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 QUANT_OPS = ("weight_quant_matmul", "dynamic_quant", "linear_w8a8", "linear_w8a8_static", "rms_norm_w8a8",
-             "add_rms_norm_w8a8")
+             "add_rms_norm_w8a8", "fused_moe_w8a8")
 CACHE_OPS = ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention")
 PARTS = ("check", "timing", "e2e")
 # decode shapes: (batch, context)

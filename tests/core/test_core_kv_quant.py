@@ -226,7 +226,7 @@ def test_vendors_receive_the_quantized_arguments_only_when_they_declare_kv_quant
 
 def test_info_lists_the_quantized_cache_calls_for_both_vendors(capsys):
     """``dlinfer info --device cuda`` (no GPU needed: selection reads metadata only): the Triton vendor serves the
-    quantized-cache calls and the quantized linear family; fused_moe_w8a8 is the reference's alone."""
+    quantized-cache calls and the quantized linear family, fused_moe_w8a8 included."""
     from dlinfer import cli
 
     assert cli.main(["info", "--device", "cuda"]) == 0
@@ -236,6 +236,5 @@ def test_info_lists_the_quantized_cache_calls_for_both_vendors(capsys):
         row = rows[f"{op} +kv_quant"]
         assert row[2:5] == ["triton", "serves", "serves"], row
     for op in ("weight_quant_matmul", "dynamic_quant", "linear_w8a8", "linear_w8a8_static", "rms_norm_w8a8",
-               "add_rms_norm_w8a8"):
+               "add_rms_norm_w8a8", "fused_moe_w8a8"):
         assert rows[op][1:4] == ["triton", "serves", "serves"], rows[op]
-    assert rows["fused_moe_w8a8"][1:4] == ["reference", "n/a", "serves"]

@@ -20,6 +20,7 @@ from dlinfer.vendor.reference import kv_cache as ref_kv
 from dlinfer.vendor.reference import linear as ref_linear
 from dlinfer.vendor.reference import moe as ref_moe
 from dlinfer.vendor.reference import norm as ref_norm
+from dlinfer.vendor.reference import quant as ref_quant
 from dlinfer.vendor.reference import rotary as ref_rotary
 
 DEV = "cuda"
@@ -345,16 +346,52 @@ def test_fused_moe_new_routing(triton_vendor, experts, topk, hidden, inter):
     w0, ids0 = routing()
     topk_w, topk_ids = w0.clone(), ids0.clone()
     graph, out = capture(lambda: ops.fused_moe(x, gate_up, down, topk_w, topk_ids, topk, True))
+    replay_new_routing(graph, out, g, x, topk_w, topk_ids, routing, "fused_moe", scale=1.5,
+                       reference=lambda: ref_moe.fused_moe(x, gate_up, down, topk_w, topk_ids, True))
+
+
+def replay_new_routing(graph, out, g, x, topk_w, topk_ids, routing, what, reference, scale=1.0) -> None:
+    """Replay a captured MoE call on new routing (once with every token on the same experts) and new inputs."""
     for i in range(REPLAYS):
         w, ids = routing()
         if i == 1:
             ids[:] = ids[0]                                            # every token on the same experts
         topk_w.copy_(w)
         topk_ids.copy_(ids)
-        x.copy_(randn(g, *x.shape, dtype=dtype))
+        x.copy_(randn(g, *x.shape, dtype=x.dtype))
         graph.replay()
-        ref = ref_moe.fused_moe(x, gate_up, down, topk_w, topk_ids, True)
-        close(out, ref.float(), dtype, f"fused_moe, replay {i}", scale=1.5)
+        close(out, reference().float(), x.dtype, f"{what}, replay {i}", scale=scale)
+
+
+@pytest.mark.parametrize("experts,topk,hidden,inter,tokens", [(8, 2, 512, 384, 160), (64, 8, 256, 128, 37)])
+def test_fused_moe_w8a8_new_routing(triton_vendor, experts, topk, hidden, inter, tokens):
+    """W8A8 experts (int8 weights, per-channel scales in bfloat16 as LMDeploy keeps them for bf16 models). With 160
+    tokens on 8 experts the replay that puts every token on the same experts runs the hot experts' wide-tile
+    GEMMs, whose grids were sized at capture for any routing."""
+    require(triton_vendor, "fused_moe_w8a8")
+    dtype = torch.bfloat16
+    g = gen(20 + experts)
+    x = randn(g, tokens, hidden, dtype=dtype)
+
+    def int8(*shape):
+        return torch.randint(-127, 128, shape, device=DEV, generator=g).to(torch.int8)
+
+    gate_up, down = int8(experts, 2 * inter, hidden), int8(experts, hidden, inter)
+    gate_up_scales = (torch.rand(experts, 2 * inter, 1, device=DEV, generator=g) + 0.5) * (0.5 / 127 * hidden ** -0.5)
+    down_scales = (torch.rand(experts, hidden, 1, device=DEV, generator=g) + 0.5) * (0.5 / 127 * inter ** -0.5)
+    gate_up_scales, down_scales = gate_up_scales.to(dtype), down_scales.to(dtype)
+
+    def routing():
+        w, ids = torch.topk(torch.softmax(randn(g, tokens, experts), -1), topk, dim=-1)
+        return w, ids
+
+    w0, ids0 = routing()
+    topk_w, topk_ids = w0.clone(), ids0.clone()
+    graph, out = capture(lambda: ops.fused_moe_w8a8(x, gate_up, gate_up_scales, down, down_scales, topk_w, topk_ids,
+                                                    topk, True))
+    replay_new_routing(graph, out, g, x, topk_w, topk_ids, routing, "fused_moe_w8a8",
+                       reference=lambda: ref_quant.fused_moe_w8a8(x, gate_up, gate_up_scales, down, down_scales,
+                                                                  topk_w, topk_ids, True))
 
 
 def test_linear(triton_vendor):

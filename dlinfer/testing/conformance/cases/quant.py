@@ -80,14 +80,25 @@ def _w8a8_build(p, dtype, rnd):
 
 
 def _moe_cases(quick):
+    """Routing: ``distinct`` experts per token, ``repeat`` (a token's second slot repeats its first expert: counted
+    twice) or ``skew`` (expert 0 gets every token: in the full matrix enough rows for the wide-tile hot class)."""
     if quick:
-        return [dict(T=5, H=32, I=16, E=4, topk=2, renormalize=True)]
-    return [dict(T=t, H=2048, I=768, E=16, topk=4, renormalize=True) for t in (1, 64)]
+        return [dict(T=5, H=32, I=16, E=4, topk=2, renormalize=True, route="distinct"),
+                dict(T=7, H=40, I=24, E=6, topk=3, renormalize=False, route="repeat"),
+                dict(T=9, H=48, I=8, E=5, topk=2, renormalize=True, route="skew")]
+    return [dict(T=t, H=2048, I=768, E=16, topk=4, renormalize=True, route="distinct") for t in (1, 64)] + \
+        [dict(T=300, H=1024, I=352, E=8, topk=2, renormalize=False, route="skew"),
+         dict(T=33, H=520, I=200, E=8, topk=8, renormalize=True, route="repeat")]
 
 
 def _moe_build(p, dtype, rnd):
     t, h, i, e = p["T"], p["H"], p["I"], p["E"]
     ids = torch.stack([rnd.perm(e)[:p["topk"]] for _ in range(t)]).to(rnd.device)
+    if p["route"] == "repeat":
+        ids[:, 1] = ids[:, 0]
+    elif p["route"] == "skew":  # expert 0 first for every token, the others keep distinct experts
+        ids = torch.where(ids == 0, ids[:, :1], ids)
+        ids[:, 0] = 0
     return {"x": rnd.normal(t, h, dtype=dtype), "gu": _int8(rnd, e, 2 * i, h), "dw": _int8(rnd, e, h, i),
             "gs": _pos(rnd, e, 2 * i, 1, scale=0.5 / 127 * h ** -0.5), "ds": _pos(rnd, e, h, 1, scale=0.5 / 127 * i ** -0.5),
             "w": rnd.normal(t, p["topk"]).abs(), "ids": ids, "topk": p["topk"], "renormalize": p["renormalize"]}
