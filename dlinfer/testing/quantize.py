@@ -11,7 +11,11 @@ needs; activation statistics (AWQ's search, SmoothQuant's smoothing) are out of 
   (LMDeploy runs AWQ models in float16).
 * ``w8a8``: LMDeploy's SmoothQuant format (``{"quant_method": "smooth_quant", "quant_dtype": "int8"}``): every
   decoder linear's ``weight`` becomes int8 ``[out, in]`` with ``<p>.scale`` float32 ``[out, 1]``, symmetric per
-  output channel: ``w ~= q * scale``. Other tensors keep the model's dtype.
+  output channel: ``w ~= q * scale``. Other tensors keep the model's dtype. MoE models: every expert's
+  linears too (Mixtral ``block_sparse_moe.experts.<e>.w1/w2/w3``, Qwen3-MoE ``mlp.experts.<e>.gate/up/down_proj``,
+  the names LMDeploy's loader maps onto its fused W8A8 experts: int8 weights, ``scale`` ``[out, 1]`` per expert),
+  while the router stays in float and is named in ``modules_to_not_convert``, as ``lmdeploy lite smooth_quant``
+  writes it (LMDeploy builds the router unquantized).
 
 With ``dequantized_dir`` the tool also writes the same model with the quantized weights expanded back to float
 (``(q - zero) * scale``, resp. ``q * scale``): the float model whose logits the quantized one should reproduce.
@@ -36,6 +40,10 @@ FORMATS = ("awq", "w8a8")
 AWQ_GROUP_SIZES = (32, 64, 128)
 # decoder linears quantized (what LMDeploy builds with the quantization config); embeddings, norms, lm_head stay
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# MoE experts' linears (W8A8 only: LMDeploy builds no AWQ experts) and, per architecture, the router that stays float
+_EXPERT = re.compile(r"^model\.layers\.\d+\.(block_sparse_moe\.experts\.\d+\.w[123]"
+                     r"|mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
+_ROUTERS = {"MixtralForCausalLM": "block_sparse_moe.gate", "Qwen3MoeForCausalLM": "mlp.gate"}
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
@@ -152,8 +160,9 @@ def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: in
     deq: dict[str, torch.Tensor] = {}
     worst = 0.0
     keep_dtype = torch.float16 if fmt == "awq" else None
+    experts = fmt == "w8a8"
     for name, t in tensors.items():
-        if not _LINEAR.match(name):
+        if not (_LINEAR.match(name) or (experts and _EXPERT.match(name))):
             quant[name] = t.to(keep_dtype) if keep_dtype is not None and t.is_floating_point() else t
             deq[name] = quant[name]
             continue
@@ -170,7 +179,11 @@ def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: in
         qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
         update = {"quantization_config": qcfg, "torch_dtype": "float16", "dtype": "float16"}
     else:
-        update = {"quantization_config": {"quant_method": "smooth_quant", "quant_dtype": "int8"}}
+        qcfg = {"quant_method": "smooth_quant", "quant_dtype": "int8"}
+        routers = sorted({_ROUTERS[a] for a in config.get("architectures") or [] if a in _ROUTERS})
+        if routers:
+            qcfg["modules_to_not_convert"] = routers
+        update = {"quantization_config": qcfg}
     _copy_side_files(src, dst)
     _write(dst, quant, update)
     if dequantized_dir is not None:

@@ -229,3 +229,32 @@ def test_w8a8_weight_quantization_is_per_output_channel():
     assert q.dtype == torch.int8 and scale.shape == (16, 1) and scale.dtype == torch.float32
     assert torch.allclose(scale.squeeze(1), w.abs().amax(1) / 127)
     assert bool(((deq - w).abs() <= scale * 0.5 + 1e-6).all())
+
+
+@pytest.mark.parametrize("arch,expert,router", [("mixtral", "block_sparse_moe.experts.3.w2", "block_sparse_moe.gate"),
+                                                ("qwen3_moe", "mlp.experts.5.up_proj", "mlp.gate")])
+def test_w8a8_packs_moe_experts_and_keeps_the_router_float(arch, expert, router, tmp_path):
+    """The W8A8 packer quantizes every expert's linears (the names LMDeploy maps onto its W8A8 experts) and leaves
+    the router float, named in modules_to_not_convert as ``lmdeploy lite`` writes it; AWQ leaves experts alone."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dlinfer.testing.tiny_models import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "src", arch, num_hidden_layers=1)
+    quantize.quantize_model(src, tmp_path / "q", "w8a8", dequantized_dir=tmp_path / "deq")
+    q, deq, orig = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("q", "deq", "src"))
+    name = f"model.layers.0.{expert}"
+    assert q[f"{name}.weight"].dtype == torch.int8 and q[f"{name}.scale"].shape == (q[f"{name}.weight"].shape[0], 1)
+    assert torch.equal(deq[f"{name}.weight"], q[f"{name}.weight"].float() * q[f"{name}.scale"])
+    assert not torch.equal(deq[f"{name}.weight"], orig[f"{name}.weight"])
+    experts = [k for k in q if ".experts." in k and k.endswith(".weight")]
+    assert experts and all(q[k].dtype == torch.int8 for k in experts)
+    assert torch.equal(q[f"model.layers.0.{router}.weight"], orig[f"model.layers.0.{router}.weight"])
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "smooth_quant", "quant_dtype": "int8",
+                                             "modules_to_not_convert": [router]}
+    quantize.quantize_model(src, tmp_path / "awq", "awq", group_size=32)
+    awq = load_file(str(tmp_path / "awq" / "model.safetensors"))
+    assert f"{name}.weight" in awq and f"{name}.qweight" not in awq  # LMDeploy builds no AWQ experts

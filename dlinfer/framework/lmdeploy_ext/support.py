@@ -7,11 +7,11 @@ ALiBi, for instance).
 
 Quantization served: AWQ checkpoints (4-bit weights, GEMM packing: ``weight_quant_matmul``) and LMDeploy's
 SmoothQuant W8A8 checkpoints (int8: ``dynamic_quant``, ``linear_w8a8``, ``rms_norm_w8a8``, ``add_rms_norm_w8a8``)
-of the dense architectures, and the KV cache in 8 or 4 bits (``quant_policy`` 8 / 4: stock LMDeploy's per-token
-scales and zeros, ``dlinfer.ops.kv_quant``). Refused: FP8 weights or KV cache, GPTQ / compressed-tensors, AWQ on
-MoE models (LMDeploy builds no AWQ experts), SmoothQuant on Qwen3-MoE (LMDeploy 0.18 builds its q/k norms as W8A8
-norms, whose int8 output its rotary embedding cannot take) and on Mixtral (W8A8 experts: no test checkpoint, and
-``fused_moe_w8a8`` has no Triton kernel yet).
+of the dense architectures and of Mixtral (its experts through ``fused_moe_w8a8``, its router in float), and the
+KV cache in 8 or 4 bits (``quant_policy`` 8 / 4: stock LMDeploy's per-token scales and zeros,
+``dlinfer.ops.kv_quant``). Refused: FP8 weights or KV cache, GPTQ / compressed-tensors, AWQ on MoE models (LMDeploy
+builds no AWQ experts), SmoothQuant on Qwen3-MoE (LMDeploy 0.18 itself cannot run it: it builds the attention's
+q/k norms as W8A8 norms, whose int8 output its rotary embedding cannot take).
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ SUPPORTED_QUANT_POLICIES = frozenset({0, 4, 8})
 #: ``model_format`` values served: the checkpoint's own format (AWQ checkpoints carry their quantization_config).
 SUPPORTED_MODEL_FORMATS = frozenset({None, "hf", "awq"})
 _MOE_ARCHITECTURES = frozenset({"Qwen3MoeForCausalLM", "MixtralForCausalLM"})
-#: SmoothQuant (W8A8) checkpoints served: the dense architectures (no W8A8 MoE experts).
-W8A8_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+#: SmoothQuant (W8A8) checkpoints served: the dense architectures and Mixtral (W8A8 experts: ``fused_moe_w8a8``).
+W8A8_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM"})
 _W8A8_REFUSED = {
-    "Qwen3MoeForCausalLM": "LMDeploy 0.18 builds its q/k norms as W8A8 norms, whose int8 output its rotary embedding "
-                           "cannot take",
-    "MixtralForCausalLM": "W8A8 experts are untested (no test checkpoint; fused_moe_w8a8 has no Triton kernel yet)",
+    "Qwen3MoeForCausalLM": "LMDeploy 0.18 cannot run it: it builds the attention's q/k norms as W8A8 norms, whose "
+                           "int8 output its rotary embedding cannot take",
 }
 
 
