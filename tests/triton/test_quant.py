@@ -239,6 +239,9 @@ def test_fused_moe_w8a8_degenerate_sizes():
     x, gu, gs, dw, ds, w, ids, k = _moe_inputs(3, 32, 16, 4, 2, torch.float16, 71)
     out = triton_quant.fused_moe_w8a8(x, gu[:, :0], gs[:, :0], dw[:, :, :0], ds, w, ids, False)
     assert torch.equal(out, torch.zeros_like(x))  # no intermediate features: the experts add nothing
+    with registry.REGISTRY.forced("reference"):
+        ref = ops.fused_moe_w8a8(x, gu[:, :0], gs[:, :0], dw[:, :, :0], ds, w, ids, k, False)
+    assert torch.equal(ref, torch.zeros_like(x))  # the reference agrees
 
 
 def test_fused_moe_w8a8_precompiles_every_bucket_once(monkeypatch):

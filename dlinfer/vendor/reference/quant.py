@@ -109,6 +109,8 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    if gate_up_weights.shape[1] == 0 or hidden_states.shape[0] == 0:  # no intermediate features / no tokens
+        return out.to(hidden_states.dtype)
     xq, xs = quantize_per_token(hidden_states.float(), torch.int8)
     ids = topk_ids.long()
     for expert in torch.unique(ids).tolist():
