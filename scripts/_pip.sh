@@ -4,6 +4,8 @@
 #   torch_index_args           prints "--extra-index-url URL" for PyTorch's CPU wheel index when it is reachable
 #                              (TORCH_INDEX_URL overrides it), else nothing: torch then comes from PyPI.
 #   dry_run                    true when DLINFER_PIP_DRY_RUN=1.
+#   start_venv TAG VENV        creates VENV unless it exists (with $PYTHON, default python3), saying so as [TAG];
+#                              in a dry run it only says what the run checks.
 #
 # With DLINFER_PIP_DRY_RUN=1 nothing is installed: each pip_install instead asks whether its arguments resolve
 # from the public index alone (pip --isolated ignores every pip configuration file and PIP_* variable), with
@@ -11,6 +13,16 @@
 # scripts this way so that an install line that only works on a machine with local wheels cannot come back.
 
 dry_run() { [[ "${DLINFER_PIP_DRY_RUN:-0}" == 1 ]]; }
+
+start_venv() {
+    local tag="$1" venv="$2"
+    if dry_run; then
+        echo "[$tag] dry run: would the install lines of $venv resolve from the public index alone?"
+    elif [ ! -x "$venv/bin/python" ]; then
+        echo "[$tag] creating $venv"
+        "${PYTHON:-python3}" -m venv "$venv"
+    fi
+}
 
 torch_index_args() {
     local url="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"

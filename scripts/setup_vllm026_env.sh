@@ -16,17 +16,11 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo_root/.venv-vllm026}"
-python="${PYTHON:-python3}"
 source "$repo_root/scripts/_pip.sh"
 start=$SECONDS
 py="$venv/bin/python"
 
-if dry_run; then
-    echo "[setup_vllm026_env] dry run: would the install lines of $venv resolve from the public index alone?"
-elif [ ! -x "$py" ]; then
-    echo "[setup_vllm026_env] creating $venv"
-    "$python" -m venv "$venv"
-fi
+start_venv setup_vllm026_env "$venv"
 
 if dry_run || ! "$py" -c "import vllm, torch; assert vllm.__version__ == '0.26.0' and torch.__version__.startswith('2.11.0')" \
         >/dev/null 2>&1; then

