@@ -31,17 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers, timing  # noqa: E402
+from dlinfer.vendor.triton.tuning import _cfg  # noqa: E402  (the tables' own config builder)
 
 # (name, experts, topk, hidden, inter): the anchors, then shapes no table lists.
 SHAPES = [("mixtral", 8, 2, 4096, 14336), ("qwen3", 128, 8, 2048, 768), ("e64k6", 64, 6, 2048, 1408),
           ("e16k2", 16, 2, 4096, 6400), ("e256k8", 256, 8, 7168, 512), ("e32k1", 32, 1, 2048, 3584),
           ("e8k1", 8, 1, 1024, 512)]
 TOKENS = [1, 64, 256, 512, 2048, 4096, 8192]
-
-
-def _cfg(block_m, up, down):
-    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
 
 
 # Wide tiles for compute-bound calls (the peer's own shape on Hopper is 64 x 512 x 64, 8 warps, 3 stages).
