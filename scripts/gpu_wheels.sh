@@ -22,18 +22,14 @@ DEST="${1:-$ROOT/.whl}"
 PY="${PYTHON:-python3}"
 LMDEPLOY_VERSION=0.18.0
 
+source "$ROOT/scripts/_gpu_wheels.sh"
 mkdir -p "$DEST"
-if ! grep -qs '^/.whl/$' "$ROOT/.git/info/exclude" && ! grep -qs '^/.whl/$' "$ROOT/.gitignore"; then
-    echo "/.whl/" >>"$ROOT/.git/info/exclude"
-fi
+git_exclude "$ROOT" .whl
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    -d "$TMP" "lmdeploy==$LMDEPLOY_VERSION"
+download_gpu_wheels "$PY" "$TMP" "lmdeploy==$LMDEPLOY_VERSION"
 
 SRC="$(ls "$TMP"/lmdeploy-"$LMDEPLOY_VERSION"-*.whl | head -n 1)"
 if [[ -z "$SRC" ]]; then

@@ -38,22 +38,14 @@ WHEELS=(
     "addict==2.4.0"
 )
 
+source "$ROOT/scripts/_gpu_wheels.sh"
 mkdir -p "$DEST"
-if ! grep -qs '^/.whl/$' "$ROOT/.gitignore" "$ROOT/.git/info/exclude"; then
-    echo "/.whl/" >>"$ROOT/.git/info/exclude"
-fi
+git_exclude "$ROOT" .whl
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-# Platform tags: manylinux_2_N for the N the packages publish (pip matches N exactly).
-PLATFORMS=()
-for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
-           manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
-    PLATFORMS+=(--platform "${tag}_x86_64")
-done
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLATFORMS[@]}" -d "$TMP" "${WHEELS[@]}"
+download_gpu_wheels "$PY" "$TMP" "${WHEELS[@]}"
 
 # One version of each package in DEST: drop older copies of what we bring.
 for whl in "$TMP"/*.whl; do

@@ -143,20 +143,12 @@ DEPENDENCIES=(
     "xgrammar==0.2.9"
 )
 
-if ! grep -qs '^/.vllm026/$' "$ROOT/.gitignore" "$ROOT/.git/info/exclude"; then
-    echo "/.vllm026/" >>"$ROOT/.git/info/exclude"
-fi
+source "$ROOT/scripts/_gpu_wheels.sh"
+git_exclude "$ROOT" .vllm026
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-# Platform tags: manylinux_2_N for the N the packages publish (pip matches N exactly).
-PLATFORMS=()
-for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
-           manylinux_2_24 manylinux_2_18 manylinux_2_17 manylinux2014 manylinux1; do
-    PLATFORMS+=(--platform "${tag}_x86_64")
-done
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLATFORMS[@]}" -d "$TMP/dl" "vllm==$VLLM_VERSION" "${DEPENDENCIES[@]}"
+download_gpu_wheels "$PY" "$TMP/dl" "vllm==$VLLM_VERSION" "${DEPENDENCIES[@]}"
 
 # Strip the vLLM and pycountry wheels, cut the vLLM wheel into chunks, and pack the set into parts.
 # The working tree travels with every part: its size is counted against the 64 MiB of a call.
