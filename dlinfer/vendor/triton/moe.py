@@ -428,6 +428,34 @@ PRECOMPILE_MIN_TOKENS = tuning.PRECOMPILE_MIN_TOKENS
 _precompiled: set[tuple] = set()
 
 
+def buckets(max_tokens: int):
+    """The token buckets ``1, 2, 4, ...`` up to the first one ``>= max_tokens``."""
+    tokens = 1
+    while True:
+        yield tokens
+        if tokens >= max_tokens:
+            return
+        tokens *= 2
+
+
+def dummy_routing(tokens: int, hidden: int, topk: int, experts: int, dtype: torch.dtype, device: torch.device):
+    """Zero hidden states routed to consecutive experts (distinct within a token) with equal weights: the inputs a
+    precompile run needs. Returns ``(hidden_states, topk_weights, topk_ids)``."""
+    x = torch.zeros(tokens, hidden, dtype=dtype, device=device)
+    ids = torch.arange(tokens * topk, device=device).view(tokens, topk) % experts
+    return x, torch.full((tokens, topk), 1.0 / topk, device=device), ids
+
+
+def precompile_gate(done: set, key: tuple) -> bool:
+    """Whether the first eager call of problem ``key`` should precompile now. Inside CUDA-graph capture it does not
+    (and ``key`` stays open: the next eager call does it); else ``key`` is marked done, and the answer is
+    ``DLINFER_PRECOMPILE``."""
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    done.add(key)
+    return settings.flag("DLINFER_PRECOMPILE")
+
+
 def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: int, max_tokens: int,
                dtype: torch.dtype | None = None) -> int:
     """Run ``fused_moe`` once per token bucket ``1, 2, 4, ... >= max_tokens`` on dummy inputs with the configs the
@@ -438,26 +466,17 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     device = gate_up_weights.device
     card = tuning.card_name(device)
     hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2)
-    runs, tokens = 0, 1
-    while True:
+    runs = 0
+    for tokens in buckets(max_tokens):
         cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens)[0]
-        x = torch.zeros(tokens, hidden, dtype=dtype, device=device)
-        slots = torch.arange(tokens * topk, device=device).view(tokens, topk)
-        ids = slots % experts  # consecutive experts: distinct within a token
-        weights = torch.full((tokens, topk), 1.0 / topk, device=device)
+        x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
         runs += 1
-        if tokens >= max_tokens:
-            return runs
-        tokens *= 2
+    return runs
 
 
 def _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk) -> None:
-    device = hidden_states.device
-    if torch.cuda.is_current_stream_capturing():
-        return  # the first eager call still does it
-    _precompiled.add((device.index, hidden_states.dtype, gate_up_weights.shape))
-    if not settings.flag("DLINFER_PRECOMPILE"):
+    if not precompile_gate(_precompiled, (hidden_states.device.index, hidden_states.dtype, gate_up_weights.shape)):
         return
     t0 = time.perf_counter()
     max_tokens = max(hidden_states.shape[0], PRECOMPILE_MIN_TOKENS)

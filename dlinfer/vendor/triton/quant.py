@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dlinfer import settings
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.host import cdiv, next_power_of_2
@@ -504,23 +503,15 @@ _precompiled: set[tuple] = set()
 
 
 def _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk):
-    if torch.cuda.is_current_stream_capturing():
-        return  # the first eager call still does it
     device, dtype = hidden_states.device, hidden_states.dtype
-    _precompiled.add((device.index, dtype, gate_up_weights.shape, topk))
-    if not settings.flag("DLINFER_PRECOMPILE"):
+    if not _moe.precompile_gate(_precompiled, (device.index, dtype, gate_up_weights.shape, topk)):
         return
-    t0, experts, tokens = time.perf_counter(), gate_up_weights.shape[0], 1
+    t0, experts = time.perf_counter(), gate_up_weights.shape[0]
     max_tokens = max(hidden_states.shape[0], _moe.PRECOMPILE_MIN_TOKENS)
-    while True:
-        x = torch.zeros(tokens, hidden_states.shape[1], dtype=dtype, device=device)
-        ids = (torch.arange(tokens * topk, device=device) % experts).view(tokens, topk)
-        weights = torch.full((tokens, topk), 1.0 / topk, device=device)
+    for tokens in _moe.buckets(max_tokens):
+        x, weights, ids = _moe.dummy_routing(tokens, hidden_states.shape[1], topk, experts, dtype, device)
         fused_moe_w8a8(x, gate_up_weights, gate_up_scales, down_weights, down_scales, weights, ids, False,
                        config=w8a8_launch_config(tokens, experts, topk))
-        if tokens >= max_tokens:
-            break
-        tokens *= 2
     logger.info("dlinfer: fused_moe_w8a8 kernels for E=%d top-%d hidden %d intermediate %d compiled up to %d "
                 "tokens in %.1f s", experts, topk, gate_up_weights.shape[2], gate_up_weights.shape[1] // 2,
                 max_tokens, time.perf_counter() - t0)
