@@ -432,11 +432,21 @@ class Suite:
                 print(f"    (SDPA {backend} unavailable as the oracle: {str(exc)[:120]})", flush=True)
         return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale).transpose(1, 2).flatten(0, 1)
 
-    def _torch_prefill_rows(self, part, op, params, q4, k4, v4, scale, nbytes, flops, check):
+    def _torch_prefill_rows(self, part, op, params, q4, k4, v4, scale, nbytes, flops, check, varlen=None):
+        """torch's SDPA on equal-length ``[B, H, S, D]`` batches with K/V pre-expanded (the reference points), and,
+        given ``varlen = (q, k, v, cu, max_seqlen)``, torch's varlen library kernels on the packed GQA layout the
+        ops take (what a library-backed path of the registry could serve for unequal lengths)."""
         for impl, backend in (("torch", "cudnn"), ("torch_fa2", "flash")):
             self.measure(part, op, params, impl, lambda b=backend: peers.torch_prefill_sdpa(q4, k4, v4, scale, b),
                          nbytes=nbytes, flops=flops, check=lambda o: check(o.transpose(1, 2).flatten(0, 1)),
                          note=f"SDPA {backend}, K/V pre-expanded to {HQ} heads (not timed)")
+        if varlen is not None:
+            q, k, v, cu, max_seqlen = varlen
+            for impl, backend in (("torch_cudnn_varlen", "cudnn"), ("torch_fa2_varlen", "fa2")):
+                self.measure(part, op, params, impl,
+                             lambda b=backend: peers.torch_prefill_varlen(q, k, v, cu, max_seqlen, scale, b),
+                             nbytes=nbytes, flops=flops, check=check,
+                             note=f"torch varlen {backend} on packed [T, H, D], {HQ}/{HK} heads (GQA, no expansion)")
 
     def part_prefill(self) -> None:
         for params in self.cases("prefill"):
@@ -483,7 +493,8 @@ class Suite:
                          nbytes=nbytes, flops=flops, check=check)
         else:
             self.skip("prefill", op, params, "lmdeploy", self.lmd_error)
-        self._torch_prefill_rows("prefill", op, params, q4, k4, v4, scale, nbytes, flops, check)
+        self._torch_prefill_rows("prefill", op, params, q4, k4, v4, scale, nbytes, flops, check,
+                                 varlen=(q, k, v, cu, seqlen))
 
     def part_paged_prefill(self) -> None:
         for params in self.cases("paged_prefill"):

@@ -227,6 +227,22 @@ def torch_prefill_sdpa(query4, key4, value4, softmax_scale, backend: str):
         return F.scaled_dot_product_attention(query4, key4, value4, is_causal=True, scale=softmax_scale)
 
 
+def torch_prefill_varlen(query, key, value, cu_seqlens, max_seqlen, softmax_scale, backend: str):
+    """Causal varlen attention through torch's private library kernels, on the packed ``[T, H, D]`` layout the
+    engines use, K/V with their own (fewer) heads: ``backend`` "cudnn" (``aten._cudnn_attention_forward``, cuDNN's
+    ragged SDPA) or "fa2" (``aten._flash_attention_forward``, FlashAttention-2 in torch). Returns ``[T, Hq, D]``.
+    These are what a library-backed path of the registry could call for real (unequal) sequence lengths; they
+    raise where this torch or cuDNN build does not support the layout or GQA."""
+    if backend == "cudnn":
+        return torch.ops.aten._cudnn_attention_forward(query, key, value, None, cu_seqlens, cu_seqlens, max_seqlen,
+                                                       max_seqlen, False, 0.0, True, False,
+                                                       scale=softmax_scale)[0]
+    if backend == "fa2":
+        return torch.ops.aten._flash_attention_forward(query, key, value, cu_seqlens, cu_seqlens, max_seqlen,
+                                                       max_seqlen, 0.0, True, False, scale=softmax_scale)[0]
+    raise ValueError(f"backend must be 'cudnn' or 'fa2', got {backend!r}")
+
+
 def torch_fill_kv_cache(key, value, key_cache, value_cache, slots_int64):
     """``index_copy_`` into the flattened (contiguous) caches; every slot valid."""
     key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slots_int64, key)
