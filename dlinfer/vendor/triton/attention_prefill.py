@@ -28,8 +28,26 @@ sees no key gives zeros. Head sizes are padded to powers of two with masks; ``Dv
   ``t % block_size``; caches are addressed through their strides. Queries past ``cu_seqlens_q[-1]`` are never
   touched.
 
+Split-KV
+--------
+A small grid over long keys (chunked prefill: a few hundred new tokens over a long history, batch 1) would leave
+most SMs idle while each program walks the whole history. Then each tile's key range is cut into ``num_splits``
+slices, a fourth grid dimension folded into the first (``program_id(0) = split * num_m_tiles + tile``). The
+slices are computed ON THE DEVICE from the real lengths: the keys tile ``t`` sees, ``[0, hi)``, in
+``cdiv(cdiv(hi, num_splits), BLOCK_N) * BLOCK_N``-key slices, so a CUDA graph captured at a large
+``max_kv_seq_len`` still spreads a short sequence over its splits, the causal no-history case gives every split
+of a tile an equal share, and a slice past ``hi`` (wholly above every row's diagonal) does no work. Inside a slice
+the same two loops run (unmasked tiles below the diagonal, masked diagonal/tail tiles). Each program writes its
+normalized partial output (fp32) and each row's base-2 log-sum-exp (``-inf`` for a row that saw no key of the
+slice) to a scratch ``[splits, T, Hq, Dv]`` / ``[splits, T, Hq]``; then ``_prefill_combine_kernel``, one program per
+``combine_rows`` (token, head) rows, merges the splits with weights ``2^(lse - max)``: empty partials weigh 0,
+a row no split saw gives zeros, and rows of tokens past ``cu_seqlens_q[-1]`` are never touched. On sm90+ the
+combine is a programmatic dependent launch (it waits with ``griddepcontrol.wait`` for the split grid), as in
+``attention_decode``. ``prefill_attention`` uses the same kernels (its key count bounds the KV lengths).
+
 Each program reads its query tile before it writes its output tile, and only its own rows and heads, so
-``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``).
+``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``); split programs read queries
+and write only the scratch, and the combine kernel writes the output after them.
 
 A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the compile-time branch ``QUANT`` of
 the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
@@ -37,12 +55,27 @@ the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zer
 
 Launch parameters
 -----------------
-All in :func:`_config` (and :func:`_pack`): on the GPU, 16-bit inputs with ``D <= 128`` use ``BLOCK_M=128,
-BLOCK_N=64, num_warps=8, num_stages=3`` (Hopper: 128 KB of shared memory, ~186 registers, wgmma), ``D`` up to
-256 uses ``BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2``; fp32 uses ``tf32x3`` dots (three tensor-core
+All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on the GPU, 16-bit inputs with ``D <= 64`` use
+``BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3``; ``D <= 128`` uses ``128 x 128`` tiles with 8 warps and 3
+stages when ``max_q_seq_len >= LONG_QUERIES`` (224 KB of shared memory on sm_90, 247 registers, wgmma) and
+``64 x 64`` tiles with 4 warps and 3 stages below it (112 KB, 200 registers); ``D`` up to 256 uses ``BLOCK_M=64,
+BLOCK_N=64, num_warps=8, num_stages=2``; fp32 uses ``tf32x3`` dots (three tensor-core
 passes, close to fp32 accuracy) on ``64 x 32`` tiles with 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
 separate small config (``32 x 16``) keeps the interpreter fast. On the GPU,
 ``DLINFER_TRITON_PREFILL="block_n=128,pack_gqa=0"`` overrides fields (tuning sweeps).
+
+``num_splits`` (host ints only: batch, heads, ``max_q_seq_len``, ``max_kv_seq_len``, the SM count) =
+``min(target_programs // programs, max_kv_seq_len // min_split_tokens, MAX_SPLITS)``, at least 1, where
+``programs = cdiv(max_q_seq_len, BLOCK_M // PACK) * (Hq // PACK) * B`` is the un-split grid and, on a GPU,
+``target_programs`` = :func:`resident_programs`: the programs of this config the card runs at once (SM count x
+programs per SM by shared memory and threads; 64x64 tiles with 3 stages at D 128 take 112 KB, two per SM: 264 on
+a 132-SM H100/H200). Safe by construction: a grid of more than half a wave of resident programs (each SM already
+has its share) or a KV bound under two ``min_split_tokens`` (512-key) slices is never split, and a split grid never
+exceeds one wave (no second, partly filled wave whose tail would cost what the split saved). Chunked prefill of
+256 tokens over a 16k history with 32/8 heads: batch 1 = 128 programs -> 2 splits (256 programs), batch 8 ->
+1. The interpreter's config (16 target programs, 32-key slices) splits small cases too, so the CPU tests run the
+split path. Sweeps: ``DLINFER_TRITON_PREFILL="splits=0"`` (never split), ``"splits=4"`` (always 4),
+``"target_programs=528,min_split_tokens=1024"`` (the rule's target and slice floor), ``"pdl=0"``.
 """
 
 from __future__ import annotations
@@ -55,8 +88,8 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, env_overrides, load_dequant,
-                                                    quant_scales)
+from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, _capability,
+                                                    _sm_count, env_overrides, load_dequant, quant_scales)
 from dlinfer.vendor.triton.host import cdiv, next_power_of_2
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
@@ -70,20 +103,41 @@ class PrefillConfig:
     num_stages: int
     pack_gqa: bool = True  # rows of a tile = tokens x the query heads of one KV head (see _pack)
     pack_min_tokens: int = 16  # pack only when a tile still holds this many tokens
+    # Split-KV (see num_splits): -1 = the rule; 0 or 1 = never split; N > 1 = exactly N slices (sweeps, tests).
+    splits: int = -1
+    # The rule splits sequences until the grid reaches this many programs; -1 on a GPU = one wave of resident
+    # programs (resident_programs), -1 elsewhere and 0 = never split.
+    target_programs: int = -1
+    min_split_tokens: int = 512  # ... and never into slices shorter than this many keys
+    combine_rows: int = 32  # (token, head) rows per program of the combine kernel
+    combine_warps: int = 4
+    pdl: bool = True  # programmatic dependent launch of the combine kernel where the card has it (sm90+)
+
+
+def resident_programs(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int, sm_count: int,
+                      smem_per_sm: int, threads_per_sm: int) -> int:
+    """Programs of ``config`` a card runs at once: SM count x programs per SM, bounded by shared memory (the
+    ``num_stages`` K/V tiles and the query tile, as Triton allocates them for these kernels on sm_90, plus the
+    1 KB the driver reserves per block) and by threads."""
+    d, dv = next_power_of_2(head_size), next_power_of_2(head_size_v)
+    smem = (config.num_stages * config.block_n * (d + dv) + config.block_m * d) * itemsize + 1024
+    per_sm = min(smem_per_sm // smem, threads_per_sm // (32 * config.num_warps))
+    return max(1, per_sm) * sm_count
 
 
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int,
-            long_queries: bool = True) -> PrefillConfig:
-    """Launch parameters of the prefill kernel (the one place to tune them).
+            long_queries: bool = True, device_index: int = 0) -> PrefillConfig:
+    """Launch parameters of the prefill kernels (the one place to tune them).
 
     ``long_queries``: ``max_q_seq_len >= LONG_QUERIES`` (a host int, so the choice is CUDA-graph safe).
     Measured on the H100 (bf16, 32/8 heads, D 128; benchmarks/tune_attention.py, 2026-11-25): 128x128 tiles
     with 8 warps won at 4x2048 (383 vs 394 us) and 1x8192 tokens (1120 vs 1279 us); 64x64 tiles with 4 warps
     at 16x512 (167 vs 175 us).
     """
-    if device_type == "cpu":  # TRITON_INTERPRET=1
-        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4)
+    if device_type == "cpu":  # TRITON_INTERPRET=1 (small tiles; splits from 16 target programs, to test them)
+        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4, target_programs=16,
+                             min_split_tokens=32, combine_rows=16, combine_warps=1, pdl=False)
     widest = max(next_power_of_2(head_size), next_power_of_2(head_size_v))
     if dtype == torch.float32 and widest > 128:
         # 64x32 fp32 tiles with 2 stages need 256 KB of shared memory at D=256 (over the H100's 227 KB).
@@ -98,7 +152,27 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
-    return env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    cfg = env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    if device_type == "cuda" and cfg.target_programs < 0:  # after the overrides: the tiles they chose
+        props = torch.cuda.get_device_properties(device_index)
+        cfg = dataclasses.replace(cfg, target_programs=resident_programs(
+            cfg, head_size, head_size_v, dtype.itemsize, _sm_count(device_index),
+            getattr(props, "shared_memory_per_multiprocessor", 0) or 232448,
+            getattr(props, "max_threads_per_multi_processor", 0) or 2048))
+    return cfg
+
+
+def num_splits(programs: int, max_kv_seq_len: int, config: PrefillConfig) -> int:
+    """KV slices per sequence for an un-split grid of ``programs``; host ints only (shapes and length bounds).
+
+    ``min(target_programs // programs, max_kv_seq_len // min_split_tokens, MAX_SPLITS)``, at least 1: a grid of
+    more than half the target, or a KV bound under two slices, is never split."""
+    if config.splits >= 0:
+        return max(1, min(config.splits, MAX_SPLITS))
+    if config.target_programs <= 0:
+        return 1
+    return max(1, min(config.target_programs // max(programs, 1), max_kv_seq_len // config.min_split_tokens,
+                      MAX_SPLITS))
 
 
 def _dot_precision(query: torch.Tensor) -> str:
@@ -177,36 +251,20 @@ def _tile_pages(table_row, n0, kv_len, PAGED: tl.constexpr, PAGE_SIZE: tl.conste
 
 
 @triton.jit
-def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
-    ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_tb,
-    stride_ot, stride_oh,
-    qk_scale, num_m_tiles,
-    GROUP: tl.constexpr, PACK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, QUANT: tl.constexpr,
-):
-    """One ``BLOCK_M``-row tile: ``BLOCK_M // PACK`` tokens x ``PACK`` query heads (of one KV head).
-
-    ``kv_ptr_lens``: cumulative KV ends (packed keys, ``PAGED=False``) or KV lengths (``PAGED=True``).
-    """
+def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
+            ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
+            stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
+            qk_scale, b, m0, head0, q_start, q_len, split, n_splits,
+            GROUP: tl.constexpr, PACK: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            WHILE_LOOP: tl.constexpr, QUANT: tl.constexpr, SPLIT: tl.constexpr):
+    """The online softmax of one query tile (tokens from ``m0`` of sequence ``b``, heads from ``head0``) over the
+    keys it sees; with ``SPLIT``, only over slice ``split`` of ``n_splits`` of them. Returns the unnormalized
+    output, the row sums and row maxima (base 2), and the rows' token indices, heads and mask."""
     TOKENS: tl.constexpr = BLOCK_M // PACK
-    tile = num_m_tiles - 1 - tl.program_id(0)
-    head0 = tl.program_id(1) * PACK
-    b = tl.program_id(2)
     kvh = head0 // GROUP
-
-    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
-    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
-    m0 = tile * TOKENS  # first token of the tile
-    if m0 >= q_len:
-        return
     if PAGED:
         kv_base = 0
         kv_len = tl.load(kv_ptr_lens + b).to(tl.int32)
@@ -241,6 +299,13 @@ def _prefill_kernel(
         hi = kv_len
         full = kv_len
     full = (full // BLOCK_N) * BLOCK_N
+    if SPLIT:  # this program's slice of the keys the tile sees: whole tiles, sized from the real length
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi, 0), n_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+        full = tl.maximum(tl.minimum(full, hi), lo)  # unmasked [lo, full), masked [full, hi); empty if hi <= lo
+    else:
+        lo = 0
 
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
@@ -248,7 +313,7 @@ def _prefill_kernel(
     ks_head, kz_head, vs_head, vz_head = ks_ptr + s_head, kz_ptr + s_head, vs_ptr + s_head, vz_ptr + s_head
     table_row = block_table_ptr + b.to(tl.int64) * stride_tb
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
-        n0 = full * 0
+        n0 = full * 0 + lo
         pages = _tile_pages(table_row, n0, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
         while n0 < full:
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
@@ -271,8 +336,8 @@ def _prefill_kernel(
             pages = next_pages
             n0 += BLOCK_N
     else:
-        pages = _tile_pages(table_row, 0, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
-        for n0 in range(0, full, BLOCK_N):
+        pages = _tile_pages(table_row, lo, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
+        for n0 in range(lo, full, BLOCK_N):
             next_pages = _tile_pages(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE, BLOCK_N)
             acc, l_i, m_i = _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v_head,
                                           pages, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, offs_d,
@@ -289,10 +354,149 @@ def _prefill_kernel(
                                           stride_st, PAGED, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION,
                                           QUANT, HEAD_DIM, HEAD_DIM_V)
             pages = next_pages
+    return acc, l_i, m_i, rows, heads, m_mask
 
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_tb,
+    stride_ot, stride_oh,
+    qk_scale, num_m_tiles,
+    GROUP: tl.constexpr, PACK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QUANT: tl.constexpr,
+):
+    """One ``BLOCK_M``-row tile: ``BLOCK_M // PACK`` tokens x ``PACK`` query heads (of one KV head), all its keys,
+    written to ``attn_output``.
+
+    ``kv_ptr_lens``: cumulative KV ends (packed keys, ``PAGED=False``) or KV lengths (``PAGED=True``).
+    """
+    tile = num_m_tiles - 1 - tl.program_id(0)
+    head0 = tl.program_id(1) * PACK
+    b = tl.program_id(2)
+    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
+    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    m0 = tile * (BLOCK_M // PACK)  # first token of the tile
+    if m0 >= q_len:
+        return
+    acc, l_i, m_i, rows, heads, m_mask = _attend(
+        q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st,
+        stride_sh, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
+        qk_scale, b, m0, head0, q_start, q_len, 0, 1,
+        GROUP, PACK, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL,
+        DOT_PRECISION, WHILE_LOOP, QUANT, False)
+    offs_dv = tl.arange(0, BLOCK_DV)
     res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + (heads * stride_oh)[:, None] + offs_dv[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+             res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _prefill_split_kernel(
+    q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_tb,
+    stride_ms, stride_mt, stride_ls, stride_lt,
+    qk_scale, num_m_tiles, n_splits,
+    GROUP: tl.constexpr, PACK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One tile over one slice of its keys (``program_id(0) = split * num_m_tiles + reversed tile``): the
+    normalized partial output ``[split, token, head, :]`` (fp32) and its base-2 log-sum-exp ``[split, token, head]``
+    (``-inf`` for a row that sees no key of the slice) go to the scratch buffers, never to ``attn_output``."""
+    pid = tl.program_id(0)
+    split = pid // num_m_tiles
+    tile = num_m_tiles - 1 - pid % num_m_tiles
+    head0 = tl.program_id(1) * PACK
+    b = tl.program_id(2)
+    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
+    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    m0 = tile * (BLOCK_M // PACK)
+    if m0 >= q_len:
+        return
+    acc, l_i, m_i, rows, heads, m_mask = _attend(
+        q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st,
+        stride_sh, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
+        qk_scale, b, m0, head0, q_start, q_len, split, n_splits,
+        GROUP, PACK, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL,
+        DOT_PRECISION, WHILE_LOOP, QUANT, True)
+    if USE_PDL:  # the combine kernel may launch now; it waits for this grid's stores before reading them
+        tl.extra.cuda.gdc_launch_dependents()
+    # A row that saw no key of the slice has l_i == 0 (a NaN l_i is not empty: its partial stays NaN).
+    has = l_i != 0.0
+    res = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_o = split.to(tl.int64) * stride_ms
+    row_o = rows * stride_mt + heads * HEAD_DIM_V  # scratch rows are contiguous [token, head, Dv]
+    tl.store(mid_o_ptr + split_o + row_o[:, None] + offs_dv[None, :], res,
+             mask=m_mask[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    tl.store(mid_lse_ptr + split.to(tl.int64) * stride_ls + rows * stride_lt + heads, lse, mask=m_mask)
+
+
+@triton.jit
+def _combine_split(acc, l_i, m_i, mid_o_ptr, mid_lse_ptr, s, stride_ms, stride_ls, offs_r, r_mask, offs_dv, dv_mask,
+                   HEAD_DIM_V: tl.constexpr):
+    """Fold split ``s``'s partials of the rows into a running log-sum-exp merge."""
+    lse = tl.load(mid_lse_ptr + s.to(tl.int64) * stride_ls + offs_r, mask=r_mask, other=float("-inf"))
+    live = lse != float("-inf")  # a NaN partial is live: the merged row is NaN, never the other splits'
+    part = tl.load(mid_o_ptr + s.to(tl.int64) * stride_ms + offs_r[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                   mask=live[:, None] & dv_mask[None, :], other=0.0)
+    m_new = tl.maximum(m_i, lse)
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with no live split yet stay empty
+    alpha = tl.math.exp2(m_i - m_use)
+    weight = tl.where(live, tl.math.exp2(lse - m_use), 0.0)
+    return acc * alpha[:, None] + weight[:, None] * part, l_i * alpha + weight, m_new
+
+
+@triton.jit
+def _prefill_combine_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, q_ends_ptr, batch, n_splits,
+    stride_ms, stride_ls, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """``BLOCK_R`` consecutive (token, head) rows: the splits' partials merged with weights
+    ``2^(lse_s - max lse)``; empty partials (``-inf``) weigh 0 and a row no split saw gives zeros. Rows of tokens
+    past ``cu_seqlens_q[-1]`` are never read or written."""
+    if USE_PDL:  # launched early (programmatic dependent launch): wait for the split kernel's partials
+        tl.extra.cuda.gdc_wait()
+    total = tl.load(q_ends_ptr + batch - 1).to(tl.int64) * NUM_HEADS
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < total
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    if WHILE_LOOP:  # the interpreter
+        s = n_splits * 0
+        while s < n_splits:
+            acc, l_i, m_i = _combine_split(acc, l_i, m_i, mid_o_ptr, mid_lse_ptr, s, stride_ms, stride_ls, offs_r,
+                                           r_mask, offs_dv, dv_mask, HEAD_DIM_V)
+            s += 1
+    else:
+        for s in range(0, n_splits):
+            acc, l_i, m_i = _combine_split(acc, l_i, m_i, mid_o_ptr, mid_lse_ptr, s, stride_ms, stride_ls, offs_r,
+                                           r_mask, offs_dv, dv_mask, HEAD_DIM_V)
+    res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    token = offs_r // NUM_HEADS
+    head = offs_r % NUM_HEADS
+    tl.store(out_ptr + (token * stride_ot + head * stride_oh)[:, None] + offs_dv[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & dv_mask[None, :])
 
 
 def _pack(cfg: PrefillConfig, group: int) -> int:
@@ -303,32 +507,45 @@ def _pack(cfg: PrefillConfig, group: int) -> int:
 
 
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
-            softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ())) -> None:
+            max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ())) -> None:
     tokens, num_q_heads, head_size = query.shape
     quant_bits, kv_scales, kv_zeros = quant
     num_kv_heads, head_size_v = key.shape[-2], value.shape[-1] * (2 if quant_bits == 4 else 1)
     batch = q_ends.shape[0]
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
-    device_type = query.device.type
-    cfg = _config(device_type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES)
+    device = query.device
+    cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0)
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
+    grid_heads = num_q_heads // pack
+    splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
     ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
-    _prefill_kernel[(num_m_tiles, num_q_heads // pack, batch)](
-        query, key, value, out, q_ends, kv_arg, block_table,
-        ks, kz, vs, vz, *s_strides,
-        *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0, *out.stride()[:2],
-        softmax_scale * LOG2E, num_m_tiles,
-        GROUP=group, PACK=pack,
-        HEAD_DIM=head_size, BLOCK_D=next_power_of_2(head_size),
-        HEAD_DIM_V=head_size_v, BLOCK_DV=next_power_of_2(head_size_v),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=_dot_precision(query),
-        WHILE_LOOP=device_type == "cpu", QUANT=quant_bits,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0)
+    block_dv = next_power_of_2(head_size_v)
+    meta = dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, BLOCK_D=next_power_of_2(head_size),
+                HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=_dot_precision(query),
+                WHILE_LOOP=device.type == "cpu", QUANT=quant_bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits == 1:
+        _prefill_kernel[(num_m_tiles, grid_heads, batch)](
+            query, key, value, out, q_ends, kv_arg, block_table, *inputs, *out.stride()[:2],
+            softmax_scale * LOG2E, num_m_tiles, **meta)
+        return
+    # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
+    mid_o = torch.empty((splits, tokens, num_q_heads, head_size_v), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
+    pdl = cfg.pdl and device.type == "cuda" and _capability(device.index or 0) >= 9
+    _prefill_split_kernel[(num_m_tiles * splits, grid_heads, batch)](
+        query, key, value, mid_o, mid_lse, q_ends, kv_arg, block_table, *inputs,
+        mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
+        softmax_scale * LOG2E, num_m_tiles, splits, USE_PDL=pdl, **meta)
+    _prefill_combine_kernel[(cdiv(tokens * num_q_heads, cfg.combine_rows),)](
+        mid_o, mid_lse, out, q_ends, batch, splits, mid_o.stride(0), mid_lse.stride(0), *out.stride()[:2],
+        NUM_HEADS=num_q_heads, HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_R=cfg.combine_rows,
+        WHILE_LOOP=device.type == "cpu", USE_PDL=pdl, num_warps=cfg.combine_warps, num_stages=2,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
@@ -338,8 +555,9 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
     sk, sv = key.stride(), value.stride()
     kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
     kv_ends = q_ends if cu_seqlens_kv is cu_seqlens_q else cu_seqlens_kv[1:]  # one view when they are one tensor
-    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, softmax_scale, causal,
-            kv_strides)
+    # No KV length bound in this op's signature: the packed key count bounds every sequence's (a host int).
+    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, key.shape[0],
+            softmax_scale, causal, kv_strides)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
@@ -347,7 +565,8 @@ def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqle
                             quant_bits=0) -> None:
     kv_strides = (*key_cache.stride()[:3], *value_cache.stride()[:3])
     _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q[1:], kv_seqlens, block_table, True,
-            key_cache.shape[1], max_q_seq_len, softmax_scale, causal, kv_strides, (quant_bits, kv_scales, kv_zeros))
+            key_cache.shape[1], max_q_seq_len, max_kv_seq_len, softmax_scale, causal, kv_strides,
+            (quant_bits, kv_scales, kv_zeros))
 
 
 OPS = {"prefill_attention": prefill_attention, "paged_prefill_attention": paged_prefill_attention}
@@ -361,4 +580,5 @@ CAPABILITIES = {
         features=frozenset({"strided_cache", "non_causal", "kv_quant"})),
 }
 
-__all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig"]
+__all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig", "num_splits",
+           "resident_programs"]
