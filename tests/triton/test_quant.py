@@ -5,6 +5,8 @@ bfloat16 AWQ is left to the GPU (the interpreter's bf16 ``tl.dot`` is wrong); in
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -313,3 +315,295 @@ def test_w8a8_kernels_compile_for_sm90():
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_FOR_SM90)
+
+
+# ------------------------------------------------------------------------------------------------ dense GEMMs
+# Every code path of the two dense GEMMs under the interpreter, each against the reference vendor: split-K off,
+# even and uneven (a last split shorter than the others), grouped program order over several row tiles, the
+# configs the GPU would pick for each M bucket (128-row tiles included), group sizes 32/64/128, with and without
+# zeros and bias, odd M/N/K.
+_SPLITS = [triton_quant.GemmConfig(16, 32, 32, split_k=1, group_m=2, num_warps=1, num_stages=1),
+           triton_quant.GemmConfig(16, 32, 32, split_k=2, group_m=1, num_warps=1, num_stages=1),
+           triton_quant.GemmConfig(32, 64, 64, split_k=3, group_m=4, num_warps=1, num_stages=1)]
+
+
+def _gpu_configs(monkeypatch, fn, *args):
+    """The configs ``fn`` (awq_config / int8_config) picks on a 132-SM GPU for M = 1, 16, 64, 256, 4096."""
+    monkeypatch.setattr(triton_quant, "_sm_count", lambda *a: 132)
+    fn.cache_clear()
+    try:
+        return {m: fn("cuda", 0, *args[:-3], triton_quant._bucket(m), *args[-3:]) for m in (1, 16, 64, 256, 4096)}
+    finally:
+        fn.cache_clear()
+
+
+def _awq_case(m, k, n, group, dtype, zeros, bias, seed):
+    w = torch.randn(n, k, generator=_g(seed)) * 0.05
+    qweight, qzeros, scales, _ = quantize.quantize_awq_weight(w, group)
+    x = torch.randn(m, k, generator=_g(seed + 1)).to(dtype)
+    b = torch.randn(n, generator=_g(seed + 2)).to(dtype) if bias else None
+    args = (x, qweight, scales.to(dtype), qzeros if zeros else None, b, group)
+    with registry.forced("reference"):
+        ref = ops.weight_quant_matmul(*args[:5], group_size=group)
+    return args, ref
+
+
+def _close(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    rel = float((out.double() - ref.double()).norm() / ref.double().norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-3), rel
+
+
+@pytest.mark.parametrize("cfg", _SPLITS, ids=["nosplit", "split2", "split3-uneven"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,n,group,zeros,bias", [(1, 256, 72, 32, True, True), (37, 384, 200, 64, False, True),
+                                                    (19, 640, 136, 128, True, False)])
+def test_awq_paths_match_reference(cfg, dtype, m, k, n, group, zeros, bias):
+    args, ref = _awq_case(m, k, n, group, dtype, zeros, bias, seed=m + k)
+    out = triton_quant.weight_quant_matmul(*args, config=cfg)
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_awq_gpu_bucket_configs_match_reference(dtype, monkeypatch):
+    """The configs a 132-SM GPU picks per M bucket (16..128-row tiles, 128-wide), run by the interpreter on a
+    small problem, once as picked for Llama-3-8B's o_proj (its split) and once without a split."""
+    cfgs = _gpu_configs(monkeypatch, triton_quant.awq_config, dtype, 4096, 4096, 128)
+    for m, cfg in cfgs.items():
+        rows = min(m, 130)  # 4096 rows: the same 128-row tiles, two of them, the second almost empty
+        args, ref = _awq_case(rows, 512, 264, 128, dtype, True, True, seed=rows)
+        for c in {cfg, dataclasses.replace(cfg, split_k=1)}:
+            _close(triton_quant.weight_quant_matmul(*args, config=c), ref, dtype)
+
+
+def test_awq_float16_dequantization_is_exact():
+    """x = identity: each output row is one row of W = (q - zero) * scale as the kernel dequantizes it (float16
+    magic-number path): equal to the bit to the float32 product rounded to float16, for every group size."""
+    for group in (32, 64, 128):
+        k, n = 128, 48
+        w = torch.randn(n, k, generator=_g(group)) * 0.05
+        qweight, qzeros, scales, _ = quantize.quantize_awq_weight(w, group)
+        scales = scales.half()
+        x = torch.eye(k, dtype=torch.float16)
+        out = triton_quant.weight_quant_matmul(x, qweight, scales, qzeros, None, group)
+        with registry.forced("reference"):
+            ref = ops.weight_quant_matmul(x, qweight, scales, qzeros, group_size=group)
+        assert torch.equal(out, ref), float((out.float() - ref.float()).abs().max())
+
+
+def test_awq_no_rows_no_columns_no_k():
+    x = torch.zeros(0, 64, dtype=torch.float16)
+    qw, qz, s, _ = quantize.quantize_awq_weight(torch.randn(16, 64), 32)
+    assert triton_quant.weight_quant_matmul(x, qw, s.half(), qz, None, 32).shape == (0, 16)
+    bias = torch.randn(16).half()
+    out = triton_quant.weight_quant_matmul(torch.zeros(3, 0, dtype=torch.float16), qw[:0], s[:0].half(), qz[:0],
+                                           bias, 32)
+    assert torch.equal(out, bias.expand(3, 16))
+
+
+@pytest.mark.parametrize("cfg", _SPLITS + [triton_quant.GemmConfig(16, 64, 64, split_k=16, num_warps=1,
+                                                                   num_stages=1)],
+                         ids=["nosplit", "split2", "split3-uneven", "split-capped"])
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_gemm_paths_exact(cfg, static):
+    """int8 sums are exact whatever the split (int32 partials), so the outputs equal the reference's float32
+    epilogue up to its rounding: row scale, column scale, qbias (static), bias (dynamic), odd M/N/K."""
+    m, n, k = 45, 97, 200
+    a = torch.randint(-127, 128, (m, k), generator=_g(90)).to(torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=_g(91)).to(torch.int8)
+    ones_m, ones_n = torch.ones(m, 1), torch.ones(n, 1)
+    exact = triton_quant.linear_w8a8(a, b, ones_m, ones_n, torch.float32, torch.int8, None, config=cfg)
+    assert torch.equal(exact.double(), (a.long() @ b.long().T).double())
+    if static:
+        x = torch.randn(m, k, generator=_g(92))
+        qb = torch.randint(-3000, 3000, (n,), generator=_g(93)).to(torch.int32)
+        deq = torch.rand(n, generator=_g(94)) * 1e-3
+        args = (x, b, torch.tensor([0.02]), torch.tensor([-5], dtype=torch.int8), deq, torch.float32, torch.int8, qb)
+        out = triton_quant.linear_w8a8_static(*args, config=cfg)
+        with registry.forced("reference"):
+            ref = ops.linear_w8a8_static(*args)
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+    else:
+        rs, ls = torch.rand(m, 1, generator=_g(95)) * 1e-2, torch.rand(n, generator=_g(96)) * 1e-2
+        bias = torch.randn(n, generator=_g(97)).to(torch.float16)
+        args = (a, b, rs, ls, torch.float16, torch.int8, bias)
+        out = triton_quant.linear_w8a8(*args, config=cfg)
+        with registry.forced("reference"):
+            ref = ops.linear_w8a8(*args)
+        assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_int8_gpu_bucket_configs_exact(monkeypatch):
+    cfgs = _gpu_configs(monkeypatch, triton_quant.int8_config, 4096, 4096)
+    assert {c.block_m for c in cfgs.values()} == {16, 64, 128}
+    a = torch.randint(-127, 128, (130, 384), generator=_g(98)).to(torch.int8)
+    b = torch.randint(-127, 128, (264, 384), generator=_g(99)).to(torch.int8)
+    want = (a.long() @ b.long().T).double()
+    for m, cfg in cfgs.items():
+        rows = min(m, 130)
+        for c in {cfg, dataclasses.replace(cfg, split_k=1)}:
+            out = triton_quant.linear_w8a8(a[:rows], b, torch.ones(rows, 1), torch.ones(264), torch.float32,
+                                           torch.int8, None, config=c)
+            assert torch.equal(out.double(), want[:rows]), (m, c)
+
+
+def test_split_gemms_are_deterministic():
+    args, _ = _awq_case(9, 512, 64, 64, torch.float16, True, True, seed=5)
+    cfg = triton_quant.GemmConfig(16, 32, 32, split_k=4, num_warps=1, num_stages=1)
+    first = triton_quant.weight_quant_matmul(*args, config=cfg)
+    assert torch.equal(first, triton_quant.weight_quant_matmul(*args, config=cfg))
+
+
+LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@pytest.mark.parametrize("which", ["awq", "int8"])
+def test_default_configs_fill_the_gpu(which, monkeypatch):
+    """The rule on a 132-SM GPU for Llama-3-8B's linears: a grid of >= one wave is never split; a smaller one is
+    split to >= one wave unless the partials would outgrow the weights (never more bytes than the weights,
+    splits >= MIN_SPLIT_K long, none empty);
+    decode tiles hold all rows (weights read once) up to 64 rows; 128-row tiles from 128 rows."""
+    from dlinfer.vendor.triton.host import cdiv
+
+    for name, (n, k) in LLAMA3_8B.items():
+        if which == "awq":
+            cfgs = _gpu_configs(monkeypatch, triton_quant.awq_config, torch.float16, n, k, 128)
+            wbytes = n * k / 2
+        else:
+            cfgs = _gpu_configs(monkeypatch, triton_quant.int8_config, n, k)
+            wbytes = n * k
+        for m, c in cfgs.items():
+            tiles = cdiv(m, c.block_m) * cdiv(n, c.block_n)
+            where = f"{which} {name} M={m}: {c}"
+            assert c.block_m == (max(16, m) if m <= 64 else 128), where
+            if tiles >= 132:
+                assert c.split_k == 1, where
+            else:
+                capped = (c.split_k + 1) * m * n * 4 > wbytes  # one more split: partials > weights
+                assert tiles * c.split_k >= 132 or capped, where
+                assert c.split_k * m * n * 4 <= wbytes and k / c.split_k >= triton_quant.MIN_SPLIT_K, where
+                k_tiles = cdiv(k, c.block_k)
+                assert (c.split_k - 1) * cdiv(k_tiles, c.split_k) < k_tiles, where  # no empty split
+            assert k % c.block_k == 0, where
+
+
+def test_env_overrides_and_bad_configs(monkeypatch):
+    monkeypatch.setattr(triton_quant, "_sm_count", lambda *a: 132)
+    triton_quant.awq_config.cache_clear()
+    monkeypatch.setenv("DLINFER_TRITON_AWQ", "block_n=256,split_k=4,num_stages=2")
+    try:
+        c = triton_quant.awq_config("cuda", 0, torch.float16, 16, 4096, 4096, 64)
+        assert (c.block_n, c.split_k, c.num_stages, c.block_k) == (256, 4, 2, 64)  # block_k capped at the group
+        monkeypatch.setenv("DLINFER_TRITON_AWQ", "block_n=96")
+        triton_quant.awq_config.cache_clear()
+        with pytest.raises(ValueError, match="DLINFER_TRITON_AWQ"):
+            triton_quant.awq_config("cuda", 0, torch.float16, 16, 4096, 4096, 64)
+        monkeypatch.setenv("DLINFER_TRITON_AWQ", "blocks=1")
+        with pytest.raises(ValueError, match="DLINFER_TRITON_AWQ"):
+            triton_quant.awq_config("cuda", 0, torch.float16, 32, 4096, 4096, 64)
+    finally:
+        triton_quant.awq_config.cache_clear()
+    triton_quant.int8_config.cache_clear()
+    monkeypatch.setenv("DLINFER_TRITON_W8A8", "block_k=16")
+    try:
+        with pytest.raises(ValueError, match="DLINFER_TRITON_W8A8"):
+            triton_quant.int8_config("cuda", 0, 16, 4096, 4096)
+    finally:
+        triton_quant.int8_config.cache_clear()
+    a = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="config"):
+        triton_quant.linear_w8a8(a, a, torch.ones(4, 1), torch.ones(4), torch.float32, torch.int8, None,
+                                 config=triton_quant.GemmConfig(16, 32, 32, num_warps=3))
+
+
+_COMPILE_DENSE_FOR_SM90 = r'''
+import os, re, subprocess, sys, tempfile
+import torch, triton
+from sm90 import compile_sm90
+from dlinfer.vendor.triton import quant
+from dlinfer.vendor.triton.host import cdiv
+
+quant._sm_count = lambda *a: 132  # an H100/H200
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+T = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def spills(fn, types, consts, warps, stages):
+    """ptxas -v of the kernel's PTX: (registers, spill store bytes)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in consts and (sig[a].startswith("*") or a.startswith("stride"))}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    os.unlink(f.name)
+    return int(re.search(r"Used (\d+) registers", log).group(1)), int(re.search(r"(\d+) bytes spill stores", log).group(1))
+
+
+def check(fn, types, consts, cfg, wgmma, name):
+    shared, ttgir = compile_sm90(fn, types, consts, cfg.num_warps, cfg.num_stages)
+    assert shared <= 232448, f"{name}: {shared} bytes of shared memory (H100/H200 max 232448)"
+    if consts["ITERS"] > 2:
+        assert "async_copy_global_to_local" in ttgir, f"{name}: the K loop is not pipelined"
+    if wgmma:
+        assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
+    regs, spilled = spills(fn, types, consts, cfg.num_warps, cfg.num_stages)
+    assert spilled == 0, f"{name}: {spilled} bytes of register spills ({regs} registers)"
+    print(f"{name}: {shared} B shared, {regs} registers")
+
+
+seen = set()
+for dtype, t in T.items():
+    for group in (128, 64, 32):
+        for n, k in SHAPES if group == 128 else SHAPES[1:2]:
+            for m in (1, 16, 64, 256, 4096):
+                c = quant.awq_config("cuda", 0, dtype, quant._bucket(m), n, k, group)
+                consts = dict(K=k, GROUP=group, HAS_ZEROS=True, HAS_BIAS=True, IEEE=dtype == torch.float32,
+                              MAGIC=quant._AWQ_MAGIC[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                              BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
+                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k))
+                key = (tuple(sorted(consts.items())), c.num_warps, c.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                check(quant._awq_gemm_kernel, dict(x_ptr=t, qw_ptr="*i32", s_ptr=t, z_ptr="*i32", b_ptr=t, out_ptr=t,
+                                                   ws_ptr="*fp32"), consts, c,
+                      c.block_m >= 64 and dtype != torch.float32, f"awq {t} g{group} N={n} K={k} M={m} {c}")
+for n, k in SHAPES:
+    for m in (1, 16, 64, 256, 4096):
+        c = quant.int8_config("cuda", 0, quant._bucket(m), n, k)
+        for out_t in ("*bf16", "*fp16", "*fp32"):
+            consts = dict(K=k, HAS_ROW_SCALE=True, HAS_QBIAS=False, HAS_BIAS=True, BLOCK_M=c.block_m,
+                          BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
+                          ITERS=cdiv(cdiv(k, c.block_k), c.split_k))
+            key = (tuple(sorted(consts.items())), out_t, c.num_warps, c.num_stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            check(quant._int8_gemm_kernel, dict(a_ptr="*i8", b_ptr="*i8", out_ptr=out_t, ws_ptr="*i32",
+                                                row_scale_ptr="*fp32", col_scale_ptr="*fp32", qbias_ptr="*i32",
+                                                bias_ptr=out_t), consts, c, c.block_m >= 64, f"int8 {out_t} N={n} K={k} M={m} {c}")
+for ws_t, out_t in (("*fp32", "*bf16"), ("*fp32", "*fp16"), ("*fp32", "*fp32"), ("*i32", "*bf16"), ("*i32", "*fp32")):
+    compile_sm90(quant._split_k_reduce_kernel, dict(ws_ptr=ws_t, out_ptr=out_t, row_scale_ptr="*fp32",
+                                                    col_scale_ptr="*fp32", qbias_ptr="*i32", bias_ptr=out_t),
+                 dict(SPLIT_K=9, HAS_QBIAS=ws_t == "*i32", HAS_ROW_SCALE=ws_t == "*i32",
+                      HAS_COL_SCALE=ws_t == "*i32", HAS_BIAS=True, BLOCK=1024), 4)
+print(f"{len(seen)} GEMM variants compiled")
+print("compiled")
+'''
+
+
+def test_dense_gemm_default_configs_compile_for_sm90():
+    """The default config of every M bucket (T = 1, 16, 64, 256, 4096) of Llama-3-8B's linears, as a 132-SM GPU
+    picks them, compiles for sm_90: AWQ in fp16/bf16/fp32 (group 128; 64 and 32 on one shape), int8 with each
+    output dtype, the split-K reduce: shared memory within the H100/H200 limit, a pipelined K loop, wgmma for
+    tiles of 64 rows and more (16-bit), no register spills (ptxas -v)."""
+    from sm90 import compile_for_sm90
+
+    compile_for_sm90(_COMPILE_DENSE_FOR_SM90)

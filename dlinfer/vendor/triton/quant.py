@@ -1,5 +1,6 @@
 """Quantized linear family in Triton: AWQ W4A16 GEMM (4-bit weights dequantized in the kernel, tile by tile), int8
-GEMM (``tl.dot`` on int8 with int32 accumulation, the per-token/per-channel scales and biases in the epilogue),
+GEMM (``tl.dot`` on int8 with int32 accumulation, the per-token/per-channel scales and biases in the epilogue), both
+with per-M-bucket launch configs and a split of K for grids too small to fill the GPU (see "dense GEMMs" below),
 one row kernel for per-token quantization with optional residual add and RMS norm fused in front, and the W8A8
 experts (``fused_moe_w8a8``: fused_moe's expert-sorted grouped GEMM on int8 operands; see its section below).
 
@@ -13,6 +14,8 @@ the quantized values equal the reference's whenever both quantize the same float
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import time
@@ -23,7 +26,8 @@ import triton.language as tl
 
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
-from dlinfer.vendor.triton.host import cdiv, next_power_of_2
+from dlinfer.vendor.triton.attention_decode import env_overrides
+from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
 
 logger = logging.getLogger("dlinfer")
 
@@ -56,55 +60,280 @@ def _round_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-# ----------------------------------------------------------------------------------------------- AWQ W4A16
+# ----------------------------------------------------------------------------------------------- dense GEMMs
+# Launch configs of the two dense GEMMs (AWQ W4A16 and int8 W8A8), chosen per M bucket in one function each
+# (:func:`awq_config`, :func:`int8_config`: the one place to tune them) and overridable for sweeps:
+# ``DLINFER_TRITON_AWQ="block_n=256,split_k=4"`` / ``DLINFER_TRITON_W8A8="..."`` (fields of :class:`GemmConfig`),
+# read when a config is first built (once per shape bucket per process); benchmarks/tune_quant.py passes
+# configs directly. UNTUNED: chosen from first principles (below), never timed on a GPU yet; every default config
+# compiles for sm_90 within its shared memory (tests/triton/test_quant.py).
+#
+# * Decode (M <= 64): the weights are streamed once (int4: N * K / 2 bytes; int8: N * K); BLOCK_M = M rounded up
+#   to a power of two (>= 16, the smallest MMA) so that one program reads each weight tile once, 128 columns a
+#   program (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and
+#   their share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about
+#   two programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N)
+#   never more bytes than the weights; a second launch sums the partials in a fixed order (deterministic, no
+#   atomics, no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the
+#   epilogue. A grid already >= one wave is never split.
+# * Prefill (M > 64): 128-row tiles (wgmma, 8 warps), grouped program order (GROUP_M row tiles sweep the columns
+#   together: the weight tiles they share stay in L2). AWQ: 128 x 128 tiles, BLOCK_K 64 (two programs fit per SM
+#   in shared memory: one dequantizes while the other's MMAs run); int8: 128 x 256 x 128 (3 stages, 144 KB) when
+#   that grid is at least one wave, else 128 x 128 x 128 (4 stages).
+# Against the old 64 x 64 (16 x 64 decode) tiles: wider tiles only where the grid stays >= one wave or is split
+# back up to >= 2 programs per SM, so no default has fewer active SMs than before.
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # AWQ: capped at the group size (a K tile lies inside one quantization group)
+    split_k: int = 0  # 0: by the rule (split_k_for); 1: no split
+    group_m: int = 8  # grouped program order (row tiles per group)
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 0  # the split rule's target grid; 0: 2 x SM count
+
+
+MIN_SPLIT_K = 512  # K elements per split at least (4 K tiles of 128: the pipeline has something to overlap)
+MAX_SPLIT_K = 16
+CPU_SM_COUNT = 4  # the interpreter's stand-in SM count (small grids split, as they would on a GPU)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, device_index) -> int:
+    if device_type != "cuda":
+        return CPU_SM_COUNT
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def split_k_for(tiles: int, k: int, block_k: int, m: int, weight_bytes_per_k: float, sm_count: int,
+                target_programs: int = 0) -> int:
+    """Splits of K for a grid of ``tiles`` output tiles: 1 when the grid is at least one wave; else enough for
+    ``target_programs`` (default 2 x ``sm_count``) programs, each >= MIN_SPLIT_K of K (whole ``block_k`` tiles),
+    with partials (4 bytes x ``m`` rows per split and column) no larger than the weights (``weight_bytes_per_k``
+    x ``k`` per column), at most MAX_SPLIT_K; every split non-empty."""
+    k_tiles = cdiv(k, block_k)
+    if tiles >= sm_count or k_tiles < 2:
+        return 1
+    want = cdiv(target_programs or 2 * sm_count, tiles)
+    by_length = k_tiles // max(1, MIN_SPLIT_K // block_k)
+    by_traffic = int(weight_bytes_per_k * k) // (4 * max(m, 1))
+    split = max(1, min(want, by_length, by_traffic, MAX_SPLIT_K, k_tiles))
+    return cdiv(k_tiles, cdiv(k_tiles, split))  # no empty split
+
+
+def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
+    def pow2(v):
+        return v > 0 and v & (v - 1) == 0
+
+    bad = [f"{f}={getattr(cfg, f)}" for f, lo in (("block_m", 16), ("block_n", 16), ("block_k", min_block_k))
+           if not (pow2(getattr(cfg, f)) and getattr(cfg, f) >= lo)]
+    if not (pow2(cfg.num_warps) and cfg.num_warps <= 16):
+        bad.append(f"num_warps={cfg.num_warps}")
+    bad += [f"{f}={getattr(cfg, f)}" for f in ("split_k", "target_programs") if getattr(cfg, f) < 0]
+    bad += [f"{f}={getattr(cfg, f)}" for f in ("group_m", "num_stages") if getattr(cfg, f) < 1]
+    if bad:
+        raise ValueError(f"{source}: invalid launch config ({', '.join(bad)}): block sizes are powers of two "
+                         f"(block_m, block_n >= 16, block_k >= {min_block_k}), num_warps a power of two <= 16, "
+                         "split_k and target_programs >= 0, group_m and num_stages >= 1")
+    return cfg
+
+
+def _resolve(cfg: GemmConfig, m: int, n: int, k: int, weight_bytes_per_k: float, sm_count: int) -> GemmConfig:
+    if cfg.split_k:  # as asked, but no empty split
+        k_tiles = max(1, cdiv(k, cfg.block_k))
+        return dataclasses.replace(cfg, split_k=cdiv(k_tiles, cdiv(k_tiles, min(cfg.split_k, k_tiles))))
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    return dataclasses.replace(cfg, split_k=split_k_for(tiles, k, cfg.block_k, m, weight_bytes_per_k, sm_count,
+                                                        cfg.target_programs))
+
+
+def _bucket(m: int) -> int:
+    return max(16, next_power_of_2(m))
+
+
+@memo
+def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int, n: int, k: int,
+               group_size: int) -> GemmConfig:
+    """The AWQ GEMM's launch config for ``M`` rows rounded up to ``m_bucket`` (a power of two >= 16), split
+    resolved (see the section comment)."""
+    if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
+        cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
+    elif m_bucket <= 64:
+        cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    else:
+        cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32 and device_type == "cuda":
+        # exact float32 dots run on the FMA units with both operands in registers: 64 x 64 x 32 tiles at most
+        # (ptxas: ~200 registers, no spills, 8 warps for 64 rows; 128-wide or 64-deep float32 tiles spill)
+        block_m = min(cfg.block_m, 64)
+        cfg = GemmConfig(block_m=block_m, block_n=64, block_k=32, num_warps=8 if block_m == 64 else 4, num_stages=3)
+    cfg = _checked(env_overrides(cfg, "DLINFER_TRITON_AWQ"), "DLINFER_TRITON_AWQ", 16)
+    cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
+    return _resolve(cfg, m_bucket, n, k, 0.5, _sm_count(device_type, device_index))
+
+
+@memo
+def int8_config(device_type: str, device_index, m_bucket: int, n: int, k: int) -> GemmConfig:
+    """The int8 GEMM's launch config for ``M`` rows rounded up to ``m_bucket``, split resolved."""
+    sms = _sm_count(device_type, device_index)
+    if device_type != "cuda":
+        cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
+    elif m_bucket <= 64:  # 64 rows: 8 warps (4 spill registers in the split path's partial store)
+        cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=8 if m_bucket == 64 else 4,
+                         num_stages=4)
+    elif cdiv(m_bucket, 128) * cdiv(n, 256) >= sms:
+        cfg = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)
+    else:
+        cfg = GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+    cfg = _checked(env_overrides(cfg, "DLINFER_TRITON_W8A8"), "DLINFER_TRITON_W8A8", 32)
+    return _resolve(cfg, m_bucket, n, k, 1.0, sms)
+
+
 @triton.jit
-def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K: tl.constexpr, group_size,
-                     stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
-                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep the columns together."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
+              HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """``out[rm, rn] = ((acc [+ qbias]) [* row_scale] [* col_scale] [+ bias])`` in float32, rounded once to the
+    output dtype; ``rm``/``rn`` are broadcast-shaped row/column indices (a tile, or one flat run of elements)."""
     m_mask = rm < M
     n_mask = rn < N
-    word = rn // 8
-    j = rn % 8
-    shift = ((j % 2) * 4 + j // 2) * 4  # AWQ order 0 2 4 6 1 3 5 7: column j sits in nibble (j%2)*4 + j//2
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        k_mask = ks < K
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + ks[:, None].to(tl.int64) * stride_qk + word[None, :], mask=wmask, other=0)
-        q = (packed >> shift[None, :]) & 0xF
-        g = ks // group_size
-        s = tl.load(s_ptr + g[:, None].to(tl.int64) * stride_sg + rn[None, :], mask=wmask, other=0.0)
-        if HAS_ZEROS:
-            zp = tl.load(z_ptr + g[:, None].to(tl.int64) * stride_zg + word[None, :], mask=wmask, other=0)
-            z = (zp >> shift[None, :]) & 0xF
-        else:
-            z = tl.full((BLOCK_K, BLOCK_N), 8, dtype=tl.int32)
-        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-        if IEEE:  # float32 activations: full float32 products, not TF32
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+    if HAS_QBIAS:
+        acc += tl.load(qbias_ptr + rn, mask=n_mask, other=0)
+    out = acc.to(tl.float32)
+    if HAS_ROW_SCALE:
+        out = out * tl.load(row_scale_ptr + rm, mask=m_mask, other=0.0)
+    if HAS_COL_SCALE:
+        out = out * tl.load(col_scale_ptr + rn, mask=n_mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+        out = out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm.to(tl.int64) * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=m_mask & n_mask)
 
 
-def _blocks(m: int) -> tuple[int, int]:
-    return (16 if m <= 16 else 64), 64
+@triton.jit
+def _split_k_reduce_kernel(ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N, stride_om,
+                           SPLIT_K: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                           HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Sums the ``[SPLIT_K, M, N]`` partials (float32 or int32) in split order, then the epilogue."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    size = M.to(tl.int64) * N
+    mask = idx < size
+    acc = tl.load(ws_ptr + idx, mask=mask, other=0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * size + idx, mask=mask, other=0)
+    rm = tl.where(mask, idx // N, M)  # past the end: a row that masks itself out
+    _epilogue(acc, rm, idx % N, out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
+              HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
+
+
+def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias):
+    """The second launch of a split GEMM (nothing without a split: the GEMM kernel ran the epilogue itself)."""
+    if split_k == 1:
+        return
+    m, n = out.shape
+    block = 1024
+    dummy = acc_or_ws
+    _split_k_reduce_kernel[(cdiv(m * n, block),)](
+        acc_or_ws, out, row_scale if row_scale is not None else dummy, col_scale if col_scale is not None else dummy,
+        qbias if qbias is not None else dummy, bias if bias is not None else dummy, m, n, out.stride(0),
+        SPLIT_K=split_k, HAS_QBIAS=qbias is not None, HAS_ROW_SCALE=row_scale is not None,
+        HAS_COL_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------- AWQ W4A16
+@triton.jit
+def _awq_unpack(words):
+    """``[R, C]`` int32 words of 8 nibbles -> ``[R, 8 C]`` int32 values in column order: AWQ stores column j of a
+    word's 8 in nibble ``(j % 2) * 4 + j // 2`` (order 0 2 4 6 1 3 5 7). One load per word, unpacked in registers."""
+    j = tl.arange(0, 8)
+    shifts = ((j % 2) * 4 + j // 2) * 4
+    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    return tl.reshape(q, [words.shape[0], words.shape[1] * 8])
+
+
+@triton.jit
+def _awq_as_float(q, MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """4-bit values ``q`` (int32) as ``dtype`` values ``MAGIC + q`` without an int-to-float conversion: the bits
+    ``MAGIC | q`` (0x6400 = 1024.0 in float16, 0x4300 = 128.0 in bfloat16, both with a unit last mantissa bit)."""
+    return (q | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
+                     stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
+                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+    """``x @ W (+ bias)`` with ``W = (q - zero) * scale`` dequantized tile by tile. Program (tile, split) covers K
+    tiles ``split * ITERS ..`` (ITERS of BLOCK_K, which divides GROUP: one group's scales and zeros per tile);
+    without a split it runs the epilogue, else it stores float32 partials to ``ws`` (``[SPLIT_K, M, N]``).
+
+    16-bit activations (``MAGIC`` the dtype's magic bits, see :func:`_awq_as_float`): ``(q - zero) * scale``
+    computed as ``((MAGIC | q) - (MAGIC | zero)) * scale`` in the activation dtype: the difference is exact, the
+    product rounded once, so W equals the float32 computation rounded to that dtype; float32: in float32."""
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_N // 8
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_n * WORDS + tl.arange(0, WORDS)
+    rk = tl.arange(0, BLOCK_K)
+    # loads wrap rows/columns past the end onto valid ones (no masks in the loop); the stores are masked
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    w_cols = qw_ptr + (rw % (N // 8))[None, :]
+    s_cols = s_ptr + rn % N
+    z_cols = z_ptr + rw % (N // 8)
+    EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(ITERS):
+        k0 = (split * ITERS + i) * BLOCK_K
+        ks = k0 + rk
+        g = tl.minimum(k0, K - 1) // GROUP  # a K tile past the end (uneven split): any valid group, x is 0
+        if EVEN:
+            x = tl.load(x_rows + ks[None, :])
+            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
+        else:
+            x = tl.load(x_rows + ks[None, :], mask=(ks < K)[None, :], other=0.0)
+            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
+        s = tl.load(s_cols + g * stride_sg)[None, :]
+        q = _awq_unpack(packed)
+        if HAS_ZEROS:
+            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :])
+        else:
+            z = tl.full((1, BLOCK_N), 8, dtype=tl.int32)
+        if MAGIC != 0:
+            w = (_awq_as_float(q, MAGIC, x.dtype) - _awq_as_float(z, MAGIC, x.dtype)) * s
+        else:
+            w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        if IEEE:  # float32 activations: full float32 products, not TF32
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    if SPLIT_K == 1:
+        _epilogue(acc, rm[:, None], rn[None, :], out_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M, N,
+                  False, False, False, HAS_BIAS)
+    else:
+        ws = ws_ptr + split.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ws, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+_AWQ_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}
 
 
 def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                        bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+                        bias: torch.Tensor | None, group_size: int, config: GemmConfig | None = None) -> torch.Tensor:
+    """See ``dlinfer.ops.weight_quant_matmul``. ``config`` replaces :func:`awq_config`'s (``split_k`` 0: by the
+    rule; ``block_k`` capped at ``group_size``)."""
     x = x.contiguous()
     qweight, scale = qweight.contiguous(), scale.contiguous()
     offset = offset.contiguous() if offset is not None else None
@@ -113,75 +342,101 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n = _blocks(m)
-    block_k = min(32, group_size)  # a K tile never straddles two groups' rows in one load of scales
-    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    dev = x.device
+    if config is None:
+        cfg = awq_config(dev.type, dev.index, x.dtype, _bucket(m), n, k, group_size)
+    else:
+        cfg = _checked(config, "config", 16)
+        cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
+        cfg = _resolve(cfg, m, n, k, 0.5, _sm_count(dev.type, dev.index))
+    split = cfg.split_k
+    iters = cdiv(cdiv(k, cfg.block_k), split)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=dev) if split > 1 else out
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
     _awq_gemm_kernel[grid](x, qweight, scale, offset if offset is not None else qweight,
-                           bias if bias is not None else scale, out, m, n, k, group_size,
+                           bias if bias is not None else scale, out, ws, m, n, k, group_size,
                            x.stride(0), qweight.stride(0), scale.stride(0),
                            offset.stride(0) if offset is not None else 0, out.stride(0),
                            HAS_ZEROS=offset is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           MAGIC=_AWQ_MAGIC[x.dtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _finish(ws, out, split, None, None, None, bias)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- int8 GEMM
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N, K: tl.constexpr,
-                      stride_am, stride_bn, stride_om,
+def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
+                      K: tl.constexpr, stride_am, stride_bn, stride_om,
                       HAS_ROW_SCALE: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out = ((a @ b.T) [+ qbias]) [* row_scale[m]] * col_scale[n] [+ bias]``, int32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+    """``out = ((a @ b.T) [+ qbias]) [* row_scale[m]] * col_scale[n] [+ bias]``, int32 accumulation; with a split
+    of K, each (tile, split) program stores its int32 partial sums to ``ws`` (``[SPLIT_K, M, N]``, exact) and the
+    reduce kernel runs the epilogue."""
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_mask = rm < M
-    n_mask = rn < N
+    a_rows = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + (rn % N).to(tl.int64)[None, :] * stride_bn
+    EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        k_mask = ks < K
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + ks[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_bn + ks[:, None],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)
-        acc += tl.dot(a, b)
-    if HAS_QBIAS:
-        acc += tl.load(qbias_ptr + rn, mask=n_mask, other=0)[None, :]
-    out = acc.to(tl.float32)
-    if HAS_ROW_SCALE:
-        out = out * tl.load(row_scale_ptr + rm, mask=m_mask, other=0.0)[:, None]
-    out = out * tl.load(col_scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    for i in range(ITERS):
+        ks = (split * ITERS + i) * BLOCK_K + rk
+        if EVEN:
+            a = tl.load(a_rows + ks[None, :])
+            b = tl.load(b_cols + ks[:, None])
+        else:
+            a = tl.load(a_rows + ks[None, :], mask=(ks < K)[None, :], other=0)
+            b = tl.load(b_cols + ks[:, None], mask=(ks < K)[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    if SPLIT_K == 1:
+        _epilogue(acc, rm[:, None], rn[None, :], out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
+                  bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, True, HAS_BIAS)
+    else:
+        ws = ws_ptr + split.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(ws, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, bias, out_dtype) -> torch.Tensor:
+def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, bias, out_dtype,
+               config: GemmConfig | None = None) -> torch.Tensor:
     m, k = a2.shape
     n = b.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a2.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n = _blocks(m)
-    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    dev = a2.device
+    if config is None:
+        cfg = int8_config(dev.type, dev.index, _bucket(m), n, k)
+    else:
+        cfg = _resolve(_checked(config, "config", 32), m, n, k, 1.0, _sm_count(dev.type, dev.index))
+    split = cfg.split_k
+    iters = cdiv(cdiv(k, cfg.block_k), split)
+    ws = torch.empty(split, m, n, dtype=torch.int32, device=dev) if split > 1 else out
     dummy = col_scale
-    _int8_gemm_kernel[grid](a2, b, out, row_scale if row_scale is not None else dummy, col_scale,
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
+    _int8_gemm_kernel[grid](a2, b, out, ws, row_scale if row_scale is not None else dummy, col_scale,
                             qbias if qbias is not None else dummy, bias if bias is not None else dummy,
                             m, n, k, a2.stride(0), b.stride(0), out.stride(0),
                             HAS_ROW_SCALE=row_scale is not None, HAS_QBIAS=qbias is not None,
-                            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32)
+                            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _finish(ws, out, split, row_scale, col_scale, qbias, bias)
     return out
 
 
 def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linear_scale: torch.Tensor,
-                out_dtype: torch.dtype, quant_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+                out_dtype: torch.dtype, quant_dtype: torch.dtype, bias: torch.Tensor | None,
+                config: GemmConfig | None = None) -> torch.Tensor:
     a2 = a.reshape(-1, a.shape[-1]).contiguous()
     out = _int8_gemm(a2, b.contiguous(), rms_scale.reshape(-1).float().contiguous(),
-                     linear_scale.reshape(-1).float().contiguous(), None, bias, out_dtype)
+                     linear_scale.reshape(-1).float().contiguous(), None, bias, out_dtype, config)
     return out.reshape(*a.shape[:-1], b.shape[0])
 
 
@@ -198,7 +453,7 @@ def _static_quant_kernel(x_ptr, q_ptr, scale_ptr, offset_ptr, numel, BLOCK: tl.c
 
 def linear_w8a8_static(x: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor,
                        deq_scale: torch.Tensor, out_dtype: torch.dtype, quant_dtype: torch.dtype,
-                       quant_bias: torch.Tensor | None) -> torch.Tensor:
+                       quant_bias: torch.Tensor | None, config: GemmConfig | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     xq = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     if x2.numel():
@@ -206,7 +461,7 @@ def linear_w8a8_static(x: torch.Tensor, weight: torch.Tensor, input_scale: torch
         _static_quant_kernel[(cdiv(x2.numel(), block),)](x2, xq, input_scale.reshape(1),
                                                                   input_offset.reshape(1), x2.numel(), BLOCK=block)
     out = _int8_gemm(xq, weight.contiguous(), None, deq_scale.reshape(-1).float().contiguous(),
-                     quant_bias.contiguous() if quant_bias is not None else None, None, out_dtype)
+                     quant_bias.contiguous() if quant_bias is not None else None, None, out_dtype, config)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
