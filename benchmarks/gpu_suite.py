@@ -12,7 +12,8 @@ Parts (run in this order, whatever order ``--only`` names them in):
                  whenever a benchmark part runs, since every "% of bound" divides by them
   decode         paged_decode_attention, B x ctx x block
   prefill        prefill_attention (varlen, causal)
-  paged_prefill  paged_prefill_attention (the cache holds the new tokens; history 0)
+  paged_prefill  paged_prefill_attention (the cache holds the new tokens; history 0), and chunked prefill: 256
+                 new tokens over a 16k history, batch 1 and 8, block 64 and 16
   fill           fill_kv_cache (256 decode / 8192 prefill tokens), and the fused rotary + KV write
   norm           rms_norm, add_rms_norm
   rotary         apply_rotary_pos_emb, in place on strided q/k views of a fused qkv
@@ -100,7 +101,11 @@ def grid(part: str, quick: bool) -> list[dict]:
         return [dict(batch=b, ctx=c, block=bs) for bs in (64, 16) for b in batches for c in ctxs]
     if part in ("prefill", "paged_prefill"):
         shapes = ((4, 2048),) if quick else ((16, 512), (4, 2048), (1, 8192))
-        return [dict(seqs=s, seqlen=l) for s, l in shapes]
+        cases = [dict(seqs=s, seqlen=l) for s, l in shapes]
+        if part == "paged_prefill":  # chunked prefill: 256 new tokens over a 16k history (split-KV at batch 1)
+            chunked = ((1, 64),) if quick else ((1, 64), (8, 64), (1, 16), (8, 16))
+            cases += [dict(seqs=s, seqlen=256, block=b, history=16384) for s, b in chunked]
+        return cases
     if part == "fill":
         cases = [dict(kind="decode", tokens=256, block=64), dict(kind="prefill", tokens=8192, block=64)]
         return cases + [dict(kind="rotary_fill", tokens=8192, block=64)]
@@ -501,9 +506,9 @@ class Suite:
             self._paged_prefill_case(**params)
             torch.cuda.empty_cache()
 
-    def _paged_prefill_case(self, seqs: int, seqlen: int, block: int = 64) -> None:
-        import dlinfer.ops as ops
-
+    def _paged_prefill_case(self, seqs: int, seqlen: int, block: int = 64, history: int = 0) -> None:
+        if history:
+            return self._chunked_prefill_case(seqs, seqlen, block, history)
         params = dict(seqs=seqs, seqlen=seqlen, block=block)
         q, k, v, lens, cu, flops, nbytes = self._prefill_inputs(seqs, seqlen)
         scale = 1.0 / math.sqrt(HEAD)
@@ -524,6 +529,17 @@ class Suite:
         def check(out):
             return rel_err(out, ref_full)
 
+        self._paged_prefill_rows(params, q, k_cache, v_cache, table, block, cu, cu, lens, seqlen, seqlen, scale,
+                                 nbytes, flops, check)
+        self._torch_prefill_rows("paged_prefill", "paged_prefill_attention", params, q4, k4, v4, scale, nbytes, flops,
+                                 check)
+
+    def _paged_prefill_rows(self, params, q, k_cache, v_cache, table, block, cu_q, cu_k, kv_lens, max_q, max_kv,
+                            scale, nbytes, flops, check) -> None:
+        """The dlinfer and peer rows of one paged prefill case (``cu_q`` / ``cu_k``: ``[B + 1]`` start offsets of the
+        queries and of the flattened keys)."""
+        import dlinfer.ops as ops
+
         op = "paged_prefill_attention"
         why = self.provides(op)
         if why:
@@ -531,18 +547,50 @@ class Suite:
         else:
             out = torch.empty_like(q)
             self.measure("paged_prefill", op, params, "dlinfer",
-                         lambda: ops.paged_prefill_attention(q, None, None, k_cache, v_cache, table, block, cu[1:],
-                                                             lens, seqlen, seqlen, HQ, HK, [None],
+                         lambda: ops.paged_prefill_attention(q, None, None, k_cache, v_cache, table, block, cu_q[1:],
+                                                             kv_lens, max_q, max_kv, HQ, HK, [None],
                                                              softmax_scale=scale, attn_output=out),
                          nbytes=nbytes, flops=flops, check=check, prepare=lambda: out.fill_(float("nan")))
         if self.lmd is not None:
+            kv_total = int(cu_k[-1])
             self.measure("paged_prefill", op, params, "lmdeploy",
-                         lambda: peers.lmdeploy_paged_prefill(self.lmd, q, k_cache, v_cache, table, cu, cu, lens,
-                                                              cu[:-1], seqlen, seqlen, seqs * seqlen, scale),
+                         lambda: peers.lmdeploy_paged_prefill(self.lmd, q, k_cache, v_cache, table, cu_q, cu_k, kv_lens,
+                                                              cu_k[:-1], max_q, max_kv, kv_total, scale),
                          nbytes=nbytes, flops=flops, check=check, note="flatten_kv_cache + flash_attn_varlen_func")
         else:
             self.skip("paged_prefill", op, params, "lmdeploy", self.lmd_error)
-        self._torch_prefill_rows("paged_prefill", op, params, q4, k4, v4, scale, nbytes, flops, check)
+
+    def _chunked_prefill_case(self, seqs: int, seqlen: int, block: int, history: int) -> None:
+        """``seqlen`` new tokens per sequence over ``history`` cached ones (the cache holds both, shuffled blocks):
+        dlinfer and the peer (flatten the cache, then flash attention), checked against the reference vendor in
+        float32. No torch row: SDPA's ``is_causal`` aligns the diagonal top-left, not with the history."""
+        from dlinfer.vendor.reference import attention as ref_attention
+
+        params = dict(seqs=seqs, seqlen=seqlen, block=block, history=history)
+        kv = history + seqlen
+        scale = 1.0 / math.sqrt(HEAD)
+        gen = torch.Generator(device=self.device).manual_seed(seqs * 7 + block + history)
+        blocks_per_seq = -(-kv // block)
+        num_blocks = seqs * blocks_per_seq
+        table = torch.randperm(num_blocks, device=self.device, generator=gen).view(seqs, blocks_per_seq).int()
+        k_cache = torch.randn(num_blocks, block, HK, HEAD, device=self.device, dtype=DTYPE, generator=gen)
+        v_cache = torch.randn(num_blocks, block, HK, HEAD, device=self.device, dtype=DTYPE, generator=gen)
+        q = torch.randn(seqs * seqlen, HQ, HEAD, device=self.device, dtype=DTYPE, generator=gen)
+        cu_q = torch.arange(0, seqs * seqlen + 1, seqlen, device=self.device, dtype=torch.int32)
+        cu_k = torch.arange(0, seqs * kv + 1, kv, device=self.device, dtype=torch.int32)
+        kv_lens = torch.full((seqs,), kv, device=self.device, dtype=torch.int32)
+        ref = torch.empty(seqs * seqlen, HQ, HEAD, device=self.device, dtype=torch.float32)
+        ref_attention.paged_prefill_attention(q.float(), k_cache, v_cache, table, cu_q, kv_lens, seqlen, kv, scale,
+                                              True, ref)
+        # FLOPs of the visible scores: query i of a sequence sees history + i + 1 keys.
+        flops = 4.0 * HQ * HEAD * seqs * (seqlen * history + seqlen * (seqlen + 1) / 2)
+        nbytes = (2 * q.numel() + 2 * seqs * kv * HK * HEAD) * DTYPE.itemsize
+
+        def check(out):
+            return rel_err(out, ref)
+
+        self._paged_prefill_rows(params, q, k_cache, v_cache, table, block, cu_q, cu_k, kv_lens, seqlen, kv, scale,
+                                 nbytes, flops, check)
 
     # fill ------------------------------------------------------------------------------------------
     def part_fill(self) -> None:

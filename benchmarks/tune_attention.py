@@ -1,7 +1,10 @@
 """Sweep the triton attention kernels' launch parameters on a GPU (through the DLINFER_TRITON_DECODE /
 DLINFER_TRITON_PREFILL overrides of dlinfer/vendor/triton/attention_*.py).
 
-    python3 benchmarks/tune_attention.py [--parts prefill,decode] [--out DIR]
+    python3 benchmarks/tune_attention.py [--parts prefill,paged_prefill,decode] [--out DIR]
+
+``paged_prefill`` sweeps the split-KV settings on chunked prefill (256 new tokens over a 16k history, batch 1
+and 8, block 64 and 16) beside LMDeploy's flatten-the-cache + flash attention.
 
 Times each candidate by CUDA-graph replay with the L2 flushed; prints one line per candidate and writes
 ``tune_attention.json`` under ``--out``.
@@ -27,6 +30,11 @@ HQ, HK, D = 32, 8, 128
 PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
            "block_m=64,num_warps=4")
 DECODE = ("", "one_wave=1", "target_programs=396")
+# chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
+# a two-wave target, the large tiles (with and without splits), no programmatic dependent launch
+PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_programs=528",
+                 "block_m=128,block_n=128,num_warps=8", "block_m=128,block_n=128,num_warps=8,splits=0",
+                 "block_m=128,block_n=64,num_warps=8", "pdl=0")
 
 
 def _time(rows, part, case, cfg, fn, flush, work, unit, check=None):
@@ -48,6 +56,18 @@ def _time(rows, part, case, cfg, fn, flush, work, unit, check=None):
     return t
 
 
+def _sweep(rows, part, case, env_name, config, candidates, fn, flush, work, unit, check, peer_us):
+    """Time ``fn`` under each candidate value of ``$env_name`` (``config``: the cached config builder it feeds,
+    cleared before each), with its ratio to the peer's time ``peer_us`` when there is one."""
+    for cfg in candidates:
+        config.cache_clear()
+        os.environ[env_name] = cfg
+        t = _time(rows, part, case, cfg, fn, flush, work, unit, check)
+        if t and peer_us:
+            rows[-1]["vs_peer"] = peer_us / t
+            print(f"   {case} {cfg or 'default'}: {peer_us / t:.3f}x the peer", flush=True)
+
+
 def prefill(rows, flush):
     import dlinfer.ops as ops
     from dlinfer.vendor.triton import attention_prefill as ap
@@ -66,6 +86,55 @@ def prefill(rows, flush):
                   lambda: ops.prefill_attention(q, k, v, None, None, lens, lens, length, HQ, HK, [None],
                                                 attn_output=out),
                   flush, 2 * seqs * length * length * HQ * D, "TFLOP/s")
+    os.environ.pop("DLINFER_TRITON_PREFILL", None)
+    ap._config.cache_clear()
+
+
+def paged_prefill(rows, flush, peer, batches=None):
+    """Chunked prefill (256 new tokens over a 16k history, block 64 and 16), each candidate beside the peer
+    (LMDeploy's flatten-the-cache + flash attention) when loaded; errors against the reference vendor (float32,
+    first sequence)."""
+    import dlinfer.ops as ops
+    from dlinfer.vendor.reference import attention as ref_attention
+    from dlinfer.vendor.triton import attention_prefill as ap
+
+    from benchmarks import peers
+
+    q_len, history = 256, 16384
+    kv = q_len + history
+    for block in (64, 16):
+        for batch in (1, 8):
+            if batches and batch not in batches:
+                continue
+            blocks = batch * (-(-kv // block))
+            kc = torch.randn(blocks, block, HK, D, device="cuda", dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            table = torch.randperm(blocks, device="cuda").int().view(batch, -1)
+            q = torch.randn(batch * q_len, HQ, D, device="cuda", dtype=torch.bfloat16)
+            cu_q = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
+            cu_k = torch.arange(0, batch * kv + 1, kv, device="cuda", dtype=torch.int32)
+            lens = torch.full((batch,), kv, device="cuda", dtype=torch.int32)
+            out = torch.empty_like(q)
+            ref = torch.empty(q_len, HQ, D, device="cuda", dtype=torch.float32)
+            ref_attention.paged_prefill_attention(q[:q_len].float(), kc, vc, table[:1], cu_q[:2], lens[:1], q_len, kv,
+                                                  D ** -0.5, True, ref)
+
+            def check(o):
+                o = o[:q_len].double()
+                return float((o - ref.double()).norm() / ref.double().norm())
+
+            case = f"block{block} B{batch} q{q_len} history{history}"
+            work = 4 * HQ * D * batch * (q_len * history + q_len * (q_len + 1) // 2)
+            peer_us = None
+            if peer is not None:
+                peer_us = _time(rows, "paged_prefill", case, "lmdeploy", lambda: peers.lmdeploy_paged_prefill(
+                    peer, q, kc, vc, table, cu_q, cu_k, lens, cu_k[:-1], q_len, kv, batch * kv, D ** -0.5),
+                    flush, work, "TFLOP/s", check)
+            _sweep(rows, "paged_prefill", case, "DLINFER_TRITON_PREFILL", ap._config, PAGED_PREFILL,
+                   lambda: ops.paged_prefill_attention(q, None, None, kc, vc, table, block, cu_q[1:], lens, q_len, kv,
+                                                       HQ, HK, [None], attn_output=out),
+                   flush, work, "TFLOP/s", check, peer_us)
+            del kc, vc
     os.environ.pop("DLINFER_TRITON_PREFILL", None)
     ap._config.cache_clear()
 
@@ -104,16 +173,10 @@ def decode(rows, flush, peer, batches=None):
             if peer is not None:
                 peer_us = _time(rows, "decode", case, "lmdeploy", lambda: peers.lmdeploy_paged_decode(
                     peer, q, kc, vc, table, lens, D ** -0.5), flush, work, "GB/s", check)
-            for cfg in DECODE:
-                ad._config.cache_clear()
-                os.environ["DLINFER_TRITON_DECODE"] = cfg
-                t = _time(rows, "decode", case, cfg,
-                          lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
-                                                             attn_output=out),
-                          flush, work, "GB/s", check)
-                if t and peer_us:
-                    rows[-1]["vs_peer"] = peer_us / t
-                    print(f"   {case} {cfg or 'default'}: {peer_us / t:.3f}x the peer", flush=True)
+            _sweep(rows, "decode", case, "DLINFER_TRITON_DECODE", ad._config, DECODE,
+                   lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
+                                                      attn_output=out),
+                   flush, work, "GB/s", check, peer_us)
             del kc, vc
     os.environ.pop("DLINFER_TRITON_DECODE", None)
     ad._config.cache_clear()
@@ -123,7 +186,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", default="prefill,decode")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--batches", default="", help="decode: only these batch sizes (comma-separated)")
+    parser.add_argument("--batches", default="",
+                        help="decode, paged_prefill: only these batch sizes (comma-separated)")
     args = parser.parse_args(argv)
     import dlinfer.vendor as vendor
 
@@ -140,6 +204,8 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         if part == "decode":
             decode(rows, flush, peer, {int(b) for b in args.batches.split(",") if b})
+        elif part == "paged_prefill":
+            paged_prefill(rows, flush, peer, {int(b) for b in args.batches.split(",") if b})
         else:
             prefill(rows, flush)
         Path(args.out, "tune_attention.json").write_text(json.dumps(rows, indent=1))
