@@ -224,6 +224,15 @@ def test_suite_parts_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "gpu_time", lambda fn, flush, graph=True, **k: (fn(), timing.GpuTime(7.0, "stub"))[1])
     monkeypatch.setattr(peers, "torch_prefill_sdpa", lambda q, k, v, scale, backend: torch.nn.functional
                         .scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+
+    def varlen(q, k, v, cu, max_seqlen, scale, backend):  # torch's varlen kernels are CUDA-only
+        from dlinfer.vendor.reference import attention as ref_attention
+
+        out = torch.empty_like(q)
+        ref_attention.prefill_attention(q, k, v, cu, cu, max_seqlen, scale, True, out)
+        return out
+
+    monkeypatch.setattr(peers, "torch_prefill_varlen", varlen)
     for name, value in dict(DTYPE=torch.float32, HQ=4, HK=2, HEAD=64, HIDDEN=128, INTER_SILU=96,
                             EAGER_DECODE=(3, 64, 16), EAGER_PREFILL=16).items():
         monkeypatch.setattr(gpu_suite, name, value)
