@@ -13,7 +13,9 @@ Parts, in this order (a part that would start past the deadline is skipped and s
 * ``timing``: paged decode over a bfloat16, an 8-bit and a 4-bit cache (Llama-3-8B heads: 32 / 8, D 128, block
   64), dlinfer's Triton kernel against LMDeploy 0.18's own (``flash_attn_with_kvcache``, ``quant_policy`` 0 / 8 /
   4) on the same caches (written by dlinfer's ``fill_kv_cache``: the outputs must agree, which checks the shared
-  layout on the GPU); the quantizing cache write, dlinfer's against LMDeploy's. CUDA-graph replay, L2 flushed
+  layout on the GPU); the quantizing cache write, dlinfer's against LMDeploy's; the dense AWQ and int8 GEMMs at
+  their default configs against LMDeploy's (``awq_linear``, ``matmul_kernel_dynamic_quant``) on Llama-3-8B's o and
+  gate_up linears at 1 and 4096 tokens (``benchmarks/tune_quant.py`` sweeps them). CUDA-graph replay, L2 flushed
   (``benchmarks/timing.py``).
 * ``e2e``: a tiny random-weight Llama quantized offline (``dlinfer.testing.quantize``: AWQ, and W8A8) served by
   LMDeploy's engine (``lmdeploy.pipeline``, CUDA graphs) with ``quant_policy`` 8 (AWQ) / 4 (W8A8), stock and on
@@ -48,6 +50,7 @@ PARTS = ("check", "timing", "e2e")
 # decode shapes: (batch, context)
 DECODE_SHAPES = ((1, 8192), (16, 2048), (64, 1024))
 E2E = (("awq", 8, "float16"), ("w8a8", 4, "float16"))  # (format, quant_policy, dtype)
+GEMM_SHAPES = (("o", 1), ("gate_up", 1), ("o", 4096), ("gate_up", 4096))  # (Llama-3-8B linear, tokens)
 
 
 def quantized_cache_cases() -> list[tuple[str, dict]]:
@@ -158,7 +161,34 @@ def part_timing() -> dict:
             for bits in (8, 4):
                 results.append(_time_fill(tokens, bits, peer, flush, gpu_time))
                 print(results[-1])
+    results += _time_gemms()
     return {"rows": results, "card": torch.cuda.get_device_name(0)}
+
+
+def _time_gemms() -> list[dict]:
+    """The dense quantized GEMMs (AWQ W4A16, int8 W8A8) at their default configs against LMDeploy's kernels on
+    GEMM_SHAPES, each output checked against the reference (benchmarks/tune_quant.py: the full sweep)."""
+    import torch
+
+    from benchmarks import tune_quant
+
+    timer, peer, rows = tune_quant.Timer(True), tune_quant.Peer(), []
+    for fmt in tune_quant.FORMATS:
+        for shape, t in GEMM_SHAPES:
+            n, k = tune_quant.SHAPES[shape]
+            r = tune_quant.baseline(fmt, shape, n, k, t, "cuda", timer, peer, {})
+            ours, theirs = r["default"], r.get("peer", {})
+            row = {"op": "weight_quant_matmul" if fmt == "awq" else "linear_w8a8", "shape": shape, "n": n, "k": k,
+                   "tokens": t, "dlinfer_us": round(ours["us"], 2) if "us" in ours else ours.get("error"),
+                   "lmdeploy_us": round(theirs["us"], 2) if "us" in theirs else theirs.get("error"),
+                   "rel_err": ours.get("rel_err"), "lmdeploy_rel_err": theirs.get("rel_err"),
+                   "config": ours["config"]}
+            if "us" in ours and "us" in theirs:
+                row["speedup"] = round(theirs["us"] / ours["us"], 3)
+            print(row)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _time_fill(tokens: int, bits: int, peer, flush, gpu_time, hk=8, d=128, block=64) -> dict:
@@ -301,9 +331,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         import benchmarks.lmdeploy_e2e  # noqa: F401  (the e2e part's helpers import)
         import benchmarks.timing  # noqa: F401
+        import benchmarks.tune_quant  # noqa: F401  (the GEMM timings' helpers)
 
         print(f"dry run: parts {', '.join(parts)}; {len(cases)} full-matrix quantized-cache cases x 3 dtypes; "
-              f"{len(DECODE_SHAPES) * 3} decode timings; e2e {', '.join(f'{f} quant_policy={q}' for f, q, _ in E2E)}")
+              f"{len(DECODE_SHAPES) * 3} decode timings; {len(GEMM_SHAPES) * 2} GEMM timings; e2e {', '.join(f'{f} quant_policy={q}' for f, q, _ in E2E)}")
         return 0
     start = time.monotonic()
     deadline = start + args.deadline

@@ -607,3 +607,27 @@ def test_dense_gemm_default_configs_compile_for_sm90():
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_DENSE_FOR_SM90)
+
+
+def test_tune_quant_dry_run_writes_checked_results(tmp_path, monkeypatch):
+    """benchmarks/tune_quant.py's CPU smoke mode: every (format, T) gets a default config checked against the
+    reference and timed, the coordinate-descent sweep runs (a split among its candidates), the JSON is written;
+    a zero budget still writes the JSON, saying where it stopped."""
+    import json
+
+    from benchmarks import tune_quant
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "tune.json"
+    assert tune_quant.main(["--dry-run", "--budget-s", "300", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(report["rows"]) == ["awq:tiny:T1", "awq:tiny:T20", "w8a8:tiny:T1", "w8a8:tiny:T20"]
+    for row in report["rows"].values():
+        assert row["default"]["rel_err"] < tune_quant.TOL[row["format"]] and row["default"]["us"] > 0, row
+        assert row["sweep_done"]
+        split = [c for c in row["candidates"] if c["config"]["split_k"] == 2]
+        assert split and all("us" in c and c["rel_err"] < tune_quant.TOL[row["format"]] for c in split), split
+    cut = tmp_path / "cut.json"
+    assert tune_quant.main(["--dry-run", "--budget-s", "0", "--out", str(cut)]) == 0
+    report = json.loads(cut.read_text())
+    assert report["rows"] == {} and report["cut"].startswith("budget")
