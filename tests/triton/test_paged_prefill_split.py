@@ -190,6 +190,37 @@ def test_split_rows_that_see_no_key_are_zero(force_splits):
     assert spies["_prefill_combine_kernel"].grids
 
 
+@pytest.mark.parametrize("where", ["first_slice_key", "diagonal_key", "value"])
+def test_split_nan_in_nan_out(force_splits, where):
+    """A NaN in the cache reaches exactly the rows the reference makes NaN through the split and combine kernels,
+    and no other row: a key in the first slice (every row of the sequence sees it), a key past some rows' diagonal
+    in the last slice (only the later rows see it), a value of the other sequence. (The interpreter's maximum
+    propagates NaN, so this does not tell whether the combine would drop a NaN partial under the GPU's max; the
+    combine counts a NaN log-sum-exp as live for that.)"""
+    force_splits(3)
+    hq, hk, d, block_size, q_lens, history = 4, 2, 16, 16, [6, 4], [50, 30]
+    case = _paged_case(hq, hk, d, d, block_size, torch.float32, False, q_lens, history, seed=9, pad=0)
+    key_cache, value_cache, table = case[1], case[2], case[3]
+
+    def poison(cache, b, t, head):
+        cache[int(table[b, t // block_size]), t % block_size, head, 3] = float("nan")
+
+    if where == "first_slice_key":
+        poison(key_cache, 0, 2, 1)
+    elif where == "diagonal_key":
+        poison(key_cache, 0, history[0] + 3, 0)  # queries 3.. of sequence 0 see it, 0..2 do not
+    else:
+        poison(value_cache, 1, 10, 1)
+    tokens = sum(q_lens)
+    tri, ref = (_paged(vendor, case, hq, hk, d, block_size, True, 6, 56, torch.full((tokens, hq, d), float("nan")))
+                for vendor in ("triton", "reference"))
+    nan_rows = {tuple(ix) for ix in torch.nonzero(ref.isnan().any(-1)).tolist()}
+    assert nan_rows and nan_rows != {(t, h) for t in range(tokens) for h in range(hq)}
+    assert {tuple(ix) for ix in torch.nonzero(tri.isnan().any(-1)).tolist()} == nan_rows
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(tri[finite], ref[finite], atol=2e-5, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------ the split rule
 H200 = dict(sm_count=132, smem_per_sm=233472, threads_per_sm=2048)  # an H100/H200: 132 SMs, 228 KB per SM
 
