@@ -243,6 +243,8 @@ def test_resident_programs_follow_shared_memory_and_threads():
     large = ap.PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)  # 224 KB: one per SM
     assert ap.resident_programs(small, 128, 128, 2, **H200) == 264
     assert ap.resident_programs(large, 128, 128, 2, **H200) == 132
+    fp32 = ap.PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # 128 KB with tf32x3: one per SM
+    assert ap.resident_programs(fp32, 128, 128, 4, **H200) == 132
     tiny = ap.PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)  # threads bound it: 16 per SM
     assert ap.resident_programs(tiny, 64, 64, 2, **H200) == 16 * 132
 
@@ -285,20 +287,25 @@ from sm90 import compile_sm90
 from dlinfer.vendor.triton import attention_prefill as pre
 
 LIMIT = 227 * 1024
-for paged, pack, causal, quant, bm, bn, warps, stages in (
-        (True, 4, True, 0, 64, 64, 4, 3), (True, 4, True, 0, 128, 128, 8, 3), (True, 1, False, 0, 64, 64, 4, 3),
-        (True, 4, True, 8, 64, 64, 4, 3), (True, 4, True, 4, 64, 64, 4, 3), (False, 4, True, 0, 64, 64, 4, 3)):
-    cache = "*u8" if quant else "*bf16"
-    types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
-                 q_ends_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32", ks_ptr="*bf16", kz_ptr="*bf16",
-                 vs_ptr="*bf16", vz_ptr="*bf16", qk_scale="fp32")
-    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_M=bm,
-                  BLOCK_N=bn, PAGED=paged, PAGE_SIZE=16, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False,
-                  QUANT=quant, USE_PDL=True)
+for paged, pack, causal, quant, bm, bn, warps, stages, dt, d in (
+        (True, 4, True, 0, 64, 64, 4, 3, "bf16", 128), (True, 4, True, 0, 128, 128, 8, 3, "bf16", 128),
+        (True, 1, False, 0, 64, 64, 4, 3, "bf16", 128), (True, 4, True, 8, 64, 64, 4, 3, "bf16", 128),
+        (True, 4, True, 4, 64, 64, 4, 3, "bf16", 128), (False, 4, True, 0, 64, 64, 4, 3, "bf16", 128),
+        (True, 4, True, 0, 64, 64, 8, 2, "bf16", 256), (True, 4, True, 0, 64, 32, 4, 2, "fp32", 128)):
+    cache = "*u8" if quant else "*" + dt
+    types = dict(q_ptr="*" + dt, k_ptr=cache, v_ptr=cache, mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
+                 q_ends_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32", ks_ptr="*" + dt, kz_ptr="*" + dt,
+                 vs_ptr="*" + dt, vz_ptr="*" + dt, qk_scale="fp32")
+    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d, BLOCK_DV=d, BLOCK_M=bm,
+                  BLOCK_N=bn, PAGED=paged, PAGE_SIZE=16, CAUSAL=causal,
+                  DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32", WHILE_LOOP=False, QUANT=quant, USE_PDL=True)
     smem, ttgir = compile_sm90(pre._prefill_split_kernel, types, consts, warps, stages)
     assert smem <= LIMIT, (bm, bn, quant, smem)
+    # the split rule's residency model never counts less shared memory than the kernel takes
+    cfg = pre.PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    assert smem <= pre.shared_memory(cfg, d, d, 4 if dt == "fp32" else 2), (bm, bn, dt, d, smem)
     assert "warp_group_dot" in ttgir, "the split kernel must run on Hopper tensor cores (wgmma)"
-    print("split", paged, pack, causal, quant, bm, bn, smem)
+    print("split", paged, pack, causal, quant, bm, bn, dt, d, smem)
 for pdl in (True, False):
     for dv in (128, 64):
         smem, ttgir = compile_sm90(pre._prefill_combine_kernel,
@@ -312,9 +319,10 @@ print("compiled")
 
 
 def test_split_and_combine_kernels_compile_for_sm90():
-    """The GPU configs of the split kernel (64x64 and 128x128 tiles, paged / packed keys, causal or not, int8 and
-    int4 caches) and the combine kernel (with and without programmatic dependent launch) compile for sm_90 with the
-    triton wheel's ptxas, within 227 KB of shared memory, the split kernel on wgmma."""
+    """The GPU configs of the split kernel (bf16 64x64 and 128x128 tiles at D 128, 64x64 at D 256, fp32 64x32 with
+    tf32x3 dots, paged / packed keys, causal or not, int8 and int4 caches) and the combine kernel (with and without programmatic dependent launch) compile for sm_90 with the
+    triton wheel's ptxas, within 227 KB of shared memory and within what the split rule's residency model counts,
+    the split kernel on wgmma."""
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_SPLIT_FOR_SM90)

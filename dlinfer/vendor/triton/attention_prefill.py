@@ -114,13 +114,20 @@ class PrefillConfig:
     pdl: bool = True  # programmatic dependent launch of the combine kernel where the card has it (sm90+)
 
 
+def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
+    """Shared memory of a prefill / split program on sm_90, an upper bound: ``num_stages`` K/V tiles and the query
+    tile (exact for the 16-bit configs); fp32 counts the query tile twice (its ``tf32x3`` dots take more: 128 KB
+    for 64x32 tiles with 2 stages at D 128). A quantized cache takes less (byte tiles)."""
+    d, dv = next_power_of_2(head_size), next_power_of_2(head_size_v)
+    q_tiles = 2 if itemsize == 4 else 1
+    return (config.num_stages * config.block_n * (d + dv) + q_tiles * config.block_m * d) * itemsize
+
+
 def resident_programs(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int, sm_count: int,
                       smem_per_sm: int, threads_per_sm: int) -> int:
-    """Programs of ``config`` a card runs at once: SM count x programs per SM, bounded by shared memory (the
-    ``num_stages`` K/V tiles and the query tile, as Triton allocates them for these kernels on sm_90, plus the
-    1 KB the driver reserves per block) and by threads."""
-    d, dv = next_power_of_2(head_size), next_power_of_2(head_size_v)
-    smem = (config.num_stages * config.block_n * (d + dv) + config.block_m * d) * itemsize + 1024
+    """Programs of ``config`` a card runs at once: SM count x programs per SM, bounded by shared memory
+    (:func:`shared_memory` plus the 1 KB the driver reserves per block) and by threads."""
+    smem = shared_memory(config, head_size, head_size_v, itemsize) + 1024
     per_sm = min(smem_per_sm // smem, threads_per_sm // (32 * config.num_warps))
     return max(1, per_sm) * sm_count
 
@@ -590,4 +597,4 @@ CAPABILITIES = {
 }
 
 __all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig", "num_splits",
-           "resident_programs"]
+           "resident_programs", "shared_memory"]
