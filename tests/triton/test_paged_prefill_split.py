@@ -277,6 +277,8 @@ def test_split_overrides_from_the_environment(monkeypatch):
     tuned = attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     assert ap.num_splits(128, 16640, tuned) == 4
     assert ap.num_splits(128, 2048, tuned) == 2
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "min_split_tokens=0")  # one key a slice at the most
+    assert ap.num_splits(128, 3, attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")) == 2
     monkeypatch.setenv("DLINFER_TRITON_PREFILL", "target_programs=0")
     assert ap.num_splits(16, 16640, attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")) == 1
 

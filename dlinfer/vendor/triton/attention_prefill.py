@@ -178,7 +178,7 @@ def num_splits(programs: int, max_kv_seq_len: int, config: PrefillConfig) -> int
         return max(1, min(config.splits, MAX_SPLITS))
     if config.target_programs <= 0:
         return 1
-    return max(1, min(config.target_programs // max(programs, 1), max_kv_seq_len // config.min_split_tokens,
+    return max(1, min(config.target_programs // max(programs, 1), max_kv_seq_len // max(config.min_split_tokens, 1),
                       MAX_SPLITS))
 
 
