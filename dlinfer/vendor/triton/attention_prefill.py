@@ -43,7 +43,8 @@ slice) to a scratch ``[splits, T, Hq, Dv]`` / ``[splits, T, Hq]``; then ``_prefi
 ``combine_rows`` (token, head) rows, merges the splits with weights ``2^(lse - max)``: empty partials weigh 0,
 a row no split saw gives zeros, and rows of tokens past ``cu_seqlens_q[-1]`` are never touched. On sm90+ the
 combine is a programmatic dependent launch (it waits with ``griddepcontrol.wait`` for the split grid), as in
-``attention_decode``. ``prefill_attention`` uses the same kernels (its key count bounds the KV lengths).
+``attention_decode``. ``prefill_attention`` uses the same kernels (its KV bound: ``max_q_seq_len`` when keys
+and queries share their offsets, else the packed key count).
 
 Each program reads its query tile before it writes its output tile, and only its own rows and heads, so
 ``attn_output`` may alias the query buffer (LMDeploy passes ``query[..., :Dv]``); split programs read queries
@@ -570,10 +571,12 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
     q_ends = cu_seqlens_q[1:]
     sk, sv = key.stride(), value.stride()
     kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
-    kv_ends = q_ends if cu_seqlens_kv is cu_seqlens_q else cu_seqlens_kv[1:]  # one view when they are one tensor
-    # No KV length bound in this op's signature: the packed key count bounds every sequence's (a host int).
-    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len, key.shape[0],
-            softmax_scale, causal, kv_strides)
+    same = cu_seqlens_kv is cu_seqlens_q
+    kv_ends = q_ends if same else cu_seqlens_kv[1:]  # one view when they are one tensor
+    # The KV length bound (host int) for the split rule: max_q_seq_len when keys are partitioned like the queries,
+    # else the packed key count (this op's signature has no KV bound).
+    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len,
+            max_q_seq_len if same else key.shape[0], softmax_scale, causal, kv_strides)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
