@@ -10,8 +10,11 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   autotune on first use where the card has no table; the tune's seconds are reported);
 * ``--autotune-shapes`` run as on a card without a table (its table is hidden for them): their first call runs
   the autotune on first use, whose result lands in the tuning cache (``DLINFER_CACHE_DIR``);
-* with ``--candidates``: extra tile configs (``EXTRA``) at ``rows per expert >= --candidates-from``, uniform
-  routing only, each checked against the reference before it is timed: material for the card's table.
+* with ``--candidates``: extra tile configs (``EXTRA``, uniform routing) and the Hopper variants (``HOPPER``: the
+  config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_B``/``PERSISTENT``/``WS``
+  fields, and warp-specialized 4-warp configs; on the routings of ``--candidates-routings``) at ``rows per expert
+  >= --candidates-from``, each checked against the reference before it is timed: material for the card's table.
+  A summary per Hopper variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case and a table of speed ratios last; writes everything to ``--out`` (JSON).
 
@@ -49,6 +52,23 @@ EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
          _cfg(128, (128, 64, 1, 8, 3), (256, 64, 1, 8, 3)),
          _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4))]
 
+# Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
+# for warp specialization (it takes effect with 4 warps and both operands on TMA).
+HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1), dict(TMA_B=1, PERSISTENT=1),
+                dict(TMA_A=1, TMA_B=1, PERSISTENT=1)]
+HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
+             _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, WS=1),
+             _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
+
+
+def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
+    """(name, config) of the Hopper variants for a case whose config in force is ``in_force`` and whose hot
+    experts' tiles are ``hot`` (given explicitly: a config passed to fused_moe gets no hot class otherwise)."""
+    out = [("+".join(f), dict(in_force, hot=hot, **f)) for f in HOPPER_FLAGS]
+    out += [(f"ws{i}:" + "+".join(k for k in ("TMA_A", "TMA_B", "PERSISTENT") if c.get(k)), dict(c, hot=hot))
+            for i, c in enumerate(HOPPER_WS)]
+    return out
+
 
 def routing(tokens, experts, topk, skewed, gen):
     logits = torch.randn(tokens, experts, device="cuda", generator=gen)
@@ -71,8 +91,12 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES])
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"])
-    ap.add_argument("--candidates", action="store_true", help="also time EXTRA configs (uniform routing)")
+    ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
+    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper"],
+                    help="which candidates --candidates times (default %(default)s)")
+    ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
+                    help="routings the HOPPER variants are timed on (default %(default)s)")
     ap.add_argument("--autotune-shapes", nargs="*", default=["e32k1", "e8k1"],
                     help="shapes run as on a card without a table: the first call autotunes (default %(default)s)")
     args = ap.parse_args(argv)
@@ -134,18 +158,26 @@ def main(argv=None):
                             speed=peer_us / our_us, config=src, source=in_force, first_call_s=round(first_s, 2),
                             tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, extra=[])
                 rows = tokens * topk / experts
-                if args.candidates and rt == "uniform" and rows >= args.candidates_from:
-                    for cfg in EXTRA:
-                        if cfg == src:
-                            continue
-                        try:
-                            e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
-                            us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
-                                if e < 2e-2 else float("inf")
-                        except Exception as exc:  # noqa: BLE001 - a tile that cannot launch here is skipped
-                            e, us = float("nan"), float("inf")
-                            print(f"   candidate {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
-                        case["extra"].append(dict(config=cfg, us=us, rel_err=e, speed=peer_us / us))
+                cands = []
+                if args.candidates and rows >= args.candidates_from:
+                    if "extra" in args.candidate_sets and rt == "uniform":
+                        cands += [("extra", c) for c in EXTRA if c != src]
+                    if "hopper" in args.candidate_sets and rt in args.candidates_routings:
+                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
+                        cands += hopper_candidates(src, hot)
+                for label, cfg in cands:
+                    try:
+                        e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
+                        us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
+                            if e < 2e-2 else float("inf")
+                    except Exception as exc:  # noqa: BLE001 - a tile that cannot launch here is skipped
+                        e, us = float("nan"), float("inf")
+                        print(f"   candidate {label} {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                    case["extra"].append(dict(label=label, config=cfg, us=us, rel_err=e, speed=peer_us / us,
+                                              vs_in_force=our_us / us))
+                    if label != "extra":
+                        print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {our_us / us:.2f}x in force  "
+                              f"err {e:.1e}", flush=True)
                 result["cases"].append(case)
                 best_extra = min(case["extra"], key=lambda c: c["us"], default=None)
                 extra_txt = f" best extra {peer_us / best_extra['us']:.2f}x" if best_extra else ""
@@ -168,6 +200,17 @@ def main(argv=None):
     if not result["cases"]:
         print("no case ran")
         return 1
+    labels = sorted({c["label"] for case in result["cases"] for c in case["extra"] if c["label"] != "extra"})
+    if labels:
+        print("\nHopper variants: speed over the config in force (in-force us / variant us), min / median / max "
+              "over the cases timed (uniform | skewed):")
+        for label in labels:
+            parts = []
+            for rt in args.routings:
+                v = sorted(c["vs_in_force"] for case in result["cases"] if case["routing"] == rt
+                           for c in case["extra"] if c["label"] == label)
+                parts.append(f"{v[0]:.2f} / {v[len(v) // 2]:.2f} / {v[-1]:.2f} ({len(v)})" if v else "-")
+            print(f"  {label:28s} " + " | ".join(parts))
     worst = min((c["speed"], c["shape"], c["tokens"], c["routing"]) for c in result["cases"])
     bad = [c for c in result["cases"] if not c["rel_err"] < 2e-2]
     print(f"worst {worst[0]:.2f}x ({worst[1]} T={worst[2]} {worst[3]}); {len(bad)} cases over 2e-2 rel err; "

@@ -183,6 +183,86 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     assert sorted(set(launched)) == [(False, 16), (True, 32)]
 
 
+# ---------------------------------------------------------------- Hopper variants (config fields)
+
+_HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
+                 dict(TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
+
+
+def _spy_gemms(monkeypatch):
+    """Record, per GEMM launch, (TMA_A, TMA_B, PERSISTENT, WS) as launched."""
+    launched = []
+    real = triton_moe._gemm
+
+    def spy(*a, **k):
+        launched.append((k.get("a_sorted") is not None, k.get("tma_b", False), k.get("persistent", False),
+                         k.get("ws", False)))
+        return real(*a, **k)
+
+    monkeypatch.setattr(triton_moe, "_gemm", spy)
+    return launched
+
+
+@pytest.mark.parametrize("flags", _HOPPER_FLAGS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens,experts,topk", [(1, 8, 2), (45, 3, 2)])  # T=1: most experts empty; 2 blocks each
+def test_fused_moe_hopper_variants(poison, monkeypatch, flags, dtype, tokens, experts, topk):
+    """TMA reads of the weight (B) and of the expert-sorted copy of A, the persistent tile loop and warp
+    specialization: the same results as the reference, every row written (NaN poison), the variant really run.
+    K = 48 is not a multiple of BLOCK_K = 32 (the descriptors' zero fill) and the last N tile is partial."""
+    launched = _spy_gemms(monkeypatch)
+    x, gate_up, down, weights, ids = _moe_inputs(tokens, 48, 40, experts, topk, dtype)
+    config = dict(BLOCK_M=16, up=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
+                  down=dict(BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2), **flags)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
+    _check_moe(out, ref, dtype)
+    want = tuple(bool(flags.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
+    assert launched == [want, want]
+
+
+@pytest.mark.parametrize("ws", [0, 1])
+@pytest.mark.parametrize("hot_rows", [20, 1, 10_000])  # some experts hot, every expert hot, none
+def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_rows, ws):
+    """Both tile classes on the TMA + persistent path (WS: with the binary search for a block's expert): the hidden
+    rows' sorted copy and the activations hold each class's blocks at the rows its GEMMs read."""
+    launched = _spy_gemms(monkeypatch)
+    dtype = torch.float16
+    x, gate_up, down, weights, ids = _moe_inputs(70, 48, 40, 6, 2, dtype)
+    ids[:, 0] = 0
+    ids[:, 1] = 1 + ids[:, 1] % 5
+    ids[::3, 1] = 1
+    config = dict(_NARROW, hot=_WIDE, hot_rows=hot_rows, TMA_A=1, TMA_B=1, PERSISTENT=1, WS=ws)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    _check_moe(out, ref, dtype)
+    # two classes x two GEMMs, one class when no expert can hold hot_rows rows (T < hot_rows)
+    assert set(launched) == {(True, True, True, bool(ws))} and len(launched) == (4 if hot_rows <= 70 else 2)
+
+
+def test_hopper_flags_are_hints():
+    """A field the tensors cannot serve is off (not an error): rows whose pitch is not a multiple of 16 bytes
+    (TMA_A), weights a descriptor cannot cover as [E * N, K] (TMA_B), WS without both operands on TMA."""
+    x, gate_up, down, _, _ = _moe_inputs(4, 48, 40, 4, 2, torch.float16)
+    every = dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)
+    assert triton_moe._hopper_flags(every, x, gate_up, down, 40) == (True, True, True, True)
+    assert triton_moe._hopper_flags({}, x, gate_up, down, 40) == (False, False, False, False)
+    assert triton_moe._hopper_flags(every, x, gate_up, down, 36) == (False, True, True, False)  # 72-byte rows
+    odd = torch.randn(4, 33).half()
+    assert triton_moe._hopper_flags(every, odd, gate_up, down, 40)[0] is False
+    strided = torch.randn(4, 2 * 40, 64).half()[:, :, :48]
+    assert triton_moe._hopper_flags(every, x, strided, down, 40) == (True, False, True, False)
+    assert triton_moe._hopper_flags(dict(TMA_B=1, PERSISTENT=1, WS=1), x, gate_up, down, 40)[3] is False
+
+
+def test_config_fields_are_checked():
+    assert tuning._cfg(16, (32, 64, 1, 4, 2), (32, 64, 1, 4, 2), TMA_B=1)["TMA_B"] == 1
+    with pytest.raises(ValueError, match="TMA_C"):
+        tuning._cfg(16, (32, 64, 1, 4, 2), (32, 64, 1, 4, 2), TMA_C=1)
+    good = tuning._cfg(16, (32, 64, 1, 4, 2), (32, 64, 1, 4, 2), PERSISTENT=1)
+    assert tuning._valid(good) and not tuning._valid(dict(good, PERSISTENT=2))
+
+
 @pytest.mark.parametrize("max_chunk,chunks_per_step", [(16, 2), (32, 64)])
 def test_fused_moe_sort_in_several_chunks(poison, monkeypatch, max_chunk, chunks_per_step):
     """Small sorting chunks: each pair's row must count the same-expert pairs of all earlier chunks."""
@@ -370,7 +450,10 @@ def compile_sm90(fn, types, constexprs, num_warps, num_stages=3):
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
-    return dict(shared=k.metadata.shared, async_copies=k.asm["ttgir"].count("async_copy_global_to_local"))
+    ttgir = k.asm["ttgir"]
+    return dict(shared=k.metadata.shared, async_copies=ttgir.count("async_copy_global_to_local"),
+                tma_copies=ttgir.count("async_tma_copy_global_to_local"), wgmma=ttgir.count("warp_group_dot"),
+                warp_specialize=ttgir.count("ttg.warp_specialize"))
 
 bf = "*bf16"
 out = {}
@@ -378,13 +461,25 @@ configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]]
 configs += tuning.CANDIDATES
 configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
 for cfg in configs:
+    flags = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
     for gemm in ("up", "down"):
         c = cfg[gemm]
-        out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = compile_sm90(
-            moe._moe_gemm_kernel, dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
-            dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"], EB=128,
-                 HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32", WHILE_LOOP=False),
-            c["num_warps"], c["num_stages"])
+        types = dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32")
+        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+                      EB=128, HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32",
+                      WHILE_LOOP=False, **flags)
+        # The host-side tensor descriptors fused_moe passes (None when the field is off).
+        for name, on, block in (("a_desc", flags["TMA_A"], cfg["BLOCK_M"]), ("w_desc", flags["TMA_B"], c["BLOCK_N"])):
+            if on:
+                types[name] = f"tensordesc<bf16[{block}, {c['BLOCK_K']}]>"
+            else:
+                consts[name] = None
+        out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = dict(
+            compile_sm90(moe._moe_gemm_kernel, types, consts, c["num_warps"], c["num_stages"]), flags=flags,
+            num_warps=c["num_warps"], block_m=cfg["BLOCK_M"])
+out["gather"] = compile_sm90(moe._moe_gather_kernel, dict(x_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
+                             dict(EB=128, HOT_BLOCK_M=128, ROWS=moe.GATHER_ROWS, BLOCK_H=moe.GATHER_BLOCK_H),
+                             moe.GATHER_NUM_WARPS)
 for experts, topk in ((8, 2), (128, 8)):
     chunk = max(16, min(moe.SORT_MAX_CHUNK, moe.SORT_TILE // experts))
     ids = dict(ids_ptr="*i64", rank_ptr="*i32", hist_ptr="*i32", sorted_ptr="*i32", meta_ptr="*i32")
@@ -437,7 +532,19 @@ def test_kernels_compile_for_sm90():
     for name, info in result.items():
         assert info["shared"] <= 232448, f"{name}: {info['shared']} bytes of shared memory (H100 max 232448)"
         if name.startswith("gemm"):
-            assert info["async_copies"] > 0, f"{name}: the K loop is not pipelined"
+            flags = info["flags"]
+            # Hopper's wgmma serves row blocks of 64 per warp group (narrower ones run mma.sync)
+            assert (info["wgmma"] > 0) == (info["block_m"] >= 64), f"{name}: {info['wgmma']} wgmma ops"
+            # Pipelined: pointer operands by cp.async, TMA operands by TMA copies, both in the K loop.
+            if not (flags["TMA_A"] and flags["TMA_B"]):
+                assert info["async_copies"] > 0, f"{name}: the K loop is not pipelined"
+            if flags["TMA_A"] or flags["TMA_B"]:
+                assert info["tma_copies"] > 0, f"{name}: a TMA field is set but there is no TMA copy"
+            else:
+                assert info["tma_copies"] == 0, name
+            ws = flags["WS"] and flags["TMA_A"] and flags["TMA_B"] and info["num_warps"] == 4
+            assert (info["warp_specialize"] > 0) == ws, f"{name}: warp specialization {'not ' if ws else ''}expected"
+    assert any(i.get("flags", {}).get("WS") for i in result.values()), "no warp-specialized candidate compiled"
 
 
 def test_library_never_imports_benchmarks_or_tests():

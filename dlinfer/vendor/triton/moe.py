@@ -1,8 +1,9 @@
 """Mixture of experts: router gating (softmax + top-k in one kernel) and the fused SwiGLU experts.
 
 ``fused_moe`` runs five launches (four when the pairs fit one sorting chunk, as in decode; two more with the
-hot experts' own GEMMs, below) and no host sync (every buffer is sized from ``T * topk`` and ``E``; grids depend on shapes only, so it is CUDA-graph
-capturable), and is deterministic (no atomics):
+hot experts' own GEMMs, one more with ``TMA_A``, both below) and no host sync (every buffer is sized from
+``T * topk`` and ``E``; grids depend on shapes only, so it is CUDA-graph capturable), and is deterministic (no
+atomics):
 
 1. ``_moe_histogram_kernel``: per chunk of the ``N = T * topk`` routed (token, slot) pairs, a per-expert
    histogram and each pair's rank among the chunk's pairs of the same expert (skipped for one chunk: the
@@ -25,6 +26,16 @@ count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM
 a heavy load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
 so nothing waits on the host and the call stays capturable.
 
+Hopper variants, per config (fields ``TMA_A``, ``TMA_B``, ``PERSISTENT``, ``WS``, all 0 unless a config sets
+them; a config is a hint, so a field the card or tensors cannot serve is off): ``TMA_B`` reads the weight tiles
+through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a kernel argument,
+so a captured CUDA graph replays it with nothing to allocate; a device-built descriptor would need
+``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden rows are gathered by
+token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
+(``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its activations in that
+order, for the down GEMM's descriptor. ``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the
+block table says exist; ``WS`` adds Triton's warp specialization (both operands on TMA, ``num_warps=4``).
+
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
 E``): small (decode: memory-bound on weights) to large (prefill: compute-bound).
@@ -38,6 +49,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer import settings
 from dlinfer.vendor.triton import tuning
@@ -193,33 +205,64 @@ def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K: tl.cons
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["max_blocks"])
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset, max_blocks,
-                     n_experts, stride_am, stride_we, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
-                     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block of
-    ``BLOCK_M`` rows: the blocks of the hot experts (``HOT``) or of the others (see ``_moe_scatter_kernel``).
+@triton.jit
+def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset, k0, k_dim, row_mask, offs_k,
+                   SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, TMA_A: tl.constexpr,
+                   TMA_B: tl.constexpr):
+    """One BLOCK_K step with either operand read by TMA: A (``TMA_A``) as rows ``a_row ...`` of the expert-sorted
+    copy, B (``TMA_B``) as the weight rows ``w_row ...`` (and ``w_row + up_offset ...``, the up rows, into
+    ``acc_up`` with ``SILU``) of the flattened ``[E * N, K]`` weight. Out-of-bounds K columns read as zero."""
+    if TMA_A:
+        a = a_desc.load([a_row, k0])
+    elif EVEN_K:
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & (offs_k < k_dim - k0)[None, :], other=0.0)
+    if TMA_B:
+        acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=PRECISION)
+        if SILU:
+            acc_up = tl.dot(a, w_desc.load([w_row + up_offset, k0]).T, acc_up, input_precision=PRECISION)
+    else:
+        if EVEN_K:
+            b = tl.load(b_ptrs + k0)
+        else:
+            b = tl.load(b_ptrs + k0, mask=(offs_k < k_dim - k0)[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc, acc_up
 
-    With ``SILU``: ``out[r, n] = silu(g) * u``, ``g``/``u`` that sum for weight rows ``n`` and ``n + up_offset``
-    (each rounded to the output dtype first, like a separate GEMM would). The gate and up rows of a tile are
-    interleaved into one ``2 * BLOCK_N`` wide B tile (one MMA per K step, the A tile read once), split apart in
-    the epilogue."""
-    pid = tl.program_id(0)
+
+@triton.jit
+def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out, k_dim,
+                   a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+                   PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+                   WS_K: tl.constexpr, WS_SEARCH: tl.constexpr):
+    """Output tile number ``tile`` of the ``n_blocks`` row blocks of this class (see ``_moe_gemm_kernel``)."""
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the output columns together, so a weight tile is read from
     # HBM once per group and the group's input rows stay in L2.
     per_group = GROUP_M * n_tiles
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
-    m_block = first_m + (pid % per_group) % group_rows
-    n_tile = (pid % per_group) // group_rows
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(n_blocks - first_m, GROUP_M)
+    m_block = first_m + (tile % per_group) % group_rows
+    n_tile = (tile % per_group) // group_rows
 
-    experts = tl.arange(0, EB)
     ends_ptr = meta_ptr + 3 * EB if HOT else meta_ptr
-    block_ends = tl.load(ends_ptr + experts, mask=experts < n_experts, other=2147483647)
-    expert = tl.sum((block_ends <= m_block).to(tl.int32), axis=0)
+    # The block's expert: how many experts' blocks end at or before it (the end blocks are non-decreasing).
+    if WS_SEARCH:
+        # A binary search by scalar loads: Triton 3.6's Hopper warp specialization fails an assertion on the
+        # [EB]-wide load below from EB = 128 on.
+        expert = 0
+        for i in tl.static_range(16):
+            if (EB >> i) >= 1:  # steps EB, EB / 2, ..., 1: any count in [0, EB]
+                probe = expert + (EB >> i)
+                end = tl.load(ends_ptr + probe - 1, mask=probe <= n_experts, other=2147483647)
+                expert = tl.where(end <= m_block, probe, expert)
+    else:
+        experts = tl.arange(0, EB)
+        block_ends = tl.load(ends_ptr + experts, mask=experts < n_experts, other=2147483647)
+        expert = tl.sum((block_ends <= m_block).to(tl.int32), axis=0)
     if expert < n_experts:  # else: a block past this class's total, nothing to do
         block_end = tl.load(ends_ptr + expert)
         count = tl.load(meta_ptr + EB + expert)
@@ -229,10 +272,15 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, 
         first_row = tl.load(meta_ptr + 2 * EB + expert)
         rows = tl.load(sorted_ptr + first_row + local, mask=row_mask, other=0)
         a_rows = (rows // a_row_div).to(tl.int64)
+        # TMA_A: A is the expert-sorted copy (every row of the block, padding rows included, is there).
+        a_row = first_row + (m_block - block_start) * BLOCK_M
 
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-        if SILU:
+        # TMA_B: the weight as [E * N, K] rows; a tile past the expert's last row reads the next expert's rows (or
+        # zeros past the end), columns the store drops.
+        w_row = expert * (stride_we // stride_wn) + n_tile * BLOCK_N
+        if SILU and not TMA_B:
             # B column c is weight row n_tile * BLOCK_N + c // 2 (+ up_offset for odd c): gate, up, gate, ...
             cols = tl.arange(0, 2 * BLOCK_N)
             w_rows = (n_tile * BLOCK_N + cols // 2) % n_out + (cols % 2) * up_offset
@@ -240,8 +288,21 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, 
         else:
             w_rows = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # With TMA_B the gate and up tiles are two MMAs (two TMA boxes), the up one into acc_up.
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N] if SILU and TMA_B else [1, 1], dtype=tl.float32)
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        if TMA_A or TMA_B:
+            if WHILE_LOOP:
+                k0 = 0
+                while k0 < k_dim:
+                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
+                                                 k0, k_dim, row_mask, offs_k, SILU, EVEN_K, PRECISION, TMA_A, TMA_B)
+                    k0 += BLOCK_K
+            else:
+                for k0 in tl.range(0, k_dim, BLOCK_K, warp_specialize=WS_K):
+                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
+                                                 k0, k_dim, row_mask, offs_k, SILU, EVEN_K, PRECISION, TMA_A, TMA_B)
+        elif WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
             k0 = 0
             while k0 < k_dim:
                 acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
@@ -251,15 +312,99 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, 
                 acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
         out_dtype = out_ptr.dtype.element_ty
         if SILU:
-            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+            if TMA_B:
+                gate, up = acc, acc_up
+            else:
+                gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
             gate = gate.to(out_dtype).to(tl.float32)
             up = up.to(out_dtype).to(tl.float32)
             result = (gate * tl.sigmoid(gate) * up).to(out_dtype)
         else:
             result = acc.to(out_dtype)
         offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, result, mask=row_mask[:, None] & (offs_n < n_out)[None, :])
+        if SILU and TMA_A:
+            # The activations stay in the expert-sorted order (the down GEMM reads them by TMA): the whole block,
+            # padding rows too (zero inputs there), so the down GEMM's tiles read only written rows.
+            out_ptrs = out_ptr + (a_row + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, result, mask=(offs_n < n_out)[None, :])
+        else:
+            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, result, mask=row_mask[:, None] & (offs_n < n_out)[None, :])
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset,
+                     max_blocks, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+                     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr = False,
+                     TMA_B: tl.constexpr = False, PERSISTENT: tl.constexpr = False, WS: tl.constexpr = False):
+    """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block of
+    ``BLOCK_M`` rows: the blocks of the hot experts (``HOT``) or of the others (see ``_moe_scatter_kernel``).
+
+    With ``SILU``: ``out[r, n] = silu(g) * u``, ``g``/``u`` that sum for weight rows ``n`` and ``n + up_offset``
+    (each rounded to the output dtype first, like a separate GEMM would). The gate and up rows of a tile are
+    interleaved into one ``2 * BLOCK_N`` wide B tile (one MMA per K step, the A tile read once), split apart in
+    the epilogue.
+
+    Hopper variants (config fields, see ``_gemm``): ``TMA_B`` reads the weight tiles through a tensor descriptor
+    ``w_desc`` (gate and up as two boxes and two MMAs); ``TMA_A`` reads A through ``a_desc`` from an
+    expert-sorted copy (``_moe_gather_kernel`` for the hidden rows; the gate_up GEMM then writes the activations
+    in that order too, for the down GEMM). ``PERSISTENT``: the grid is a fixed number of programs that loop over
+    the tiles of the row blocks this class really holds (read from the block table). ``WS``: Triton's warp
+    specialization (a producer warp group issues the TMA loads for the MMA warp group) of the persistent tile
+    loop, else of the K loop."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        ends_ptr = meta_ptr + 3 * EB if HOT else meta_ptr
+        n_blocks = tl.load(ends_ptr + n_experts - 1)  # the blocks this class holds (a cumulative count)
+        n_tiles = n_blocks * tl.cdiv(n_out, BLOCK_N)
+        if WHILE_LOOP:
+            tile = pid
+            while tile < n_tiles:
+                _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
+                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
+                               TMA_A, TMA_B, False, WS)
+                tile += tl.num_programs(0)
+        else:
+            for tile in tl.range(pid, n_tiles, tl.num_programs(0), warp_specialize=WS):
+                _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
+                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
+                               TMA_A, TMA_B, False, WS)
+    else:
+        _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, pid, max_blocks, n_out, k_dim,
+                       a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N,
+                       BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B, WS, WS)
+
+
+@triton.jit
+def _moe_gather_kernel(x_ptr, out_ptr, sorted_ptr, meta_ptr, hidden, a_row_div, n_experts, stride_x, stride_out,
+                       EB: tl.constexpr, HOT_BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The ``TMA_A`` copy of the hidden rows in the expert-sorted order: ``out[r] = x[sorted[r] // a_row_div]`` for
+    the rows ``r`` the experts hold, zeros in their padding rows (up to each expert's multiple of
+    ``HOT_BLOCK_M``); rows past the last expert's padding are not touched."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    experts = tl.arange(0, EB)
+    e_mask = experts < n_experts
+    starts = tl.load(meta_ptr + 2 * EB + experts, mask=e_mask, other=2147483647)
+    counts = tl.load(meta_ptr + EB + experts, mask=e_mask, other=0)
+    ends = starts + (counts + HOT_BLOCK_M - 1) // HOT_BLOCK_M * HOT_BLOCK_M
+    used = tl.max(tl.where(e_mask, ends, 0), axis=0)
+    if tl.program_id(0) * ROWS < used:
+        # The expert of row r: the last one starting at or before r (empty experts start where the next one does).
+        mine = experts[None, :] == (tl.sum((starts[None, :] <= r[:, None]).to(tl.int32), axis=1) - 1)[:, None]
+        start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
+        count = tl.sum(tl.where(mine, counts[None, :], 0), axis=1)
+        valid = r - start < count
+        src = (tl.load(sorted_ptr + r, mask=valid, other=0) // a_row_div).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        col_mask = cols < hidden
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=valid[:, None] & col_mask[None, :],
+                    other=0.0)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_out + cols[None, :], x,
+                 mask=(r < used)[:, None] & col_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- combine
@@ -294,6 +439,9 @@ SORT_NUM_WARPS = 8
 SORT_CHUNKS_PER_STEP = 64  # histogram rows the scatter kernel sums per loop step
 COMBINE_BLOCK_H = 1024
 COMBINE_NUM_WARPS = 4
+GATHER_ROWS = 16  # TMA_A's copy of the hidden rows: rows x BLOCK_H per program
+GATHER_BLOCK_H = 512
+GATHER_NUM_WARPS = 4
 
 
 def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: int, device=None,
@@ -307,19 +455,66 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
 
 
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
-          block_m, hot, silu, cfg):
+          block_m, hot, silu, cfg, a_sorted=None, tma_b=False, persistent=False, ws=False):
+    """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA (``TMA_A``; the gate_up
+    GEMM then writes ``out`` in that order too); ``tma_b``: the weight read by TMA; ``persistent``/``ws``: see
+    ``_moe_gemm_kernel`` (the caller checked that the card and the tensors allow them: :func:`_hopper_flags`)."""
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
     precision = "tf32"  # the default; ignored for 16-bit operands
     if a.dtype == torch.float32:
         # fp32 is served exactly (no tf32), with half the K tile so the stages fit in shared memory.
         precision, block_k = "ieee", max(16, block_k // 2)
-    grid = (max_blocks * cdiv(n_out, block_n),)
+    a_desc = w_desc = None
+    if a_sorted is not None:
+        a = a_sorted
+        a_desc = TensorDescriptor(a, [a.shape[0], k_dim], [a.stride(0), 1], [block_m, block_k])
+    if tma_b:
+        w_desc = TensorDescriptor(weight, [weight.shape[0] * weight.shape[1], k_dim], [weight.stride(1), 1],
+                                  [block_n, block_k])
+    tiles = max_blocks * cdiv(n_out, block_n)
+    grid = (min(tiles, _num_sms(a.device)),) if persistent else (tiles,)
     _moe_gemm_kernel[grid](
-        a, weight, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
+        a, a_desc, weight, w_desc, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, HOT=hot, SILU=silu,
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
+        TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# Programs of a PERSISTENT launch where there is no GPU (the interpreter): a few, so that each loops over tiles.
+INTERPRETER_PROGRAMS = 3
+_sms: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sms:
+        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sms[index]
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor over ``t`` as ``[rows, t.shape[-1]]``: dense rows, 16-byte aligned base and row pitch."""
+    dense = t.stride(-1) == 1 and all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 1))
+    return dense and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> tuple[bool, bool, bool, bool]:
+    """(TMA_A, TMA_B, PERSISTENT, WS) in force for config ``cfg`` (its fields, default 0). A config is a hint:
+    the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor can cover, else they are off;
+    WS needs both operands on TMA (Triton 3.6's Hopper warp specialization fails to compile the pointer gather of
+    A, and it takes effect only with ``num_warps=4``: one consumer warp group)."""
+    if not any(cfg.get(f, 0) for f in tuning.FLAGS):
+        return False, False, False, False  # the default path: nothing to query
+    tma = x.device.type == "cpu" or torch.cuda.get_device_capability(x.device)[0] >= 9
+    tma_a = bool(cfg.get("TMA_A", 0)) and tma and (x.shape[1] * x.element_size()) % 16 == 0 \
+        and (inter * x.element_size()) % 16 == 0
+    tma_b = bool(cfg.get("TMA_B", 0)) and tma and _tma_ok(w_up) and _tma_ok(w_down)
+    persistent = bool(cfg.get("PERSISTENT", 0))
+    return tma_a, tma_b, persistent, tma_a and tma_b and bool(cfg.get("WS", 0))
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -388,7 +583,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     hist = torch.empty(n_chunks, eb, **i32)
     meta = torch.empty(4, eb, **i32)
     sorted_rows = torch.empty((cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
-    act = torch.empty(pairs, inter, dtype=hidden_states.dtype, device=device)
+    tma_a, tma_b, persistent, ws = _hopper_flags(cfg, x, w_up, w_down, inter)
+    # TMA_A: the activations live in the expert-sorted order (padding rows included), like the hidden rows' copy.
+    act = torch.empty(sorted_rows.shape[0] if tma_a else pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
     single = n_chunks == 1
@@ -403,12 +600,22 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     classes = [(False, block_m, max_blocks, cfg)]
     if hot_cfg is not None:
         classes.append((True, hot_m, max_hot_blocks, hot_cfg))
+    x_sorted = None
+    if tma_a:
+        x_sorted = torch.empty(sorted_rows.shape[0], hidden, dtype=x.dtype, device=device)
+        block_h = min(GATHER_BLOCK_H, next_power_of_2(hidden))
+        _moe_gather_kernel[(cdiv(x_sorted.shape[0], GATHER_ROWS), cdiv(hidden, block_h))](
+            x, x_sorted, sorted_rows, meta, hidden, topk, experts, x.stride(0), x_sorted.stride(0), EB=eb,
+            HOT_BLOCK_M=hot_m, ROWS=GATHER_ROWS, BLOCK_H=block_h, num_warps=GATHER_NUM_WARPS)
+    flags = dict(tma_b=tma_b, persistent=persistent, ws=ws)
     for hot, bm, blocks, c in classes:
         _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
-              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=True, cfg=c["up"])
+              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=True, cfg=c["up"],
+              a_sorted=x_sorted, **flags)
     for hot, bm, blocks, c in classes:
         _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
-              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"])
+              max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"],
+              a_sorted=act if tma_a else None, **flags)
     block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),

@@ -40,10 +40,18 @@ logger = logging.getLogger("dlinfer")
 # ---------------------------------------------------------------------------------------------- shipped tables
 
 
-def _cfg(block_m, up, down):
-    """``up``/``down`` = (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
+# Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
+FLAGS = ("TMA_A", "TMA_B", "PERSISTENT", "WS")
+
+
+def _cfg(block_m, up, down, **flags):
+    """``up``/``down`` = (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); ``flags``: :data:`FLAGS` set to 1."""
     keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise ValueError(f"_cfg: unknown config fields {sorted(unknown)} (known: {', '.join(FLAGS)})")
+    return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)),
+                **{k: int(v) for k, v in flags.items()})
 
 
 # Tiers by expected rows per expert (T * topk / E), smallest first: (upper bound, config). BLOCK_M is shared by
@@ -112,6 +120,13 @@ CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
     _cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
     _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4)),
+] + [
+    # Hopper variants (moe.py), unmeasured: last, so every config above is still timed first within
+    # AUTOTUNE_MAX_S, and like every candidate they are only picked when measured fastest (a card without TMA
+    # runs them on the pointer path).
+    _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_B=1),
+    _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_A=1, TMA_B=1),
+    _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
 ]
 AUTOTUNE_MAX_S = 20.0  # per shape bucket
 AUTOTUNE_REPS = 5
@@ -150,6 +165,8 @@ def _valid(cfg) -> bool:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("BLOCK_M"), int) or cfg["BLOCK_M"] < 16:
         return False
     need = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+    if any(cfg.get(f, 0) not in (0, 1) for f in FLAGS):
+        return False
     return all(isinstance(cfg.get(g), dict) and need <= set(cfg[g])
                and all(isinstance(cfg[g][k], int) and cfg[g][k] > 0 for k in need) for g in ("up", "down"))
 
