@@ -180,6 +180,31 @@ def test_split_prefill_attention_packed_keys(force_splits):
     assert spies["_prefill_combine_kernel"].grids
 
 
+@pytest.mark.parametrize("n,split", [(64, True), (40, False)])
+def test_default_rule_for_prefill_attention_uses_the_query_bound(monkeypatch, n, split):
+    """Keys partitioned like the queries (one lengths tensor): the rule's KV bound is ``max_q_seq_len``, not the
+    padded buffer's 300 keys. The interpreter's rule (16 target programs, 32-key slices): a 64-token prompt is 8
+    programs and splits in 2; a 40-token one (5 programs) would split in 3 by the buffer but stays whole by its
+    bound. Both match the reference."""
+    spy = _Spy(ap._prefill_combine_kernel)
+    monkeypatch.setattr(ap, "_prefill_combine_kernel", spy)
+    gen = torch.Generator().manual_seed(n)
+    hq, hk, d, padded = 4, 1, 32, 300
+    query = torch.randn(padded, hq, d, generator=gen).to(torch.float16)
+    key = torch.randn(padded, hk, d, generator=gen).to(torch.float16)
+    value = torch.randn(padded, hk, d, generator=gen).to(torch.float16)
+    lens = torch.tensor([n])
+    outs = []
+    for vendor in ("triton", "reference"):
+        out = torch.full(query.shape, float("nan"), dtype=torch.float16)
+        run(vendor, ops.prefill_attention, query, key, value, None, None, lens, lens, n, hq, hk, [None],
+            attn_output=out)
+        outs.append(out)
+    close(outs[0][:n], outs[1][:n], torch.float16)
+    assert torch.isnan(outs[0][n:]).all()
+    assert len(spy.grids) == (1 if split else 0)
+
+
 def test_split_rows_that_see_no_key_are_zero(force_splits):
     """Causal with more queries than keys (the op refuses it; the kernels must still not emit NaN): rows no slice
     reaches get zeros from the combine, like the reference (test_attention's case, run split in 3)."""
