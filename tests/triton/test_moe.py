@@ -190,16 +190,21 @@ _HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERS
 
 
 def _spy_gemms(monkeypatch):
-    """Record, per GEMM launch, (TMA_A, TMA_B, PERSISTENT, WS) as launched."""
+    """Record, per GEMM kernel launch, its (TMA_A, TMA_B, PERSISTENT, WS) and that a descriptor came with each TMA
+    field."""
     launched = []
-    real = triton_moe._gemm
+    real = triton_moe._moe_gemm_kernel
 
-    def spy(*a, **k):
-        launched.append((k.get("a_sorted") is not None, k.get("tma_b", False), k.get("persistent", False),
-                         k.get("ws", False)))
-        return real(*a, **k)
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flags = tuple(kw[f] for f in tuning.FLAGS)
+                assert (args[1] is not None, args[3] is not None) == flags[:2]  # a_desc, w_desc
+                launched.append(flags)
+                return real[grid](*args, **kw)
+            return launch
 
-    monkeypatch.setattr(triton_moe, "_gemm", spy)
+    monkeypatch.setattr(triton_moe, "_moe_gemm_kernel", Spy())
     return launched
 
 
@@ -212,12 +217,14 @@ def test_fused_moe_hopper_variants(poison, monkeypatch, flags, dtype, tokens, ex
     K = 48 is not a multiple of BLOCK_K = 32 (the descriptors' zero fill) and the last N tile is partial."""
     launched = _spy_gemms(monkeypatch)
     x, gate_up, down, weights, ids = _moe_inputs(tokens, 48, 40, experts, topk, dtype)
-    config = dict(BLOCK_M=16, up=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
+    # WS only serves row blocks of 64 and more (wgmma's)
+    config = dict(BLOCK_M=64 if flags.get("WS") else 16,
+                  up=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
                   down=dict(BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2), **flags)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
     _check_moe(out, ref, dtype)
-    want = tuple(bool(flags.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
+    want = tuple(bool(flags.get(f, 0)) for f in tuning.FLAGS)
     assert launched == [want, want]
 
 
@@ -232,12 +239,14 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
     ids[:, 0] = 0
     ids[:, 1] = 1 + ids[:, 1] % 5
     ids[::3, 1] = 1
-    config = dict(_NARROW, hot=_WIDE, hot_rows=hot_rows, TMA_A=1, TMA_B=1, PERSISTENT=1, WS=ws)
+    hot = dict(_WIDE, BLOCK_M=64)  # with WS on the hot experts' tiles (64 rows: expert 0 holds two blocks)
+    config = dict(_NARROW, hot=hot, hot_rows=hot_rows, TMA_A=1, TMA_B=1, PERSISTENT=1, WS=ws)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     _check_moe(out, ref, dtype)
-    # two classes x two GEMMs, one class when no expert can hold hot_rows rows (T < hot_rows)
-    assert set(launched) == {(True, True, True, bool(ws))} and len(launched) == (4 if hot_rows <= 70 else 2)
+    # narrow-tile class (BLOCK_M 16: no WS), then the hot one, per GEMM; one class when T < hot_rows
+    narrow, wide = (True, True, True, False), (True, True, True, bool(ws))
+    assert launched == ([narrow, wide] * 2 if hot_rows <= 70 else [narrow, narrow])
 
 
 def test_hopper_flags_are_hints():

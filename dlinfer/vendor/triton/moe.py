@@ -471,6 +471,8 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
     if tma_b:
         w_desc = TensorDescriptor(weight, [weight.shape[0] * weight.shape[1], k_dim], [weight.stride(1), 1],
                                   [block_n, block_k])
+    # Warp specialization of row blocks below 64 (no wgmma) compiles to an unpipelined loop: those run without.
+    ws = ws and block_m >= WS_MIN_BLOCK_M
     tiles = max_blocks * cdiv(n_out, block_n)
     grid = (min(tiles, _num_sms(a.device)),) if persistent else (tiles,)
     _moe_gemm_kernel[grid](
@@ -482,6 +484,7 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+WS_MIN_BLOCK_M = 64
 # Programs of a PERSISTENT launch where there is no GPU (the interpreter): a few, so that each loops over tiles.
 INTERPRETER_PROGRAMS = 3
 _sms: dict[int, int] = {}
