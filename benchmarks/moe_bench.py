@@ -59,7 +59,8 @@ EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
 HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1), dict(TMA_B=1, PERSISTENT=1),
-                dict(TMA_A=1, TMA_B=1, PERSISTENT=1)]
+                dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(MERGE=1), dict(TMA_B=1, MERGE=1),
+                dict(TMA_A=1, TMA_B=1, MERGE=1)]
 HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
              _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, WS=1),
              _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
@@ -69,7 +70,7 @@ def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     """(name, config) of the Hopper variants for a case whose config in force is ``in_force`` and whose hot
     experts' tiles are ``hot`` (given explicitly: a config passed to fused_moe gets no hot class otherwise)."""
     out = [("+".join(f), dict(in_force, hot=hot, **f)) for f in HOPPER_FLAGS]
-    out += [(f"ws{i}:" + "+".join(k for k in ("TMA_A", "TMA_B", "PERSISTENT") if c.get(k)), dict(c, hot=hot))
+    out += [(f"ws{i}:" + "+".join(k for k in ("TMA_A", "TMA_B", "PERSISTENT", "MERGE") if c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
     return out
 

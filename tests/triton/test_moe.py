@@ -198,13 +198,23 @@ def _spy_gemms(monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                flags = tuple(kw[f] for f in tuning.FLAGS)
+                flags = tuple(kw[f] for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
                 assert (args[1] is not None, args[3] is not None) == flags[:2]  # a_desc, w_desc
                 launched.append(flags)
                 return real[grid](*args, **kw)
             return launch
 
+    class MergedSpy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                assert (args[1] is not None, args[4] is not None) == (kw["TMA_A"], kw["TMA_B"])
+                launched.append(("merged", kw["TMA_A"], kw["TMA_B"]))
+                return real_merged[grid](*args, **kw)
+            return launch
+
+    real_merged = triton_moe._moe_gemm_merged_kernel
     monkeypatch.setattr(triton_moe, "_moe_gemm_kernel", Spy())
+    monkeypatch.setattr(triton_moe, "_moe_gemm_merged_kernel", MergedSpy())
     return launched
 
 
@@ -224,29 +234,43 @@ def test_fused_moe_hopper_variants(poison, monkeypatch, flags, dtype, tokens, ex
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
     _check_moe(out, ref, dtype)
-    want = tuple(bool(flags.get(f, 0)) for f in tuning.FLAGS)
+    want = tuple(bool(flags.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
     assert launched == [want, want]
 
 
-@pytest.mark.parametrize("ws", [0, 1])
+_HOT_VARIANTS = [dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1), dict(MERGE=1),
+                 dict(TMA_A=1, TMA_B=1, MERGE=1)]
+
+
+@pytest.mark.parametrize("flags", _HOT_VARIANTS, ids=lambda f: "+".join(f))
 @pytest.mark.parametrize("hot_rows", [20, 1, 10_000])  # some experts hot, every expert hot, none
-def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_rows, ws):
-    """Both tile classes on the TMA + persistent path (WS: with the binary search for a block's expert): the hidden
-    rows' sorted copy and the activations hold each class's blocks at the rows its GEMMs read."""
-    launched = _spy_gemms(monkeypatch)
+def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_rows, flags):
+    """Both tile classes on the TMA + persistent path (WS: with the binary search for a block's expert), or in one
+    merged launch (MERGE, the same tiles as two launches: the same bits): the hidden rows' sorted copy and the
+    activations hold each class's blocks at the rows its GEMMs read."""
     dtype = torch.float16
     x, gate_up, down, weights, ids = _moe_inputs(70, 48, 40, 6, 2, dtype)
     ids[:, 0] = 0
     ids[:, 1] = 1 + ids[:, 1] % 5
     ids[::3, 1] = 1
-    hot = dict(_WIDE, BLOCK_M=64)  # with WS on the hot experts' tiles (64 rows: expert 0 holds two blocks)
-    config = dict(_NARROW, hot=hot, hot_rows=hot_rows, TMA_A=1, TMA_B=1, PERSISTENT=1, WS=ws)
+    hot = dict(_WIDE, BLOCK_M=64)  # WS takes the hot experts' tiles (64 rows: expert 0 holds two blocks)
+    config = dict(_NARROW, hot=hot, hot_rows=hot_rows, **flags)
+    launched = _spy_gemms(monkeypatch)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     _check_moe(out, ref, dtype)
-    # narrow-tile class (BLOCK_M 16: no WS), then the hot one, per GEMM; one class when T < hot_rows
-    narrow, wide = (True, True, True, False), (True, True, True, bool(ws))
-    assert launched == ([narrow, wide] * 2 if hot_rows <= 70 else [narrow, narrow])
+    tma = (bool(flags.get("TMA_A")), bool(flags.get("TMA_B")))
+    narrow, wide = (*tma, True, False), (*tma, True, bool(flags.get("WS")))  # narrow: BLOCK_M 16, no WS
+    if hot_rows > 70:  # T < hot_rows: no hot class, one persistent launch per GEMM
+        assert launched == [narrow, narrow]
+    elif flags.get("MERGE"):
+        assert launched == [("merged", *tma)] * 2
+        launched.clear()
+        apart = dict(config, MERGE=0, PERSISTENT=1)
+        assert torch.equal(out, poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=apart))
+        assert launched == [narrow, wide] * 2
+    else:  # the narrow-tile class, then the hot one, per GEMM
+        assert launched == [narrow, wide] * 2
 
 
 def test_hopper_flags_are_hints():
@@ -470,7 +494,7 @@ configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]]
 configs += tuning.CANDIDATES
 configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
 for cfg in configs:
-    flags = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
+    flags = {f: bool(cfg.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS")}
     for gemm in ("up", "down"):
         c = cfg[gemm]
         types = dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32")
@@ -486,6 +510,30 @@ for cfg in configs:
         out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = dict(
             compile_sm90(moe._moe_gemm_kernel, types, consts, c["num_warps"], c["num_stages"]), flags=flags,
             num_warps=c["num_warps"], block_m=cfg["BLOCK_M"])
+# MERGE: the two tile classes in one launch, with each table's widest tier as the hot experts' tiles (as
+# tuning.hot_config gives them), warps and stages of the hot class.
+for t in tuning.TABLES.values():
+    hot = t["tiers"][-1][1]
+    for _, cfg in t["tiers"][:-1]:
+        for tma in (False, True):
+            for gemm in ("up", "down"):
+                c, h = cfg[gemm], hot[gemm]
+                types = dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32")
+                consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+                              EVEN_K=True, HOT_BLOCK_M=hot["BLOCK_M"], HOT_BLOCK_N=h["BLOCK_N"],
+                              HOT_BLOCK_K=h["BLOCK_K"], HOT_GROUP_M=h["GROUP_M"], HOT_EVEN_K=True, EB=128,
+                              SILU=gemm == "up", PRECISION="tf32", WHILE_LOOP=False, TMA_A=tma, TMA_B=tma)
+                for name, rows, kk in (("a_desc", cfg["BLOCK_M"], c["BLOCK_K"]), ("hot_a_desc", hot["BLOCK_M"],
+                                       h["BLOCK_K"]), ("w_desc", c["BLOCK_N"], c["BLOCK_K"]),
+                                       ("hot_w_desc", h["BLOCK_N"], h["BLOCK_K"])):
+                    if tma:
+                        types[name] = f"tensordesc<bf16[{rows}, {kk}]>"
+                    else:
+                        consts[name] = None
+                flags = dict(TMA_A=tma, TMA_B=tma, PERSISTENT=True, WS=False)
+                out[f"gemm merged {gemm} tma={tma} {json.dumps(cfg, sort_keys=True)}"] = dict(
+                    compile_sm90(moe._moe_gemm_merged_kernel, types, consts, h["num_warps"], h["num_stages"]),
+                    flags=flags, num_warps=h["num_warps"], block_m=hot["BLOCK_M"])
 out["gather"] = compile_sm90(moe._moe_gather_kernel, dict(x_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
                              dict(EB=128, HOT_BLOCK_M=128, ROWS=moe.GATHER_ROWS, BLOCK_H=moe.GATHER_BLOCK_H),
                              moe.GATHER_NUM_WARPS)

@@ -34,7 +34,10 @@ so a captured CUDA graph replays it with nothing to allocate; a device-built des
 token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
 (``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its activations in that
 order, for the down GEMM's descriptor. ``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the
-block table says exist; ``WS`` adds Triton's warp specialization (both operands on TMA, ``num_warps=4``).
+block table says exist; ``MERGE`` runs both tile classes of a GEMM in one such launch (the hot experts' wide
+tiles first, then the narrow ones, each with its own tile sizes: ``_moe_gemm_merged_kernel``), so that under
+skewed routing the narrow tiles fill the SMs the few wide ones leave idle; ``WS`` adds Triton's warp
+specialization (both operands on TMA, ``num_warps=4``, row blocks of 64+; not in a MERGE launch).
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
@@ -380,6 +383,60 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
 
 
 @triton.jit
+def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, n_out,
+                            k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
+                            HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
+                            HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
+                            WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+    """``MERGE``: both tile classes of one GEMM in one persistent launch: the programs take the hot experts' wide
+    tiles first, then the other experts' narrow ones (each class with its own tile sizes and descriptors), so the
+    narrow tiles fill the SMs the few wide ones leave idle instead of waiting for a second launch."""
+    pid = tl.program_id(0)
+    hot_blocks = tl.load(meta_ptr + 3 * EB + n_experts - 1)
+    blocks = tl.load(meta_ptr + n_experts - 1)
+    hot_tiles = hot_blocks * tl.cdiv(n_out, HOT_BLOCK_N)
+    n_tiles = hot_tiles + blocks * tl.cdiv(n_out, BLOCK_N)
+    if WHILE_LOOP:
+        tile = pid
+        while tile < n_tiles:
+            _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr,
+                             tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
+                             stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
+                             HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
+                             WHILE_LOOP, TMA_A, TMA_B)
+            tile += tl.num_programs(0)
+    else:
+        for tile in tl.range(pid, n_tiles, tl.num_programs(0)):
+            _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr,
+                             tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
+                             stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
+                             HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
+                             WHILE_LOOP, TMA_A, TMA_B)
+
+
+@triton.jit
+def _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, tile,
+                     hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts, stride_am,
+                     stride_we, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
+                     HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
+                     HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+    if tile < hot_tiles:
+        _moe_gemm_tile(a_ptr, hot_a_desc, w_ptr, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, tile, hot_blocks, n_out,
+                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                       HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, EB, True, SILU, HOT_EVEN_K, PRECISION,
+                       WHILE_LOOP, TMA_A, TMA_B, False, False)
+    else:
+        _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile - hot_tiles, blocks, n_out,
+                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M,
+                       BLOCK_N, BLOCK_K, GROUP_M, EB, False, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B,
+                       False, False)
+
+
+@triton.jit
 def _moe_gather_kernel(x_ptr, out_ptr, sorted_ptr, meta_ptr, hidden, a_row_div, n_experts, stride_x, stride_out,
                        EB: tl.constexpr, HOT_BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """The ``TMA_A`` copy of the hidden rows in the expert-sorted order: ``out[r] = x[sorted[r] // a_row_div]`` for
@@ -454,12 +511,10 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
     return tuning.static_config(card, dtype, experts, topk, hidden, inter, tokens)[0]
 
 
-def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
-          block_m, hot, silu, cfg, a_sorted=None, tma_b=False, persistent=False, ws=False):
-    """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA (``TMA_A``; the gate_up
-    GEMM then writes ``out`` in that order too); ``tma_b``: the weight read by TMA; ``persistent``/``ws``: see
-    ``_moe_gemm_kernel`` (the caller checked that the card and the tensors allow them: :func:`_hopper_flags`)."""
-    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
+    """One tile class's ``(a, a_desc, w_desc, BLOCK_K, precision)``: ``a_sorted`` is A's expert-sorted copy, read
+    by TMA (``TMA_A``), ``tma_b`` reads the weight by TMA; a descriptor is None where its operand is not."""
+    block_k = cfg["BLOCK_K"]
     precision = "tf32"  # the default; ignored for 16-bit operands
     if a.dtype == torch.float32:
         # fp32 is served exactly (no tf32), with half the K tile so the stages fit in shared memory.
@@ -470,7 +525,17 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         a_desc = TensorDescriptor(a, [a.shape[0], k_dim], [a.stride(0), 1], [block_m, block_k])
     if tma_b:
         w_desc = TensorDescriptor(weight, [weight.shape[0] * weight.shape[1], k_dim], [weight.stride(1), 1],
-                                  [block_n, block_k])
+                                  [cfg["BLOCK_N"], block_k])
+    return a, a_desc, w_desc, block_k, precision
+
+
+def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
+          block_m, hot, silu, cfg, a_sorted=None, tma_b=False, persistent=False, ws=False):
+    """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA (``TMA_A``; the gate_up
+    GEMM then writes ``out`` in that order too); ``tma_b``: the weight read by TMA; ``persistent``/``ws``: see
+    ``_moe_gemm_kernel`` (the caller checked that the card and the tensors allow them: :func:`_hopper_flags`)."""
+    block_n = cfg["BLOCK_N"]
+    a, a_desc, w_desc, block_k, precision = _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b)
     # Warp specialization of row blocks below 64 (no wgmma) compiles to an unpipelined loop: those run without.
     ws = ws and block_m >= WS_MIN_BLOCK_M
     tiles = max_blocks * cdiv(n_out, block_n)
@@ -482,6 +547,22 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
         TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_tiles, experts, eb,
+                 block_m, hot_m, silu, cfg, hot_cfg, a_sorted=None, tma_b=False):
+    """Both tile classes of one GEMM in one persistent launch (``MERGE``; warps and stages of the hot class)."""
+    a_in = a
+    a, a_desc, w_desc, block_k, precision = _operands(a_in, weight, cfg, block_m, k_dim, a_sorted, tma_b)
+    _, hot_a_desc, hot_w_desc, hot_k, _ = _operands(a_in, weight, hot_cfg, hot_m, k_dim, a_sorted, tma_b)
+    _moe_gemm_merged_kernel[(min(max_tiles, _num_sms(a.device)),)](
+        a, a_desc, hot_a_desc, weight, w_desc, hot_w_desc, out, sorted_rows, meta, n_out, k_dim, a_row_div,
+        up_offset, experts, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+        EVEN_K=k_dim % block_k == 0, HOT_BLOCK_M=hot_m, HOT_BLOCK_N=hot_cfg["BLOCK_N"], HOT_BLOCK_K=hot_k,
+        HOT_GROUP_M=hot_cfg["GROUP_M"], HOT_EVEN_K=k_dim % hot_k == 0, EB=eb, SILU=silu, PRECISION=precision,
+        WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=w_desc is not None,
+        num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
 
 
 WS_MIN_BLOCK_M = 64
@@ -508,6 +589,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
 def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> tuple[bool, bool, bool, bool]:
     """(TMA_A, TMA_B, PERSISTENT, WS) in force for config ``cfg`` (its fields, default 0). A config is a hint:
     the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor can cover, else they are off;
+    MERGE (both tile classes in one persistent launch, when there are two) means PERSISTENT for a single class;
     WS needs both operands on TMA (Triton 3.6's Hopper warp specialization fails to compile the pointer gather of
     A, and it takes effect only with ``num_warps=4``: one consumer warp group)."""
     if not any(cfg.get(f, 0) for f in tuning.FLAGS):
@@ -516,7 +598,7 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> tuple[bool, bool, b
     tma_a = bool(cfg.get("TMA_A", 0)) and tma and (x.shape[1] * x.element_size()) % 16 == 0 \
         and (inter * x.element_size()) % 16 == 0
     tma_b = bool(cfg.get("TMA_B", 0)) and tma and _tma_ok(w_up) and _tma_ok(w_down)
-    persistent = bool(cfg.get("PERSISTENT", 0))
+    persistent = bool(cfg.get("PERSISTENT", 0) or cfg.get("MERGE", 0))
     return tma_a, tma_b, persistent, tma_a and tma_b and bool(cfg.get("WS", 0))
 
 
@@ -610,6 +692,15 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         _moe_gather_kernel[(cdiv(x_sorted.shape[0], GATHER_ROWS), cdiv(hidden, block_h))](
             x, x_sorted, sorted_rows, meta, hidden, topk, experts, x.stride(0), x_sorted.stride(0), EB=eb,
             HOT_BLOCK_M=hot_m, ROWS=GATHER_ROWS, BLOCK_H=block_h, num_warps=GATHER_NUM_WARPS)
+    if hot_cfg is not None and cfg.get("MERGE", 0):
+        for g, a, w, o, n_out, k_dim, div, up_offset, a_sorted in (
+                ("up", x, w_up, act, inter, hidden, topk, inter, x_sorted),
+                ("down", act, w_down, y, hidden, inter, 1, 0, act if tma_a else None)):
+            tiles = max_blocks * cdiv(n_out, cfg[g]["BLOCK_N"]) + max_hot_blocks * cdiv(n_out, hot_cfg[g]["BLOCK_N"])
+            _gemm_merged(a, w, o, sorted_rows, meta, n_out=n_out, k_dim=k_dim, a_row_div=div, up_offset=up_offset,
+                         max_tiles=tiles, experts=experts, eb=eb, block_m=block_m, hot_m=hot_m, silu=g == "up",
+                         cfg=cfg[g], hot_cfg=hot_cfg[g], a_sorted=a_sorted, tma_b=tma_b)
+        classes = []  # served
     flags = dict(tma_b=tma_b, persistent=persistent, ws=ws)
     for hot, bm, blocks, c in classes:
         _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
