@@ -68,18 +68,21 @@ def _round_to_bf16(x):
 # configs directly. UNTUNED: chosen from first principles (below), never timed on a GPU yet; every default config
 # compiles for sm_90 within its shared memory (tests/triton/test_quant.py).
 #
-# * Decode (M <= 64): the weights are streamed once (int4: N * K / 2 bytes; int8: N * K); BLOCK_M = M rounded up
-#   to a power of two (>= 16, the smallest MMA) so that one program reads each weight tile once, 128 columns a
-#   program (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and
-#   their share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about
-#   two programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N)
-#   never more bytes than the weights; a second launch sums the partials in a fixed order (deterministic, no
-#   atomics, no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the
-#   epilogue. A grid already >= one wave is never split.
+# * Decode (M <= 64): the weights are streamed once (int4: N * K / 2 bytes; int8: N * K), 128 columns a program
+#   (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and their
+#   share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about two
+#   programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N) never
+#   more bytes than the weights; a second launch sums the partials in a fixed order (deterministic, no atomics,
+#   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue. A grid
+#   already >= one wave is never split. int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
+#   so one program reads each weight tile once. AWQ: the dequantization's instruction count, not the MMAs, bounds
+#   a decode step (SASS of the loop, ptxas for sm_90a, per weight element: 4.3 instructions with 64-row wgmma
+#   tiles, 5.3 with 16 rows, 6.7 with 32; at 4 warps, 128 x 128 x 128 tiles; the old kernel's 16 x 64 x 32: 28.6):
+#   64-row tiles for every M <= 64, rows past M masked (no traffic).
 # * Prefill (M > 64): 128-row tiles (wgmma, 8 warps), grouped program order (GROUP_M row tiles sweep the columns
-#   together: the weight tiles they share stay in L2). AWQ: 128 x 128 tiles, BLOCK_K 64 (two programs fit per SM
-#   in shared memory: one dequantizes while the other's MMAs run); int8: 128 x 256 x 128 (3 stages, 144 KB) when
-#   that grid is at least one wave, else 128 x 128 x 128 (4 stages).
+#   together: the weight tiles they share stay in L2). AWQ: 128 x 128 tiles, BLOCK_K 64 (74 KB of shared memory
+#   and 128 registers a thread: two programs per SM, one dequantizing while the other's MMAs run); int8:
+#   128 x 256 x 128 (3 stages, 144 KB) when that grid is at least one wave, else 128 x 128 x 128 (4 stages).
 # Against the old 64 x 64 (16 x 64 decode) tiles: wider tiles only where the grid stays >= one wave or is split
 # back up to >= 2 programs per SM, so no default has fewer active SMs than before.
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +162,8 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
     resolved (see the section comment)."""
     if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
-    elif m_bucket <= 64:
-        cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    elif m_bucket <= 64:  # 64-row tiles whatever M (see the section comment)
+        cfg = GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
     else:
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     if dtype == torch.float32 and device_type == "cuda":
@@ -179,7 +182,7 @@ def int8_config(device_type: str, device_index, m_bucket: int, n: int, k: int) -
     sms = _sm_count(device_type, device_index)
     if device_type != "cuda":
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
-    elif m_bucket <= 64:  # 64 rows: 8 warps (4 spill registers in the split path's partial store)
+    elif m_bucket <= 64:  # 64 rows: two warp groups (69 registers a thread; 4 warps: 122-153)
         cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=8 if m_bucket == 64 else 4,
                          num_stages=4)
     elif cdiv(m_bucket, 128) * cdiv(n, 256) >= sms:
@@ -201,11 +204,12 @@ def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
+def _epilogue(acc, rm, rn, out_ptrs, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
               HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
               HAS_BIAS: tl.constexpr):
     """``out[rm, rn] = ((acc [+ qbias]) [* row_scale] [* col_scale] [+ bias])`` in float32, rounded once to the
-    output dtype; ``rm``/``rn`` are broadcast-shaped row/column indices (a tile, or one flat run of elements)."""
+    output dtype, stored at ``out_ptrs``; ``rm``/``rn`` are broadcast-shaped row/column indices (a tile, or one
+    flat run of elements)."""
     m_mask = rm < M
     n_mask = rn < N
     if HAS_QBIAS:
@@ -217,7 +221,23 @@ def _epilogue(acc, rm, rn, out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbi
         out = out * tl.load(col_scale_ptr + rn, mask=n_mask, other=0.0)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm.to(tl.int64) * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=m_mask & n_mask)
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=m_mask & n_mask)
+
+
+@triton.jit
+def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
+                 bias_ptr, M, N, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A GEMM tile's end: the epilogue into ``out`` without a split, else the raw sums into the ``[SPLIT_K, M, N]``
+    workspace. 64-bit offsets only for the tile's origin (32-bit ones inside it: fewer registers)."""
+    local = tl.arange(0, BLOCK_M)[:, None]
+    if SPLIT_K == 1:
+        ptrs = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_om + (local * stride_om + rn[None, :])
+        _epilogue(acc, rm[:, None], rn[None, :], ptrs, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
+                  HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
+    else:
+        ptrs = ws_ptr + (split * M + pid_m * BLOCK_M).to(tl.int64) * N + (local * N + rn[None, :])
+        tl.store(ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
@@ -232,8 +252,9 @@ def _split_k_reduce_kernel(ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_
     for s in range(1, SPLIT_K):
         acc += tl.load(ws_ptr + s * size + idx, mask=mask, other=0)
     rm = tl.where(mask, idx // N, M)  # past the end: a row that masks itself out
-    _epilogue(acc, rm, idx % N, out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
-              HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
+    rn = idx % N
+    _epilogue(acc, rm, rn, out_ptr + rm.to(tl.int64) * stride_om + rn, row_scale_ptr, col_scale_ptr, qbias_ptr,
+              bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
 
 
 def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias):
@@ -252,20 +273,33 @@ def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias):
 
 # ----------------------------------------------------------------------------------------------- AWQ W4A16
 @triton.jit
-def _awq_unpack(words):
-    """``[R, C]`` int32 words of 8 nibbles -> ``[R, 8 C]`` int32 values in column order: AWQ stores column j of a
-    word's 8 in nibble ``(j % 2) * 4 + j // 2`` (order 0 2 4 6 1 3 5 7). One load per word, unpacked in registers."""
-    j = tl.arange(0, 8)
-    shifts = ((j % 2) * 4 + j // 2) * 4
-    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    return tl.reshape(q, [words.shape[0], words.shape[1] * 8])
+def _awq_unpack(words, MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """``[R, C]`` int32 words of 8 nibbles -> ``[R, 8 C]``: column ``8 c + j`` from nibble ``(j % 2) * 4 + j // 2``
+    of word ``c`` (AWQ's order 0 2 4 6 1 3 5 7), unpacked in the words' own layout (each word read once, its 8
+    values built in the registers of the thread that holds it) and joined: columns ``2 i`` and ``2 i + 1`` are
+    nibbles ``i`` and ``i + 4``, the two 16-bit halves of ``(word >> 4 i) & 0x000F000F``.
 
-
-@triton.jit
-def _awq_as_float(q, MAGIC: tl.constexpr, dtype: tl.constexpr):
-    """4-bit values ``q`` (int32) as ``dtype`` values ``MAGIC + q`` without an int-to-float conversion: the bits
-    ``MAGIC | q`` (0x6400 = 1024.0 in float16, 0x4300 = 128.0 in bfloat16, both with a unit last mantissa bit)."""
-    return (q | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+    ``MAGIC`` 0: the int32 values. Else ``MAGIC`` is a 16-bit float's bits with a unit last mantissa bit at 1
+    (0x6400 = 1024.0 in float16, 0x4300 = 128.0 in bfloat16): the ``dtype`` values ``MAGIC + q``, two per 32-bit
+    operation and without an int-to-float conversion (the halves of ``pair | MAGIC * 0x10001``)."""
+    if MAGIC != 0:
+        p0 = ((words >> 0) & 0x000F000F) | (MAGIC * 0x10001)
+        p1 = ((words >> 4) & 0x000F000F) | (MAGIC * 0x10001)
+        p2 = ((words >> 8) & 0x000F000F) | (MAGIC * 0x10001)
+        p3 = ((words >> 12) & 0x000F000F) | (MAGIC * 0x10001)
+        lo0, hi0 = p0.to(tl.int16).to(dtype, bitcast=True), (p0 >> 16).to(tl.int16).to(dtype, bitcast=True)
+        lo1, hi1 = p1.to(tl.int16).to(dtype, bitcast=True), (p1 >> 16).to(tl.int16).to(dtype, bitcast=True)
+        lo2, hi2 = p2.to(tl.int16).to(dtype, bitcast=True), (p2 >> 16).to(tl.int16).to(dtype, bitcast=True)
+        lo3, hi3 = p3.to(tl.int16).to(dtype, bitcast=True), (p3 >> 16).to(tl.int16).to(dtype, bitcast=True)
+    else:
+        lo0, hi0 = words & 0xF, (words >> 16) & 0xF
+        lo1, hi1 = (words >> 4) & 0xF, (words >> 20) & 0xF
+        lo2, hi2 = (words >> 8) & 0xF, (words >> 24) & 0xF
+        lo3, hi3 = (words >> 12) & 0xF, (words >> 28) & 0xF
+    # [R, C, a, b, h] -> column (2 a + b) * 2 + h: nibble pair i = 2 a + b, half h
+    lo = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    hi = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.reshape(tl.join(lo, hi), [words.shape[0], words.shape[1] * 8])
 
 
 @triton.jit
@@ -273,12 +307,12 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
                      stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+                     SPLIT_K: tl.constexpr, ITERS: tl.constexpr, EVEN_N: tl.constexpr):
     """``x @ W (+ bias)`` with ``W = (q - zero) * scale`` dequantized tile by tile. Program (tile, split) covers K
     tiles ``split * ITERS ..`` (ITERS of BLOCK_K, which divides GROUP: one group's scales and zeros per tile);
     without a split it runs the epilogue, else it stores float32 partials to ``ws`` (``[SPLIT_K, M, N]``).
 
-    16-bit activations (``MAGIC`` the dtype's magic bits, see :func:`_awq_as_float`): ``(q - zero) * scale``
+    16-bit activations (``MAGIC`` the dtype's magic bits, see :func:`_awq_unpack`): ``(q - zero) * scale``
     computed as ``((MAGIC | q) - (MAGIC | zero)) * scale`` in the activation dtype: the difference is exact, the
     product rounded once, so W equals the float32 computation rounded to that dtype; float32: in float32."""
     pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -288,11 +322,18 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = pid_n * WORDS + tl.arange(0, WORDS)
     rk = tl.arange(0, BLOCK_K)
-    # loads wrap rows/columns past the end onto valid ones (no masks in the loop); the stores are masked
-    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
-    w_cols = qw_ptr + (rw % (N // 8))[None, :]
-    s_cols = s_ptr + rn % N
-    z_cols = z_ptr + rw % (N // 8)
+    # rows past M are masked (no traffic: a 1-row call reads one row); columns past N (N not a multiple of
+    # BLOCK_N only) wrap onto valid ones; the stores are masked
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    row_ok = (rm < M)[:, None]
+    if EVEN_N:  # plain column offsets: the compiler sees the runs of contiguous words (vector loads)
+        w_cols = qw_ptr + rw[None, :]
+        s_cols = s_ptr + rn
+        z_cols = z_ptr + rw
+    else:
+        w_cols = qw_ptr + (rw % (N // 8))[None, :]
+        s_cols = s_ptr + rn % N
+        z_cols = z_ptr + rw % (N // 8)
     EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(ITERS):
@@ -300,31 +341,28 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
         ks = k0 + rk
         g = tl.minimum(k0, K - 1) // GROUP  # a K tile past the end (uneven split): any valid group, x is 0
         if EVEN:
-            x = tl.load(x_rows + ks[None, :])
+            x = tl.load(x_rows + ks[None, :], mask=row_ok, other=0.0)
             packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
         else:
-            x = tl.load(x_rows + ks[None, :], mask=(ks < K)[None, :], other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
             packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
         s = tl.load(s_cols + g * stride_sg)[None, :]
-        q = _awq_unpack(packed)
+        q = _awq_unpack(packed, MAGIC, x.dtype)
         if HAS_ZEROS:
-            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :])
+            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :], MAGIC, x.dtype)
         else:
-            z = tl.full((1, BLOCK_N), 8, dtype=tl.int32)
+            z = _awq_unpack(tl.full((1, WORDS), 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True), MAGIC,
+                            x.dtype)  # zero point 8
         if MAGIC != 0:
-            w = (_awq_as_float(q, MAGIC, x.dtype) - _awq_as_float(z, MAGIC, x.dtype)) * s
+            w = (q - z) * s  # (MAGIC + q) - (MAGIC + z): exact; one rounding of the product
         else:
             w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
         if IEEE:  # float32 activations: full float32 products, not TF32
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    if SPLIT_K == 1:
-        _epilogue(acc, rm[:, None], rn[None, :], out_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M, N,
-                  False, False, False, HAS_BIAS)
-    else:
-        ws = ws_ptr + split.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(ws, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M, N,
+                 False, False, False, HAS_BIAS, SPLIT_K, BLOCK_M)
 
 
 _AWQ_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}
@@ -362,7 +400,7 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
                            HAS_ZEROS=offset is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                            MAGIC=_AWQ_MAGIC[x.dtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                           EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _finish(ws, out, split, None, None, None, bias)
     return out
 
@@ -382,25 +420,22 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, row_scale_ptr, col_scale_pt
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    a_rows = a_ptr + (rm % M).to(tl.int64)[:, None] * stride_am
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    row_ok = (rm < M)[:, None]  # rows past M: masked (no traffic); columns past N wrap onto valid ones
     b_cols = b_ptr + (rn % N).to(tl.int64)[None, :] * stride_bn
     EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(ITERS):
         ks = (split * ITERS + i) * BLOCK_K + rk
         if EVEN:
-            a = tl.load(a_rows + ks[None, :])
+            a = tl.load(a_rows + ks[None, :], mask=row_ok, other=0)
             b = tl.load(b_cols + ks[:, None])
         else:
-            a = tl.load(a_rows + ks[None, :], mask=(ks < K)[None, :], other=0)
+            a = tl.load(a_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0)
             b = tl.load(b_cols + ks[:, None], mask=(ks < K)[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    if SPLIT_K == 1:
-        _epilogue(acc, rm[:, None], rn[None, :], out_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
-                  bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, True, HAS_BIAS)
-    else:
-        ws = ws_ptr + split.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(ws, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
+                 bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, True, HAS_BIAS, SPLIT_K, BLOCK_M)
 
 
 def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, bias, out_dtype,
