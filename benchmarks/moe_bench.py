@@ -11,8 +11,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
 * ``--autotune-shapes`` run as on a card without a table (its table is hidden for them): their first call runs
   the autotune on first use, whose result lands in the tuning cache (``DLINFER_CACHE_DIR``);
 * with ``--candidates``: extra tile configs (``EXTRA``, uniform routing) and the Hopper variants (``HOPPER``: the
-  config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_B``/``PERSISTENT``/``WS``
-  fields, and warp-specialized 4-warp configs; on the routings of ``--candidates-routings``) at ``rows per expert
+  config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_B``/``PERSISTENT``/
+  ``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of ``--candidates-routings``) at ``rows per expert
   >= --candidates-from``, each checked against the reference before it is timed: material for the card's table.
   A summary per Hopper variant (its time over the config in force's, per case) ends the output.
 
