@@ -611,6 +611,12 @@ for n, k in SHAPES:
             check(quant._int8_gemm_kernel, dict(a_ptr="*i8", b_ptr="*i8", out_ptr=out_t, ws_ptr="*i32",
                                                 row_scale_ptr="*fp32", col_scale_ptr="*fp32", qbias_ptr="*i32",
                                                 bias_ptr=out_t), consts, c, c.block_m >= 64, f"int8 {out_t} N={n} K={k} M={m} {c}")
+for t, magic in (("*fp16", 0x6400), ("*bf16", 0x4300)):  # symmetric int4 (no zeros), N not a multiple of BLOCK_N
+    c = quant.GemmConfig(64, 128, 128, split_k=4, num_warps=4, num_stages=3)
+    check(quant._awq_gemm_kernel, dict(x_ptr=t, qw_ptr="*i32", s_ptr=t, z_ptr="*i32", b_ptr=t, out_ptr=t,
+                                       ws_ptr="*fp32"),
+          dict(K=4096, GROUP=128, HAS_ZEROS=False, HAS_BIAS=True, IEEE=False, MAGIC=magic, BLOCK_M=64, BLOCK_N=128,
+               BLOCK_K=128, GROUP_M=8, SPLIT_K=4, ITERS=8, EVEN_N=False), c, True, f"awq {t} no zeros, odd N")
 for ws_t, out_t in (("*fp32", "*bf16"), ("*fp32", "*fp16"), ("*fp32", "*fp32"), ("*i32", "*bf16"), ("*i32", "*fp32")):
     compile_sm90(quant._split_k_reduce_kernel, dict(ws_ptr=ws_t, out_ptr=out_t, row_scale_ptr="*fp32",
                                                     col_scale_ptr="*fp32", qbias_ptr="*i32", bias_ptr=out_t),
