@@ -48,6 +48,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DLINFER_TRITON_DECODE", "spec", "",
              "launch-parameter overrides of the Triton decode attention kernel (`block_n=64,num_warps=4`)",
              "when a kernel configuration is first built"),
+    Variable("DLINFER_TRITON_AWQ", "spec", "",
+             "launch-parameter overrides of the Triton AWQ W4A16 GEMM (`block_n=256,split_k=4`; split_k=0: by rule)",
+             "when a kernel configuration is first built"),
+    Variable("DLINFER_TRITON_W8A8", "spec", "",
+             "launch-parameter overrides of the Triton int8 W8A8 GEMM (`block_m=128,block_n=256,num_stages=3`)",
+             "when a kernel configuration is first built"),
     Variable("DLINFER_AUTOTUNE", "bool", "1",
              "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
              "tiers)", "at the first fused_moe call of a shape bucket"),
