@@ -11,9 +11,10 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
 * ``--autotune-shapes`` run as on a card without a table (its table is hidden for them): their first call runs
   the autotune on first use, whose result lands in the tuning cache (``DLINFER_CACHE_DIR``);
 * with ``--candidates``: extra tile configs (``EXTRA``, uniform routing) and the Hopper variants (``HOPPER``: the
-  config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_B``/``PERSISTENT``/
-  ``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of ``--candidates-routings``) at ``rows per expert
-  >= --candidates-from``, each checked against the reference before it is timed: material for the card's table.
+  config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_ACT``/``TMA_B``/
+  ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of
+  ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
+  before it is timed: material for the card's table.
   A summary per Hopper variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case and a table of speed ratios last; writes everything to ``--out`` (JSON).
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers, timing  # noqa: E402
+from dlinfer.vendor.triton import tuning  # noqa: E402
 from dlinfer.vendor.triton.tuning import _cfg  # noqa: E402  (the tables' own config builder)
 
 # (name, experts, topk, hidden, inter): the anchors, then shapes no table lists.
@@ -58,11 +60,11 @@ EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
-HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1), dict(TMA_B=1, PERSISTENT=1),
-                dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(MERGE=1), dict(TMA_B=1, MERGE=1),
-                dict(TMA_A=1, TMA_B=1, MERGE=1)]
+HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
+                dict(TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(MERGE=1),
+                dict(TMA_B=1, MERGE=1), dict(TMA_ACT=1, TMA_B=1, MERGE=1)]
 HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
-             _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, WS=1),
+             _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_ACT=1, TMA_B=1, WS=1),
              _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
 
 
@@ -70,7 +72,7 @@ def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     """(name, config) of the Hopper variants for a case whose config in force is ``in_force`` and whose hot
     experts' tiles are ``hot`` (given explicitly: a config passed to fused_moe gets no hot class otherwise)."""
     out = [("+".join(f), dict(in_force, hot=hot, **f)) for f in HOPPER_FLAGS]
-    out += [(f"ws{i}:" + "+".join(k for k in ("TMA_A", "TMA_B", "PERSISTENT", "MERGE") if c.get(k)), dict(c, hot=hot))
+    out += [(f"ws{i}:" + "+".join(k for k in tuning.FLAGS if k != "WS" and c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
     return out
 
@@ -111,8 +113,9 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
 
     narrow = _cfg(32, (64, 64, 4, 4, 3), (64, 64, 4, 4, 3))
     hot = _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))
-    variants = [("plain", {})] + [("+".join(f), f) for f in HOPPER_FLAGS + [dict(TMA_A=1, TMA_B=1, WS=1),
-                                                                            dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]]
+    variants = [("plain", {})] + [("+".join(f), f) for f in HOPPER_FLAGS + [
+        dict(TMA_A=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1),
+        dict(TMA_A=1, TMA_B=1, MERGE=1)]]
     failures = 0
     for name, flags in variants:
         cfg = dict(narrow, hot=hot, hot_rows=128, **flags)
@@ -163,7 +166,6 @@ def main(argv=None):
     from dlinfer.vendor import registry
     from dlinfer.vendor.reference import moe as ref_moe
     from dlinfer.vendor.triton import moe as tmoe
-    from dlinfer.vendor.triton import tuning
 
     graph_failures = graph_check() if args.graph_check else 0
     t0 = time.time()

@@ -185,34 +185,52 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
 
 # ---------------------------------------------------------------- Hopper variants (config fields)
 
-_HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
-                 dict(TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
+_HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_ACT=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
+                 dict(TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_ACT=1, TMA_B=1, WS=1),
+                 dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
+
+
+def _expected(flags: dict, gemm: str, block_m: int, merged: bool = False) -> tuple:
+    """The launch a GEMM should get from ``flags`` (interpreter: TMA always possible): (TMA_A, TMA_B, PERSISTENT,
+    WS), or ("merged", TMA_A, TMA_B)."""
+    tma_a = bool(flags.get("TMA_A")) or (gemm == "down" and bool(flags.get("TMA_ACT")))
+    tma_b = bool(flags.get("TMA_B"))
+    if merged:
+        return ("merged", tma_a, tma_b)
+    ws = bool(flags.get("WS")) and tma_a and tma_b and block_m >= 64
+    return (tma_a, tma_b, bool(flags.get("PERSISTENT") or flags.get("MERGE")), ws)
 
 
 def _spy_gemms(monkeypatch):
-    """Record, per GEMM kernel launch, its (TMA_A, TMA_B, PERSISTENT, WS) and that a descriptor came with each TMA
-    field."""
-    launched = []
-    real = triton_moe._moe_gemm_kernel
+    """Record, per GEMM kernel launch, what ``_expected`` describes, checking that a descriptor came with each TMA
+    field and that the gate_up GEMM writes its activations in the sorted order exactly when the down GEMM reads
+    them by TMA."""
+    launched, sorted_writes = [], []
+    real, real_merged = triton_moe._moe_gemm_kernel, triton_moe._moe_gemm_merged_kernel
+
+    def check(kw, a_desc, w_desc):
+        assert (a_desc is not None, w_desc is not None) == (kw["TMA_A"], kw["TMA_B"])
+        if kw["SILU"]:
+            sorted_writes.append(kw["SORTED_OUT"])
+        else:  # every gate_up launch wrote the activations the way this down GEMM reads them
+            assert not kw["SORTED_OUT"] and sorted_writes and set(sorted_writes) == {kw["TMA_A"]}
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                flags = tuple(kw[f] for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
-                assert (args[1] is not None, args[3] is not None) == flags[:2]  # a_desc, w_desc
-                launched.append(flags)
+                check(kw, args[1], args[3])
+                launched.append((kw["TMA_A"], kw["TMA_B"], kw["PERSISTENT"], kw["WS"]))
                 return real[grid](*args, **kw)
             return launch
 
     class MergedSpy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                assert (args[1] is not None, args[4] is not None) == (kw["TMA_A"], kw["TMA_B"])
+                check(kw, args[1], args[4])
                 launched.append(("merged", kw["TMA_A"], kw["TMA_B"]))
                 return real_merged[grid](*args, **kw)
             return launch
 
-    real_merged = triton_moe._moe_gemm_merged_kernel
     monkeypatch.setattr(triton_moe, "_moe_gemm_kernel", Spy())
     monkeypatch.setattr(triton_moe, "_moe_gemm_merged_kernel", MergedSpy())
     return launched
@@ -222,24 +240,24 @@ def _spy_gemms(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens,experts,topk", [(1, 8, 2), (45, 3, 2)])  # T=1: most experts empty; 2 blocks each
 def test_fused_moe_hopper_variants(poison, monkeypatch, flags, dtype, tokens, experts, topk):
-    """TMA reads of the weight (B) and of the expert-sorted copy of A, the persistent tile loop and warp
-    specialization: the same results as the reference, every row written (NaN poison), the variant really run.
-    K = 48 is not a multiple of BLOCK_K = 32 (the descriptors' zero fill) and the last N tile is partial."""
+    """TMA reads of the weight (B), of the expert-sorted copy of A or only of the sorted activations, the
+    persistent tile loop and warp specialization: the same results as the reference, every row written (NaN
+    poison), the variant really run. K = 48 is not a multiple of BLOCK_K = 32 (the descriptors' zero fill) and
+    the last N tile is partial."""
     launched = _spy_gemms(monkeypatch)
     x, gate_up, down, weights, ids = _moe_inputs(tokens, 48, 40, experts, topk, dtype)
-    # WS only serves row blocks of 64 and more (wgmma's)
-    config = dict(BLOCK_M=64 if flags.get("WS") else 16,
-                  up=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
+    block_m = 64 if flags.get("WS") else 16  # WS only serves row blocks of 64 and more (wgmma's)
+    config = dict(BLOCK_M=block_m, up=dict(BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2),
                   down=dict(BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2), **flags)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, topk, True)
     _check_moe(out, ref, dtype)
-    want = tuple(bool(flags.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS"))
-    assert launched == [want, want]
+    assert launched == [_expected(flags, "up", block_m), _expected(flags, "down", block_m)]
 
 
-_HOT_VARIANTS = [dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1), dict(MERGE=1),
-                 dict(TMA_A=1, TMA_B=1, MERGE=1)]
+_HOT_VARIANTS = [dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
+                 dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1), dict(MERGE=1), dict(TMA_A=1, TMA_B=1, MERGE=1),
+                 dict(TMA_ACT=1, MERGE=1)]
 
 
 @pytest.mark.parametrize("flags", _HOT_VARIANTS, ids=lambda f: "+".join(f))
@@ -259,33 +277,36 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=config)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     _check_moe(out, ref, dtype)
-    tma = (bool(flags.get("TMA_A")), bool(flags.get("TMA_B")))
-    narrow, wide = (*tma, True, False), (*tma, True, bool(flags.get("WS")))  # narrow: BLOCK_M 16, no WS
-    if hot_rows > 70:  # T < hot_rows: no hot class, one persistent launch per GEMM
-        assert launched == [narrow, narrow]
+    if hot_rows > 70:  # T < hot_rows: no hot class, one (persistent) launch per GEMM
+        assert launched == [_expected(flags, g, 16) for g in ("up", "down")]
     elif flags.get("MERGE"):
-        assert launched == [("merged", *tma)] * 2
+        assert launched == [_expected(flags, g, 0, merged=True) for g in ("up", "down")]
         launched.clear()
         apart = dict(config, MERGE=0, PERSISTENT=1)
         assert torch.equal(out, poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=apart))
-        assert launched == [narrow, wide] * 2
-    else:  # the narrow-tile class, then the hot one, per GEMM
-        assert launched == [narrow, wide] * 2
+        assert launched == [_expected(apart, g, bm) for g in ("up", "down") for bm in (16, 64)]
+    else:  # the narrow-tile class (BLOCK_M 16), then the hot one (64), per GEMM
+        assert launched == [_expected(flags, g, bm) for g in ("up", "down") for bm in (16, 64)]
 
 
 def test_hopper_flags_are_hints():
     """A field the tensors cannot serve is off (not an error): rows whose pitch is not a multiple of 16 bytes
-    (TMA_A), weights a descriptor cannot cover as [E * N, K] (TMA_B), WS without both operands on TMA."""
+    (TMA_A, TMA_ACT), weights a descriptor cannot cover as [E * N, K] (TMA_B), WS without TMA_B and A on TMA."""
     x, gate_up, down, _, _ = _moe_inputs(4, 48, 40, 4, 2, torch.float16)
+
+    def flags(cfg, x=x, gate_up=gate_up, inter=40):
+        f = triton_moe._hopper_flags(cfg, x, gate_up, down, inter)
+        return tuple(k for k in ("tma_a", "tma_act", "tma_b", "persistent", "ws") if f[k])
+
     every = dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)
-    assert triton_moe._hopper_flags(every, x, gate_up, down, 40) == (True, True, True, True)
-    assert triton_moe._hopper_flags({}, x, gate_up, down, 40) == (False, False, False, False)
-    assert triton_moe._hopper_flags(every, x, gate_up, down, 36) == (False, True, True, False)  # 72-byte rows
-    odd = torch.randn(4, 33).half()
-    assert triton_moe._hopper_flags(every, odd, gate_up, down, 40)[0] is False
+    assert flags(every) == ("tma_a", "tma_act", "tma_b", "persistent", "ws")
+    assert flags({}) == () and flags(dict(TMA_A=0, MERGE=0)) == ()
+    assert flags(every, inter=36) == ("tma_b", "persistent")  # 72-byte activation rows
+    assert flags(dict(TMA_ACT=1, TMA_B=1, WS=1)) == ("tma_act", "tma_b", "ws")
+    assert flags(every, x=torch.randn(4, 33).half()) == ("tma_b", "persistent")  # 66-byte hidden rows
     strided = torch.randn(4, 2 * 40, 64).half()[:, :, :48]
-    assert triton_moe._hopper_flags(every, x, strided, down, 40) == (True, False, True, False)
-    assert triton_moe._hopper_flags(dict(TMA_B=1, PERSISTENT=1, WS=1), x, gate_up, down, 40)[3] is False
+    assert flags(every, gate_up=strided) == ("tma_a", "tma_act", "persistent")
+    assert flags(dict(TMA_B=1, MERGE=1, WS=1)) == ("tma_b", "persistent")
 
 
 def test_config_fields_are_checked():
@@ -498,9 +519,13 @@ for cfg in configs:
     for gemm in ("up", "down"):
         c = cfg[gemm]
         types = dict(a_ptr=bf, w_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32")
+        # (TMA_ACT: the gate_up GEMM's sorted store, the down GEMM's A by TMA)
+        tma_act = flags["TMA_A"] or bool(cfg.get("TMA_ACT", 0))
+        flags = dict(flags, TMA_A=flags["TMA_A"] or (gemm == "down" and tma_act))
+        flags["WS"] = flags["WS"] and flags["TMA_A"] and flags["TMA_B"]
         consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                       EB=128, HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32",
-                      WHILE_LOOP=False, **flags)
+                      WHILE_LOOP=False, SORTED_OUT=gemm == "up" and tma_act, **flags)
         # The host-side tensor descriptors fused_moe passes (None when the field is off).
         for name, on, block in (("a_desc", flags["TMA_A"], cfg["BLOCK_M"]), ("w_desc", flags["TMA_B"], c["BLOCK_N"])):
             if on:
@@ -522,7 +547,8 @@ for t in [tuning.TABLES["NVIDIA H200"]]:
                 consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                               EVEN_K=True, HOT_BLOCK_M=hot["BLOCK_M"], HOT_BLOCK_N=h["BLOCK_N"],
                               HOT_BLOCK_K=h["BLOCK_K"], HOT_GROUP_M=h["GROUP_M"], HOT_EVEN_K=True, EB=128,
-                              SILU=gemm == "up", PRECISION="tf32", WHILE_LOOP=False, TMA_A=tma, TMA_B=tma)
+                              SILU=gemm == "up", PRECISION="tf32", WHILE_LOOP=False, TMA_A=tma, TMA_B=tma,
+                              SORTED_OUT=tma and gemm == "up")
                 for name, rows, kk in (("a_desc", cfg["BLOCK_M"], c["BLOCK_K"]), ("hot_a_desc", hot["BLOCK_M"],
                                        h["BLOCK_K"]), ("w_desc", c["BLOCK_N"], c["BLOCK_K"]),
                                        ("hot_w_desc", h["BLOCK_N"], h["BLOCK_K"])):

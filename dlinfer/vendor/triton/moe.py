@@ -26,18 +26,20 @@ count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM
 a heavy load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
 so nothing waits on the host and the call stays capturable.
 
-Hopper variants, per config (fields ``TMA_A``, ``TMA_B``, ``PERSISTENT``, ``WS``, all 0 unless a config sets
-them; a config is a hint, so a field the card or tensors cannot serve is off): ``TMA_B`` reads the weight tiles
-through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a kernel argument,
-so a captured CUDA graph replays it with nothing to allocate; a device-built descriptor would need
-``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden rows are gathered by
-token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
+Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``WS``, all 0
+unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off): ``TMA_B`` reads
+the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a
+kernel argument, so a captured CUDA graph replays it with nothing to allocate; a device-built descriptor would
+need ``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden rows are gathered
+by token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
 (``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its activations in that
-order, for the down GEMM's descriptor. ``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the
-block table says exist; ``MERGE`` runs both tile classes of a GEMM in one such launch (the hot experts' wide
-tiles first, then the narrow ones, each with its own tile sizes: ``_moe_gemm_merged_kernel``), so that under
-skewed routing the narrow tiles fill the SMs the few wide ones leave idle; ``WS`` adds Triton's warp
-specialization (both operands on TMA, ``num_warps=4``, row blocks of 64+; not in a MERGE launch).
+order, for the down GEMM's descriptor; ``TMA_ACT`` does the latter alone (no copy: the gate_up GEMM gathers its
+rows by pointers and writes its activations in the sorted order, the down GEMM reads them by TMA).
+``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the block table says exist; ``MERGE`` runs
+both tile classes of a GEMM in one such launch (the hot experts' wide tiles first, then the narrow ones, each
+with its own tile sizes: ``_moe_gemm_merged_kernel``), so that under skewed routing the narrow tiles fill the
+SMs the few wide ones leave idle; ``WS`` adds Triton's warp specialization to launches with both operands on
+TMA (``num_warps=4``, row blocks of 64+; not in a MERGE launch).
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
@@ -240,7 +242,7 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
                    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-                   WS_K: tl.constexpr, WS_SEARCH: tl.constexpr):
+                   WS_K: tl.constexpr, WS_SEARCH: tl.constexpr, SORTED_OUT: tl.constexpr):
     """Output tile number ``tile`` of the ``n_blocks`` row blocks of this class (see ``_moe_gemm_kernel``)."""
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the output columns together, so a weight tile is read from
@@ -275,7 +277,8 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
         first_row = tl.load(meta_ptr + 2 * EB + expert)
         rows = tl.load(sorted_ptr + first_row + local, mask=row_mask, other=0)
         a_rows = (rows // a_row_div).to(tl.int64)
-        # TMA_A: A is the expert-sorted copy (every row of the block, padding rows included, is there).
+        # The block's first row in the expert-sorted order: of A's sorted copy (TMA_A; every row of the block,
+        # padding rows included, is there) and of the output (SORTED_OUT).
         a_row = first_row + (m_block - block_start) * BLOCK_M
 
         offs_k = tl.arange(0, BLOCK_K)
@@ -325,8 +328,8 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
         else:
             result = acc.to(out_dtype)
         offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        if SILU and TMA_A:
-            # The activations stay in the expert-sorted order (the down GEMM reads them by TMA): the whole block,
+        if SORTED_OUT:
+            # The activations in the expert-sorted order (the down GEMM reads them by TMA): the whole block,
             # padding rows too (zero inputs there), so the down GEMM's tiles read only written rows.
             out_ptrs = out_ptr + (a_row + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, result, mask=(offs_n < n_out)[None, :])
@@ -341,7 +344,8 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
                      PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr = False,
-                     TMA_B: tl.constexpr = False, PERSISTENT: tl.constexpr = False, WS: tl.constexpr = False):
+                     TMA_B: tl.constexpr = False, PERSISTENT: tl.constexpr = False, WS: tl.constexpr = False,
+                     SORTED_OUT: tl.constexpr = False):
     """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block of
     ``BLOCK_M`` rows: the blocks of the hot experts (``HOT``) or of the others (see ``_moe_scatter_kernel``).
 
@@ -368,18 +372,19 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
                 _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
                                k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
-                               TMA_A, TMA_B, False, WS)
+                               TMA_A, TMA_B, False, WS, SORTED_OUT)
                 tile += tl.num_programs(0)
         else:
             for tile in tl.range(pid, n_tiles, tl.num_programs(0), warp_specialize=WS):
                 _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
                                k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
-                               TMA_A, TMA_B, False, WS)
+                               TMA_A, TMA_B, False, WS, SORTED_OUT)
     else:
         _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, pid, max_blocks, n_out, k_dim,
                        a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N,
-                       BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B, WS, WS)
+                       BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B, WS, WS,
+                       SORTED_OUT)
 
 
 @triton.jit
@@ -389,7 +394,8 @@ def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc
                             GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
                             HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
                             HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
-                            WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+                            WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+                            SORTED_OUT: tl.constexpr):
     """``MERGE``: both tile classes of one GEMM in one persistent launch: the programs take the hot experts' wide
     tiles first, then the other experts' narrow ones (each class with its own tile sizes and descriptors), so the
     narrow tiles fill the SMs the few wide ones leave idle instead of waiting for a second launch."""
@@ -405,7 +411,7 @@ def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc
                              tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
                              stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
                              HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
-                             WHILE_LOOP, TMA_A, TMA_B)
+                             WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
             tile += tl.num_programs(0)
     else:
         for tile in tl.range(pid, n_tiles, tl.num_programs(0)):
@@ -413,7 +419,7 @@ def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc
                              tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
                              stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
                              HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
-                             WHILE_LOOP, TMA_A, TMA_B)
+                             WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
 
 
 @triton.jit
@@ -423,17 +429,18 @@ def _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_p
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
                      HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
                      HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
-                     WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+                     WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+                     SORTED_OUT: tl.constexpr):
     if tile < hot_tiles:
         _moe_gemm_tile(a_ptr, hot_a_desc, w_ptr, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, tile, hot_blocks, n_out,
                        k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
                        HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, EB, True, SILU, HOT_EVEN_K, PRECISION,
-                       WHILE_LOOP, TMA_A, TMA_B, False, False)
+                       WHILE_LOOP, TMA_A, TMA_B, False, False, SORTED_OUT)
     else:
         _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile - hot_tiles, blocks, n_out,
                        k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M,
                        BLOCK_N, BLOCK_K, GROUP_M, EB, False, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B,
-                       False, False)
+                       False, False, SORTED_OUT)
 
 
 @triton.jit
@@ -530,14 +537,15 @@ def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
 
 
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
-          block_m, hot, silu, cfg, a_sorted=None, tma_b=False, persistent=False, ws=False):
-    """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA (``TMA_A``; the gate_up
-    GEMM then writes ``out`` in that order too); ``tma_b``: the weight read by TMA; ``persistent``/``ws``: see
+          block_m, hot, silu, cfg, a_sorted=None, sorted_out=False, tma_b=False, persistent=False, ws=False):
+    """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA; ``sorted_out``: ``out``
+    written in the expert-sorted order; ``tma_b``: the weight read by TMA; ``persistent``/``ws``: see
     ``_moe_gemm_kernel`` (the caller checked that the card and the tensors allow them: :func:`_hopper_flags`)."""
     block_n = cfg["BLOCK_N"]
     a, a_desc, w_desc, block_k, precision = _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b)
-    # Warp specialization of row blocks below 64 (no wgmma) compiles to an unpipelined loop: those run without.
-    ws = ws and block_m >= WS_MIN_BLOCK_M
+    # Warp specialization needs both operands on TMA (Triton 3.6's fails to compile the pointer gather of A), and
+    # of row blocks below 64 (no wgmma) it compiles an unpipelined loop: those run without.
+    ws = ws and a_desc is not None and w_desc is not None and block_m >= WS_MIN_BLOCK_M
     tiles = max_blocks * cdiv(n_out, block_n)
     grid = (min(tiles, _num_sms(a.device)),) if persistent else (tiles,)
     _moe_gemm_kernel[grid](
@@ -545,12 +553,12 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, HOT=hot, SILU=silu,
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
-        TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws,
+        TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws, SORTED_OUT=sorted_out,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_tiles, experts, eb,
-                 block_m, hot_m, silu, cfg, hot_cfg, a_sorted=None, tma_b=False):
+                 block_m, hot_m, silu, cfg, hot_cfg, a_sorted=None, sorted_out=False, tma_b=False):
     """Both tile classes of one GEMM in one persistent launch (``MERGE``; warps and stages of the hot class)."""
     a_in = a
     a, a_desc, w_desc, block_k, precision = _operands(a_in, weight, cfg, block_m, k_dim, a_sorted, tma_b)
@@ -562,7 +570,7 @@ def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, 
         EVEN_K=k_dim % block_k == 0, HOT_BLOCK_M=hot_m, HOT_BLOCK_N=hot_cfg["BLOCK_N"], HOT_BLOCK_K=hot_k,
         HOT_GROUP_M=hot_cfg["GROUP_M"], HOT_EVEN_K=k_dim % hot_k == 0, EB=eb, SILU=silu, PRECISION=precision,
         WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=w_desc is not None,
-        num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
+        SORTED_OUT=sorted_out, num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
 
 
 WS_MIN_BLOCK_M = 64
@@ -586,20 +594,23 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return dense and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
-def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> tuple[bool, bool, bool, bool]:
-    """(TMA_A, TMA_B, PERSISTENT, WS) in force for config ``cfg`` (its fields, default 0). A config is a hint:
-    the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor can cover, else they are off;
-    MERGE (both tile classes in one persistent launch, when there are two) means PERSISTENT for a single class;
-    WS needs both operands on TMA (Triton 3.6's Hopper warp specialization fails to compile the pointer gather of
-    A, and it takes effect only with ``num_warps=4``: one consumer warp group)."""
-    if not any(cfg.get(f, 0) for f in tuning.FLAGS):
-        return False, False, False, False  # the default path: nothing to query
+def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
+    """What config ``cfg``'s fields (default 0) turn on here: ``tma_a``, ``tma_act``, ``tma_b``, ``persistent``,
+    ``ws``. A config is a hint: the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor
+    can cover, else they are off; TMA_A implies TMA_ACT (the activations in the sorted order); MERGE (both tile
+    classes in one persistent launch, when there are two) means PERSISTENT for a single class; WS needs TMA_B and
+    takes the launches whose A is on TMA too (and, on the GPU, takes effect only with ``num_warps=4``: one
+    consumer warp group)."""
+    on = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
+    if not any(on.values()):
+        return dict(tma_a=False, tma_act=False, tma_b=False, persistent=False, ws=False)  # the default path
     tma = x.device.type == "cpu" or torch.cuda.get_device_capability(x.device)[0] >= 9
-    tma_a = bool(cfg.get("TMA_A", 0)) and tma and (x.shape[1] * x.element_size()) % 16 == 0 \
-        and (inter * x.element_size()) % 16 == 0
-    tma_b = bool(cfg.get("TMA_B", 0)) and tma and _tma_ok(w_up) and _tma_ok(w_down)
-    persistent = bool(cfg.get("PERSISTENT", 0) or cfg.get("MERGE", 0))
-    return tma_a, tma_b, persistent, tma_a and tma_b and bool(cfg.get("WS", 0))
+    act_ok = tma and (inter * x.element_size()) % 16 == 0
+    tma_a = on["TMA_A"] and act_ok and (x.shape[1] * x.element_size()) % 16 == 0
+    tma_act = tma_a or (on["TMA_ACT"] and act_ok)
+    tma_b = on["TMA_B"] and tma and _tma_ok(w_up) and _tma_ok(w_down)
+    return dict(tma_a=tma_a, tma_act=tma_act, tma_b=tma_b, persistent=on["PERSISTENT"] or on["MERGE"],
+                ws=on["WS"] and tma_b and tma_act)
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -668,9 +679,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     hist = torch.empty(n_chunks, eb, **i32)
     meta = torch.empty(4, eb, **i32)
     sorted_rows = torch.empty((cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
-    tma_a, tma_b, persistent, ws = _hopper_flags(cfg, x, w_up, w_down, inter)
+    hopper = _hopper_flags(cfg, x, w_up, w_down, inter)
+    tma_a, tma_act, tma_b = hopper["tma_a"], hopper["tma_act"], hopper["tma_b"]
     # TMA_A: the activations live in the expert-sorted order (padding rows included), like the hidden rows' copy.
-    act = torch.empty(sorted_rows.shape[0] if tma_a else pairs, inter, dtype=hidden_states.dtype, device=device)
+    act = torch.empty(sorted_rows.shape[0] if tma_act else pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
     single = n_chunks == 1
@@ -695,21 +707,22 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     if hot_cfg is not None and cfg.get("MERGE", 0):
         for g, a, w, o, n_out, k_dim, div, up_offset, a_sorted in (
                 ("up", x, w_up, act, inter, hidden, topk, inter, x_sorted),
-                ("down", act, w_down, y, hidden, inter, 1, 0, act if tma_a else None)):
+                ("down", act, w_down, y, hidden, inter, 1, 0, act if tma_act else None)):
             tiles = max_blocks * cdiv(n_out, cfg[g]["BLOCK_N"]) + max_hot_blocks * cdiv(n_out, hot_cfg[g]["BLOCK_N"])
             _gemm_merged(a, w, o, sorted_rows, meta, n_out=n_out, k_dim=k_dim, a_row_div=div, up_offset=up_offset,
                          max_tiles=tiles, experts=experts, eb=eb, block_m=block_m, hot_m=hot_m, silu=g == "up",
-                         cfg=cfg[g], hot_cfg=hot_cfg[g], a_sorted=a_sorted, tma_b=tma_b)
+                         cfg=cfg[g], hot_cfg=hot_cfg[g], a_sorted=a_sorted, sorted_out=tma_act and g == "up",
+                         tma_b=tma_b)
         classes = []  # served
-    flags = dict(tma_b=tma_b, persistent=persistent, ws=ws)
+    flags = dict(tma_b=tma_b, persistent=hopper["persistent"], ws=hopper["ws"])
     for hot, bm, blocks, c in classes:
         _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=True, cfg=c["up"],
-              a_sorted=x_sorted, **flags)
+              a_sorted=x_sorted, sorted_out=tma_act, **flags)
     for hot, bm, blocks, c in classes:
         _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"],
-              a_sorted=act if tma_a else None, **flags)
+              a_sorted=act if tma_act else None, **flags)
     block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),

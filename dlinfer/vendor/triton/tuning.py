@@ -41,7 +41,7 @@ logger = logging.getLogger("dlinfer")
 
 
 # Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
-FLAGS = ("TMA_A", "TMA_B", "PERSISTENT", "WS", "MERGE")
+FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE")
 
 
 def _cfg(block_m, up, down, **flags):
@@ -125,6 +125,7 @@ CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
     # AUTOTUNE_MAX_S, and like every candidate they are only picked when measured fastest (a card without TMA
     # runs them on the pointer path).
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_B=1),
+    _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_ACT=1, TMA_B=1),
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_A=1, TMA_B=1),
     _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
 ]
