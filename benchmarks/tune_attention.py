@@ -3,6 +3,8 @@ DLINFER_TRITON_PREFILL overrides of dlinfer/vendor/triton/attention_*.py).
 
     python3 benchmarks/tune_attention.py [--parts prefill,paged_prefill,decode] [--out DIR]
 
+``prefill`` times the launch parameters, and prefill_attention's Hopper variant (``tma=1``, ``warp_specialize=1``)
+on the same tiles, at 16x512, 4x2048 and 1x8192 tokens beside LMDeploy's kernel and torch's cuDNN SDPA.
 ``paged_prefill`` sweeps the split-KV settings on chunked prefill (256 new tokens over a 16k history, batch 1
 and 8, block 64 and 16) beside LMDeploy's flatten-the-cache + flash attention.
 
@@ -29,6 +31,13 @@ from benchmarks import timing  # noqa: E402
 HQ, HK, D = 32, 8, 128
 PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
            "block_m=64,num_warps=4")
+# prefill_attention's Hopper variant (TMA loads; tma=1) beside the pointer kernel on the same explicit tiles
+# (128x64 with 4 warps spills registers on sm_90; 128x128 with 4 stages exceeds the shared memory). Triton 3.6
+# compiles warp_specialize=1 to the same code on sm_90 at 8 warps (one row confirms it) and cannot at 4.
+_TILES = ("block_m=128,block_n=128,num_warps=8,num_stages=3", "block_m=128,block_n=128,num_warps=8,num_stages=2",
+          "block_m=128,block_n=64,num_warps=8,num_stages=3", "block_m=128,block_n=64,num_warps=8,num_stages=2",
+          "block_m=64,block_n=64,num_warps=4,num_stages=3", "block_m=64,block_n=128,num_warps=4,num_stages=2")
+PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), f"tma=1,warp_specialize=1,{_TILES[0]}")
 DECODE = ("", "one_wave=1", "target_programs=396")
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch
@@ -68,9 +77,14 @@ def _sweep(rows, part, case, env_name, config, candidates, fn, flush, work, unit
             print(f"   {case} {cfg or 'default'}: {peer_us / t:.3f}x the peer", flush=True)
 
 
-def prefill(rows, flush):
+def prefill(rows, flush, peer):
+    """Varlen prefill (equal lengths, causal), each candidate beside the peer (LMDeploy's Triton kernel) when loaded
+    and beside torch's cuDNN SDPA (K/V pre-expanded to the query heads, the speed bar); errors against SDPA's output
+    (cuDNN, else FlashAttention)."""
     import dlinfer.ops as ops
     from dlinfer.vendor.triton import attention_prefill as ap
+
+    from benchmarks import peers
 
     for seqs, length in ((16, 512), (4, 2048), (1, 8192)):
         tokens = seqs * length
@@ -78,14 +92,41 @@ def prefill(rows, flush):
         k = torch.randn(tokens, HK, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         lens = torch.full((seqs,), length, device="cuda", dtype=torch.int32)
+        cu = torch.arange(0, tokens + 1, length, device="cuda", dtype=torch.int32)
         out = torch.empty_like(q)
-        for cfg in PREFILL:
-            ap._config.cache_clear()
-            os.environ["DLINFER_TRITON_PREFILL"] = cfg
-            _time(rows, "prefill", f"{seqs}x{length}", cfg,
-                  lambda: ops.prefill_attention(q, k, v, None, None, lens, lens, length, HQ, HK, [None],
-                                                attn_output=out),
-                  flush, 2 * seqs * length * length * HQ * D, "TFLOP/s")
+        q4 = q.view(seqs, length, HQ, D).transpose(1, 2)
+        k4, v4 = (t.view(seqs, length, HK, D).repeat_interleave(HQ // HK, dim=2).transpose(1, 2).contiguous()
+                  for t in (k, v))
+        case, scale, work = f"{seqs}x{length}", D ** -0.5, 2 * seqs * length * length * HQ * D
+        want = None
+        for backend in ("cudnn", "flash"):
+            try:
+                want = peers.torch_prefill_sdpa(q4, k4, v4, scale, backend).transpose(1, 2).reshape(tokens, HQ, D)
+                break
+            except RuntimeError as exc:
+                print(f"    (SDPA {backend} unavailable as the oracle: {str(exc)[:120]})", flush=True)
+        want = want.double() if want is not None else None
+
+        def check(o):
+            return float((o.reshape(tokens, HQ, D).double() - want).norm() / want.norm()) if want is not None else 0.0
+
+        cudnn_us = _time(rows, "prefill", case, "torch_cudnn", lambda: peers.torch_prefill_sdpa(q4, k4, v4, scale,
+                                                                                                "cudnn"),
+                         flush, work, "TFLOP/s")
+        peer_us = None
+        if peer is not None:
+            peer_us = _time(rows, "prefill", case, "lmdeploy", lambda: peers.lmdeploy_prefill(
+                peer, q, k, v, cu, cu, length, length, scale), flush, work, "TFLOP/s", check)
+        first = len(rows)
+        _sweep(rows, "prefill", case, "DLINFER_TRITON_PREFILL", ap._config, PREFILL + PREFILL_HOPPER,
+               lambda: ops.prefill_attention(q, k, v, None, None, lens, lens, length, HQ, HK, [None],
+                                             attn_output=out),
+               flush, work, "TFLOP/s", check, peer_us)
+        for row in rows[first:]:
+            if cudnn_us and row.get("us"):
+                row["vs_cudnn"] = cudnn_us / row["us"]
+                print(f"   {case} {row['config'] or 'default'}: {row['vs_cudnn']:.3f}x cuDNN", flush=True)
+        del k4, v4
     os.environ.pop("DLINFER_TRITON_PREFILL", None)
     ap._config.cache_clear()
 
@@ -207,7 +248,7 @@ def main(argv=None) -> int:
         elif part == "paged_prefill":
             paged_prefill(rows, flush, peer, {int(b) for b in args.batches.split(",") if b})
         else:
-            prefill(rows, flush)
+            prefill(rows, flush, peer)
         Path(args.out, "tune_attention.json").write_text(json.dumps(rows, indent=1))
     return 0
 

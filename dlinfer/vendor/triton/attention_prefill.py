@@ -54,6 +54,26 @@ A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the
 the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
 (``attention_decode.load_dequant``) before the dots; ``QUANT = 0`` compiles to the unquantized kernel.
 
+Hopper variant (TMA), off by default
+------------------------------------
+``PrefillConfig.tma`` (``DLINFER_TRITON_PREFILL="tma=1"``) runs ``prefill_attention``'s un-split grid through
+``_prefill_tma_kernel``: the same tiles, packing, reverse tile order, causal split into unmasked and masked
+diagonal tiles and online softmax (shared helpers), but the query tile is one TMA box ``[BLOCK_M // PACK, PACK,
+D]`` of the ``[T, Hq, D]`` query (token-major rows, as packed) and each key/value tile a ``[BLOCK_N, D]`` box of
+the 2-D ``[T, Hkv * D]`` view at column ``kv_head * D``. A box is not clipped to its sequence: rows past it are
+the next sequence's tokens (zeros past the tensor); the masked tiles hide their scores and zero their values, and
+query rows past the sequence are never stored. Descriptors are built on the host per call
+(``triton.tools.tensor_descriptor.TensorDescriptor``; the launcher encodes each with ``cuTensorMapEncodeTiled``
+and passes it by value, so a CUDA graph captures it like any argument; building the three took ~7 us of host
+time per call on a 2-core CPU, the encodes are unmeasured). Device-side ``tl.make_tensor_descriptor``
+is not used: it needs a global ``triton.set_allocator`` for its per-launch descriptor scratch, process-wide state
+a library should not own. The TMA kernel applies to 16-bit inputs with head sizes 64 / 128 whose K/V heads are
+contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged, quantized, split grids) runs the
+pointer kernels. ``warp_specialize=1`` marks both KV loops ``tl.range(..., warp_specialize=True)``: with Triton
+3.6 on sm_90 this compiles to the same code at 8 warps and fails to compile at 4 (refused with a ValueError), so
+it waits for a Triton that specializes them. On sm_90 (compiled here, unmeasured): 128x128 tiles, 8 warps,
+3 stages take 192 KB of shared memory and 227 registers (pointer kernel: 224 KB, 247).
+
 Launch parameters
 -----------------
 All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on the GPU, 16-bit inputs with ``D <= 64`` use
@@ -87,6 +107,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, _capability,
@@ -113,6 +134,11 @@ class PrefillConfig:
     combine_rows: int = 32  # (token, head) rows per program of the combine kernel
     combine_warps: int = 4
     pdl: bool = True  # programmatic dependent launch of the combine kernel where the card has it (sm90+)
+    # Hopper variant of prefill_attention's un-split kernel (see _tma_descriptors): K/V/Q tiles by TMA, and the KV
+    # loops marked for warp specialization. Off until measured (benchmarks/tune_attention.py sweeps them).
+    tma: bool = False
+    # Only with tma. Triton 3.6 on sm_90 compiles it to the same code at 8 warps and fails to compile it at 4.
+    warp_specialize: bool = False
 
 
 def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
@@ -161,6 +187,9 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     cfg = env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    if device_type == "cuda" and cfg.warp_specialize and cfg.num_warps < 8:
+        raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=8 (Triton 3.6's sm_90 warp "
+                         f"specialization fails to compile the KV loops with {cfg.num_warps} warps)")
     if device_type == "cuda" and cfg.target_programs < 0:  # after the overrides: the tiles they chose
         props = torch.cuda.get_device_properties(device_index)
         cfg = dataclasses.replace(cfg, target_programs=resident_programs(
@@ -186,6 +215,27 @@ def num_splits(programs: int, max_kv_seq_len: int, config: PrefillConfig) -> int
 def _dot_precision(query: torch.Tensor) -> str:
     """fp32 inputs: ``tf32x3`` (three tensor-core passes, close to fp32 accuracy); 16-bit inputs ignore it."""
     return "tf32x3" if query.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, offs_m, offs_n, n_mask, diag, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """The online-softmax step of one score tile ``qk`` (unscaled): its probabilities ``p`` (base 2, against the new
+    row maxima), the factor ``alpha`` that rescales what the rows accumulated so far, the new row sums and maxima.
+    ``MASKED`` tiles hide keys past ``kv_len`` (``n_mask``) and, causal, keys past each row's diagonal."""
+    if MASKED:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that has seen nothing yet stays empty
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: scale the max, not the tile
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, axis=1), m_new
 
 
 @triton.jit
@@ -220,20 +270,7 @@ def _prefill_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_base, k_head, v
     else:
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that has seen nothing yet stays empty
-        p = tl.math.exp2(qk - m_use[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: scale the max, not the tile
-        m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, l_i, m_new = _softmax_step(qk, m_i, l_i, offs_m, offs_n, n_mask, diag, qk_scale, MASKED, CAUSAL)
     if QUANT:
         v = load_dequant(v_head, v_rows, offs_dv, n_mask, dv_mask, vs_head, vz_head, s_rows, HEAD_DIM_V,
                          QUANT).to(q.dtype)
@@ -259,6 +296,33 @@ def _tile_pages(table_row, n0, kv_len, PAGED: tl.constexpr, PAGE_SIZE: tl.conste
 
 
 @triton.jit
+def _tile_rows(m0, head0, q_len, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+    """The tile's rows: ``BLOCK_M // PACK`` tokens from ``m0`` times ``PACK`` heads from ``head0``, token-major;
+    each row's token (within its sequence), head, and whether it is a real query row."""
+    TOKENS: tl.constexpr = BLOCK_M // PACK
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r // PACK  # each row's token (rows are token-major, heads minor)
+    heads = head0 + offs_r % PACK
+    m_mask = offs_m < q_len
+    if TOKENS * PACK != BLOCK_M:
+        m_mask = m_mask & (offs_r < TOKENS * PACK)
+    return offs_m, heads, m_mask
+
+
+@triton.jit
+def _key_bounds(m0, kv_len, diag, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys the tile of ``TOKENS`` tokens from ``m0`` sees, ``[0, hi)``, and the end of the whole ``BLOCK_N`` tiles
+    every row of it sees (``full``: no mask needed below it)."""
+    if CAUSAL:
+        hi = tl.minimum(kv_len, m0 + TOKENS + diag)  # keys past the tile's last token are never seen
+        full = tl.minimum(tl.maximum(m0 + diag + 1, 0), kv_len)  # keys every row of the tile sees
+    else:
+        hi = kv_len
+        full = kv_len
+    return hi, (full // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
             ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
             stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
@@ -281,12 +345,7 @@ def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
         kv_len = (tl.load(kv_ptr_lens + b) - kv_base).to(tl.int32)
     diag = kv_len - q_len
 
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_m = m0 + offs_r // PACK  # each row's token (rows are token-major, heads minor)
-    heads = head0 + offs_r % PACK
-    m_mask = offs_m < q_len
-    if TOKENS * PACK != BLOCK_M:
-        m_mask = m_mask & (offs_r < TOKENS * PACK)
+    offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -300,13 +359,7 @@ def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(kv_len, m0 + TOKENS + diag)  # keys past the tile's last token are never seen
-        full = tl.minimum(tl.maximum(m0 + diag + 1, 0), kv_len)  # keys every row of the tile sees
-    else:
-        hi = kv_len
-        full = kv_len
-    full = (full // BLOCK_N) * BLOCK_N
+    hi, full = _key_bounds(m0, kv_len, diag, TOKENS, BLOCK_N, CAUSAL)
     if SPLIT:  # this program's slice of the keys the tile sees: whole tiles, sized from the real length
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi, 0), n_splits), BLOCK_N) * BLOCK_N
         lo = split * chunk
@@ -366,6 +419,16 @@ def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
 
 
 @triton.jit
+def _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HEAD_DIM_V: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """The normalized output of the tile's real rows (a row that saw no key: zeros) to ``attn_output``."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + (heads * stride_oh)[:, None] + offs_dv[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
     ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
@@ -400,10 +463,7 @@ def _prefill_kernel(
         qk_scale, b, m0, head0, q_start, q_len, 0, 1,
         GROUP, PACK, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL,
         DOT_PRECISION, WHILE_LOOP, QUANT, False)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    res = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + (heads * stride_oh)[:, None] + offs_dv[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HEAD_DIM_V, BLOCK_DV)
 
 
 @triton.jit
@@ -453,6 +513,80 @@ def _prefill_split_kernel(
     tl.store(mid_o_ptr + split_o + row_o[:, None] + offs_dv[None, :], res,
              mask=m_mask[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
     tl.store(mid_lse_ptr + split.to(tl.int64) * stride_ls + rows * stride_lt + heads, lse, mask=m_mask)
+
+
+@triton.jit
+def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc, k_col, v_col, qk_scale,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`_prefill_tile` with the key and value tiles brought in by TMA: rows from ``kv_row + n0`` of the 2-D
+    ``[tokens, kv_heads * D]`` views, columns from ``k_col`` / ``v_col`` (the KV head). Rows past the sequence
+    belong to the next one (or are zeros past the tensor): a masked tile hides their scores and zeroes their
+    values (so a NaN or Inf there never reaches the accumulator)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < kv_len
+    k = k_desc.load([kv_row + n0, k_col])
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    p, alpha, l_i, m_new = _softmax_step(qk, m_i, l_i, offs_m, offs_n, n_mask, diag, qk_scale, MASKED, CAUSAL)
+    v = v_desc.load([kv_row + n0, v_col])
+    if MASKED:
+        v = tl.where(n_mask[:, None], v, 0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_tma_kernel(
+    q_desc, k_desc, v_desc, out_ptr, q_ends_ptr, kv_ends_ptr, stride_ot, stride_oh, qk_scale, num_m_tiles,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """:func:`_prefill_kernel` for packed keys (``prefill_attention``, un-split) with tensor-descriptor (TMA)
+    loads: the query tile as a ``[BLOCK_M // PACK, PACK, D]`` box of the ``[T, Hq, D]`` query, key/value tiles as
+    ``[BLOCK_N, D]`` boxes of the ``[T, Hkv * D]`` views; power-of-two head sizes only. ``WARP_SPECIALIZE`` asks
+    Triton to warp-specialize both KV loops (``tl.range(warp_specialize=True)``)."""
+    TOKENS: tl.constexpr = BLOCK_M // PACK
+    tile = num_m_tiles - 1 - tl.program_id(0)
+    head0 = tl.program_id(1) * PACK
+    b = tl.program_id(2)
+    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
+    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    m0 = tile * TOKENS
+    if m0 >= q_len:
+        return
+    kv_start = tl.load(kv_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
+    kv_len = tl.load(kv_ends_ptr + b).to(tl.int32) - kv_start
+    diag = kv_len - q_len
+    offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
+    rows = (q_start + offs_m).to(tl.int64)
+    # Rows past the sequence are the next sequence's tokens (or zeros past the tensor): never stored.
+    q = q_desc.load([q_start + m0, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    hi, full = _key_bounds(m0, kv_len, diag, TOKENS, BLOCK_N, CAUSAL)
+    kvh = head0 // GROUP
+    k_col = kvh * HEAD_DIM
+    v_col = kvh * HEAD_DIM_V
+    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        n0 = full * 0
+        while n0 < full:
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                      v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+            n0 += BLOCK_N
+        while n0 < hi:
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                      v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+            n0 += BLOCK_N
+    else:
+        for n0 in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                      v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+        for n0 in tl.range(full, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                      v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HEAD_DIM_V, HEAD_DIM_V)
 
 
 @triton.jit
@@ -526,6 +660,39 @@ def _meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int,
                 QUANT=quant_bits, num_warps=num_warps, num_stages=num_stages)
 
 
+@memo
+def _tma_meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int, block_n: int, num_warps: int,
+              num_stages: int, causal: bool, dot_precision: str, while_loop: bool, warp_specialize: bool) -> dict:
+    """The compile-time arguments of :func:`_prefill_tma_kernel` (a shared dict: read it, never change it)."""
+    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, HEAD_DIM_V=head_size_v, BLOCK_M=block_m, BLOCK_N=block_n,
+                CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop, WARP_SPECIALIZE=warp_specialize,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
+    """Host-side tensor descriptors of the query (``[T, Hq, D]``, box ``[tokens, pack, D]``) and of the keys and
+    values as 2-D ``[T, Hkv * D]`` views (box ``[block_n, D]``), or None where the TMA kernel does not apply (it then
+    runs the pointer kernel): 16-bit inputs (fp32's tf32x3 dots spill registers with TMA tiles on sm_90), head
+    sizes 64 / 128 (256 stays on the pointer path), K/V heads contiguous, a card before sm_90, layouts TMA cannot
+    address. The launcher encodes each descriptor (``cuTensorMapEncodeTiled``) on every call and passes it by
+    value, so a CUDA graph captures it with the launch."""
+    d, dv = query.shape[2], value.shape[2]
+    if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
+        return None
+    if query.device.type == "cuda" and _capability(query.device.index or 0) < 9:
+        return None
+    # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
+    (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
+    align = 16 // query.element_size()
+    if (sk1 != d or sv1 != dv or sq2 != 1 or sk2 != 1 or sv2 != 1 or not key.shape[0] or not value.shape[0]
+            or (sq0 | sq1 | sk0 | sv0) % align or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16):
+        return None
+    heads_kv = key.shape[1]
+    return (TensorDescriptor(query, list(query.shape), [sq0, sq1, 1], [tokens, pack, d]),
+            TensorDescriptor(key, [key.shape[0], heads_kv * d], [sk0, 1], [block_n, d]),
+            TensorDescriptor(value, [value.shape[0], heads_kv * dv], [sv0, 1], [block_n, dv]))
+
+
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
             max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ())) -> None:
     tokens, num_q_heads, head_size = query.shape
@@ -541,6 +708,14 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
     grid_heads = num_q_heads // pack
     splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
+    if splits == 1 and cfg.tma and not paged and not quant_bits:
+        descs = _tma_descriptors(query, key, value, cfg.block_m // pack, pack, cfg.block_n)
+        if descs is not None:
+            _prefill_tma_kernel[(num_m_tiles, grid_heads, batch)](
+                *descs, out, q_ends, kv_arg, *out.stride()[:2], softmax_scale * LOG2E, num_m_tiles,
+                **_tma_meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps,
+                            cfg.num_stages, causal, _dot_precision(query), device.type == "cpu", cfg.warp_specialize))
+            return
     ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
     inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0)
     meta = _meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, paged,
