@@ -151,6 +151,19 @@ def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
     assert tuned.tma and tuned.warp_specialize and tuned.block_n == 64
 
 
+def test_warp_specialization_with_four_warps_is_refused(monkeypatch):
+    """Triton 3.6's sm_90 warp specialization fails to compile the KV loops with 4 warps: a GPU config asking for it
+    is a ValueError naming the variable (raised before the card is queried), not a compiler failure at the first
+    call."""
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=1,warp_specialize=1,block_m=64,num_warps=4")
+    ap._config.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=8"):
+            ap._config("cuda", torch.bfloat16, 128, 128, True, 0)
+    finally:
+        ap._config.cache_clear()
+
+
 # ------------------------------------------------------------------- GPU code paths, compiled without a GPU
 _COMPILE_TMA_FOR_SM90 = r'''
 import os, re, subprocess, tempfile
