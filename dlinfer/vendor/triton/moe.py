@@ -681,7 +681,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     sorted_rows = torch.empty((cdiv(pairs, hot_m) + min(experts, pairs)) * hot_m, **i32)
     hopper = _hopper_flags(cfg, x, w_up, w_down, inter)
     tma_a, tma_act, tma_b = hopper["tma_a"], hopper["tma_act"], hopper["tma_b"]
-    # TMA_A: the activations live in the expert-sorted order (padding rows included), like the hidden rows' copy.
+    # TMA_ACT (and TMA_A): the activations live in the expert-sorted order (padding rows included).
     act = torch.empty(sorted_rows.shape[0] if tma_act else pairs, inter, dtype=hidden_states.dtype, device=device)
     y = torch.empty(pairs, hidden, dtype=hidden_states.dtype, device=device)
 
