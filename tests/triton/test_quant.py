@@ -562,11 +562,12 @@ def machine_code(fn, types, consts, warps, stages):
             int(re.search(r"(\d+) bytes spill stores", log).group(1)), sum(lo <= a <= hi for a in addresses))
 
 
-def check(fn, types, consts, cfg, wgmma, name, max_loop_per_weight=None):
+def check(fn, types, consts, cfg, wgmma, name, max_loop_per_weight=None, tma=False):
     shared, ttgir = compile_sm90(fn, types, consts, cfg.num_warps, cfg.num_stages)
     assert shared <= 232448, f"{name}: {shared} bytes of shared memory (H100/H200 max 232448)"
     if consts["ITERS"] > 2:
-        assert "async_copy_global_to_local" in ttgir, f"{name}: the K loop is not pipelined"
+        copy = "async_tma_copy_global_to_local" if tma else "async_copy_global_to_local"
+        assert copy in ttgir, f"{name}: the K loop is not pipelined ({copy})"
     if wgmma:
         assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
     regs, spilled, loop = machine_code(fn, types, consts, cfg.num_warps, cfg.num_stages)
@@ -601,16 +602,22 @@ for n, k in SHAPES:
     for m in (1, 16, 64, 256, 4096):
         c = quant.int8_config("cuda", 0, quant._bucket(m), n, k)
         for out_t in ("*bf16", "*fp16", "*fp32"):
-            consts = dict(K=k, HAS_ROW_SCALE=True, HAS_QBIAS=False, HAS_BIAS=True, BLOCK_M=c.block_m,
-                          BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
-                          ITERS=cdiv(cdiv(k, c.block_k), c.split_k))
-            key = (tuple(sorted(consts.items())), out_t, c.num_warps, c.num_stages)
-            if key in seen:
-                continue
-            seen.add(key)
-            check(quant._int8_gemm_kernel, dict(a_ptr="*i8", b_ptr="*i8", out_ptr=out_t, ws_ptr="*i32",
-                                                row_scale_ptr="*fp32", col_scale_ptr="*fp32", qbias_ptr="*i32",
-                                                bias_ptr=out_t), consts, c, c.block_m >= 64, f"int8 {out_t} N={n} K={k} M={m} {c}")
+            for tma in (False, True) if c.block_m >= 128 else (False,):  # TMA (tma=1): the prefill tiles
+                consts = dict(K=k, HAS_ROW_SCALE=True, HAS_QBIAS=False, HAS_BIAS=True, BLOCK_M=c.block_m,
+                              BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
+                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k), TMA=tma)
+                if not tma:
+                    consts.update(a_desc=None, b_desc=None)
+                key = (tuple(sorted(consts.items())), out_t, c.num_warps, c.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                types = dict(a_ptr="*i8", b_ptr="*i8", out_ptr=out_t, ws_ptr="*i32", row_scale_ptr="*fp32",
+                             col_scale_ptr="*fp32", qbias_ptr="*i32", bias_ptr=out_t,
+                             a_desc=f"tensordesc<i8[{c.block_m}, {c.block_k}]>",
+                             b_desc=f"tensordesc<i8[{c.block_n}, {c.block_k}]>")
+                check(quant._int8_gemm_kernel, types, consts, c, c.block_m >= 64,
+                      f"int8 {out_t} tma={int(tma)} N={n} K={k} M={m} {c}", tma=tma)
 for t, magic in (("*fp16", 0x6400), ("*bf16", 0x4300)):  # symmetric int4 (no zeros), N not a multiple of BLOCK_N
     c = quant.GemmConfig(64, 128, 128, split_k=4, num_warps=4, num_stages=3)
     check(quant._awq_gemm_kernel, dict(x_ptr=t, qw_ptr="*i32", s_ptr=t, z_ptr="*i32", b_ptr=t, out_ptr=t,
@@ -660,3 +667,28 @@ def test_tune_quant_dry_run_writes_checked_results(tmp_path, monkeypatch):
     assert tune_quant.main(["--dry-run", "--budget-s", "0", "--out", str(cut)]) == 0
     report = json.loads(cut.read_text())
     assert report["rows"] == {} and report["cut"].startswith("budget")
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_int8_gemm_tma_path_exact(split, monkeypatch):
+    """``tma=1``: both operands by tensor descriptors (the interpreter runs them too): edges past M, N and K (208 =
+    3.25 tiles of 64) read as zero, so the sums stay exact; K % 16 != 0 falls back to pointer loads."""
+    from dlinfer.vendor.triton import quant as q
+
+    made = []
+    real = q.TensorDescriptor.from_tensor
+    monkeypatch.setattr(q.TensorDescriptor, "from_tensor", lambda t, block: made.append(block) or real(t, block))
+    cfg = triton_quant.GemmConfig(32, 64, 64, split_k=split, group_m=2, num_warps=1, num_stages=1, tma=1)
+    for k, uses_tma in ((208, True), (200, False)):
+        made.clear()
+        a = torch.randint(-127, 128, (45, k), generator=_g(k)).to(torch.int8)
+        b = torch.randint(-127, 128, (97, k), generator=_g(k + 1)).to(torch.int8)
+        rs, ls = torch.rand(45, 1, generator=_g(3)) * 1e-2, torch.rand(97, generator=_g(4)) * 1e-2
+        exact = triton_quant.linear_w8a8(a, b, torch.ones(45, 1), torch.ones(97), torch.float32, torch.int8, None,
+                                         config=cfg)
+        assert torch.equal(exact.double(), (a.long() @ b.long().T).double())
+        assert made == ([[32, 64], [64, 64]] if uses_tma else []), made
+        out = triton_quant.linear_w8a8(a, b, rs, ls, torch.float16, torch.int8, None, config=cfg)
+        with registry.forced("reference"):
+            ref = ops.linear_w8a8(a, b, rs, ls, torch.float16)
+        assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)

@@ -23,6 +23,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
@@ -82,7 +83,8 @@ def _round_to_bf16(x):
 # * Prefill (M > 64): 128-row tiles (wgmma, 8 warps), grouped program order (GROUP_M row tiles sweep the columns
 #   together: the weight tiles they share stay in L2). AWQ: 128 x 128 tiles, BLOCK_K 64 (74 KB of shared memory
 #   and 128 registers a thread: two programs per SM, one dequantizing while the other's MMAs run); int8:
-#   128 x 256 x 128 (3 stages, 144 KB) when that grid is at least one wave, else 128 x 128 x 128 (4 stages).
+#   128 x 256 x 128 (3 stages, 144 KB) when that grid is at least one wave, else 128 x 128 x 128 (4 stages);
+#   ``tma=1`` reads its operands by TMA instead of cp.async (compiles for sm_90, untimed: off until a sweep).
 # Against the old 64 x 64 (16 x 64 decode) tiles: wider tiles only where the grid stays >= one wave or is split
 # back up to >= 2 programs per SM, so no default has fewer active SMs than before.
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 0  # the split rule's target grid; 0: 2 x SM count
+    tma: int = 0  # int8 GEMM: 1 reads both operands by TMA (Hopper tensor descriptors; untimed: off by default)
 
 
 MIN_SPLIT_K = 512  # K elements per split at least (4 K tiles of 128: the pipeline has something to overlap)
@@ -135,10 +138,11 @@ def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
         bad.append(f"num_warps={cfg.num_warps}")
     bad += [f"{f}={getattr(cfg, f)}" for f in ("split_k", "target_programs") if getattr(cfg, f) < 0]
     bad += [f"{f}={getattr(cfg, f)}" for f in ("group_m", "num_stages") if getattr(cfg, f) < 1]
+    bad += [f"tma={cfg.tma}"] if cfg.tma not in (0, 1) else []
     if bad:
         raise ValueError(f"{source}: invalid launch config ({', '.join(bad)}): block sizes are powers of two "
                          f"(block_m, block_n >= 16, block_k >= {min_block_k}), num_warps a power of two <= 16, "
-                         "split_k and target_programs >= 0, group_m and num_stages >= 1")
+                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma 0 or 1")
     return cfg
 
 
@@ -407,14 +411,16 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
 # ----------------------------------------------------------------------------------------------- int8 GEMM
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
-                      K: tl.constexpr, stride_am, stride_bn, stride_om,
+def _int8_gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, out_ptr, ws_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr,
+                      bias_ptr, M, N, K: tl.constexpr, stride_am, stride_bn, stride_om,
                       HAS_ROW_SCALE: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr):
     """``out = ((a @ b.T) [+ qbias]) [* row_scale[m]] * col_scale[n] [+ bias]``, int32 accumulation; with a split
     of K, each (tile, split) program stores its int32 partial sums to ``ws`` (``[SPLIT_K, M, N]``, exact) and the
-    reduce kernel runs the epilogue."""
+    reduce kernel runs the epilogue. ``TMA``: both operands read through the tensor descriptors ``a_desc``
+    (``[M, K]``, box ``[BLOCK_M, BLOCK_K]``) and ``b_desc`` (``[N, K]``, box ``[BLOCK_N, BLOCK_K]``); boxes past
+    the edges read as zero."""
     pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -426,8 +432,12 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, row_scale_ptr, col_scale_pt
     EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(ITERS):
-        ks = (split * ITERS + i) * BLOCK_K + rk
-        if EVEN:
+        k0 = (split * ITERS + i) * BLOCK_K
+        ks = k0 + rk
+        if TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0]).T
+        elif EVEN:
             a = tl.load(a_rows + ks[None, :], mask=row_ok, other=0)
             b = tl.load(b_cols + ks[:, None])
         else:
@@ -455,12 +465,16 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
     ws = torch.empty(split, m, n, dtype=torch.int32, device=dev) if split > 1 else out
     dummy = col_scale
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
-    _int8_gemm_kernel[grid](a2, b, out, ws, row_scale if row_scale is not None else dummy, col_scale,
+    # TMA: rows 16-byte aligned (K % 16, aligned bases: a contiguous tensor's are); else the pointer path
+    tma = bool(cfg.tma) and k % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    a_desc = TensorDescriptor.from_tensor(a2, [cfg.block_m, cfg.block_k]) if tma else None
+    b_desc = TensorDescriptor.from_tensor(b, [cfg.block_n, cfg.block_k]) if tma else None
+    _int8_gemm_kernel[grid](a2, b, a_desc, b_desc, out, ws, row_scale if row_scale is not None else dummy, col_scale,
                             qbias if qbias is not None else dummy, bias if bias is not None else dummy,
                             m, n, k, a2.stride(0), b.stride(0), out.stride(0),
                             HAS_ROW_SCALE=row_scale is not None, HAS_QBIAS=qbias is not None,
                             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters,
+                            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters, TMA=tma,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _finish(ws, out, split, row_scale, col_scale, qbias, bias)
     return out
