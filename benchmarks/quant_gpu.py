@@ -334,7 +334,8 @@ def main(argv=None) -> int:
         import benchmarks.tune_quant  # noqa: F401  (the GEMM timings' helpers)
 
         print(f"dry run: parts {', '.join(parts)}; {len(cases)} full-matrix quantized-cache cases x 3 dtypes; "
-              f"{len(DECODE_SHAPES) * 3} decode timings; {len(GEMM_SHAPES) * 2} GEMM timings; e2e {', '.join(f'{f} quant_policy={q}' for f, q, _ in E2E)}")
+              f"{len(DECODE_SHAPES) * 3} decode timings; {len(GEMM_SHAPES) * 2} GEMM timings; "
+              f"e2e {', '.join(f'{f} quant_policy={q}' for f, q, _ in E2E)}")
         return 0
     start = time.monotonic()
     deadline = start + args.deadline

@@ -637,9 +637,10 @@ print("compiled")
 def test_dense_gemm_default_configs_compile_for_sm90():
     """The default config of every M bucket (T = 1, 16, 64, 256, 4096) of Llama-3-8B's linears, as a 132-SM GPU
     picks them, compiles for sm_90: AWQ in fp16/bf16 (group 128; 64 and 32 on one shape) and fp32 (one shape),
-    int8 with bf16 and fp32 outputs (pointer loads; the 128-row tiles by TMA too), the split-K reduce: shared memory within the H100/H200 limit, a pipelined K loop, wgmma for
-    tiles of 64 rows and more (16-bit), no register spills (ptxas -v), and for the 16-bit AWQ decode configs at most
-    5 SASS instructions per weight element in the K loop (cuobjdump)."""
+    int8 with bf16 and fp32 outputs (pointer loads; the 128-row tiles by TMA too), the split-K reduce: shared
+    memory within the H100/H200 limit, a pipelined K loop, wgmma for tiles of 64 rows and more (16-bit), no
+    register spills (ptxas -v), and for the 16-bit AWQ decode configs at most 5 SASS instructions per weight
+    element in the K loop (cuobjdump)."""
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_DENSE_FOR_SM90)
