@@ -32,12 +32,14 @@ HQ, HK, D = 32, 8, 128
 PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
            "block_m=64,num_warps=4")
 # prefill_attention's Hopper variant (TMA loads; tma=1) beside the pointer kernel on the same explicit tiles
-# (128x64 with 4 warps spills registers on sm_90; 128x128 with 4 stages exceeds the shared memory). Triton 3.6
-# compiles warp_specialize=1 to the same code on sm_90 at 8 warps (one row confirms it) and cannot at 4.
+# (128x64 with 4 warps spills registers on sm_90; 128x128 with 4 stages exceeds the shared memory), and its
+# warp-specialized form (4 warps + a producer group, no GQA packing; 128x128 with 3 stages exceeds the shared memory).
 _TILES = ("block_m=128,block_n=128,num_warps=8,num_stages=3", "block_m=128,block_n=128,num_warps=8,num_stages=2",
           "block_m=128,block_n=64,num_warps=8,num_stages=3", "block_m=128,block_n=64,num_warps=8,num_stages=2",
           "block_m=64,block_n=64,num_warps=4,num_stages=3", "block_m=64,block_n=128,num_warps=4,num_stages=2")
-PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), f"tma=1,warp_specialize=1,{_TILES[0]}")
+_WS = ("block_m=128,block_n=128,num_warps=4,num_stages=2", "block_m=128,block_n=64,num_warps=4,num_stages=2",
+       "block_m=128,block_n=64,num_warps=4,num_stages=3")
+PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,warp_specialize=1,{t}" for t in _WS))
 DECODE = ("", "one_wave=1", "target_programs=396")
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch

@@ -1,12 +1,14 @@
 """The Hopper variant of the triton prefill_attention kernel (``PrefillConfig.tma`` / ``warp_specialize``): tensor
-descriptor (TMA) loads of the query, key and value tiles, the KV loops marked for warp specialization.
+descriptor (TMA) loads of the query, key and value tiles; its warp-specialized form (device-side descriptors
+clipped to each sequence, one branch-free KV loop).
 
-Under Triton's interpreter (CPU) against the reference vendor: the interpreter runs host-side tensor descriptors
-(its loads are the TMA box semantics: rows past the tensor are zeros, rows past a sequence are the next
-sequence's), and ignores ``warp_specialize``. Padding K/V rows past the last sequence hold NaN, so a masked tile
-that let a foreign row into the accumulator shows up. Compiled for sm_90 on this CPU: TMA copies, wgmma, shared
-memory, no spills. The TMA path takes 16-bit inputs; it is checked in fp16 (the interpreter gets bf16 ``tl.dot``
-wrong), fp32 runs the pointer kernel.
+Under Triton's interpreter (CPU) against the reference vendor: the interpreter runs host- and device-side tensor
+descriptors (its loads are the TMA box semantics: rows past the tensor or the descriptor's shape are zeros, rows
+past a sequence in a host descriptor are the next sequence's), and ignores ``warp_specialize`` (it runs that
+form's code: device-side descriptors, one loop). Padding K/V rows past the last sequence hold NaN, so a masked
+tile that let a foreign row into the accumulator shows up. Compiled for sm_90 on this CPU: TMA copies, wgmma,
+warp specialization, shared memory, no spills. The TMA path takes 16-bit inputs; it is checked in fp16 (the
+interpreter gets bf16 ``tl.dot`` wrong), fp32 runs the pointer kernel.
 """
 
 from __future__ import annotations
@@ -149,16 +151,17 @@ def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
     monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=1,warp_specialize=1,block_n=64")
     tuned = attention_decode.env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     assert tuned.tma and tuned.warp_specialize and tuned.block_n == 64
+    assert ap._pack(tuned, 4) == 1 and ap._pack(dataclasses.replace(tuned, warp_specialize=False), 4) == 4
+    assert ap._pack(dataclasses.replace(tuned, tma=False), 4) == 4  # warp_specialize acts only with tma
 
 
-def test_warp_specialization_with_four_warps_is_refused(monkeypatch):
-    """Triton 3.6's sm_90 warp specialization fails to compile the KV loops with 4 warps: a GPU config asking for it
-    is a ValueError naming the variable (raised before the card is queried), not a compiler failure at the first
-    call."""
-    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=1,warp_specialize=1,block_m=64,num_warps=4")
+def test_warp_specialization_with_eight_warps_is_refused(monkeypatch):
+    """Triton 3.6 warp-specializes the loop on sm_90 only with 4 warps (8 compile to the unspecialized kernel): a
+    GPU config asking for it with 8 is a ValueError naming the variable, raised before the card is queried."""
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=1,warp_specialize=1,num_warps=8")
     ap._config.cache_clear()
     try:
-        with pytest.raises(ValueError, match="DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=8"):
+        with pytest.raises(ValueError, match="DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4"):
             ap._config("cuda", torch.bfloat16, 128, 128, True, 0)
     finally:
         ap._config.cache_clear()
@@ -177,11 +180,14 @@ LIMIT = 227 * 1024
 
 
 def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws):
-    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-                  DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32", WHILE_LOOP=False, WARP_SPECIALIZE=ws)
-    types = dict(q_desc=f"tensordesc<{dt}[{bm // pack},{pack},{d}]>", k_desc=f"tensordesc<{dt}[{bn},{d}]>",
-                 v_desc=f"tensordesc<{dt}[{bn},{dv}]>", out_ptr="*" + dt, q_ends_ptr="*i32", kv_ends_ptr="*i32",
-                 qk_scale="fp32")
+    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, HEAD_DIM_V=dv, NUM_KV_HEADS=8, BLOCK_M=bm, BLOCK_N=bn,
+                  CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False, WARP_SPECIALIZE=ws)
+    if ws:  # the tensors' pointers, descriptors made on the device
+        types = dict(q_desc="*" + dt, k_desc="*" + dt, v_desc="*" + dt)
+    else:
+        types = dict(q_desc=f"tensordesc<{dt}[{bm // pack},{pack},{d}]>", k_desc=f"tensordesc<{dt}[{bn},{d}]>",
+                     v_desc=f"tensordesc<{dt}[{bn},{dv}]>")
+    types.update(out_ptr="*" + dt, q_ends_ptr="*i32", kv_ends_ptr="*i32", qk_scale="fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(pre._prefill_tma_kernel.arg_names):
         sig[name] = "constexpr" if name in consts else types.get(name, "i32")
@@ -198,11 +204,14 @@ def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws):
     stats = done.stdout + done.stderr
     regs = int(re.search(r"Used (\d+) registers", stats).group(1))
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", stats)]
-    return kernel, regs, spills
-
-
-def code(kernel):  # the PTX without its debug sections
-    return kernel.asm["ptx"].split(".section")[0]
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    assert "async_tma_copy_global_to_local" in ttgir and "cp.async.bulk.tensor" in ptx, "no TMA loads"
+    assert "wgmma.mma_async" in ptx, "not on Hopper tensor cores (wgmma)"
+    assert kernel.metadata.shared <= LIMIT, (dt, bm, bn, stages, kernel.metadata.shared)
+    assert not any(spills), ("register spills", dt, bm, bn, warps, stages, spills)
+    print("tma", "ws" if ws else "", dt, bm, bn, pack, d, causal, warps, stages, "shared", kernel.metadata.shared,
+          "regs", regs)
+    return kernel
 
 
 for dt, bm, bn, pack, d, dv, causal, warps, stages in (
@@ -210,20 +219,14 @@ for dt, bm, bn, pack, d, dv, causal, warps, stages in (
         ("bf16", 128, 64, 4, 128, 128, True, 8, 3), ("bf16", 64, 64, 4, 128, 128, True, 4, 3),
         ("bf16", 64, 128, 4, 128, 128, True, 4, 2), ("bf16", 128, 128, 1, 128, 128, False, 8, 3),
         ("fp16", 128, 64, 8, 64, 64, True, 4, 3)):
-    kernel, regs, spills = compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, False)
-    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-    assert "async_tma_copy_global_to_local" in ttgir and "cp.async.bulk.tensor" in ptx, "no TMA loads"
-    assert "wgmma.mma_async" in ptx, "not on Hopper tensor cores (wgmma)"
-    assert kernel.metadata.shared <= LIMIT, (dt, bm, bn, kernel.metadata.shared)
-    assert not any(spills), ("register spills", dt, bm, bn, warps, stages, spills)
-    print("tma", dt, bm, bn, pack, d, causal, warps, stages, "shared", kernel.metadata.shared, "regs", regs)
-    if warps == 8:
-        # Triton 3.6 does not warp-specialize these loops on sm_90: the request compiles to the same code (a
-        # change here means a new Triton does; sweep warp_specialize=1 then).
-        specialized, _, _ = compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, True)
-        assert "ttg.warp_specialize" not in specialized.asm["ttgir"]
-        assert code(specialized) == code(kernel)
-        print("   warp_specialize: same code")
+    compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, False)
+# The warp-specialized form: a producer warp group and two consumer groups (12 warps, setmaxnreg).
+for dt, bm, bn, d, causal, stages in (("bf16", 128, 128, 128, True, 2), ("bf16", 128, 128, 128, False, 2),
+                                      ("bf16", 128, 64, 128, True, 2), ("bf16", 128, 64, 128, True, 3),
+                                      ("fp16", 128, 64, 64, True, 2)):
+    kernel = compile_tma(dt, bm, bn, 1, d, d, causal, 4, stages, True)
+    assert "ttg.warp_specialize" in kernel.asm["ttgir"] and "setmaxnreg" in kernel.asm["ptx"], "not specialized"
+    assert kernel.metadata.num_warps == 12, kernel.metadata.num_warps
 print("compiled")
 '''
 
@@ -232,7 +235,8 @@ def test_tma_kernel_compiles_for_sm90():
     """The TMA kernel's GPU configs (bf16 at D 128: 128x128 / 128x64 tiles with 8 warps, 64x64 / 64x128 with 4, 2
     and 3 stages, packed and not, causal and not; fp16 at D 64) compile for sm_90 with the triton wheel's ptxas: TMA
     copies (``cp.async.bulk.tensor``), wgmma, at most 227 KB of shared memory, no register spills (``ptxas -v``);
-    and ``warp_specialize`` compiles to the same code at 8 warps (Triton 3.6 does not specialize them on sm_90)."""
+    so does the warp-specialized form (128x128 and 128x64 tiles, 4 warps, 2 and 3 stages), and it is specialized:
+    a ``ttg.warp_specialize`` region, ``setmaxnreg``, 12 warps."""
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_TMA_FOR_SM90)

@@ -65,14 +65,22 @@ the next sequence's tokens (zeros past the tensor); the masked tiles hide their 
 query rows past the sequence are never stored. Descriptors are built on the host per call
 (``triton.tools.tensor_descriptor.TensorDescriptor``; the launcher encodes each with ``cuTensorMapEncodeTiled``
 and passes it by value, so a CUDA graph captures it like any argument; building the three took ~7 us of host
-time per call on a 2-core CPU, the encodes are unmeasured). Device-side ``tl.make_tensor_descriptor``
-is not used: it needs a global ``triton.set_allocator`` for its per-launch descriptor scratch, process-wide state
-a library should not own. The TMA kernel applies to 16-bit inputs with head sizes 64 / 128 whose K/V heads are
-contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged, quantized, split grids) runs the
-pointer kernels. ``warp_specialize=1`` marks both KV loops ``tl.range(..., warp_specialize=True)``: with Triton
-3.6 on sm_90 this compiles to the same code at 8 warps and fails to compile at 4 (refused with a ValueError), so
-it waits for a Triton that specializes them. On sm_90 (compiled here, unmeasured): 128x128 tiles, 8 warps,
-3 stages take 192 KB of shared memory and 227 registers (pointer kernel: 224 KB, 247).
+time per call on a 2-core CPU, the encodes are unmeasured). The TMA kernel applies to 16-bit inputs with head
+sizes 64 / 128 whose K/V heads are contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged,
+quantized, split grids) runs the pointer kernels. On sm_90 (compiled here, unmeasured): 128x128 tiles, 8 warps,
+3 stages take 192 KB of shared memory and 227 registers (pointer kernel: 224 KB, 246).
+
+``warp_specialize=1`` (with ``tma=1``) is the form Triton 3.6's Hopper warp specialization accepts, found by
+compiling for sm_90: ``num_warps=4`` (it adds a producer warp group issuing the TMA copies and splits the tile's
+rows between two consumer warp groups: 12 warps, ``setmaxnreg``), descriptors made on the device
+(``tl.make_tensor_descriptor``; host-side descriptors are not partitioned), one branch-free KV loop (no early
+return, no second loop after it, no branch inside it: each crashes the pass), the query tile a 2-D box, so no GQA
+packing. So its tile is ``BLOCK_M`` tokens of one head, every key tile it sees goes through the masked softmax
+step, and its descriptors are made per sequence, clipped to it (TMA brings zeros past its end: nothing to zero
+by hand). On-device descriptors need a global scratch from Triton's allocator, set (a ContextVar) for that
+launch only: a ``torch.empty`` on the device, from the graph's pool while a CUDA graph is being captured. With
+``num_warps=8`` Triton does not specialize the loop; refused with a ValueError. 128x128 tiles, 2 stages: 176 KB
+of shared memory; 128x64, 2 / 3 stages: 112 / 144 KB; no spills.
 
 Launch parameters
 -----------------
@@ -107,6 +115,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer.vendor.registry import Capabilities
@@ -134,10 +143,10 @@ class PrefillConfig:
     combine_rows: int = 32  # (token, head) rows per program of the combine kernel
     combine_warps: int = 4
     pdl: bool = True  # programmatic dependent launch of the combine kernel where the card has it (sm90+)
-    # Hopper variant of prefill_attention's un-split kernel (see _tma_descriptors): K/V/Q tiles by TMA, and the KV
-    # loops marked for warp specialization. Off until measured (benchmarks/tune_attention.py sweeps them).
+    # Hopper variant of prefill_attention's un-split kernel (_prefill_tma_kernel): Q/K/V tiles by TMA; with
+    # warp_specialize (tma only, num_warps=4, no GQA packing) its warp-specialized form. Off until measured
+    # (benchmarks/tune_attention.py sweeps them).
     tma: bool = False
-    # Only with tma. Triton 3.6 on sm_90 compiles it to the same code at 8 warps and fails to compile it at 4.
     warp_specialize: bool = False
 
 
@@ -187,9 +196,9 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     cfg = env_overrides(cfg, "DLINFER_TRITON_PREFILL")
-    if device_type == "cuda" and cfg.warp_specialize and cfg.num_warps < 8:
-        raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=8 (Triton 3.6's sm_90 warp "
-                         f"specialization fails to compile the KV loops with {cfg.num_warps} warps)")
+    if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
+        raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
+                         f"producer warp group and splits the tile between two consumer groups), got {cfg.num_warps}")
     if device_type == "cuda" and cfg.target_programs < 0:  # after the overrides: the tiles they chose
         props = torch.cuda.get_device_properties(device_index)
         cfg = dataclasses.replace(cfg, target_programs=resident_programs(
@@ -517,18 +526,20 @@ def _prefill_split_kernel(
 
 @triton.jit
 def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc, k_col, v_col, qk_scale,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              CLIPPED: tl.constexpr):
     """:func:`_prefill_tile` with the key and value tiles brought in by TMA: rows from ``kv_row + n0`` of the 2-D
     ``[tokens, kv_heads * D]`` views, columns from ``k_col`` / ``v_col`` (the KV head). Rows past the sequence
     belong to the next one (or are zeros past the tensor): a masked tile hides their scores and zeroes their
-    values (so a NaN or Inf there never reaches the accumulator)."""
+    values (so a NaN or Inf there never reaches the accumulator), unless the descriptors are ``CLIPPED`` to the
+    sequence (TMA then brings zeros there)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < kv_len
     k = k_desc.load([kv_row + n0, k_col])
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     p, alpha, l_i, m_new = _softmax_step(qk, m_i, l_i, offs_m, offs_n, n_mask, diag, qk_scale, MASKED, CAUSAL)
     v = v_desc.load([kv_row + n0, v_col])
-    if MASKED:
+    if MASKED and not CLIPPED:
         v = tl.where(n_mask[:, None], v, 0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -537,15 +548,22 @@ def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc
 
 @triton.jit
 def _prefill_tma_kernel(
-    q_desc, k_desc, v_desc, out_ptr, q_ends_ptr, kv_ends_ptr, stride_ot, stride_oh, qk_scale, num_m_tiles,
+    q_desc, k_desc, v_desc, out_ptr, q_ends_ptr, kv_ends_ptr, stride_qt, stride_qh, stride_kt, stride_vt,
+    stride_ot, stride_oh, qk_scale, num_m_tiles,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """:func:`_prefill_kernel` for packed keys (``prefill_attention``, un-split) with tensor-descriptor (TMA)
     loads: the query tile as a ``[BLOCK_M // PACK, PACK, D]`` box of the ``[T, Hq, D]`` query, key/value tiles as
-    ``[BLOCK_N, D]`` boxes of the ``[T, Hkv * D]`` views; power-of-two head sizes only. ``WARP_SPECIALIZE`` asks
-    Triton to warp-specialize both KV loops (``tl.range(warp_specialize=True)``)."""
+    ``[BLOCK_N, D]`` boxes of the ``[T, Hkv * D]`` views (host-side descriptors); power-of-two head sizes only.
+
+    ``WARP_SPECIALIZE``: the form Triton 3.6 warp-specializes on sm_90 (a producer warp group issuing the TMA
+    copies, the tile's rows split between two consumer groups): ``q_desc``, ``k_desc``, ``v_desc`` are the
+    tensors' pointers, the key/value descriptors are made on the device per sequence (clipped to it: TMA brings
+    zeros past its end), the query tile is a pointer load, and one branch-free loop walks every key tile the
+    tile sees with the mask applied to each (its pass cannot take an early return, a second loop after the
+    specialized one, or a branch inside it)."""
     TOKENS: tl.constexpr = BLOCK_M // PACK
     tile = num_m_tiles - 1 - tl.program_id(0)
     head0 = tl.program_id(1) * PACK
@@ -553,15 +571,14 @@ def _prefill_tma_kernel(
     q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
     q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
     m0 = tile * TOKENS
-    if m0 >= q_len:
-        return
+    if not WARP_SPECIALIZE:
+        if m0 >= q_len:
+            return
     kv_start = tl.load(kv_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
     kv_len = tl.load(kv_ends_ptr + b).to(tl.int32) - kv_start
     diag = kv_len - q_len
     offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
     rows = (q_start + offs_m).to(tl.int64)
-    # Rows past the sequence are the next sequence's tokens (or zeros past the tensor): never stored.
-    q = q_desc.load([q_start + m0, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
@@ -569,23 +586,48 @@ def _prefill_tma_kernel(
     kvh = head0 // GROUP
     k_col = kvh * HEAD_DIM
     v_col = kvh * HEAD_DIM_V
-    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
-        n0 = full * 0
-        while n0 < full:
-            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                      v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-            n0 += BLOCK_N
-        while n0 < hi:
-            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                      v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
-            n0 += BLOCK_N
+    if WARP_SPECIALIZE:  # PACK == 1: the tile is BLOCK_M tokens of one head
+        q_seq = tl.make_tensor_descriptor(q_desc + q_start.to(tl.int64) * stride_qt,
+                                          [tl.maximum(q_len, 1), NUM_KV_HEADS * GROUP * HEAD_DIM], [stride_qt, 1],
+                                          [BLOCK_M, HEAD_DIM])
+        q = q_seq.load([m0, head0 * HEAD_DIM])
+        hi = tl.where(m0 < q_len, hi, 0)  # a tile past its sequence visits no key (and stores nothing)
+        seq_rows = tl.maximum(kv_len, 1)
+        k_seq = tl.make_tensor_descriptor(k_desc + kv_start.to(tl.int64) * stride_kt,
+                                          [seq_rows, NUM_KV_HEADS * HEAD_DIM], [stride_kt, 1], [BLOCK_N, HEAD_DIM])
+        v_seq = tl.make_tensor_descriptor(v_desc + kv_start.to(tl.int64) * stride_vt,
+                                          [seq_rows, NUM_KV_HEADS * HEAD_DIM_V], [stride_vt, 1],
+                                          [BLOCK_N, HEAD_DIM_V])
+        if WHILE_LOOP:
+            n0 = hi * 0
+            while n0 < hi:
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, 0, k_seq, v_seq, k_col, v_col,
+                                          qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, True)
+                n0 += BLOCK_N
+        else:
+            for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, 0, k_seq, v_seq, k_col, v_col,
+                                          qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, True)
     else:
-        for n0 in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                      v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-        for n0 in tl.range(full, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                      v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+        # Rows past the sequence are the next sequence's tokens (or zeros past the tensor): never stored.
+        q = q_desc.load([q_start + m0, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+            n0 = full * 0
+            while n0 < full:
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                          v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
+                n0 += BLOCK_N
+            while n0 < hi:
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                          v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
+                n0 += BLOCK_N
+        else:
+            for n0 in tl.range(0, full, BLOCK_N):
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                          v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
+            for n0 in tl.range(full, hi, BLOCK_N):
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
+                                          v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
     _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HEAD_DIM_V, HEAD_DIM_V)
 
 
@@ -642,8 +684,10 @@ def _prefill_combine_kernel(
 
 
 def _pack(cfg: PrefillConfig, group: int) -> int:
-    """Query heads per program: the whole GQA group, when it is a power of two that leaves a tile enough tokens."""
-    if cfg.pack_gqa and group > 1 and group & (group - 1) == 0 and cfg.block_m // group >= cfg.pack_min_tokens:
+    """Query heads per program: the whole GQA group, when it is a power of two that leaves a tile enough tokens
+    (never in the warp-specialized TMA kernel: its tile is one head's tokens)."""
+    if (cfg.pack_gqa and not (cfg.tma and cfg.warp_specialize) and group > 1 and group & (group - 1) == 0
+            and cfg.block_m // group >= cfg.pack_min_tokens):
         return group
     return 1
 
@@ -661,36 +705,46 @@ def _meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int,
 
 
 @memo
-def _tma_meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int, block_n: int, num_warps: int,
-              num_stages: int, causal: bool, dot_precision: str, while_loop: bool, warp_specialize: bool) -> dict:
+def _tma_meta(group: int, pack: int, head_size: int, head_size_v: int, num_kv_heads: int, block_m: int, block_n: int,
+              num_warps: int, num_stages: int, causal: bool, dot_precision: str, while_loop: bool,
+              warp_specialize: bool) -> dict:
     """The compile-time arguments of :func:`_prefill_tma_kernel` (a shared dict: read it, never change it)."""
-    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, HEAD_DIM_V=head_size_v, BLOCK_M=block_m, BLOCK_N=block_n,
-                CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop, WARP_SPECIALIZE=warp_specialize,
-                num_warps=num_warps, num_stages=num_stages)
+    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, HEAD_DIM_V=head_size_v, NUM_KV_HEADS=num_kv_heads,
+                BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop,
+                WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages)
+
+
+def _device_scratch(device: torch.device):
+    """An allocator for the global scratch of on-device tensor descriptors (Triton calls it at launch; a CUDA graph
+    being captured takes it from its own pool)."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def _tma_applies(query, key, value) -> bool:
+    """Whether the TMA kernel takes these tensors (else the pointer kernel runs): 16-bit inputs (fp32's tf32x3 dots
+    spill registers with TMA tiles on sm_90), head sizes 64 / 128 (256 stays on the pointer path), K/V heads
+    contiguous (a 2-D ``[T, Hkv * D]`` view), sm_90+, layouts TMA can address."""
+    d, dv = query.shape[2], value.shape[2]
+    if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
+        return False
+    if query.device.type == "cuda" and _capability(query.device.index or 0) < 9:
+        return False
+    # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
+    (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
+    align = 16 // query.element_size()
+    return not (sk1 != d or sv1 != dv or sq2 != 1 or sk2 != 1 or sv2 != 1 or not key.shape[0] or not value.shape[0]
+                or (sq0 | sq1 | sk0 | sv0) % align or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16)
 
 
 def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
     """Host-side tensor descriptors of the query (``[T, Hq, D]``, box ``[tokens, pack, D]``) and of the keys and
-    values as 2-D ``[T, Hkv * D]`` views (box ``[block_n, D]``), or None where the TMA kernel does not apply (it then
-    runs the pointer kernel): 16-bit inputs (fp32's tf32x3 dots spill registers with TMA tiles on sm_90), head
-    sizes 64 / 128 (256 stays on the pointer path), K/V heads contiguous, a card before sm_90, layouts TMA cannot
-    address. The launcher encodes each descriptor (``cuTensorMapEncodeTiled``) on every call and passes it by
-    value, so a CUDA graph captures it with the launch."""
-    d, dv = query.shape[2], value.shape[2]
-    if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
-        return None
-    if query.device.type == "cuda" and _capability(query.device.index or 0) < 9:
-        return None
-    # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
-    (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
-    align = 16 // query.element_size()
-    if (sk1 != d or sv1 != dv or sq2 != 1 or sk2 != 1 or sv2 != 1 or not key.shape[0] or not value.shape[0]
-            or (sq0 | sq1 | sk0 | sv0) % align or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16):
-        return None
-    heads_kv = key.shape[1]
-    return (TensorDescriptor(query, list(query.shape), [sq0, sq1, 1], [tokens, pack, d]),
-            TensorDescriptor(key, [key.shape[0], heads_kv * d], [sk0, 1], [block_n, d]),
-            TensorDescriptor(value, [value.shape[0], heads_kv * dv], [sv0, 1], [block_n, dv]))
+    values as 2-D ``[T, Hkv * D]`` views (box ``[block_n, D]``). The launcher encodes each
+    (``cuTensorMapEncodeTiled``) on every call and passes it by value, so a CUDA graph captures it with the
+    launch."""
+    (t, hq, d), (tk, hk, _), dv = query.shape, key.shape, value.shape[2]
+    return (TensorDescriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], [tokens, pack, d]),
+            TensorDescriptor(key, [tk, hk * d], [key.stride(0), 1], [block_n, d]),
+            TensorDescriptor(value, [value.shape[0], hk * dv], [value.stride(0), 1], [block_n, dv]))
 
 
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
@@ -708,14 +762,25 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
     grid_heads = num_q_heads // pack
     splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
-    if splits == 1 and cfg.tma and not paged and not quant_bits:
-        descs = _tma_descriptors(query, key, value, cfg.block_m // pack, pack, cfg.block_n)
-        if descs is not None:
-            _prefill_tma_kernel[(num_m_tiles, grid_heads, batch)](
-                *descs, out, q_ends, kv_arg, *out.stride()[:2], softmax_scale * LOG2E, num_m_tiles,
-                **_tma_meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps,
-                            cfg.num_stages, causal, _dot_precision(query), device.type == "cpu", cfg.warp_specialize))
+    if splits == 1 and cfg.tma and not paged and not quant_bits and _tma_applies(query, key, value):
+        ws = cfg.warp_specialize
+        tensors = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
+                                                                   cfg.block_n)
+        launch = _prefill_tma_kernel[(num_m_tiles, grid_heads, batch)]
+        args = (*tensors, out, q_ends, kv_arg, *query.stride()[:2], key.stride(0), value.stride(0),
+                *out.stride()[:2], softmax_scale * LOG2E, num_m_tiles)
+        meta = _tma_meta(group, pack, head_size, head_size_v, num_kv_heads, cfg.block_m, cfg.block_n, cfg.num_warps,
+                         cfg.num_stages, causal, _dot_precision(query), device.type == "cpu", ws)
+        if not ws or device.type != "cuda":
+            launch(*args, **meta)
             return
+        # On-device descriptors need a global scratch: Triton's allocator, set for this launch only (a ContextVar)
+        token = _allocation._allocator.set(_device_scratch(device))
+        try:
+            launch(*args, **meta)
+        finally:
+            _allocation._allocator.reset(token)
+        return
     ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
     inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0)
     meta = _meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, paged,
