@@ -54,10 +54,11 @@ DRY_TS = (1, 20)
 # candidate values per field, swept one field at a time (coordinate descent)
 SWEEP = {
     "awq": {"block_n": [64, 128, 256], "split_k": [1, 2, 3, 4, 6, 8, 12, 16], "block_m": [16, 32, 64, 128, 256],
-            "block_k": [32, 64, 128], "num_stages": [2, 3, 4, 5], "num_warps": [4, 8], "group_m": [1, 8]},
+            "block_k": [32, 64, 128], "num_stages": [2, 3, 4, 5], "num_warps": [4, 8], "group_m": [1, 8],
+            "pdl": [0]},
     "w8a8": {"block_n": [64, 128, 256], "split_k": [1, 2, 3, 4, 6, 8, 12, 16], "block_m": [16, 32, 64, 128, 256],
              "block_k": [64, 128, 256], "num_stages": [2, 3, 4, 5], "num_warps": [4, 8], "group_m": [1, 8, 16],
-             "tma": [1]},
+             "tma": [1], "pdl": [0]},
 }
 TOL = {"awq": 3e-3, "w8a8": 3e-3}  # relative error (Frobenius) against the reference, float16 outputs
 

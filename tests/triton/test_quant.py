@@ -513,9 +513,16 @@ def test_env_overrides_and_bad_configs(monkeypatch):
     finally:
         triton_quant.int8_config.cache_clear()
     a = torch.zeros(4, 64, dtype=torch.int8)
-    with pytest.raises(ValueError, match="config"):
-        triton_quant.linear_w8a8(a, a, torch.ones(4, 1), torch.ones(4), torch.float32, torch.int8, None,
-                                 config=triton_quant.GemmConfig(16, 32, 32, num_warps=3))
+    for bad in (dict(num_warps=3), dict(tma=2), dict(pdl=-1), dict(split_k=-1)):
+        with pytest.raises(ValueError, match="config"):
+            triton_quant.linear_w8a8(a, a, torch.ones(4, 1), torch.ones(4), torch.float32, torch.int8, None,
+                                     config=triton_quant.GemmConfig(16, 32, 32, **bad))
+    split = triton_quant.GemmConfig(16, 32, 32, split_k=2)
+    assert not triton_quant._use_pdl(split, a.device)  # programmatic dependent launch: sm_90+ GPUs only
+    monkeypatch.setattr(triton_quant, "_has_pdl", lambda *args: True)
+    assert triton_quant._use_pdl(split, a.device) and not triton_quant._use_pdl(dataclasses.replace(split, pdl=0),
+                                                                              a.device)
+    assert not triton_quant._use_pdl(dataclasses.replace(split, split_k=1), a.device)
 
 
 _COMPILE_DENSE_FOR_SM90 = r'''
@@ -570,6 +577,7 @@ def check(fn, types, consts, cfg, wgmma, name, max_loop_per_weight=None, tma=Fal
         assert copy in ttgir, f"{name}: the K loop is not pipelined ({copy})"
     if wgmma:
         assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
+    assert ("griddepcontrol.launch_dependents" in ttgir) == consts["USE_PDL"], f"{name}: programmatic launch"
     regs, spilled, loop = machine_code(fn, types, consts, cfg.num_warps, cfg.num_stages)
     assert spilled == 0, f"{name}: {spilled} bytes of register spills ({regs} registers)"
     per_weight = loop * 32 * cfg.num_warps / (cfg.block_k * cfg.block_n)
@@ -587,7 +595,8 @@ for dtype, t in T.items():
                 consts = dict(K=k, GROUP=group, HAS_ZEROS=True, HAS_BIAS=True, IEEE=dtype == torch.float32,
                               MAGIC=quant._AWQ_MAGIC[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                               BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
-                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k), EVEN_N=n % c.block_n == 0)
+                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k), EVEN_N=n % c.block_n == 0,
+                              USE_PDL=c.split_k > 1)
                 key = (tuple(sorted(consts.items())), c.num_warps, c.num_stages)
                 if key in seen:
                     continue
@@ -605,7 +614,7 @@ for n, k in SHAPES:
             for tma in (False, True) if c.block_m >= 128 else (False,):  # TMA (tma=1): the prefill tiles
                 consts = dict(K=k, HAS_ROW_SCALE=True, HAS_QBIAS=False, HAS_BIAS=True, BLOCK_M=c.block_m,
                               BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
-                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k), TMA=tma)
+                              ITERS=cdiv(cdiv(k, c.block_k), c.split_k), TMA=tma, USE_PDL=c.split_k > 1)
                 if not tma:
                     consts.update(a_desc=None, b_desc=None)
                 key = (tuple(sorted(consts.items())), out_t, c.num_warps, c.num_stages)
@@ -623,12 +632,15 @@ for t, magic in (("*fp16", 0x6400), ("*bf16", 0x4300)):  # symmetric int4 (no ze
     check(quant._awq_gemm_kernel, dict(x_ptr=t, qw_ptr="*i32", s_ptr=t, z_ptr="*i32", b_ptr=t, out_ptr=t,
                                        ws_ptr="*fp32"),
           dict(K=4096, GROUP=128, HAS_ZEROS=False, HAS_BIAS=True, IEEE=False, MAGIC=magic, BLOCK_M=64, BLOCK_N=128,
-               BLOCK_K=128, GROUP_M=8, SPLIT_K=4, ITERS=8, EVEN_N=False), c, True, f"awq {t} no zeros, odd N")
+               BLOCK_K=128, GROUP_M=8, SPLIT_K=4, ITERS=8, EVEN_N=False, USE_PDL=False), c, True,
+          f"awq {t} no zeros, odd N")
 for ws_t, out_t in (("*fp32", "*bf16"), ("*fp32", "*fp16"), ("*fp32", "*fp32"), ("*i32", "*bf16"), ("*i32", "*fp32")):
-    compile_sm90(quant._split_k_reduce_kernel, dict(ws_ptr=ws_t, out_ptr=out_t, row_scale_ptr="*fp32",
-                                                    col_scale_ptr="*fp32", qbias_ptr="*i32", bias_ptr=out_t),
-                 dict(SPLIT_K=9, HAS_QBIAS=ws_t == "*i32", HAS_ROW_SCALE=ws_t == "*i32",
-                      HAS_COL_SCALE=ws_t == "*i32", HAS_BIAS=True, BLOCK=1024), 4)
+    _, ttgir = compile_sm90(quant._split_k_reduce_kernel,
+                            dict(ws_ptr=ws_t, out_ptr=out_t, row_scale_ptr="*fp32", col_scale_ptr="*fp32",
+                                 qbias_ptr="*i32", bias_ptr=out_t),
+                            dict(SPLIT_K=9, HAS_QBIAS=ws_t == "*i32", HAS_ROW_SCALE=ws_t == "*i32",
+                                 HAS_COL_SCALE=ws_t == "*i32", HAS_BIAS=True, BLOCK=1024, USE_PDL=out_t != "*fp16"), 4)
+    assert ("griddepcontrol.wait" in ttgir) == (out_t != "*fp16")
 print(f"{len(seen)} GEMM variants compiled")
 print("compiled")
 '''

@@ -74,7 +74,8 @@ def _round_to_bf16(x):
 #   share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about two
 #   programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N) never
 #   more bytes than the weights; a second launch sums the partials in a fixed order (deterministic, no atomics,
-#   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue. A grid
+#   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue (on
+#   sm_90+ launched early by programmatic dependent launch, as the split decode attention's reduce). A grid
 #   already >= one wave is never split. int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
 #   so one program reads each weight tile once. AWQ: the dequantization's instruction count, not the MMAs, bounds
 #   a decode step (SASS of the loop, ptxas for sm_90a, per weight element: 4.3 instructions with 64-row wgmma
@@ -98,6 +99,7 @@ class GemmConfig:
     num_stages: int = 3
     target_programs: int = 0  # the split rule's target grid; 0: 2 x SM count
     tma: int = 0  # int8 GEMM: 1 reads both operands by TMA (Hopper tensor descriptors; untimed: off by default)
+    pdl: int = 1  # split K on sm_90+: the reduce kernel launched early (programmatic dependent launch)
 
 
 MIN_SPLIT_K = 512  # K elements per split at least (4 K tiles of 128: the pipeline has something to overlap)
@@ -110,6 +112,17 @@ def _sm_count(device_type: str, device_index) -> int:
     if device_type != "cuda":
         return CPU_SM_COUNT
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_type: str, device_index) -> bool:
+    """Programmatic dependent launch: NVIDIA sm_90 and newer."""
+    return device_type == "cuda" and torch.version.hip is None and \
+        torch.cuda.get_device_capability(device_index or 0)[0] >= 9
+
+
+def _use_pdl(cfg: GemmConfig, device: torch.device) -> bool:
+    return bool(cfg.pdl) and cfg.split_k > 1 and _has_pdl(device.type, device.index)
 
 
 def split_k_for(tiles: int, k: int, block_k: int, m: int, weight_bytes_per_k: float, sm_count: int,
@@ -138,11 +151,11 @@ def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
         bad.append(f"num_warps={cfg.num_warps}")
     bad += [f"{f}={getattr(cfg, f)}" for f in ("split_k", "target_programs") if getattr(cfg, f) < 0]
     bad += [f"{f}={getattr(cfg, f)}" for f in ("group_m", "num_stages") if getattr(cfg, f) < 1]
-    bad += [f"tma={cfg.tma}"] if cfg.tma not in (0, 1) else []
+    bad += [f"{f}={getattr(cfg, f)}" for f in ("tma", "pdl") if getattr(cfg, f) not in (0, 1)]
     if bad:
         raise ValueError(f"{source}: invalid launch config ({', '.join(bad)}): block sizes are powers of two "
                          f"(block_m, block_n >= 16, block_k >= {min_block_k}), num_warps a power of two <= 16, "
-                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma 0 or 1")
+                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma and pdl 0 or 1")
     return cfg
 
 
@@ -231,7 +244,7 @@ def _epilogue(acc, rm, rn, out_ptrs, row_scale_ptr, col_scale_ptr, qbias_ptr, bi
 @triton.jit
 def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
                  bias_ptr, M, N, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr):
     """A GEMM tile's end: the epilogue into ``out`` without a split, else the raw sums into the ``[SPLIT_K, M, N]``
     workspace. 64-bit offsets only for the tile's origin (32-bit ones inside it: fewer registers)."""
     local = tl.arange(0, BLOCK_M)[:, None]
@@ -240,6 +253,8 @@ def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scal
         _epilogue(acc, rm[:, None], rn[None, :], ptrs, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
                   HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
     else:
+        if USE_PDL:  # the reduce kernel may start launching; its gdc_wait still waits for these stores
+            tl.extra.cuda.gdc_launch_dependents()
         ptrs = ws_ptr + (split * M + pid_m * BLOCK_M).to(tl.int64) * N + (local * N + rn[None, :])
         tl.store(ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -247,8 +262,11 @@ def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scal
 @triton.jit
 def _split_k_reduce_kernel(ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N, stride_om,
                            SPLIT_K: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                           HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                           USE_PDL: tl.constexpr):
     """Sums the ``[SPLIT_K, M, N]`` partials (float32 or int32) in split order, then the epilogue."""
+    if USE_PDL:  # launched early: wait until the GEMM's grid has finished and its partials are visible
+        tl.extra.cuda.gdc_wait()
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     size = M.to(tl.int64) * N
     mask = idx < size
@@ -261,7 +279,7 @@ def _split_k_reduce_kernel(ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_
               bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
 
 
-def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias):
+def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias, pdl):
     """The second launch of a split GEMM (nothing without a split: the GEMM kernel ran the epilogue itself)."""
     if split_k == 1:
         return
@@ -272,7 +290,8 @@ def _finish(acc_or_ws, out, split_k, row_scale, col_scale, qbias, bias):
         acc_or_ws, out, row_scale if row_scale is not None else dummy, col_scale if col_scale is not None else dummy,
         qbias if qbias is not None else dummy, bias if bias is not None else dummy, m, n, out.stride(0),
         SPLIT_K=split_k, HAS_QBIAS=qbias is not None, HAS_ROW_SCALE=row_scale is not None,
-        HAS_COL_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        HAS_COL_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 # ----------------------------------------------------------------------------------------------- AWQ W4A16
@@ -311,7 +330,7 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
                      stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SPLIT_K: tl.constexpr, ITERS: tl.constexpr, EVEN_N: tl.constexpr):
+                     SPLIT_K: tl.constexpr, ITERS: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
     """``x @ W (+ bias)`` with ``W = (q - zero) * scale`` dequantized tile by tile. Program (tile, split) covers K
     tiles ``split * ITERS ..`` (ITERS of BLOCK_K, which divides GROUP: one group's scales and zeros per tile);
     without a split it runs the epilogue, else it stores float32 partials to ``ws`` (``[SPLIT_K, M, N]``).
@@ -366,7 +385,7 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
         else:
             acc = tl.dot(x, w, acc)
     _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M, N,
-                 False, False, False, HAS_BIAS, SPLIT_K, BLOCK_M)
+                 False, False, False, HAS_BIAS, SPLIT_K, BLOCK_M, USE_PDL)
 
 
 _AWQ_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}
@@ -393,7 +412,7 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         cfg = _checked(config, "config", 16)
         cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
         cfg = _resolve(cfg, m, n, k, 0.5, _sm_count(dev.type, dev.index))
-    split = cfg.split_k
+    split, pdl = cfg.split_k, _use_pdl(cfg, dev)
     iters = cdiv(cdiv(k, cfg.block_k), split)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=dev) if split > 1 else out
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
@@ -404,8 +423,9 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
                            HAS_ZEROS=offset is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                            MAGIC=_AWQ_MAGIC[x.dtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters,
-                           EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _finish(ws, out, split, None, None, None, bias)
+                           EVEN_N=n % cfg.block_n == 0, USE_PDL=pdl, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+    _finish(ws, out, split, None, None, None, bias, pdl)
     return out
 
 
@@ -415,7 +435,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, out_ptr, ws_ptr, row_scale_p
                       bias_ptr, M, N, K: tl.constexpr, stride_am, stride_bn, stride_om,
                       HAS_ROW_SCALE: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr):
+                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr, USE_PDL: tl.constexpr):
     """``out = ((a @ b.T) [+ qbias]) [* row_scale[m]] * col_scale[n] [+ bias]``, int32 accumulation; with a split
     of K, each (tile, split) program stores its int32 partial sums to ``ws`` (``[SPLIT_K, M, N]``, exact) and the
     reduce kernel runs the epilogue. ``TMA``: both operands read through the tensor descriptors ``a_desc``
@@ -445,7 +465,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, out_ptr, ws_ptr, row_scale_p
             b = tl.load(b_cols + ks[:, None], mask=(ks < K)[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scale_ptr, col_scale_ptr, qbias_ptr,
-                 bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, True, HAS_BIAS, SPLIT_K, BLOCK_M)
+                 bias_ptr, M, N, HAS_QBIAS, HAS_ROW_SCALE, True, HAS_BIAS, SPLIT_K, BLOCK_M, USE_PDL)
 
 
 def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, bias, out_dtype,
@@ -460,7 +480,7 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
         cfg = int8_config(dev.type, dev.index, _bucket(m), n, k)
     else:
         cfg = _resolve(_checked(config, "config", 32), m, n, k, 1.0, _sm_count(dev.type, dev.index))
-    split = cfg.split_k
+    split, pdl = cfg.split_k, _use_pdl(cfg, dev)
     iters = cdiv(cdiv(k, cfg.block_k), split)
     ws = torch.empty(split, m, n, dtype=torch.int32, device=dev) if split > 1 else out
     dummy = col_scale
@@ -475,8 +495,8 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
                             HAS_ROW_SCALE=row_scale is not None, HAS_QBIAS=qbias is not None,
                             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                             BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split, ITERS=iters, TMA=tma,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _finish(ws, out, split, row_scale, col_scale, qbias, bias)
+                            USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _finish(ws, out, split, row_scale, col_scale, qbias, bias, pdl)
     return out
 
 
