@@ -33,6 +33,15 @@ combines the splits with their log-sum-exp weights; empty partials get weight 0,
 scheduled while the split kernel's programs finish and waits (``griddepcontrol.wait``) for their stores, which
 hides most of the second launch's latency when the whole decode takes a few microseconds.
 
+Fused reduce (``fused_reduce=1``, off by default until measured): one launch instead of two. Each split program,
+after storing its partial and log-sum-exp, increments an arrival counter of its (sequence, KV head) with an
+``acq_rel`` atomic at gpu scope (after a CTA barrier: see the kernel for why that orders every thread's stores);
+the program that arrives last combines the partials of its group's query heads with the reduce kernel's own
+code (:func:`_combine_splits`), writes ``attn_output`` and sets the counter back to 0. The counters are an
+``int32`` buffer per device (:func:`arrival_counters`), zeroed once when allocated and left zeroed by every
+launch, so calls and CUDA-graph replays need no memset. Limitation: two decode calls running at the same time
+on different streams of one device would share counters (the engines run one decode per step per device).
+
 Launch parameters
 -----------------
 All in :func:`_config` (per device type / dtype / head sizes / group) and :func:`num_splits`:
@@ -49,7 +58,8 @@ All in :func:`_config` (per device type / dtype / head sizes / group) and :func:
   a large batch uses one split and skips the reduce kernel. ``one_wave=0`` drops the ``resident_programs`` term
   (the older rule);
 * the interpreter (CPU tensors) uses 32-token tiles, 16 target programs and elementwise math for one head;
-* ``DLINFER_TRITON_DECODE="num_stages=2,target_programs=528,..."`` overrides GPU fields (tuning sweeps).
+* ``DLINFER_TRITON_DECODE="num_stages=2,target_programs=528,fused_reduce=1,..."`` overrides fields (tuning
+  sweeps; tests use it on the interpreter's config too).
 
 No host syncs: the grid depends only on shapes and ``max_kv_seq_len``; lengths are read on the device.
 
@@ -91,11 +101,14 @@ class DecodeConfig:
     split_stages: int = 2  # num_stages when sequences are split (a small grid: deeper prefetch per program)
     page_tiles: bool = True  # a tile inside one page (page size a multiple of block_n): one page id per tile
     pdl: bool = False  # programmatic dependent launch of the reduce kernel (sm90+): it starts while splits finish
-    reduce_warps: int = 4
+    reduce_warps: int = 4  # warps of the reduce kernel (one program per sequence and query head)
     # one_wave: never more slices than fit in ONE wave of resident programs (floor of resident_programs /
     # (B x Hk)), even where reaching target_programs (ceil) would need a second, partly filled wave.
     one_wave: bool = True
-    resident_programs: int = 0  # split programs the card runs at once (shared memory and threads per SM)  # warps of the reduce kernel (one program per sequence and query head)
+    resident_programs: int = 0  # split programs the card runs at once (shared memory and threads per SM)
+    # fused_reduce: split sequences are combined by the last split program of each (sequence, KV head) to finish
+    # (an arrival counter), not by a second kernel: one launch instead of two. Off until measured on a GPU.
+    fused_reduce: bool = False
 
 
 def env_overrides(config, env_name: str):
@@ -158,9 +171,10 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     """Launch parameters of the split kernel (the one place to tune them)."""
     if device_type == "cpu":  # TRITON_INTERPRET=1: small tiles, many splits (to test them); MHA elementwise
         use_dot = group > 1
-        return DecodeConfig(block_n=32, block_h=max(16, next_power_of_2(group)) if use_dot else 1,
-                            use_dot=use_dot, num_warps=1, num_stages=1, split_stages=1, target_programs=16,
-                            min_split_tokens=32)
+        cfg = DecodeConfig(block_n=32, block_h=max(16, next_power_of_2(group)) if use_dot else 1,
+                           use_dot=use_dot, num_warps=1, num_stages=1, split_stages=1, target_programs=16,
+                           min_split_tokens=32)
+        return _overridden(cfg, group)
     widest = max(next_power_of_2(head_size), next_power_of_2(head_size_v))
     block_n = 64 if widest <= 128 else 32
     # 16-bit: always tensor cores, even for one head (16x padded rows are free in a memory-bound kernel, and
@@ -182,6 +196,12 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
                        target_programs=2 * _sm_count(device_index), min_split_tokens=block_n,
                        pdl=device_type == "cuda" and _capability(device_index) >= 9,
                        resident_programs=max(1, per_sm) * _sm_count(device_index))
+    return _overridden(cfg, group)
+
+
+def _overridden(cfg: DecodeConfig, group: int) -> DecodeConfig:
+    """``cfg`` with the ``DLINFER_TRITON_DECODE`` overrides (the interpreter's too: tests force splits or the
+    fused reduce through it), ``block_h`` kept consistent with ``use_dot``."""
     cfg = env_overrides(cfg, "DLINFER_TRITON_DECODE")
     if not cfg.use_dot and group > 1:
         raise ValueError(f"DLINFER_TRITON_DECODE: use_dot=0 serves one query head per KV head, not {group}")
@@ -276,7 +296,7 @@ def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, st
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, block_table_ptr, kv_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, k_ptr, v_ptr, block_table_ptr, kv_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, counter_ptr,
     ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -291,6 +311,7 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     PAGE_TILES: tl.constexpr, USE_PDL: tl.constexpr, QUANT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -355,6 +376,48 @@ def _decode_split_kernel(
         tl.store(mid_o_ptr + b.to(tl.int64) * stride_mb + heads[:, None] * stride_mh + split * stride_ms
                  + offs_dv[None, :], res, mask=store_mask)
         tl.store(mid_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+        if FUSED_REDUCE:
+            # Arrive on this (sequence, KV head)'s counter. Triton issues a scalar atomic from one thread, so the
+            # CTA barrier first orders every thread's partial stores above before it; the atomic's release at gpu
+            # scope (cumulative: it covers what the barrier ordered before it) publishes them to the other SMs.
+            # The last arriver's acquire is shared with all its threads by the barrier after the atomic (Triton
+            # broadcasts the old value through shared memory), so its loads below see every group member's
+            # partials. It then resets the counter; stream order makes that visible to the next launch, so the
+            # buffer is never zeroed between calls or graph replays.
+            tl.debug_barrier()
+            counter = counter_ptr + b * tl.num_programs(1) + kvh
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                row = b.to(tl.int64)
+                for i in range(GROUP):
+                    head = kvh * GROUP + i
+                    _combine_splits(mid_o_ptr + row * stride_mb + head * stride_mh,
+                                    mid_lse_ptr + row * stride_lb + head * stride_lh,
+                                    out_ptr + row * stride_ob + head * stride_oh, stride_ms, n_splits,
+                                    HEAD_DIM_V, BLOCK_DV, BLOCK_S)
+                tl.store(counter, 0)
+
+
+@triton.jit
+def _combine_splits(mid_o_row, mid_lse_row, out_row, stride_ms, n_splits, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query head's output from its ``n_splits`` partials (``mid_o_row``: ``[splits, Dv]`` with split stride
+    ``stride_ms``; ``mid_lse_row``: ``[splits]``, contiguous) weighted by their base-2 log-sum-exps. Empty partials
+    (``-inf``) weigh 0 and are not read; all empty (``kv_seqlens == 0``) gives a zero row."""
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < n_splits
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+    lse = tl.load(mid_lse_row + offs_s, mask=s_mask, other=float("-inf"))
+    live = lse != float("-inf")  # a NaN partial is live: the combined row is NaN, never the other splits
+    top = tl.max(lse, axis=0)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    weight = tl.where(live, tl.math.exp2(lse - top), 0.0)
+    part = tl.load(mid_o_row + offs_s[:, None] * stride_ms + offs_dv[None, :], mask=live[:, None] & dv_mask[None, :],
+                   other=0.0)
+    total = tl.sum(weight, axis=0)
+    res = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_row + offs_dv, res.to(out_row.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
@@ -368,23 +431,10 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < n_splits
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_mask = offs_dv < HEAD_DIM_V
     if USE_PDL:  # launched early (programmatic dependent launch): wait for the split kernel's partials
         tl.extra.cuda.gdc_wait()
-
-    lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    live = lse != float("-inf")  # a NaN partial is live: the combined row is NaN, never the other splits
-    top = tl.max(lse, axis=0)
-    top = tl.where(top > float("-inf"), top, 0.0)
-    weight = tl.where(live, tl.math.exp2(lse - top), 0.0)
-    part = tl.load(mid_o_ptr + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_dv[None, :],
-                   mask=live[:, None] & dv_mask[None, :], other=0.0)
-    total = tl.sum(weight, axis=0)
-    res = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv, res.to(out_ptr.dtype.element_ty), mask=dv_mask)
+    _combine_splits(mid_o_ptr + b * stride_mb + h * stride_mh, mid_lse_ptr + b * stride_lb + h * stride_lh,
+                    out_ptr + b * stride_ob + h * stride_oh, stride_ms, n_splits, HEAD_DIM_V, BLOCK_DV, BLOCK_S)
 
 
 def quant_scales(key_cache, kv_scales, kv_zeros, quant_bits):
@@ -396,6 +446,28 @@ def quant_scales(key_cache, kv_scales, kv_zeros, quant_bits):
     if len({t.stride() for t in tensors}) > 1:
         tensors = tuple(t.contiguous() for t in tensors)
     return (*tensors, tensors[0].stride())
+
+
+# Arrival counters of the fused reduce, per device: every buffer ever allocated stays alive (a captured CUDA graph
+# keeps the address of the one it used); calls use the last, the largest.
+_COUNTERS: dict[tuple[str, int], list[torch.Tensor]] = {}
+MIN_COUNTERS = 4096  # (sequence, KV head) pairs: more than a split launch has (< target_programs, 2 x SMs)
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """A zeroed ``int32`` buffer of at least ``needed`` arrival counters on ``device``, left zeroed by every launch
+    that uses it. Grown in powers of two (at least :data:`MIN_COUNTERS`) outside CUDA-graph capture and kept. A
+    capture that needs more than any earlier call allocates a fresh one from the capture's pool and does not keep
+    it: its zero fill is a memset node of the graph, run at each replay before the kernel, so the graph is correct,
+    at the cost of one more node per such call (an eager call at that batch before capturing avoids it)."""
+    key = (device.type, device.index or 0)
+    kept = _COUNTERS.get(key)
+    if kept and kept[-1].numel() >= needed:
+        return kept[-1]
+    fresh = torch.zeros(max(MIN_COUNTERS, next_power_of_2(needed)), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS.setdefault(key, []).append(fresh)
+    return fresh
 
 
 def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale,
@@ -423,11 +495,13 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     block_d = next_power_of_2(head_size)
     block_dv = next_power_of_2(head_size_v)
     page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
-    pdl = cfg.pdl and not direct
+    fused = cfg.fused_reduce and not direct
+    pdl = cfg.pdl and not direct and not fused
+    counters = arrival_counters(device, batch * num_kv_heads) if fused else kv_seqlens  # unused unless fused
     ks, kz, vs, vz, s_strides = quant_scales(key_cache, kv_scales, kv_zeros, quant_bits)
     out_strides = attn_output.stride()[:2]
     _decode_split_kernel[(batch, num_kv_heads, splits)](
-        query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse,
+        query, key_cache, value_cache, block_table, kv_seqlens, attn_output, mid_o, mid_lse, counters,
         ks, kz, vs, vz, *s_strides,
         *query.stride()[:2], *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride()[0],
         *out_strides, *mid_strides,
@@ -437,9 +511,10 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device_type == "cpu",
         PAGE_TILES=page_tiles, USE_PDL=pdl, QUANT=quant_bits,
+        FUSED_REDUCE=fused, BLOCK_S=next_power_of_2(splits) if fused else 1,
         num_warps=cfg.num_warps, num_stages=cfg.split_stages if splits > 1 else cfg.num_stages,
     )
-    if not direct:
+    if not direct and not fused:
         _decode_reduce_kernel[(batch, num_q_heads)](
             mid_o, mid_lse, attn_output,
             *mid_strides, *out_strides, splits,
@@ -463,4 +538,4 @@ CAPABILITIES = {
 }
 
 __all__ = ["OPS", "CAPABILITIES", "paged_decode_attention", "num_splits", "DecodeConfig", "load_dequant",
-           "quant_scales"]
+           "quant_scales", "arrival_counters"]
