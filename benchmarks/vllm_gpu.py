@@ -937,6 +937,7 @@ class Bench:
             for b, r in runs.items():
                 row[f"{b}_error"] = r.get("error") or (None if r else part.get("error") or "not run")
                 row[f"{b}_problems"] = r.get("problems")
+                row[f"{b}_offline_first_token_equal"] = (r.get("agreement_with_offline") or {}).get("first_token_equal")
                 for key in SERVE_KEYS:
                     row[f"{b}_{key}"] = r.get(key)
             for key in SERVE_KEYS:
@@ -954,8 +955,8 @@ class Bench:
         out = [head, "", "| model | backend | TTFT median | TTFT p99 | TPOT median | TPOT p99 | out tok/s | checks |",
                "|---|---|---:|---:|---:|---:|---:|---|"]
 
-        def num(x):
-            return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+        def num(x, ratio=False):
+            return "-" if x is None else f"{x:.3g}" if ratio else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
         for r in rows:
             for b in [*self.args.backends, "dlinfer / stock"]:
@@ -971,7 +972,10 @@ class Bench:
                     vals = [r[f"{b}_{k}"] for k in SERVE_KEYS]
                     problems = r[f"{b}_problems"]
                     checks = "ok" if problems == [] else f"{len(problems)} problems" if problems else "-"
-                out.append(f"| {r['model']} | {b} | " + " | ".join(num(v) for v in vals) + f" | {checks} |")
+                    if r[f"{b}_offline_first_token_equal"] is not None:
+                        checks += f"; first token = offline {r[f'{b}_offline_first_token_equal']}"
+                out.append(f"| {r['model']} | {b} | " + " | ".join(num(v, b == "dlinfer / stock") for v in vals)
+                           + f" | {checks} |")
         return "\n".join(out)
 
     def table(self, rows: list[dict]) -> str:

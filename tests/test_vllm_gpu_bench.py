@@ -319,7 +319,8 @@ def test_serve_report_gives_latency_ratios(tmp_path, capsys):
                 "output_tok_s": tok_s, "problems": [], "first_tokens": [[1]]}
 
     bench.report.update(environment={"vllm": "0.26.0", "card": "NVIDIA H200"}, serve={
-        "runs": {"llama8b/stock": run(100.0, 10.0, 5000.0), "llama8b/dlinfer": run(120.0, 9.0, 5500.0),
+        "runs": {"llama8b/stock": dict(run(100.0, 10.0, 5000.0), agreement_with_offline={"first_token_equal": 0.5}),
+                 "llama8b/dlinfer": run(120.0, 9.0, 5500.0),
                  "qwen3moe/stock": run(200.0, 20.0, 3000.0), "qwen3moe/dlinfer": {"error": "RuntimeError: boom"}},
         "agreement": {"llama8b": {"first_token_equal": 1.0}}})
     assert bench.finish_report() == 1  # a server run failed
@@ -330,7 +331,8 @@ def test_serve_report_gives_latency_ratios(tmp_path, capsys):
     assert rows["qwen3moe"]["dlinfer_error"] == "RuntimeError: boom"
     assert rows["qwen3moe"]["dlinfer_over_stock_ttft_median_ms"] is None
     printed = capsys.readouterr().out
-    assert "| llama8b | stock | 100.0 | 200.0 | 10.0 | 20.0 | 5000.0 | ok |" in printed
+    assert "| llama8b | stock | 100.0 | 200.0 | 10.0 | 20.0 | 5000.0 | ok; first token = offline 0.5 |" in printed
+    assert "| llama8b | dlinfer | 120.0 | 240.0 | 9.00 | 18.0 | 5500.0 | ok |" in printed
     assert "| llama8b | dlinfer / stock | 1.2 | 1.2 | 0.9 | 0.9 | 1.1 | first token equal 1.0 |" in printed
     assert "| qwen3moe | dlinfer | failed: RuntimeError: boom |" in printed
     assert "stock out tok/s" not in printed  # no offline part in this run
