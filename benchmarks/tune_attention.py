@@ -5,8 +5,10 @@ DLINFER_TRITON_PREFILL overrides of dlinfer/vendor/triton/attention_*.py).
 
 ``prefill`` times the launch parameters, and prefill_attention's Hopper variant (``tma=1``, ``warp_specialize=1``)
 on the same tiles, at 16x512, 4x2048 and 1x8192 tokens beside LMDeploy's kernel and torch's cuDNN SDPA.
-``paged_prefill`` sweeps the split-KV settings on chunked prefill (256 new tokens over a 16k history, batch 1
-and 8, block 64 and 16) beside LMDeploy's flatten-the-cache + flash attention.
+``decode`` times the split-KV rule's variants and the fused reduce (``fused_reduce=1``: one launch) at batch
+1/16/64/256 and 1k-16k tokens of context, block 64 and 16. ``paged_prefill`` sweeps the split-KV settings on
+chunked prefill (256 new tokens over a 16k history, batch 1 and 8, block 64 and 16) beside LMDeploy's
+flatten-the-cache + flash attention.
 
 Times each candidate by CUDA-graph replay with the L2 flushed; prints one line per candidate and writes
 ``tune_attention.json`` under ``--out``.
@@ -41,6 +43,10 @@ _WS = ("block_m=128,block_n=128,num_warps=4,num_stages=2", "block_m=128,block_n=
        "block_m=128,block_n=64,num_warps=4,num_stages=3")
 PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,warp_specialize=1,{t}" for t in _WS))
 DECODE = ("", "one_wave=1", "target_programs=396")
+# the fused reduce (one launch: the last split program combines) with the default splits, half and twice the
+# target programs (2 x SMs by default; formatted with the SM count), and fewer, longer slices
+DECODE_FUSED = ("fused_reduce=1", "fused_reduce=1,target_programs={sms}", "fused_reduce=1,target_programs={sms4}",
+                "fused_reduce=1,min_split_tokens=128")
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch
 PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_programs=528",
@@ -183,7 +189,8 @@ def paged_prefill(rows, flush, peer, batches=None):
 
 
 def decode(rows, flush, peer, batches=None):
-    """The latency-bound decode shapes (and one bandwidth-bound), each candidate beside the peer when loaded."""
+    """The latency-bound decode shapes (and one bandwidth-bound), each candidate beside the peer when loaded, with
+    its split count and its error after the timed graph replays too (the fused reduce's counters must reset)."""
     import dlinfer.ops as ops
     from dlinfer.vendor.reference import attention as ref_attention
     from dlinfer.vendor.triton import attention_decode as ad
@@ -216,10 +223,17 @@ def decode(rows, flush, peer, batches=None):
             if peer is not None:
                 peer_us = _time(rows, "decode", case, "lmdeploy", lambda: peers.lmdeploy_paged_decode(
                     peer, q, kc, vc, table, lens, D ** -0.5), flush, work, "GB/s", check)
-            _sweep(rows, "decode", case, "DLINFER_TRITON_DECODE", ad._config, DECODE,
-                   lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
-                                                      attn_output=out),
-                   flush, work, "GB/s", check, peer_us)
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for cfg in DECODE + tuple(c.format(sms=sms, sms4=4 * sms) for c in DECODE_FUSED):
+                _sweep(rows, "decode", case, "DLINFER_TRITON_DECODE", ad._config, (cfg,),
+                       lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
+                                                          attn_output=out),
+                       flush, work, "GB/s", check, peer_us)
+                if rows[-1].get("us"):  # out holds the last replay's result
+                    splits = ad.num_splits(batch, HK, ctx, ad._config("cuda", 0, torch.bfloat16, D, D, HQ // HK))
+                    rows[-1].update(splits=splits, rel_err_replayed=check(out))
+                    print(f"   {case} {cfg or 'default'}: {splits} splits, rel_err after replays "
+                          f"{rows[-1]['rel_err_replayed']:.1e}", flush=True)
             del kc, vc
     os.environ.pop("DLINFER_TRITON_DECODE", None)
     ad._config.cache_clear()
