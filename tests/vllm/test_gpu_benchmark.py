@@ -1,8 +1,9 @@
 """benchmarks/vllm_gpu.py end to end on this CPU: the GPU run's code, on a tiny MoE model, before any device time.
 
-One invocation (about a minute and a half here): build the tiny Qwen3-MoE model, start vLLM + dlinfer in its own
+One invocation (about two and a half minutes here): build the tiny Qwen3-MoE model, start vLLM + dlinfer in its own
 process group, warm it up, time it, collect the dlinfer evidence from the engine's worker process, score it with
-the float32 oracle, write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
+the float32 oracle, then serve the model with ``vllm serve`` on 127.0.0.1 (the serve part: streamed requests,
+TTFT/TPOT), write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
 tests/test_vllm_gpu_bench.py checks the stock side of the report. The script's own CPU run of both:
 ``python benchmarks/vllm_gpu.py --device cpu --eager``.)
 """
@@ -28,7 +29,7 @@ def bench(tmp_path_factory):
     out = tmp / "out.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DLINFER_", "VLLM_"))}
     cmd = [sys.executable, str(REPO / "benchmarks" / "vllm_gpu.py"), "--device", "cpu", "--eager", "--models",
-           "qwen3moe", "--backends", "dlinfer", "--requests", "6", "--oracle-prompts", "2", "--deadline", "500", "--model-dir",
+           "qwen3moe", "--backends", "dlinfer", "--requests", "6", "--oracle-prompts", "2", "--deadline", "500", "--parts", "offline,serve", "--model-dir",
            str(tmp / "models"), "--work-dir", str(tmp / "work"), "--cache-dir", str(tmp / "cache"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -66,3 +67,15 @@ def test_the_oracle_scores_the_run(bench):
     assert runs["qwen3moe/dlinfer"]["match_rate"] == 1.0 and runs["qwen3moe/dlinfer"]["match_or_tie_rate"] == 1.0
     row = report["summary"][0]
     assert row["dlinfer_checks"] == [] and row["dlinfer_argmax"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_serve_part_streams_from_a_local_server(bench):
+    """``vllm serve`` with the plugin on: every request streamed its tokens, TTFT/TPOT measured, the server log shows
+    the plugin taking over, and the served greedy tokens are the offline engine's."""
+    _, report = bench
+    run = report["serve"]["runs"]["qwen3moe/dlinfer"]
+    assert "error" not in run, run.get("error")
+    assert run["problems"] == [] and run["completed"] == 6 and run["output_tokens"] >= 6 * 8
+    assert 0 < run["ttft_median_ms"] <= run["ttft_p99_ms"] and 0 < run["tpot_median_ms"] <= run["tpot_p99_ms"]
+    assert run["agreement_with_offline"]["first_token_equal"] == 1.0
