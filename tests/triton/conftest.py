@@ -8,6 +8,11 @@ import pytest  # noqa: E402
 
 import dlinfer.vendor  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # bf16 arithmetic as on a GPU (the interpreter's is wrong)
+    from interp_bf16 import install  # noqa: E402
+
+    install()
+
 
 @pytest.fixture(autouse=True)
 def _clear_vendor_overrides():

@@ -1,6 +1,8 @@
 """The triton vendor's quantized linear family against the reference vendor, under Triton's interpreter (CPU).
 
-bfloat16 AWQ is left to the GPU (the interpreter's bf16 ``tl.dot`` is wrong); int8 ``tl.dot`` is exact here.
+bfloat16 runs with the conftest's bf16 arithmetic for the interpreter (``interp_bf16``: Triton 3.6's own computes
+bf16 on raw bits); the bf16 AWQ GEMM is checked by ``test_bf16_interpreter``'s conformance run; int8 ``tl.dot`` is
+exact here.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ from dlinfer.vendor.triton import quant as triton_quant  # noqa: E402
 # Under the interpreter the int8 GEMMs are exact and the float32 epilogues are the reference's operations, so the
 # outputs agree with the reference's to one unit in the last place of the output dtype: float32 (and, in rare ties,
 # 16-bit) rounding of the combine's sum, taken in another order, or an activation one float32 ulp apart landing on
-# the other side of a rounding step; in bfloat16 also the final rounding, which Triton's interpreter does by
-# truncation (the GPU rounds to nearest). A row or expert block computed wrongly is off by the output's own size.
+# the other side of a rounding step; in bfloat16 the tolerance also admits a final rounding by truncation (Triton's
+# own interpreter; the conftest's bf16 arithmetic rounds to nearest, as the GPU). A row or expert block computed
+# wrongly is off by the output's own size.
 MOE_TOL = {torch.float32: (2e-6, 1e-8), torch.float16: (2 ** -10, 2 ** -24), torch.bfloat16: (2 ** -7, 1e-30)}
 
 
