@@ -522,7 +522,7 @@ for cfg in configs:
         # (TMA_ACT: the gate_up GEMM's sorted store, the down GEMM's A by TMA)
         tma_act = flags["TMA_A"] or bool(cfg.get("TMA_ACT", 0))
         flags = dict(flags, TMA_A=flags["TMA_A"] or (gemm == "down" and tma_act))
-        flags["WS"] = flags["WS"] and flags["TMA_A"] and flags["TMA_B"]
+        flags["WS"] = flags["WS"] and flags["TMA_A"] and flags["TMA_B"] and moe.WS_COMPILES  # as fused_moe on a GPU
         consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                       EB=128, HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32",
                       WHILE_LOOP=False, SORTED_OUT=gemm == "up" and tma_act, **flags)
@@ -627,7 +627,8 @@ def test_kernels_compile_for_sm90():
                 assert info["tma_copies"] == 0, name
             ws = flags["WS"] and flags["TMA_A"] and flags["TMA_B"] and info["num_warps"] == 4
             assert (info["warp_specialize"] > 0) == ws, f"{name}: warp specialization {'not ' if ws else ''}expected"
-    assert any(i.get("flags", {}).get("WS") for i in result.values()), "no warp-specialized candidate compiled"
+    if triton_moe.WS_COMPILES:  # Triton 3.6 (the GPU image's); fused_moe drops WS on other releases
+        assert any(i.get("flags", {}).get("WS") for i in result.values()), "no warp-specialized candidate compiled"
 
 
 def test_library_never_imports_benchmarks_or_tests():

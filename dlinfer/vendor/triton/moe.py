@@ -594,6 +594,13 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return dense and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
+# Triton's warp specialization of the grouped GEMM (WS) is verified to compile on sm_90 with Triton 3.6 only: 3.7's
+# warp-specialization pass splits the 128-row tile between its two consumer groups and then rejects the TMA loads
+# of the full-tile descriptor ("descriptor block and tensor must have the same number of elements"). Elsewhere WS
+# is dropped (the same config runs on TMA + persistent without it); the interpreter ignores it either way.
+WS_COMPILES = triton.__version__.startswith("3.6.")
+
+
 def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     """What config ``cfg``'s fields (default 0) turn on here: ``tma_a``, ``tma_act``, ``tma_b``, ``persistent``,
     ``ws``. A config is a hint: the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor
@@ -610,7 +617,7 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     tma_act = tma_a or (on["TMA_ACT"] and act_ok)
     tma_b = on["TMA_B"] and tma and _tma_ok(w_up) and _tma_ok(w_down)
     return dict(tma_a=tma_a, tma_act=tma_act, tma_b=tma_b, persistent=on["PERSISTENT"] or on["MERGE"],
-                ws=on["WS"] and tma_b and tma_act)
+                ws=on["WS"] and tma_b and tma_act and (x.device.type == "cpu" or WS_COMPILES))
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
