@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.host import cdiv, next_power_of_2
+from dlinfer.vendor.triton.host import capability, cdiv, next_power_of_2, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -133,11 +133,6 @@ def env_overrides(config, env_name: str):
     return dataclasses.replace(config, **changes)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Per card (matched against the device name), measured with benchmarks/tune_attention.py against LMDeploy's
 # kernel in the same run (bf16, 32/8 heads, D 128, block 16 and 64):
 # * H100 (2026-11-25): num_stages 2 (366 vs 410 us at B=64 ctx 4k, equal within noise at B=1 and B=16).
@@ -155,14 +150,6 @@ def _card_stages(device_index: int) -> tuple[int, int]:
         if card in name:
             return stages
     return 2, 2
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> int:
-    """Major compute capability (9 = Hopper: programmatic dependent launch)."""
-    if torch.version.hip is not None:
-        return 0
-    return torch.cuda.get_device_capability(device_index)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,9 +180,9 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
                  getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps))
     cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                        split_stages=split_stages,
-                       target_programs=2 * _sm_count(device_index), min_split_tokens=block_n,
-                       pdl=device_type == "cuda" and _capability(device_index) >= 9,
-                       resident_programs=max(1, per_sm) * _sm_count(device_index))
+                       target_programs=2 * sm_count(device_index), min_split_tokens=block_n,
+                       pdl=device_type == "cuda" and capability(device_index) >= 9,
+                       resident_programs=max(1, per_sm) * sm_count(device_index))
     return _overridden(cfg, group)
 
 

@@ -119,9 +119,9 @@ from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, _capability,
-                                                    _sm_count, env_overrides, load_dequant, quant_scales)
-from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
+from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
+                                                    load_dequant, quant_scales)
+from dlinfer.vendor.triton.host import capability, cdiv, memo, next_power_of_2, sm_count
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -202,7 +202,7 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     if device_type == "cuda" and cfg.target_programs < 0:  # after the overrides: the tiles they chose
         props = torch.cuda.get_device_properties(device_index)
         cfg = dataclasses.replace(cfg, target_programs=resident_programs(
-            cfg, head_size, head_size_v, dtype.itemsize, _sm_count(device_index),
+            cfg, head_size, head_size_v, dtype.itemsize, sm_count(device_index),
             getattr(props, "shared_memory_per_multiprocessor", 0) or 232448,
             getattr(props, "max_threads_per_multi_processor", 0) or 2048))
     return cfg
@@ -727,7 +727,7 @@ def _tma_applies(query, key, value) -> bool:
     d, dv = query.shape[2], value.shape[2]
     if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
         return False
-    if query.device.type == "cuda" and _capability(query.device.index or 0) < 9:
+    if query.device.type == "cuda" and capability(query.device.index) < 9:
         return False
     # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
     (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
@@ -793,7 +793,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
     mid_o = torch.empty((splits, tokens, num_q_heads, head_size_v), dtype=torch.float32, device=device)
     mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
-    pdl = cfg.pdl and device.type == "cuda" and _capability(device.index or 0) >= 9
+    pdl = cfg.pdl and device.type == "cuda" and capability(device.index) >= 9
     _prefill_split_kernel[(num_m_tiles * splits, grid_heads, batch)](
         query, key, value, mid_o, mid_lse, q_ends, kv_arg, block_table, *inputs,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),

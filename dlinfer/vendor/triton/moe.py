@@ -58,7 +58,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer import settings
 from dlinfer.vendor.triton import tuning
-from dlinfer.vendor.triton.host import cdiv, next_power_of_2
+from dlinfer.vendor.triton.host import capability, cdiv, next_power_of_2, sm_count
 
 logger = logging.getLogger("dlinfer")
 
@@ -576,16 +576,8 @@ def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, 
 WS_MIN_BLOCK_M = 64
 # Programs of a PERSISTENT launch where there is no GPU (the interpreter): a few, so that each loops over tiles.
 INTERPRETER_PROGRAMS = 3
-_sms: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sms:
-        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sms[index]
+    return sm_count(device.index) if device.type == "cuda" else INTERPRETER_PROGRAMS
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -611,7 +603,7 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     on = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
     if not any(on.values()):
         return dict(tma_a=False, tma_act=False, tma_b=False, persistent=False, ws=False)  # the default path
-    tma = x.device.type == "cpu" or torch.cuda.get_device_capability(x.device)[0] >= 9
+    tma = x.device.type == "cpu" or capability(x.device.index) >= 9
     act_ok = tma and (inter * x.element_size()) % 16 == 0
     tma_a = on["TMA_A"] and act_ok and (x.shape[1] * x.element_size()) % 16 == 0
     tma_act = tma_a or (on["TMA_ACT"] and act_ok)

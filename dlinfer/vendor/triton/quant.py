@@ -15,7 +15,6 @@ the quantized values equal the reference's whenever both quantize the same float
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -28,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.attention_decode import env_overrides
-from dlinfer.vendor.triton.host import cdiv, memo, next_power_of_2
+from dlinfer.vendor.triton.host import capability, cdiv, memo, next_power_of_2, sm_count
 
 logger = logging.getLogger("dlinfer")
 
@@ -107,18 +106,13 @@ MAX_SPLIT_K = 16
 CPU_SM_COUNT = 4  # the interpreter's stand-in SM count (small grids split, as they would on a GPU)
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device_type: str, device_index) -> int:
-    if device_type != "cuda":
-        return CPU_SM_COUNT
-    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+    return sm_count(device_index) if device_type == "cuda" else CPU_SM_COUNT
 
 
-@functools.lru_cache(maxsize=None)
 def _has_pdl(device_type: str, device_index) -> bool:
     """Programmatic dependent launch: NVIDIA sm_90 and newer."""
-    return device_type == "cuda" and torch.version.hip is None and \
-        torch.cuda.get_device_capability(device_index or 0)[0] >= 9
+    return device_type == "cuda" and capability(device_index) >= 9
 
 
 def _use_pdl(cfg: GemmConfig, device: torch.device) -> bool:
