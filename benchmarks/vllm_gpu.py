@@ -62,6 +62,7 @@ server's among them; four chained calls on one warm machine, the first three eac
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import json
 import math
@@ -467,6 +468,11 @@ def child_env(args, run: Run, shim: Path | None) -> dict:
                TORCHINDUCTOR_CACHE_DIR=str(Path(args.cache_dir) / "inductor"))
     if run.backend == "stock":
         env["DLINFER_VLLM"] = "0"
+    if args.device == "cuda" and importlib.util.find_spec("flashinfer") is None:
+        # vLLM's CUDA build lists FlashInfer as a requirement and its sampler imports it on CUDA; the carried set
+        # leaves it out (JIT kernels, no use for either backend here), so both backends sample with vLLM's own
+        # top-k/top-p path: the same sampler for stock and dlinfer.
+        env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if args.model_runner != "default":
         env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.model_runner == "v2" else "0"
     if args.device == "cuda" and args.parallel > 1:
