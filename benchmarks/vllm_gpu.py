@@ -11,7 +11,7 @@ Prompts are token ids (``skip_tokenizer_init``), so no tokenizer is read.
 Each (model, backend) is one engine in its own process group: stock vLLM (the plugin installed but off,
 ``DLINFER_VLLM=0``) and vLLM + dlinfer (``attention_config={"backend": "CUSTOM"}`` on vLLM 0.26, the
 ``DLINFER`` name on newer vLLM). Both run vLLM's defaults otherwise: ``torch.compile`` (piecewise) with CUDA graphs
-(stock: FULL_AND_PIECEWISE; dlinfer's backend declares no full-graph support, so vLLM runs it PIECEWISE), the
+(FULL_AND_PIECEWISE for both: whole-model graphs of pure-decode steps, piecewise graphs otherwise), the
 default model runner, prefix caching and chunked prefill, vLLM's multi-process engine. Both get the same block
 size, the same KV-cache bytes (sized so that every request fits: no preemption) and the same capture sizes.
 
@@ -103,7 +103,8 @@ MOE_OPS = ("rms_norm", "add_rms_norm", "apply_rotary_pos_emb", "moe_gating_topk_
            "fill_kv_cache", "paged_decode_attention")
 SERVE_KEYS = ("ttft_median_ms", "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "output_tok_s")
 PREFILL_OPS = ("prefill_attention", "paged_prefill_attention")  # at least one of them
-# Attention keeps counting under torch.compile (it runs between the compiled pieces); the layer ops are traced.
+# Attention keeps counting under torch.compile where it runs between the compiled pieces (steps with a prefill);
+# pure-decode steps replay a whole-model CUDA graph (uncounted); the layer ops are traced.
 COUNTED_OPS = ("fill_kv_cache", "paged_decode_attention")
 DLINFER_CLASSES = ("DlinferAttentionImpl", "DlinferRMSNorm", "DlinferRotaryEmbedding")
 # Log lines kept in the JSON (vLLM's and the plugin's choices).

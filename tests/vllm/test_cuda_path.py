@@ -86,3 +86,48 @@ def test_cuda_platform_refuses_unsupported_features_at_start_up(cuda_platform, c
     member = AttentionBackendEnum[vllm_ext.attention_config()["backend"]]
     with pytest.raises(ValueError, match=reason):
         cuda_platform.get_attn_backend_cls(member, _selector(**change))
+
+
+def _decode_metadata(seq_lens: list[int], block_table: torch.Tensor, max_seq_len: int):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    n = len(seq_lens)
+    qsl = torch.arange(n + 1, dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    block_size = 16
+    slots = torch.tensor([int(block_table[i, (s - 1) // block_size]) * block_size + (s - 1) % block_size if s else -1
+                          for i, s in enumerate(seq_lens)])
+    return CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=lens, num_reqs=n,
+                                   num_actual_tokens=n, max_query_len=1, max_seq_len=max_seq_len,
+                                   block_table_tensor=block_table, slot_mapping=slots, causal=True)
+
+
+def test_full_cuda_graphs_of_decode_batches_are_declared_and_replay_safe():
+    """vLLM captures whole-model graphs of pure-decode batches (padded with length-0 requests) and replays them on
+    other lengths: the capture metadata must carry the model's maximum length as max_seq_len (the bound of every
+    replay, whatever the runner passed), and a decode batch built that way must give the same rows as the exact
+    metadata, and zero padded rows."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from dlinfer.framework.vllm_ext.attention import DlinferAttentionImpl, DlinferAttentionMetadataBuilder
+
+    B = DlinferAttentionMetadataBuilder
+    assert B.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    builder = object.__new__(B)  # build() reads only the step's metadata; no KV-cache spec needed
+    builder._max_model_len = 4096
+    torch.manual_seed(0)
+    hq, hk, d, block_size, blocks = 4, 2, 16, 16, 12
+    kv_cache = torch.randn(blocks, hk, block_size, 2 * d)
+    table = torch.randperm(blocks)[:8].view(2, 4).repeat(2, 1).to(torch.int32)  # 4 requests x 4 blocks
+    real = [5, 40, 17]
+    captured = builder.build_for_cudagraph_capture(_decode_metadata(real + [0], table, max_seq_len=max(real)))
+    assert captured.max_seq_len == 4096 and captured.num_decodes == 4 and captured.num_prefills == 0
+    exact = builder.build(0, _decode_metadata(real, table[:3], max_seq_len=max(real)))
+    impl = DlinferAttentionImpl(num_heads=hq, head_size=d, scale=d ** -0.5, num_kv_heads=hk)
+    query = torch.randn(4, hq * d)
+    out_graph = torch.full((4, hq * d), float("nan"))
+    out_exact = torch.full((3, hq * d), float("nan"))
+    impl.forward(None, query, None, None, kv_cache, captured, out_graph)
+    impl.forward(None, query[:3], None, None, kv_cache, exact, out_exact)
+    torch.testing.assert_close(out_graph[:3], out_exact, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out_graph[3], torch.zeros(hq * d))

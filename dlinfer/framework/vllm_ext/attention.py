@@ -142,11 +142,25 @@ class DlinferAttentionMetadata:
 
 
 class DlinferAttentionMetadataBuilder(AttentionMetadataBuilder[DlinferAttentionMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    """Per-step metadata. CUDA graphs: vLLM captures whole-model (FULL) graphs of pure-decode batches and runs
+    every other batch piecewise, attention eagerly between the compiled pieces. A captured decode step is
+    replayable because ``paged_decode`` reads lengths and block tables on the device from vLLM's persistent
+    buffers, and its launch grid depends only on the batch size and the host ``max_seq_len``, which the capture
+    sets to the model's maximum length (a short sequence is spread over the splits sized for the longest; a padded
+    request of length 0 yields a zero row)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        self._max_model_len = int(vllm_config.model_config.max_model_len)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> DlinferAttentionMetadata:
+        meta = self.build(0, common_attn_metadata)
+        # The graph keeps the host max_seq_len of its capture: make it the bound of every later replay.
+        meta.max_seq_len = max(meta.max_seq_len, self._max_model_len)
+        return meta
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DlinferAttentionMetadata:
