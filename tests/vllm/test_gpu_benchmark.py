@@ -29,7 +29,7 @@ def bench(tmp_path_factory):
     out = tmp / "out.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DLINFER_", "VLLM_"))}
     cmd = [sys.executable, str(REPO / "benchmarks" / "vllm_gpu.py"), "--device", "cpu", "--eager", "--models",
-           "qwen3moe", "--backends", "dlinfer", "--requests", "6", "--oracle-prompts", "2", "--deadline", "500", "--parts", "offline,serve", "--model-dir",
+           "qwen3moe", "--backends", "dlinfer", "--requests", "6", "--timed-passes", "2", "--oracle-prompts", "2", "--deadline", "500", "--parts", "offline,serve", "--model-dir",
            str(tmp / "models"), "--work-dir", str(tmp / "work"), "--cache-dir", str(tmp / "cache"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -45,6 +45,10 @@ def test_the_run_finishes_and_the_table_is_printed(bench):
     run = report["runs"]["qwen3moe/dlinfer"]
     assert run["requests"] == 6 and run["output_tokens"] >= 6 * 8 and len(run["oracle_tokens"]) == 2
     assert run["output_tok_s"] > 0 and run["problems"] == []
+    # two timed passes, the second over other prompts: the reported rate is one of them, the spread between them
+    assert len(run["pass_output_tok_s"]) == 2 and run["output_tok_s"] in run["pass_output_tok_s"]
+    spread = abs(run["pass_output_tok_s"][0] - run["pass_output_tok_s"][1]) / run["output_tok_s"]
+    assert abs(run["pass_spread"] - spread) < 1e-3  # both from rounded numbers
 
 
 @pytest.mark.slow
