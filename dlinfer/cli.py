@@ -160,6 +160,7 @@ def _all_ops() -> tuple[str, ...]:
 
 def check(args: argparse.Namespace) -> int:
     from dlinfer.testing.conformance import run_conformance
+    from dlinfer.testing.conformance.runner import WARMUP_SWITCHES
     from dlinfer.vendor import registry
 
     device = args.device or registry.default_device_type()
@@ -185,9 +186,14 @@ def check(args: argparse.Namespace) -> int:
     if vendor == "reference":
         print("note: 'reference' is checked against an independent float64 oracle (dlinfer.testing.oracle)",
               flush=True)
+    off = [name for name in WARMUP_SWITCHES if not os.environ.get(name, "").strip()]
+    if off:
+        print(f"note: serving warm-ups off for the check ({', '.join(n + '=0' for n in off)}; set one to 1 to "
+              "include it)", flush=True)
     try:
         report = run_conformance(vendor, device, quick=args.quick, ops=ops, seed=args.seed,
-                                 progress=lambda line: print(line, flush=True))
+                                 progress=lambda line: print(line, flush=True),
+                                 starting=lambda line: print(line, flush=True))
     except ValueError as exc:
         print(f"dlinfer check: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import torch
 from core_helpers import install_broken_plugin
 
 from dlinfer import cli
+from dlinfer.testing import conformance
 from dlinfer.vendor import Vendor
 
 
@@ -65,13 +66,22 @@ def test_info_shows_refusals_na_and_load_errors(isolated_registry, capsys, monke
     assert "bfloat16 call" in out
 
 
-def test_check_reference_quick_json(tmp_path, capsys, isolated_registry):
+def test_check_reference_quick_json(tmp_path, capsys, isolated_registry, monkeypatch):
+    monkeypatch.delenv("DLINFER_PRECOMPILE", raising=False)
+    monkeypatch.delenv("DLINFER_AUTOTUNE", raising=False)
     path = tmp_path / "report.json"
     rc = cli.main(["check", "--vendor", "reference", "--device", "cpu", "--quick", "--json", str(path),
                    "--ops", "silu_and_mul,paged_decode_attention", "--seed", "5"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "[1/2] silu_and_mul" in out and "[2/2] paged_decode_attention" in out  # progress
+    lines = out.splitlines()
+    # progress: each op named before it runs (a stuck op is named), then its result
+    n = len(conformance.SPECS["paged_decode_attention"].cases(True)) * len(conformance.DTYPES)
+    start = lines.index(f"[2/2] paged_decode_attention: {n} cases ...")
+    assert lines[start - 2:start] == ["[1/2] silu_and_mul: 6 cases ...", lines[start - 1]]
+    assert lines[start - 1].startswith("[1/2] silu_and_mul: 6 cases, 6 pass")
+    assert lines[start + 1].startswith(f"[2/2] paged_decode_attention: {n} cases, {n} pass")
+    assert "note: serving warm-ups off for the check (DLINFER_PRECOMPILE=0, DLINFER_AUTOTUNE=0;" in out
     assert "worst rel err" in out and "OK:" in out
     data = json.loads(path.read_text())
     assert data["ok"] and data["seed"] == 5 and [o["op"] for o in data["ops"]] == ["silu_and_mul",

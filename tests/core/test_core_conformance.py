@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -237,3 +238,46 @@ def test_oracle_serves_any_dtype_and_keeps_in_place_writes():
     assert oracle.upcast_op("linear")(torch.ones(2, 3).half(), torch.ones(4, 3).half(), None).dtype == torch.float16
     with pytest.raises(ValueError, match="op"):
         oracle.upcast_op("silu")
+
+
+def _flag_recorder(seen):
+    """silu_and_mul (the reference's) that records DLINFER_PRECOMPILE and DLINFER_AUTOTUNE as each call sees them."""
+    from dlinfer import settings
+
+    def silu(x):
+        seen.append((settings.flag("DLINFER_PRECOMPILE"), settings.flag("DLINFER_AUTOTUNE")))
+        return ref_ops()["silu_and_mul"](x)
+    return silu
+
+
+def test_check_runs_without_serving_warmups(isolated_registry, monkeypatch):
+    """The fused-MoE precompile (every token bucket of a shape) and autotune serve engines, not a correctness check:
+    a run turns both off unless the environment sets them, and puts the environment back afterwards."""
+    monkeypatch.delenv("DLINFER_PRECOMPILE", raising=False)
+    monkeypatch.setenv("DLINFER_AUTOTUNE", "")
+    seen = []
+    register(isolated_registry, "spy", {"silu_and_mul": _flag_recorder(seen)})
+    report = run_conformance("spy", "cpu", quick=True, ops=["silu_and_mul"], seed=7)
+    assert report.ok and seen and set(seen) == {(False, False)}
+    assert "DLINFER_PRECOMPILE" not in os.environ and os.environ["DLINFER_AUTOTUNE"] == ""
+    assert report.environment["DLINFER_PRECOMPILE"] == "0" and report.environment["DLINFER_AUTOTUNE"] == "0"
+    seen.clear()
+    monkeypatch.setenv("DLINFER_PRECOMPILE", "1")  # set explicitly: the check includes it
+    report = run_conformance("spy", "cpu", quick=True, ops=["silu_and_mul"], seed=7)
+    assert set(seen) == {(True, False)} and report.environment["DLINFER_PRECOMPILE"] == "1"
+    assert os.environ["DLINFER_PRECOMPILE"] == "1" and os.environ["DLINFER_AUTOTUNE"] == ""
+
+
+def test_each_op_is_named_before_it_runs(isolated_registry):
+    """An op that never finishes is named: ``starting`` gets the op's line before its first case runs."""
+    events = []
+
+    def silu(x):
+        events.append("call")
+        return ref_ops()["silu_and_mul"](x)
+    register(isolated_registry, "slow", {"silu_and_mul": silu})
+    run_conformance("slow", "cpu", quick=True, ops=["rms_norm", "silu_and_mul"], seed=8, progress=events.append,
+                    starting=events.append)
+    assert events[0] == "[1/2] rms_norm: n/a (slow does not provide it)"
+    assert events[1] == "[2/2] silu_and_mul: 6 cases ..." and events[2] == "call"
+    assert events[-1].startswith("[2/2] silu_and_mul: 6 cases, 6 pass") and events.count("call") == 6

@@ -77,6 +77,32 @@ def _oracle_as_vendor() -> registry.Vendor:
     return _ORACLE
 
 
+# Serving warm-ups a correctness check must not pay for: the fused-MoE precompile (on a GPU, the first call of a
+# shape compiles the kernel variants of every token bucket up to 8192 tokens, 9 to 28 per shape and dtype: the quick
+# matrix's fused_moe and fused_moe_w8a8 cases, 15 shapes x dtypes, made 219 Triton compiles where their own calls
+# need 61) and the fused-MoE autotune on first use (cards without a shipped table: up to 20 s per shape bucket).
+# Neither changes what a case computes: the cases run the table's configs (or the generic tiers'). A check turns
+# them off unless the environment sets them explicitly.
+WARMUP_SWITCHES = ("DLINFER_PRECOMPILE", "DLINFER_AUTOTUNE")
+
+
+@contextlib.contextmanager
+def _warmups_off():
+    """Set each of :data:`WARMUP_SWITCHES` that the environment leaves unset (or empty) to ``0`` for the duration;
+    yields the values in force."""
+    saved = {name: os.environ.get(name) for name in WARMUP_SWITCHES if not os.environ.get(name, "").strip()}
+    for name in saved:
+        os.environ[name] = "0"
+    try:
+        yield {name: os.environ[name] for name in WARMUP_SWITCHES if name in os.environ}
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextlib.contextmanager
 def _oracle_vendor():
     """Register the float64 oracle as a vendor (never a default; only forced) for the duration; re-entrant."""
@@ -211,7 +237,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 def run_conformance(vendor: str, device: str | torch.device | None = None, quick: bool = False,
                     ops: Iterable[str] | None = None, seed: int | None = None,
                     dtypes: Iterable[torch.dtype] = DTYPES,
-                    progress: Callable[[str], None] | None = None) -> Report:
+                    progress: Callable[[str], None] | None = None,
+                    starting: Callable[[str], None] | None = None) -> Report:
     """Test ``vendor`` against ``reference`` on ``device`` (default: this machine's default device).
 
     ``reference`` itself is tested against the independent float64 oracle (:mod:`dlinfer.testing.oracle`).
@@ -224,6 +251,11 @@ def run_conformance(vendor: str, device: str | torch.device | None = None, quick
         seed: random seed (default: fresh); the report records it so a failure can be replayed.
         dtypes: dtypes to test.
         progress: called with one line per op as it finishes (e.g. ``print``).
+        starting: called with one line per op (``[10/19] fused_moe: 6 cases ...``) before its first case runs,
+            so that an op that never finishes is named.
+
+    Serving warm-ups (:data:`WARMUP_SWITCHES`: the fused-MoE precompile and autotune) are off for the run unless
+    the environment sets them; the report's environment records the values in force.
 
     Raises:
         ValueError: an unknown vendor or op name.
@@ -240,13 +272,15 @@ def run_conformance(vendor: str, device: str | torch.device | None = None, quick
     results: list[CaseResult] = []
     not_provided: list[str] = []
     start = time.perf_counter()
-    with _oracle_vendor() if vendor == "reference" else contextlib.nullcontext():
-        _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress)
-    return Report(vendor, str(device), quick, seed, results, not_provided, time.perf_counter() - start,
-                  environment(device))
+    with _warmups_off() as warmups, _oracle_vendor() if vendor == "reference" else contextlib.nullcontext():
+        _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress, starting)
+    env = environment(device)
+    env.update(warmups)
+    return Report(vendor, str(device), quick, seed, results, not_provided, time.perf_counter() - start, env)
 
 
-def _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress) -> None:
+def _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_provided, progress,
+             starting=None) -> None:
     for n, op in enumerate(selected, 1):
         if not vend.provides(op):
             not_provided.append(op)
@@ -254,8 +288,11 @@ def _run_ops(vendor, vend, selected, quick, seed, dtypes, device, results, not_p
                 progress(f"[{n}/{len(selected)}] {op}: n/a ({vendor} does not provide it)")
             continue
         op_start = time.perf_counter()
+        cases = list(SPECS[op].cases(quick))
+        if starting:
+            starting(f"[{n}/{len(selected)}] {op}: {len(cases) * len(dtypes)} cases ...")
         rows = []
-        for i, params in enumerate(SPECS[op].cases(quick)):
+        for i, params in enumerate(cases):
             for j, dtype in enumerate(dtypes):
                 rows.append(run_case(vendor, op, params, dtype, device, seed + 7919 * i + j))
         results.extend(rows)
