@@ -106,7 +106,9 @@ def quantize_kv_row(x: torch.Tensor, quant_bits: int, scale_dtype: torch.dtype, 
     if not bool(torch.isfinite(x).all()):
         return torch.zeros(x.shape, dtype=torch.int64), math.nan, math.nan
     lo, hi = x.min(), x.max()
-    scale = torch.maximum((hi - lo) / levels, torch.maximum(lo.abs(), hi.abs()) / (64 * levels))
+    # divisors as tensors on x's device: torch's CUDA `tensor / number` multiplies by a float32 reciprocal
+    scale = torch.maximum((hi - lo) / torch.full_like(hi, levels),
+                          torch.maximum(lo.abs(), hi.abs()) / torch.full_like(hi, 64 * levels))
     scale = scale.to(scale_dtype).to(torch.float32)
     if float(scale) == 0.0 or float(hi) == float(lo):
         scale = torch.ones((), dtype=torch.float32)
