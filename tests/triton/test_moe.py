@@ -431,6 +431,12 @@ def test_no_autotune_inside_graph_capture_or_when_off(fake_card, monkeypatch):
     assert len(calls) == 1  # the capture-time fallback was not memoized: the first eager call tunes
     monkeypatch.setenv("DLINFER_AUTOTUNE", "0")
     assert _config(4096, calls) == tuning._tier(tuning.GENERIC_TIERS, 1024) and len(calls) == 1
+    assert _config(4096, calls) == tuning._tier(tuning.GENERIC_TIERS, 1024) and len(calls) == 1
+    # a bucket served while autotune was off (e.g. by `dlinfer check`) still tunes once it is on again
+    monkeypatch.delenv("DLINFER_AUTOTUNE")
+    _config(4096, calls)
+    _config(4096, calls)
+    assert len(calls) == 2
 
 
 def test_card_with_a_table_never_autotunes(fake_card):
@@ -725,6 +731,7 @@ def test_precompile_runs_every_token_bucket(poison):
     """precompile() runs one dummy call per bucket 1, 2, 4, ... up to max_tokens (compiling what each needs)."""
     _, gate_up, down, _, _ = _moe_inputs(1, 32, 24, 4, 2, torch.float32)
     assert triton_moe.precompile(gate_up, down, 2, 5) == 4  # 1, 2, 4, 8
+    assert triton_moe.precompile(gate_up, down, 2, 5, max_s=0) == 1  # the budget spent by the first bucket
 
 
 def test_precompile_on_first_use_once_per_shape_and_off_switch(monkeypatch):
@@ -739,9 +746,50 @@ def test_precompile_on_first_use_once_per_shape_and_off_switch(monkeypatch):
     triton_moe._precompile_on_first_use(x[:5], gate_up, down, 2)
     assert calls == [big, triton_moe.PRECOMPILE_MIN_TOKENS]  # (the caller skips shapes already done)
     monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
+    monkeypatch.setattr(triton_moe, "_precompiled", set())
     triton_moe._precompile_on_first_use(x, gate_up, down, 2)
     assert len(calls) == 2
+    # off leaves the shape open (`dlinfer check` turns it off for its run; serving later in the process still
+    # precompiles)
+    assert triton_moe._precompiled == set()
+    monkeypatch.delenv("DLINFER_PRECOMPILE")
+    triton_moe._precompile_on_first_use(x, gate_up, down, 2)
+    assert len(calls) == 3 and len(triton_moe._precompiled) == 1
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(triton_moe, "_precompiled", set())
     triton_moe._precompile_on_first_use(x, gate_up, down, 2)
     assert triton_moe._precompiled == set()  # inside graph capture: nothing, the next eager call does it
+
+
+class _FakeKernel:
+    """A ``@triton.jit`` function as run_buckets reads it: per-device (kernel cache, ...) tuples."""
+
+    def __init__(self):
+        self.device_caches = {0: ({}, {}, None, None, None)}
+
+
+def test_precompile_logs_its_variants_and_seconds_and_stops_at_its_budget(caplog, monkeypatch):
+    kernels = (_FakeKernel(), _FakeKernel())
+    ran = []
+
+    def run_bucket(tokens):  # one new variant of each kernel per bucket, one more of the first from 4 tokens on
+        ran.append(tokens)
+        for k in kernels:
+            k.device_caches[0][0][tokens] = object()
+        if tokens >= 4:
+            kernels[0].device_caches[0][0][-tokens] = object()
+
+    caplog.set_level("INFO", logger="dlinfer")
+    assert triton_moe.run_buckets(run_bucket, 5, "fused_moe test shape", kernels) == 4 and ran == [1, 2, 4, 8]
+    assert "dlinfer: fused_moe test shape: 10 kernel variants compiled for 4 token buckets (up to 5 tokens) in" \
+        in caplog.text
+    caplog.clear()
+    ran.clear()
+    clock = iter(range(0, 1000, 50))  # each perf_counter() reading 50 s after the last
+    monkeypatch.setattr(triton_moe.time, "perf_counter", lambda: next(clock))
+    assert triton_moe.run_buckets(run_bucket, 8192, "fused_moe test shape", kernels, max_s=120) == 3
+    assert ran == [1, 2, 4]  # smallest first (what serving meets most); the others compile on first use
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "precompile stopped after" in warning[0].getMessage()
+    assert "at 3 of 14 token buckets" in warning[0].getMessage()
+    assert triton_moe.compiled_variants((object(),)) is None  # what the interpreter's kernels are

@@ -736,8 +736,11 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
 # The first eager call of a problem shape compiles them all instead (engines make that call in their warm-up,
 # before they capture graphs or serve): every bucket up to the larger of that call's token count and
 # PRECOMPILE_MIN_TOKENS (engines' usual largest prefill chunk: an engine's first call is not always its largest,
-# LMDeploy's is not). DLINFER_PRECOMPILE=0 turns it off.
+# LMDeploy's is not): tens of kernel variants per shape and dtype (counted for sm_90: Qwen3-30B-A3B's bf16 shape 28,
+# Mixtral's 32), a log line per shape says how many and how long. Buckets not reached within PRECOMPILE_MAX_S
+# compile when their token counts first appear, as all do with DLINFER_PRECOMPILE=0 (`dlinfer check` sets it).
 PRECOMPILE_MIN_TOKENS = tuning.PRECOMPILE_MIN_TOKENS
+PRECOMPILE_MAX_S = 120.0
 _precompiled: set[tuple] = set()
 
 
@@ -760,43 +763,84 @@ def dummy_routing(tokens: int, hidden: int, topk: int, experts: int, dtype: torc
 
 
 def precompile_gate(done: set, key: tuple) -> bool:
-    """Whether the first eager call of problem ``key`` should precompile now. Inside CUDA-graph capture it does not
-    (and ``key`` stays open: the next eager call does it); else ``key`` is marked done, and the answer is
-    ``DLINFER_PRECOMPILE``."""
-    if torch.cuda.is_current_stream_capturing():
+    """Whether the first eager call of problem ``key`` should precompile now: ``DLINFER_PRECOMPILE`` is on (read at
+    each call while ``key`` is open, so turning it off for a while, as ``dlinfer check`` does, leaves later calls
+    free to precompile) and no CUDA graph is being captured (the next eager call does it). When it answers True,
+    ``key`` is marked done."""
+    if not settings.flag("DLINFER_PRECOMPILE") or torch.cuda.is_current_stream_capturing():
         return False
     done.add(key)
-    return settings.flag("DLINFER_PRECOMPILE")
+    return True
+
+
+def compiled_variants(kernels) -> int | None:
+    """How many compiled variants Triton holds for the ``@triton.jit`` functions ``kernels`` (all devices), or None
+    where its per-device kernel caches cannot be read (the interpreter)."""
+    try:
+        return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return None
+
+
+def run_buckets(run_bucket, max_tokens: int, what: str, kernels, max_s: float | None = None) -> int:
+    """Call ``run_bucket(tokens)`` for the buckets ``1, 2, 4, ... >= max_tokens``, smallest first (decode's, which
+    serving meets most), until ``max_s`` seconds (default :data:`PRECOMPILE_MAX_S`) have passed; log one line
+    naming ``what``, the buckets run, the new variants of ``kernels`` and the seconds (a warning when the budget
+    cut it short). Returns the number of buckets run."""
+    max_s = PRECOMPILE_MAX_S if max_s is None else max_s
+    before = compiled_variants(kernels)
+    t0 = time.perf_counter()
+    runs, todo = 0, len(list(buckets(max_tokens)))
+    for tokens in buckets(max_tokens):
+        if runs and time.perf_counter() - t0 > max_s:
+            break
+        run_bucket(tokens)
+        runs += 1
+    after = compiled_variants(kernels)
+    seconds = time.perf_counter() - t0
+    variants = f"{after - before} kernel variants compiled" if before is not None and after is not None else \
+        "kernel variants compiled"
+    if runs < todo:
+        logger.warning("dlinfer: %s: precompile stopped after %.1f s (PRECOMPILE_MAX_S) at %d of %d token buckets "
+                       "(%s, up to %d tokens); the others compile when their token counts first appear",
+                       what, seconds, runs, todo, variants, 1 << (runs - 1))
+    else:
+        logger.info("dlinfer: %s: %s for %d token buckets (up to %d tokens) in %.1f s", what, variants, runs,
+                    max_tokens, seconds)
+    return runs
+
+
+KERNELS = (_moe_histogram_kernel, _moe_scatter_kernel, _moe_gemm_kernel, _moe_gemm_merged_kernel, _moe_gather_kernel,
+           _moe_combine_kernel)
 
 
 def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: int, max_tokens: int,
-               dtype: torch.dtype | None = None) -> int:
+               dtype: torch.dtype | None = None, max_s: float | None = None) -> int:
     """Run ``fused_moe`` once per token bucket ``1, 2, 4, ... >= max_tokens`` on dummy inputs with the configs the
     card's table or cache gives those buckets (and the hot experts' GEMMs where a bucket can have them), so that
-    every kernel variant those calls need is compiled. Returns the number of buckets run."""
+    every kernel variant those calls need is compiled; stops early after ``max_s`` seconds (default
+    :data:`PRECOMPILE_MAX_S`; see :func:`run_buckets`). Returns the number of buckets run."""
     experts, two_inter, hidden = gate_up_weights.shape
     dtype = dtype or gate_up_weights.dtype
     device = gate_up_weights.device
     card = tuning.card_name(device)
     hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2)
-    runs = 0
-    for tokens in buckets(max_tokens):
+
+    def run_bucket(tokens):
         cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens)[0]
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
-        runs += 1
-    return runs
+
+    what = (f"fused_moe {str(dtype).replace('torch.', '')} E={experts} top-{topk} hidden {hidden} "
+            f"intermediate {two_inter // 2}")
+    return run_buckets(run_bucket, max_tokens, what, KERNELS, max_s)
 
 
 def _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk) -> None:
     if not precompile_gate(_precompiled, (hidden_states.device.index, hidden_states.dtype, gate_up_weights.shape)):
         return
-    t0 = time.perf_counter()
-    max_tokens = max(hidden_states.shape[0], PRECOMPILE_MIN_TOKENS)
-    n = precompile(gate_up_weights, down_weights, topk, max_tokens, hidden_states.dtype)
-    logger.info("dlinfer: fused_moe kernels for E=%d top-%d hidden %d intermediate %d compiled for %d token buckets "
-                "(up to %d tokens) in %.1f s", gate_up_weights.shape[0], topk, gate_up_weights.shape[2],
-                gate_up_weights.shape[1] // 2, n, max_tokens, time.perf_counter() - t0)
+    precompile(gate_up_weights, down_weights, topk, max(hidden_states.shape[0], PRECOMPILE_MIN_TOKENS),
+               hidden_states.dtype)
 
 
 def _fused_moe_op(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize):

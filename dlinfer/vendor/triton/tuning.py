@@ -227,7 +227,9 @@ def clear(card: str | None = None) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- lookup
 
 _lock = threading.Lock()
-_memo: dict[tuple, tuple[dict, str]] = {}  # (card, key) -> (config, source): what is in force in this process
+# (card, key) -> (config, source, settled): what is in force in this process; not settled = the generic fallback
+# of a card without a table while autotune was off (a later call with autotune on still tunes that bucket).
+_memo: dict[tuple, tuple[dict, str, bool]] = {}
 _hot_memo: dict[tuple, dict] = {}  # (card, dtype, E, topk, hidden, inter) -> the hot experts' config
 _disk: dict[str, dict] = {}  # card -> its cache file's entries (read once per process)
 _cards: dict[int, str] = {}
@@ -274,11 +276,13 @@ def static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tup
 
 def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None) -> dict:
     """The config ``fused_moe`` launches with. ``autotune(candidates) -> (config, us)`` is called at most once per
-    bucket, only when the card has no table or cache entry, autotune is on and no CUDA graph is being captured."""
+    bucket, only when the card has no table or cache entry, autotune is on and no CUDA graph is being captured
+    (a bucket served while autotune was off, e.g. by ``dlinfer check``, still tunes at its first call with it on).
+    Each tune logs its bucket, candidate count and seconds."""
     card = card_name(device)
     memo_key = (card, dtype, experts, topk, hidden, inter, tokens)
     hit = _memo.get(memo_key)
-    if hit is not None:
+    if hit is not None and (hit[2] or autotune is None or not settings.flag("DLINFER_AUTOTUNE")):
         return hit[0]
     cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens)
     if not final and device.type == "cuda":
@@ -289,7 +293,8 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
         if autotune is not None and settings.flag("DLINFER_AUTOTUNE"):
             key = shape_key(dtype, experts, topk, hidden, inter, tokens)
             t0 = time.perf_counter()
-            cfg, us = autotune(candidates(cfg))
+            cands = candidates(cfg)
+            cfg, us = autotune(cands)
             try:
                 where = f"cached in {store(card, key, cfg, us)}"
             except (OSError, RuntimeError) as exc:  # a read-only or missing home: keep it for this process
@@ -297,9 +302,11 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
                 logger.warning("dlinfer: fused_moe autotune result not cached: %s", exc)
             with _lock:
                 _disk.setdefault(card, {})[key] = cfg
-            source = f"autotuned on first use ({time.perf_counter() - t0:.1f} s), {where}"
+            source = (f"autotuned on first use (at most {len(cands)} candidates, {time.perf_counter() - t0:.1f} s), "
+                      f"{where}")
             logger.info("dlinfer: fused_moe %s on %s: %s", key, card, source)
-    _memo[memo_key] = (cfg, source)
+            final = True
+    _memo[memo_key] = (cfg, source, final or device.type != "cuda")
     return cfg
 
 
@@ -401,7 +408,7 @@ def describe(device=None) -> list[str]:
     lines.append(f"  tuning cache: {path} ({n} entries{'' if path.exists() else ', no file yet'}; "
                  "DLINFER_CACHE_DIR relocates it, `dlinfer tune --clear` clears it)")
     in_force = {}  # one line per bucket and config
-    for (c, dtype, e, k, h, i, t), (cfg, source) in list(_memo.items()):
+    for (c, dtype, e, k, h, i, t), (cfg, source, _) in list(_memo.items()):
         if c == card:
             in_force[(shape_key(dtype, e, k, h, i, t), cfg["BLOCK_M"], source)] = None
     for key, block_m, source in sorted(in_force):
