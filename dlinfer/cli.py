@@ -190,6 +190,8 @@ def check(args: argparse.Namespace) -> int:
     if off:
         print(f"note: serving warm-ups off for the check ({', '.join(n + '=0' for n in off)}; set one to 1 to "
               "include it)", flush=True)
+    if len(off) < len(WARMUP_SWITCHES) and logging.getLogger("dlinfer").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("dlinfer").setLevel(logging.INFO)  # a warm-up asked for: its lines (count, seconds) show
     try:
         report = run_conformance(vendor, device, quick=args.quick, ops=ops, seed=args.seed,
                                  progress=lambda line: print(line, flush=True),

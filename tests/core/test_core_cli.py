@@ -88,6 +88,24 @@ def test_check_reference_quick_json(tmp_path, capsys, isolated_registry, monkeyp
                                                                                     "paged_decode_attention"]
 
 
+def test_check_shows_the_log_lines_of_a_warmup_it_is_asked_for(isolated_registry, capsys, monkeypatch):
+    import logging
+
+    logger = logging.getLogger("dlinfer")
+    level = logger.level
+    monkeypatch.delenv("DLINFER_AUTOTUNE", raising=False)
+    monkeypatch.setenv("DLINFER_PRECOMPILE", "1")
+    try:
+        logger.setLevel(logging.WARNING)
+        assert cli.main(["check", "--vendor", "reference", "--device", "cpu", "--quick", "--ops",
+                         "silu_and_mul"]) == 0
+        shown = logger.level
+    finally:
+        logger.setLevel(level)
+    out = capsys.readouterr().out
+    assert "(DLINFER_AUTOTUNE=0; set one to 1 to include it)" in out and shown == logging.INFO
+
+
 def test_check_failure_exits_nonzero(isolated_registry, capsys):
     isolated_registry.register_vendor(Vendor(
         name="wrong", priority=-1, devices=frozenset({"cpu"}), default_devices=frozenset(),
