@@ -1,0 +1,85 @@
+"""Quantized paged prefill on the GPU, one case per process: the quick matrix's 4-bit case (d 24, dv 16, GQA 4,
+packed cache, stacked scales) and its neighbours, each with the default launch and with the config fields
+that change the kernel's tiles, so a failure names what it depends on (head padding, 4 bits, GQA packing,
+tile sizes, split-KV). The first H200 run failed the 4-bit case in fp16/bf16 (rel err 5e-2) and crashed it with
+``splits=3`` (illegal memory access); Triton's interpreter passes all of these with the CPU and the GPU tiles.
+
+A case runs in a subprocess of its own: an illegal memory access kills the CUDA context of the process that
+hits it, and would fail every later case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_RUN = r'''
+import json, sys, torch
+from dlinfer.testing.conformance.runner import run_case
+for p in json.loads(sys.argv[1]):
+    name = p.pop("name")
+    p["seqs"] = tuple(tuple(s) for s in p["seqs"])
+    r = run_case("triton", "paged_prefill_attention", p, getattr(torch, sys.argv[2]), torch.device("cuda"), 7)
+    print("RESULT", json.dumps([name, r.status, r.rel_err, r.max_abs, r.detail[:300]]), flush=True)
+'''
+
+_FAILED = dict(seqs=[[16, 2], [3, 3]], hq=4, hk=1, d=24, dv=16, block=16, layout="packed", causal=True,
+               out="given", quant=4, form="stacked")
+SHAPES = {
+    "quick-4bit": {},
+    "float-d24": dict(quant=0, form=None),  # head padding without quantization
+    "4bit-d32": dict(d=32),  # no head padding
+    "8bit-d24": dict(quant=8),
+    "4bit-mha": dict(hq=4, hk=4),  # no GQA packing
+    "4bit-separate-pair": dict(layout="separate", form="pair"),
+    "4bit-page64": dict(block=64),  # a 64-key tile inside one page
+}
+CONFIGS = ["", "block_n=32", "block_m=64,block_n=32", "pack_gqa=0", "splits=3"]
+
+
+def _params(shape: str) -> dict:
+    params = {k: v for k, v in {**_FAILED, **SHAPES[shape], "name": shape}.items() if v is not None}
+    if not params.get("quant"):
+        params.pop("quant", None)
+        params.pop("form", None)
+    return params
+
+
+def _run(shapes: list[str], dtype: str, config: str) -> dict:
+    """``{shape: [status, rel_err, max_abs, detail]}``; a process that dies (an illegal memory access kills its
+    CUDA context) reports its remaining shapes as ``crash`` with its last output."""
+    env = dict(os.environ, DLINFER_TRITON_PREFILL=config, PYTHONPATH=os.getcwd())
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _RUN, json.dumps([_params(s) for s in shapes]), dtype], env=env,
+                          capture_output=True, text=True, timeout=300)
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            name, *rest = json.loads(line[7:])
+            results[name] = rest
+    for shape in shapes:
+        results.setdefault(shape, ["crash", None, None, (done.stderr or done.stdout)[-400:]])
+    return results
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_quantized_paged_prefill_variants(config):
+    """fp16, every shape under one config (split-KV: a process per shape); the message lists them all."""
+    if not torch.cuda.is_available():
+        pytest.skip("GPU test")
+    shapes = sorted(SHAPES)
+    if config.startswith("splits"):
+        results = {}
+        for shape in shapes:
+            results.update(_run([shape], "float16", config))
+    else:
+        results = _run(shapes, "float16", config)
+    table = "; ".join(f"{s}: {r[0]} rel {r[1]} max abs {r[2]} {r[3] if r[0] != 'pass' else ''}".strip()
+                      for s, r in results.items())
+    print(f"[{config or 'default'}] {table}")
+    assert all(r[0] == "pass" for r in results.values()), f"[{config or 'default'}] {table}"
