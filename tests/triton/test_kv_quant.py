@@ -62,6 +62,29 @@ def test_quantized_writes_do_not_depend_on_torchs_cuda_division():
     assert not bad, bad
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_quantized_paged_prefill_with_the_gpu_tiles(monkeypatch, splits):
+    """The quick quantized paged-prefill cases with the launch config a GPU picks for them (fp16: 128x64 tiles,
+    GQA packing, a tile over four 16-token pages, past the block table's row, every key in the masked loop;
+    fp32: 64x32), direct and split: the CPU config's 32x16 tiles never take those paths."""
+    import dataclasses
+
+    from dlinfer.vendor.triton import attention_prefill as ap
+
+    gpu_config = ap._config.__wrapped__
+
+    def config(device_type, dtype, *args):
+        cfg = gpu_config("cuda-like", dtype, *args)  # any device type but "cpu": the GPU's tiles
+        return dataclasses.replace(cfg, splits=splits, pdl=False)
+
+    monkeypatch.setattr(ap, "_config", config)
+    results = [run_case("triton", "paged_prefill_attention", p, dtype, CPU, 40 + i)
+               for i, p in enumerate(_quant_cases("paged_prefill_attention"))
+               for dtype in (torch.float32, torch.float16)]
+    bad = [f"{r.case} {r.dtype}: {r.status} {r.detail}" for r in results if r.status != "pass"]
+    assert not bad, bad
+
+
 def _filled(bits, dtype, vendor, lens, hk, d, block, num_blocks, seed=0):
     """Caches holding ``lens`` tokens per sequence (shuffled blocks), written by ``vendor``'s fill_kv_cache; also
     the float keys/values and the block table."""
