@@ -113,14 +113,15 @@ def info(device: str | None = None, dtype_name: str | None = None, out=None) -> 
     w()
     dt = str(dtype).replace("torch.", "")
     w(f"op x vendor on {device_type} for a typical {dt} call (head size 128, block size 64):")
-    w("  serves = can serve it; n/a = does not provide the op; otherwise why it refuses; +kv_quant = the same op on "
-      "a quantized KV cache (quant_bits 8 / 4)")
+    w("  serves = can serve it; n/a = does not provide the op; otherwise why it refuses; +kv_quant / +kv_quant4 = "
+      "the same op on an 8-bit / 4-bit KV cache")
     names = [v.name for v in vends]
     col = 22
     w(f"  {'op':<36} {'chosen':<12} " + " ".join(f"{n:<{col}}" for n in names))
     rows = [(op, _typical_call(op, device_type, dtype)) for op in _all_ops()]
-    rows += [(f"{op} +kv_quant", dataclasses.replace(_typical_call(op, device_type, dtype),
-                                                      features=frozenset({"kv_quant"})))
+    rows += [(f"{op} +{feature}", dataclasses.replace(_typical_call(op, device_type, dtype), features=features))
+             for feature, features in (("kv_quant", frozenset({"kv_quant"})),
+                                       ("kv_quant4", frozenset({"kv_quant", "kv_quant4"})))
              for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention")]
     for label, call in rows:
         op = call.op

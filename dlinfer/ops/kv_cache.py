@@ -11,13 +11,15 @@ from dlinfer.ops._dispatch import eager, implementation, run
 
 _FLOATS, _INDEX = _checks.FLOAT_DTYPES, _checks.INDEX_DTYPES
 _Tensor = torch.Tensor
-# (strided cache, quantized cache) -> the call's cache features (built once: the op path runs per layer)
-_CACHE_FEATURES = {(strided, quant): frozenset({"strided_cache"} if strided else ()) | (
-    frozenset({"kv_quant"}) if quant else frozenset()) for strided in (False, True) for quant in (False, True)}
+# (strided cache, quant_bits) -> the call's cache features (built once: the op path runs per layer); a 4-bit cache
+# needs kv_quant4 besides kv_quant, so that a vendor can serve 8 bits without 4
+_QUANT_FEATURES = {0: frozenset(), 8: frozenset({"kv_quant"}), 4: frozenset({"kv_quant", "kv_quant4"})}
+_CACHE_FEATURES = {(strided, bits): frozenset({"strided_cache"} if strided else ()) | quant
+                   for strided in (False, True) for bits, quant in _QUANT_FEATURES.items()}
 
 
 def cache_call_features(key_cache: torch.Tensor, quant_bits: int = 0) -> frozenset[str]:
-    return _CACHE_FEATURES[not key_cache.is_contiguous(), bool(quant_bits)]
+    return _CACHE_FEATURES[not key_cache.is_contiguous(), quant_bits or 0]
 
 
 def cache_implementation(

@@ -85,14 +85,15 @@ def _same_as_first(x: torch.Tensor, *_: Any) -> tuple[Meta, ...]:
 #: Every call feature, and what in a call asks for it (named in refusals, so the user knows which argument to change).
 FEATURES = {
     "kv_quant": "quant_bits != 0: a quantized (uint8, 8- or 4-bit) KV cache",
+    "kv_quant4": "quant_bits == 4: a 4-bit KV cache (two values per byte; with kv_quant)",
     "non_causal": "attn_mask=[]: non-causal attention",
     "strided_cache": "a strided (packed or head-major) key/value cache view",
 }
 
-_CACHE_FEATURES = frozenset({"strided_cache", "kv_quant"})
+_CACHE_FEATURES = frozenset({"strided_cache", "kv_quant", "kv_quant4"})
 #: Features a vendor serves only where its capabilities name them (a vendor without a capabilities record for an
 #: op serves every other call of it): a quantized cache needs kernels written for it.
-OPT_IN_FEATURES = frozenset({"kv_quant"})
+OPT_IN_FEATURES = frozenset({"kv_quant", "kv_quant4"})
 # the paged attention ops' quantized-cache arguments: kv_scales = [k, v], kv_zeros = [k, v] (each
 # [num_blocks, block_size, Hk]) and quant_bits (8 / 4), passed to a vendor only when quant_bits != 0
 _KV_QUANT_ARGS = ("kv_scales", "kv_zeros", "quant_bits")

@@ -230,11 +230,48 @@ def test_info_lists_the_quantized_cache_calls_for_both_vendors(capsys):
     from dlinfer import cli
 
     assert cli.main(["info", "--device", "cuda"]) == 0
-    rows = {line.split()[0] + (" +kv_quant" if "+kv_quant" in line else ""): line.split()
+    rows = {" ".join(line.split()[:2]) if "+kv_quant" in line else line.split()[0]: line.split()
             for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and len(line.split()) >= 4}
     for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention"):
         row = rows[f"{op} +kv_quant"]
         assert row[2:5] == ["triton", "serves", "serves"], row
+    for op in ("fill_kv_cache", "paged_decode_attention"):
+        assert rows[f"{op} +kv_quant4"][2:5] == ["triton", "serves", "serves"], rows[f"{op} +kv_quant4"]
+    # the 4-bit paged prefill is not yet verified on a GPU: the reference serves it there, the row says why
+    assert rows["paged_prefill_attention +kv_quant4"][2:4] == ["reference", "refuses"]
     for op in ("weight_quant_matmul", "dynamic_quant", "linear_w8a8", "linear_w8a8_static", "rms_norm_w8a8",
                "add_rms_norm_w8a8", "fused_moe_w8a8"):
         assert rows[op][1:4] == ["triton", "serves", "serves"], rows[op]
+
+
+def test_four_bit_paged_prefill_on_cuda_goes_to_the_reference_unless_allowed(monkeypatch, isolated_registry):
+    """Selection only (metadata, no GPU): a 4-bit cache asks for kv_quant4 besides kv_quant; the Triton vendor
+    serves 8 bits and 4-bit fill/decode on CUDA, refuses the 4-bit paged prefill there (not yet verified on a GPU)
+    so the reference serves it, and serves it with DLINFER_TRITON_KV4_PREFILL=1. On the CPU nothing changes."""
+    from dlinfer.ops.kv_cache import cache_call_features
+    from dlinfer.vendor import Call
+
+    pytest.importorskip("triton")
+    cache = torch.zeros(4, 16, 2, 8, dtype=torch.uint8)
+    assert cache_call_features(cache, 0) == frozenset()
+    assert cache_call_features(cache, 8) == {"kv_quant"}
+    assert cache_call_features(cache, 4) == {"kv_quant", "kv_quant4"}
+    assert cache_call_features(cache[:, :, :1], 4) == {"kv_quant", "kv_quant4", "strided_cache"}
+
+    def chosen(op, device_type, features, allow=None):
+        if allow is None:
+            monkeypatch.delenv("DLINFER_TRITON_KV4_PREFILL", raising=False)
+        else:
+            monkeypatch.setenv("DLINFER_TRITON_KV4_PREFILL", allow)
+        isolated_registry.clear_selection_cache()
+        return isolated_registry.select(Call(op, device_type, torch.float16, 128, 128, 64, frozenset(features)))[0].name
+
+    q4, q8 = {"kv_quant", "kv_quant4"}, {"kv_quant"}
+    assert chosen("paged_prefill_attention", "cuda", q8) == "triton"
+    assert chosen("paged_decode_attention", "cuda", q4) == "triton"
+    assert chosen("fill_kv_cache", "cuda", q4) == "triton"
+    assert chosen("paged_prefill_attention", "cuda", q4) == "reference"
+    assert chosen("paged_prefill_attention", "cuda", q4, allow="1") == "triton"
+    with isolated_registry.forced("triton"):
+        with pytest.raises(NotSupportedError, match="4-bit KV cache is not yet verified on CUDA"):
+            chosen("paged_prefill_attention", "cuda", q4)

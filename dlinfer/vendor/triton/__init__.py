@@ -1,7 +1,8 @@
 """The ``triton`` vendor: dlinfer's fast path on NVIDIA GPUs, written in Triton.
 
 Each op family lives in its own module, which exports ``OPS`` (op name -> implementation with the signature
-of ``torch.ops.dlinfer.<op>``) and optionally ``CAPABILITIES`` (op name -> ``Capabilities``). Under
+of ``torch.ops.dlinfer.<op>``), optionally ``CAPABILITIES`` (op name -> ``Capabilities``) and ``extra_reasons``
+(``Call`` -> why the module cannot serve it, for what a record cannot say, e.g. per device). Under
 ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly: for conformance tests only), and the vendor
 then accepts CPU tensors when forced, but is never the automatic choice on the CPU.
 """
@@ -23,11 +24,11 @@ _MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "att
 
 
 def _collect():
-    ops, caps = {}, {}
+    ops, caps, refusals = {}, {}, []
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        return ops, caps, f"triton is not installed ({exc})"
+        return ops, caps, refusals, f"triton is not installed ({exc})"
     for name in _MODULES:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -37,14 +38,22 @@ def _collect():
             raise
         ops.update(getattr(module, "OPS", {}))
         caps.update(getattr(module, "CAPABILITIES", {}))
-    return ops, caps, None
+        if hasattr(module, "extra_reasons"):
+            refusals.append(module.extra_reasons)
+    return ops, caps, refusals, None
 
 
-_ops, _caps, _missing = _collect()
+_ops, _caps, _refusals, _missing = _collect()
 
 
 def _available() -> str | None:
     return _missing
+
+
+def _extra_reasons(call) -> list[str]:
+    """The modules' ``extra_reasons(call)`` hooks: refusals a capabilities record cannot express (selection only,
+    cached per call key by the registry)."""
+    return [why for hook in _refusals for why in hook(call)]
 
 
 VENDOR = Vendor(
@@ -54,6 +63,7 @@ VENDOR = Vendor(
     default_devices=frozenset({"cuda"}),
     ops=_ops,
     capabilities=_caps,
+    extra_reasons=_extra_reasons if _refusals else None,
     available=_available,
     description="Triton kernels for NVIDIA GPUs (CPU under TRITON_INTERPRET=1)",
 )

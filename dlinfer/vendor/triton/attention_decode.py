@@ -520,7 +520,7 @@ CAPABILITIES = {
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         head_sizes=HEAD_SIZES,
         block_sizes=BLOCK_SIZES,
-        features=frozenset({"strided_cache", "kv_quant"}),
+        features=frozenset({"strided_cache", "kv_quant", "kv_quant4"}),
     ),
 }
 

@@ -118,6 +118,7 @@ import triton.language as tl
 from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dlinfer import settings
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
@@ -836,8 +837,20 @@ CAPABILITIES = {
     "prefill_attention": Capabilities(dtypes=_DTYPES, head_sizes=HEAD_SIZES, features=frozenset({"non_causal"})),
     "paged_prefill_attention": Capabilities(
         dtypes=_DTYPES, head_sizes=HEAD_SIZES, block_sizes=BLOCK_SIZES,
-        features=frozenset({"strided_cache", "non_causal", "kv_quant"})),
+        features=frozenset({"strided_cache", "non_causal", "kv_quant", "kv_quant4"})),
 }
+
+
+def extra_reasons(call) -> list[str]:
+    """Calls the kernels serve under the interpreter but not yet on a GPU. The 4-bit paged prefill failed the
+    conformance matrix on an H200 (head size 24, GQA 4: relative error 5e-2, and an illegal memory access with
+    split-KV) for a cause not found yet, so on CUDA a 4-bit cache's paged prefill goes to the next vendor (the
+    reference; the registry warns once) unless ``DLINFER_TRITON_KV4_PREFILL=1`` (GPU tests of the kernel)."""
+    if (call.op == "paged_prefill_attention" and call.device_type == "cuda" and "kv_quant4" in call.features
+            and not settings.flag("DLINFER_TRITON_KV4_PREFILL")):
+        return ["paged prefill over a 4-bit KV cache is not yet verified on CUDA (a conformance case failed on an "
+                "H200; DLINFER_TRITON_KV4_PREFILL=1 runs the kernel anyway)"]
+    return []
 
 __all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig", "num_splits",
            "resident_programs", "shared_memory"]

@@ -192,4 +192,4 @@ assert LEVELS == {4: 15, 8: 255}  # the kernel's (1 << BITS) - 1
 
 OPS = {"fill_kv_cache": fill_kv_cache}
 # Strided (packed) caches and quantized caches (8 and 4 bits) are served.
-CAPABILITIES = {"fill_kv_cache": Capabilities(features=frozenset({"strided_cache", "kv_quant"}))}
+CAPABILITIES = {"fill_kv_cache": Capabilities(features=frozenset({"strided_cache", "kv_quant", "kv_quant4"}))}
