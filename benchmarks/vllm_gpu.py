@@ -53,7 +53,7 @@ server's among them; four chained calls on one warm machine, the first three eac
             bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part2
     call 3: carry [".vllm026/part3"]
             bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part3 && export PYTHONPATH=/tmp/site:$PWD &&
-            python3 benchmarks/vllm_gpu.py --deadline 520
+            python3 benchmarks/vllm_gpu.py --timed-passes 3 --deadline 520
     call 4: carry []  (the serve part: the models, /tmp/site and the compile caches of calls 1-3)
             export PYTHONPATH=/tmp/site:$PWD &&
             python3 benchmarks/vllm_gpu.py --parts serve --serve-s 150 --deadline 540 --out $OUT/vllm_gpu_serve.json
