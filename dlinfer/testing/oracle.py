@@ -266,7 +266,9 @@ def _per_token_64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale is a float32 tensor by contract and ``q = round(x / scale)`` a float32 quotient: at a tie (frequent
     with 16-bit inputs, e.g. x = amax / 2) a float64 quotient would round the other way."""
     amax = x.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.full_like(amax, 1 / 127.0)).to(torch.float32)
+    # a divisor tensor on x's device: on CUDA torch's float64 `tensor / number` multiplies by the reciprocal
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.full_like(amax, 1 / 127.0))
+    scale = scale.to(torch.float32)
     return torch.round(x.to(torch.float32) / scale).clamp(-127, 127).to(torch.int8), scale
 
 

@@ -52,7 +52,9 @@ def quantize_per_token(x: torch.Tensor, quant_dtype: torch.dtype) -> tuple[torch
     all-zero row gets scale ``1 / qmax`` (never 0, never NaN)."""
     qmax = _qrange(quant_dtype)
     absmax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / qmax, torch.full_like(absmax, 1.0 / qmax))
+    # the contract's quotient, correctly rounded on every device: the divisor is a tensor on x's device (torch's
+    # CUDA `tensor / number` multiplies by the float32 reciprocal, often one bit off the kernels' division)
+    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, qmax), torch.full_like(absmax, 1.0 / qmax))
     q = torch.round(x / scale).clamp(-qmax, qmax).to(quant_dtype)
     return q, scale.to(torch.float32)
 
