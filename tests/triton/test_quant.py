@@ -308,6 +308,45 @@ def test_fused_moe_w8a8_precompiles_every_bucket_once(monkeypatch):
     assert runs == []
 
 
+def test_fused_moe_w8a8_precompile_is_counted_and_bounded(caplog, monkeypatch):
+    """The precompile runs through moe.run_buckets, as fused_moe's: one log line per shape naming it, the new
+    variants of the kernels a fused_moe_w8a8 call launches and the buckets run; smallest bucket first, cut after
+    moe.PRECOMPILE_MAX_S with a warning (the other buckets compile when their token counts first appear)."""
+    x, gu, gs, dw, ds, w, ids, k = _moe_inputs(3, 32, 16, 4, 2, torch.float16, 81)
+    runs, counted = [], []
+
+    def variants(kernels):  # Triton's kernel caches, as if each bucket compiled 3 new variants
+        counted.append(set(kernels))
+        return 3 * len(runs)
+
+    monkeypatch.setattr(triton_quant._moe, "PRECOMPILE_MIN_TOKENS", 8)
+    monkeypatch.setattr(triton_quant._moe, "compiled_variants", variants)
+    monkeypatch.setattr(triton_quant, "fused_moe_w8a8", lambda xx, *a, config=None: runs.append(xx.shape[0]))
+    monkeypatch.setattr(triton_quant, "_precompiled", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build of torch raises
+    caplog.set_level("INFO", logger="dlinfer")
+    triton_quant._precompile_on_first_use(x, gu, gs, dw, ds, k)
+    assert runs == [1, 2, 4, 8]
+    assert ("dlinfer: fused_moe_w8a8 float16 E=4 top-2 hidden 32 intermediate 16: 12 kernel variants compiled for "
+            "4 token buckets (up to 8 tokens) in") in caplog.text
+    moe = triton_quant._moe
+    launched = {moe._moe_histogram_kernel, moe._moe_scatter_kernel, triton_quant._row_quant_kernel,
+                triton_quant._moe_w8a8_gemm_kernel, moe._moe_combine_kernel}
+    assert counted and all(c == launched for c in counted)
+    caplog.clear()
+    runs.clear()
+    monkeypatch.setattr(triton_quant._moe, "PRECOMPILE_MIN_TOKENS", 8192)
+    monkeypatch.setattr(triton_quant, "_precompiled", set())
+    clock = iter(range(0, 1000, 50))  # each perf_counter() reading 50 s after the last
+    monkeypatch.setattr(triton_quant._moe.time, "perf_counter", lambda: next(clock))
+    triton_quant._precompile_on_first_use(x, gu, gs, dw, ds, k)
+    assert runs == [1, 2, 4]  # PRECOMPILE_MAX_S = 120 s spent
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and warning[0].startswith("dlinfer: fused_moe_w8a8 float16 E=4 top-2 hidden 32 "
+                                                        "intermediate 16: precompile stopped after"), warning
+    assert "at 3 of 14 token buckets" in warning[0]
+
+
 def test_triton_vendor_serves_fused_moe_w8a8():
     from dlinfer.vendor import get_vendor
 

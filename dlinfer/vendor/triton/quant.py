@@ -15,9 +15,7 @@ the quantized values equal the reference's whenever both quantize the same float
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import time
 
 import torch
 import triton
@@ -28,8 +26,6 @@ from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.attention_decode import env_overrides
 from dlinfer.vendor.triton.host import capability, cdiv, memo, next_power_of_2, sm_count
-
-logger = logging.getLogger("dlinfer")
 
 
 @triton.jit
@@ -815,24 +811,29 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
 
 
 # Every token bucket may have its own tiles and sorting chunk: the first eager call of a problem shape on a GPU
-# compiles the kernel variants of every bucket up to moe.PRECOMPILE_MIN_TOKENS (as fused_moe does), so that
-# serving never stops for a compile; DLINFER_PRECOMPILE=0 turns it off.
+# compiles the kernel variants of every bucket up to moe.PRECOMPILE_MIN_TOKENS (as fused_moe does, through
+# moe.run_buckets: smallest bucket first, within moe.PRECOMPILE_MAX_S, one log line with the variants compiled), so
+# that serving never stops for a compile; DLINFER_PRECOMPILE=0 turns it off.
 _precompiled: set[tuple] = set()
+# the kernels a fused_moe_w8a8 call launches (whose new variants the precompile log line counts)
+MOE_KERNELS = (_moe._moe_histogram_kernel, _moe._moe_scatter_kernel, _row_quant_kernel, _moe_w8a8_gemm_kernel,
+               _moe._moe_combine_kernel)
 
 
 def _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk):
     device, dtype = hidden_states.device, hidden_states.dtype
     if not _moe.precompile_gate(_precompiled, (device.index, dtype, gate_up_weights.shape, topk)):
         return
-    t0, experts = time.perf_counter(), gate_up_weights.shape[0]
-    max_tokens = max(hidden_states.shape[0], _moe.PRECOMPILE_MIN_TOKENS)
-    for tokens in _moe.buckets(max_tokens):
+    experts, two_inter, hidden = gate_up_weights.shape
+
+    def run_bucket(tokens):
         x, weights, ids = _moe.dummy_routing(tokens, hidden_states.shape[1], topk, experts, dtype, device)
         fused_moe_w8a8(x, gate_up_weights, gate_up_scales, down_weights, down_scales, weights, ids, False,
                        config=w8a8_launch_config(tokens, experts, topk))
-    logger.info("dlinfer: fused_moe_w8a8 kernels for E=%d top-%d hidden %d intermediate %d compiled up to %d "
-                "tokens in %.1f s", experts, topk, gate_up_weights.shape[2], gate_up_weights.shape[1] // 2,
-                max_tokens, time.perf_counter() - t0)
+
+    what = (f"fused_moe_w8a8 {str(dtype).replace('torch.', '')} E={experts} top-{topk} hidden {hidden} "
+            f"intermediate {two_inter // 2}")
+    _moe.run_buckets(run_bucket, max(hidden_states.shape[0], _moe.PRECOMPILE_MIN_TOKENS), what, MOE_KERNELS)
 
 
 def _fused_moe_w8a8_op(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk_weights,
