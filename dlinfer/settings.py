@@ -61,8 +61,9 @@ VARIABLES: tuple[Variable, ...] = (
              "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
              "tiers)", "at the first fused_moe call of a shape bucket"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
-             "`0` turns off compiling every fused-MoE kernel variant of a shape's token buckets at its first eager "
-             "call (else they compile one by one as batch sizes change while serving)",
+             "`0` turns off compiling every fused-MoE kernel variant (`fused_moe`, `fused_moe_w8a8`) of a shape's "
+             "token buckets at its first eager call, smallest first within 120 s (else they compile one by one as "
+             "batch sizes change while serving); `dlinfer check` sets `0` unless told otherwise",
              "at the first fused_moe call of a shape"),
     Variable("DLINFER_CACHE_DIR", "spec", "",
              "directory of dlinfer's caches (tuned kernel configs under `tuning/`); default "
