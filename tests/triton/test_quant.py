@@ -599,7 +599,7 @@ def test_env_overrides_and_bad_configs(monkeypatch):
                                      config=triton_quant.GemmConfig(16, 32, 32, **bad))
     split = triton_quant.GemmConfig(16, 32, 32, split_k=2)
     assert not triton_quant._use_pdl(split, a.device)  # programmatic dependent launch: sm_90+ GPUs only
-    monkeypatch.setattr(triton_quant, "_has_pdl", lambda *args: True)
+    monkeypatch.setattr(triton_quant, "has_pdl", lambda *args: True)
     assert triton_quant._use_pdl(split, a.device) and not triton_quant._use_pdl(dataclasses.replace(split, pdl=0),
                                                                               a.device)
     assert not triton_quant._use_pdl(dataclasses.replace(split, split_k=1), a.device)

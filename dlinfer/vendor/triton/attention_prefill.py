@@ -122,7 +122,7 @@ from dlinfer import settings
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
-from dlinfer.vendor.triton.host import capability, cdiv, memo, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import capability, cdiv, has_pdl, memo, next_power_of_2, sm_count
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -794,7 +794,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
     mid_o = torch.empty((splits, tokens, num_q_heads, head_size_v), dtype=torch.float32, device=device)
     mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
-    pdl = cfg.pdl and device.type == "cuda" and capability(device.index) >= 9
+    pdl = cfg.pdl and has_pdl(device.type, device.index)
     _prefill_split_kernel[(num_m_tiles * splits, grid_heads, batch)](
         query, key, value, mid_o, mid_lse, q_ends, kv_arg, block_table, *inputs,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),

@@ -37,6 +37,11 @@ def capability(device_index: int | None) -> int:
     return _capability(_index(device_index))
 
 
+def has_pdl(device_type: str, device_index: int | None) -> bool:
+    """Programmatic dependent launch (a kernel launched while the previous one finishes): NVIDIA sm_90 and newer."""
+    return device_type == "cuda" and capability(device_index) >= 9
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -47,4 +52,4 @@ def _capability(index: int) -> int:
     return 0 if torch.version.hip is not None else torch.cuda.get_device_capability(index)[0]
 
 
-__all__ = ["capability", "cdiv", "memo", "next_power_of_2", "sm_count"]
+__all__ = ["capability", "cdiv", "has_pdl", "memo", "next_power_of_2", "sm_count"]

@@ -25,7 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.attention_decode import env_overrides
-from dlinfer.vendor.triton.host import capability, cdiv, memo, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import cdiv, has_pdl, memo, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -106,13 +106,8 @@ def _sm_count(device_type: str, device_index) -> int:
     return sm_count(device_index) if device_type == "cuda" else CPU_SM_COUNT
 
 
-def _has_pdl(device_type: str, device_index) -> bool:
-    """Programmatic dependent launch: NVIDIA sm_90 and newer."""
-    return device_type == "cuda" and capability(device_index) >= 9
-
-
 def _use_pdl(cfg: GemmConfig, device: torch.device) -> bool:
-    return bool(cfg.pdl) and cfg.split_k > 1 and _has_pdl(device.type, device.index)
+    return bool(cfg.pdl) and cfg.split_k > 1 and has_pdl(device.type, device.index)
 
 
 def split_k_for(tiles: int, k: int, block_k: int, m: int, weight_bytes_per_k: float, sm_count: int,
