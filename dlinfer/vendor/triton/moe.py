@@ -782,6 +782,11 @@ def compiled_variants(kernels) -> int | None:
         return None
 
 
+def shape_label(op: str, dtype: torch.dtype, experts: int, topk: int, hidden: int, inter: int) -> str:
+    """How the precompile log names a problem shape (``fused_moe bfloat16 E=128 top-8 hidden 2048 ...``)."""
+    return f"{op} {str(dtype).replace('torch.', '')} E={experts} top-{topk} hidden {hidden} intermediate {inter}"
+
+
 def run_buckets(run_bucket, max_tokens: int, what: str, kernels, max_s: float | None = None) -> int:
     """Call ``run_bucket(tokens)`` for the buckets ``1, 2, 4, ... >= max_tokens``, smallest first (decode's, which
     serving meets most), until ``max_s`` seconds (default :data:`PRECOMPILE_MAX_S`) have passed; log one line
@@ -790,8 +795,9 @@ def run_buckets(run_bucket, max_tokens: int, what: str, kernels, max_s: float | 
     max_s = PRECOMPILE_MAX_S if max_s is None else max_s
     before = compiled_variants(kernels)
     t0 = time.perf_counter()
-    runs, todo = 0, len(list(buckets(max_tokens)))
-    for tokens in buckets(max_tokens):
+    sizes = list(buckets(max_tokens))
+    runs, todo = 0, len(sizes)
+    for tokens in sizes:
         if runs and time.perf_counter() - t0 > max_s:
             break
         run_bucket(tokens)
@@ -831,8 +837,7 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
 
-    what = (f"fused_moe {str(dtype).replace('torch.', '')} E={experts} top-{topk} hidden {hidden} "
-            f"intermediate {two_inter // 2}")
+    what = shape_label("fused_moe", dtype, experts, topk, hidden, two_inter // 2)
     return run_buckets(run_bucket, max_tokens, what, KERNELS, max_s)
 
 

@@ -826,8 +826,7 @@ def _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, dow
         fused_moe_w8a8(x, gate_up_weights, gate_up_scales, down_weights, down_scales, weights, ids, False,
                        config=w8a8_launch_config(tokens, experts, topk))
 
-    what = (f"fused_moe_w8a8 {str(dtype).replace('torch.', '')} E={experts} top-{topk} hidden {hidden} "
-            f"intermediate {two_inter // 2}")
+    what = _moe.shape_label("fused_moe_w8a8", dtype, experts, topk, hidden, two_inter // 2)
     _moe.run_buckets(run_bucket, max(hidden_states.shape[0], _moe.PRECOMPILE_MIN_TOKENS), what, MOE_KERNELS)
 
 
