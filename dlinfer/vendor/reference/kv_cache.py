@@ -3,14 +3,7 @@
 import torch
 
 from dlinfer.ops.kv_quant import LEVELS, MIN_STEP_DIVISOR
-
-
-def _divide(a: torch.Tensor, b: int) -> torch.Tensor:
-    """``a / b`` correctly rounded on every device. torch computes ``tensor / number`` on CUDA as a multiplication
-    by the float32 reciprocal (one bit off in the last place for many ``a``: the GPU's float32 scales would then
-    differ from the CPU's and from the kernels', which divide); a divisor tensor on ``a``'s device is a real
-    division everywhere."""
-    return a / torch.full_like(a, b)
+from dlinfer.vendor.reference.quant import divide
 
 
 def quantize(x: torch.Tensor, quant_bits: int, scale_dtype: torch.dtype, zero_dtype: torch.dtype):
@@ -20,8 +13,8 @@ def quantize(x: torch.Tensor, quant_bits: int, scale_dtype: torch.dtype, zero_dt
     levels = LEVELS[quant_bits]
     x = x.float()
     lo, hi = x.amin(-1), x.amax(-1)
-    step = torch.maximum(_divide(hi - lo, levels), _divide(torch.maximum(lo.abs(), hi.abs()),
-                                                            MIN_STEP_DIVISOR * levels))
+    step = torch.maximum(divide(hi - lo, levels), divide(torch.maximum(lo.abs(), hi.abs()),
+                                                          MIN_STEP_DIVISOR * levels))
     scale = step.to(scale_dtype).float()
     scale = torch.where((scale == 0) | (hi == lo), torch.ones_like(scale), scale)
     zero = (-lo / scale).to(zero_dtype).float()

@@ -16,6 +16,14 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _SHIFTS = torch.tensor([4 * AWQ_ORDER.index(j) for j in range(8)], dtype=torch.int32)
 
 
+def divide(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``a / b`` correctly rounded on every device, as the contracts' scales are defined. torch computes
+    ``tensor / number`` on CUDA as a multiplication by the float32 reciprocal (one bit off in the last place for
+    many ``a``: the GPU's float32 scales would then differ from the CPU's and from the kernels', which divide); a
+    divisor tensor on ``a``'s device is a real division everywhere."""
+    return a / torch.full_like(a, b)
+
+
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """``[R, C/8]`` int32 in AWQ's nibble order -> ``[R, C]`` int32 values in 0..15, columns in natural order."""
     shifts = _SHIFTS.to(packed.device)
@@ -52,9 +60,7 @@ def quantize_per_token(x: torch.Tensor, quant_dtype: torch.dtype) -> tuple[torch
     all-zero row gets scale ``1 / qmax`` (never 0, never NaN)."""
     qmax = _qrange(quant_dtype)
     absmax = x.abs().amax(dim=-1, keepdim=True)
-    # the contract's quotient, correctly rounded on every device: the divisor is a tensor on x's device (torch's
-    # CUDA `tensor / number` multiplies by the float32 reciprocal, often one bit off the kernels' division)
-    scale = torch.where(absmax > 0, absmax / torch.full_like(absmax, qmax), torch.full_like(absmax, 1.0 / qmax))
+    scale = torch.where(absmax > 0, divide(absmax, qmax), torch.full_like(absmax, 1.0 / qmax))
     q = torch.round(x / scale).clamp(-qmax, qmax).to(quant_dtype)
     return q, scale.to(torch.float32)
 
