@@ -161,7 +161,7 @@ def _all_ops() -> tuple[str, ...]:
 
 def check(args: argparse.Namespace) -> int:
     from dlinfer.testing.conformance import run_conformance
-    from dlinfer.testing.conformance.runner import WARMUP_SWITCHES
+    from dlinfer.testing.conformance.runner import WARMUP_SWITCHES, warmups_left_on
     from dlinfer.vendor import registry
 
     device = args.device or registry.default_device_type()
@@ -187,7 +187,7 @@ def check(args: argparse.Namespace) -> int:
     if vendor == "reference":
         print("note: 'reference' is checked against an independent float64 oracle (dlinfer.testing.oracle)",
               flush=True)
-    off = [name for name in WARMUP_SWITCHES if not os.environ.get(name, "").strip()]
+    off = warmups_left_on()
     if off:
         print(f"note: serving warm-ups off for the check ({', '.join(n + '=0' for n in off)}; set one to 1 to "
               "include it)", flush=True)

@@ -86,11 +86,15 @@ def _oracle_as_vendor() -> registry.Vendor:
 WARMUP_SWITCHES = ("DLINFER_PRECOMPILE", "DLINFER_AUTOTUNE")
 
 
+def warmups_left_on() -> list[str]:
+    """The :data:`WARMUP_SWITCHES` the environment leaves unset (or empty): those a check turns off."""
+    return [name for name in WARMUP_SWITCHES if not os.environ.get(name, "").strip()]
+
+
 @contextlib.contextmanager
 def _warmups_off():
-    """Set each of :data:`WARMUP_SWITCHES` that the environment leaves unset (or empty) to ``0`` for the duration;
-    yields the values in force."""
-    saved = {name: os.environ.get(name) for name in WARMUP_SWITCHES if not os.environ.get(name, "").strip()}
+    """Set each of :func:`warmups_left_on` to ``0`` for the duration; yields the values in force."""
+    saved = {name: os.environ.get(name) for name in warmups_left_on()}
     for name in saved:
         os.environ[name] = "0"
     try:
