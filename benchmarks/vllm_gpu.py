@@ -159,6 +159,24 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def child_llm_kwargs(spec: dict) -> dict:
+    """The ``LLM(...)`` / ``vllm serve`` arguments of a child: the spec's, plus dlinfer's attention selection for
+    the dlinfer backend (registered in the child's own process first).
+
+    On a CPU the plugin serves vLLM's CPU_ATTN, the one backend vLLM's CPU platform picks (it logs that it ignores
+    another): the selection is made where it matters, and where it is harmless (vLLM 0.26's fixed CUSTOM member; a
+    name newer vLLM adds cannot reach an engine process spawned on a CPU, see vllm_ext.attention_config), so that
+    the CPU runs the GPU's code."""
+    kwargs = dict(spec["llm"])
+    if spec["backend"] == "dlinfer":
+        from dlinfer.framework import vllm_ext
+        from dlinfer.framework.vllm_ext import compat
+
+        if spec["device"] == "cuda" or not compat.named_backends:
+            kwargs["attention_config"] = vllm_ext.attention_config()
+    return kwargs
+
+
 def engine_child(spec_path: str) -> int:
     """One engine: start, warm up, say ready, wait for the go, time one pass, report, write the result."""
     spec = json.loads(Path(spec_path).read_text())
@@ -169,17 +187,7 @@ def engine_child(spec_path: str) -> int:
 
     from dlinfer.framework.vllm_ext import counters
 
-    kwargs = dict(spec["llm"])
-    if spec["backend"] == "dlinfer":
-        from dlinfer.framework import vllm_ext
-        from dlinfer.framework.vllm_ext import compat
-
-        # On a CPU the plugin serves vLLM's CPU_ATTN, the one backend vLLM's CPU platform picks (it logs that it
-        # ignores another): the selection is made where it matters, and where it is harmless (vLLM 0.26's fixed
-        # CUSTOM member; a name newer vLLM adds cannot reach an engine process spawned on a CPU, see
-        # vllm_ext.attention_config), so that the CPU runs the GPU's code.
-        if spec["device"] == "cuda" or not compat.named_backends:
-            kwargs["attention_config"] = vllm_ext.attention_config()
+    kwargs = child_llm_kwargs(spec)
 
     def batch(seed: int):
         prompts, new = workload(args, seed, spec["vocab"])
@@ -271,13 +279,7 @@ def serve_argv(llm: dict, port: int) -> list[str]:
 def serve_child(spec_path: str) -> int:
     """One ``vllm serve`` in this process: the dlinfer backend's attention selection made as in the engine child."""
     spec = json.loads(Path(spec_path).read_text())
-    llm = dict(spec["llm"])
-    if spec["backend"] == "dlinfer":
-        from dlinfer.framework import vllm_ext
-        from dlinfer.framework.vllm_ext import compat
-
-        if spec["device"] == "cuda" or not compat.named_backends:  # see engine_child
-            llm["attention_config"] = vllm_ext.attention_config()  # registered in this process first
+    llm = child_llm_kwargs(spec)
     import importlib.metadata as md
 
     import vllm
