@@ -3,6 +3,8 @@
     python benchmarks/lmdeploy_e2e.py --model llama8b --mode both          # one H100, < 10 minutes
     python benchmarks/lmdeploy_e2e.py --model qwen3moe --mode both
     python benchmarks/lmdeploy_e2e.py --model llama8b --mode graph --tp 2  # two GPUs: tp=2 vs tp=1
+    python benchmarks/lmdeploy_e2e.py --model llama8b --layers 8 --quant awq --mode graph --timed-passes 3 \
+        --pass-seconds 15 --oracle-prompts 8                              # quantized: awq | w8a8, --kv-quant 8
     python benchmarks/lmdeploy_e2e.py --dry-run                           # CPU: arguments and imports only
 
 Models are random-weight bf16 checkpoints of real shapes, written on the GPU machine
@@ -16,12 +18,27 @@ happened during the timed pass (after a warm-up pass of a like workload, ``--war
 agreement on the first ``--compare-tokens`` tokens of every prompt (stock eager vs stock graph calibrates what
 bf16 batching alone changes).
 
+Quantized serving (``--quant``, ``--kv-quant``; both backends on the same checkpoint and cache): the float model is
+quantized once with ``dlinfer.testing.quantize`` (on the GPU) and cached in ``--model-dir``: ``awq`` (W4A16, group
+128, zero points; LMDeploy serves AWQ in float16 — stock builds TurboMind's GEMM where its extension is built, else
+its Triton ``awq_linear``: the result names which), ``w8a8`` (LMDeploy's SmoothQuant format: int8 weights, float32
+per-channel scales, bfloat16 otherwise; activations quantized per token by the engines); ``--kv-quant 8`` is
+LMDeploy's ``quant_policy`` 8 (int8 KV cache). 4-bit caches are refused (dlinfer sends their paged prefill on CUDA
+to the reference vendor), AWQ MoE models too (LMDeploy builds no AWQ experts), W8A8 Qwen3-MoE too (LMDeploy 0.18
+cannot run it); W8A8 Mixtral runs without the oracle only (``--oracle-prompts 0``). ``--pass-seconds S`` sizes
+each timed pass to about S seconds (from the first run's warm-up rate; every run of a model then times the same
+prompts), so that the passes' spread, printed per run, is the noise.
+
 Greedy tokens of two bf16 engines part ways wherever a random model's top two logits are closer than bf16 rounding,
 and from there on the sequences differ, so agreement alone cannot tell a rounding difference from a bug. The
 float32 oracle (``--oracle-prompts``, after the runs) settles it: transformers loads the same checkpoint in float32
 and, teacher-forced on each run's own tokens, scores every generated token against its float32 argmax (match rate,
 and how far below the float32 maximum the mismatched tokens' logits are). transformers itself in bf16, scored the
-same way on the first run's tokens, is the yardstick of what bf16 alone costs.
+same way on the first run's tokens, is the yardstick of what bf16 alone costs. For a quantized checkpoint the
+oracle is the dequantized model (``dlinfer.testing.quantize.load_dequantized_model``: the quantized weights expanded
+to float32, the function the checkpoint stands for, the same for both engines); the engines' on-the-fly
+quantization (W8A8's activations, an int8 KV cache) counts as their error, and the yardstick runs in the engine's
+dtype (float16 for AWQ).
 
 Results go to ``$OUT/lmdeploy_e2e.json`` (``--out`` overrides; rewritten after every run, so a run cut short
 still leaves what finished) with the card, versions and settings; a table is printed at the end.
@@ -49,6 +66,16 @@ MODELS = {
     "mixtral": ("mixtral-8x7b", "Mixtral-8x7B shape", 8, 32),
 }
 QUICK_LAYERS = {"llama8b": 8, "qwen3moe": 6, "mixtral": 4}
+# --quant: (dlinfer.testing.quantize format, description, the dtype LMDeploy serves it in; None: the checkpoint's)
+QUANTS = {
+    "none": (None, "random bf16 weights", None),
+    "awq": ("awq", "AWQ W4A16 (4-bit weights, group 128, zero points; LMDeploy runs AWQ in float16)", "float16"),
+    "w8a8": ("w8a8", "SmoothQuant W8A8 (int8 weights per output channel, int8 activations per token; bfloat16)",
+             None),
+}
+AWQ_GROUP_SIZE = 128
+# --kv-quant: LMDeploy's quant_policy
+KV_QUANTS = {0: "KV cache in the model's dtype", 8: "int8 KV cache (quant_policy 8: per-token scales and zeros)"}
 WARMUPS = {"full": "one untimed pass of a like workload (other prompts)",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
 
@@ -75,6 +102,10 @@ class RunSpec:
     profile: bool = False
     warmup: str = "full"  # full | short
     timed_passes: int = 1
+    quant: str = "none"  # none | awq | w8a8 (the checkpoint in model_dir is quantized so already)
+    kv_quant: int = 0  # LMDeploy's quant_policy
+    pass_seconds: float = 0.0  # > 0: scale the timed pass's request count so a pass lasts about this long
+    timed_requests: int | None = None  # fixed count for the timed passes (from an earlier run of the same model)
 
     @property
     def name(self) -> str:
@@ -89,6 +120,18 @@ def workload(requests: int, min_prompt: int, max_prompt: int, seed: int, vocab_l
     rng = random.Random(seed)
     return [[rng.randrange(4, vocab_limit) for _ in range(rng.randint(min_prompt, max_prompt))]
             for _ in range(requests)]
+
+
+def timed_request_count(requests: int, warm_requests: int, warm_busy_s: float, pass_seconds: float,
+                        cap: int = 64) -> int:
+    """Requests per timed pass so that a pass lasts about ``pass_seconds``, from the warm-up pass's rate
+    (``warm_requests`` in ``warm_busy_s`` seconds, Triton compilations left out): never fewer than ``requests``
+    (fewer would also shrink the batch the engine runs, i.e. measure something else), at most ``cap`` times it."""
+    if pass_seconds <= 0 or warm_busy_s <= 0 or warm_requests <= 0:
+        return requests
+    import math
+
+    return min(max(requests, math.ceil(pass_seconds * warm_requests / warm_busy_s)), cap * requests)
 
 
 def agreement(a: list[list[int]], b: list[list[int]], k: int) -> dict:
@@ -167,7 +210,11 @@ def teacher_forced_logits(model, prompt: list[int], tokens: list[int]):
 
 def run_oracle(job: dict) -> None:
     """The float32 oracle child: load ``job["model_dir"]`` with transformers in float32, score every run's tokens
-    on its first ``len(job["prompts"])`` prompts, then transformers in bf16 on the first run's tokens."""
+    on its first ``len(job["prompts"])`` prompts, then transformers in the engine's dtype (``job["engine_dtype"]``,
+    default bfloat16) on the first run's tokens. A quantized checkpoint (``job["quant"]`` awq / w8a8) is loaded
+    dequantized (``dlinfer.testing.quantize.load_dequantized_model``): the float function its weights stand for,
+    the same for both engines; what the engines quantize on the fly (W8A8's activations, a quantized KV cache)
+    counts as their error."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -179,7 +226,16 @@ def run_oracle(job: dict) -> None:
     config = json.loads((Path(job["model_dir"]) / "config.json").read_text())
     if "moe" in job.get("arch", "") or "num_experts" in config or "num_local_experts" in config:
         kwargs["experts_implementation"] = "eager"  # a plain per-expert loop: exact in float32 everywhere
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs).to(device).eval()
+    quantized = job.get("quant", "none") != "none"
+
+    def load(dtype):
+        if quantized:
+            from dlinfer.testing.quantize import load_dequantized_model
+
+            return load_dequantized_model(job["model_dir"], dtype, device)
+        return AutoModelForCausalLM.from_pretrained(job["model_dir"], **dict(kwargs, dtype=dtype)).to(device).eval()
+
+    model = load(torch.float32)
     load_s = time.perf_counter() - t0
     prompts, runs = job["prompts"], job["runs"]
     out: dict = {"load_s": round(load_s, 1), "runs": {}}
@@ -197,19 +253,20 @@ def run_oracle(job: dict) -> None:
                     base_logits.append(logits.cpu())
             seen[key] = scores
         out["runs"][name] = summarize_scores(seen[key], job.get("tie_gap", TIE_GAP))
-    # the yardstick: transformers in bf16, its own argmax teacher-forced on the first run's tokens; loaded anew,
-    # since .to(bfloat16) would also round the rotary inv_freq buffer (which a bf16 checkpoint keeps in float32)
+    # the yardstick: transformers in the engine's dtype, its own argmax teacher-forced on the first run's tokens;
+    # loaded anew, since .to(bfloat16) would also round the rotary inv_freq buffer (kept in float32)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    kwargs["dtype"] = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **kwargs).to(device).eval()
+    engine_dtype = getattr(torch, job.get("engine_dtype") or "bfloat16")
+    model = load(engine_dtype)
     scores = []
     for prompt, tokens, ref in zip(prompts, runs[base], base_logits):
         own = teacher_forced_logits(model, prompt, tokens).argmax(-1).tolist()
         scored = score_tokens(ref.to(device), own)
         scores.append(scored)
-    out["runs"][f"transformers bf16 (on {base}'s tokens)"] = summarize_scores(scores, job.get("tie_gap", TIE_GAP))
+    label = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(engine_dtype, str(engine_dtype)[6:])
+    out["runs"][f"transformers {label} (on {base}'s tokens)"] = summarize_scores(scores, job.get("tie_gap", TIE_GAP))
     out["oracle_s"] = round(time.perf_counter() - t0, 1)
     Path(job["result_path"]).write_text(json.dumps(out))
 
@@ -281,10 +338,9 @@ def run_child(spec: RunSpec) -> None:
 
         lmdeploy_ext.apply()
 
-    prompts = workload(spec.requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
     config = PytorchEngineConfig(tp=spec.tp, eager_mode=spec.mode == "eager", max_batch_size=spec.max_batch_size,
                                  cache_max_entry_count=spec.cache_max_entry_count, block_size=spec.block_size,
-                                 session_len=spec.max_prompt + spec.new_tokens + 64,
+                                 session_len=spec.max_prompt + spec.new_tokens + 64, quant_policy=spec.kv_quant,
                                  # LMDeploy picks ray for tp > 1 on stock CUDA; its own mp executor needs no ray
                                  distributed_executor_backend="mp" if spec.tp > 1 else None)
     t0 = time.perf_counter()
@@ -310,7 +366,13 @@ def run_child(spec: RunSpec) -> None:
     warmup_compiles = compiles.take()
 
     # The timed pass, --timed-passes times over the same prompts: their spread is the run-to-run noise of the
-    # throughput (the median pass is reported).
+    # throughput (the median pass is reported). --pass-seconds: as many prompts as make a pass last about that
+    # long at the warm-up's rate (the first run of a model decides; the parent hands its count to the others, so
+    # every run of a model times the same prompts). workload() draws prompt after prompt: a longer list starts
+    # with the same prompts, the oracle's among them.
+    requests = spec.timed_requests or timed_request_count(
+        spec.requests, warm_count, warmup_s - warmup_compiles["seconds"], spec.pass_seconds)
+    prompts = workload(requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
     passes = []
     for _ in range(max(1, spec.timed_passes)):
         duration, records = run(prompts)
@@ -321,8 +383,8 @@ def run_child(spec: RunSpec) -> None:
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
     out_tokens = sum(len(r["tokens"]) for r in records)
-    if out_tokens != spec.requests * spec.new_tokens:
-        raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {spec.requests * spec.new_tokens}")
+    if out_tokens != requests * spec.new_tokens:
+        raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {requests * spec.new_tokens}")
     in_tokens = sum(len(p) for p in prompts)
     ttft = [r["first"] for r in records if "first" in r]
     tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1]
@@ -340,6 +402,7 @@ def run_child(spec: RunSpec) -> None:
         "startup_s": round(startup_s, 2),
         "warmup_s": round(warmup_s, 2),
         "duration_s": round(duration, 3),
+        "timed_requests": requests,
         "input_tokens": in_tokens,
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
@@ -357,6 +420,7 @@ def run_child(spec: RunSpec) -> None:
         "max_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
         else None,
         "ops_served": served,
+        "lmdeploy_w4a16_gemm": _stock_w4a16_gemm() if spec.quant == "awq" and spec.backend == "stock" else None,
         "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
         "triton_compiles_warmup": warmup_compiles,
         "triton_compiles_timed": timed_compiles,
@@ -424,6 +488,20 @@ def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> list[dict]
     return rows[:top]
 
 
+def _stock_w4a16_gemm() -> str:
+    """Which GEMM stock LMDeploy builds for AWQ layers on CUDA: TurboMind's when its extension is built (and the
+    GPU is sm_90, group 128, float16), else its Triton ``awq_linear`` (LMDEPLOY_W4A16_GEMM_BACKEND picks)."""
+    try:
+        from lmdeploy import turbomind
+        from lmdeploy.pytorch import envs
+
+        built = turbomind.is_available()
+        return (f"LMDEPLOY_W4A16_GEMM_BACKEND={envs.w4a16_gemm_backend}; TurboMind extension "
+                f"{'built: its GEMM serves sm_90, group 128, float16' if built else 'not built: Triton awq_linear'}")
+    except Exception as exc:  # noqa: BLE001 - a report detail
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
 def _ops_served() -> dict:
     """Which vendor served each dlinfer op in this process (from the registry's selection cache)."""
     try:
@@ -452,6 +530,40 @@ def build_model(key: str, layers: int, model_dir: Path, log) -> Path:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(path), shape, str(layers)], check=True, cwd=ROOT)
     log(f"[build] done in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def quantized_model(src: Path, quant: str, log) -> Path:
+    """``src`` (a float model directory of build_model) quantized with ``dlinfer.testing.quantize`` (AWQ: group
+    AWQ_GROUP_SIZE, float16; W8A8: int8 weights with float32 per-channel scales, the rest in bfloat16, as
+    ``lmdeploy lite smooth_quant`` writes a bfloat16 model), on the GPU when there is one; cached beside ``src``
+    (a marker written last: a cut build is redone)."""
+    import shutil
+
+    path = src.parent / f"{src.name}_{quant}"
+    marker = path / "dlinfer_quantized.json"
+    if marker.exists():
+        log(f"[build] {quant}: reusing {path}")
+        return path
+    partial = path.parent / f"{path.name}.partial"
+    for stale in (path, partial):
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"[build] {quant}: quantizing {src} -> {path}")
+    code = ("import json, sys, time, torch; from dlinfer.testing.quantize import quantize_model; "
+            "t0 = time.perf_counter(); device = 'cuda' if torch.cuda.is_available() else 'cpu'; "
+            "stats = quantize_model(sys.argv[1], sys.argv[2], sys.argv[3], group_size=int(sys.argv[4]), "
+            "device=device); print('QUANTIZED ' + json.dumps(dict(stats, device=device, "
+            "seconds=round(time.perf_counter() - t0, 1))))")
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(partial), QUANTS[quant][0], str(AWQ_GROUP_SIZE)],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0 or "QUANTIZED " not in done.stdout:
+        raise RuntimeError(f"quantizing {src} ({quant}) failed, exit {done.returncode}: {done.stderr[-3000:]}")
+    stats = json.loads(done.stdout.split("QUANTIZED ", 1)[1].splitlines()[0])
+    stats.update(format=QUANTS[quant][0], group_size=AWQ_GROUP_SIZE if quant == "awq" else None)
+    (partial / marker.name).write_text(json.dumps(stats))
+    partial.rename(path)
+    log(f"[build] {quant}: done in {stats['seconds']:.0f} s on {stats['device']} (max relative weight error "
+        f"{stats['max_rel_weight_error']:.4f})")
     return path
 
 
@@ -494,6 +606,30 @@ def environment() -> dict:
     return info
 
 
+def quant_refusal(models: list[str], quant: str, kv_quant: int, oracle: bool = True) -> str | None:
+    """Why ``--quant`` / ``--kv-quant`` cannot run on ``models`` here (with the float32 oracle when ``oracle``),
+    naming the flag; None when they can."""
+    if kv_quant == 4:
+        return ("--kv-quant 4: dlinfer sends paged prefill over a 4-bit KV cache on CUDA to its reference vendor "
+                "(pure torch; the Triton kernel is not yet verified there), so the run would time the reference, "
+                "not dlinfer; use --kv-quant 0 or 8")
+    if kv_quant not in KV_QUANTS:
+        return f"--kv-quant must be one of {sorted(KV_QUANTS)} (LMDeploy's integer quant_policy), got {kv_quant}"
+    if quant not in QUANTS:
+        return f"--quant must be one of {sorted(QUANTS)}, got {quant!r}"
+    moe = [m for m in models if MODELS[m][0] != "llama3-8b"]
+    if quant == "awq" and moe:
+        return f"--quant awq: LMDeploy builds no AWQ experts, so MoE models ({', '.join(moe)}) cannot be served AWQ"
+    if quant == "w8a8" and "qwen3moe" in moe:
+        return ("--quant w8a8 with qwen3moe: LMDeploy 0.18 itself cannot run a W8A8 Qwen3-MoE (it builds the "
+                "attention's q/k norms as W8A8 norms, whose int8 output its rotary embedding cannot take)")
+    if quant == "w8a8" and moe and oracle:
+        return (f"--quant w8a8 with {', '.join(moe)}: this script's float32 oracle dequantizes dense checkpoints "
+                "only (transformers fuses MoE experts under other names); --oracle-prompts 0 runs it without the "
+                "oracle")
+    return None
+
+
 def plan(args) -> list[tuple[str, str, str, int]]:
     """(model, backend, mode, tp) of every run, in order."""
     chosen = [args.model] if isinstance(args.model, str) else args.model
@@ -530,16 +666,28 @@ def pairs(results: dict) -> list[tuple[str, str]]:
     return out
 
 
+def pass_spread(r: dict) -> str:
+    """The timed passes' spread of one run, in words: (max - min) / median duration over passes 2.. (the noise)
+    with three or more passes, over all of them with two; '-' with one."""
+    passes = r.get("pass_output_tok_s") or []
+    if len(passes) < 2:
+        return "-"
+    if r.get("pass_spread_after_first") is not None:
+        return f"{r['pass_spread_after_first']:.1%} ({len(passes) - 1} passes)"
+    return f"{r.get('pass_spread', 0):.1%} ({len(passes)} passes)"
+
+
 def table(results: dict, agreements: list[dict], oracle: dict | None = None) -> str:
     lines = [f"{'run':34} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'time s':>7} "
-             f"{'start s':>7}"]
+             f"{'start s':>7} {'requests':>8}  pass spread"]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name:34} FAILED: {r['error'][:90]}")
             continue
         lines.append(f"{name:34} {r['output_tok_s']:10.0f} {r['total_tok_s']:12.0f} "
                      f"{1e3 * (r['mean_ttft_s'] or 0):9.1f} {1e3 * (r['mean_tpot_s'] or 0):9.2f} "
-                     f"{r['duration_s']:7.1f} {r['startup_s']:7.1f}")
+                     f"{r['duration_s']:7.1f} {r['startup_s']:7.1f} {r.get('timed_requests', '?'):>8}  "
+                     f"{pass_spread(r)}")
     for model in sorted({n.split("/")[0] for n in results}):
         for mode in ("eager", "graph"):
             stock = results.get(f"{model}/stock/{mode}/tp1") or {}
@@ -582,10 +730,10 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
                   f"{WARMUPS.get(wl.get('warmup', 'short'))}. "
                   f"Command: `python benchmarks/lmdeploy_e2e.py {' '.join(env.get('argv', []))}`", "",
                   "| run | output tok/s | total tok/s | mean TTFT (ms) | mean TPOT (ms) | dlinfer / stock | "
-                  "Triton compiles while timed |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "Triton compiles while timed | requests, pass spread |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in report["runs"].items():
             if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'][:60]} | | | | | |")
+                lines.append(f"| {name} | failed: {r['error'][:60]} | | | | | | |")
                 continue
             model, backend, mode, tp = name.split("/")
             ratio = ""
@@ -596,7 +744,7 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
             jit = f"{jit['count']} ({jit['seconds']:.1f} s)" if jit else "not counted"
             lines.append(f"| {name} | {r['output_tok_s']:.0f} | {r['total_tok_s']:.0f} | "
                          f"{1e3 * (r['mean_ttft_s'] or 0):.0f} | {1e3 * (r['mean_tpot_s'] or 0):.2f} | {ratio} | "
-                         f"{jit} |")
+                         f"{jit} | {r.get('timed_requests', '?')}, {pass_spread(r)} |")
             bars.append((name, r["output_tok_s"]))
         if report["agreement"]:
             lines += ["", "| greedy tokens | first token equal | first k equal | mean common prefix |",
@@ -608,7 +756,8 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
             if "error" in result:
                 lines += ["", f"float32 oracle for {model}: failed: {result['error'][-200:]}"]
                 continue
-            lines += ["", f"Float32 oracle ({model}): transformers in float32, teacher-forced on each run's own "
+            what = (report.get("quant") or {}).get("oracle") or "transformers in float32"
+            lines += ["", f"Float32 oracle ({model}): {what}, teacher-forced on each run's own "
                       "tokens; a token counts as matching when it is the float32 argmax; the deficit is how far "
                       "(in logits) below the float32 maximum a mismatched token scored.", "",
                       "| tokens of | prompts | = fp32 argmax | first token = fp32 argmax | mismatches | "
@@ -682,6 +831,16 @@ def main(argv=None) -> int:
                         help="before timing, one pass of a like workload (full) or of 16 prompts (short)")
     parser.add_argument("--timed-passes", type=int, default=1,
                         help="timed passes over the same prompts; the median is reported, the spread is the noise")
+    parser.add_argument("--pass-seconds", type=float, default=0.0,
+                        help="> 0: as many requests per timed pass (never fewer than --requests) as make a pass "
+                             "last about this many seconds at the warm-up's rate; the first run of a model decides "
+                             "the count for all its runs (default 0: --requests)")
+    parser.add_argument("--quant", choices=list(QUANTS), default="none",
+                        help="weights: none (bf16), awq (W4A16, group 128, float16) or w8a8 (SmoothQuant int8); "
+                             "the model is quantized once with dlinfer.testing.quantize and cached in --model-dir; "
+                             "both backends serve the same checkpoint")
+    parser.add_argument("--kv-quant", type=int, default=0, metavar="{0,8}",
+                        help="KV cache: LMDeploy's quant_policy, 0 (model dtype) or 8 (int8), both backends")
     parser.add_argument("--oracle-prompts", type=int, default=16,
                         help="score every run's tokens on this many prompts against transformers in float32 "
                              "(teacher-forced; 0: off)")
@@ -714,6 +873,10 @@ def main(argv=None) -> int:
         parser.error("--compare-tokens must be in [1, --new-tokens]")
     if args.oracle_prompts < 0:
         parser.error("--oracle-prompts must be >= 0")
+    if args.pass_seconds < 0:
+        parser.error("--pass-seconds must be >= 0")
+    if args.timed_passes < 1:
+        parser.error("--timed-passes must be >= 1")
     out_path = Path(args.out or Path(os.environ.get("OUT", ".")) / "lmdeploy_e2e.json")
     log_lines: list[str] = []
 
@@ -722,14 +885,26 @@ def main(argv=None) -> int:
         log_lines.append(message)
 
     runs = plan(args)
+    refusal = quant_refusal(list(dict.fromkeys(r[0] for r in runs)), args.quant, args.kv_quant,
+                            oracle=args.oracle_prompts > 0)
+    if refusal:
+        parser.error(refusal)
     layers = {m: args.layers or (QUICK_LAYERS[m] if args.quick else MODELS[m][2]) for m in {r[0] for r in runs}}
     for m, n in layers.items():
-        log(f"model {m}: {MODELS[m][1]} with {n} of {MODELS[m][3]} decoder layers, random bf16 weights")
+        log(f"model {m}: {MODELS[m][1]} with {n} of {MODELS[m][3]} decoder layers, {QUANTS[args.quant][1]}; "
+            f"{KV_QUANTS[args.kv_quant]}")
+    oracle_note = (("float32 transformers with the checkpoint's weights dequantized (the function the quantized "
+                    "checkpoint stands for" + ("; the engines' per-token int8 activations are their error"
+                                               if args.quant == "w8a8" else "") + ")")
+                   if args.quant != "none" else "float32 transformers on the bf16 checkpoint")
+    if args.kv_quant:
+        oracle_note += "; its KV cache is float: the int8 KV cache is the engines' error"
     log(f"workload: {requests} requests, prompts {args.min_prompt}-{max_prompt} tokens, {new_tokens} new tokens, "
         f"greedy, ignore_eos; runs: " + ", ".join(f"{m}/{b}/{mo}/tp{t}" for m, b, mo, t in runs))
 
     if args.dry_run:
         import dlinfer.framework.lmdeploy_ext  # noqa: F401
+        import dlinfer.testing.quantize  # noqa: F401  (the quantizer and the oracle's dequantizing loader)
         from dlinfer.testing.tiny_models import REAL_SHAPES
 
         unknown = [shape for shape, *_ in MODELS.values() if shape not in REAL_SHAPES]
@@ -742,14 +917,19 @@ def main(argv=None) -> int:
             lmdeploy_state = f"lmdeploy {lmdeploy.__version__} importable"
         except ImportError as exc:
             lmdeploy_state = f"lmdeploy not importable here ({exc})"
-        log(f"dry run: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens; {lmdeploy_state}; "
-            f"would write {out_path}")
+        log(f"dry run: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens; --quant {args.quant}, "
+            f"--kv-quant {args.kv_quant}; {lmdeploy_state}; oracle: {oracle_note}; would write {out_path}")
         return 0
 
+    suffix = "" if args.quant == "none" and not args.kv_quant else ", " + ", ".join(
+        ([QUANTS[args.quant][1]] if args.quant != "none" else []) + ([KV_QUANTS[args.kv_quant]] if args.kv_quant
+                                                                     else []))
     report = {"environment": environment(), "layers": layers,
-              "models": {m: f"{MODELS[m][1]}, {n} of {MODELS[m][3]} layers" for m, n in layers.items()},
+              "models": {m: f"{MODELS[m][1]}, {n} of {MODELS[m][3]} layers{suffix}" for m, n in layers.items()},
+              "quant": {"weights": args.quant, "kv_quant": args.kv_quant, "oracle": oracle_note},
               "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
-                           "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup},
+                           "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
+                           "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds},
               "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -757,7 +937,10 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(report, indent=1))
 
     model_dirs = {m: build_model(m, layers[m], Path(args.model_dir), log) for m in layers}
+    if args.quant != "none":
+        model_dirs = {m: quantized_model(path, args.quant, log) for m, path in model_dirs.items()}
     token_lists: dict[str, list[list[int]]] = {}
+    timed_counts: dict[str, int] = {}  # --pass-seconds: the timed request count of each model's first run
     for model, backend, mode, tp in runs:
         name = f"{model}/{backend}/{mode}/tp{tp}"
         left = args.deadline - (time.perf_counter() - started)
@@ -770,8 +953,10 @@ def main(argv=None) -> int:
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
                        max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
-                       timed_passes=args.timed_passes,
-                       result_path=f"/tmp/lmdeploy_e2e_{model}_{backend}_{mode}_tp{tp}.json")
+                       timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
+                       pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
+                       result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
+                                   f"_tp{tp}.json")
         log(f"[run] {name}")
         t0 = time.perf_counter()
         try:
@@ -786,6 +971,10 @@ def main(argv=None) -> int:
             save()
             continue
         token_lists[name] = result.pop("first_tokens")
+        if args.pass_seconds and model not in timed_counts and result.get("timed_requests"):
+            timed_counts[model] = result["timed_requests"]
+            log(f"[pass] {model}: {timed_counts[model]} requests per timed pass (about {args.pass_seconds:.0f} s "
+                f"at {name}'s warm-up rate), for every run of {model}")
         notes = list(dict.fromkeys(line.strip() for line in output.splitlines()
                                    if "dlinfer" in line and ("WARNING" in line or "falls back" in line)))
         result["dlinfer_warnings"] = notes[:40]
@@ -801,7 +990,7 @@ def main(argv=None) -> int:
         noise = result.get("pass_spread_after_first")
         if noise is not None and noise > 0.02:
             log(f"[warn] {name}: timed passes 2..{len(result['pass_output_tok_s'])} differ by {noise:.1%} (> 2 %): "
-                f"each pass lasts {result['duration_s']:.1f} s; raise --requests or --new-tokens for a tighter "
+                f"each pass lasts {result['duration_s']:.1f} s; raise --pass-seconds (or --requests) for a tighter "
                 "measurement")
         for row in (result.get("profile_top_kernels") or [])[:12]:
             log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
@@ -827,9 +1016,10 @@ def main(argv=None) -> int:
             job_path = Path(f"/tmp/lmdeploy_e2e_oracle_{model}.json")
             result_path = Path(f"/tmp/lmdeploy_e2e_oracle_{model}_result.json")
             job_path.write_text(json.dumps({"model_dir": str(model_dirs[model]), "arch": MODELS[model][0],
-                                            "prompts": prompts, "runs": runs_of_model,
+                                            "prompts": prompts, "runs": runs_of_model, "quant": args.quant,
+                                            "engine_dtype": QUANTS[args.quant][2] or "bfloat16",
                                             "result_path": str(result_path)}))
-            log(f"[oracle] {model}: transformers float32, {len(prompts)} prompts x {len(runs_of_model)} runs")
+            log(f"[oracle] {model}: {oracle_note}; {len(prompts)} prompts x {len(runs_of_model)} runs")
             try:
                 code, output = run_isolated([sys.executable, __file__, "--oracle-child", str(job_path)],
                                             timeout=min(args.run_timeout, left - 10))

@@ -19,8 +19,11 @@ needs; activation statistics (AWQ's search, SmoothQuant's smoothing) are out of 
 
 With ``dequantized_dir`` the tool also writes the same model with the quantized weights expanded back to float
 (``(q - zero) * scale``, resp. ``q * scale``): the float model whose logits the quantized one should reproduce.
+:func:`load_dequantized_model` builds that model from the quantized checkpoint itself, in any dtype (float32 for an
+oracle: the exact products, which a float16 / bfloat16 copy would round), without writing a float copy.
 
-CLI: ``python -m dlinfer.testing.quantize SRC DST --format awq|w8a8 [--group-size 128] [--dequantized DIR]``.
+CLI: ``python -m dlinfer.testing.quantize SRC DST --format awq|w8a8 [--group-size 128] [--dequantized DIR]
+[--device cuda]``.
 """
 
 from __future__ import annotations
@@ -53,13 +56,14 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) > 15):
         raise ValueError("values must lie in 0..15")
     v = values.to(torch.int64).reshape(values.shape[0], -1, 8)
-    word = torch.zeros(v.shape[:2], dtype=torch.int64)
+    word = torch.zeros(v.shape[:2], dtype=torch.int64, device=values.device)
     for nibble, column in enumerate(AWQ_ORDER):
         word |= v[:, :, column] << (4 * nibble)
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)  # the same 32 bits, signed
 
 
-__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "fake_quant_kv", "fake_quant_per_token", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
+__all__ = ["AWQ_GROUP_SIZES", "AWQ_ORDER", "FORMATS", "dequantized_tensors", "fake_quant_kv", "fake_quant_per_token",
+           "load_dequantized_model", "main", "pack_awq", "quantize_awq_weight", "quantize_model",
            "quantize_w8a8_weight", "unpack_awq"]
 
 
@@ -140,10 +144,13 @@ def _write(dst: Path, tensors: dict[str, torch.Tensor], config_update: dict, dro
 
 
 def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: int = 128,
-                   dequantized_dir: str | Path | None = None) -> dict[str, float]:
+                   dequantized_dir: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> dict[str, float]:
     """Write ``src`` (a float Hugging Face model directory) quantized in ``fmt`` to ``dst``.
 
-    Returns the worst relative weight error ``|w - dequant(q)| / max|w|`` per format, for the record.
+    ``device``: where each weight is quantized (``cuda`` for real shapes: seconds instead of minutes; the same
+    results, the arithmetic is elementwise and correctly rounded). Returns the worst relative weight error
+    ``|w - dequant(q)| / max|w|`` per format, for the record.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -161,19 +168,25 @@ def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: in
     worst = 0.0
     keep_dtype = torch.float16 if fmt == "awq" else None
     experts = fmt == "w8a8"
-    for name, t in tensors.items():
+    keep_deq = dequantized_dir is not None
+    for name in list(tensors):
+        t = tensors.pop(name)  # one float weight at a time beside the outputs
         if not (_LINEAR.match(name) or (experts and _EXPERT.match(name))):
             quant[name] = t.to(keep_dtype) if keep_dtype is not None and t.is_floating_point() else t
-            deq[name] = quant[name]
+            if keep_deq:
+                deq[name] = quant[name]
             continue
         prefix = name[: -len(".weight")]
+        t = t.to(device)
         if fmt == "awq":
             qweight, qzeros, scales, w = quantize_awq_weight(t, group_size)
-            quant.update({f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales})
+            quant.update({f"{prefix}.qweight": qweight.cpu(), f"{prefix}.qzeros": qzeros.cpu(),
+                          f"{prefix}.scales": scales.cpu()})
         else:
             q, scale, w = quantize_w8a8_weight(t)
-            quant.update({name: q, f"{prefix}.scale": scale})
-        deq[name] = w.to(keep_dtype or t.dtype)
+            quant.update({name: q.cpu(), f"{prefix}.scale": scale.cpu()})
+        if keep_deq:
+            deq[name] = w.to(keep_dtype or t.dtype).cpu()
         worst = max(worst, float((t.float() - w).abs().max() / t.float().abs().max().clamp(min=1e-12)))
     if fmt == "awq":
         qcfg = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
@@ -194,6 +207,101 @@ def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: in
     return {"max_rel_weight_error": worst}
 
 
+def _quant_config(qdir: Path) -> tuple[dict, dict]:
+    """(config.json, its quantization_config) of a checkpoint this module writes; ValueError otherwise."""
+    if not (qdir / "config.json").is_file():
+        raise ValueError(f"qdir: {qdir} is not a model directory (no config.json)")
+    config = json.loads((qdir / "config.json").read_text())
+    qcfg = config.get("quantization_config") or {}
+    method = qcfg.get("quant_method")
+    if method == "awq":
+        if qcfg.get("bits", 4) != 4 or str(qcfg.get("version", "gemm")).lower() != "gemm" \
+                or not qcfg.get("zero_point", True):
+            raise ValueError(f"qdir: {qdir}: AWQ is read in 4 bits, GEMM packing, with zero points; got {qcfg}")
+    elif method == "smooth_quant":
+        if qcfg.get("quant_dtype", "int8") != "int8":
+            raise ValueError(f"qdir: {qdir}: SmoothQuant is read in int8; got quant_dtype={qcfg.get('quant_dtype')!r}")
+    else:
+        raise ValueError(f"qdir: {qdir} holds no AWQ or SmoothQuant checkpoint (quant_method={method!r})")
+    return config, qcfg
+
+
+def dequantized_tensors(qdir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The tensors of the float model that the quantized checkpoint ``qdir`` represents (AWQ GEMM with zero points,
+    or SmoothQuant int8 with per-channel scales, as :func:`quantize_model` and LMDeploy's tools write them), one
+    ``(name, tensor)`` at a time on ``device`` in ``dtype``, under the float model's names: AWQ's
+    ``<p>.qweight / qzeros / scales`` become ``<p>.weight = ((q - zero) * scale)^T``, SmoothQuant's int8
+    ``<p>.weight`` with ``<p>.scale`` becomes ``q * scale``, both computed in float32 (AWQ's products are exact
+    there, a 4-bit step times a float16 scale; SmoothQuant's are correctly rounded) before the cast to ``dtype``;
+    every other floating tensor is cast to ``dtype``."""
+    from safetensors import safe_open
+
+    from dlinfer.vendor.reference.quant import awq_dequantize
+
+    qdir = Path(qdir)
+    _, qcfg = _quant_config(qdir)
+    files = sorted(qdir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"qdir: no *.safetensors file in {qdir}")
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where = {name: h for h in handles for name in h.keys()}
+
+    def get(name: str) -> torch.Tensor:
+        return where[name].get_tensor(name).to(device)
+
+    awq = qcfg["quant_method"] == "awq"
+    group_size = int(qcfg.get("group_size", 128))
+    for name in where:
+        if awq and name.endswith((".qzeros", ".scales")) and name.rsplit(".", 1)[0] + ".qweight" in where:
+            continue  # read with their qweight
+        if not awq and name.endswith(".scale") and name[: -len(".scale")] + ".weight" in where:
+            continue  # read with its weight
+        if awq and name.endswith(".qweight"):
+            prefix = name[: -len(".qweight")]
+            w = awq_dequantize(get(name), get(prefix + ".scales"), get(prefix + ".qzeros"), group_size)
+            yield prefix + ".weight", w.T.contiguous().to(dtype)
+            continue
+        t = get(name)
+        scale_name = name[: -len(".weight")] + ".scale"
+        if not awq and name.endswith(".weight") and scale_name in where and not t.is_floating_point():
+            yield name, (t.float() * get(scale_name).float()).to(dtype)
+        else:
+            yield name, t.to(dtype) if t.is_floating_point() else t
+
+
+@torch.no_grad()
+def load_dequantized_model(qdir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """transformers' model of the quantized checkpoint ``qdir`` with its weights dequantized
+    (:func:`dequantized_tensors`) into ``dtype`` on ``device``, in eval mode: the function the checkpoint stands
+    for, which a float32 oracle scores engines against. Dense models only (transformers fuses MoE experts under
+    other names); a tensor the model lacks, or a parameter no tensor fills, is a ValueError."""
+    import transformers
+
+    qdir = Path(qdir)
+    config_dict, _ = _quant_config(qdir)
+    config = transformers.AutoConfig.from_pretrained(str(qdir))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for name, t in dequantized_tensors(qdir, dtype, device):
+        if name not in params:
+            if name == "lm_head.weight" and config_dict.get("tie_word_embeddings"):
+                continue
+            raise ValueError(f"qdir: tensor {name!r} has no parameter in {type(model).__name__} (MoE experts and "
+                             "other architectures transformers renames on load are not read here)")
+        if params[name].shape != t.shape:
+            raise ValueError(f"qdir: tensor {name!r} is {tuple(t.shape)}, the model's parameter "
+                             f"{tuple(params[name].shape)}")
+        params[name].copy_(t)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"qdir: no tensor for the parameters {sorted(missing)[:5]} ({len(missing)} in all)")
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dlinfer.testing.quantize",
@@ -204,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--group-size", type=int, default=128, help="AWQ group size (32, 64 or 128)")
     parser.add_argument("--dequantized", metavar="DIR", help="also write the dequantized float model here")
+    parser.add_argument("--device", default="cpu", help="where the weights are quantized (e.g. cuda; default cpu)")
     parser.add_argument("--tiny", metavar="ARCH", help="quantize a fresh tiny random-weight model of this "
                                                        "architecture (dlinfer.testing.tiny_models) instead of src")
     args = parser.parse_args(argv)
@@ -218,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give src, or --tiny ARCH")
     try:
         stats = quantize_model(src, args.dst, args.format, group_size=args.group_size,
-                               dequantized_dir=args.dequantized)
+                               dequantized_dir=args.dequantized, device=args.device)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {args.format} model to {args.dst} (max relative weight error {stats['max_rel_weight_error']:.4f})")

@@ -226,6 +226,20 @@ def test_score_tokens_and_summary(e2e):
     assert summary["mismatch_deficit_max"] == pytest.approx(3.0) and summary["gap_median"] == pytest.approx(2.0)
 
 
+def greedy_tokens(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """``n`` greedy tokens of a transformers ``model`` after each prompt (no cache: a reference, not a server)."""
+    import torch
+
+    out = []
+    for prompt in prompts:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        out.append(ids[len(prompt):])
+    return out
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
     """The oracle child on a tiny model: float32 greedy tokens match the float32 argmax everywhere; tokens
@@ -240,13 +254,7 @@ def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
     path = build_tiny_model(tmp_path / arch, arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = e2e.workload(3, 5, 12, 0, 200)
-    greedy = []
-    for prompt in prompts:
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(6):
-                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-        greedy.append(ids[len(prompt):])
+    greedy = greedy_tokens(model, prompts, 6)
     corrupted = [[(t + 1) % 200 for t in g] for g in greedy]
     job = {"model_dir": path, "arch": e2e.MODELS["qwen3moe"][0] if arch == "qwen3_moe" else "llama3-8b",
            "prompts": prompts, "runs": {"m/stock/eager/tp1": greedy, "m/dlinfer/eager/tp1": corrupted,
