@@ -245,3 +245,52 @@ def test_float32_oracle_child_scores_against_the_dequantized_model(e2e, quantize
     assert out["m/dlinfer/graph/tp1"]["match_rate"] == 0.0 and out["m/dlinfer/graph/tp1"]["mismatch_deficit_median"] > 0
     yardstick = out["transformers fp16 (on m/stock/graph/tp1's tokens)"]
     assert yardstick["positions"] == 15 and 0.5 <= yardstick["match_rate"] <= 1.0
+
+
+def _eager_logits(qdir: Path, tokens: list[list[int]], kv: int, prefill: list[int], schedule) -> list[torch.Tensor]:
+    """Per sequence, the logits of every position that the graph test's steps produce, from eager steps of the same
+    engine (same prefill, same decode batches) instead of graph replays."""
+    from lmdeploy_harness import PagedModel
+
+    pm = PagedModel(str(qdir), block_size=16, num_blocks=48, quant_policy=kv)
+    seqs = [pm.new_sequence(t) for t in tokens]
+    rows: list[list[torch.Tensor]] = [list(chunk) for chunk in pm.step(seqs, prefill).split(prefill)]
+    for live in schedule:
+        for row, logits in zip(live, pm.step([seqs[i] for i in live], [1] * len(live))):
+            rows[row].append(logits)
+    return [torch.stack(r) for r in rows]
+
+
+@pytest.mark.lmdeploy
+@pytest.mark.parametrize("fmt,kv", [("awq", 0), ("w8a8", 0), ("awq", 8), ("w8a8", 8)])
+def test_quantized_checkpoint_decodes_through_dlinfers_graph_runner(fmt, kv, quantized, patched):
+    """What ``--quant ... --mode graph`` runs, emulated on the CPU (tests/lmdeploy/test_lmdeploy_graph.py's
+    capture-once / replay emulation): decode steps of the quantized checkpoint replayed through dlinfer's graph
+    runner, padded rows included. Float cache: against the dequantized float32 model (W8A8: activations quantized
+    the same way), within LMDeploy's float16 rounding for AWQ, float32 rounding for W8A8. int8 cache (quant_policy
+    8): against eager steps of the same engine over the same schedule (the replays must not change a logit beyond
+    float rounding; the cache's own error is test_lmdeploy_quant.py's). Measured: AWQ 5.4e-3 / 9.8e-4 (one float16
+    ulp), W8A8 2.9e-6 / 0, on logits up to 3.5."""
+    pytest.importorskip("triton", reason="LMDeploy's CUDA graph runner imports its Triton kernels")
+    from test_lmdeploy_graph import FULL_THEN_SHRINK, PREFILL, _decode_through_graph, _tokens
+
+    from dlinfer.framework.lmdeploy_ext.graph import DlinferSingleGraphRunner
+    from dlinfer.testing.quantize import load_dequantized_model
+
+    qdir = quantized / fmt
+    tokens = [_tokens(11, 20), _tokens(12, 21), _tokens(13, 16)]
+    if kv:
+        refs = _eager_logits(qdir, tokens, kv, PREFILL, FULL_THEN_SHRINK)
+        tol = {"awq": 1e-3, "w8a8": 1e-5}[fmt]  # AWQ: a float16 ulp where padding changes a GEMM's shape
+    else:
+        oracle = load_dequantized_model(qdir)
+        if fmt == "w8a8":
+            _fake_quant_inputs(oracle)
+        with torch.inference_mode():
+            refs = [oracle(torch.tensor([t])).logits[0].float() for t in tokens]
+        tol = {"awq": 5e-3, "w8a8": 1e-5}[fmt]
+    worst, replays, pm, _ = _decode_through_graph(DlinferSingleGraphRunner, str(qdir), refs, tokens,
+                                                  quant_policy=kv)
+    scale = max(float(r.abs().max()) for r in refs)
+    assert replays == 5
+    assert worst <= tol * scale, (worst, scale)
