@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 # nibble i of an AWQ word holds column AWQ_ORDER[i] of its group of 8 consecutive columns; unpack_awq inverts pack_awq
-from dlinfer.vendor.reference.quant import AWQ_ORDER, unpack_awq
+from dlinfer.vendor.reference.quant import AWQ_ORDER, divide, unpack_awq
 
 FORMATS = ("awq", "w8a8")
 AWQ_GROUP_SIZES = (32, 64, 128)
@@ -76,7 +76,8 @@ def quantize_awq_weight(weight: torch.Tensor, group_size: int):
     w = weight.float().T.reshape(in_f // group_size, group_size, out_f)  # [groups, g, out]
     lo = w.amin(dim=1).clamp(max=0.0)
     hi = w.amax(dim=1).clamp(min=0.0)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)  # stored in float16: quantize against it
+    # divide(): correctly rounded on CUDA too (a checkpoint quantized on the GPU is the CPU's, bit for bit)
+    scales = divide(hi - lo, 15.0).clamp(min=1e-8).to(torch.float16)  # stored in float16: quantize against it
     s = scales.float()
     zeros = torch.round(-lo / s).clamp(0, 15)
     q = (torch.round(w / s[:, None]) + zeros[:, None]).clamp(0, 15)
@@ -87,7 +88,7 @@ def quantize_awq_weight(weight: torch.Tensor, group_size: int):
 def quantize_w8a8_weight(weight: torch.Tensor):
     """``weight [out, in]`` -> ``(int8 [out, in], float32 scale [out, 1], dequantized [out, in] float32)``."""
     w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
+    scale = divide(w.abs().amax(dim=1, keepdim=True), 127.0).clamp(min=1e-8)
     q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
     return q, scale, q.float() * scale
 
@@ -149,7 +150,7 @@ def quantize_model(src: str | Path, dst: str | Path, fmt: str, *, group_size: in
     """Write ``src`` (a float Hugging Face model directory) quantized in ``fmt`` to ``dst``.
 
     ``device``: where each weight is quantized (``cuda`` for real shapes: seconds instead of minutes; the same
-    results, the arithmetic is elementwise and correctly rounded). Returns the worst relative weight error
+    bytes, the arithmetic is elementwise and correctly rounded on every device). Returns the worst relative weight error
     ``|w - dequant(q)| / max|w|`` per format, for the record.
     """
     if fmt not in FORMATS:

@@ -294,3 +294,25 @@ def test_quantized_checkpoint_decodes_through_dlinfers_graph_runner(fmt, kv, qua
     scale = max(float(r.abs().max()) for r in refs)
     assert replays == 5
     assert worst <= tol * scale, (worst, scale)
+
+
+def test_quantizing_on_the_gpu_writes_the_cpus_bytes():
+    """quantize_model(device="cuda") (what the benchmark does) must write what the CPU writes: the weight
+    quantizers divide by numbers through reference.quant.divide, because torch's CUDA ``tensor / number`` multiplies
+    by the float32 reciprocal (emulated on the CPU by tests/triton/cuda_torch_arith.py), which moves some float32
+    scales by a bit -- shown here on the plain expression the quantizers avoid."""
+    import importlib.util
+
+    from dlinfer.testing.quantize import quantize_awq_weight, quantize_w8a8_weight
+
+    spec = importlib.util.spec_from_file_location(
+        "cuda_torch_arith", Path(__file__).resolve().parents[1] / "triton" / "cuda_torch_arith.py")
+    arith = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arith)
+    w = (torch.randn(512, 1024, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    cpu = quantize_awq_weight(w, 128) + quantize_w8a8_weight(w)
+    with arith.cuda_scalar_division():
+        cuda = quantize_awq_weight(w, 128) + quantize_w8a8_weight(w)
+        plain = w.float().abs().amax(dim=1, keepdim=True) / 127.0
+    assert all(torch.equal(a, b) for a, b in zip(cpu, cuda))
+    assert not torch.equal(plain, w.float().abs().amax(dim=1, keepdim=True) / 127.0), "the emulation did not bite"
