@@ -666,6 +666,11 @@ def pairs(results: dict) -> list[tuple[str, str]]:
     return out
 
 
+def timed_requests(r: dict):
+    """Requests per timed pass of one run (results older than --pass-seconds: the spec's --requests)."""
+    return r.get("timed_requests") or (r.get("spec") or {}).get("requests", "?")
+
+
 def pass_spread(r: dict) -> str:
     """The timed passes' spread of one run, in words: (max - min) / median duration over passes 2.. (the noise)
     with three or more passes, over all of them with two; '-' with one."""
@@ -686,7 +691,7 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None) -> 
             continue
         lines.append(f"{name:34} {r['output_tok_s']:10.0f} {r['total_tok_s']:12.0f} "
                      f"{1e3 * (r['mean_ttft_s'] or 0):9.1f} {1e3 * (r['mean_tpot_s'] or 0):9.2f} "
-                     f"{r['duration_s']:7.1f} {r['startup_s']:7.1f} {r.get('timed_requests', '?'):>8}  "
+                     f"{r['duration_s']:7.1f} {r['startup_s']:7.1f} {timed_requests(r):>8}  "
                      f"{pass_spread(r)}")
     for model in sorted({n.split("/")[0] for n in results}):
         for mode in ("eager", "graph"):
@@ -744,7 +749,7 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
             jit = f"{jit['count']} ({jit['seconds']:.1f} s)" if jit else "not counted"
             lines.append(f"| {name} | {r['output_tok_s']:.0f} | {r['total_tok_s']:.0f} | "
                          f"{1e3 * (r['mean_ttft_s'] or 0):.0f} | {1e3 * (r['mean_tpot_s'] or 0):.2f} | {ratio} | "
-                         f"{jit} | {r.get('timed_requests', '?')}, {pass_spread(r)} |")
+                         f"{jit} | {timed_requests(r)}, {pass_spread(r)} |")
             bars.append((name, r["output_tok_s"]))
         if report["agreement"]:
             lines += ["", "| greedy tokens | first token equal | first k equal | mean common prefix |",
