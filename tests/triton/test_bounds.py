@@ -12,6 +12,7 @@ tiles over 16-token pages, the fused reduce's atomics), plus the Hopper TMA pref
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 
 import pytest
@@ -19,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from bounds import OutOfBounds, bounds_checked
+from bounds import OutOfBounds, bounds_checked, emulate_ptx, gpu_loops
 from dlinfer.testing.conformance.cases import SPECS
+from dlinfer.testing.conformance import runner
 from dlinfer.testing.conformance.runner import ALL_OPS, run_case
 from dlinfer.vendor import registry
 from dlinfer.vendor.triton import attention_decode as ad
@@ -75,6 +77,19 @@ def _int32_offsets_kernel(src_ptr, dst_ptr, stride, BLOCK: tl.constexpr):
     offs = rows * stride  # int32: wraps for a large stride
     x = tl.load(src_ptr + offs, mask=rows == 0, other=0.0)
     tl.store(dst_ptr + rows, x, mask=rows == 0)
+
+
+@triton.jit
+def _range_kernel(src_ptr, dst_ptr, n, WHILE_LOOP: tl.constexpr):
+    stop = tl.load(src_ptr + 1).to(tl.int32) * 0 + n  # a runtime loop bound
+    if WHILE_LOOP:
+        i = stop * 0
+        while i < stop:
+            tl.store(dst_ptr + i, tl.load(src_ptr + i))
+            i += 1
+    else:
+        for i in range(0, stop):
+            tl.store(dst_ptr + i, tl.load(src_ptr + i))
 
 
 def test_in_bounds_accesses_pass_and_are_counted():
@@ -162,6 +177,20 @@ def test_an_int32_offset_that_wraps_is_caught():
     assert not log.violations
 
 
+def test_gpu_loops_runs_the_for_loops_a_gpu_compiles():
+    """Inside ``gpu_loops`` a kernel's ``WHILE_LOOP=True`` becomes False and ``range()`` over a runtime bound
+    works (outside it the interpreter raises on it)."""
+    src, dst = torch.arange(10, dtype=torch.float32), torch.zeros(10)
+    with pytest.raises(Exception, match="0-dimensional"):
+        _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=False)
+    with gpu_loops() as switched:
+        _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=True)
+    assert switched == ["_range_kernel"] and torch.equal(dst, src)
+    dst.zero_()
+    _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=True)  # restored: the while loop
+    assert torch.equal(dst, src)
+
+
 def test_no_checks_outside_the_block():
     src, dst = torch.arange(16, dtype=torch.float32), torch.zeros(16)
     with bounds_checked() as log:
@@ -174,13 +203,15 @@ def test_no_checks_outside_the_block():
 # The Triton vendor's kernels under the checker
 
 
-def _checked_cases(op, cases, dtypes, seed):
-    """Run ``cases`` of ``op`` (Triton vs the reference) under the bounds checker; returns (failures, launches,
-    checked accesses by kind)."""
+def _checked_cases(op, cases, dtypes, seed, loops="interpreter"):
+    """Run ``cases`` of ``op`` (Triton vs the reference) under the bounds checker, with the kernels' interpreter
+    loops or (``loops="gpu"``) the ``for`` loops a GPU compiles; returns (failures, launches, checked accesses by
+    kind)."""
     bad, launches, kinds = [], [], collections.Counter()
     for i, p in enumerate(cases):
         for j, dtype in enumerate(dtypes):
-            with bounds_checked(raise_on_violation=False, int32_overflow=True) as log:
+            with gpu_loops() if loops == "gpu" else contextlib.nullcontext(), \
+                    bounds_checked(raise_on_violation=False, int32_overflow=True) as log:
                 r = run_case("triton", op, p, dtype, CPU, seed + 7919 * i + j)
             launches += log.launches
             kinds += log.kinds
@@ -192,10 +223,12 @@ def _checked_cases(op, cases, dtypes, seed):
 TRITON_OPS = [op for op in ALL_OPS if registry.get_vendor("triton").provides(op)]
 
 
+@pytest.mark.parametrize("loops", ["interpreter", "gpu"])
 @pytest.mark.parametrize("op", TRITON_OPS)
-def test_every_triton_op_quick_matrix_stays_in_bounds(op):
+def test_every_triton_op_quick_matrix_stays_in_bounds(op, loops):
+    """Every quick case in the three dtypes; the kernels' interpreter loops and the loops a GPU runs."""
     bad, launches, _ = _checked_cases(op, SPECS[op].cases(True), (torch.float32, torch.float16, torch.bfloat16),
-                                      100)
+                                      100, loops)
     assert not bad, bad
     if op in ("fill_kv_cache", "prefill_attention", "paged_prefill_attention", "paged_decode_attention",
               "fused_moe", "rms_norm"):
@@ -225,12 +258,13 @@ def _quant_cases(op, full_too=False):
 
 @pytest.mark.parametrize("tiles", [None, (64, 64), (64, 32), (32, 64)], ids=["gpu", "64x64", "64x32", "32x64"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_quantized_paged_prefill_with_gpu_tiles_stays_in_bounds(monkeypatch, tiles, splits):
+@pytest.mark.parametrize("loops", ["interpreter", "gpu"])
+def test_quantized_paged_prefill_with_gpu_tiles_stays_in_bounds(monkeypatch, tiles, splits, loops):
     """The 4-bit case that failed on an H200 (head size 24 padded to 32, GQA 4, packed cache, stacked scales) and
-    the 8-bit one, with the GPU's 128x64 tiles and others, direct and split."""
+    the 8-bit one, with the GPU's 128x64 tiles and others, direct and split, in both loop forms."""
     _gpu_prefill(monkeypatch, tiles, splits)
-    cases = _quant_cases("paged_prefill_attention", full_too=tiles is None and splits == 3)
-    bad, launches, _ = _checked_cases("paged_prefill_attention", cases, (torch.float32, torch.float16), 40)
+    cases = _quant_cases("paged_prefill_attention", full_too=tiles is None and splits == 3 and loops == "gpu")
+    bad, launches, _ = _checked_cases("paged_prefill_attention", cases, (torch.float32, torch.float16), 40, loops)
     assert not bad, bad
     kernel = "_prefill_split_kernel" if splits > 1 else "_prefill_kernel"
     assert kernel in launches
@@ -242,12 +276,13 @@ def test_paged_and_varlen_prefill_with_gpu_tiles_stay_in_bounds(monkeypatch, spl
     bad = []
     for op in ("paged_prefill_attention", "prefill_attention"):
         bad += _checked_cases(op, [p for p in SPECS[op].cases(True) if not p.get("quant")],
-                              (torch.float32, torch.float16), 60)[0]
+                              (torch.float32, torch.float16), 60, "gpu")[0]
     assert not bad, bad
 
 
+@pytest.mark.parametrize("loops", ["interpreter", "gpu"])
 @pytest.mark.parametrize("ws", [False, True], ids=["tma", "tma_ws"])
-def test_tma_prefill_stays_in_bounds(monkeypatch, ws):
+def test_tma_prefill_stays_in_bounds(monkeypatch, ws, loops):
     """The Hopper kernel's tensor-descriptor loads (host-side descriptors, or made on the device per sequence),
     over the Hopper tests' cases (padding tokens past the last sequence, tiles running into the next one)."""
     from test_prefill_hopper import HOPPER_CASES, _case, _check
@@ -255,7 +290,7 @@ def test_tma_prefill_stays_in_bounds(monkeypatch, ws):
     real = ap._config
     monkeypatch.setattr(ap, "_config", lambda *args: dataclasses.replace(real(*args), tma=True, splits=0,
                                                                           warp_specialize=ws))
-    with bounds_checked(int32_overflow=True) as log:
+    with gpu_loops() if loops == "gpu" else contextlib.nullcontext(), bounds_checked(int32_overflow=True) as log:
         for hq, hk, d, dv, dtype, causal, q_lens, kv_lens in HOPPER_CASES:
             query, key, value, cu_q, cu_kv = _case(hq, hk, d, dv, dtype, q_lens, kv_lens or q_lens, hq + d + dv)
             _check(query, key, value, cu_q, cu_kv, q_lens, causal, dtype, dv)
@@ -270,7 +305,88 @@ def test_paged_decode_with_gpu_tiles_stays_in_bounds(monkeypatch, fused):
                           min_split_tokens=16, fused_reduce=fused)
     monkeypatch.setattr(ad, "_config", lambda *args: gpu)
     bad, launches, kinds = _checked_cases("paged_decode_attention", SPECS["paged_decode_attention"].cases(True),
-                                          (torch.float32, torch.float16), 90)
+                                          (torch.float32, torch.float16), 90, "gpu")
     assert not bad, bad
     assert "_decode_split_kernel" in launches
     assert (kinds["atomic_rmw"] > 0) == fused  # the arrival counters
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled kernels: the sm_90 PTX of the 4-bit case, emulated on its data, touches the interpreter's bytes
+
+
+def _compile_ptx(records, tmp_path) -> list[str]:
+    """The sm_90 PTX of each recorded launch, compiled (in a fresh process, without the interpreter) with the
+    specialization Triton's CUDA launcher gives its arguments."""
+    import json
+
+    from sm90 import compile_for_sm90
+
+    specs = []
+    for i, rec in enumerate(records):
+        signature, constexprs, divisible = rec.signature()
+        specs.append(dict(module=rec.module, kernel=rec.kernel, signature=signature, constexprs=constexprs,
+                          divisible=divisible, options=rec.options, ptx=str(tmp_path / f"{i}.ptx")))
+    (tmp_path / "spec.json").write_text(json.dumps(specs))
+    compile_for_sm90(f"""
+import importlib, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for k in json.load(open({str(tmp_path / "spec.json")!r})):
+    fn = getattr(importlib.import_module(k["module"]), k["kernel"])
+    attrs = {{(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in k["divisible"]}}
+    source = ASTSource(fn, k["signature"], constexprs=k["constexprs"], attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=k["options"])
+    open(k["ptx"], "w").write(compiled.asm["ptx"])
+print("compiled")
+""")
+    return [open(spec["ptx"]).read() for spec in specs]
+
+
+@pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.float16, 3), (torch.bfloat16, 1)],
+                         ids=["fp16", "fp16-split3", "bf16"])
+def test_compiled_4bit_prefill_touches_the_interpreters_bytes(monkeypatch, tmp_path, dtype, splits):
+    """The quick matrix's 4-bit paged-prefill case that failed on an H200 (head size 24 padded to 32, GQA 4,
+    packed cache, stacked scales): its kernels (split: the split kernel and the combine) compiled for sm_90 with
+    the launcher's specialization, their PTX emulated thread by thread on the case's data, read and write
+    exactly the bytes the interpreter's run of the GPU loop form reads and writes, program by program, and never
+    an address outside the launch's tensors."""
+    _gpu_prefill(monkeypatch, None, splits)
+    monkeypatch.setattr(runner, "interpreter_skip", lambda vendor, op, dtype: None)  # bf16 dots: conftest's patch
+    case = next(p for p in SPECS["paged_prefill_attention"].cases(True) if p.get("quant") == 4 and p["d"] == 24)
+    with gpu_loops(), bounds_checked(record=True) as log:
+        result = run_case("triton", "paged_prefill_attention", case, dtype, CPU, 40)
+    assert result.status == "pass", result.detail
+    want = ["_prefill_split_kernel", "_prefill_combine_kernel"] if splits > 1 else ["_prefill_kernel"]
+    assert [r.kernel for r in log.records] == want
+    for record, ptx in zip(log.records, _compile_ptx(log.records, tmp_path)):
+        assert record.touched
+        for program, touched in sorted(record.touched.items()):
+            got = emulate_ptx(ptx, record, program)
+            for kind in ("load", "store"):
+                assert got[kind] == touched.get(kind, set()), (record.kernel, program, kind)
+
+
+def test_the_ptx_emulator_sees_what_the_compiled_kernel_touches(tmp_path):
+    """On a tiny kernel: the emulated PTX touches the recorded bytes; with a length past the input (the same
+    compiled code, other arguments) it reads outside the launch's tensors, which raises; with the lanes shifted
+    inside the storage, the bytes differ from the record."""
+    src, dst = torch.arange(10, dtype=torch.float32), torch.zeros(10)
+    with bounds_checked(record=True) as log:
+        _copy_kernel[(1,)](src, dst, 10, 10, 0, BLOCK=16, num_warps=1)
+    record, = log.records
+    assert record.signature()[0]["src_ptr"] == "*fp32" and record.options == {"num_warps": 1}
+    ptx, = _compile_ptx(log.records, tmp_path)
+    got = emulate_ptx(ptx, record, (0, 0, 0))
+    assert got == {kind: record.touched[(0, 0, 0)][kind] for kind in ("load", "store")}
+    assert len(got["load"]) == len(got["store"]) == 40
+    record.args["n_load"] = ("value", 11)
+    with pytest.raises(OutOfBounds, match="outside every tensor of the launch"):
+        emulate_ptx(ptx, record, (0, 0, 0))
+    record.args["n_load"] = ("value", 10)
+    record.args["shift"] = ("value", -2)  # reads src[2:12]: past the end again
+    with pytest.raises(OutOfBounds):
+        emulate_ptx(ptx, record, (0, 0, 0))
+    record.args["n_load"] = ("value", 8)
+    assert emulate_ptx(ptx, record, (0, 0, 0))["load"] != record.touched[(0, 0, 0)]["load"]
