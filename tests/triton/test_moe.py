@@ -7,6 +7,7 @@ huge ints): an unwritten output element shows up as NaN, an unwritten index as a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import dlinfer.ops as ops
 import dlinfer.vendor
+from dlinfer.vendor.triton import host
 from dlinfer.vendor.triton import moe as triton_moe
 from dlinfer.vendor.triton import tuning
 
@@ -387,6 +389,8 @@ def fake_card(monkeypatch, tmp_path):
 
     def use(name, capturing=False):
         monkeypatch.setattr(tuning, "card_name", lambda device: name if device.type == "cuda" else device.type)
+        # the card's facts (shared memory: configs are fitted to it), an H100's under that name
+        monkeypatch.setattr(host, "_simulated", dataclasses.replace(host.CARDS["H100"], name=name))
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
 
     return use

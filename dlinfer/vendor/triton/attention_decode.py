@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.host import cdiv, has_pdl, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import card, cdiv, has_pdl, next_power_of_2, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -145,9 +145,9 @@ CARD_STAGES = {"H100": (2, 2), "H200": (2, 3)}
 @functools.lru_cache(maxsize=None)
 def _card_stages(device_index: int) -> tuple[int, int]:
     """``(num_stages, split_stages)`` for this card from :data:`CARD_STAGES`, else the defaults."""
-    name = torch.cuda.get_device_name(device_index)
-    for card, stages in CARD_STAGES.items():
-        if card in name:
+    name = card(device_index).name
+    for model, stages in CARD_STAGES.items():
+        if model in name:
             return stages
     return 2, 2
 
@@ -173,11 +173,9 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     if dtype == torch.float32:
         block_n, num_warps = block_n // 2, (8 if use_dot else 4)
     num_stages, split_stages = _card_stages(device_index)
-    props = torch.cuda.get_device_properties(device_index)
+    facts = card(device_index)
     stage_bytes = block_n * (next_power_of_2(head_size) + next_power_of_2(head_size_v)) * dtype.itemsize
-    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
-    per_sm = min(smem // (split_stages * stage_bytes) if smem else 2,
-                 getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps))
+    per_sm = min(facts.smem_per_sm // (split_stages * stage_bytes), facts.threads_per_sm // (32 * num_warps))
     cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                        split_stages=split_stages,
                        target_programs=2 * sm_count(device_index), min_split_tokens=block_n,

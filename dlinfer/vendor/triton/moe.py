@@ -514,8 +514,8 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
     ``device`` (default: the current CUDA device, else the generic tiers), without autotuning."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    card = tuning.card_name(torch.device(device))
-    return tuning.static_config(card, dtype, experts, topk, hidden, inter, tokens)[0]
+    device = torch.device(device)
+    return tuning.static_config(tuning.card_name(device), dtype, experts, topk, hidden, inter, tokens, device)[0]
 
 
 def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
@@ -833,7 +833,7 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2)
 
     def run_bucket(tokens):
-        cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens)[0]
+        cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device)[0]
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
 

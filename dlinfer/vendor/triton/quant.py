@@ -696,11 +696,13 @@ W8A8_TIERS: list[tuple[float, dict]] = [
 ]
 
 
-def w8a8_launch_config(tokens: int, experts: int, topk: int) -> dict:
+def w8a8_launch_config(tokens: int, experts: int, topk: int, device=None) -> dict:
     """The tile config of a ``fused_moe_w8a8`` call (``BLOCK_M``, ``up``, ``down``) and, under ``hot``, the hot
-    experts' config (see :data:`W8A8_TIERS`)."""
+    experts' config (see :data:`W8A8_TIERS`), fitted to CUDA device ``device``'s shared memory when given
+    (``tuning.fit``; it changes none of the tiers on the cards of ``host.CARDS``: the widest takes 144 KB on sm_90
+    and 96 KB on sm_8x, where Triton keeps one pipeline buffer fewer)."""
     cfg = tuning._tier(W8A8_TIERS, tokens * topk / experts)
-    return dict(cfg, hot=tuning._tier(W8A8_TIERS, tuning.HOT_LOAD))
+    return tuning.fitted(dict(cfg, hot=tuning._tier(W8A8_TIERS, tuning.HOT_LOAD)), torch.int8, device)
 
 
 def _w8a8_gemm(a, a_scale, weight, w_scale, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset,
@@ -744,7 +746,7 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
         key = (device.index, hidden_states.dtype, gate_up_weights.shape, topk)
         if device.type == "cuda" and key not in _precompiled:
             _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk)
-        config = w8a8_launch_config(tokens, experts, topk)
+        config = w8a8_launch_config(tokens, experts, topk, device)
     block_m = config["BLOCK_M"]
     hot_cfg, hot_rows = config.get("hot"), 0
     if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
@@ -824,7 +826,7 @@ def _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, dow
     def run_bucket(tokens):
         x, weights, ids = _moe.dummy_routing(tokens, hidden_states.shape[1], topk, experts, dtype, device)
         fused_moe_w8a8(x, gate_up_weights, gate_up_scales, down_weights, down_scales, weights, ids, False,
-                       config=w8a8_launch_config(tokens, experts, topk))
+                       config=w8a8_launch_config(tokens, experts, topk, device))
 
     what = _moe.shape_label("fused_moe_w8a8", dtype, experts, topk, hidden, two_inter // 2)
     _moe.run_buckets(run_bucket, max(hidden_states.shape[0], _moe.PRECOMPILE_MIN_TOKENS), what, MOE_KERNELS)

@@ -232,20 +232,73 @@ _lock = threading.Lock()
 _memo: dict[tuple, tuple[dict, str, bool]] = {}
 _hot_memo: dict[tuple, dict] = {}  # (card, dtype, E, topk, hidden, inter) -> the hot experts' config
 _disk: dict[str, dict] = {}  # card -> its cache file's entries (read once per process)
-_cards: dict[int, str] = {}
 
 
 def card_name(device) -> str:
     """The device name tables and caches are keyed by (``cpu`` for CPU tensors)."""
     if device.type != "cuda":
         return device.type
+    from dlinfer.vendor.triton import host
+
+    return host.card(device.index).name
+
+
+# ---------------------------------------------------------------------------------------------- shared memory
+
+# Shared memory is what decides whether a config launches at all: the tables were measured on sm_90 (227 KB per
+# block), an L40S / RTX 4090 (sm_89) has 99 KB, an A100 (sm_80) 163 KB, and a kernel over the limit fails with
+# "out of resources". Every config is fitted to the card at hand (:func:`fit`) before it is used: the pipeline is
+# made shallower, then the K tile, then the N tile narrower, until :func:`shared_memory` fits. On the cards the
+# tables were measured on nothing changes (tests/triton/test_config_family.py checks both that and the estimate
+# against the compiler's figure on sm_80 / sm_89 / sm_90 / sm_100).
+
+
+def shared_memory(block_m: int, c: dict, silu: bool, dtype, capability: int) -> int:
+    """Bytes of shared memory of one grouped-GEMM launch (``c``: one of a config's ``up`` / ``down``), an upper
+    bound: the A and B tiles of each pipeline buffer (Triton keeps ``num_stages`` buffers on sm_90+, one fewer
+    below, where the first load goes to registers), gate and up interleaved in B with ``silu``, plus the
+    barriers. fp32 runs with half the K tile (moe._operands); int8 (W8A8) is one byte an element."""
     import torch
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    name = _cards.get(index)
-    if name is None:
-        name = _cards[index] = torch.cuda.get_device_name(index)
-    return name
+    itemsize = dtype.itemsize
+    block_k = max(16, c["BLOCK_K"] // 2) if dtype == torch.float32 else c["BLOCK_K"]
+    buffers = c["num_stages"] if capability >= 9 else max(1, c["num_stages"] - 1)
+    tile = block_m * block_k + (2 if silu else 1) * c["BLOCK_N"] * block_k
+    return buffers * tile * itemsize + 1024
+
+
+def _fit_gemm(block_m: int, c: dict, silu: bool, dtype, card) -> dict:
+    c = dict(c)
+    while shared_memory(block_m, c, silu, dtype, card.capability) > card.smem_per_block:
+        if c["num_stages"] > 2:
+            c["num_stages"] -= 1
+        elif c["BLOCK_K"] > 32:
+            c["BLOCK_K"] //= 2
+        elif c["BLOCK_N"] > 16:
+            c["BLOCK_N"] //= 2
+        else:
+            break
+    return c
+
+
+def fit(cfg: dict, dtype, card) -> dict:
+    """``cfg`` (both GEMMs, and its ``hot`` entry if any) made to fit ``card``'s shared memory per block
+    (:class:`dlinfer.vendor.triton.host.Card`); the same object when it already fits."""
+    up = _fit_gemm(cfg["BLOCK_M"], cfg["up"], True, dtype, card)
+    down = _fit_gemm(cfg["BLOCK_M"], cfg["down"], False, dtype, card)
+    hot = fit(cfg["hot"], dtype, card) if isinstance(cfg.get("hot"), dict) else cfg.get("hot")
+    if up == cfg["up"] and down == cfg["down"] and hot is cfg.get("hot"):
+        return cfg
+    return dict(cfg, up=up, down=down, **({"hot": hot} if "hot" in cfg else {}))
+
+
+def fitted(cfg: dict, dtype, device) -> dict:
+    """``cfg`` fitted to CUDA device ``device`` (as it is elsewhere: the interpreter has no shared memory limit)."""
+    if device is None or device.type != "cuda":
+        return cfg
+    from dlinfer.vendor.triton import host
+
+    return fit(cfg, dtype, host.card(device.index))
 
 
 def _tier(tiers, rows_per_expert):
@@ -255,9 +308,15 @@ def _tier(tiers, rows_per_expert):
     return tiers[-1][1]
 
 
-def static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tuple[dict, str, bool]:
-    """(config, source, final): the cache, the card's table or the generic tiers; ``final`` is False when the
-    config is only the generic fallback of a card without a table (an autotune may replace it)."""
+def static_config(card: str, dtype, experts, topk, hidden, inter, tokens, device=None) -> tuple[dict, str, bool]:
+    """(config, source, final): the cache, the card's table or the generic tiers, fitted to CUDA device
+    ``device``'s shared memory when given (:func:`fit`); ``final`` is False when the config is only the generic
+    fallback of a card without a table (an autotune may replace it)."""
+    cfg, source, final = _static_config(card, dtype, experts, topk, hidden, inter, tokens)
+    return fitted(cfg, dtype, device), source, final
+
+
+def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tuple[dict, str, bool]:
     key = shape_key(dtype, experts, topk, hidden, inter, tokens)
     with _lock:
         if card not in _disk:
@@ -284,7 +343,7 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
     hit = _memo.get(memo_key)
     if hit is not None and (hit[2] or autotune is None or not settings.flag("DLINFER_AUTOTUNE")):
         return hit[0]
-    cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens)
+    cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens, device)
     if not final and device.type == "cuda":
         import torch
 
@@ -293,7 +352,7 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
         if autotune is not None and settings.flag("DLINFER_AUTOTUNE"):
             key = shape_key(dtype, experts, topk, hidden, inter, tokens)
             t0 = time.perf_counter()
-            cands = candidates(cfg)
+            cands = candidates(cfg, dtype, device)
             cfg, us = autotune(cands)
             try:
                 where = f"cached in {store(card, key, cfg, us)}"
@@ -327,14 +386,16 @@ def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int) 
     hit = _hot_memo.get(key)
     if hit is None:
         tokens = max(1, HOT_LOAD * experts // max(topk, 1))
-        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, tokens)[0]
+        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, tokens, device)[0]
     return hit
 
 
-def candidates(first: dict) -> list[dict]:
-    """``first``, then :data:`CANDIDATES` without repeats."""
+def candidates(first: dict, dtype=None, device=None) -> list[dict]:
+    """``first``, then :data:`CANDIDATES` (fitted to CUDA device ``device``'s shared memory when given) without
+    repeats."""
     out = [first]
     for c in CANDIDATES:
+        c = fitted(c, dtype, device)
         if c not in out:
             out.append(c)
     return out
@@ -400,6 +461,10 @@ def describe(device=None) -> list[str]:
         f"shipped table ({len(table['tiers'])} tiers, {len(table['shapes'])} exact shapes)" if table else
         "no shipped table: autotune on first use " + ("(on)" if settings.flag("DLINFER_AUTOTUNE") else
                                                       "is OFF (DLINFER_AUTOTUNE=0): generic tiers")))
+    from dlinfer.vendor.triton import host
+
+    lines.append(f"  shared memory per block: {host.card(torch.device(device).index).smem_per_block} B (every config "
+                 "is fitted to it: shallower pipelines, then narrower K and N tiles)")
     lines.append("  precompile: " + (f"every token bucket up to {PRECOMPILE_MIN_TOKENS} tokens at a shape's first "
                                      "eager call" if settings.flag("DLINFER_PRECOMPILE") else
                                      "off (DLINFER_PRECOMPILE=0): variants compile as token counts first appear"))
@@ -478,9 +543,9 @@ def main(argv=None) -> int:
         for t in args.tokens:
             x = torch.randn(t, h, device=dev, dtype=dtype, generator=gen)
             w, ids = moe.moe_gating_topk_softmax(torch.randn(t, e, device=dev, generator=gen), k)
-            first, _, _ = static_config(card, dtype, e, k, h, i, t)
+            first, _, _ = static_config(card, dtype, e, k, h, i, t, dev)
             cfg, us = pick_fastest(lambda c: moe.fused_moe(x, w_up, w_down, w, ids, True, config=c),
-                                   candidates(first), max_s=args.max_s)
+                                   candidates(first, dtype, dev), max_s=args.max_s)
             key = shape_key(dtype, e, k, h, i, t)
             path = store(card, key, cfg, us)
             with _lock:
