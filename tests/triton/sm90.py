@@ -1,5 +1,5 @@
-"""Compile Triton kernels for an H100 (sm_90a) on this CPU, with the ptxas of the triton wheel: the GPU code paths
-(pipelined loops, wgmma) that Triton's interpreter never runs."""
+"""Compile Triton kernels for an H100 (sm_90a), or another NVIDIA architecture, on this CPU, with the ptxas of the
+triton wheel: the GPU code paths (pipelined loops, wgmma) that Triton's interpreter never runs."""
 
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ def compile_for_sm90(script: str) -> None:
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
-                 divisible: tuple[str, ...] = ()) -> tuple[int, str]:
-    """Compile the ``@triton.jit`` function ``fn`` for sm_90 (in a :func:`compile_for_sm90` script): ``types`` maps
-    argument names to Triton types (``"*bf16"``, ``"fp32"``; default ``"i32"``), ``constexprs`` the compile-time
-    ones. Pointers, ``stride*`` arguments and those named in ``divisible`` are marked divisible by 16, as the
-    launcher specializes them for aligned tensors and sizes. Returns (shared memory bytes, the TTGIR text)."""
+def compile_for(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
+                divisible: tuple[str, ...] = (), arch: int = 90):
+    """Compile the ``@triton.jit`` function ``fn`` for NVIDIA ``sm_<arch>`` (80, 89, 90, 100: the triton wheel
+    carries ptxas for each; in a :func:`compile_for_sm90` script): ``types`` maps argument names to Triton types
+    (``"*bf16"``, ``"fp32"``; default ``"i32"``), ``constexprs`` the compile-time ones. Pointers, ``stride*``
+    arguments and those named in ``divisible`` are marked divisible by 16, as the launcher specializes them for
+    aligned tensors and sizes. Returns Triton's compiled kernel (``metadata.shared``, ``asm``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,6 +42,12 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: 
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
         if name not in constexprs and (sig[name].startswith("*") or name.startswith("stride") or name in divisible):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
+                 divisible: tuple[str, ...] = ()) -> tuple[int, str]:
+    """:func:`compile_for` sm_90; returns (shared memory bytes, the TTGIR text)."""
+    kernel = compile_for(fn, types, constexprs, num_warps, num_stages, divisible)
     return kernel.metadata.shared, kernel.asm["ttgir"]

@@ -344,30 +344,20 @@ def launches(card: str, exhaustive: bool = False, families=tuple(FAMILIES)) -> d
 # ------------------------------------------------------------------------------------------- compile them
 
 _COMPILE = r'''
-import contextlib, io, json, os, re, sys, time
-import triton
+import contextlib, importlib, io, json, re, sys, time
 from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib
+from sm90 import compile_for
 
 jobs = json.load(sys.stdin)
-knobs.nvidia.dump_ptxas_log = True
+knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills, printed per compile
 for arch, kernel, types, consts, warps, stages in jobs:
     module, name = kernel.split(".")
     fn = getattr(importlib.import_module("dlinfer.vendor.triton." + module), name)
-    types, consts = dict(types), dict(consts)
-    sig, attrs = {}, {}
-    for i, arg in enumerate(fn.arg_names):
-        sig[arg] = "constexpr" if arg in consts else types.get(arg, "i32")
-        if arg not in consts and (sig[arg].startswith("*") or arg.startswith("stride")):
-            attrs[(i,)] = [["tt.divisibility", 16]]
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=warps, num_stages=stages))
+            k = compile_for(fn, dict(types), dict(consts), warps, stages, arch=arch)
         text = log.getvalue()
         regs = re.search(r"Used (\d+) registers", text)
         spills = re.search(r"(\d+) bytes spill stores", text)
@@ -395,6 +385,8 @@ def compile_all(jobs: list[tuple[int, Launch]], timeout: int = 3000) -> list[dic
     with tempfile.TemporaryDirectory() as cache:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = cache
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__))]
+                                            + [p for p in [env.get("PYTHONPATH")] if p])
         done = subprocess.run([sys.executable, "-c", _COMPILE], input=payload, env=env, capture_output=True,
                               text=True, timeout=timeout)
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
