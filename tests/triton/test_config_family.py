@@ -10,10 +10,14 @@ warps, stages) combinations are compiled for each card's architecture with the t
 subprocess, and each one's ``metadata.shared`` must be within the card's per-block limit; ptxas' register and
 spill counts are recorded.
 
-Cost: by default one representative per shared-memory class (the constexprs that only move masks or loop trip
+Cost: by default the A100 and L40S models (the cards whose 163 / 99 KB the sm_90-measured configs must be fitted
+to), one representative per shared-memory class (the constexprs that only move masks, addresses or loop trip
 counts, such as the exact head size within its power of two, the GQA ratio within its padded tile or K, are
-dropped from the key); ``DLINFER_CONFIG_FAMILY=all`` compiles every distinct combination (tens of minutes on two
-cores), and ``python tests/triton/test_config_family.py [--all] [--cards A100,L40S]`` prints the table.
+dropped from the key): about 250 compiles, 3 minutes on two cores. ``DLINFER_CONFIG_FAMILY=cards`` adds the
+RTX 4090, H100, H200 and B200 at their own architectures (about 730 compiles, 11 minutes);
+``DLINFER_CONFIG_FAMILY=all`` compiles every distinct combination of every card (about 25,000: hours; slice it
+with ``python tests/triton/test_config_family.py --all --cards L40S --families moe``, which prints the table of
+shared memory, registers and spills and can write it as JSON).
 """
 
 from __future__ import annotations
