@@ -34,6 +34,16 @@ Usage::
 
 Only this process's interpreter is patched, and only while a ``bounds_checked`` block is active (the patches are
 installed once and are no-ops otherwise).
+
+Two more tools for the question "does the GPU run what the interpreter checked?":
+
+* :func:`gpu_loops`: kernels that pick ``while`` loops for the interpreter (``WHILE_LOOP``) run the ``for`` loops a
+  GPU compiles instead, so the interpreter checks the GPU's loop code too.
+* ``bounds_checked(record=True)`` keeps each launch (:class:`LaunchRecord`: its arguments, the bytes of its
+  tensors, the bytes each program touched), and :func:`emulate_ptx` runs a program of the kernel's compiled PTX
+  (compiled with :meth:`LaunchRecord.signature`, the specialization Triton's CUDA launcher would use) thread by
+  thread on that data, integer and address arithmetic only: the compiled code must touch the same bytes, and
+  nothing outside the launch's tensors.
 """
 
 from __future__ import annotations

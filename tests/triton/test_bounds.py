@@ -5,9 +5,12 @@ out-of-range lane pass silently where a GPU reads another buffer or faults).
 First the checker itself, on deliberately broken tiny kernels (a load one past the end, a store past a short
 output, a negative offset, a load without a mask, an atomic, a tile running into a neighbouring tensor, an int32
 offset that wraps) and on legal ones that look alike (masked-off lanes far out of range, a view read past its own
-end inside its storage). Then the conformance quick matrix of every Triton op under it, and the quantized-cache
-cases (8 and 4 bits) with the tile configs a GPU picks (128x64 prefill tiles, split and not, decode with 64-key
-tiles over 16-token pages, the fused reduce's atomics), plus the Hopper TMA prefill kernels."""
+end inside its storage). Then the conformance quick matrix of every Triton op under it, in the interpreter's loop
+form and the GPU's (``gpu_loops``), and the quantized-cache cases (8 and 4 bits) with the tile configs a GPU picks
+(128x64 prefill tiles, split and not, decode with 64-key tiles over 16-token pages, the fused reduce's atomics),
+plus the Hopper TMA prefill kernels. Last, the compiled code: the 4-bit paged-prefill case that failed on an H200,
+compiled for sm_90 as the launcher specializes it, its PTX emulated on the case's data (``emulate_ptx``), touches
+exactly the interpreter's bytes; the emulator itself is proven on a tiny kernel given out-of-range arguments."""
 
 from __future__ import annotations
 
