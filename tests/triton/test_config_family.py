@@ -432,15 +432,7 @@ def problems(jobs, owners, results) -> list[str]:
 MAX_CI_JOBS = 700  # the default run's compile count stays bounded (about 0.5 s each on a 2-core CPU)
 
 
-# Prefill's tiles (attention_prefill._config) are sized for sm_90's 227 KB and not yet fitted to the card: on an
-# sm_89 card (99 KB) 128x128 tiles with 3 stages take 160 KB at D 128, 64x64 with 2 stages 104 KB at D 256, fp32's
-# 64x32 112-120 KB. Strict: this fails as soon as prefill fits, so the mark goes with the fix.
-_PREFILL_XFAIL = pytest.mark.xfail(strict=True, reason="prefill configs exceed an sm_89 card's 99 KB of shared "
-                                                       "memory (attention_prefill._config is not fitted yet)")
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=_PREFILL_XFAIL) if f == "prefill" else f
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_config_compiles_and_fits_each_card(family):
     """Each card's configs for the shape family compile for its architecture and fit its shared memory."""
     mode = os.environ.get("DLINFER_CONFIG_FAMILY", "")

@@ -122,7 +122,7 @@ from dlinfer import settings
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
-from dlinfer.vendor.triton.host import capability, cdiv, has_pdl, memo, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2, sm_count
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -169,6 +169,23 @@ def resident_programs(config: PrefillConfig, head_size: int, head_size_v: int, i
     return max(1, per_sm) * sm_count
 
 
+# Cards with less shared memory per block than this (sm_86 / sm_89 / sm_120: 99 KB) get the tiles of
+# _small_smem: the sm_90 configs above take 104-160 KB there (compiled for sm_89; Triton keeps one K/V buffer
+# fewer below sm_90). The A100's 163 KB fits them all (128x128 tiles with 3 stages: 160 KB).
+SMALL_SMEM = 160 * 1024
+
+
+def _small_smem(cfg: PrefillConfig, dtype: torch.dtype, widest: int) -> PrefillConfig:
+    """The tiles of ``cfg`` on a 99 KB card (shared memory of each on sm_89, compiled with Triton 3.6)."""
+    if dtype == torch.float32:  # 64x32 x 2 stages: 112 KB at D 128; 32x32 (D 128): 72 KB; 16x16 (D 256): 66 KB
+        return dataclasses.replace(cfg, block_m=32 if widest <= 128 else 16, block_n=32 if widest <= 128 else 16)
+    if widest > 128:  # 64x64 x 2 stages: 104 KB at D 256; 64x32: 68 KB
+        return dataclasses.replace(cfg, block_n=32)
+    if cfg.block_n == 128:  # 128x128 x 3 stages: 160 KB at D 128; 128x64 x 2 stages: 64 KB
+        return dataclasses.replace(cfg, block_n=64, num_stages=2)
+    return cfg  # 64x64 x 3 stages (D 128): 88 KB; 128x64 x 3 stages (D 64): 64 KB
+
+
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int,
             long_queries: bool = True, device_index: int = 0) -> PrefillConfig:
@@ -196,6 +213,8 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if device_type == "cuda" and card(device_index).smem_per_block < SMALL_SMEM:
+        cfg = _small_smem(cfg, dtype, widest)
     cfg = env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
         raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
