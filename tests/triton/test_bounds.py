@@ -182,10 +182,9 @@ def test_an_int32_offset_that_wraps_is_caught():
 
 def test_gpu_loops_runs_the_for_loops_a_gpu_compiles():
     """Inside ``gpu_loops`` a kernel's ``WHILE_LOOP=True`` becomes False and ``range()`` over a runtime bound
-    works (outside it the interpreter raises on it)."""
+    works (outside it, whether the interpreter's own ``range()`` takes a runtime bound depends on numpy's
+    version: not asserted here)."""
     src, dst = torch.arange(10, dtype=torch.float32), torch.zeros(10)
-    with pytest.raises(Exception, match="0-dimensional"):
-        _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=False)
     with gpu_loops() as switched:
         _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=True)
     assert switched == ["_range_kernel"] and torch.equal(dst, src)

@@ -122,7 +122,7 @@ from dlinfer import settings
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
-from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -213,18 +213,18 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
-    if device_type == "cuda" and card(device_index).smem_per_block < SMALL_SMEM:
-        cfg = _small_smem(cfg, dtype, widest)
-    cfg = env_overrides(cfg, "DLINFER_TRITON_PREFILL")
+    base, cfg = cfg, env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
         raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
                          f"producer warp group and splits the tile between two consumer groups), got {cfg.num_warps}")
-    if device_type == "cuda" and cfg.target_programs < 0:  # after the overrides: the tiles they chose
-        props = torch.cuda.get_device_properties(device_index)
-        cfg = dataclasses.replace(cfg, target_programs=resident_programs(
-            cfg, head_size, head_size_v, dtype.itemsize, sm_count(device_index),
-            getattr(props, "shared_memory_per_multiprocessor", 0) or 232448,
-            getattr(props, "max_threads_per_multi_processor", 0) or 2048))
+    if device_type == "cuda":
+        facts = card(device_index)
+        if facts.smem_per_block < SMALL_SMEM:  # the card's tiles, then the overrides again (they win)
+            cfg = env_overrides(_small_smem(base, dtype, widest), "DLINFER_TRITON_PREFILL")
+        if cfg.target_programs < 0:  # after the overrides: the tiles they chose
+            cfg = dataclasses.replace(cfg, target_programs=resident_programs(
+                cfg, head_size, head_size_v, dtype.itemsize, facts.sm_count, facts.smem_per_sm,
+                facts.threads_per_sm))
     return cfg
 
 
