@@ -182,8 +182,8 @@ def test_an_int32_offset_that_wraps_is_caught():
 
 def test_gpu_loops_runs_the_for_loops_a_gpu_compiles():
     """Inside ``gpu_loops`` a kernel's ``WHILE_LOOP=True`` becomes False and ``range()`` over a runtime bound
-    works (outside it, whether the interpreter's own ``range()`` takes a runtime bound depends on numpy's
-    version: not asserted here)."""
+    works (outside it, Triton 3.6's interpreter refuses a runtime bound in ``range()`` and 3.7's takes it: not
+    asserted here)."""
     src, dst = torch.arange(10, dtype=torch.float32), torch.zeros(10)
     with gpu_loops() as switched:
         _range_kernel[(1,)](src, dst, 10, WHILE_LOOP=True)
