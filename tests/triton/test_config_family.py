@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-import types as pytypes
 
 import pytest
 import torch
@@ -100,11 +99,7 @@ def model(name: str):
     """The config functions see card ``name`` (``host.CARDS``) as CUDA device 0, on this CPU; their memos are
     cleared before and after."""
     facts = host.CARDS[name]
-    props = pytypes.SimpleNamespace(shared_memory_per_multiprocessor=facts.smem_per_sm,
-                                    max_threads_per_multi_processor=facts.threads_per_sm,
-                                    multi_processor_count=facts.sm_count, major=facts.capability, minor=facts.minor,
-                                    shared_memory_per_block_optin=facts.smem_per_block)
-    saved = (torch.cuda.get_device_properties, torch.cuda.get_device_name, torch.cuda.is_current_stream_capturing)
+    saved = torch.cuda.is_current_stream_capturing
     memos = (dec._config, dec._card_stages, pre._config, quant.awq_config, quant.int8_config)
 
     def clear():
@@ -114,14 +109,12 @@ def model(name: str):
         tuning._hot_memo.clear()
 
     clear()
-    torch.cuda.get_device_properties = lambda *a, **k: props
-    torch.cuda.get_device_name = lambda *a, **k: facts.name
     torch.cuda.is_current_stream_capturing = lambda: False
     try:
         with host.simulate(facts):
             yield facts
     finally:
-        torch.cuda.get_device_properties, torch.cuda.get_device_name, torch.cuda.is_current_stream_capturing = saved
+        torch.cuda.is_current_stream_capturing = saved
         clear()
 
 

@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.host import card, cdiv, has_pdl, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import card, cdiv, has_pdl, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -178,9 +178,9 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     per_sm = min(facts.smem_per_sm // (split_stages * stage_bytes), facts.threads_per_sm // (32 * num_warps))
     cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                        split_stages=split_stages,
-                       target_programs=2 * sm_count(device_index), min_split_tokens=block_n,
+                       target_programs=2 * facts.sm_count, min_split_tokens=block_n,
                        pdl=has_pdl(device_type, device_index),
-                       resident_programs=max(1, per_sm) * sm_count(device_index))
+                       resident_programs=max(1, per_sm) * facts.sm_count)
     return _overridden(cfg, group)
 
 

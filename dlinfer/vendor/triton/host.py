@@ -9,7 +9,7 @@ times per launch. The plain functions underneath (``.fn``) compute the same valu
 Shared memory decides whether a config can launch at all: a kernel whose tiles need more than the card's
 per-block limit fails with "out of resources: shared memory". The limits differ within one major capability
 (sm_80: 163 KB per block, sm_86 / sm_89: 99 KB; sm_90 / sm_100: 227 KB), so config choices read
-:func:`shared_memory_per_block`, never the capability alone. :data:`CARDS` and :func:`simulate` model cards on a
+``card(i).smem_per_block``, never the capability alone. :data:`CARDS` and :func:`simulate` model cards on a
 machine without them (tests, sizing tools).
 """
 
@@ -92,14 +92,8 @@ def sm_count(device_index: int | None) -> int:
 def capability(device_index: int | None) -> int:
     """Major compute capability of CUDA device ``device_index`` (``None``: the current device); 0 on ROCm.
     9 = Hopper: programmatic dependent launch, TMA. Not a proxy for shared memory: see
-    :func:`shared_memory_per_block`."""
+    ``card(i).smem_per_block``."""
     return card(device_index).capability
-
-
-def shared_memory_per_block(device_index: int | None) -> int:
-    """Bytes of shared memory one block may use on CUDA device ``device_index`` (the opt-in maximum Triton's
-    launcher requests): 232448 on sm_90 / sm_100, 166912 on sm_80, 101376 on sm_86 / sm_89."""
-    return card(device_index).smem_per_block
 
 
 def has_pdl(device_type: str, device_index: int | None) -> bool:
@@ -122,4 +116,4 @@ def _card(index: int) -> Card:
 
 
 __all__ = ["CARDS", "Card", "SMEM_PER_BLOCK", "capability", "card", "cdiv", "has_pdl", "memo", "next_power_of_2",
-           "shared_memory_per_block", "simulate", "sm_count"]
+           "simulate", "sm_count"]
