@@ -262,6 +262,11 @@ def gemm_launches(exhaustive: bool):
                     if k % group:
                         continue
                     c = quant.awq_config("cuda", 0, dtype, bucket, n, k, group)
+                    if c.dequant:  # the weights dequantized by a streaming kernel, then torch's GEMM
+                        yield _launch("quant._awq_dequant_kernel", dict(
+                            qw_ptr="*i32", s_ptr="*" + T[dtype], z_ptr="*i32", w_ptr="*" + T[dtype]), dict(
+                            GROUP=group, HAS_ZEROS=True, MAGIC=quant._AWQ_MAGIC[dtype], BLOCK_K=64, BLOCK_N=128), 4)
+                        continue
                     yield _launch("quant._awq_gemm_kernel", dict(
                         x_ptr="*" + T[dtype], qw_ptr="*i32", s_ptr="*" + T[dtype], z_ptr="*i32", b_ptr="*" + T[dtype],
                         out_ptr="*" + T[dtype], ws_ptr="*fp32"), dict(
