@@ -408,11 +408,15 @@ _SPLITS = [triton_quant.GemmConfig(16, 32, 32, split_k=1, group_m=2, num_warps=1
 
 
 def _gpu_configs(monkeypatch, fn, *args):
-    """The configs ``fn`` (awq_config / int8_config) picks on a 132-SM GPU for M = 1, 16, 64, 256, 4096."""
+    """The configs ``fn`` (awq_config / int8_config) picks on an H200 (132 SMs) for M = 1, 16, 64, 256, 4096."""
+    from dlinfer.vendor.triton import host
+
     monkeypatch.setattr(triton_quant, "_sm_count", lambda *a: 132)
     fn.cache_clear()
     try:
-        return {m: fn("cuda", 0, *args[:-3], triton_quant._bucket(m), *args[-3:]) for m in (1, 16, 64, 256, 4096)}
+        with host.simulate(host.CARDS["H200"]):
+            return {m: fn("cuda", 0, *args[:-3], triton_quant._bucket(m), *args[-3:])
+                    for m in (1, 16, 64, 256, 4096)}
     finally:
         fn.cache_clear()
 
@@ -543,7 +547,7 @@ def test_default_configs_fill_the_gpu(which, monkeypatch):
     """The rule on a 132-SM GPU for Llama-3-8B's linears: a grid of >= one wave is never split; a smaller one is
     split to >= one wave unless the partials would outgrow the weights (never more bytes than the weights,
     splits >= MIN_SPLIT_K long, none empty);
-    decode tiles hold all rows (weights read once) up to 64 rows; 128-row tiles from 128 rows."""
+    int8 decode tiles hold all rows (weights read once) up to 64 rows; 128-row tiles from 128 rows."""
     from dlinfer.vendor.triton.host import cdiv
 
     for name, (n, k) in LLAMA3_8B.items():
@@ -556,8 +560,16 @@ def test_default_configs_fill_the_gpu(which, monkeypatch):
         for m, c in cfgs.items():
             tiles = cdiv(m, c.block_m) * cdiv(n, c.block_n)
             where = f"{which} {name} M={m}: {c}"
-            decode_rows = (64 if which == "awq" else max(16, m))  # AWQ: 64-row tiles (fewer instructions)
-            assert c.block_m == (decode_rows if m <= 64 else 128), where
+            if which == "awq":  # the H200's AWQ rule: 16 x 64 tiles for one-token calls with a wave of 128-wide
+                # columns, 64-row tiles to 64 rows (fewer instructions), 256 x 64 at the 256 bucket, from
+                # DEQUANT_MIN_M rows the weights dequantized for torch's GEMM (no tiles of its own)
+                if c.dequant:
+                    assert m >= triton_quant.DEQUANT_MIN_M, where
+                    continue
+                want = 16 if m <= 16 and cdiv(n, 128) >= 132 else 64 if m <= 64 else 256 if m == 256 else 128
+            else:
+                want = max(16, m) if m <= 64 else 128
+            assert c.block_m == want, where
             if tiles >= 132:
                 assert c.split_k == 1, where
             else:
@@ -570,7 +582,10 @@ def test_default_configs_fill_the_gpu(which, monkeypatch):
 
 
 def test_env_overrides_and_bad_configs(monkeypatch):
+    from dlinfer.vendor.triton import host
+
     monkeypatch.setattr(triton_quant, "_sm_count", lambda *a: 132)
+    monkeypatch.setattr(host, "_simulated", host.CARDS["H200"])
     triton_quant.awq_config.cache_clear()
     monkeypatch.setenv("DLINFER_TRITON_AWQ", "block_n=256,split_k=4,num_stages=2")
     try:
@@ -613,6 +628,13 @@ from dlinfer.vendor.triton import quant
 from dlinfer.vendor.triton.host import cdiv
 
 quant._sm_count = lambda *a: 132  # an H100/H200
+from dlinfer.vendor.triton import host
+host._simulated = host.CARDS["H200"]  # every card query answers an H200 (host.simulate, for a whole script)
+# AWQ tiles an H200 sweep measured fastest although ptxas spills a few registers (256 x 64 with 4 warps at the
+# 256-row bucket: 1.14-1.22x the peer against 0.81-0.93x for the spill-free 128 x 128; 16 x 64 x 128 for
+# one-token calls with a wave of columns: 5.3 loop instructions per weight, yet 57.8 against 74.9 us): exempt
+# from the spill and instruction-count limits, every other check kept
+MEASURED_SPILLING = {(256, 64, 64, 4), (16, 64, 128, 4)}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 T = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -659,9 +681,11 @@ def check(fn, types, consts, cfg, wgmma, name, max_loop_per_weight=None, tma=Fal
         assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
     assert ("griddepcontrol.launch_dependents" in ttgir) == consts["USE_PDL"], f"{name}: programmatic launch"
     regs, spilled, loop = machine_code(fn, types, consts, cfg.num_warps, cfg.num_stages)
-    assert spilled == 0, f"{name}: {spilled} bytes of register spills ({regs} registers)"
+    measured = fn is quant._awq_gemm_kernel and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) in \
+        MEASURED_SPILLING
+    assert spilled == 0 or measured, f"{name}: {spilled} bytes of register spills ({regs} registers)"
     per_weight = loop * 32 * cfg.num_warps / (cfg.block_k * cfg.block_n)
-    if max_loop_per_weight is not None:  # the K loop's SASS instructions per weight element (thread-level)
+    if max_loop_per_weight is not None and not measured:  # the K loop's SASS instructions per weight element
         assert per_weight <= max_loop_per_weight, f"{name}: {per_weight:.2f} instructions per weight element"
     print(f"{name}: {shared} B shared, {regs} registers, {per_weight:.2f} loop instructions per weight element")
 
@@ -672,6 +696,14 @@ for dtype, t in T.items():
         for n, k in SHAPES if group == 128 and dtype != torch.float32 else SHAPES[1:2]:
             for m in (1, 16, 64, 256, 4096):
                 c = quant.awq_config("cuda", 0, dtype, quant._bucket(m), n, k, group)
+                if c.dequant:  # the weights dequantized by a streaming kernel, then torch's GEMM
+                    assert dtype != torch.float32 and m >= quant.DEQUANT_MIN_M, c
+                    shared, _ = compile_sm90(quant._awq_dequant_kernel,
+                                             dict(qw_ptr="*i32", s_ptr=t, z_ptr="*i32", w_ptr=t),
+                                             dict(GROUP=group, HAS_ZEROS=True, MAGIC=quant._AWQ_MAGIC[dtype],
+                                                  BLOCK_K=64, BLOCK_N=128), 4)
+                    seen.add(("dequant", dtype, group))
+                    continue
                 consts = dict(K=k, GROUP=group, HAS_ZEROS=True, HAS_BIAS=True, IEEE=dtype == torch.float32,
                               MAGIC=quant._AWQ_MAGIC[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                               BLOCK_K=c.block_k, GROUP_M=c.group_m, SPLIT_K=c.split_k,
@@ -785,3 +817,54 @@ def test_int8_gemm_tma_path_exact(split, monkeypatch):
         with registry.forced("reference"):
             ref = ops.linear_w8a8(a, b, rs, ls, torch.float16)
         assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_dense_gemms_precompile_every_bucket_once_per_shape(monkeypatch):
+    """At the first eager call of a dense quantized GEMM shape (on a GPU), one run per M bucket (16-row and up,
+    zero activations, the call's weights) up to max(M, PRECOMPILE_MIN_TOKENS); once per shape and features; off
+    under DLINFER_PRECOMPILE=0, leaving the shape open."""
+    from dlinfer.vendor.triton import moe as triton_moe
+
+    monkeypatch.setattr(triton_quant, "_precompiles", lambda device: True)
+    monkeypatch.setattr(triton_quant, "_dense_precompiled", set())
+    monkeypatch.setattr(triton_moe, "PRECOMPILE_MIN_TOKENS", 40)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    rows = []
+    for name in ("_awq_gemm_kernel", "_int8_gemm_kernel"):
+        kernel = getattr(triton_quant, name)
+        monkeypatch.setattr(triton_quant, name, _Recorder(kernel, rows))
+    g = torch.Generator().manual_seed(5)
+    k, n = 256, 64
+    x = torch.randn(3, k, generator=g).half()
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32)
+    scale = torch.rand(k // 64, n, generator=g).half() / 8
+    out = triton_quant.weight_quant_matmul(x, qweight, scale, None, None, 64)
+    assert rows == [16, 16, 16, 16, 16, 32, 64, 3]  # buckets of 1, 2, 4, ..., 64 >= 40; then the call itself
+    from dlinfer.vendor.reference import quant as rq
+    torch.testing.assert_close(out.float(), rq.weight_quant_matmul(x, qweight, scale, None, None, 64).float(),
+                               rtol=1e-2, atol=1e-2 * out.float().abs().max().item())
+    rows.clear()
+    triton_quant.weight_quant_matmul(x[:1], qweight, scale, None, None, 64)
+    assert rows == [1]  # the shape is done
+    a = torch.randint(-127, 128, (100, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
+    triton_quant.linear_w8a8(a, b, torch.rand(100, 1, generator=g), torch.rand(n, generator=g), torch.float16, torch.int8, None)
+    assert rows == [1, 100] and len(triton_quant._dense_precompiled) == 1  # off: nothing run, the shape left open
+    monkeypatch.delenv("DLINFER_PRECOMPILE")
+    rows.clear()
+    triton_quant.linear_w8a8(a, b, torch.rand(100, 1, generator=g), torch.rand(n, generator=g), torch.float16, torch.int8, None)
+    assert rows == [16, 16, 16, 16, 16, 32, 64, 128, 100]  # up to the call's own 100 rows (> 40)
+
+
+class _Recorder:
+    """A kernel wrapper that records the M of each launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, rows):
+        self.kernel, self.rows = kernel, rows
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.rows.append(args[self.kernel.arg_names.index("M")])
+            return self.kernel[grid](*args, **kwargs)
+        return launch

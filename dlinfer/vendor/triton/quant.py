@@ -61,8 +61,10 @@ def _round_to_bf16(x):
 # (:func:`awq_config`, :func:`int8_config`: the one place to tune them) and overridable for sweeps:
 # ``DLINFER_TRITON_AWQ="block_n=256,split_k=4"`` / ``DLINFER_TRITON_W8A8="..."`` (fields of :class:`GemmConfig`),
 # read when a config is first built (once per shape bucket per process); benchmarks/tune_quant.py passes
-# configs directly. UNTUNED: chosen from first principles (below), never timed on a GPU yet; every default config
-# compiles for sm_90 within its shared memory (tests/triton/test_quant.py).
+# configs directly. Chosen from first principles (below), then timed against LMDeploy's kernels on an H200
+# (benchmarks/tune_quant.py, Llama-3-8B's linears): AWQ on Hopper takes the swept tiles noted in awq_config and,
+# from DEQUANT_MIN_M rows, dequantizes for torch's GEMM; other cards keep the first-principles tiles (untimed).
+# Every default config compiles for sm_90 within its shared memory (tests/triton/test_quant.py).
 #
 # * Decode (M <= 64): the weights are streamed once (int4: N * K / 2 bytes; int8: N * K), 128 columns a program
 #   (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and their
@@ -166,6 +168,25 @@ def _bucket(m: int) -> int:
 DEQUANT_MIN_M = 512
 
 
+_dense_precompiled: set[tuple] = set()
+
+
+def _precompiles(device: torch.device) -> bool:
+    """Whether calls on ``device`` precompile their buckets (a GPU; not the interpreter, where it costs runs)."""
+    return device.type == "cuda"
+
+
+def _precompile_dense(key: tuple, m: int, run, what: str) -> None:
+    """At the first eager call of a dense quantized GEMM shape (``key``: kind, device, dtype, N, K and the
+    epilogue's features), run it once per M bucket up to ``max(m, PRECOMPILE_MIN_TOKENS)`` rows (``run(rows)``:
+    zero activations, the call's own weights) so that every kernel variant later calls need is compiled before a
+    serving engine's timed work or CUDA-graph capture (M is not specialized: one variant per bucket's config)."""
+    if key in _dense_precompiled or not _moe.precompile_gate(_dense_precompiled, key):
+        return
+    # buckets below 16 rows share the 16-row config (their runs after the first find it compiled)
+    _moe.run_buckets(lambda rows: run(_bucket(rows)), max(m, _moe.PRECOMPILE_MIN_TOKENS), what, DENSE_KERNELS)
+
+
 @memo
 def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int, n: int, k: int,
                group_size: int) -> GemmConfig:
@@ -176,14 +197,16 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
     elif hopper and m_bucket >= DEQUANT_MIN_M and dtype != torch.float32:
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, dequant=1)
-    elif hopper and m_bucket <= 16 and cdiv(n, 128) >= _sm_count(device_type, device_index):
+    elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= _sm_count(device_type,
+                                                                                         device_index):
         # a wave of 128-column tiles without a split: 16 x 64 tiles (H200, gate_up 14336 x 2 at T=1: 57.8 us
         # against 74.9 us for 64 x 128 and the peer's 66.9 us)
         cfg = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
     elif m_bucket <= 64:  # 64-row tiles whatever M (see the section comment)
         cfg = GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
-    elif hopper and m_bucket == 256:  # H200 sweep at T=256 (qkv/o/gate_up/down: 1.14/1.22/0.96/0.96x the peer
-        # against 0.81/0.93/0.69/0.67x with 128 x 128 tiles)
+    elif hopper and m_bucket == 256 and group_size >= 64:
+        # H200 sweep at T=256 (qkv/o/gate_up/down: 1.14/1.22/0.96/0.96x the peer against 0.81/0.93/0.69/0.67x
+        # with 128 x 128 tiles; group 128; a smaller group caps BLOCK_K: unmeasured, so not taken)
         cfg = GemmConfig(block_m=256, block_n=64, block_k=64, num_warps=4, num_stages=3)
     else:
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -263,7 +286,7 @@ def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scal
         tl.store(ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant per M bucket (see _precompile_dense)
 def _split_k_reduce_kernel(ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N, stride_om,
                            SPLIT_K: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                            HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -330,7 +353,7 @@ def _awq_unpack(words, MAGIC: tl.constexpr, dtype: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), [words.shape[0], words.shape[1] * 8])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant per M bucket (see _precompile_dense)
 def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
                      stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
@@ -453,6 +476,10 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     dev = x.device
     if config is None:
+        if _precompiles(dev):
+            _precompile_dense(("awq", dev.index, x.dtype, n, k, group_size, offset is not None, bias is not None), m,
+                              lambda rows: weight_quant_matmul(x.new_zeros(rows, k), qweight, scale, offset, bias,
+                                                               group_size), f"weight_quant_matmul {x.dtype} {k}x{n}")
         cfg = awq_config(dev.type, dev.index, x.dtype, _bucket(m), n, k, group_size)
     else:
         cfg = _checked(config, "config", 16)
@@ -479,7 +506,7 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- int8 GEMM
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant per M bucket (see _precompile_dense)
 def _int8_gemm_kernel(a_ptr, b_ptr, a_desc, b_desc, out_ptr, ws_ptr, row_scale_ptr, col_scale_ptr, qbias_ptr,
                       bias_ptr, M, N, K: tl.constexpr, stride_am, stride_bn, stride_om,
                       HAS_ROW_SCALE: tl.constexpr, HAS_QBIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -526,6 +553,12 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
         return out
     dev = a2.device
     if config is None:
+        if _precompiles(dev):
+            def run(rows):
+                _int8_gemm(a2.new_zeros(rows, k), b, None if row_scale is None else row_scale.new_ones(rows),
+                           col_scale, qbias, bias, out_dtype)
+            _precompile_dense(("int8", dev.index, out_dtype, n, k, row_scale is not None, qbias is not None,
+                               bias is not None), m, run, f"int8 GEMM {out_dtype} {k}x{n}")
         cfg = int8_config(dev.type, dev.index, _bucket(m), n, k)
     else:
         cfg = _resolve(_checked(config, "config", 32), m, n, k, 1.0, _sm_count(dev.type, dev.index))
@@ -549,6 +582,10 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
     return out
 
 
+# the kernels a dense quantized GEMM launches (whose new variants the precompile log line counts)
+DENSE_KERNELS = (_awq_gemm_kernel, _awq_dequant_kernel, _int8_gemm_kernel, _split_k_reduce_kernel)
+
+
 def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linear_scale: torch.Tensor,
                 out_dtype: torch.dtype, quant_dtype: torch.dtype, bias: torch.Tensor | None,
                 config: GemmConfig | None = None) -> torch.Tensor:
@@ -558,7 +595,7 @@ def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linea
     return out.reshape(*a.shape[:-1], b.shape[0])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _static_quant_kernel(x_ptr, q_ptr, scale_ptr, offset_ptr, numel, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
