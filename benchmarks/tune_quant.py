@@ -18,7 +18,8 @@ what it measured):
    flushed before every call (``timing.gpu_time``). The peer's autotuners key on (N, K) only, so their caches
    are cleared for every T: the peer gets its best config for each T (the peer's most favourable reading);
 3. sweep: coordinate descent from the default config (one field at a time over its candidate values, keeping a
-   change that is >= 1 % faster and still matches the reference), worst ratio to the peer first.
+   change that is >= 1 % faster and still matches the reference), worst ratio to the peer first; AWQ calls of at
+   most ``GEMV_MAX_ROWS`` rows first try the few-row FMA kernel (``gemv=1``) from ``GEMV_STARTS``.
 
 Columns: µs per call, ``x peer`` = peer µs / dlinfer µs (>= 1: dlinfer faster), ``% bound`` = the roofline time
 ``max(bytes moved / copy bandwidth, flops / peak)`` over the measured time (peak: bf16 matmul for AWQ, int8
@@ -54,12 +55,17 @@ DRY_TS = (1, 20)
 # candidate values per field, swept one field at a time (coordinate descent)
 SWEEP = {
     "awq": {"block_n": [64, 128, 256], "split_k": [1, 2, 3, 4, 6, 8, 12, 16], "block_m": [16, 32, 64, 128, 256],
-            "block_k": [32, 64, 128], "num_stages": [2, 3, 4, 5], "num_warps": [4, 8], "group_m": [1, 8],
-            "pdl": [0]},
+            "block_k": [32, 64, 128], "num_stages": [2, 3, 4, 5, 6], "num_warps": [4, 8], "group_m": [1, 8],
+            "pdl": [0], "gemv": [0]},  # gemv: the FMA kernel's starting points (GEMV_STARTS), then back to 0
     "w8a8": {"block_n": [64, 128, 256], "split_k": [1, 2, 3, 4, 6, 8, 12, 16], "block_m": [16, 32, 64, 128, 256],
              "block_k": [64, 128, 256], "num_stages": [2, 3, 4, 5], "num_warps": [4, 8], "group_m": [1, 8, 16],
              "tma": [1], "pdl": [0]},
 }
+# AWQ calls of <= GEMV_MAX_ROWS rows first try the FMA kernel (``gemv=1``) from these starting points (tiles whose
+# float32 accumulator fits the registers without spills for 1-2 rows on sm_90, per ptxas), split K by the rule;
+# the coordinate descent then goes on from the fastest of them if it beats the default
+GEMV_STARTS = [dict(gemv=1, block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=0)
+               for bn, bk, w in ((128, 32, 4), (256, 16, 8), (128, 16, 4), (64, 64, 4)) for st in (3, 5)]
 TOL = {"awq": 3e-3, "w8a8": 3e-3}  # relative error (Frobenius) against the reference, float16 outputs
 
 
@@ -261,6 +267,19 @@ def sweep(p: Problem, row: dict, timer: Timer, deadline: float, values: dict, sa
     if best_us is None:
         return
     tried = {json.dumps(config_dict(best_cfg), sort_keys=True)}
+    if p.fmt == "awq" and p.t <= quant.GEMV_MAX_ROWS:
+        for start in GEMV_STARTS[:len(GEMV_STARTS) if "gemv" in values else 1]:
+            if time.monotonic() > deadline:
+                row["sweep_cut"] = "budget"
+                return
+            cfg = dataclasses.replace(best_cfg, **start)
+            tried.add(json.dumps(config_dict(cfg), sort_keys=True))
+            result = dict(config=config_dict(cfg), **run_config(p, cfg, timer))
+            row["candidates"].append(result)
+            if "us" in result and result["us"] < best_us * 0.99:
+                best_cfg, best_us = cfg, result["us"]
+                row["best"] = result
+            save()
     for field, options in values.items():
         for value in options:
             if time.monotonic() > deadline:

@@ -130,3 +130,70 @@ def test_awq_dequantize_then_gemm_matches_the_reference(dtype, zeros, bias):
 def test_dequant_field_is_checked():
     with pytest.raises(ValueError, match="dequant=2"):
         tq._checked(tq.GemmConfig(block_m=16, block_n=64, block_k=32, dequant=2), "config", 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,split,zeros,bias", [(1, 192, 1, True, False), (3, 200, 3, False, True),
+                                                  (4, 256, 2, True, True), (2, 64, 1, True, True)])
+def test_awq_gemv_matches_the_reference(dtype, m, n, split, zeros, bias):
+    """The few-row FMA kernel (``gemv=1``: a sweep candidate) against the reference vendor: rows 1-4 (padded to a
+    power of two), N a multiple of the 64-column tile or not (200: a partial word tile), K split or not, zero
+    points or symmetric, bias; and on one K tile within rounding of the fused kernel (the same W, another sum order)."""
+    from dlinfer.vendor.reference import quant as rq
+
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    k, group = 384, 64
+    x = torch.randn(m, k, generator=g).to(dtype)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32)
+    scale = (torch.rand(k // group, n, generator=g) / 8 + 0.01).to(dtype)
+    offset = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), generator=g, dtype=torch.int32) if zeros else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    want = rq.weight_quant_matmul(x, qweight, scale, offset, b, group)
+    cfg = tq.GemmConfig(block_m=16, block_n=64, block_k=32, split_k=split, num_warps=1, num_stages=1, gemv=1)
+    with bounds_checked() as log:
+        got = tq.weight_quant_matmul(x, qweight, scale, offset, b, group, config=cfg)
+    assert "_awq_gemv_kernel" in log.launches and ("_split_k_reduce_kernel" in log.launches) == (split > 1)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item())
+    one = dict(block_m=16, block_n=64, block_k=32, num_warps=1, num_stages=1, split_k=1)
+    x1 = x[:, :32].contiguous()
+    w1, s1 = qweight[:32], scale[:1]
+    o1 = offset[:1] if zeros else None
+    gemv = tq.weight_quant_matmul(x1, w1, s1, o1, None, group, config=tq.GemmConfig(**one, gemv=1))
+    fused = tq.weight_quant_matmul(x1, w1, s1, o1, None, group, config=tq.GemmConfig(**one))
+    torch.testing.assert_close(gemv.float(), fused.float(), rtol=1e-2, atol=1e-3 * fused.float().abs().max().item())
+
+
+def test_awq_gemv_starts_compile_pipelined_without_spills():
+    """The sweep's starting points of the few-row FMA kernel (benchmarks/tune_quant.py's GEMV_STARTS), 1 and 2
+    rows, Llama-3-8B's down_proj K, compile for sm_90 with the K loop's loads pipelined (cp.async) and no register
+    spills (ptxas -v)."""
+    from sm90 import compile_for_sm90
+
+    compile_for_sm90(r'''
+import os, re, subprocess, tempfile
+import triton
+from sm90 import compile_for
+from benchmarks.tune_quant import GEMV_STARTS
+from dlinfer.vendor.triton import quant
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+types = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*i32", b_ptr="*bf16", out_ptr="*bf16",
+             ws_ptr="*fp32")
+for start in GEMV_STARTS:
+    for rows in (1, 2):
+        bk, stages = start["block_k"], start["num_stages"]
+        consts = dict(K=14336, GROUP=128, HAS_ZEROS=True, HAS_BIAS=False, MAGIC=0x4300, ROWS=rows,
+                      BLOCK_N=start["block_n"], BLOCK_K=bk, SPLIT_K=8, ITERS=14336 // 8 // bk, EVEN_N=True,
+                      USE_PDL=True, STAGES=stages)
+        k = compile_for(quant._awq_gemv_kernel, types, consts, start["num_warps"], stages)
+        name = f"{start} rows {rows}"
+        assert "async_copy_global_to_local" in k.asm["ttgir"], f"{name}: the K loop is not pipelined"
+        assert k.metadata.shared <= 232448, name
+        folder = tempfile.mkdtemp()
+        with open(os.path.join(folder, "k.ptx"), "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f"{folder}/k.ptx", "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+        assert spilled == 0, f"{name}: {spilled} bytes of register spills"
+print("compiled")
+''')

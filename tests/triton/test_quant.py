@@ -788,6 +788,13 @@ def test_tune_quant_dry_run_writes_checked_results(tmp_path, monkeypatch):
         assert row["sweep_done"]
         split = [c for c in row["candidates"] if c["config"]["split_k"] == 2]
         assert split and all("us" in c and c["rel_err"] < tune_quant.TOL[row["format"]] for c in split), split
+        gemv = [c for c in row["candidates"] if c["config"].get("gemv")]
+        if row["format"] == "awq" and row["t"] == 1:  # the few-row FMA kernel tried first (its first start; the
+            # descent goes on from it when it won)
+            assert row["candidates"][0]["config"]["gemv"] == 1, row["candidates"][0]
+            assert all("us" in c and c["rel_err"] < tune_quant.TOL["awq"] for c in gemv), gemv
+        else:
+            assert not gemv
     cut = tmp_path / "cut.json"
     assert tune_quant.main(["--dry-run", "--budget-s", "0", "--out", str(cut)]) == 0
     report = json.loads(cut.read_text())

@@ -98,6 +98,7 @@ class GemmConfig:
     tma: int = 0  # int8 GEMM: 1 reads both operands by TMA (Hopper tensor descriptors; untimed: off by default)
     pdl: int = 1  # split K on sm_90+: the reduce kernel launched early (programmatic dependent launch)
     dequant: int = 0  # AWQ: 1 dequantizes the weights into a [K, N] workspace and runs torch's GEMM (cuBLAS)
+    gemv: int = 0  # AWQ: 1 serves calls of <= GEMV_MAX_ROWS rows by the FMA kernel (no MMA; untimed: sweeps only)
 
 
 MIN_SPLIT_K = 512  # K elements per split at least (4 K tiles of 128: the pipeline has something to overlap)
@@ -139,11 +140,12 @@ def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
         bad.append(f"num_warps={cfg.num_warps}")
     bad += [f"{f}={getattr(cfg, f)}" for f in ("split_k", "target_programs") if getattr(cfg, f) < 0]
     bad += [f"{f}={getattr(cfg, f)}" for f in ("group_m", "num_stages") if getattr(cfg, f) < 1]
-    bad += [f"{f}={getattr(cfg, f)}" for f in ("tma", "pdl", "dequant") if getattr(cfg, f) not in (0, 1)]
+    bad += [f"{f}={getattr(cfg, f)}" for f in ("tma", "pdl", "dequant", "gemv") if getattr(cfg, f) not in (0, 1)]
     if bad:
         raise ValueError(f"{source}: invalid launch config ({', '.join(bad)}): block sizes are powers of two "
                          f"(block_m, block_n >= 16, block_k >= {min_block_k}), num_warps a power of two <= 16, "
-                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma, pdl and dequant 0 or 1")
+                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma, pdl, dequant and gemv 0 or "
+                         "1")
     return cfg
 
 
@@ -273,16 +275,17 @@ def _finish_tile(acc, pid_m, rm, rn, split, out_ptr, ws_ptr, stride_om, row_scal
                  bias_ptr, M, N, HAS_QBIAS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr):
     """A GEMM tile's end: the epilogue into ``out`` without a split, else the raw sums into the ``[SPLIT_K, M, N]``
-    workspace. 64-bit offsets only for the tile's origin (32-bit ones inside it: fewer registers)."""
+    workspace. 64-bit offsets only for the tile's origin (32-bit ones inside it: fewer registers); ``pid_m`` may
+    be a constant (tl.cast, not .to)."""
     local = tl.arange(0, BLOCK_M)[:, None]
     if SPLIT_K == 1:
-        ptrs = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_om + (local * stride_om + rn[None, :])
+        ptrs = out_ptr + tl.cast(pid_m * BLOCK_M, tl.int64) * stride_om + (local * stride_om + rn[None, :])
         _epilogue(acc, rm[:, None], rn[None, :], ptrs, row_scale_ptr, col_scale_ptr, qbias_ptr, bias_ptr, M, N,
                   HAS_QBIAS, HAS_ROW_SCALE, HAS_COL_SCALE, HAS_BIAS)
     else:
         if USE_PDL:  # the reduce kernel may start launching; its gdc_wait still waits for these stores
             tl.extra.cuda.gdc_launch_dependents()
-        ptrs = ws_ptr + (split * M + pid_m * BLOCK_M).to(tl.int64) * N + (local * N + rn[None, :])
+        ptrs = ws_ptr + tl.cast(split * M + pid_m * BLOCK_M, tl.int64) * N + (local * N + rn[None, :])
         tl.store(ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
@@ -417,6 +420,60 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
 
 
 _AWQ_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}
+GEMV_MAX_ROWS = 4  # the FMA kernel's rows at most (its float32 accumulator holds ROWS x BLOCK_K x BLOCK_N values)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _awq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
+                     stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
+                     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
+                     EVEN_N: tl.constexpr, USE_PDL: tl.constexpr, STAGES: tl.constexpr):
+    """``x @ W (+ bias)`` for a few rows (``M <= ROWS``) on the FMA units: the weights a ``[BLOCK_K, BLOCK_N]`` tile
+    at a time, dequantized as the fused GEMM does (:func:`_awq_unpack`; the same W), multiplied by each row's
+    ``BLOCK_K`` activations and accumulated elementwise in float32; the sum over K happens once, after the loop
+    (no reduction across threads per tile). Program (column tile, split) as in :func:`_awq_gemm_kernel`; 16-bit
+    activations only."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_N // 8
+    rm = tl.arange(0, ROWS)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_n * WORDS + tl.arange(0, WORDS)
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    row_ok = (rm < M)[:, None]
+    if EVEN_N:
+        w_cols = qw_ptr + rw[None, :]
+        s_cols = s_ptr + rn
+        z_cols = z_ptr + rw
+    else:  # columns past N wrap onto valid ones; the stores are masked
+        w_cols = qw_ptr + (rw % (N // 8))[None, :]
+        s_cols = s_ptr + rn % N
+        z_cols = z_ptr + rw % (N // 8)
+    EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
+    acc = tl.zeros((ROWS, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for i in tl.range(ITERS, num_stages=STAGES):
+        k0 = (split * ITERS + i) * BLOCK_K
+        ks = k0 + rk
+        g = tl.minimum(k0, K - 1) // GROUP
+        if EVEN:
+            x = tl.load(x_rows + ks[None, :], mask=row_ok, other=0.0)
+            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
+        else:
+            x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
+            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
+        s = tl.load(s_cols + g * stride_sg)[None, :]
+        q = _awq_unpack(packed, MAGIC, x.dtype)
+        if HAS_ZEROS:
+            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :], MAGIC, x.dtype)
+        else:
+            z = _awq_unpack(tl.full((1, WORDS), 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True), MAGIC,
+                            x.dtype)  # zero point 8
+        w = ((q - z) * s).to(tl.float32)
+        acc += x.to(tl.float32)[:, :, None] * w[None, :, :]
+    _finish_tile(tl.sum(acc, axis=1), 0, rm, rn, split, out_ptr, ws_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M,
+                 N, False, False, False, HAS_BIAS, SPLIT_K, ROWS, USE_PDL)
 
 
 @triton.jit
@@ -491,6 +548,16 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     split, pdl = cfg.split_k, _use_pdl(cfg, dev)
     iters = cdiv(cdiv(k, cfg.block_k), split)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=dev) if split > 1 else out
+    if cfg.gemv and m <= GEMV_MAX_ROWS and x.dtype != torch.float32:
+        _awq_gemv_kernel[(cdiv(n, cfg.block_n), split)](
+            x, qweight, scale, offset if offset is not None else qweight, bias if bias is not None else scale, out,
+            ws, m, n, k, group_size, x.stride(0), qweight.stride(0), scale.stride(0),
+            offset.stride(0) if offset is not None else 0, out.stride(0), HAS_ZEROS=offset is not None,
+            HAS_BIAS=bias is not None, MAGIC=_AWQ_MAGIC[x.dtype], ROWS=next_power_of_2(m), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, SPLIT_K=split, ITERS=iters, EVEN_N=n % cfg.block_n == 0, USE_PDL=pdl,
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _finish(ws, out, split, None, None, None, bias, pdl)
+        return out
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
     _awq_gemm_kernel[grid](x, qweight, scale, offset if offset is not None else qweight,
                            bias if bias is not None else scale, out, ws, m, n, k, group_size,
@@ -583,7 +650,8 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
 
 
 # the kernels a dense quantized GEMM launches (whose new variants the precompile log line counts)
-DENSE_KERNELS = (_awq_gemm_kernel, _awq_dequant_kernel, _int8_gemm_kernel, _split_k_reduce_kernel)
+DENSE_KERNELS = (_awq_gemm_kernel, _awq_gemv_kernel, _awq_dequant_kernel, _int8_gemm_kernel,
+                 _split_k_reduce_kernel)
 
 
 def linear_w8a8(a: torch.Tensor, b: torch.Tensor, rms_scale: torch.Tensor, linear_scale: torch.Tensor,
