@@ -267,37 +267,26 @@ def sweep(p: Problem, row: dict, timer: Timer, deadline: float, values: dict, sa
     if best_us is None:
         return
     tried = {json.dumps(config_dict(best_cfg), sort_keys=True)}
-    if p.fmt == "awq" and p.t <= quant.GEMV_MAX_ROWS:
-        for start in GEMV_STARTS[:len(GEMV_STARTS) if "gemv" in values else 1]:
-            if time.monotonic() > deadline:
-                row["sweep_cut"] = "budget"
-                return
-            cfg = dataclasses.replace(best_cfg, **start)
-            tried.add(json.dumps(config_dict(cfg), sort_keys=True))
-            result = dict(config=config_dict(cfg), **run_config(p, cfg, timer))
-            row["candidates"].append(result)
-            if "us" in result and result["us"] < best_us * 0.99:
-                best_cfg, best_us = cfg, result["us"]
-                row["best"] = result
-            save()
-    for field, options in values.items():
-        for value in options:
-            if time.monotonic() > deadline:
-                row["sweep_cut"] = "budget"
-                return
-            cfg = dataclasses.replace(best_cfg, **{field: value})
-            if p.fmt == "awq":
-                cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, GROUP))
-            key = json.dumps(config_dict(cfg), sort_keys=True)
-            if key in tried:
-                continue
-            tried.add(key)
-            result = dict(config=config_dict(cfg), **run_config(p, cfg, timer))
-            row["candidates"].append(result)
-            if "us" in result and result["us"] < best_us * 0.99:
-                best_cfg, best_us = cfg, result["us"]
-                row["best"] = result
-            save()
+    starts = [dict(s) for s in GEMV_STARTS[:len(GEMV_STARTS) if "gemv" in values else 1]] \
+        if p.fmt == "awq" and p.t <= quant.GEMV_MAX_ROWS else []
+    moves = [(None, s) for s in starts] + [(f, {f: v}) for f, options in values.items() for v in options]
+    for _, change in moves:
+        if time.monotonic() > deadline:
+            row["sweep_cut"] = "budget"
+            return
+        cfg = dataclasses.replace(best_cfg, **change)
+        if p.fmt == "awq":
+            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, GROUP))
+        key = json.dumps(config_dict(cfg), sort_keys=True)
+        if key in tried:
+            continue
+        tried.add(key)
+        result = dict(config=config_dict(cfg), **run_config(p, cfg, timer))
+        row["candidates"].append(result)
+        if "us" in result and result["us"] < best_us * 0.99:
+            best_cfg, best_us = cfg, result["us"]
+            row["best"] = result
+        save()
     row["sweep_done"] = True
 
 

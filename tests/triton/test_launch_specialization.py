@@ -98,27 +98,35 @@ def test_every_launch_compiles_with_the_launchers_specialization(tmp_path):
     _compile_all(specs, tmp_path)
 
 
+def _random_awq(m: int, k: int, n: int, group: int, dtype, zeros: bool, bias: bool, seed: int):
+    """Random AWQ operands (any int32 words: every nibble value) and the reference vendor's result."""
+    from dlinfer.vendor.reference import quant as rq
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32)
+    scale = (torch.rand(k // group, n, generator=g) / 8 + 0.01).to(dtype)
+    offset = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), generator=g, dtype=torch.int32) if zeros else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return (x, qweight, scale, offset, b), rq.weight_quant_matmul(x, qweight, scale, offset, b, group)
+
+
+def _close_to(got, want):
+    """W rounded once to the 16-bit dtype (as the kernels form it), the output rounded: half an ulp of the
+    largest outputs."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("zeros,bias", [(True, False), (False, True)])
 def test_awq_dequantize_then_gemm_matches_the_reference(dtype, zeros, bias):
     """The large-M AWQ path (weights dequantized by a kernel, then torch's GEMM) against the reference vendor, and
     its dequantized weights equal to the ones the fused kernel forms (a one-row call of the identity-like input
     reads one row of W)."""
-    from dlinfer.vendor.reference import quant as rq
-
-    g = torch.Generator().manual_seed(11)
     m, k, n, group = 37, 256, 192, 64  # N: 3 tiles of 64 columns, one partial word tile at 128
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32)
-    scale = (torch.rand(k // group, n, generator=g) / 8 + 0.01).to(dtype)
-    offset = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), generator=g, dtype=torch.int32) if zeros else None
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    want = rq.weight_quant_matmul(x, qweight, scale, offset, b, group)
+    (x, qweight, scale, offset, b), want = _random_awq(m, k, n, group, dtype, zeros, bias, 11)
     cfg = tq.GemmConfig(block_m=32, block_n=64, block_k=32, num_warps=1, num_stages=1, dequant=1)
-    got = tq.weight_quant_matmul(x, qweight, scale, offset, b, group, config=cfg)
-    # W rounded once to the 16-bit dtype (as the fused kernel forms it), the output rounded: half an ulp of the
-    # largest outputs
-    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item())
+    _close_to(tq.weight_quant_matmul(x, qweight, scale, offset, b, group, config=cfg), want)
     w = tq.awq_dequantize(qweight, scale, offset, group, dtype)
     eye = torch.eye(k, dtype=dtype)[:5]
     fused = tq.weight_quant_matmul(eye, qweight, scale, offset, None, group,
@@ -139,21 +147,13 @@ def test_awq_gemv_matches_the_reference(dtype, m, n, split, zeros, bias):
     """The few-row FMA kernel (``gemv=1``: a sweep candidate) against the reference vendor: rows 1-4 (padded to a
     power of two), N a multiple of the 64-column tile or not (200: a partial word tile), K split or not, zero
     points or symmetric, bias; and on one K tile within rounding of the fused kernel (the same W, another sum order)."""
-    from dlinfer.vendor.reference import quant as rq
-
-    g = torch.Generator().manual_seed(m * 1000 + n)
     k, group = 384, 64
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32)
-    scale = (torch.rand(k // group, n, generator=g) / 8 + 0.01).to(dtype)
-    offset = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), generator=g, dtype=torch.int32) if zeros else None
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    want = rq.weight_quant_matmul(x, qweight, scale, offset, b, group)
+    (x, qweight, scale, offset, b), want = _random_awq(m, k, n, group, dtype, zeros, bias, m * 1000 + n)
     cfg = tq.GemmConfig(block_m=16, block_n=64, block_k=32, split_k=split, num_warps=1, num_stages=1, gemv=1)
     with bounds_checked() as log:
         got = tq.weight_quant_matmul(x, qweight, scale, offset, b, group, config=cfg)
     assert "_awq_gemv_kernel" in log.launches and ("_split_k_reduce_kernel" in log.launches) == (split > 1)
-    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.float().abs().max().item())
+    _close_to(got, want)
     one = dict(block_m=16, block_n=64, block_k=32, num_warps=1, num_stages=1, split_k=1)
     x1 = x[:, :32].contiguous()
     w1, s1 = qweight[:32], scale[:1]
