@@ -61,10 +61,11 @@ VARIABLES: tuple[Variable, ...] = (
              "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
              "tiers)", "at the first fused_moe call of a shape bucket"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
-             "`0` turns off compiling every fused-MoE kernel variant (`fused_moe`, `fused_moe_w8a8`) of a shape's "
-             "token buckets at its first eager call, smallest first within 120 s (else they compile one by one as "
-             "batch sizes change while serving); `dlinfer check` sets `0` unless told otherwise",
-             "at the first fused_moe call of a shape"),
+             "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
+             "(fused MoE: `fused_moe`, `fused_moe_w8a8`; the quantized dense GEMMs: `weight_quant_matmul`, "
+             "`linear_w8a8`, `linear_w8a8_static`), smallest first within 120 s per shape (else they compile one "
+             "by one as batch sizes change while serving); `dlinfer check` sets `0` unless told otherwise",
+             "at the first call of a shape"),
     Variable("DLINFER_CACHE_DIR", "spec", "",
              "directory of dlinfer's caches (tuned kernel configs under `tuning/`); default "
              "`$XDG_CACHE_HOME/dlinfer`, else `~/.cache/dlinfer`", "when a tuning cache is read or written"),

@@ -803,6 +803,9 @@ def run_buckets(run_bucket, max_tokens: int, what: str, kernels, max_s: float | 
         run_bucket(tokens)
         runs += 1
     after = compiled_variants(kernels)
+    if torch.cuda.is_available():  # the dummy calls' buffers (up to the largest bucket's) back to the device: an
+        # engine that sizes its KV cache from the free memory after its warm-up must not lose them
+        torch.cuda.empty_cache()
     seconds = time.perf_counter() - t0
     variants = f"{after - before} kernel variants compiled" if before is not None and after is not None else \
         "kernel variants compiled"
