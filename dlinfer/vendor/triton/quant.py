@@ -62,8 +62,8 @@ def _round_to_bf16(x):
 # ``DLINFER_TRITON_AWQ="block_n=256,split_k=4"`` / ``DLINFER_TRITON_W8A8="..."`` (fields of :class:`GemmConfig`),
 # read when a config is first built (once per shape bucket per process); benchmarks/tune_quant.py passes
 # configs directly. Chosen from first principles (below), then timed against LMDeploy's kernels on an H200
-# (benchmarks/tune_quant.py, Llama-3-8B's linears): AWQ on Hopper takes the swept tiles noted in awq_config and,
-# from DEQUANT_MIN_M rows, dequantizes for torch's GEMM; other cards keep the first-principles tiles (untimed).
+# (benchmarks/tune_quant.py, Llama-3-8B's linears): AWQ on Hopper takes the swept tiles noted in awq_config; from
+# DEQUANT_MIN_M rows every card dequantizes for torch's GEMM; other cards' tiles stay first-principles (untimed).
 # Every default config compiles for sm_90 within its shared memory (tests/triton/test_quant.py).
 #
 # * Decode (M <= 64): the weights are streamed once (int4: N * K / 2 bytes; int8: N * K), 128 columns a program
@@ -162,11 +162,13 @@ def _bucket(m: int) -> int:
     return max(16, next_power_of_2(m))
 
 
-# From this many rows (M rounded up to a power of two) on Hopper, the AWQ GEMM dequantizes the weights into a
-# [K, N] workspace (one streaming kernel: 2.5 bytes per weight moved) and runs torch's GEMM on it: the fused
-# kernel reached ~47 % of the bf16 matmul bound at T=4096 on the H200 (the dequantization's instructions share
-# the SM with the MMAs), while the workspace costs K * N * 2 bytes once per call, small against a GEMM of
-# >= 512 rows. 16-bit activations only (float32 runs the exact fused kernel).
+# From this many rows (M rounded up to a power of two) the AWQ GEMM dequantizes the weights into a [K, N]
+# workspace (one streaming kernel: 2.5 bytes per weight moved) and runs torch's GEMM on it: the fused kernel
+# reached 40-47 % of the bf16 matmul bound at T=4096 on the H200 (the dequantization's instructions share the SM
+# with the MMAs; the peer's fused kernel 55-60 %), the dequantize + GEMM path 84-90 % (1.07-1.68x the peer from
+# 512 rows). The workspace costs K * N * 2 bytes once per call, small against a GEMM of >= 512 rows. Taken on
+# every card: the GEMM is the vendor library's, tuned for that card, where a fused tile config would be one
+# card's (unmeasured elsewhere). 16-bit activations only (float32 runs the exact fused kernel).
 DEQUANT_MIN_M = 512
 
 
@@ -197,7 +199,7 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
     hopper = device_type == "cuda" and card(device_index).capability == 9
     if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
-    elif hopper and m_bucket >= DEQUANT_MIN_M and dtype != torch.float32:
+    elif m_bucket >= DEQUANT_MIN_M and dtype != torch.float32:  # any card: its own cuBLAS tuning
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, dequant=1)
     elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= _sm_count(device_type,
                                                                                          device_index):
