@@ -855,12 +855,13 @@ def test_dense_gemms_precompile_every_bucket_once_per_shape(monkeypatch):
     assert rows == [1]  # the shape is done
     a = torch.randint(-127, 128, (100, k), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w8a8_args = (a, b, torch.rand(100, 1, generator=g), torch.rand(n, generator=g), torch.float16, torch.int8, None)
     monkeypatch.setenv("DLINFER_PRECOMPILE", "0")
-    triton_quant.linear_w8a8(a, b, torch.rand(100, 1, generator=g), torch.rand(n, generator=g), torch.float16, torch.int8, None)
+    triton_quant.linear_w8a8(*w8a8_args)
     assert rows == [1, 100] and len(triton_quant._dense_precompiled) == 1  # off: nothing run, the shape left open
     monkeypatch.delenv("DLINFER_PRECOMPILE")
     rows.clear()
-    triton_quant.linear_w8a8(a, b, torch.rand(100, 1, generator=g), torch.rand(n, generator=g), torch.float16, torch.int8, None)
+    triton_quant.linear_w8a8(*w8a8_args)
     assert rows == [16, 16, 16, 16, 16, 32, 64, 128, 100]  # up to the call's own 100 rows (> 40)
 
 

@@ -144,8 +144,8 @@ def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
     if bad:
         raise ValueError(f"{source}: invalid launch config ({', '.join(bad)}): block sizes are powers of two "
                          f"(block_m, block_n >= 16, block_k >= {min_block_k}), num_warps a power of two <= 16, "
-                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma, pdl, dequant and gemv 0 or "
-                         "1")
+                         "split_k and target_programs >= 0, group_m and num_stages >= 1, tma, pdl, dequant and "
+                         "gemv 0 or 1")
     return cfg
 
 
@@ -197,12 +197,12 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
     """The AWQ GEMM's launch config for ``M`` rows rounded up to ``m_bucket`` (a power of two >= 16), split
     resolved (see the section comment)."""
     hopper = device_type == "cuda" and card(device_index).capability == 9
+    sms = _sm_count(device_type, device_index)
     if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
     elif m_bucket >= DEQUANT_MIN_M and dtype != torch.float32:  # any card: its own cuBLAS tuning
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, dequant=1)
-    elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= _sm_count(device_type,
-                                                                                         device_index):
+    elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= sms:
         # a wave of 128-column tiles without a split: 16 x 64 tiles (H200, gate_up 14336 x 2 at T=1: 57.8 us
         # against 74.9 us for 64 x 128 and the peer's 66.9 us)
         cfg = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
@@ -221,7 +221,7 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
         cfg = GemmConfig(block_m=block_m, block_n=64, block_k=32, num_warps=8 if block_m == 64 else 4, num_stages=3)
     cfg = _checked(env_overrides(cfg, "DLINFER_TRITON_AWQ"), "DLINFER_TRITON_AWQ", 16)
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
-    return _resolve(cfg, m_bucket, n, k, 0.5, _sm_count(device_type, device_index))
+    return _resolve(cfg, m_bucket, n, k, 0.5, sms)
 
 
 @memo
