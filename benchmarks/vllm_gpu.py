@@ -19,7 +19,9 @@ Engines start concurrently (``--parallel``; all of them on a GPU) and warm up wi
 (other prompts, same length distribution); then their timed passes run one at a time, each only once no other
 engine is starting: ``--requests`` prompts of ``--min-prompt``..``--max-prompt`` random tokens, each with its own
 ``--min-new``..``--max-new`` greedy new tokens (``ignore_eos``), all given to one ``LLM.generate``. Reported: output
-and total tokens/s, the wall time, start-up and warm-up times; from inside the engine's worker, the dlinfer ops
+and total tokens/s, the wall time, start-up and warm-up times, the Triton compilations of the warm-up and of each
+timed pass in the engine's model process(es) (``benchmarks/compile_log.py``; a kernel variant the warm-up did not
+meet compiles inside a timed pass and slows it: a warning names it); from inside the engine's worker, the dlinfer ops
 it called and the vendor that served each (the plugin must have taken every op over, on the ``triton`` vendor on
 a GPU, and the dlinfer classes must be the ones in the model), and from its log the attention backend, the
 CUDA-graph mode and the plugin's own line. After the engines, a float32 oracle per model (transformers in float32
@@ -36,8 +38,9 @@ a warm-up pass, then the same ``--requests`` prompts as the offline timed pass, 
 ``--request-rate inf``; or N requests/s, evenly spaced) from standard-library threads. Per request: TTFT (request
 to the first streamed token), TPOT ((latency - TTFT) / (output tokens - 1)); per pass: output tokens/s. Reported:
 median and p99 TTFT and TPOT per backend and the dlinfer / stock ratios, the greedy tokens' agreement between the
-backends and with the offline run, and the plugin's log line in the dlinfer server (none in the stock one). The part
-is skipped, saying why, when vLLM's API server cannot be imported (fastapi, uvicorn, ... missing).
+backends and with the offline run, and the plugin's log line in the dlinfer server (none in the stock one); not the
+Triton compilations (the API server runs no function of ours in its engine's workers). The part is skipped, saying
+why, when vLLM's API server cannot be imported (fastapi, uvicorn, ... missing).
 
 ``--deadline`` (seconds from the start) bounds everything: no engine or server starts, no timed pass begins and no
 oracle runs unless its expected time fits; at the deadline every child is killed. The JSON (``--out``, default
@@ -78,6 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import compile_log  # noqa: E402  (Triton compile counts, sent to vLLM's workers)
 from benchmarks import lmdeploy_e2e as e2e  # noqa: E402  (stdlib-only at import: workload, oracle, agreement)
 
 
@@ -177,6 +181,16 @@ def child_llm_kwargs(spec: dict) -> dict:
     return kwargs
 
 
+def compiles_since(llm) -> dict:
+    """Triton compilations since the last call in the engine's worker(s) and in this process, vLLM's front end
+    (counted too, though no kernel of the model runs here), merged by compile_log.merge.
+
+    ``collective_rpc`` reaches the processes that run the model: with one GPU, vLLM's EngineCore process, which runs
+    its worker in-process; with a multi-process executor (tensor parallel, or vLLM's CPU platform) the workers,
+    while the EngineCore process only schedules and is not reached (it runs no kernel)."""
+    return compile_log.merge([compile_log.take(), *llm.collective_rpc(compile_log.take)])
+
+
 def engine_child(spec_path: str) -> int:
     """One engine: start, warm up, say ready, wait for the go, time one pass, report, write the result."""
     spec = json.loads(Path(spec_path).read_text())
@@ -197,6 +211,10 @@ def engine_child(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
+    # From here on: every Triton compilation of the warm-up and of each timed pass (a variant first met in a timed
+    # pass compiles there, on its clock). Start-up's own compilations (profiling, graph capture) are not counted.
+    compile_log.install()
+    llm.collective_rpc(compile_log.install)
     _, _, warm_inputs, warm_params = batch(args.seed + 1)
     t0 = time.perf_counter()
     llm.generate(warm_inputs, warm_params, use_tqdm=False)
@@ -209,7 +227,8 @@ def engine_child(spec_path: str) -> int:
         time.sleep(0.05)
 
     llm.collective_rpc(counters.reset)
-    pass_tok_s = []
+    warmup_compiles = compiles_since(llm)  # the warm-up's and the wait's: each pass counts only its own
+    pass_tok_s, pass_compiles = [], []
     # Pass 1 holds the requests every backend is compared on; later passes (run-to-run noise) draw other prompts
     # of the same distribution: the same ones again would hit vLLM's prefix cache and skip their prefill.
     for k in range(max(1, args.timed_passes)):
@@ -217,6 +236,7 @@ def engine_child(spec_path: str) -> int:
         t0 = time.perf_counter()
         outs = llm.generate(inputs, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
+        pass_compiles.append(compiles_since(llm))
         p_tokens = [list(o.outputs[0].token_ids) for o in outs]
         pass_tok_s.append(sum(map(len, p_tokens)) / seconds)
         if k == 0:
@@ -233,6 +253,8 @@ def engine_child(spec_path: str) -> int:
         "total_tok_s": round((out_tokens + in_tokens) / generate_s, 1),  # pass 1
         "pass_output_tok_s": [round(x, 1) for x in pass_tok_s],
         "pass_spread": round((max(pass_tok_s) - min(pass_tok_s)) / sorted(pass_tok_s)[len(pass_tok_s) // 2], 4),
+        "triton_compiles_warmup": warmup_compiles,
+        "triton_compiles_per_pass": pass_compiles,
         "workers": llm.collective_rpc(counters.report),  # dlinfer op counts (timed pass) and serving vendors
         "classes": llm.apply_model(counters.model_classes),
         "first_tokens": [t[: spec["compare_tokens"]] for t in tokens],
@@ -522,6 +544,14 @@ def log_facts(text: str) -> dict:
             "model_runner": runner}
 
 
+def compiles_text(compiles: dict) -> str:
+    """One phase's Triton compilations for a log line or a table cell: "0", "3 (1.2 s)", or "not counted" when a
+    process's hooks were not Triton's (no Triton there, or replaced)."""
+    if not compiles.get("hooked"):
+        return "not counted"
+    return f"{compiles['count']} ({compiles['seconds']:.1f} s)" if compiles["count"] else "0"
+
+
 def check_run(run_name: str, result: dict, moe: bool, device: str, log: list[str]) -> list[str]:
     """What is wrong with a run's evidence (empty: the backend is the one it claims)."""
     backend = run_name.split("/")[1]
@@ -745,9 +775,18 @@ class Bench:
         result["timed_while_others_started"] = r.timed_while_starting
         result["problems"] = check_run(r.name, result, MODELS[r.model].moe, self.args.device, lines)
         self.report["runs"][r.name] = result
+        per_pass = result["triton_compiles_per_pass"]
         self.log(f"[done] {r.name}: {result['output_tok_s']:.0f} output tok/s ({result['output_tokens']} tokens in "
                  f"{result['generate_s']:.2f} s; start-up {result['startup_s']:.0f} s, warm-up "
-                 f"{result['warmup_s']:.1f} s)")
+                 f"{result['warmup_s']:.1f} s; Triton compiles in the warm-up "
+                 f"{compiles_text(result['triton_compiles_warmup'])}, per timed pass "
+                 f"{', '.join(map(compiles_text, per_pass))})")
+        for k, c in enumerate(per_pass, 1):
+            if c["count"]:
+                kernels = ", ".join(f"{name} x{n}" for name, n in list(c["per_kernel"].items())[:6])
+                self.log(f"[warn] {r.name}: timed pass {k} compiled {c['count']} Triton kernel variant(s) in "
+                         f"{c['seconds']:.1f} s ({kernels}): the warm-up did not meet them, the pass's rate pays "
+                         "for their compilation")
         self.log(f"[done] {r.name}: " + ", ".join(f"{k} {v}" for k, v in result["facts"].items()))
         for w in result.get("workers") or []:
             served = ", ".join(f"{op}: {'/'.join(v)}" for op, v in sorted((w.get("vendors") or {}).items()))
@@ -1025,10 +1064,11 @@ class Bench:
                        f"{pct(r['hf_bf16_argmax'])} | {pct(r['stock_within_gap'])} / {pct(r['dlinfer_within_gap'])} / "
                        f"{pct(r['hf_bf16_within_gap'])} | {checks} |")
         out += ["", "| run | attention backend | CUDA graphs | model runner | start-up s | warm-up pass s | timed pass s "
-                "| out tok/s per timed pass (spread) |", "|---|---|---|---|---:|---:|---:|---|"]
+                "| out tok/s per timed pass (spread) | Triton compiles per timed pass |",
+                "|---|---|---|---|---:|---:|---:|---|---|"]
         for name, run in self.report["runs"].items():
             if "error" in run:
-                out.append(f"| {name} | {run['error'][:80]} | | | | | | |")
+                out.append(f"| {name} | {run['error'][:80]} | | | | | | | |")
                 continue
             f = run.get("facts") or {}
             backend = f.get("attention_backend") or "-"
@@ -1039,8 +1079,9 @@ class Bench:
             passes = ", ".join(f"{x:.0f}" for x in run.get("pass_output_tok_s") or [])
             if run.get("pass_spread") is not None and len(run.get("pass_output_tok_s") or []) > 1:
                 passes += f" ({100 * run['pass_spread']:.1f} %)"
+            compiles = ", ".join(map(compiles_text, run.get("triton_compiles_per_pass") or []))
             out.append(f"| {name} | {backend} | {f.get('cudagraph_mode', '-')} | {f.get('model_runner') or '-'} | "
-                       f"{times} | {passes or '-'} |")
+                       f"{times} | {passes or '-'} | {compiles or '-'} |")
         return "\n".join(out)
 
     def write_logs(self) -> None:

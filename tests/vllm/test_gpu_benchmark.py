@@ -1,9 +1,9 @@
 """benchmarks/vllm_gpu.py end to end on this CPU: the GPU run's code, on a tiny MoE model, before any device time.
 
 One invocation (about two and a half minutes here): build the tiny Qwen3-MoE model, start vLLM + dlinfer in its own
-process group, warm it up, time it, collect the dlinfer evidence from the engine's worker process, score it with
-the float32 oracle, then serve the model with ``vllm serve`` on 127.0.0.1 (the serve part: streamed requests,
-TTFT/TPOT), write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
+process group, warm it up, time it, collect the dlinfer evidence and the Triton compile counts from the engine's
+worker process, score it with the float32 oracle, then serve the model with ``vllm serve`` on 127.0.0.1 (the serve
+part: streamed requests, TTFT/TPOT), write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
 tests/test_vllm_gpu_bench.py checks the stock side of the report. The script's own CPU run of both:
 ``python benchmarks/vllm_gpu.py --device cpu --eager``.)
 """
@@ -21,6 +21,9 @@ import pytest
 pytest.importorskip("vllm", reason="vllm is not installed (bash scripts/setup_vllm_env.sh)")
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import compile_log, vllm_gpu  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,88 @@ def test_dlinfer_evidence_comes_from_the_worker(bench):
     assert worker["counts"]["paged_decode_attention"] > 0
     log = "\n".join(report["runs"]["qwen3moe/dlinfer"]["log"])
     assert "dlinfer: vLLM plugin took over on cpu" in log
+
+
+@pytest.mark.slow
+def test_triton_compiles_are_counted_in_the_model_process(bench):
+    """The compile log reached the worker that ran the model (its pid is among the counted processes, its hooks were
+    Triton's): counts for the warm-up and for each timed pass, in the JSON, the table and the log. (The CPU's
+    reference vendor and vLLM's CPU kernels compile no Triton kernel: zeros here.)"""
+    proc, report = bench
+    run = report["runs"]["qwen3moe/dlinfer"]
+    phases = [run["triton_compiles_warmup"], *run["triton_compiles_per_pass"]]
+    assert len(run["triton_compiles_per_pass"]) == 2
+    for c in phases:
+        assert set(c) == {"count", "seconds", "per_kernel", "pids", "hooked"}
+        assert isinstance(c["count"], int) and isinstance(c["seconds"], float) and c["count"] >= 0 <= c["seconds"]
+        assert sum(c["per_kernel"].values()) == c["count"]
+        assert c["hooked"] is True and run["workers"][0]["pid"] in c["pids"] and len(c["pids"]) >= 2
+    assert "| out tok/s per timed pass (spread) | Triton compiles per timed pass |" in proc.stdout
+    counted = ", ".join(map(vllm_gpu.compiles_text, run["triton_compiles_per_pass"]))
+    warm = vllm_gpu.compiles_text(phases[0])
+    assert f"Triton compiles in the warm-up {warm}, per timed pass {counted})" in proc.stdout
+
+
+def test_compile_log_counts_in_the_functions_the_workers_get(monkeypatch):
+    """install / take / merge, as collective_rpc calls them (with a worker argument), on compilations reported the
+    way Triton's JIT calls its hooks: one event per compilation, per kernel, per phase."""
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
+    monkeypatch.setattr(compile_log, "_log", None)
+    assert compile_log.take(object()) == {"pid": os.getpid(), "hooked": False, "count": 0, "seconds": 0.0,
+                                          "per_kernel": {}}
+    assert compile_log.install(object()) == os.getpid()
+    first = compile_log._log
+    assert compile_log.install() == os.getpid() and compile_log._log is first  # once per process
+
+    def compile_(name: str) -> None:
+        kwargs = dict(key=1, repr="", fn=type("Info", (), {"name": name})(), compile={}, is_manual_warmup=False,
+                      already_compiled=False)
+        assert knobs.runtime.jit_cache_hook(**kwargs) is False  # Triton goes on and compiles
+        knobs.runtime.jit_post_compile_hook(**kwargs)
+
+    for name in ("fused_moe_kernel", "fused_moe_kernel", "_rms_norm"):
+        compile_(name)
+    taken = compile_log.take(object())
+    assert taken["hooked"] is True and taken["count"] == 3 and taken["seconds"] >= 0
+    assert taken["per_kernel"] == {"fused_moe_kernel": 2, "_rms_norm": 1}
+    assert compile_log.take()["count"] == 0  # a take empties the log: the next phase starts from zero
+    other = {"pid": 1, "hooked": True, "count": 1, "seconds": 0.5, "per_kernel": {"_rms_norm": 1}}
+    merged = compile_log.merge([taken, other, compile_log.take()])
+    assert merged["count"] == 4 and merged["per_kernel"] == {"fused_moe_kernel": 2, "_rms_norm": 2}
+    assert merged["pids"] == sorted({1, os.getpid()}) and merged["hooked"] is True
+    assert compile_log.merge([taken, dict(other, hooked=False)])["hooked"] is False
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)  # replaced by someone else: not counted
+    assert compile_log.take()["hooked"] is False
+
+
+def test_compiles_in_a_timed_pass_are_reported_and_warned_about(tmp_path, capsys):
+    """A run whose second timed pass compiled: the [done] line and the run table give every pass's compiles, a
+    [warn] line names the pass and its kernels; a pass of a process without Triton's hooks reads "not counted"."""
+    def phase(count: int, seconds: float = 0.0, **per_kernel: int) -> dict:
+        return {"count": count, "seconds": seconds, "per_kernel": per_kernel, "pids": [7, 8], "hooked": True}
+
+    args = vllm_gpu.parse_args(["--device", "cpu", "--models", "qwen3moe", "--backends", "dlinfer", "--timed-passes",
+                                "3", "--out", str(tmp_path / "out.json")])
+    bench = vllm_gpu.Bench(args)
+    run = vllm_gpu.Run("qwen3moe", "dlinfer", dir=tmp_path)
+    result = {"output_tok_s": 100.0, "output_tokens": 60, "generate_s": 0.6, "startup_s": 9.0, "warmup_s": 1.0,
+              "pass_output_tok_s": [100.0, 80.0, 101.0], "pass_spread": 0.21,
+              "triton_compiles_warmup": phase(12, 4.06, fused_moe_kernel=12),
+              "triton_compiles_per_pass": [phase(0), phase(3, 1.24, fused_moe_kernel=2, _rms_norm=1), phase(0)]}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    (tmp_path / "log.txt").write_text("")
+    bench.finish(run)
+    printed = capsys.readouterr().out
+    assert "Triton compiles in the warm-up 12 (4.1 s), per timed pass 0, 3 (1.2 s), 0)" in printed
+    assert ("[warn] qwen3moe/dlinfer: timed pass 2 compiled 3 Triton kernel variant(s) in 1.2 s (fused_moe_kernel "
+            "x2, _rms_norm x1)") in printed
+    assert printed.count("[warn]") == 1
+    assert "| 100, 80, 101 (21.0 %) | 0, 3 (1.2 s), 0 |" in bench.table(bench.summary())
+    bench.report["runs"]["qwen3moe/dlinfer"]["triton_compiles_per_pass"][0]["hooked"] = False
+    assert "| not counted, 3 (1.2 s), 0 |" in bench.table(bench.summary())
 
 
 @pytest.mark.slow
