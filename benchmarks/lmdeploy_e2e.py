@@ -373,11 +373,20 @@ def run_child(spec: RunSpec) -> None:
     requests = spec.timed_requests or timed_request_count(
         spec.requests, warm_count, warmup_s - warmup_compiles["seconds"], spec.pass_seconds)
     prompts = workload(requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
-    passes = []
-    for _ in range(max(1, spec.timed_passes)):
-        duration, records = run(prompts)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_monitor import GpuMonitor
+
+    monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
+    monitor.start()
+    passes, pass_compiles = [], []
+    for k in range(max(1, spec.timed_passes)):
+        with monitor.phase(f"pass {k + 1}"):
+            duration, records = run(prompts)
         passes.append((duration, records))
-    timed_compiles = compiles.take()
+        pass_compiles.append(compiles.take())
+    monitor.stop()
+    timed_compiles = CompileLog.total(pass_compiles)
     durations = [d for d, _ in passes]
     duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
     if any(r.get("error") for r in records):
@@ -424,6 +433,8 @@ def run_child(spec: RunSpec) -> None:
         "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
         "triton_compiles_warmup": warmup_compiles,
         "triton_compiles_timed": timed_compiles,
+        "triton_compiles_per_pass": pass_compiles,
+        "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(passes))],
         "profile_top_kernels": profile,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
     }
@@ -456,6 +467,16 @@ class CompileLog:
         fn = kwargs.get("fn")
         self.events.append((getattr(fn, "name", "?"), time.perf_counter() - self._t0))
         return False
+
+    @staticmethod
+    def total(takes: list[dict]) -> dict:
+        """The sum of several :meth:`take` results (count, seconds, count per kernel)."""
+        per_kernel: dict[str, int] = {}
+        for t in takes:
+            for name, n in t["per_kernel"].items():
+                per_kernel[name] = per_kernel.get(name, 0) + n
+        return {"count": sum(t["count"] for t in takes), "seconds": round(sum(t["seconds"] for t in takes), 2),
+                "per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))}
 
     def take(self) -> dict:
         """The compilations since the last call: count, seconds, and count per kernel."""
@@ -801,6 +822,10 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_monitor  # (stdlib only) the [gpu] lines
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS) + ["all"], nargs="+", default=["llama8b"],
@@ -992,6 +1017,13 @@ def main(argv=None) -> int:
             f"timed pass: {timed_jit.get('count', '?')}, {timed_jit.get('seconds', '?')} s; passes "
             f"{result.get('pass_output_tok_s')}, spread {result.get('pass_spread', 0):.1%}; TTFT median "
             f"{1e3 * (result.get('median_ttft_s') or 0):.0f} ms, p99 {1e3 * (result.get('p99_ttft_s') or 0):.0f} ms)")
+        per_pass = result.get("triton_compiles_per_pass") or []
+        if len(per_pass) > 1:
+            log(f"[jit] {name}: Triton compiles per timed pass: "
+                + ", ".join(f"{c['count']} ({c['seconds']} s)" if c["count"] else "0" for c in per_pass))
+        for k, g in enumerate(result.get("gpu_per_pass") or [], 1):
+            if g is not None:
+                log(f"[gpu] {name}: timed pass {k}: {gpu_monitor.describe(g)}")
         noise = result.get("pass_spread_after_first")
         if noise is not None and noise > 0.02:
             log(f"[warn] {name}: timed passes 2..{len(result['pass_output_tok_s'])} differ by {noise:.1%} (> 2 %): "

@@ -82,6 +82,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import compile_log  # noqa: E402  (Triton compile counts, sent to vLLM's workers)
+from benchmarks.gpu_monitor import GpuMonitor, describe as describe_gpu  # noqa: E402  (clocks per pass)
 from benchmarks import lmdeploy_e2e as e2e  # noqa: E402  (stdlib-only at import: workload, oracle, agreement)
 
 
@@ -229,18 +230,22 @@ def engine_child(spec_path: str) -> int:
     llm.collective_rpc(counters.reset)
     warmup_compiles = compiles_since(llm)  # the warm-up's and the wait's: each pass counts only its own
     pass_tok_s, pass_compiles = [], []
+    monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
+    monitor.start()
     # Pass 1 holds the requests every backend is compared on; later passes (run-to-run noise) draw other prompts
     # of the same distribution: the same ones again would hit vLLM's prefix cache and skip their prefill.
     for k in range(max(1, args.timed_passes)):
         p_prompts, p_new, inputs, params = batch(args.seed if k == 0 else args.seed + 100 + k)
         t0 = time.perf_counter()
-        outs = llm.generate(inputs, params, use_tqdm=False)
+        with monitor.phase(f"pass {k + 1}"):
+            outs = llm.generate(inputs, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
         pass_compiles.append(compiles_since(llm))
         p_tokens = [list(o.outputs[0].token_ids) for o in outs]
         pass_tok_s.append(sum(map(len, p_tokens)) / seconds)
         if k == 0:
             prompts, new, tokens, generate_s = p_prompts, p_new, p_tokens, seconds
+    monitor.stop()
     short = [i for i, (t, n) in enumerate(zip(tokens, new)) if len(t) != n]
     if short:
         raise RuntimeError(f"{len(short)} requests did not generate their max_tokens (first: request {short[0]})")
@@ -255,6 +260,7 @@ def engine_child(spec_path: str) -> int:
         "pass_spread": round((max(pass_tok_s) - min(pass_tok_s)) / sorted(pass_tok_s)[len(pass_tok_s) // 2], 4),
         "triton_compiles_warmup": warmup_compiles,
         "triton_compiles_per_pass": pass_compiles,
+        "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(pass_tok_s))],
         "workers": llm.collective_rpc(counters.report),  # dlinfer op counts (timed pass) and serving vendors
         "classes": llm.apply_model(counters.model_classes),
         "first_tokens": [t[: spec["compare_tokens"]] for t in tokens],
@@ -787,6 +793,9 @@ class Bench:
                 self.log(f"[warn] {r.name}: timed pass {k} compiled {c['count']} Triton kernel variant(s) in "
                          f"{c['seconds']:.1f} s ({kernels}): the warm-up did not meet them, the pass's rate pays "
                          "for their compilation")
+        for k, g in enumerate(result.get("gpu_per_pass") or [], 1):
+            if g is not None:
+                self.log(f"[gpu] {r.name}: timed pass {k}: {describe_gpu(g)}")
         self.log(f"[done] {r.name}: " + ", ".join(f"{k} {v}" for k, v in result["facts"].items()))
         for w in result.get("workers") or []:
             served = ", ".join(f"{op}: {'/'.join(v)}" for op, v in sorted((w.get("vendors") or {}).items()))

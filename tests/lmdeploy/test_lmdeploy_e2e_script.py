@@ -160,7 +160,7 @@ def test_run_isolated_kills_the_whole_process_group(e2e, tmp_path):
         pytest.fail("the grandchild survived the timeout")
 
 
-def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
+def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch, capsys):
     """main(): every planned run, results merged, agreement computed, JSON and tables written; a failed run is
     recorded and the others go on."""
     import json
@@ -186,7 +186,12 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
         result = {"name": spec["model"], "output_tok_s": 100.0 if spec["backend"] == "stock" else 110.0,
                   "total_tok_s": 300.0, "mean_ttft_s": 0.1, "mean_tpot_s": 0.01, "duration_s": 1.0,
                   "startup_s": 2.0, "warmup_s": 0.5, "first_tokens": tokens,
-                  "triton_compiles_timed": {"count": 3, "seconds": 1.5, "per_kernel": {"k": 3}}}
+                  "triton_compiles_timed": {"count": 3, "seconds": 1.5, "per_kernel": {"k": 3}},
+                  "triton_compiles_per_pass": [{"count": 3, "seconds": 1.5, "per_kernel": {"k": 3}},
+                                               {"count": 0, "seconds": 0.0, "per_kernel": {}}],
+                  "gpu_per_pass": [{"samples": 9, "sm_mhz_min": 1755.0, "sm_mhz_median": 1980.0,
+                                    "sm_mhz_max": 1980.0, "mem_mhz_min": 3201.0, "power_w_max": 699.0,
+                                    "temp_c_max": 70.0, "reasons": ["software power cap"]}, None]}
         with open(spec["result_path"], "w") as f:
             json.dump(result, f)
         return 0, "2026 dlinfer WARNING dlinfer: fused_moe falls back from vendor 'triton' to 'reference'\n"
@@ -211,6 +216,11 @@ def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch):
     assert set(report["oracle"]["qwen3moe"]["runs"]) == {"qwen3moe/stock/eager/tp1", "qwen3moe/stock/graph/tp1",
                                                          "qwen3moe/dlinfer/graph/tp1"}
     assert "Float32 oracle (qwen3moe)" in table and "| qwen3moe/dlinfer/graph/tp1 | 3 | 100.0% |" in table
+    printed = capsys.readouterr().out
+    assert "[jit] qwen3moe/stock/graph/tp1: Triton compiles per timed pass: 3 (1.5 s), 0" in printed
+    assert ("[gpu] qwen3moe/stock/graph/tp1: timed pass 1: SM 1755-1980 MHz (median 1980), <= 699 W, <= 70 C, "
+            "software power cap") in printed
+    assert "timed pass 2" not in printed  # no samples: no line
 
 
 def test_score_tokens_and_summary(e2e):
@@ -306,4 +316,8 @@ def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
         knobs.runtime.jit_post_compile_hook(**kwargs)
     taken = log.take()
     assert taken["count"] == 2 and taken["per_kernel"] == {"_probe_kernel": 2} and taken["seconds"] >= 0
-    assert log.take()["count"] == 0
+    empty = log.take()
+    assert empty["count"] == 0
+    other = {"count": 3, "seconds": 1.25, "per_kernel": {"_other": 2, "_probe_kernel": 1}}
+    assert e2e.CompileLog.total([taken, empty, other]) == {
+        "count": 5, "seconds": round(taken["seconds"] + 1.25, 2), "per_kernel": {"_probe_kernel": 3, "_other": 2}}
