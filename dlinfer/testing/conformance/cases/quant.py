@@ -19,9 +19,12 @@ def _pos(rnd, *shape, scale):
 
 def _awq_cases(quick):
     if quick:
+        # the last: one row, K long enough that the split-K rule splits it on any device (a GPU compiles the
+        # split's reduce for M == 1, a constant there)
         return [dict(M=3, K=64, N=16, group=32, bias=True, zeros=True), dict(M=1, K=128, N=24, group=64, bias=False,
                                                                           zeros=False),
-                dict(M=5, K=256, N=8, group=128, bias=False, zeros=True)]
+                dict(M=5, K=256, N=8, group=128, bias=False, zeros=True),
+                dict(M=1, K=1024, N=64, group=128, bias=True, zeros=True)]
     return [dict(M=m, K=4096, N=4096, group=128, bias=False, zeros=True) for m in (1, 16, 257)] + \
         [dict(M=33, K=1024, N=520, group=g, bias=True, zeros=True) for g in (32, 64)]
 
@@ -58,7 +61,8 @@ def _rows_build(p, dtype, rnd):
 def _w8a8_cases(quick):
     if quick:
         return [dict(shape=(4, 32), N=24, bias=True, flat_scale=False), dict(shape=(2, 3, 16), N=8, bias=False,
-                                                                             flat_scale=True)]
+                                                                             flat_scale=True),
+                dict(shape=(1, 1024), N=64, bias=True, flat_scale=False)]  # one row, K split (see _awq_cases)
     return [dict(shape=(m, 4096), N=n, bias=False, flat_scale=False) for m in (1, 256, 4096)
             for n in (6144, 4096)]
 
