@@ -47,10 +47,6 @@ def take(worker=None) -> dict:
 def merge(takes: list[dict]) -> dict:
     """One phase's compilations over processes: count, seconds and per-kernel counts summed, the pids and whether
     every one was hooked. (A take empties its process's log, so two takes of one process count nothing twice.)"""
-    per_kernel: dict[str, int] = {}
-    for t in takes:
-        for name, n in t["per_kernel"].items():
-            per_kernel[name] = per_kernel.get(name, 0) + n
-    return {"count": sum(t["count"] for t in takes), "seconds": round(float(sum(t["seconds"] for t in takes)), 2),
-            "per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])),
-            "pids": sorted({t["pid"] for t in takes}), "hooked": bool(takes) and all(t["hooked"] for t in takes)}
+    total = CompileLog.total(takes)
+    return {**total, "seconds": float(total["seconds"]), "pids": sorted({t["pid"] for t in takes}),
+            "hooked": bool(takes) and all(t["hooked"] for t in takes)}

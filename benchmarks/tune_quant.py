@@ -269,8 +269,8 @@ def sweep(p: Problem, row: dict, timer: Timer, deadline: float, values: dict, sa
     tried = {json.dumps(config_dict(best_cfg), sort_keys=True)}
     starts = [dict(s) for s in GEMV_STARTS[:len(GEMV_STARTS) if "gemv" in values else 1]] \
         if p.fmt == "awq" and p.t <= quant.GEMV_MAX_ROWS else []
-    moves = [(None, s) for s in starts] + [(f, {f: v}) for f, options in values.items() for v in options]
-    for _, change in moves:
+    moves = starts + [{f: v} for f, options in values.items() for v in options]
+    for change in moves:
         if time.monotonic() > deadline:
             row["sweep_cut"] = "budget"
             return
