@@ -358,6 +358,66 @@ def _awq_unpack(words, MAGIC: tl.constexpr, dtype: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), [words.shape[0], words.shape[1] * 8])
 
 
+@triton.jit
+def _awq_zero_points(z_ptrs, mask, MASKED: tl.constexpr, HAS_ZEROS: tl.constexpr, MAGIC: tl.constexpr,
+                     dtype: tl.constexpr):
+    """The unpacked zero points of the words at ``z_ptrs`` (``[R, WORDS]`` pointers; ``mask`` read only when
+    ``MASKED``): the checkpoint's, or the symmetric zero point 8 without them (``HAS_ZEROS`` False: nothing is
+    read)."""
+    if HAS_ZEROS and MASKED:
+        words = tl.load(z_ptrs, mask=mask, other=0)
+    elif HAS_ZEROS:
+        words = tl.load(z_ptrs)
+    else:
+        words = tl.full(z_ptrs.shape, 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True)
+    return _awq_unpack(words, MAGIC, dtype)
+
+
+@triton.jit
+def _awq_k_tile(x_rows, row_ok, w_cols, s_cols, z_cols, k0, rk, K: tl.constexpr, GROUP: tl.constexpr, stride_qk,
+                stride_sg, stride_zg, EVEN: tl.constexpr, HAS_ZEROS: tl.constexpr, MAGIC: tl.constexpr):
+    """One K tile of the AWQ GEMMs: the activations ``x`` (``[R, BLOCK_K]``, rows past M and K past the end 0)
+    and the dequantized weights ``W`` (``[BLOCK_K, BLOCK_N]`` in x's dtype) of K rows ``k0 + rk``. 16-bit
+    activations (``MAGIC`` the dtype's magic bits, see :func:`_awq_unpack`): ``(q - zero) * scale`` computed as
+    ``((MAGIC | q) - (MAGIC | zero)) * scale`` in the activation dtype: the difference is exact, the product
+    rounded once, so W equals the float32 computation rounded to that dtype; float32: in float32."""
+    ks = k0 + rk
+    g = tl.minimum(k0, K - 1) // GROUP  # a K tile past the end (uneven split): any valid group, x is 0
+    if EVEN:
+        x = tl.load(x_rows + ks[None, :], mask=row_ok, other=0.0)
+        packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
+    else:
+        x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
+        packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
+    s = tl.load(s_cols + g * stride_sg)[None, :]
+    q = _awq_unpack(packed, MAGIC, x.dtype)
+    z = _awq_zero_points((z_cols + g * stride_zg)[None, :], row_ok, False, HAS_ZEROS, MAGIC, x.dtype)
+    if MAGIC != 0:
+        w = (q - z) * s  # (MAGIC + q) - (MAGIC + z): exact; one rounding of the product
+    else:
+        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+    return x, w
+
+
+@triton.jit
+def _awq_columns(qw_ptr, s_ptr, z_ptr, pid_n, N, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """Column tile ``pid_n``'s offsets ``rn`` and its pointers into the words, scales and zero points; columns
+    past N (N not a multiple of BLOCK_N only) wrap onto valid ones (the stores are masked). EVEN_N: plain
+    offsets, so the compiler sees the runs of contiguous words (vector loads)."""
+    WORDS: tl.constexpr = BLOCK_N // 8
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_n * WORDS + tl.arange(0, WORDS)
+    if EVEN_N:
+        w_cols = qw_ptr + rw[None, :]
+        s_cols = s_ptr + rn
+        z_cols = z_ptr + rw
+    else:
+        w_cols = qw_ptr + (rw % (N // 8))[None, :]
+        s_cols = s_ptr + rn % N
+        z_cols = z_ptr + rw % (N // 8)
+    return rn, w_cols, s_cols, z_cols
+
+
 @triton.jit(do_not_specialize=["M"])  # one variant per M bucket (see _precompile_dense)
 def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
                      stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
@@ -366,53 +426,21 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
     """``x @ W (+ bias)`` with ``W = (q - zero) * scale`` dequantized tile by tile. Program (tile, split) covers K
     tiles ``split * ITERS ..`` (ITERS of BLOCK_K, which divides GROUP: one group's scales and zeros per tile);
-    without a split it runs the epilogue, else it stores float32 partials to ``ws`` (``[SPLIT_K, M, N]``).
-
-    16-bit activations (``MAGIC`` the dtype's magic bits, see :func:`_awq_unpack`): ``(q - zero) * scale``
-    computed as ``((MAGIC | q) - (MAGIC | zero)) * scale`` in the activation dtype: the difference is exact, the
-    product rounded once, so W equals the float32 computation rounded to that dtype; float32: in float32."""
+    without a split it runs the epilogue, else it stores float32 partials to ``ws`` (``[SPLIT_K, M, N]``). The
+    tiles' W: :func:`_awq_k_tile`."""
     pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
-    WORDS: tl.constexpr = BLOCK_N // 8
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = pid_n * WORDS + tl.arange(0, WORDS)
+    rn, w_cols, s_cols, z_cols = _awq_columns(qw_ptr, s_ptr, z_ptr, pid_n, N, BLOCK_N, EVEN_N)
     rk = tl.arange(0, BLOCK_K)
-    # rows past M are masked (no traffic: a 1-row call reads one row); columns past N (N not a multiple of
-    # BLOCK_N only) wrap onto valid ones; the stores are masked
+    # rows past M are masked (no traffic: a 1-row call reads one row)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     row_ok = (rm < M)[:, None]
-    if EVEN_N:  # plain column offsets: the compiler sees the runs of contiguous words (vector loads)
-        w_cols = qw_ptr + rw[None, :]
-        s_cols = s_ptr + rn
-        z_cols = z_ptr + rw
-    else:
-        w_cols = qw_ptr + (rw % (N // 8))[None, :]
-        s_cols = s_ptr + rn % N
-        z_cols = z_ptr + rw % (N // 8)
     EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(ITERS):
-        k0 = (split * ITERS + i) * BLOCK_K
-        ks = k0 + rk
-        g = tl.minimum(k0, K - 1) // GROUP  # a K tile past the end (uneven split): any valid group, x is 0
-        if EVEN:
-            x = tl.load(x_rows + ks[None, :], mask=row_ok, other=0.0)
-            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
-        else:
-            x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
-            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
-        s = tl.load(s_cols + g * stride_sg)[None, :]
-        q = _awq_unpack(packed, MAGIC, x.dtype)
-        if HAS_ZEROS:
-            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :], MAGIC, x.dtype)
-        else:
-            z = _awq_unpack(tl.full((1, WORDS), 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True), MAGIC,
-                            x.dtype)  # zero point 8
-        if MAGIC != 0:
-            w = (q - z) * s  # (MAGIC + q) - (MAGIC + z): exact; one rounding of the product
-        else:
-            w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        x, w = _awq_k_tile(x_rows, row_ok, w_cols, s_cols, z_cols, (split * ITERS + i) * BLOCK_K, rk, K, GROUP,
+                           stride_qk, stride_sg, stride_zg, EVEN, HAS_ZEROS, MAGIC)
         if IEEE:  # float32 activations: full float32 products, not TF32
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
@@ -438,42 +466,17 @@ def _awq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N, 
     activations only."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    WORDS: tl.constexpr = BLOCK_N // 8
     rm = tl.arange(0, ROWS)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = pid_n * WORDS + tl.arange(0, WORDS)
+    rn, w_cols, s_cols, z_cols = _awq_columns(qw_ptr, s_ptr, z_ptr, pid_n, N, BLOCK_N, EVEN_N)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     row_ok = (rm < M)[:, None]
-    if EVEN_N:
-        w_cols = qw_ptr + rw[None, :]
-        s_cols = s_ptr + rn
-        z_cols = z_ptr + rw
-    else:  # columns past N wrap onto valid ones; the stores are masked
-        w_cols = qw_ptr + (rw % (N // 8))[None, :]
-        s_cols = s_ptr + rn % N
-        z_cols = z_ptr + rw % (N // 8)
     EVEN: tl.constexpr = SPLIT_K * ITERS * BLOCK_K == K
     acc = tl.zeros((ROWS, BLOCK_K, BLOCK_N), dtype=tl.float32)
     for i in tl.range(ITERS, num_stages=STAGES):
-        k0 = (split * ITERS + i) * BLOCK_K
-        ks = k0 + rk
-        g = tl.minimum(k0, K - 1) // GROUP
-        if EVEN:
-            x = tl.load(x_rows + ks[None, :], mask=row_ok, other=0.0)
-            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk)
-        else:
-            x = tl.load(x_rows + ks[None, :], mask=row_ok & (ks < K)[None, :], other=0.0)
-            packed = tl.load(w_cols + ks.to(tl.int64)[:, None] * stride_qk, mask=(ks < K)[:, None], other=0)
-        s = tl.load(s_cols + g * stride_sg)[None, :]
-        q = _awq_unpack(packed, MAGIC, x.dtype)
-        if HAS_ZEROS:
-            z = _awq_unpack(tl.load(z_cols + g * stride_zg)[None, :], MAGIC, x.dtype)
-        else:
-            z = _awq_unpack(tl.full((1, WORDS), 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True), MAGIC,
-                            x.dtype)  # zero point 8
-        w = ((q - z) * s).to(tl.float32)
-        acc += x.to(tl.float32)[:, :, None] * w[None, :, :]
+        x, w = _awq_k_tile(x_rows, row_ok, w_cols, s_cols, z_cols, (split * ITERS + i) * BLOCK_K, rk, K, GROUP,
+                           stride_qk, stride_sg, stride_zg, EVEN, HAS_ZEROS, MAGIC)
+        acc += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     _finish_tile(tl.sum(acc, axis=1), 0, rm, rn, split, out_ptr, ws_ptr, stride_om, b_ptr, b_ptr, b_ptr, b_ptr, M,
                  N, False, False, False, HAS_BIAS, SPLIT_K, ROWS, USE_PDL)
 
@@ -497,11 +500,7 @@ def _awq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, K, N, GROUP: tl.constexpr, 
     packed = tl.load(qw_ptr + rk64 * stride_qk + rw[None, :], mask=words_ok, other=0)
     s = tl.load(s_ptr + g * stride_sg + rn[None, :], mask=cols_ok, other=0)
     q = _awq_unpack(packed, MAGIC, dtype)
-    if HAS_ZEROS:
-        z = _awq_unpack(tl.load(z_ptr + g * stride_zg + rw[None, :], mask=words_ok, other=0), MAGIC, dtype)
-    else:
-        z = _awq_unpack(tl.full((BLOCK_K, WORDS), 0x88888888, dtype=tl.uint32).to(tl.int32, bitcast=True), MAGIC,
-                        dtype)  # zero point 8
+    z = _awq_zero_points(z_ptr + g * stride_zg + rw[None, :], words_ok, True, HAS_ZEROS, MAGIC, dtype)
     w = (q - z) * s
     tl.store(w_ptr + rk64 * stride_wk + rn[None, :], w.to(dtype), mask=cols_ok)
 
