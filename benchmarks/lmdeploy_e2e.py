@@ -5,6 +5,8 @@
     python benchmarks/lmdeploy_e2e.py --model llama8b --mode graph --tp 2  # two GPUs: tp=2 vs tp=1
     python benchmarks/lmdeploy_e2e.py --model llama8b --layers 8 --quant awq --mode graph --timed-passes 3 \
         --pass-seconds 15 --oracle-prompts 8                              # quantized: awq | w8a8, --kv-quant 8
+    python benchmarks/lmdeploy_e2e.py --model llama8b --layers 8 --quant w8a8 --mode graph --interleave \
+        --timed-passes 4 --pass-seconds 10 --oracle-prompts 8              # the ratio from alternating passes
     python benchmarks/lmdeploy_e2e.py --dry-run                           # CPU: arguments and imports only
 
 Models are random-weight bf16 checkpoints of real shapes, written on the GPU machine
@@ -40,6 +42,23 @@ to float32, the function the checkpoint stands for, the same for both engines); 
 quantization (W8A8's activations, an int8 KV cache) counts as their error, and the yardstick runs in the engine's
 dtype (float16 for AWQ).
 
+``--interleave`` measures the ratio dlinfer / stock with the drift of the card (clocks, power, neighbours) taken
+out: both engines of a pair (same model, mode, quantization) are alive at once, in two child processes on the
+same GPU, and their timed passes alternate, one at a time (never two at once), in the order stock, dlinfer for
+odd passes and dlinfer, stock for even ones (ABBA: a drift linear in time cancels). The stock child starts,
+warms up, sizes the timed pass (``--pass-seconds``) and reports ready with the number of KV-cache blocks its
+engine allocated; the dlinfer child then starts with that block count (``PytorchEngineConfig.num_gpu_blocks``)
+and request count, so both run the same cache and prompts whatever memory each found free. Both engines share the
+card's memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by
+default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
+which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
+per-pass ratios of output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the
+ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %). The channel
+is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
+``pass_<k>.json``, each atomically by a rename); every wait of the parent ends at the pair's budget (twice
+``--run-timeout``, within ``--deadline``), after which both process groups are killed; a child's own waits end
+there too, or at once when the parent is gone.
+
 Results go to ``$OUT/lmdeploy_e2e.json`` (``--out`` overrides; rewritten after every run, so a run cut short
 still leaves what finished) with the card, versions and settings; a table is printed at the end.
 """
@@ -52,6 +71,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -106,6 +126,9 @@ class RunSpec:
     kv_quant: int = 0  # LMDeploy's quant_policy
     pass_seconds: float = 0.0  # > 0: scale the timed pass's request count so a pass lasts about this long
     timed_requests: int | None = None  # fixed count for the timed passes (from an earlier run of the same model)
+    num_gpu_blocks: int = 0  # > 0: this many KV-cache blocks (PytorchEngineConfig.num_gpu_blocks); 0: from free memory
+    control_dir: str | None = None  # --interleave: the folder of the parent's channel (see PassControl)
+    control_timeout: float = 0.0  # --interleave: seconds a wait for the parent's go may last
 
     @property
     def name(self) -> str:
@@ -341,6 +364,7 @@ def run_child(spec: RunSpec) -> None:
     config = PytorchEngineConfig(tp=spec.tp, eager_mode=spec.mode == "eager", max_batch_size=spec.max_batch_size,
                                  cache_max_entry_count=spec.cache_max_entry_count, block_size=spec.block_size,
                                  session_len=spec.max_prompt + spec.new_tokens + 64, quant_policy=spec.kv_quant,
+                                 num_gpu_blocks=spec.num_gpu_blocks,
                                  # LMDeploy picks ray for tp > 1 on stock CUDA; its own mp executor needs no ray
                                  distributed_executor_backend="mp" if spec.tp > 1 else None)
     t0 = time.perf_counter()
@@ -377,15 +401,16 @@ def run_child(spec: RunSpec) -> None:
         sys.path.insert(0, str(ROOT))
     from benchmarks.gpu_monitor import GpuMonitor
 
+    control = PassControl(spec.control_dir, spec.control_timeout) if spec.control_dir else None
+    if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
+        control.write("ready.json", dict(startup_s=round(startup_s, 2), warmup_s=round(warmup_s, 2),
+                                         timed_requests=requests, **engine_cache(pipe)))
     monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
     monitor.start()
-    passes, pass_compiles = [], []
-    for k in range(max(1, spec.timed_passes)):
-        with monitor.phase(f"pass {k + 1}"):
-            duration, records = run(prompts)
-        passes.append((duration, records))
-        pass_compiles.append(compiles.take())
+    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control)
     monitor.stop()
+    if control:  # nothing of this run (a profile, the engine's shutdown) while the other engine is timed
+        control.wait("finish")
     timed_compiles = CompileLog.total(pass_compiles)
     durations = [d for d, _ in passes]
     duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
@@ -440,6 +465,72 @@ def run_child(spec: RunSpec) -> None:
     }
     pipe.close()
     Path(spec.result_path).write_text(json.dumps(result))
+
+
+def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None):
+    """``count`` timed passes of ``run`` over ``prompts`` (at least one): per pass (duration, records) and the
+    Triton compilations it saw (``compiles.take()``), each pass a phase of the GPU ``monitor``. With ``control``
+    (--interleave) each pass waits for the parent's ``go_<k>`` and reports ``pass_<k>.json``."""
+    passes, pass_compiles = [], []
+    for k in range(1, max(1, count) + 1):
+        if control:
+            control.wait(f"go_{k}")
+        with monitor.phase(f"pass {k}"):
+            duration, records = run(prompts)
+        passes.append((duration, records))
+        pass_compiles.append(compiles.take())
+        if control:
+            out_tokens = sum(len(r.get("tokens") or []) for r in records)
+            control.write(f"pass_{k}.json", {"k": k, "duration_s": duration, "output_tokens": out_tokens,
+                                             "output_tok_s": out_tokens / duration if duration > 0 else None,
+                                             "triton_compiles": pass_compiles[-1],
+                                             "gpu": monitor.summary(f"pass {k}")})
+    return passes, pass_compiles
+
+
+def engine_cache(pipe) -> dict:
+    """The KV cache LMDeploy's PyTorch engine allocated: the Engine (``pipe.async_engine.engine``) keeps its
+    CacheConfig as ``cache_config``, whose ``num_gpu_blocks`` the executor filled in at start from the free memory
+    (``ExecutorBase.update_configs``) unless PytorchEngineConfig set it; the Engine copies the count into its
+    engine config, ``pipe.async_engine.backend_config`` (the fallback, for an engine in another process)."""
+    engine = pipe.async_engine
+    cache = getattr(engine.engine, "cache_config", None) or engine.backend_config
+    return {key: getattr(cache, key, None) for key in ("num_gpu_blocks", "block_size", "max_prefill_token_num")}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """``data`` as JSON at ``path``, whole or not at all for a reader polling for it (a temporary name, then a
+    rename within the folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class PassControl:
+    """The child's end of --interleave's channel, a folder the parent made: the child writes ``ready.json`` and
+    ``pass_<k>.json``; it waits for the parent's ``go_<k>`` and ``finish`` (polled every 20 ms), at most
+    ``timeout`` seconds each, and gives up at once when the parent is gone."""
+
+    POLL_S = 0.02
+
+    def __init__(self, folder: str, timeout: float):
+        self.folder = Path(folder)
+        self.timeout = timeout if timeout > 0 else 3600.0
+        self.parent = os.getppid()
+
+    def write(self, name: str, data) -> None:
+        write_json_atomic(self.folder / name, data)
+
+    def wait(self, name: str) -> None:
+        path = self.folder / name
+        end = time.monotonic() + self.timeout
+        while not path.exists():
+            if os.getppid() != self.parent:
+                raise SystemExit(f"the parent process is gone while this child waits for {name}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"no {name} from the parent within {self.timeout:.0f} s")
+            time.sleep(self.POLL_S)
 
 
 class CompileLog:
@@ -609,6 +700,175 @@ def run_isolated(command: list[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, output or ""
 
 
+# ------------------------------------------------------------------------------- --interleave: the parent's end
+def start_child(command: list[str], log_path: Path) -> subprocess.Popen:
+    """``command`` in its own process group (killed whole, as run_isolated does), its output to ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+class ChildProcess:
+    """One child of an interleaved pair, seen from the parent: its process (group), its folder of the channel
+    (see PassControl) and its output log there. Every wait ends at an absolute ``deadline`` (time.monotonic())
+    or as soon as the child has exited without the awaited file."""
+
+    POLL_S = 0.02
+
+    def __init__(self, name: str, command: list[str], folder: Path):
+        self.name, self.folder = name, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / "output.log"
+        self.proc = start_child(command, self.log_path)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def send(self, name: str) -> None:
+        write_json_atomic(self.folder / name, {})
+
+    def wait_for(self, name: str, deadline: float, what: str) -> dict:
+        path = self.folder / name
+        while True:
+            code = self.proc.poll()
+            if path.exists():  # looked at after poll(): a file written just before the exit still counts
+                return json.loads(path.read_text())
+            if code is not None:
+                raise RuntimeError(f"{self.name} exited (code {code}) before {what}: {self.output()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no {what} within the pair's budget (timed out; killed): "
+                                   f"{self.output()[-2000:]}")
+            time.sleep(self.POLL_S)
+
+    def finish(self, deadline: float) -> int:
+        """Let the child write its result and exit; its exit code."""
+        self.send("finish")
+        try:
+            return self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{self.name}: did not exit within the pair's budget after its last pass (timed "
+                               f"out; killed): {self.output()[-2000:]}") from None
+
+    def kill(self) -> None:
+        """The whole process group (the engine's workers included), the child reaped."""
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def interleaved_order(passes: int) -> list[tuple[int, str]]:
+    """(pass, backend) in the order they run: stock, dlinfer for odd passes, dlinfer, stock for even ones (ABBA)."""
+    return [(k, backend) for k in range(1, passes + 1)
+            for backend in (("stock", "dlinfer") if k % 2 else ("dlinfer", "stock"))]
+
+
+def pass_ratios(stock: list[float], mine: list[float]) -> dict:
+    """Per pass the ratio dlinfer / stock of output tokens/s (pass k of each, adjacent in time), their median (the
+    ratio reported), min, max and spread (max - min) / median (the noise of the ratio)."""
+    ratios = [m / s for s, m in zip(stock, mine)]
+    median = statistics.median(ratios)
+    return {"pass_ratios": [round(r, 5) for r in ratios], "ratio_median": round(median, 5),
+            "ratio_min": round(min(ratios), 5), "ratio_max": round(max(ratios), 5),
+            "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
+
+
+def ratio_line(pair: dict) -> str:
+    """One line for a pair of --interleave: its ratio, the per-pass ratios and their spread."""
+    return (f"{pair['model']} {pair['mode']} interleaved: dlinfer / stock output tok/s ratio "
+            f"{pair['ratio_median']:.3f} (passes: {' '.join(f'{r:.3f}' for r in pair['pass_ratios'])}; spread "
+            f"{100 * pair['ratio_spread']:.1f} %)")
+
+
+def ratio_warning(pair: dict) -> str | None:
+    if pair["ratio_spread"] <= 0.02:
+        return None
+    return (f"[warn] {pair['model']} {pair['mode']} interleaved: the per-pass ratios spread "
+            f"{100 * pair['ratio_spread']:.1f} % (> 2 %): more --timed-passes or a longer --pass-seconds for a "
+            "tighter ratio")
+
+
+def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log) -> tuple[dict, dict]:
+    """One pair of --interleave (see the module docstring): the stock child (``stock``) started and warmed up,
+    then the dlinfer child (``mine``) with the stock engine's KV-cache block count and timed request count, their
+    timed passes alternating ABBA, one at a time, then each child let finish, stock first. Returns ({backend:
+    (result, output)}, the pair's summary); raises RuntimeError naming the child and what it failed to do when a
+    child exits early or misses the budget (``budget_s`` seconds for the whole pair), both process groups killed
+    either way."""
+    import shutil
+    import tempfile
+
+    deadline = time.monotonic() + budget_s
+    folder = Path(tempfile.mkdtemp(prefix="lmdeploy_e2e_interleave_"))
+    children: dict[str, ChildProcess] = {}
+    specs = {"stock": dataclasses.replace(stock, control_dir=str(folder / "stock"), control_timeout=budget_s)}
+    try:
+        def start(backend: str) -> dict:
+            spec = specs[backend]
+            children[backend] = ChildProcess(spec.name, [sys.executable, __file__, "--child",
+                                                         json.dumps(dataclasses.asdict(spec))], folder / backend)
+            return children[backend].wait_for("ready.json", deadline, "ready (engine start and warm-up)")
+
+        ready = {"stock": start("stock")}
+        log(f"[ready] {stock.name}: {ready['stock']['num_gpu_blocks']} KV-cache blocks, "
+            f"{ready['stock']['timed_requests']} requests per timed pass (startup {ready['stock']['startup_s']:.0f} s, "
+            f"warm-up {ready['stock']['warmup_s']:.0f} s)")
+        specs["dlinfer"] = dataclasses.replace(mine, control_dir=str(folder / "dlinfer"), control_timeout=budget_s,
+                                               timed_requests=ready["stock"]["timed_requests"],
+                                               num_gpu_blocks=int(ready["stock"].get("num_gpu_blocks") or 0))
+        ready["dlinfer"] = start("dlinfer")
+        log(f"[ready] {mine.name}: {ready['dlinfer']['num_gpu_blocks']} KV-cache blocks, "
+            f"{ready['dlinfer']['timed_requests']} requests per timed pass (startup "
+            f"{ready['dlinfer']['startup_s']:.0f} s, warm-up {ready['dlinfer']['warmup_s']:.0f} s)")
+        for key in ("num_gpu_blocks", "max_prefill_token_num", "timed_requests"):
+            if ready["stock"].get(key) != ready["dlinfer"].get(key):
+                log(f"[warn] {stock.model} {stock.mode} interleaved: the engines differ in {key} "
+                    f"(stock {ready['stock'].get(key)}, dlinfer {ready['dlinfer'].get(key)})")
+        got: dict[str, dict[int, dict]] = {"stock": {}, "dlinfer": {}}
+        order = interleaved_order(max(1, stock.timed_passes))
+        t0 = time.monotonic()
+        for k, backend in order:
+            start_s = time.monotonic() - t0
+            children[backend].send(f"go_{k}")
+            got[backend][k] = children[backend].wait_for(f"pass_{k}.json", deadline, f"timed pass {k}")
+            got[backend][k].update(start_s=round(start_s, 3), end_s=round(time.monotonic() - t0, 3))
+        runs = {}
+        for backend in ("stock", "dlinfer"):
+            code = children[backend].finish(deadline)
+            output = children[backend].output()
+            if code != 0:
+                raise RuntimeError(f"{specs[backend].name} exit {code} after its timed passes: {output[-3000:]}")
+            runs[backend] = (json.loads(Path(specs[backend].result_path).read_text()), output)
+    finally:
+        for child in children.values():
+            child.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+    passes = sorted(got["stock"])
+    summary = {"model": stock.model, "mode": stock.mode, "stock": stock.name, "dlinfer": mine.name,
+               "order": [f"{backend} {k}" for k, backend in order],
+               **pass_ratios([got["stock"][k]["output_tok_s"] for k in passes],
+                             [got["dlinfer"][k]["output_tok_s"] for k in passes]),
+               "timed_requests": ready["stock"]["timed_requests"],
+               "kv_cache": {backend: {key: ready[backend].get(key) for key in
+                                      ("num_gpu_blocks", "block_size", "max_prefill_token_num")}
+                            for backend in ready},
+               "cache_max_entry_count": stock.cache_max_entry_count,
+               "passes": [{"k": k, "first": "stock" if k % 2 else "dlinfer",
+                           **{f"{backend}_{key}": got[backend][k].get(key)
+                              for backend in ("stock", "dlinfer")
+                              for key in ("output_tok_s", "duration_s", "start_s", "end_s")},
+                           "triton_compiles": {backend: (got[backend][k].get("triton_compiles") or {}).get("count")
+                                               for backend in ("stock", "dlinfer")}}
+                          for k in passes]}
+    return {backend: runs[backend] for backend in ("stock", "dlinfer")}, summary
+
+
 def environment() -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "argv": sys.argv[1:]}
@@ -703,7 +963,8 @@ def pass_spread(r: dict) -> str:
     return f"{r.get('pass_spread', 0):.1%} ({len(passes)} passes)"
 
 
-def table(results: dict, agreements: list[dict], oracle: dict | None = None) -> str:
+def table(results: dict, agreements: list[dict], oracle: dict | None = None,
+          interleaved: list[dict] | None = None) -> str:
     lines = [f"{'run':34} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'time s':>7} "
              f"{'start s':>7} {'requests':>8}  pass spread"]
     for name, r in results.items():
@@ -721,6 +982,10 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None) -> 
             if "output_tok_s" in stock and "output_tok_s" in mine:
                 lines.append(f"{model} {mode}: dlinfer / stock output tok/s = "
                              f"{mine['output_tok_s'] / stock['output_tok_s']:.3f}")
+    for pair in interleaved or []:
+        lines.append(ratio_line(pair))
+        if ratio_warning(pair):
+            lines.append(ratio_warning(pair))
     for agr in agreements:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
@@ -772,6 +1037,18 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
                          f"{1e3 * (r['mean_ttft_s'] or 0):.0f} | {1e3 * (r['mean_tpot_s'] or 0):.2f} | {ratio} | "
                          f"{jit} | {timed_requests(r)}, {pass_spread(r)} |")
             bars.append((name, r["output_tok_s"]))
+        if report.get("interleaved"):
+            lines += ["", "Interleaved pairs (`--interleave`): both engines alive at once on the card, timed passes "
+                      "alternating stock, dlinfer / dlinfer, stock (ABBA); the ratio is the median of the per-pass "
+                      "ratios dlinfer / stock of output tokens/s, the spread (max - min) / median their noise.", "",
+                      "| pair | ratio | per-pass ratios | spread | KV-cache blocks (stock, dlinfer) |",
+                      "|---|---:|---|---:|---:|"]
+            for pair in report["interleaved"]:
+                blocks = ", ".join(str((pair.get("kv_cache") or {}).get(b, {}).get("num_gpu_blocks"))
+                                   for b in ("stock", "dlinfer"))
+                lines.append(f"| {pair['model']} {pair['mode']} | {pair['ratio_median']:.3f} | "
+                             f"{' '.join(f'{r:.3f}' for r in pair['pass_ratios'])} | "
+                             f"{100 * pair['ratio_spread']:.1f} % | {blocks} |")
         if report["agreement"]:
             lines += ["", "| greedy tokens | first token equal | first k equal | mean common prefix |",
                       "|---|---:|---:|---:|"]
@@ -859,8 +1136,9 @@ def main(argv=None) -> int:
                              "folder or $OUT")
     parser.add_argument("--warmup", choices=["full", "short"], default="full",
                         help="before timing, one pass of a like workload (full) or of 16 prompts (short)")
-    parser.add_argument("--timed-passes", type=int, default=1,
-                        help="timed passes over the same prompts; the median is reported, the spread is the noise")
+    parser.add_argument("--timed-passes", type=int, default=None,
+                        help="timed passes over the same prompts; the median is reported, the spread is the noise "
+                             "(default 1; 4 with --interleave)")
     parser.add_argument("--pass-seconds", type=float, default=0.0,
                         help="> 0: as many requests per timed pass (never fewer than --requests) as make a pass "
                              "last about this many seconds at the warm-up's rate; the first run of a model decides "
@@ -874,6 +1152,11 @@ def main(argv=None) -> int:
     parser.add_argument("--oracle-prompts", type=int, default=16,
                         help="score every run's tokens on this many prompts against transformers in float32 "
                              "(teacher-forced; 0: off)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="both backends of a pair alive at once on the card, their timed passes alternating "
+                             "ABBA, one at a time: per-pass ratios dlinfer / stock, their median and spread; the "
+                             "first engine's cache takes half of --cache-max-entry-count, the second the same "
+                             "number of blocks (needs --backend both and --tp 1)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -905,8 +1188,17 @@ def main(argv=None) -> int:
         parser.error("--oracle-prompts must be >= 0")
     if args.pass_seconds < 0:
         parser.error("--pass-seconds must be >= 0")
+    if args.timed_passes is None:
+        args.timed_passes = 4 if args.interleave else 1
     if args.timed_passes < 1:
         parser.error("--timed-passes must be >= 1")
+    if args.interleave:
+        if args.tp > 1:
+            parser.error("--interleave runs both engines on one card at once: --tp 1 only")
+        if args.backend != "both":
+            parser.error("--interleave alternates stock and dlinfer passes: needs --backend both")
+        if args.timed_passes < 2:
+            parser.error("--interleave needs --timed-passes >= 2 (an even number completes the ABBA order)")
     out_path = Path(args.out or Path(os.environ.get("OUT", ".")) / "lmdeploy_e2e.json")
     log_lines: list[str] = []
 
@@ -931,6 +1223,11 @@ def main(argv=None) -> int:
         oracle_note += "; its KV cache is float: the int8 KV cache is the engines' error"
     log(f"workload: {requests} requests, prompts {args.min_prompt}-{max_prompt} tokens, {new_tokens} new tokens, "
         f"greedy, ignore_eos; runs: " + ", ".join(f"{m}/{b}/{mo}/tp{t}" for m, b, mo, t in runs))
+    if args.interleave:
+        log(f"interleaved: each stock/dlinfer pair alive at once on the card, {args.timed_passes} timed passes each "
+            f"in the order {', '.join(f'{b} {k}' for k, b in interleaved_order(args.timed_passes))}; KV cache: "
+            f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine, its block count for the "
+            "dlinfer engine")
 
     if args.dry_run:
         import dlinfer.framework.lmdeploy_ext  # noqa: F401
@@ -961,6 +1258,9 @@ def main(argv=None) -> int:
                            "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
                            "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds},
               "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
+    if args.interleave:
+        report["workload"]["interleave"] = True
+        report["interleaved"] = []
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -971,35 +1271,22 @@ def main(argv=None) -> int:
         model_dirs = {m: quantized_model(path, args.quant, log) for m, path in model_dirs.items()}
     token_lists: dict[str, list[list[int]]] = {}
     timed_counts: dict[str, int] = {}  # --pass-seconds: the timed request count of each model's first run
-    for model, backend, mode, tp in runs:
-        name = f"{model}/{backend}/{mode}/tp{tp}"
-        left = args.deadline - (time.perf_counter() - started)
-        if left < 60:
-            log(f"[skip] {name}: {left:.0f} s left before the deadline")
-            report["runs"][name] = {"error": "skipped: deadline"}
-            continue
-        spec = RunSpec(model=model, model_dir=str(model_dirs[model]), backend=backend, mode=mode, tp=tp,
+
+    def make_spec(model: str, backend: str, mode: str, tp: int) -> RunSpec:
+        # --interleave: the first engine's cache leaves room for the second engine on the same card
+        cache = args.cache_max_entry_count / 2 if args.interleave else args.cache_max_entry_count
+        return RunSpec(model=model, model_dir=str(model_dirs[model]), backend=backend, mode=mode, tp=tp,
                        requests=requests, min_prompt=args.min_prompt, max_prompt=max_prompt, new_tokens=new_tokens,
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
-                       max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
+                       max_batch_size=args.max_batch_size, cache_max_entry_count=cache,
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
                                    f"_tp{tp}.json")
-        log(f"[run] {name}")
-        t0 = time.perf_counter()
-        try:
-            code, output = run_isolated([sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(spec))],
-                                        timeout=min(args.run_timeout, left - 10))
-            if code != 0:
-                raise RuntimeError(f"exit {code}: {output[-3000:]}")
-            result = json.loads(Path(spec.result_path).read_text())
-        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
-            log(f"[fail] {name} after {time.perf_counter() - t0:.0f} s: {str(exc)[-1500:]}")
-            report["runs"][name] = {"error": str(exc)[-3000:]}
-            save()
-            continue
+
+    def accept(name: str, model: str, result: dict, output: str) -> None:
+        """A finished run's result into the report (and its lines into the log)."""
         token_lists[name] = result.pop("first_tokens")
         if args.pass_seconds and model not in timed_counts and result.get("timed_requests"):
             timed_counts[model] = result["timed_requests"]
@@ -1039,6 +1326,56 @@ def main(argv=None) -> int:
                                for a, b in pairs(token_lists)]
         save()
 
+    # one run at a time, or with --interleave one pair (stock, dlinfer) at a time
+    units = ([[r] for r in runs] if not args.interleave
+             else list({(m, mo, t): [r for r in runs if r[0] == m and r[2] == mo and r[3] == t]
+                        for m, _, mo, t in runs}.values()))
+    for unit in units:
+        names = [f"{model}/{backend}/{mode}/tp{tp}" for model, backend, mode, tp in unit]
+        left = args.deadline - (time.perf_counter() - started)
+        if left < 60 * len(unit):
+            for name in names:
+                log(f"[skip] {name}: {left:.0f} s left before the deadline")
+                report["runs"][name] = {"error": "skipped: deadline"}
+            continue
+        if len(unit) == 2:  # --interleave
+            stock, mine = (make_spec(*run) for run in unit)
+            log(f"[run] {stock.name} and {mine.name}, interleaved")
+            t0 = time.perf_counter()
+            try:
+                done, pair = run_interleaved(stock, mine, budget_s=min(2 * args.run_timeout, left - 10), log=log)
+            except Exception as exc:  # noqa: BLE001 - record and go on with the other pairs
+                log(f"[fail] {stock.name} and {mine.name} (interleaved) after {time.perf_counter() - t0:.0f} s: "
+                    f"{str(exc)[-1500:]}")
+                for name in names:
+                    report["runs"][name] = {"error": f"interleaved pair failed: {str(exc)[-3000:]}"}
+                save()
+                continue
+            for spec, backend in ((stock, "stock"), (mine, "dlinfer")):
+                accept(spec.name, spec.model, *done[backend])
+            report["interleaved"].append(pair)
+            log(f"[pair] {ratio_line(pair)}")
+            if ratio_warning(pair):
+                log(ratio_warning(pair))
+            save()
+            continue
+        (model, backend, mode, tp), name = unit[0], names[0]
+        spec = make_spec(model, backend, mode, tp)
+        log(f"[run] {name}")
+        t0 = time.perf_counter()
+        try:
+            code, output = run_isolated([sys.executable, __file__, "--child", json.dumps(dataclasses.asdict(spec))],
+                                        timeout=min(args.run_timeout, left - 10))
+            if code != 0:
+                raise RuntimeError(f"exit {code}: {output[-3000:]}")
+            result = json.loads(Path(spec.result_path).read_text())
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
+            log(f"[fail] {name} after {time.perf_counter() - t0:.0f} s: {str(exc)[-1500:]}")
+            report["runs"][name] = {"error": str(exc)[-3000:]}
+            save()
+            continue
+        accept(name, model, result, output)
+
     if args.oracle_prompts:
         prompts = workload(requests, args.min_prompt, max_prompt, args.seed, 500)[:args.oracle_prompts]
         for model in layers:
@@ -1070,7 +1407,7 @@ def main(argv=None) -> int:
             save()
 
     log("")
-    log(table(report["runs"], report["agreement"], report["oracle"]))
+    log(table(report["runs"], report["agreement"], report["oracle"], report.get("interleaved")))
     save()
     for path in render([report], out_path.parent):
         log(f"wrote {path}")

@@ -32,6 +32,26 @@ def test_dry_run(tmp_path):
     assert bad.returncode == 2 and "--compare-tokens" in bad.stderr
 
 
+def _dead(pid: int, wait_s: float = 5.0) -> bool:
+    """The process is gone within ``wait_s`` (a kill is asynchronous); a zombie (killed, not yet reaped by whoever
+    adopted it) counts as dead."""
+    import os
+    import time
+
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+
+
 def test_generated_tokens_from_detokenizer_windows(e2e):
     prompt, gen = [7, 8, 9, 10], [101, 102, 103, 104, 105]
     ids = prompt + gen
@@ -137,27 +157,7 @@ def test_run_isolated_kills_the_whole_process_group(e2e, tmp_path):
             f"open({str(marker)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(300)")
     with pytest.raises(RuntimeError, match="timed out after 5 s"):
         e2e.run_isolated([sys.executable, "-c", code], 5)
-    import os
-    import time
-
-    pid = int(marker.read_text())
-
-    def alive() -> bool:  # a zombie (killed, not yet reaped by whoever adopted it) counts as dead
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        try:
-            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return True
-
-    for _ in range(50):  # the kill is asynchronous
-        if not alive():
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the grandchild survived the timeout")
+    assert _dead(int(marker.read_text())), "the grandchild survived the timeout"
 
 
 def test_orchestration_with_fake_runs(e2e, tmp_path, monkeypatch, capsys):
@@ -321,3 +321,206 @@ def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
     other = {"count": 3, "seconds": 1.25, "per_kernel": {"_other": 2, "_probe_kernel": 1}}
     assert e2e.CompileLog.total([taken, empty, other]) == {
         "count": 5, "seconds": round(taken["seconds"] + 1.25, 2), "per_kernel": {"_probe_kernel": 3, "_other": 2}}
+
+
+# ------------------------------------------------------------------------------------------------ --interleave
+# A stand-in for `lmdeploy_e2e.py --child SPEC` that follows the --interleave protocol with the script's own
+# child-side code (PassControl, timed_passes): ready.json after a pretend start, then timed passes on the parent's
+# go_<k> with the durations of its plan, then the result JSON on finish. Each pass is logged (start/end) to a file
+# shared by both children, so the test sees the order the passes really ran in.
+FAKE_CHILD = r'''
+import contextlib, importlib.util, json, os, sys, time
+from pathlib import Path
+
+module = importlib.util.spec_from_file_location("lmdeploy_e2e", sys.argv[1])
+e2e = importlib.util.module_from_spec(module)
+sys.modules["lmdeploy_e2e"] = e2e
+module.loader.exec_module(e2e)
+spec = e2e.RunSpec(**json.loads(sys.argv[2]))
+plan = json.loads(Path(os.environ["FAKE_PLAN"]).read_text())[spec.backend]
+events = Path(os.environ["FAKE_EVENTS"])
+
+
+def note(text):
+    with open(events, "a") as f:
+        f.write(text + "\n")
+
+
+note(f"pid {spec.backend} {os.getpid()}")
+Path(events.parent / f"spec_{spec.backend}.json").write_text(sys.argv[2])
+if plan.get("hang") == "ready":
+    time.sleep(300)
+control = e2e.PassControl(spec.control_dir, spec.control_timeout)
+requests = spec.timed_requests or plan["timed_requests"]
+control.write("ready.json", {"startup_s": 0.5, "warmup_s": 0.25, "timed_requests": requests,
+                             "num_gpu_blocks": spec.num_gpu_blocks or plan["num_gpu_blocks"], "block_size": 64,
+                             "max_prefill_token_num": 8192})
+durations = iter(plan["durations"])
+done = []
+
+
+def run(prompts):
+    k = len(done) + 1
+    if plan.get("exit_at_pass") == k:
+        print(f"fake {spec.backend}: dying in pass {k}", flush=True)
+        os._exit(3)
+    note(f"start {spec.backend} {k}")
+    time.sleep(0.05)
+    note(f"end {spec.backend} {k}")
+    done.append(k)
+    return next(durations), [{"tokens": [7] * spec.new_tokens} for _ in prompts]
+
+
+class Monitor:
+    phase = staticmethod(lambda name: contextlib.nullcontext())
+    summary = staticmethod(lambda name: None)
+
+
+prompts = [[1]] * requests
+passes, per_pass = e2e.timed_passes(run, prompts, spec.timed_passes, e2e.CompileLog(), Monitor(), control)
+control.wait("finish")
+durations = [d for d, _ in passes]
+out = requests * spec.new_tokens
+median = sorted(durations)[len(durations) // 2]
+result = {"name": spec.name, "output_tok_s": out / median, "total_tok_s": 2 * out / median, "mean_ttft_s": 0.1,
+          "mean_tpot_s": 0.01, "duration_s": median, "startup_s": 0.5, "warmup_s": 0.25, "timed_requests": requests,
+          "pass_output_tok_s": [round(out / d, 1) for d in durations],
+          "pass_spread": (max(durations) - min(durations)) / median,
+          "triton_compiles_per_pass": per_pass, "first_tokens": [[7] * spec.compare_tokens] * requests}
+Path(spec.result_path).write_text(json.dumps(result))
+'''
+
+
+@pytest.fixture
+def interleave_env(e2e, tmp_path, monkeypatch):
+    """main() with fake children: run(plan, *argv) -> exit code, report, the children's events (pids, passes'
+    starts and ends in order), the specs they got (by backend), seconds."""
+    import json
+    import time
+
+    fake = tmp_path / "fake_child.py"
+    fake.write_text(FAKE_CHILD)
+    events = tmp_path / "events.txt"
+    monkeypatch.setenv("FAKE_EVENTS", str(events))
+    monkeypatch.setenv("FAKE_PLAN", str(tmp_path / "plan.json"))
+    monkeypatch.setattr(e2e, "build_model", lambda key, layers, model_dir, log: tmp_path / key)
+    monkeypatch.setattr(e2e, "environment", lambda: {"date": "today", "argv": []})
+    monkeypatch.setattr(e2e, "run_isolated", lambda *a, **k: pytest.fail("a run outside the interleaved pair"))
+    start_child = e2e.start_child
+    monkeypatch.setattr(e2e, "start_child", lambda command, log_path: start_child(
+        [sys.executable, str(fake), str(SCRIPT), command[command.index("--child") + 1]], log_path))
+
+    def run(plan, *argv):
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        events.write_text("")
+        for stale in tmp_path.glob("spec_*.json"):
+            stale.unlink()
+        out = tmp_path / "out" / "r.json"
+        t0 = time.perf_counter()
+        code = e2e.main(["--model", "llama8b", "--mode", "graph", "--interleave", "--requests", "4",
+                         "--new-tokens", "8", "--compare-tokens", "4", "--oracle-prompts", "0", "--out", str(out),
+                         *argv])
+        seconds = time.perf_counter() - t0
+        specs = {path.stem[5:]: json.loads(path.read_text()) for path in tmp_path.glob("spec_*.json")}
+        return code, json.loads(out.read_text()), events.read_text().splitlines(), specs, seconds
+
+    return run
+
+
+def test_interleaved_order_and_ratios(e2e):
+    assert e2e.interleaved_order(4) == [(1, "stock"), (1, "dlinfer"), (2, "dlinfer"), (2, "stock"),
+                                        (3, "stock"), (3, "dlinfer"), (4, "dlinfer"), (4, "stock")]
+    got = e2e.pass_ratios([100.0, 100.0, 200.0], [102.0, 103.0, 210.0])
+    assert got["pass_ratios"] == [1.02, 1.03, 1.05] and got["ratio_median"] == 1.03
+    assert (got["ratio_min"], got["ratio_max"]) == (1.02, 1.05)
+    assert got["ratio_spread"] == pytest.approx(0.03 / 1.03, abs=1e-5)
+    pair = dict(got, model="llama8b", mode="graph")
+    assert e2e.ratio_line(pair) == ("llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.030 "
+                                    "(passes: 1.020 1.030 1.050; spread 2.9 %)")
+    assert "(> 2 %)" in e2e.ratio_warning(pair)
+    assert e2e.ratio_warning(dict(pair, ratio_spread=0.019)) is None
+
+
+def test_interleaved_pair_with_fake_children(interleave_env, capsys):
+    """--interleave: the stock child's block count and timed request count reach the dlinfer child's spec, the
+    passes run ABBA one at a time, per-pass ratios (from the children's durations) and their summary land in the
+    JSON and the printed table, with a warning for a spread over 2 %."""
+    plan = {"stock": {"timed_requests": 12, "num_gpu_blocks": 1234, "durations": [2.0, 2.0, 2.0, 2.0]},
+            "dlinfer": {"timed_requests": 99, "num_gpu_blocks": 777, "durations": [2.0, 2.5, 1.6, 2.0]}}
+    code, report, events, specs, _ = interleave_env(plan, "--timed-passes", "4", "--pass-seconds", "10")
+    assert code == 0, report["log"]
+    passes = [line for line in events if line.startswith(("start", "end"))]
+    order = [line.split(" ", 1)[1] for line in passes[::2]]
+    assert order == ["stock 1", "dlinfer 1", "dlinfer 2", "stock 2", "stock 3", "dlinfer 3", "dlinfer 4", "stock 4"]
+    assert all(passes[i] == "end " + passes[i - 1].split(" ", 1)[1] for i in range(1, len(passes), 2)), passes
+    assert specs["stock"]["num_gpu_blocks"] == 0 and specs["stock"]["timed_requests"] is None
+    assert specs["dlinfer"]["num_gpu_blocks"] == 1234 and specs["dlinfer"]["timed_requests"] == 12
+    assert specs["stock"]["cache_max_entry_count"] == specs["dlinfer"]["cache_max_entry_count"] == pytest.approx(0.3)
+    assert specs["stock"]["control_dir"] != specs["dlinfer"]["control_dir"]
+    (pair,) = report["interleaved"]
+    # stock 2 s per pass; dlinfer 2, 2.5, 1.6, 2 s: ratios 1, 0.8, 1.25, 1
+    assert pair["pass_ratios"] == [1.0, 0.8, 1.25, 1.0] and pair["ratio_median"] == 1.0
+    assert (pair["ratio_min"], pair["ratio_max"], pair["ratio_spread"]) == (0.8, 1.25, 0.45)
+    assert pair["order"][:4] == ["stock 1", "dlinfer 1", "dlinfer 2", "stock 2"]
+    assert pair["kv_cache"]["stock"]["num_gpu_blocks"] == pair["kv_cache"]["dlinfer"]["num_gpu_blocks"] == 1234
+    assert pair["timed_requests"] == 12 and pair["cache_max_entry_count"] == pytest.approx(0.3)
+    assert [p["first"] for p in pair["passes"]] == ["stock", "dlinfer", "stock", "dlinfer"]
+    assert pair["passes"][1]["dlinfer_output_tok_s"] == pytest.approx(12 * 8 / 2.5)
+    runs = report["runs"]
+    assert runs["llama8b/dlinfer/graph/tp1"]["timed_requests"] == 12
+    assert runs["llama8b/stock/graph/tp1"]["pass_output_tok_s"] == [48.0] * 4
+    assert report["workload"]["interleave"] is True and report["workload"]["timed_passes"] == 4
+    assert report["agreement"] and report["agreement"][0]["all_k_equal"] == 1.0
+    printed = capsys.readouterr().out
+    assert ("llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.000 (passes: 1.000 0.800 1.250 "
+            "1.000; spread 45.0 %)") in printed
+    assert "[warn] llama8b graph interleaved: the per-pass ratios spread 45.0 % (> 2 %)" in printed
+    assert "[ready] llama8b/stock/graph/tp1: 1234 KV-cache blocks, 12 requests per timed pass" in printed
+    table = next(Path(line[6:]) for line in report["log"] if line.endswith("lmdeploy_e2e.md")).read_text()
+    assert "| llama8b graph | 1.000 | 1.000 0.800 1.250 1.000 | 45.0 % | 1234, 1234 |" in table
+    for pid in (int(line.split()[2]) for line in events if line.startswith("pid")):
+        assert _dead(pid)
+
+
+def test_interleaved_child_that_exits_early_fails_the_pair(interleave_env):
+    """The dlinfer child dies in its second pass: the pair fails at once with the child's name, what it did not do
+    and its output; the stock child is killed; the command fails."""
+    plan = {"stock": {"timed_requests": 4, "num_gpu_blocks": 50, "durations": [1.0] * 4},
+            "dlinfer": {"durations": [1.0] * 4, "exit_at_pass": 2}}
+    code, report, events, specs, seconds = interleave_env(plan, "--run-timeout", "60")
+    assert code == 1 and seconds < 20
+    for name in ("llama8b/stock/graph/tp1", "llama8b/dlinfer/graph/tp1"):
+        error = report["runs"][name]["error"]
+        assert "interleaved pair failed: llama8b/dlinfer/graph/tp1 exited (code 3) before timed pass 2" in error
+        assert "fake dlinfer: dying in pass 2" in error
+    assert report["interleaved"] == [] and specs["dlinfer"]["num_gpu_blocks"] == 50
+    for pid in (int(line.split()[2]) for line in events if line.startswith("pid")):
+        assert _dead(pid)
+
+
+def test_interleaved_child_that_never_answers_times_out(interleave_env):
+    """The stock child hangs before ready: the pair fails after its budget (2 x --run-timeout), the hung child's
+    process group killed, the dlinfer child never started; no hang."""
+    plan = {"stock": {"hang": "ready"}, "dlinfer": {}}
+    code, report, events, specs, seconds = interleave_env(plan, "--run-timeout", "1.5")
+    assert code == 1 and 3 <= seconds < 15
+    error = report["runs"]["llama8b/dlinfer/graph/tp1"]["error"]
+    assert "llama8b/stock/graph/tp1: no ready (engine start and warm-up) within the pair's budget" in error
+    assert set(specs) == {"stock"}
+    (pid,) = (int(line.split()[2]) for line in events if line.startswith("pid"))
+    assert _dead(pid)
+
+
+def test_interleave_flags(e2e, tmp_path, capsys):
+    """--interleave: refused with --tp > 1, one backend or one pass; accepted by --dry-run (4 passes by default)."""
+    for bad, message in ((["--tp", "2"], "--tp 1 only"), (["--backend", "dlinfer"], "needs --backend both"),
+                         (["--timed-passes", "1"], "--timed-passes >= 2")):
+        with pytest.raises(SystemExit) as exit_info:
+            e2e.main(["--dry-run", "--interleave", *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--interleave", "--quick", "--model", "llama8b",
+                           "--mode", "graph", "--out", str(tmp_path / "r.json")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "interleaved: each stock/dlinfer pair alive at once on the card, 4 timed passes each in the order " \
+           "stock 1, dlinfer 1, dlinfer 2, stock 2" in done.stdout and "dry run: 64 prompts" in done.stdout
