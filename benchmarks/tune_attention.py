@@ -4,14 +4,18 @@ DLINFER_TRITON_PREFILL overrides of dlinfer/vendor/triton/attention_*.py).
     python3 benchmarks/tune_attention.py [--parts prefill,paged_prefill,decode] [--out DIR]
 
 ``prefill`` times the launch parameters, and prefill_attention's Hopper variant (``tma=1``, ``warp_specialize=1``)
-on the same tiles, at 16x512, 4x2048 and 1x8192 tokens beside LMDeploy's kernel and torch's cuDNN SDPA.
+on the same tiles, at 16x512, 4x2048 and 1x8192 tokens beside LMDeploy's kernel and torch's cuDNN SDPA; then its
+library route (``sdpa=1``: torch's cuDNN SDPA serving a uniform batch through ``dlinfer.ops.prefill_attention``),
+timed eagerly beside the Triton kernel and torch's cuDNN SDPA timed the same way (the route is never taken while a
+CUDA graph is captured), with its first call at a new shape (cuDNN builds an execution plan) timed apart, also
+at two lengths no earlier call saw (1x1000, 1x3000).
 ``decode`` times the split-KV rule's variants and the fused reduce (``fused_reduce=1``: one launch) at batch
 1/16/64/256 and 1k-16k tokens of context, block 64 and 16. ``paged_prefill`` sweeps the split-KV settings on
 chunked prefill (256 new tokens over a 16k history, batch 1 and 8, block 64 and 16) beside LMDeploy's
 flatten-the-cache + flash attention.
 
-Times each candidate by CUDA-graph replay with the L2 flushed; prints one line per candidate and writes
-``tune_attention.json`` under ``--out``.
+Times each candidate by CUDA-graph replay with the L2 flushed (rows marked ``"timing": "eager"``: events around
+each call, L2 flushed); prints one line per candidate and writes ``tune_attention.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +47,9 @@ _TILES = ("block_m=128,block_n=128,num_warps=8,num_stages=3", "block_m=128,block
 _WS = ("block_m=128,block_n=128,num_warps=4,num_stages=2", "block_m=128,block_n=64,num_warps=4,num_stages=2",
        "block_m=128,block_n=64,num_warps=4,num_stages=3")
 PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,warp_specialize=1,{t}" for t in _WS))
+# prefill_attention's library route (torch's cuDNN SDPA for a uniform batch); first calls timed at these B=1 lengths
+SDPA_ROUTE = "sdpa=1"
+FIRST_CALL_LENGTHS = (1000, 3000)
 DECODE = ("", "one_wave=1", "target_programs=396")
 # the fused reduce (one launch: the last split program combines) with the default splits, half and twice the
 # target programs (2 x SMs by default; formatted with the SM count), and fewer, longer slices
@@ -54,22 +62,26 @@ PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_pro
                  "block_m=128,block_n=64,num_warps=8", "pdl=0")
 
 
-def _time(rows, part, case, cfg, fn, flush, work, unit, check=None):
-    """Time ``fn`` (after ``check(fn())`` returns its relative error, when given) and record one row."""
+def _time(rows, part, case, cfg, fn, flush, work, unit, check=None, graph=True):
+    """Time ``fn`` (after ``check(fn())`` returns its relative error, when given) and record one row; ``graph``:
+    by CUDA-graph replay, else eagerly (events around each call)."""
+    label = (cfg or "default") + ("" if graph else " [eager]")
     try:
         err = check(fn()) if check is not None else None
-        measured = timing.gpu_time(fn, flush)
+        measured = timing.gpu_time(fn, flush, graph=graph)
     except Exception as exc:  # noqa: BLE001 - a config that fails to compile is recorded and skipped
-        print(part, case, cfg or "default", "FAILED", type(exc).__name__, str(exc)[:100], flush=True)
+        print(part, case, label, "FAILED", type(exc).__name__, str(exc)[:100], flush=True)
         rows.append({"part": part, "case": case, "config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return None
     t = measured.us
     rate = work / t / 1e6 if unit == "TFLOP/s" else work / t / 1e3
     note = f" rel_err {err:.1e}" if err is not None else ""
     note += f" ({measured.note})" if getattr(measured, "note", "") else ""
-    print(part, case, cfg or "default", f"{t:.2f} us {rate:.0f} {unit}{note}", flush=True)
+    print(part, case, label, f"{t:.2f} us {rate:.0f} {unit}{note}", flush=True)
     rows.append({"part": part, "case": case, "config": cfg, "us": t, unit: rate, "rel_err": err,
                  "note": getattr(measured, "note", "")})
+    if not graph:
+        rows[-1]["timing"] = "eager"
     return t
 
 
@@ -85,11 +97,82 @@ def _sweep(rows, part, case, env_name, config, candidates, fn, flush, work, unit
             print(f"   {case} {cfg or 'default'}: {peer_us / t:.3f}x the peer", flush=True)
 
 
+def _first_call(fn):
+    """Wall time (ms, synchronized before and after) of one call of ``fn``, and how many SDPA calls in it returned
+    (so a row says whether the library route served it; one SDPA refused falls back to the Triton kernel)."""
+    import torch.nn.functional as F
+
+    real, calls = F.scaled_dot_product_attention, []
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return result
+
+    F.scaled_dot_product_attention = counted
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3, len(calls)
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def _prefill_op(q, k, v, lens, length, out):
+    """``dlinfer.ops.prefill_attention`` on equal lengths: one lengths tensor for queries and keys, so the vendor
+    gets one offsets tensor (what the library route needs)."""
+    import dlinfer.ops as ops
+
+    return lambda: ops.prefill_attention(q, k, v, None, None, lens, lens, length, HQ, HK, [None], attn_output=out)
+
+
+def _set_prefill(cfg):
+    from dlinfer.vendor.triton import attention_prefill as ap
+
+    ap._config.cache_clear()
+    os.environ["DLINFER_TRITON_PREFILL"] = cfg
+
+
+def prefill_route(rows, case, op, cudnn, flush, work, check):
+    """The library route (``sdpa=1``) beside the Triton kernel (its default config) and torch's cuDNN SDPA (K/V
+    expanded), all timed eagerly: the route is not taken while a CUDA graph is captured, so graph timing would time
+    the Triton kernel. The route's first call at this shape (cuDNN's plan build) is timed apart (wall, synced)."""
+    _set_prefill(SDPA_ROUTE)
+    first_ms, sdpa_calls = _first_call(op)
+    print(f"   {case} {SDPA_ROUTE}: first call {first_ms:.2f} ms, served by SDPA: {sdpa_calls > 0}", flush=True)
+    route_us = _time(rows, "prefill", case, SDPA_ROUTE, op, flush, work, "TFLOP/s", check, graph=False)
+    rows[-1].update(first_call_ms=first_ms, served_by_sdpa=sdpa_calls > 0)
+    _set_prefill("")
+    triton_us = _time(rows, "prefill", case, "", op, flush, work, "TFLOP/s", check, graph=False)
+    cudnn_us = _time(rows, "prefill", case, "torch_cudnn", cudnn, flush, work, "TFLOP/s", graph=False)
+    if route_us and triton_us and cudnn_us:
+        print(f"   {case} {SDPA_ROUTE} [eager]: {triton_us / route_us:.3f}x the Triton kernel, "
+              f"{cudnn_us / route_us:.3f}x torch cuDNN (expanded K/V), eager both", flush=True)
+
+
+def prefill_first_calls(rows):
+    """The route's first call at lengths no earlier call saw (B=1; cuDNN builds a plan per new shape), beside its
+    second call at the same shape (wall times, synchronized)."""
+    _set_prefill(SDPA_ROUTE)
+    for length in FIRST_CALL_LENGTHS:
+        q = torch.randn(length, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(length, HK, D, device="cuda", dtype=torch.bfloat16)
+        op = _prefill_op(q, k, torch.randn_like(k), torch.full((1,), length, device="cuda", dtype=torch.int32),
+                         length, torch.empty_like(q))
+        (first_ms, calls), (second_ms, _) = _first_call(op), _first_call(op)
+        case = f"1x{length}"
+        print("prefill", case, f"{SDPA_ROUTE} first call {first_ms:.2f} ms, second {second_ms:.2f} ms, served by "
+              f"SDPA: {calls > 0}", flush=True)
+        rows.append({"part": "prefill_first_call", "case": case, "config": SDPA_ROUTE, "first_call_ms": first_ms,
+                     "second_call_ms": second_ms, "served_by_sdpa": calls > 0})
+
+
 def prefill(rows, flush, peer):
     """Varlen prefill (equal lengths, causal), each candidate beside the peer (LMDeploy's Triton kernel) when loaded
     and beside torch's cuDNN SDPA (K/V pre-expanded to the query heads, the speed bar); errors against SDPA's output
-    (cuDNN, else FlashAttention)."""
-    import dlinfer.ops as ops
+    (cuDNN, else FlashAttention). Then the library route (:func:`prefill_route`, :func:`prefill_first_calls`)."""
     from dlinfer.vendor.triton import attention_prefill as ap
 
     from benchmarks import peers
@@ -118,23 +201,25 @@ def prefill(rows, flush, peer):
         def check(o):
             return float((o.reshape(tokens, HQ, D).double() - want).norm() / want.norm()) if want is not None else 0.0
 
-        cudnn_us = _time(rows, "prefill", case, "torch_cudnn", lambda: peers.torch_prefill_sdpa(q4, k4, v4, scale,
-                                                                                                "cudnn"),
-                         flush, work, "TFLOP/s")
+        def cudnn():
+            return peers.torch_prefill_sdpa(q4, k4, v4, scale, "cudnn")
+
+        cudnn_us = _time(rows, "prefill", case, "torch_cudnn", cudnn, flush, work, "TFLOP/s")
         peer_us = None
         if peer is not None:
             peer_us = _time(rows, "prefill", case, "lmdeploy", lambda: peers.lmdeploy_prefill(
                 peer, q, k, v, cu, cu, length, length, scale), flush, work, "TFLOP/s", check)
         first = len(rows)
-        _sweep(rows, "prefill", case, "DLINFER_TRITON_PREFILL", ap._config, PREFILL + PREFILL_HOPPER,
-               lambda: ops.prefill_attention(q, k, v, None, None, lens, lens, length, HQ, HK, [None],
-                                             attn_output=out),
+        op = _prefill_op(q, k, v, lens, length, out)
+        _sweep(rows, "prefill", case, "DLINFER_TRITON_PREFILL", ap._config, PREFILL + PREFILL_HOPPER, op,
                flush, work, "TFLOP/s", check, peer_us)
         for row in rows[first:]:
             if cudnn_us and row.get("us"):
                 row["vs_cudnn"] = cudnn_us / row["us"]
                 print(f"   {case} {row['config'] or 'default'}: {row['vs_cudnn']:.3f}x cuDNN", flush=True)
+        prefill_route(rows, case, op, cudnn, flush, work, check)
         del k4, v4
+    prefill_first_calls(rows)
     os.environ.pop("DLINFER_TRITON_PREFILL", None)
     ap._config.cache_clear()
 

@@ -43,7 +43,8 @@ VARIABLES: tuple[Variable, ...] = (
              "comma-separated parts of the vLLM plugin to leave to vLLM (`attention`, `rms_norm`, ..., `all`)",
              "when vLLM loads its plugins"),
     Variable("DLINFER_TRITON_PREFILL", "spec", "",
-             "launch-parameter overrides of the Triton prefill attention kernel (`block_n=128,pack_gqa=0`)",
+             "launch-parameter overrides of the Triton prefill attention kernel (`block_n=128,pack_gqa=0`); "
+             "`sdpa=1` serves uniform-length prefill batches on CUDA from torch's cuDNN SDPA (off until measured)",
              "when a kernel configuration is first built"),
     Variable("DLINFER_TRITON_KV4_PREFILL", "bool", "0",
              "`1` lets the Triton vendor serve paged prefill over a 4-bit KV cache on CUDA (not yet verified there; "

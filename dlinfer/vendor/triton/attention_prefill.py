@@ -82,6 +82,27 @@ launch only: a ``torch.empty`` on the device, from the graph's pool while a CUDA
 ``num_warps=8`` Triton does not specialize the loop; refused with a ValueError. 128x128 tiles, 2 stages: 176 KB
 of shared memory; 128x64, 2 / 3 stages: 112 / 144 KB; no spills.
 
+Library route (cuDNN SDPA), off by default
+------------------------------------------
+``PrefillConfig.sdpa`` (``DLINFER_TRITON_PREFILL="sdpa=1"``) serves a ``prefill_attention`` call from torch's
+``scaled_dot_product_attention`` restricted to its cuDNN backend (as the vendor's ``linear`` is served by cuBLAS)
+when the batch is one ``[B, S]`` block, proven from host ints and tensor identity alone (no sync, no tensor value
+read): keys partitioned like the queries (``cu_seqlens_kv is cu_seqlens_q``: one offsets tensor, as the engine
+adapters pass without history) and ``T == Tk == B * max_q_seq_len`` with ``T`` the query rows. Every length is at
+most ``max_q_seq_len``, so when the lengths sum to ``T`` they all equal it. The op contract also lets a caller
+pad rows after ``cu_seqlens_q[-1]``; the host cannot see that, so with ``sdpa=1`` such a call whose padded ``T``
+happens to equal ``B * max_q_seq_len`` would be served as ``B`` full sequences (wrong): the route assumes no
+padding there. The engine adapters pass no padding rows to ``prefill_attention`` (vLLM slices to
+``num_actual_tokens``; LMDeploy's no-history prefill holds exactly the new tokens). Further conditions: a CUDA
+device, fp16/bf16, ``D == Dv`` in (64, 128) (torch's cuDNN rule is a multiple of 8 up to 128, 256 on sm_90 with
+recent cuDNN: kept to the two sizes measured), ``S >= 2`` (cuDNN SDPA refuses one key) and no CUDA graph being
+captured (cuDNN builds an execution plan per new shape). The packed ``[T, H, D]`` tensors (strided views of a
+fused QKV too) are viewed as ``[B, H, S, D]`` without a copy, GQA through ``enable_gqa``, causal with
+``is_causal`` (equal query and key lengths: both alignments agree), and SDPA's result is copied into
+``attn_output`` in one ``copy_`` (``F.scaled_dot_product_attention`` has no ``out=``; the query is read before,
+so ``attn_output`` may alias it). A call SDPA raises on (no cuDNN kernel for it) runs the Triton kernel; its
+``(dtype, Hq, Hk, D, causal)`` is remembered, never tried again, and logged once.
+
 Launch parameters
 -----------------
 All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on the GPU, 16-bit inputs with ``D <= 64`` use
@@ -104,17 +125,21 @@ exceeds one wave (no second, partly filled wave whose tail would cost what the s
 256 tokens over a 16k history with 32/8 heads: batch 1 = 128 programs -> 2 splits (256 programs), batch 8 ->
 1. The interpreter's config (16 target programs, 32-key slices) splits small cases too, so the CPU tests run the
 split path. Sweeps: ``DLINFER_TRITON_PREFILL="splits=0"`` (never split), ``"splits=4"`` (always 4),
-``"target_programs=528,min_split_tokens=1024"`` (the rule's target and slice floor), ``"pdl=0"``.
+``"target_programs=528,min_split_tokens=1024"`` (the rule's target and slice floor), ``"pdl=0"``; the library
+route: ``"sdpa=1"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -123,6 +148,8 @@ from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
 from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2
+
+logger = logging.getLogger("dlinfer")
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
 
@@ -149,6 +176,10 @@ class PrefillConfig:
     # (benchmarks/tune_attention.py sweeps them).
     tma: bool = False
     warp_specialize: bool = False
+    # Library route of prefill_attention (_sdpa): a uniform batch (one offsets tensor for queries and keys,
+    # T == B * max_q_seq_len, no padding rows) on CUDA, fp16/bf16, D == Dv in (64, 128), outside CUDA-graph
+    # capture, served by torch's cuDNN SDPA. Off until measured through the op (benchmarks/tune_attention.py).
+    sdpa: bool = False
 
 
 def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
@@ -767,8 +798,48 @@ def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
             TensorDescriptor(value, [value.shape[0], hk * dv], [value.stride(0), 1], [block_n, dv]))
 
 
+# The library route (see the module docstring). The devices and SDPA backends it asks torch for: CUDA and cuDNN;
+# the CPU tests add "cpu" and swap in the math backend to run the route's own logic on CPU tensors.
+_SDPA_DEVICES = ("cuda",)
+_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION]  # a list: what sdpa_kernel takes
+_SDPA_HEAD_SIZES = (64, 128)  # measured; torch's cuDNN rule: a multiple of 8 up to 128 (256 on sm_90, cuDNN 9.10+)
+_SDPA_DTYPES = (torch.float16, torch.bfloat16)
+_SDPA_REFUSED: set = set()  # (dtype, Hq, Hk, D, causal) SDPA raised on: never tried again
+
+
+def _sdpa(query, key, value, out, batch: int, seq_len: int, softmax_scale: float, causal: bool) -> bool:
+    """Serve a uniform batch (``batch`` sequences of ``seq_len`` queries and keys, packed with no padding) from
+    torch's SDPA on ``_SDPA_BACKENDS``; False (nothing written) where the route does not apply or SDPA raised.
+    Host checks only: shapes, dtype, device, the capture state."""
+    num_q_heads, head_size = query.shape[1], query.shape[2]
+    num_kv_heads = key.shape[1]
+    refused = (query.dtype, num_q_heads, num_kv_heads, head_size, causal)
+    if (query.device.type not in _SDPA_DEVICES or query.dtype not in _SDPA_DTYPES or head_size not in _SDPA_HEAD_SIZES
+            or value.shape[2] != head_size or seq_len < 2 or refused in _SDPA_REFUSED
+            or torch.cuda.is_current_stream_capturing()):
+        return False
+    # [T, H, D] -> [B, S, H, D] -> [B, H, S, D]: views (splitting the token dimension works for any stride)
+    q, k, v = (t.unflatten(0, (batch, seq_len)).transpose(1, 2) for t in (query, key, value))
+    try:
+        with sdpa_kernel(_SDPA_BACKENDS):
+            res = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
+                                                 enable_gqa=num_q_heads != num_kv_heads)
+    except RuntimeError as exc:
+        _SDPA_REFUSED.add(refused)
+        backends = ", ".join(b.name for b in _SDPA_BACKENDS)
+        logger.warning("triton prefill_attention: torch SDPA (%s) refused %s, %d/%d heads, head size %d, causal %s "
+                       "(%s: %s); the Triton kernel serves these calls", backends, query.dtype, num_q_heads,
+                       num_kv_heads, head_size, causal, type(exc).__name__, str(exc)[:200])
+        return False
+    out.unflatten(0, (batch, seq_len)).copy_(res.transpose(1, 2))
+    return True
+
+
 def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
-            max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ())) -> None:
+            max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ()),
+            uniform: bool = False) -> None:
+    """``uniform``: ``prefill_attention`` with one offsets tensor for queries and keys and ``T == Tk == batch *
+    max_q_seq_len`` (every sequence ``max_q_seq_len`` long): the library route may serve it (``cfg.sdpa``)."""
     tokens, num_q_heads, head_size = query.shape
     quant_bits, kv_scales, kv_zeros = quant
     num_kv_heads, head_size_v = key.shape[-2], value.shape[-1] * (2 if quant_bits == 4 else 1)
@@ -777,6 +848,8 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
         return
     device = query.device
     cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0)
+    if uniform and cfg.sdpa and _sdpa(query, key, value, out, batch, max_q_seq_len, softmax_scale, causal):
+        return
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
@@ -835,8 +908,10 @@ def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_
     kv_ends = q_ends if same else cu_seqlens_kv[1:]  # one view when they are one tensor
     # The KV length bound (host int) for the split rule: max_q_seq_len when keys are partitioned like the queries,
     # else the packed key count (this op's signature has no KV bound).
+    # Uniform lengths from host ints: each length is at most max_q_seq_len and (no padding rows) they sum to T.
+    uniform = same and query.shape[0] == key.shape[0] == q_ends.shape[0] * max_q_seq_len
     _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len,
-            max_q_seq_len if same else key.shape[0], softmax_scale, causal, kv_strides)
+            max_q_seq_len if same else key.shape[0], softmax_scale, causal, kv_strides, uniform=uniform)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
