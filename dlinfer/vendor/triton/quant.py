@@ -70,7 +70,9 @@ def _round_to_bf16(x):
 #   (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and their
 #   share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about two
 #   programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N) never
-#   more bytes than the weights; a second launch sums the partials in a fixed order (deterministic, no atomics,
+#   more bytes than the weights; AWQ never past the programs the card runs at once (a second wave of a few
+#   programs costs a whole program's time: H200, down_proj at T=256, 256 x 64 tiles: 5 splits = 1.2 waves
+#   106 us, 3 splits 91 us; int8 unmeasured, uncapped); a second launch sums the partials in a fixed order (deterministic, no atomics,
 #   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue (on
 #   sm_90+ launched early by programmatic dependent launch, as the split decode attention's reduce). A grid
 #   already >= one wave is never split. int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
@@ -115,19 +117,40 @@ def _use_pdl(cfg: GemmConfig, device: torch.device) -> bool:
 
 
 def split_k_for(tiles: int, k: int, block_k: int, m: int, weight_bytes_per_k: float, sm_count: int,
-                target_programs: int = 0) -> int:
+                target_programs: int = 0, resident: int = 0) -> int:
     """Splits of K for a grid of ``tiles`` output tiles: 1 when the grid is at least one wave; else enough for
     ``target_programs`` (default 2 x ``sm_count``) programs, each >= MIN_SPLIT_K of K (whole ``block_k`` tiles),
     with partials (4 bytes x ``m`` rows per split and column) no larger than the weights (``weight_bytes_per_k``
-    x ``k`` per column), at most MAX_SPLIT_K; every split non-empty."""
+    x ``k`` per column), at most MAX_SPLIT_K; every split non-empty. ``resident`` > 0 (the programs the card
+    runs at once, :func:`resident_programs`) and the default target: never more programs than that, so no second,
+    mostly idle wave follows the first (its programs would cost a whole program's time for a sliver of the work)."""
     k_tiles = cdiv(k, block_k)
     if tiles >= sm_count or k_tiles < 2:
         return 1
     want = cdiv(target_programs or 2 * sm_count, tiles)
+    if resident > 0 and not target_programs:
+        want = min(want, max(1, resident // tiles))
     by_length = k_tiles // max(1, MIN_SPLIT_K // block_k)
     by_traffic = int(weight_bytes_per_k * k) // (4 * max(m, 1))
     split = max(1, min(want, by_length, by_traffic, MAX_SPLIT_K, k_tiles))
     return cdiv(k_tiles, cdiv(k_tiles, split))  # no empty split
+
+
+def awq_shared_memory(cfg: GemmConfig, itemsize: int = 2) -> int:
+    """Shared memory of an AWQ GEMM program on sm_90, an upper bound (within 35 % of what Triton 3.6 allocates
+    for the default tiles: tests/triton/test_quant.py): ``num_stages`` activation tiles and packed-word tiles
+    and the dequantized weight tile the MMA reads, or the float32 accumulator tile the epilogue passes through
+    shared memory, whichever is larger (the two are not live at once)."""
+    loop = (cfg.num_stages * (cfg.block_m * cfg.block_k * itemsize + cfg.block_k * cfg.block_n // 2)
+            + cfg.block_k * cfg.block_n * itemsize)
+    return max(loop, cfg.block_m * cfg.block_n * 4)
+
+
+def resident_programs(shared: int, num_warps: int, facts) -> int:
+    """Programs a card (``host.Card`` facts) runs at once: SMs x programs per SM, bounded by shared memory (plus
+    the 1 KB the driver reserves per block) and by threads."""
+    per_sm = min(facts.smem_per_sm // (shared + 1024), facts.threads_per_sm // (32 * num_warps))
+    return max(1, per_sm) * facts.sm_count
 
 
 def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
@@ -149,13 +172,21 @@ def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
     return cfg
 
 
-def _resolve(cfg: GemmConfig, m: int, n: int, k: int, weight_bytes_per_k: float, sm_count: int) -> GemmConfig:
+def _resolve(cfg: GemmConfig, m: int, n: int, k: int, weight_bytes_per_k: float, sm_count: int,
+             resident: int = 0) -> GemmConfig:
     if cfg.split_k:  # as asked, but no empty split
         k_tiles = max(1, cdiv(k, cfg.block_k))
         return dataclasses.replace(cfg, split_k=cdiv(k_tiles, cdiv(k_tiles, min(cfg.split_k, k_tiles))))
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     return dataclasses.replace(cfg, split_k=split_k_for(tiles, k, cfg.block_k, m, weight_bytes_per_k, sm_count,
-                                                        cfg.target_programs))
+                                                        cfg.target_programs, resident))
+
+
+def _awq_resident(cfg: GemmConfig, device_type: str, device_index, itemsize: int) -> int:
+    """The AWQ kernel's programs resident at once on this card (0 under the interpreter: no cap)."""
+    if device_type != "cuda" or cfg.dequant:
+        return 0
+    return resident_programs(awq_shared_memory(cfg, itemsize), cfg.num_warps, card(device_index))
 
 
 def _bucket(m: int) -> int:
@@ -221,7 +252,7 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
         cfg = GemmConfig(block_m=block_m, block_n=64, block_k=32, num_warps=8 if block_m == 64 else 4, num_stages=3)
     cfg = _checked(env_overrides(cfg, "DLINFER_TRITON_AWQ"), "DLINFER_TRITON_AWQ", 16)
     cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
-    return _resolve(cfg, m_bucket, n, k, 0.5, sms)
+    return _resolve(cfg, m_bucket, n, k, 0.5, sms, _awq_resident(cfg, device_type, device_index, dtype.itemsize))
 
 
 @memo
@@ -542,7 +573,8 @@ def weight_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     else:
         cfg = _checked(config, "config", 16)
         cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, group_size))
-        cfg = _resolve(cfg, m, n, k, 0.5, _sm_count(dev.type, dev.index))
+        cfg = _resolve(cfg, m, n, k, 0.5, _sm_count(dev.type, dev.index),
+                       _awq_resident(cfg, dev.type, dev.index, x.dtype.itemsize))
     if cfg.dequant and x.dtype != torch.float32:
         w = awq_dequantize(qweight, scale, offset, group_size, x.dtype)
         return torch.addmm(bias, x, w, out=out) if bias is not None else torch.mm(x, w, out=out)
