@@ -44,7 +44,8 @@ VARIABLES: tuple[Variable, ...] = (
              "when vLLM loads its plugins"),
     Variable("DLINFER_TRITON_PREFILL", "spec", "",
              "launch-parameter overrides of the Triton prefill attention kernel (`block_n=128,pack_gqa=0`); "
-             "`sdpa=1` serves uniform-length prefill batches on CUDA from torch's cuDNN SDPA (off until measured)",
+             "`sdpa=1` serves uniform-length prefill batches on CUDA from torch's cuDNN SDPA, assuming no padding rows after "
+             "the last sequence (`DLINFER_CHECK=1` verifies it; off until measured)",
              "when a kernel configuration is first built"),
     Variable("DLINFER_TRITON_KV4_PREFILL", "bool", "0",
              "`1` lets the Triton vendor serve paged prefill over a 4-bit KV cache on CUDA (not yet verified there; "

@@ -214,3 +214,22 @@ def test_sdpa_field_parsed_from_the_override(monkeypatch):
     assert tuned.sdpa is True and tuned.block_n == 64
     monkeypatch.setenv("DLINFER_TRITON_PREFILL", "sdpa=0")
     assert attention_decode.env_overrides(tuned, "DLINFER_TRITON_PREFILL").sdpa is False
+
+
+def test_padding_rows_go_to_the_kernel_when_values_are_checked(route, monkeypatch):
+    """The route assumes no padding rows after the last sequence (the host cannot see them): lengths 1 and 3 in
+    T = 6 rows with the bound 3 pass ``T == B * max_q``. With ``DLINFER_CHECK=1`` the route reads the offsets and
+    sends this batch to the Triton kernel (right answer for the real rows); a truly uniform batch still takes it."""
+    monkeypatch.setenv("DLINFER_CHECK", "1")
+    spies = route()
+    query, key, value, _ = _inputs(4, 2, 64, torch.float16, [1, 3, 2], 11)  # 6 rows
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32)  # two sequences, then two padding rows
+    got = torch.zeros(6, 4, 64, dtype=torch.float16)
+    ap.prefill_attention(query, key, value, cu, cu, 3, 64 ** -0.5, True, got)
+    _close(got[:4], _want(query[:4], key[:4], value[:4], cu, 3, True), torch.float16)
+    assert spies.sdpa == [] and spies.launches() >= 1
+    query, key, value, cu = _inputs(4, 2, 64, torch.float16, [3, 3], 12)
+    got = torch.zeros(6, 4, 64, dtype=torch.float16)
+    ap.prefill_attention(query, key, value, cu, cu, 3, 64 ** -0.5, True, got)
+    _close(got, _want(query, key, value, cu, 3, True), torch.float16)
+    assert len(spies.sdpa) == 1

@@ -92,7 +92,8 @@ adapters pass without history) and ``T == Tk == B * max_q_seq_len`` with ``T`` t
 most ``max_q_seq_len``, so when the lengths sum to ``T`` they all equal it. The op contract also lets a caller
 pad rows after ``cu_seqlens_q[-1]``; the host cannot see that, so with ``sdpa=1`` such a call whose padded ``T``
 happens to equal ``B * max_q_seq_len`` would be served as ``B`` full sequences (wrong): the route assumes no
-padding there. The engine adapters pass no padding rows to ``prefill_attention`` (vLLM slices to
+padding there (with ``DLINFER_CHECK=1`` it reads the offsets, a sync, and sends such a batch to the Triton
+kernel). The engine adapters pass no padding rows to ``prefill_attention`` (vLLM slices to
 ``num_actual_tokens``; LMDeploy's no-history prefill holds exactly the new tokens). Further conditions: a CUDA
 device, fp16/bf16, ``D == Dv`` in (64, 128) (torch's cuDNN rule is a multiple of 8 up to 128, 256 on sm_90 with
 recent cuDNN: kept to the two sizes measured), ``S >= 2`` (cuDNN SDPA refuses one key) and no CUDA graph being
@@ -807,10 +808,12 @@ _SDPA_DTYPES = (torch.float16, torch.bfloat16)
 _SDPA_REFUSED: set = set()  # (dtype, Hq, Hk, D, causal) SDPA raised on: never tried again
 
 
-def _sdpa(query, key, value, out, batch: int, seq_len: int, softmax_scale: float, causal: bool) -> bool:
+def _sdpa(query, key, value, out, q_ends, batch: int, seq_len: int, softmax_scale: float, causal: bool) -> bool:
     """Serve a uniform batch (``batch`` sequences of ``seq_len`` queries and keys, packed with no padding) from
     torch's SDPA on ``_SDPA_BACKENDS``; False (nothing written) where the route does not apply or SDPA raised.
-    Host checks only: shapes, dtype, device, the capture state."""
+    Host checks only (shapes, dtype, device, the capture state), except with value checks on
+    (``DLINFER_CHECK=1``): then the cumulative ends ``q_ends`` are read (a sync) and a batch that is not
+    ``seq_len, 2 seq_len, ...`` (padding rows after the last sequence) goes to the Triton kernel."""
     num_q_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = key.shape[1]
     refused = (query.dtype, num_q_heads, num_kv_heads, head_size, causal)
@@ -818,6 +821,10 @@ def _sdpa(query, key, value, out, batch: int, seq_len: int, softmax_scale: float
             or value.shape[2] != head_size or seq_len < 2 or refused in _SDPA_REFUSED
             or torch.cuda.is_current_stream_capturing()):
         return False
+    if settings.check_values():
+        ends = torch.arange(1, batch + 1, device=q_ends.device, dtype=torch.int64) * seq_len
+        if not torch.equal(q_ends.to(torch.int64), ends):
+            return False
     # [T, H, D] -> [B, S, H, D] -> [B, H, S, D]: views (splitting the token dimension works for any stride)
     q, k, v = (t.unflatten(0, (batch, seq_len)).transpose(1, 2) for t in (query, key, value))
     try:
@@ -848,7 +855,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
         return
     device = query.device
     cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0)
-    if uniform and cfg.sdpa and _sdpa(query, key, value, out, batch, max_q_seq_len, softmax_scale, causal):
+    if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_ends, batch, max_q_seq_len, softmax_scale, causal):
         return
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
