@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _batch, _checks, kv_quant, table
-from dlinfer.ops._dispatch import eager, implementation, run
-from dlinfer.ops.kv_cache import cache_implementation, check_cache, plain_caches, unquantized
+from dlinfer.ops._dispatch import eager, implementation, run, selector
+from dlinfer.ops.kv_cache import cache_call_features, cache_implementation, check_cache, plain_caches, unquantized
 
 
 #: The largest ``softmax_scale`` accepted (typical scales are ``1/sqrt(D)``; beyond this, scale times a q.k
@@ -115,6 +115,9 @@ def _paged_prefill_attention_impl(
 _paged_prefill_attention = table.define("paged_prefill_attention", _paged_prefill_attention_impl)
 
 
+_select_decode = selector("paged_decode_attention")
+
+
 def _paged_decode_attention_impl(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -130,7 +133,8 @@ def _paged_decode_attention_impl(
 ) -> None:
     if _checks.values_checked(kv_seqlens, block_table):
         _check_paged_values(query, key_cache, block_table, kv_seqlens, max_kv_seq_len)
-    impl = cache_implementation("paged_decode_attention", query, key_cache, value_cache, query.shape[-1], quant_bits)
+    impl = _select_decode(query, query.shape[-1], kv_quant.head_size_of(value_cache, quant_bits), key_cache.shape[1],
+                          cache_call_features(key_cache, quant_bits))
     quant = (kv_scales, kv_zeros, quant_bits) if quant_bits else ()  # the table's optional_args
     impl(query, key_cache, value_cache, block_table, kv_seqlens, max_kv_seq_len, softmax_scale, attn_output, *quant)
 
@@ -404,8 +408,12 @@ def _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_s
     if out is None:
         return None
     kv_seqlens = _batch.lengths_on(kv_seqlens, query.device)
-    _paged_decode_attention_impl(query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len, scale, out,
-                                 [], [], 0)
+    if _checks.values_checked(kv_seqlens, block_offsets):
+        _check_paged_values(query, key_cache, block_offsets, kv_seqlens, max_kv_seq_len)
+    # _paged_decode_attention_impl's selection for an unquantized cache, from what the checks above hold (the
+    # value head size dv, no quantization): every decode step of every layer pays this path
+    _select_decode(query, query.shape[2], dv, key_cache.shape[1], cache_call_features(key_cache))(
+        query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len, scale, out)
     return out
 
 
