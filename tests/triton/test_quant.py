@@ -546,8 +546,8 @@ LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "
 def test_default_configs_fill_the_gpu(which, monkeypatch):
     """The rule on a 132-SM GPU for Llama-3-8B's linears: a grid of >= one wave is never split; a smaller one is
     split to >= one wave unless the partials would outgrow the weights (never more bytes than the weights,
-    splits >= MIN_SPLIT_K long, none empty), AWQ's to at most the programs the card holds at once (one more
-    split would start a second wave);
+    splits >= MIN_SPLIT_K long, none empty), to at most the programs the card holds at once (one more split would
+    start a second wave);
     int8 decode tiles hold all rows (weights read once) up to 64 rows; 128-row tiles from 128 rows."""
     from dlinfer.vendor.triton import host
     from dlinfer.vendor.triton.host import cdiv
@@ -576,12 +576,12 @@ def test_default_configs_fill_the_gpu(which, monkeypatch):
                 assert c.split_k == 1, where
             else:
                 capped = (c.split_k + 1) * m * n * 4 > wbytes  # one more split: partials > weights
-                if which == "awq":
-                    with host.simulate(host.CARDS["H200"]):
-                        resident = triton_quant._awq_resident(c, "cuda", 0, 2)
-                    assert resident in (132, 264, 396, 528, 660), where  # whole programs per SM
-                    assert tiles * c.split_k <= resident, where  # one wave
-                    capped = capped or tiles * (c.split_k + 1) > resident
+                with host.simulate(host.CARDS["H200"]):
+                    resident = (triton_quant._awq_resident(c, "cuda", 0, 2) if which == "awq"
+                                else triton_quant._int8_resident(c, "cuda", 0))
+                assert resident in (132, 264, 396, 528, 660), where  # whole programs per SM
+                assert tiles * c.split_k <= resident, where  # one wave
+                capped = capped or tiles * (c.split_k + 1) > resident
                 assert tiles * c.split_k >= 132 or capped, where
                 assert c.split_k * m * n * 4 <= wbytes and k / c.split_k >= triton_quant.MIN_SPLIT_K, where
                 k_tiles = cdiv(k, c.block_k)
@@ -590,9 +590,11 @@ def test_default_configs_fill_the_gpu(which, monkeypatch):
 
 
 def test_split_rule_stops_at_one_wave_of_resident_programs():
-    """AWQ's split never starts a second wave: on an H200 (264 programs of 256 x 64 tiles at once) down_proj at
+    """The split never starts a second wave: on an H200 (264 programs of 256 x 64 AWQ tiles at once) down_proj at
     T=256 (64 column tiles) took 106 us with the 5 splits of the uncapped rule (320 programs) and 91 us with 3.
-    A target given explicitly is kept; without the card's resident count (0) the rule is the old one."""
+    A target given explicitly is kept; without the card's resident count (0) the rule is the old one. The int8
+    GEMM's 128 x 128 x 128 tiles (4 stages: 128 KB, one program per SM) at T=256: qkv's 96 tiles no longer split
+    in 3 (288 programs, 2.2 waves)."""
     rule = triton_quant.split_k_for
     assert rule(64, 14336, 64, 256, 0.5, 132) == 5  # uncapped: 2 x 132 programs at least
     assert rule(64, 14336, 64, 256, 0.5, 132, resident=264) == 4  # 256 programs: one wave
@@ -600,6 +602,8 @@ def test_split_rule_stops_at_one_wave_of_resident_programs():
     assert rule(96, 4096, 128, 1, 0.5, 132, resident=132) == 1  # a grid of most of a wave: no split
     assert rule(64, 14336, 64, 256, 0.5, 132, target_programs=320, resident=264) == 5  # as asked
     assert rule(200, 14336, 64, 256, 0.5, 132, resident=264) == 1  # >= one wave of SMs: never split
+    assert rule(96, 4096, 128, 256, 1.0, 132) == 3
+    assert rule(96, 4096, 128, 256, 1.0, 132, resident=132) == 1
 
 
 def test_env_overrides_and_bad_configs(monkeypatch):
@@ -698,6 +702,9 @@ def check(fn, types, consts, cfg, wgmma, name, max_loop_per_weight=None, tma=Fal
     if fn is quant._awq_gemm_kernel:  # the split rule's estimate (programs per SM): an upper bound, within 35 %
         itemsize = 4 if consts["IEEE"] else 2
         estimate = quant.awq_shared_memory(cfg, itemsize)
+        assert shared <= estimate <= 1.35 * shared, f"{name}: {shared} bytes shared, estimated {estimate}"
+    if fn is quant._int8_gemm_kernel:
+        estimate = quant.int8_shared_memory(cfg)
         assert shared <= estimate <= 1.35 * shared, f"{name}: {shared} bytes shared, estimated {estimate}"
     if consts["ITERS"] > 2:
         copy = "async_tma_copy_global_to_local" if tma else "async_copy_global_to_local"

@@ -70,9 +70,9 @@ def _round_to_bf16(x):
 #   (64-byte AWQ rows / 128-byte int8 rows per K step). A grid of fewer programs than SMs leaves SMs (and their
 #   share of the memory bandwidth) idle, so then K is split (:func:`split_k_for`) until the grid holds about two
 #   programs per SM, each split at least MIN_SPLIT_K long, and the float32/int32 partials (split x M x N) never
-#   more bytes than the weights; AWQ never past the programs the card runs at once (a second wave of a few
-#   programs costs a whole program's time: H200, down_proj at T=256, 256 x 64 tiles: 5 splits = 1.2 waves
-#   106 us, 3 splits 91 us; int8 unmeasured, uncapped); a second launch sums the partials in a fixed order (deterministic, no atomics,
+#   more bytes than the weights, and never past the programs the card runs at once (a second wave of a few
+#   programs costs a whole program's time: H200, AWQ down_proj at T=256, 256 x 64 tiles: 5 splits = 1.2 waves
+#   106 us, 3 splits 91 us); a second launch sums the partials in a fixed order (deterministic, no atomics,
 #   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue (on
 #   sm_90+ launched early by programmatic dependent launch, as the split decode attention's reduce). A grid
 #   already >= one wave is never split. int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
@@ -146,6 +146,15 @@ def awq_shared_memory(cfg: GemmConfig, itemsize: int = 2) -> int:
     return max(loop, cfg.block_m * cfg.block_n * 4)
 
 
+def int8_shared_memory(cfg: GemmConfig) -> int:
+    """Shared memory of an int8 GEMM program on sm_90, an upper bound (within 35 % of what Triton 3.6 allocates
+    for the default tiles: tests/triton/test_quant.py): ``num_stages`` tiles of both operands (one byte per
+    element) or the int32 accumulator tile the epilogue passes through shared memory, whichever is larger, plus
+    the TMA path's barriers (8 bytes a stage)."""
+    loop = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k
+    return max(loop, cfg.block_m * cfg.block_n * 4) + 8 * cfg.num_stages
+
+
 def resident_programs(shared: int, num_warps: int, facts) -> int:
     """Programs a card (``host.Card`` facts) runs at once: SMs x programs per SM, bounded by shared memory (plus
     the 1 KB the driver reserves per block) and by threads."""
@@ -187,6 +196,13 @@ def _awq_resident(cfg: GemmConfig, device_type: str, device_index, itemsize: int
     if device_type != "cuda" or cfg.dequant:
         return 0
     return resident_programs(awq_shared_memory(cfg, itemsize), cfg.num_warps, card(device_index))
+
+
+def _int8_resident(cfg: GemmConfig, device_type: str, device_index) -> int:
+    """The int8 kernel's programs resident at once on this card (0 under the interpreter: no cap)."""
+    if device_type != "cuda":
+        return 0
+    return resident_programs(int8_shared_memory(cfg), cfg.num_warps, card(device_index))
 
 
 def _bucket(m: int) -> int:
@@ -269,7 +285,7 @@ def int8_config(device_type: str, device_index, m_bucket: int, n: int, k: int) -
     else:
         cfg = GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
     cfg = _checked(env_overrides(cfg, "DLINFER_TRITON_W8A8"), "DLINFER_TRITON_W8A8", 32)
-    return _resolve(cfg, m_bucket, n, k, 1.0, sms)
+    return _resolve(cfg, m_bucket, n, k, 1.0, sms, _int8_resident(cfg, device_type, device_index))
 
 
 @triton.jit
@@ -661,7 +677,8 @@ def _int8_gemm(a2: torch.Tensor, b: torch.Tensor, row_scale, col_scale, qbias, b
                                bias is not None), m, run, f"int8 GEMM {out_dtype} {k}x{n}")
         cfg = int8_config(dev.type, dev.index, _bucket(m), n, k)
     else:
-        cfg = _resolve(_checked(config, "config", 32), m, n, k, 1.0, _sm_count(dev.type, dev.index))
+        cfg = _checked(config, "config", 32)
+        cfg = _resolve(cfg, m, n, k, 1.0, _sm_count(dev.type, dev.index), _int8_resident(cfg, dev.type, dev.index))
     split, pdl = cfg.split_k, _use_pdl(cfg, dev)
     iters = cdiv(cdiv(k, cfg.block_k), split)
     ws = torch.empty(split, m, n, dtype=torch.int32, device=dev) if split > 1 else out
