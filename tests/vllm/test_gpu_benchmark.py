@@ -3,8 +3,10 @@
 One invocation (about two and a half minutes here): build the tiny Qwen3-MoE model, start vLLM + dlinfer in its own
 process group, warm it up, time it, collect the dlinfer evidence and the Triton compile counts from the engine's
 worker process, score it with the float32 oracle, then serve the model with ``vllm serve`` on 127.0.0.1 (the serve
-part: streamed requests, TTFT/TPOT), write the JSON and the table. (The stock run differs only by DLINFER_VLLM=0 in its environment;
-tests/test_vllm_gpu_bench.py checks the stock side of the report. The script's own CPU run of both:
+part: streamed requests, TTFT/TPOT), write the JSON and the table. A second invocation (about a minute) runs
+``--interleave`` on the tiny Llama: stock and dlinfer alive at once, their timed passes alternating. (The stock run
+of the first differs only by DLINFER_VLLM=0 in its environment; tests/test_vllm_gpu_bench.py checks the stock side
+of the report. The script's own CPU run of both:
 ``python benchmarks/vllm_gpu.py --device cpu --eager``.)
 """
 
@@ -169,3 +171,41 @@ def test_the_serve_part_streams_from_a_local_server(bench):
     assert run["problems"] == [] and run["completed"] == 6 and run["output_tokens"] >= 6 * 8
     assert 0 < run["ttft_median_ms"] <= run["ttft_p99_ms"] and 0 < run["tpot_median_ms"] <= run["tpot_p99_ms"]
     assert run["agreement_with_offline"]["first_token_equal"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def interleaved(tmp_path_factory):
+    """``--interleave`` with the real engine children: the tiny Llama, stock and dlinfer alive at once, two timed
+    passes each in the order stock 1, dlinfer 1, dlinfer 2, stock 2 (about a minute here)."""
+    tmp = tmp_path_factory.mktemp("vllm_gpu_interleave")
+    out = tmp / "out.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLINFER_", "VLLM_"))}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "vllm_gpu.py"), "--device", "cpu", "--eager", "--models",
+           "llama8b", "--interleave", "--timed-passes", "2", "--requests", "4", "--oracle-prompts", "0",
+           "--deadline", "400", "--model-dir", str(tmp / "models"), "--work-dir", str(tmp / "work"), "--cache-dir",
+           str(tmp / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, json.loads(out.read_text()), tmp / "work"
+
+
+@pytest.mark.slow
+def test_interleaved_passes_with_real_engines(interleaved):
+    """Each engine timed pass by pass on the parent's go_<k>, pass_<k>.json after each, result.json after finish; the
+    ratios dlinfer / stock per pass, their median and spread in the JSON and the printed summary."""
+    proc, report, work = interleaved
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert report["complete"] is True
+    rec = report["interleaved"]["llama8b"]
+    assert rec["ran"] == ["stock 1", "dlinfer 1", "dlinfer 2", "stock 2"] and rec["pairs"] == 2
+    runs = {b: report["runs"][f"llama8b/{b}"] for b in ("stock", "dlinfer")}
+    for b, run in runs.items():
+        assert run["interleaved"] is True and len(run["pass_output_tok_s"]) == 2 and run["problems"] == []
+        assert sorted(p.name for p in (work / f"llama8b-{b}").glob("pass_*.json")) == ["pass_1.json", "pass_2.json"]
+        assert [round(p[f"{b}_output_tok_s"], 1) for p in rec["passes"]] == pytest.approx(run["pass_output_tok_s"],
+                                                                                          abs=0.11)
+    for k in range(2):
+        assert rec["pass_ratios"][k] == pytest.approx(
+            runs["dlinfer"]["pass_output_tok_s"][k] / runs["stock"]["pass_output_tok_s"][k], rel=0.01)
+    assert rec["ratio_min"] <= rec["ratio_median"] <= rec["ratio_max"]
+    assert f"llama8b interleaved: dlinfer / stock output tok/s ratio {rec['ratio_median']:.3f} (passes: " in proc.stdout
