@@ -53,7 +53,9 @@ card's memory: the first one's cache takes half of ``--cache-max-entry-count`` o
 default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
 which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
 per-pass ratios of output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the
-ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %). The channel
+ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %). Each pass starts
+``--pass-gap`` seconds (1 by default) after the last one ended, so that what an engine leaves behind after its pass
+(threads still spinning, output handling) does not run into the other's. The channel
 is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
 ``pass_<k>.json``, each atomically by a rename); every wait of the parent ends at the pair's budget (twice
 ``--run-timeout``, within ``--deadline``), after which both process groups are killed; a child's own waits end
@@ -794,7 +796,8 @@ def ratio_warning(pair: dict) -> str | None:
             "tighter ratio")
 
 
-def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log) -> tuple[dict, dict]:
+def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_gap: float = 0.0
+                    ) -> tuple[dict, dict]:
     """One pair of --interleave (see the module docstring): the stock child (``stock``) started and warmed up,
     then the dlinfer child (``mine``) with the stock engine's KV-cache block count and timed request count, their
     timed passes alternating ABBA, one at a time, then each child let finish, stock first. Returns ({backend:
@@ -833,7 +836,9 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log) -> tupl
         got: dict[str, dict[int, dict]] = {"stock": {}, "dlinfer": {}}
         order = interleaved_order(max(1, stock.timed_passes))
         t0 = time.monotonic()
-        for k, backend in order:
+        for i, (k, backend) in enumerate(order):
+            if i:  # a quiet gap: what the last pass leaves behind (threads, output handling) ends before this one
+                time.sleep(pass_gap)
             start_s = time.monotonic() - t0
             children[backend].send(f"go_{k}")
             got[backend][k] = children[backend].wait_for(f"pass_{k}.json", deadline, f"timed pass {k}")
@@ -1157,6 +1162,10 @@ def main(argv=None) -> int:
                              "ABBA, one at a time: per-pass ratios dlinfer / stock, their median and spread; the "
                              "first engine's cache takes half of --cache-max-entry-count, the second the same "
                              "number of blocks (needs --backend both and --tp 1)")
+    parser.add_argument("--pass-gap", type=float, default=1.0,
+                        help="--interleave: seconds between the end of one timed pass and the start of the next, so "
+                             "that what an engine leaves behind after its pass (threads still spinning, output "
+                             "handling) does not run into the other's (default %(default)s)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1188,6 +1197,8 @@ def main(argv=None) -> int:
         parser.error("--oracle-prompts must be >= 0")
     if args.pass_seconds < 0:
         parser.error("--pass-seconds must be >= 0")
+    if args.pass_gap < 0:
+        parser.error("--pass-gap must be >= 0")
     if args.timed_passes is None:
         args.timed_passes = 4 if args.interleave else 1
     if args.timed_passes < 1:
@@ -1343,7 +1354,8 @@ def main(argv=None) -> int:
             log(f"[run] {stock.name} and {mine.name}, interleaved")
             t0 = time.perf_counter()
             try:
-                done, pair = run_interleaved(stock, mine, budget_s=min(2 * args.run_timeout, left - 10), log=log)
+                done, pair = run_interleaved(stock, mine, budget_s=min(2 * args.run_timeout, left - 10), log=log,
+                                             pass_gap=args.pass_gap)
             except Exception as exc:  # noqa: BLE001 - record and go on with the other pairs
                 log(f"[fail] {stock.name} and {mine.name} (interleaved) after {time.perf_counter() - t0:.0f} s: "
                     f"{str(exc)[-1500:]}")

@@ -45,7 +45,10 @@ end) and over the passes both engines ran the per-pass ratios dlinfer / stock of
 ratio), min, max and spread (max - min) / median; the summary prints ``ratio 1.004 (passes: ...; spread 2.9 %)``
 with a ``[warn]`` line past 2 %. A pass goes only when its expected time (1.5 warm-up passes) fits before the
 deadline: otherwise the pair's remaining passes are skipped (saying which) and both engines finish with the passes
-they ran. An engine that exits, or takes over ``max(60, 4 warm-up passes + 30)`` s for a pass or its result, fails
+they ran. Each pass starts ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an engine
+leaves behind after its pass does not run into the other's (on a 2-core CPU without the gap the pass right after a
+switch of engines ran about 10x slower, the passes after a pass of the same engine did not). An engine that exits,
+or takes over ``max(60, 4 warm-up passes + 30)`` s for a pass or its result, fails
 (killed) with the pass named; its partner's later passes then run alone (no ratio for them). The engines' memory is
 as in the default mode (all of them alive at once on a GPU, each with its sized KV cache).
 
@@ -568,6 +571,7 @@ class Pair:
     skipped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     finishing: bool = False
+    quiet_until: float = 0.0  # time.monotonic() before which no pass starts (--pass-gap after the last one ended)
 
 
 def interleave_line(model: str, rec: dict) -> str:
@@ -884,6 +888,7 @@ class Bench:
         p = self.pair
         data.update(start_s=round(r.go_at - p.t0, 3), end_s=round(time.monotonic() - p.t0, 3))
         r.passes[k], r.in_pass = data, 0
+        p.quiet_until = time.monotonic() + self.args.pass_gap
         p.ran.append(f"{r.backend} {k}")
         rate = data.get("output_tok_s")
         self.log(f"[pass] {r.name}: pass {k}: {rate or 0:.0f} output tok/s ({data['output_tokens']} tokens in "
@@ -975,7 +980,7 @@ class Bench:
         if not live:
             self.end_pair()
             return
-        if any(r.in_pass for r in live) or p.finishing:
+        if any(r.in_pass for r in live) or p.finishing or time.monotonic() < p.quiet_until:
             return
         while p.order:
             k, backend = p.order[0]
@@ -1487,6 +1492,11 @@ def parse_args(argv):
                    help="alternate the stock and dlinfer engines of a model pass by pass (ABBA) and report the "
                         "per-pass ratios dlinfer / stock, their median and spread (needs both backends and "
                         "--timed-passes >= 2; an even count completes the ABBA order)")
+    p.add_argument("--pass-gap", type=float, default=1.0,
+                   help="--interleave: seconds between the end of one timed pass and the start of the next, so "
+                        "that what the engine just timed leaves behind (its processes' threads still spinning, "
+                        "output handling) does not run into the other's pass (on a 2-core CPU without a gap the "
+                        "pass after a switch of engines ran 10x slower); default %(default)s")
     p.add_argument("--block-size", type=int, default=64, help="KV-cache block size of both backends")
     p.add_argument("--max-capture-size", type=int, default=256,
                    help="largest CUDA-graph capture size (vLLM's default sizes up to it; 0: vLLM's default)")
@@ -1553,6 +1563,8 @@ def parse_args(argv):
         p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
     if args.compare_tokens < 1 or args.requests < 1 or args.oracle_prompts < 0:
         p.error("--compare-tokens and --requests must be >= 1, --oracle-prompts >= 0")
+    if args.pass_gap < 0:
+        p.error("--pass-gap must be >= 0")
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not args.parts or any(x not in ("offline", "serve") for x in args.parts):
         p.error("--parts: choose from offline, serve")

@@ -439,7 +439,7 @@ def fake_engines(tmp_path, monkeypatch):
         out = tmp_path / "out.json"
         t0 = time.perf_counter()
         code = vllm_gpu.main(["--device", "cuda", "--oracle-prompts", "0", "--min-run-s", "1", "--oracle-s", "1",
-                              "--deadline", "60",
+                              "--deadline", "60", "--pass-gap", "0",
                               "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
                               "--out", str(out), *argv])
         seconds = time.perf_counter() - t0
@@ -479,6 +479,22 @@ def test_interleave_flags(tmp_path):
     for bad in (["--backends", "dlinfer"], ["--timed-passes", "1"], ["--parallel", "1"]):
         with pytest.raises(SystemExit):
             vllm_gpu.parse_args(["--device", "cpu", "--interleave", "--timed-passes", "2", *bad])
+
+
+def test_interleaved_passes_keep_a_quiet_gap(fake_engines, capsys):
+    """--pass-gap: no pass starts until that long after the last one ended (on a 2-core CPU, without a gap, the pass
+    after a switch of engines ran 10x slower: the other engine's leftovers ran into it)."""
+    code, report, printed, events, _ = fake_engines(_plan([1.0] * 4, [1.0] * 4), "--models", "llama8b",
+                                                    "--interleave", "--timed-passes", "4", "--pass-gap", "0.3",
+                                                    capsys=capsys)
+    assert code == 0, printed
+    assert _passes(events) == ["stock 1", "dlinfer 1", "dlinfer 2", "stock 2", "stock 3", "dlinfer 3", "dlinfer 4",
+                               "stock 4"]
+    times = [t for t, what, _, _ in events if what in ("start", "end")]
+    gaps = [times[i + 1] - times[i] for i in range(1, len(times) - 1, 2)]  # an end to the next start
+    assert len(gaps) == 7 and min(gaps) >= 0.3, gaps
+    with pytest.raises(SystemExit):
+        vllm_gpu.parse_args(["--device", "cpu", "--pass-gap", "-1"])
 
 
 def test_interleaved_passes_alternate_abba_one_at_a_time(fake_engines, capsys):

@@ -419,7 +419,7 @@ def interleave_env(e2e, tmp_path, monkeypatch):
         t0 = time.perf_counter()
         code = e2e.main(["--model", "llama8b", "--mode", "graph", "--interleave", "--requests", "4",
                          "--new-tokens", "8", "--compare-tokens", "4", "--oracle-prompts", "0", "--out", str(out),
-                         *argv])
+                         "--pass-gap", "0", *argv])
         seconds = time.perf_counter() - t0
         specs = {path.stem[5:]: json.loads(path.read_text()) for path in tmp_path.glob("spec_*.json")}
         return code, json.loads(out.read_text()), events.read_text().splitlines(), specs, seconds
@@ -439,6 +439,18 @@ def test_interleaved_order_and_ratios(e2e):
                                     "(passes: 1.020 1.030 1.050; spread 2.9 %)")
     assert "(> 2 %)" in e2e.ratio_warning(pair)
     assert e2e.ratio_warning(dict(pair, ratio_spread=0.019)) is None
+
+
+def test_interleaved_passes_keep_a_quiet_gap(interleave_env):
+    """--pass-gap: each pass starts that long after the last one ended (what an engine leaves behind after its pass
+    must not run into the other's)."""
+    plan = {b: {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
+    code, report, _, _, _ = interleave_env(plan, "--timed-passes", "4", "--pass-gap", "0.3")
+    assert code == 0, report["log"]
+    (pair,) = report["interleaved"]
+    spans = sorted((p[f"{b}_start_s"], p[f"{b}_end_s"]) for p in pair["passes"] for b in ("stock", "dlinfer"))
+    gaps = [spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)]
+    assert len(gaps) == 7 and min(gaps) >= 0.299, gaps  # the times are rounded to ms
 
 
 def test_interleaved_pair_with_fake_children(interleave_env, capsys):
@@ -514,7 +526,7 @@ def test_interleaved_child_that_never_answers_times_out(interleave_env):
 def test_interleave_flags(e2e, tmp_path, capsys):
     """--interleave: refused with --tp > 1, one backend or one pass; accepted by --dry-run (4 passes by default)."""
     for bad, message in ((["--tp", "2"], "--tp 1 only"), (["--backend", "dlinfer"], "needs --backend both"),
-                         (["--timed-passes", "1"], "--timed-passes >= 2")):
+                         (["--timed-passes", "1"], "--timed-passes >= 2"), (["--pass-gap", "-1"], "--pass-gap")):
         with pytest.raises(SystemExit) as exit_info:
             e2e.main(["--dry-run", "--interleave", *bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
