@@ -408,12 +408,8 @@ def _plain_decode(query, key_cache, value_cache, block_offsets, block_size, kv_s
     if out is None:
         return None
     kv_seqlens = _batch.lengths_on(kv_seqlens, query.device)
-    if _checks.values_checked(kv_seqlens, block_offsets):
-        _check_paged_values(query, key_cache, block_offsets, kv_seqlens, max_kv_seq_len)
-    # _paged_decode_attention_impl's selection for an unquantized cache, from what the checks above hold (the
-    # value head size dv, no quantization): every decode step of every layer pays this path
-    _select_decode(query, query.shape[2], dv, key_cache.shape[1], cache_call_features(key_cache))(
-        query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len, scale, out)
+    _paged_decode_attention_impl(query, key_cache, value_cache, block_offsets, kv_seqlens, max_kv_seq_len, scale, out,
+                                 [], [], 0)
     return out
 
 

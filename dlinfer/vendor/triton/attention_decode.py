@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from dlinfer.vendor.registry import Capabilities
-from dlinfer.vendor.triton.host import card, cdiv, has_pdl, next_power_of_2
+from dlinfer.vendor.triton.host import card, cdiv, has_pdl, next_power_of_2, resident_programs
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -175,12 +175,12 @@ def _config(device_type: str, device_index: int, dtype: torch.dtype, head_size: 
     num_stages, split_stages = _card_stages(device_index)
     facts = card(device_index)
     stage_bytes = block_n * (next_power_of_2(head_size) + next_power_of_2(head_size_v)) * dtype.itemsize
-    per_sm = min(facts.smem_per_sm // (split_stages * stage_bytes), facts.threads_per_sm // (32 * num_warps))
     cfg = DecodeConfig(block_n=block_n, block_h=block_h, use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                        split_stages=split_stages,
                        target_programs=2 * facts.sm_count, min_split_tokens=block_n,
                        pdl=has_pdl(device_type, device_index),
-                       resident_programs=max(1, per_sm) * facts.sm_count)
+                       resident_programs=resident_programs(split_stages * stage_bytes, num_warps, facts.sm_count,
+                                                           facts.smem_per_sm, facts.threads_per_sm))
     return _overridden(cfg, group)
 
 

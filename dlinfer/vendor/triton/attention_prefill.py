@@ -148,6 +148,7 @@ from dlinfer import settings
 from dlinfer.vendor.registry import Capabilities
 from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG2E, MAX_SPLITS, env_overrides,
                                                     load_dequant, quant_scales)
+from dlinfer.vendor.triton import host
 from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2
 
 logger = logging.getLogger("dlinfer")
@@ -196,9 +197,8 @@ def resident_programs(config: PrefillConfig, head_size: int, head_size_v: int, i
                       smem_per_sm: int, threads_per_sm: int) -> int:
     """Programs of ``config`` a card runs at once: SM count x programs per SM, bounded by shared memory
     (:func:`shared_memory` plus the 1 KB the driver reserves per block) and by threads."""
-    smem = shared_memory(config, head_size, head_size_v, itemsize) + 1024
-    per_sm = min(smem_per_sm // smem, threads_per_sm // (32 * config.num_warps))
-    return max(1, per_sm) * sm_count
+    return host.resident_programs(shared_memory(config, head_size, head_size_v, itemsize) + 1024, config.num_warps,
+                                  sm_count, smem_per_sm, threads_per_sm)
 
 
 # Cards with less shared memory per block than this (sm_86 / sm_89 / sm_120: 99 KB) get the tiles of

@@ -96,6 +96,12 @@ def capability(device_index: int | None) -> int:
     return card(device_index).capability
 
 
+def resident_programs(block_bytes: int, num_warps: int, sm_count: int, smem_per_sm: int, threads_per_sm: int) -> int:
+    """Programs a card runs at once: SMs x programs per SM, bounded by shared memory (``block_bytes`` per program,
+    with whatever reserve the caller counts) and by threads; at least one per SM."""
+    return max(1, min(smem_per_sm // block_bytes, threads_per_sm // (32 * num_warps))) * sm_count
+
+
 def has_pdl(device_type: str, device_index: int | None) -> bool:
     """Programmatic dependent launch (a kernel launched while the previous one finishes): NVIDIA sm_90 and newer."""
     return device_type == "cuda" and capability(device_index) >= 9

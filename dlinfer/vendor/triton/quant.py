@@ -25,7 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from dlinfer.vendor.triton import moe as _moe
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.attention_decode import env_overrides
-from dlinfer.vendor.triton.host import card, cdiv, has_pdl, memo, next_power_of_2, sm_count
+from dlinfer.vendor.triton.host import card, cdiv, has_pdl, memo, next_power_of_2, resident_programs, sm_count
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def split_k_for(tiles: int, k: int, block_k: int, m: int, weight_bytes_per_k: fl
     ``target_programs`` (default 2 x ``sm_count``) programs, each >= MIN_SPLIT_K of K (whole ``block_k`` tiles),
     with partials (4 bytes x ``m`` rows per split and column) no larger than the weights (``weight_bytes_per_k``
     x ``k`` per column), at most MAX_SPLIT_K; every split non-empty. ``resident`` > 0 (the programs the card
-    runs at once, :func:`resident_programs`) and the default target: never more programs than that, so no second,
+    runs at once, :func:`_resident`) and the default target: never more programs than that, so no second,
     mostly idle wave follows the first (its programs would cost a whole program's time for a sliver of the work)."""
     k_tiles = cdiv(k, block_k)
     if tiles >= sm_count or k_tiles < 2:
@@ -155,13 +155,6 @@ def int8_shared_memory(cfg: GemmConfig) -> int:
     return max(loop, cfg.block_m * cfg.block_n * 4) + 8 * cfg.num_stages
 
 
-def resident_programs(shared: int, num_warps: int, facts) -> int:
-    """Programs a card (``host.Card`` facts) runs at once: SMs x programs per SM, bounded by shared memory (plus
-    the 1 KB the driver reserves per block) and by threads."""
-    per_sm = min(facts.smem_per_sm // (shared + 1024), facts.threads_per_sm // (32 * num_warps))
-    return max(1, per_sm) * facts.sm_count
-
-
 def _checked(cfg: GemmConfig, source: str, min_block_k: int) -> GemmConfig:
     def pow2(v):
         return v > 0 and v & (v - 1) == 0
@@ -191,18 +184,22 @@ def _resolve(cfg: GemmConfig, m: int, n: int, k: int, weight_bytes_per_k: float,
                                                         cfg.target_programs, resident))
 
 
-def _awq_resident(cfg: GemmConfig, device_type: str, device_index, itemsize: int) -> int:
-    """The AWQ kernel's programs resident at once on this card (0 under the interpreter: no cap)."""
-    if device_type != "cuda" or cfg.dequant:
+def _resident(shared: int, cfg: GemmConfig, device_type: str, device_index) -> int:
+    """Programs of ``cfg`` (``shared`` bytes each, plus the 1 KB the driver reserves per block) this card runs at
+    once (0 under the interpreter: no cap)."""
+    if device_type != "cuda":
         return 0
-    return resident_programs(awq_shared_memory(cfg, itemsize), cfg.num_warps, card(device_index))
+    facts = card(device_index)
+    return resident_programs(shared + 1024, cfg.num_warps, facts.sm_count, facts.smem_per_sm, facts.threads_per_sm)
+
+
+def _awq_resident(cfg: GemmConfig, device_type: str, device_index, itemsize: int) -> int:
+    """The fused AWQ kernel's :func:`_resident` (0 for the dequantize + GEMM path: not split)."""
+    return 0 if cfg.dequant else _resident(awq_shared_memory(cfg, itemsize), cfg, device_type, device_index)
 
 
 def _int8_resident(cfg: GemmConfig, device_type: str, device_index) -> int:
-    """The int8 kernel's programs resident at once on this card (0 under the interpreter: no cap)."""
-    if device_type != "cuda":
-        return 0
-    return resident_programs(int8_shared_memory(cfg), cfg.num_warps, card(device_index))
+    return _resident(int8_shared_memory(cfg), cfg, device_type, device_index)
 
 
 def _bucket(m: int) -> int:
