@@ -781,19 +781,26 @@ def pass_ratios(stock: list[float], mine: list[float]) -> dict:
             "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
 
 
-def ratio_line(pair: dict) -> str:
-    """One line for a pair of --interleave: its ratio, the per-pass ratios and their spread."""
-    return (f"{pair['model']} {pair['mode']} interleaved: dlinfer / stock output tok/s ratio "
-            f"{pair['ratio_median']:.3f} (passes: {' '.join(f'{r:.3f}' for r in pair['pass_ratios'])}; spread "
-            f"{100 * pair['ratio_spread']:.1f} %)")
+def ratio_line(label: str, rec: dict) -> str:
+    """One line for the interleaved engines ``label`` names: the ratio (the median of the per-pass ratios), the
+    per-pass ratios and their spread. Shared by this script and vllm_gpu.py."""
+    if not rec.get("pass_ratios"):
+        return f"{label} interleaved: no pass ran on both engines: no ratio"
+    ratios = " ".join(f"{r:.3f}" for r in rec["pass_ratios"])
+    spread = (f"spread {100 * rec['ratio_spread']:.1f} %" if len(rec["pass_ratios"]) > 1 else
+              "one pass pair: no spread")
+    return f"{label} interleaved: dlinfer / stock output tok/s ratio {rec['ratio_median']:.3f} (passes: {ratios}; {spread})"
 
 
-def ratio_warning(pair: dict) -> str | None:
-    if pair["ratio_spread"] <= 0.02:
+def ratio_warning(label: str, rec: dict, remedy: str) -> str | None:
+    """A ``[warn]`` line when the per-pass ratios spread more than 2 % (the noise bar of the speed goals), else None."""
+    if (rec.get("ratio_spread") or 0) <= 0.02:
         return None
-    return (f"[warn] {pair['model']} {pair['mode']} interleaved: the per-pass ratios spread "
-            f"{100 * pair['ratio_spread']:.1f} % (> 2 %): more --timed-passes or a longer --pass-seconds for a "
-            "tighter ratio")
+    return (f"[warn] {label} interleaved: the per-pass ratios spread {100 * rec['ratio_spread']:.1f} % (> 2 %): the "
+            f"ratio is known no better than that; {remedy} for a tighter one")
+
+
+_REMEDY = "more --timed-passes or a longer --pass-seconds"
 
 
 def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_gap: float = 0.0
@@ -988,9 +995,10 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
                 lines.append(f"{model} {mode}: dlinfer / stock output tok/s = "
                              f"{mine['output_tok_s'] / stock['output_tok_s']:.3f}")
     for pair in interleaved or []:
-        lines.append(ratio_line(pair))
-        if ratio_warning(pair):
-            lines.append(ratio_warning(pair))
+        label = f"{pair['model']} {pair['mode']}"
+        lines.append(ratio_line(label, pair))
+        if ratio_warning(label, pair, _REMEDY):
+            lines.append(ratio_warning(label, pair, _REMEDY))
     for agr in agreements:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
@@ -1366,9 +1374,10 @@ def main(argv=None) -> int:
             for spec, backend in ((stock, "stock"), (mine, "dlinfer")):
                 accept(spec.name, spec.model, *done[backend])
             report["interleaved"].append(pair)
-            log(f"[pair] {ratio_line(pair)}")
-            if ratio_warning(pair):
-                log(ratio_warning(pair))
+            label = f"{pair['model']} {pair['mode']}"
+            log(f"[pair] {ratio_line(label, pair)}")
+            if ratio_warning(label, pair, _REMEDY):
+                log(ratio_warning(label, pair, _REMEDY))
             save()
             continue
         (model, backend, mode, tp), name = unit[0], names[0]

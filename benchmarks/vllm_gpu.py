@@ -181,12 +181,6 @@ def engine_kwargs(args, model_dir: str, config: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- engine child
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def child_llm_kwargs(spec: dict) -> dict:
     """The ``LLM(...)`` / ``vllm serve`` arguments of a child: the spec's, plus dlinfer's attention selection for
     the dlinfer backend (registered in the child's own process first).
@@ -251,7 +245,7 @@ class PassChannel:
     def report(self, k: int, seconds: float, output_tokens: int, compiles: dict, gpu: dict | None) -> None:
         """Pass ``k``'s (0-based) record, for the parent as soon as the pass ends (--interleave only)."""
         if self.interleave:
-            _write_json(self.work / f"pass_{k + 1}.json", {
+            e2e.write_json_atomic(self.work / f"pass_{k + 1}.json", {
                 "k": k + 1, "duration_s": seconds, "output_tokens": output_tokens,
                 "output_tok_s": output_tokens / seconds if seconds > 0 else None, "triton_compiles": compiles,
                 "gpu": gpu})
@@ -291,7 +285,7 @@ def engine_child(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm.generate(warm_inputs, warm_params, use_tqdm=False)
     warmup_s = time.perf_counter() - t0
-    _write_json(work / "ready.json", {"startup_s": startup_s, "warmup_s": warmup_s})
+    e2e.write_json_atomic(work / "ready.json", {"startup_s": startup_s, "warmup_s": warmup_s})
     channel = PassChannel(work, interleave=bool(getattr(args, "interleave", False)))
     pass_tok_s, pass_compiles = [], []
     monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
@@ -339,7 +333,7 @@ def engine_child(spec_path: str) -> int:
     }
     if channel.interleave:
         result["interleaved"] = True
-    _write_json(work / "result.json", result)
+    e2e.write_json_atomic(work / "result.json", result)
     return 0
 
 
@@ -576,20 +570,11 @@ class Pair:
 
 def interleave_line(model: str, rec: dict) -> str:
     """A model's interleaved ratio: the median of its per-pass ratios dlinfer / stock, the ratios, their spread."""
-    if not rec.get("pass_ratios"):
-        return f"{model} interleaved: no pass ran on both engines: no ratio"
-    ratios = " ".join(f"{r:.3f}" for r in rec["pass_ratios"])
-    spread = (f"spread {100 * rec['ratio_spread']:.1f} %" if len(rec["pass_ratios"]) > 1 else
-              "one pass pair: no spread")
-    return (f"{model} interleaved: dlinfer / stock output tok/s ratio {rec['ratio_median']:.3f} (passes: {ratios}; "
-            f"{spread})")
+    return e2e.ratio_line(model, rec)
 
 
 def interleave_warning(model: str, rec: dict) -> str | None:
-    if (rec.get("ratio_spread") or 0) <= 0.02:
-        return None
-    return (f"[warn] {model} interleaved: the per-pass ratios spread {100 * rec['ratio_spread']:.1f} % (> 2 %): "
-            "the ratio is known no better than that; more --timed-passes or --requests for a tighter one")
+    return e2e.ratio_warning(model, rec, "more --timed-passes or --requests")
 
 
 def plugin_shim(work: Path) -> Path | None:
@@ -732,7 +717,7 @@ class Bench:
     def save(self) -> None:
         self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out, self.report)
+        e2e.write_json_atomic(self.out, self.report)
 
     def kill(self, proc: subprocess.Popen | None) -> None:
         if proc is None:

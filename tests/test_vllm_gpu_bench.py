@@ -343,7 +343,7 @@ def test_serve_report_gives_latency_ratios(tmp_path, capsys):
 
 # ------------------------------------------------------------------ --interleave: the parent's scheduling
 # A stand-in for `vllm_gpu.py --engine-child SPEC` that follows the child's protocol with the script's own
-# child-side code (PassChannel, _write_json): ready.json after a pretend start, then its timed passes on the parent's
+# child-side code (PassChannel, e2e.write_json_atomic): ready.json after a pretend start, then its timed passes on the parent's
 # go (or go_<k> with --interleave, reporting pass_<k>.json), each with the pretend duration of its plan, then the
 # result on finish. Every pass is logged (start / end, with the time) to a file shared by all children, so the test
 # sees the order the passes really ran in.
@@ -369,7 +369,7 @@ if spec["backend"] == "dlinfer":
     print("INFO dlinfer: vLLM plugin took over on cuda: rms_norm (RMSNorm; vendor triton)", flush=True)
 time.sleep(plan.get("startup", 0.2))
 note(f"ready {name}")
-vllm_gpu._write_json(work / "ready.json", {"startup_s": 1.0, "warmup_s": plan.get("warmup_s", 0.05)})
+vllm_gpu.e2e.write_json_atomic(work / "ready.json", {"startup_s": 1.0, "warmup_s": plan.get("warmup_s", 0.05)})
 channel = vllm_gpu.PassChannel(work, interleave=args["interleave"])
 zero = {"count": 0, "seconds": 0.0, "per_kernel": {}, "pids": [os.getpid()], "hooked": True}
 tokens, rates = 120, []
@@ -385,7 +385,7 @@ for k in channel.passes(max(1, args["timed_passes"])):
     channel.report(k, seconds, tokens, zero, None)
 channel.finish()
 median = sorted(rates)[len(rates) // 2]
-vllm_gpu._write_json(work / "result.json", {
+vllm_gpu.e2e.write_json_atomic(work / "result.json", {
     "startup_s": 1.0, "warmup_s": 0.05, "generate_s": plan["durations"][0], "requests": 4, "input_tokens": 40,
     "output_tokens": tokens, "output_tok_s": round(median, 1), "total_tok_s": 1.0,
     "pass_output_tok_s": [round(r, 1) for r in rates], "pass_spread": (max(rates) - min(rates)) / median,

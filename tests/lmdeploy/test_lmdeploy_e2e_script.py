@@ -435,10 +435,10 @@ def test_interleaved_order_and_ratios(e2e):
     assert (got["ratio_min"], got["ratio_max"]) == (1.02, 1.05)
     assert got["ratio_spread"] == pytest.approx(0.03 / 1.03, abs=1e-5)
     pair = dict(got, model="llama8b", mode="graph")
-    assert e2e.ratio_line(pair) == ("llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.030 "
+    assert e2e.ratio_line("llama8b graph", pair) == ("llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.030 "
                                     "(passes: 1.020 1.030 1.050; spread 2.9 %)")
-    assert "(> 2 %)" in e2e.ratio_warning(pair)
-    assert e2e.ratio_warning(dict(pair, ratio_spread=0.019)) is None
+    assert "(> 2 %)" in e2e.ratio_warning("llama8b graph", pair, "more passes")
+    assert e2e.ratio_warning("llama8b graph", dict(pair, ratio_spread=0.019), "more passes") is None
 
 
 def test_interleaved_passes_keep_a_quiet_gap(interleave_env):
