@@ -29,7 +29,14 @@ LMDeploy's ``quant_policy`` 8 (int8 KV cache). 4-bit caches are refused (dlinfer
 to the reference vendor), AWQ MoE models too (LMDeploy builds no AWQ experts), W8A8 Qwen3-MoE too (LMDeploy 0.18
 cannot run it); W8A8 Mixtral runs without the oracle only (``--oracle-prompts 0``). ``--pass-seconds S`` sizes
 each timed pass to about S seconds (from the first run's warm-up rate; every run of a model then times the same
-prompts), so that the passes' spread, printed per run, is the noise.
+prompts), so that the passes' spread, printed per run, is the noise. A timed pass of more requests than the
+warm-up pass runs larger batches, and the engine captures a CUDA graph (compiling LMDeploy's
+``_fill_graph_common_inputs_kernel``) for each batch size it first meets: so whenever a run's timed request count
+exceeds its warm-up's (``--warmup full``), the child runs one more untimed warm-up pass of exactly the timed count
+(the warm-up's prompts, not the timed ones) before its first timed pass; its seconds and compilations are
+``warmup_full_count_s`` / ``warmup_full_count_requests`` / ``triton_compiles_warmup_full_count`` in the JSON
+(``warmup_s`` and ``triton_compiles_warmup`` stay the first warm-up pass's) and in the ``[ready]`` / ``[done]``
+lines. With equal counts nothing more runs; ``--warmup short`` keeps its 16 prompts only.
 
 Greedy tokens of two bf16 engines part ways wherever a random model's top two logits are closer than bf16 rounding,
 and from there on the sequences differ, so agreement alone cannot tell a rounding difference from a bug. The
@@ -46,9 +53,12 @@ dtype (float16 for AWQ).
 out: both engines of a pair (same model, mode, quantization) are alive at once, in two child processes on the
 same GPU, and their timed passes alternate, one at a time (never two at once), in the order stock, dlinfer for
 odd passes and dlinfer, stock for even ones (ABBA: a drift linear in time cancels). The stock child starts,
-warms up, sizes the timed pass (``--pass-seconds``) and reports ready with the number of KV-cache blocks its
-engine allocated; the dlinfer child then starts with that block count (``PytorchEngineConfig.num_gpu_blocks``)
-and request count, so both run the same cache and prompts whatever memory each found free. Both engines share the
+warms up, sizes the timed pass (``--pass-seconds``), warms up at that count when it is larger (above) and reports
+ready with the number of KV-cache blocks its engine allocated; the dlinfer child then starts with that block count
+(``PytorchEngineConfig.num_gpu_blocks``) and request count, so both run the same cache and prompts whatever memory
+each found free, and it too runs its warm-up pass at the timed count before it reports ready: both engines have
+done it before the parent sends the first ``go_1``. (Nothing estimates a pass's time here: the extra warm-up pass
+falls within the wait for ``ready.json``, which the pair's budget bounds as any other wait.) Both engines share the
 card's memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by
 default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
 which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
@@ -98,7 +108,8 @@ QUANTS = {
 AWQ_GROUP_SIZE = 128
 # --kv-quant: LMDeploy's quant_policy
 KV_QUANTS = {0: "KV cache in the model's dtype", 8: "int8 KV cache (quant_policy 8: per-token scales and zeros)"}
-WARMUPS = {"full": "one untimed pass of a like workload (other prompts)",
+WARMUPS = {"full": "one untimed pass of a like workload (other prompts), and one more at the timed pass's request "
+                   "count when that is larger",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
 
 
@@ -379,40 +390,17 @@ def run_child(spec: RunSpec) -> None:
         coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen)
         return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result()
 
-    # Warm-up: a whole pass of a workload like the timed one (other prompts, same lengths' distribution), so
-    # that Triton compiles the kernel variants every batch size and context length needs (both backends' kernels
-    # specialize on them) before the timing, not during it. --warmup short: the first 16 prompts only.
-    warm_count = spec.requests if spec.warmup == "full" else min(16, spec.requests)
-    warm = workload(warm_count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit)
-    compiles = CompileLog()
-    compiles.install()
-    t0 = time.perf_counter()
-    run(warm)
-    warmup_s = time.perf_counter() - t0
-    warmup_compiles = compiles.take()
-
-    # The timed pass, --timed-passes times over the same prompts: their spread is the run-to-run noise of the
-    # throughput (the median pass is reported). --pass-seconds: as many prompts as make a pass last about that
-    # long at the warm-up's rate (the first run of a model decides; the parent hands its count to the others, so
-    # every run of a model times the same prompts). workload() draws prompt after prompt: a longer list starts
-    # with the same prompts, the oracle's among them.
-    requests = spec.timed_requests or timed_request_count(
-        spec.requests, warm_count, warmup_s - warmup_compiles["seconds"], spec.pass_seconds)
-    prompts = workload(requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from benchmarks.gpu_monitor import GpuMonitor
 
+    compiles = CompileLog()
+    compiles.install()
     control = PassControl(spec.control_dir, spec.control_timeout) if spec.control_dir else None
-    if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
-        control.write("ready.json", dict(startup_s=round(startup_s, 2), warmup_s=round(warmup_s, 2),
-                                         timed_requests=requests, **engine_cache(pipe)))
     monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
-    monitor.start()
-    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control)
-    monitor.stop()
-    if control:  # nothing of this run (a profile, the engine's shutdown) while the other engine is timed
-        control.wait("finish")
+    prompts, warm, passes, pass_compiles = warm_up_and_time(
+        run, spec, compiles, monitor, control, ready=dict(startup_s=round(startup_s, 2), **engine_cache(pipe)))
+    requests = len(prompts)
     timed_compiles = CompileLog.total(pass_compiles)
     durations = [d for d, _ in passes]
     duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
@@ -436,7 +424,7 @@ def run_child(spec: RunSpec) -> None:
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
         "startup_s": round(startup_s, 2),
-        "warmup_s": round(warmup_s, 2),
+        **{key: warm[key] for key in ("warmup_s", "warmup_full_count_s", "warmup_full_count_requests")},
         "duration_s": round(duration, 3),
         "timed_requests": requests,
         "input_tokens": in_tokens,
@@ -458,7 +446,8 @@ def run_child(spec: RunSpec) -> None:
         "ops_served": served,
         "lmdeploy_w4a16_gemm": _stock_w4a16_gemm() if spec.quant == "awq" and spec.backend == "stock" else None,
         "missing_token_ids": sum(t < 0 for r in records for t in r["tokens"]),
-        "triton_compiles_warmup": warmup_compiles,
+        "triton_compiles_warmup": warm["triton_compiles_warmup"],
+        "triton_compiles_warmup_full_count": warm["triton_compiles_warmup_full_count"],
         "triton_compiles_timed": timed_compiles,
         "triton_compiles_per_pass": pass_compiles,
         "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(passes))],
@@ -467,6 +456,51 @@ def run_child(spec: RunSpec) -> None:
     }
     pipe.close()
     Path(spec.result_path).write_text(json.dumps(result))
+
+
+def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready: dict | None = None):
+    """A started engine's passes, ``run`` driving it over a list of prompts: the warm-up pass, the timed request
+    count, the warm-up pass at that count when it is larger, ``ready.json`` (--interleave: ``ready`` with the
+    count and the warm-ups' record) for the parent's ``control``, the timed passes (phases of ``monitor``) and the
+    parent's ``finish``. Returns (the timed prompts, the warm-ups' record as the result JSON holds it, the passes,
+    the compilations of each)."""
+
+    def warm_pass(count: int) -> tuple[float, dict]:  # the warm-up's prompts (not the timed ones), ``count`` of them
+        t0 = time.perf_counter()
+        run(workload(count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit))
+        return time.perf_counter() - t0, compiles.take()
+
+    # Warm-up: a whole pass of a workload like the timed one (other prompts, same lengths' distribution), so
+    # that Triton compiles the kernel variants every batch size and context length needs (both backends' kernels
+    # specialize on them) before the timing, not during it. --warmup short: the first 16 prompts only.
+    warm_count = spec.requests if spec.warmup == "full" else min(16, spec.requests)
+    warmup_s, warmup_compiles = warm_pass(warm_count)
+    # The timed pass, --timed-passes times over the same prompts: their spread is the run-to-run noise of the
+    # throughput (the median pass is reported). --pass-seconds: as many prompts as make a pass last about that
+    # long at the warm-up's rate (the first run of a model decides; the parent hands its count to the others, so
+    # every run of a model times the same prompts). workload() draws prompt after prompt: a longer list starts
+    # with the same prompts, the oracle's among them.
+    requests = spec.timed_requests or timed_request_count(
+        spec.requests, warm_count, warmup_s - warmup_compiles["seconds"], spec.pass_seconds)
+    warm = {"warmup_s": round(warmup_s, 2), "triton_compiles_warmup": warmup_compiles,
+            "warmup_full_count_requests": None, "warmup_full_count_s": None,
+            "triton_compiles_warmup_full_count": None}
+    if spec.warmup == "full" and requests > warm_count:
+        # More requests per pass than the warm-up had reach larger batches, for which the engine captures CUDA
+        # graphs (and compiles their input kernels) the first time it meets them: one more untimed pass of the
+        # warm-up's prompts at exactly the timed count, so that this happens here, not in the timed passes.
+        seconds, full_compiles = warm_pass(requests)
+        warm.update(warmup_full_count_requests=requests, warmup_full_count_s=round(seconds, 2),
+                    triton_compiles_warmup_full_count=full_compiles)
+    prompts = workload(requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
+    if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
+        control.write("ready.json", dict(ready or {}, timed_requests=requests, **warm))
+    monitor.start()
+    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control)
+    monitor.stop()
+    if control:  # nothing of this run (a profile, the engine's shutdown) while the other engine is timed
+        control.wait("finish")
+    return prompts, warm, passes, pass_compiles
 
 
 def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None):
@@ -803,6 +837,24 @@ def ratio_warning(label: str, rec: dict, remedy: str) -> str | None:
 _REMEDY = "more --timed-passes or a longer --pass-seconds"
 
 
+def warmup_text(rec: dict) -> str:
+    """The warm-up of a run (its result, or its child's ``ready.json``) in words: the warm-up pass's seconds and,
+    when one ran, the warm-up pass at the timed request count with its Triton compilations."""
+    text = f"warm-up {rec.get('warmup_s') or 0:.0f} s"
+    if rec.get("warmup_full_count_s") is not None:
+        jit = rec.get("triton_compiles_warmup_full_count") or {}
+        text += (f", warm-up at the timed count ({rec.get('warmup_full_count_requests')} requests) "
+                 f"{rec['warmup_full_count_s']:.1f} s with {jit.get('count', '?')} Triton compiles "
+                 f"({jit.get('seconds', '?')} s)")
+    return text
+
+
+def ready_line(name: str, ready: dict) -> str:
+    """The ``[ready]`` line of an interleaved child from its ``ready.json``."""
+    return (f"[ready] {name}: {ready.get('num_gpu_blocks')} KV-cache blocks, {ready.get('timed_requests')} requests "
+            f"per timed pass (startup {ready.get('startup_s') or 0:.0f} s, {warmup_text(ready)})")
+
+
 def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_gap: float = 0.0
                     ) -> tuple[dict, dict]:
     """One pair of --interleave (see the module docstring): the stock child (``stock``) started and warmed up,
@@ -826,16 +878,12 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
             return children[backend].wait_for("ready.json", deadline, "ready (engine start and warm-up)")
 
         ready = {"stock": start("stock")}
-        log(f"[ready] {stock.name}: {ready['stock']['num_gpu_blocks']} KV-cache blocks, "
-            f"{ready['stock']['timed_requests']} requests per timed pass (startup {ready['stock']['startup_s']:.0f} s, "
-            f"warm-up {ready['stock']['warmup_s']:.0f} s)")
+        log(ready_line(stock.name, ready["stock"]))
         specs["dlinfer"] = dataclasses.replace(mine, control_dir=str(folder / "dlinfer"), control_timeout=budget_s,
                                                timed_requests=ready["stock"]["timed_requests"],
                                                num_gpu_blocks=int(ready["stock"].get("num_gpu_blocks") or 0))
         ready["dlinfer"] = start("dlinfer")
-        log(f"[ready] {mine.name}: {ready['dlinfer']['num_gpu_blocks']} KV-cache blocks, "
-            f"{ready['dlinfer']['timed_requests']} requests per timed pass (startup "
-            f"{ready['dlinfer']['startup_s']:.0f} s, warm-up {ready['dlinfer']['warmup_s']:.0f} s)")
+        log(ready_line(mine.name, ready["dlinfer"]))
         for key in ("num_gpu_blocks", "max_prefill_token_num", "timed_requests"):
             if ready["stock"].get(key) != ready["dlinfer"].get(key):
                 log(f"[warn] {stock.model} {stock.mode} interleaved: the engines differ in {key} "
@@ -1155,7 +1203,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pass-seconds", type=float, default=0.0,
                         help="> 0: as many requests per timed pass (never fewer than --requests) as make a pass "
                              "last about this many seconds at the warm-up's rate; the first run of a model decides "
-                             "the count for all its runs (default 0: --requests)")
+                             "the count for all its runs (default 0: --requests). When that count exceeds the "
+                             "warm-up's (--warmup full), every run first warms up once more with exactly that many "
+                             "requests of the warm-up's prompts, so that the larger batches' CUDA graphs are "
+                             "captured before the timing (warmup_full_count_s in the JSON)")
     parser.add_argument("--quant", choices=list(QUANTS), default="none",
                         help="weights: none (bf16), awq (W4A16, group 128, float16) or w8a8 (SmoothQuant int8); "
                              "the model is quantized once with dlinfer.testing.quantize and cached in --model-dir; "
@@ -1319,7 +1370,7 @@ def main(argv=None) -> int:
         report["runs"][name] = result
         timed_jit = result.get("triton_compiles_timed") or {}
         log(f"[done] {name}: {result['output_tok_s']:.0f} output tok/s, {result['duration_s']:.1f} s "
-            f"(startup {result['startup_s']:.0f} s, warm-up {result['warmup_s']:.0f} s; Triton compiles in the "
+            f"(startup {result['startup_s']:.0f} s, {warmup_text(result)}; Triton compiles in the "
             f"timed pass: {timed_jit.get('count', '?')}, {timed_jit.get('seconds', '?')} s; passes "
             f"{result.get('pass_output_tok_s')}, spread {result.get('pass_spread', 0):.1%}; TTFT median "
             f"{1e3 * (result.get('median_ttft_s') or 0):.0f} ms, p99 {1e3 * (result.get('p99_ttft_s') or 0):.0f} ms)")

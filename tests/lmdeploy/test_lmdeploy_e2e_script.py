@@ -323,11 +323,70 @@ def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
         "count": 5, "seconds": round(taken["seconds"] + 1.25, 2), "per_kernel": {"_probe_kernel": 3, "_other": 2}}
 
 
+def _warm_up_and_time(e2e, monkeypatch, timed_count: int, **spec_kw):
+    """warm_up_and_time as run_child calls it (no --interleave), --requests 4 and 3 timed passes; --pass-seconds
+    gives ``timed_count`` requests per timed pass (the rate's arithmetic is timed_request_count's own test). Returns
+    the warm-ups' record, the passes' compilations and each call of the engine as (kind, prompts): warm (the
+    warm-up's prompts) or timed (the timed prompts); the warm-up pass at the timed count has a compile."""
+    import contextlib
+
+    spec = e2e.RunSpec(model="llama8b", model_dir="/nowhere", backend="stock", mode="graph", tp=1, requests=4,
+                       min_prompt=3, max_prompt=9, new_tokens=2, compare_tokens=2, seed=5, vocab_limit=50,
+                       max_batch_size=8, cache_max_entry_count=0.5, block_size=64, vendor=None, result_path="",
+                       timed_passes=3, **spec_kw)
+    monkeypatch.setattr(e2e, "timed_request_count", lambda requests, warm_requests, busy_s, seconds:
+                        timed_count if seconds > 0 and warm_requests == 4 else requests)
+    compiles = e2e.CompileLog()
+    calls = []
+
+    def run(prompts):
+        seed = {spec.seed + 1: "warm", spec.seed: "timed"}
+        (kind,) = (kind for s, kind in seed.items()
+                   if prompts == e2e.workload(len(prompts), spec.min_prompt, spec.max_prompt, s, spec.vocab_limit))
+        calls.append((kind, len(prompts)))
+        if kind == "warm" and len(calls) == 2:  # a CUDA graph for a batch size the first warm-up did not reach
+            compiles.events.append(("_fill_graph_common_inputs_kernel", 0.5))
+        return 1.0, [{"tokens": [7, 7]} for _ in prompts]
+
+    monitor = type("Monitor", (), {"start": lambda self: None, "stop": lambda self: None,
+                                   "phase": lambda self, name: contextlib.nullcontext()})()
+    prompts, warm, passes, per_pass = e2e.warm_up_and_time(run, spec, compiles, monitor)
+    assert len(prompts) == len(passes[0][1]) and len(passes) == 3
+    return warm, per_pass, calls
+
+
+def test_warm_up_at_the_timed_count_before_the_first_timed_pass(e2e, monkeypatch):
+    """A timed pass of more requests than the warm-up (--pass-seconds, or a count handed down from the model's
+    first run): one more warm-up pass of the warm-up's prompts at exactly that count runs before timed pass 1; its
+    time and compilations are recorded on their own (the warm-up's keys keep their meaning), the timed passes see
+    no compilation."""
+    warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 12, pass_seconds=8.0)
+    assert calls == [("warm", 4), ("warm", 12), ("timed", 12), ("timed", 12), ("timed", 12)]
+    assert warm["warmup_full_count_requests"] == 12 and warm["warmup_full_count_s"] is not None
+    assert warm["triton_compiles_warmup_full_count"]["per_kernel"] == {"_fill_graph_common_inputs_kernel": 1}
+    assert warm["triton_compiles_warmup"]["count"] == 0 and [c["count"] for c in per_pass] == [0, 0, 0]
+    _, _, handed = _warm_up_and_time(e2e, monkeypatch, 4, timed_requests=7)  # the count of an earlier run
+    assert handed == [("warm", 4), ("warm", 7), ("timed", 7), ("timed", 7), ("timed", 7)]
+
+
+def test_no_extra_warm_up_when_the_counts_are_equal(e2e, monkeypatch):
+    """The timed pass has the warm-up's request count: nothing more runs and the record says so; --warmup short
+    keeps its short warm-up (it is there to leave the variants to the timed pass)."""
+    warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 4, pass_seconds=8.0)
+    assert calls == [("warm", 4), ("timed", 4), ("timed", 4), ("timed", 4)]
+    assert (warm["warmup_full_count_requests"], warm["warmup_full_count_s"],
+            warm["triton_compiles_warmup_full_count"]) == (None, None, None)
+    assert e2e.warmup_text(dict(warm, warmup_s=2.0)) == "warm-up 2 s"
+    _, _, short = _warm_up_and_time(e2e, monkeypatch, 4, warmup="short", timed_requests=20)
+    assert short == [("warm", 4), ("timed", 20), ("timed", 20), ("timed", 20)]
+
+
 # ------------------------------------------------------------------------------------------------ --interleave
 # A stand-in for `lmdeploy_e2e.py --child SPEC` that follows the --interleave protocol with the script's own
-# child-side code (PassControl, timed_passes): ready.json after a pretend start, then timed passes on the parent's
-# go_<k> with the durations of its plan, then the result JSON on finish. Each pass is logged (start/end) to a file
-# shared by both children, so the test sees the order the passes really ran in.
+# child-side code (PassControl, warm_up_and_time, timed_passes): after a pretend start its warm-up pass(es), ready.json,
+# then timed passes on the parent's go_<k> with the durations of its plan, then the result JSON on finish. The timed
+# request count --pass-seconds would give is the plan's. Each pass is logged (warm-ups with their prompt count,
+# timed passes' start/end) to a file shared by both children, so the test sees the order the passes really ran in.
 FAKE_CHILD = r'''
 import contextlib, importlib.util, json, os, sys, time
 from pathlib import Path
@@ -351,15 +410,15 @@ Path(events.parent / f"spec_{spec.backend}.json").write_text(sys.argv[2])
 if plan.get("hang") == "ready":
     time.sleep(300)
 control = e2e.PassControl(spec.control_dir, spec.control_timeout)
-requests = spec.timed_requests or plan["timed_requests"]
-control.write("ready.json", {"startup_s": 0.5, "warmup_s": 0.25, "timed_requests": requests,
-                             "num_gpu_blocks": spec.num_gpu_blocks or plan["num_gpu_blocks"], "block_size": 64,
-                             "max_prefill_token_num": 8192})
+e2e.timed_request_count = lambda requests, *rest: plan.get("timed_requests", requests)
 durations = iter(plan["durations"])
 done = []
 
 
 def run(prompts):
+    if prompts == e2e.workload(len(prompts), spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit):
+        note(f"warm {spec.backend} {len(prompts)}")  # the warm-up's prompts
+        return 0.01, [{"tokens": [7] * spec.new_tokens} for _ in prompts]
     k = len(done) + 1
     if plan.get("exit_at_pass") == k:
         print(f"fake {spec.backend}: dying in pass {k}", flush=True)
@@ -372,18 +431,20 @@ def run(prompts):
 
 
 class Monitor:
+    start = stop = staticmethod(lambda: None)
     phase = staticmethod(lambda name: contextlib.nullcontext())
     summary = staticmethod(lambda name: None)
 
 
-prompts = [[1]] * requests
-passes, per_pass = e2e.timed_passes(run, prompts, spec.timed_passes, e2e.CompileLog(), Monitor(), control)
-control.wait("finish")
+ready = {"startup_s": 0.5, "num_gpu_blocks": spec.num_gpu_blocks or plan["num_gpu_blocks"], "block_size": 64,
+         "max_prefill_token_num": 8192}
+prompts, warm, passes, per_pass = e2e.warm_up_and_time(run, spec, e2e.CompileLog(), Monitor(), control, ready)
+requests = len(prompts)
 durations = [d for d, _ in passes]
 out = requests * spec.new_tokens
 median = sorted(durations)[len(durations) // 2]
 result = {"name": spec.name, "output_tok_s": out / median, "total_tok_s": 2 * out / median, "mean_ttft_s": 0.1,
-          "mean_tpot_s": 0.01, "duration_s": median, "startup_s": 0.5, "warmup_s": 0.25, "timed_requests": requests,
+          "mean_tpot_s": 0.01, "duration_s": median, "startup_s": 0.5, "timed_requests": requests, **warm,
           "pass_output_tok_s": [round(out / d, 1) for d in durations],
           "pass_spread": (max(durations) - min(durations)) / median,
           "triton_compiles_per_pass": per_pass, "first_tokens": [[7] * spec.compare_tokens] * requests}
@@ -492,6 +553,35 @@ def test_interleaved_pair_with_fake_children(interleave_env, capsys):
     assert "| llama8b graph | 1.000 | 1.000 0.800 1.250 1.000 | 45.0 % | 1234, 1234 |" in table
     for pid in (int(line.split()[2]) for line in events if line.startswith("pid")):
         assert _dead(pid)
+
+
+def test_interleaved_engines_both_warm_up_at_the_timed_count_first(interleave_env, capsys):
+    """--interleave with a timed count (12) over the warm-up's (4): each engine runs its warm-up pass and then one
+    of the warm-up's prompts at 12 requests before it reports ready, so both have done it before any timed pass;
+    the JSON and the [ready] / [done] lines have it. With equal counts (4) no engine runs it."""
+    plan = {b: {"timed_requests": 12, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
+    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "4", "--pass-seconds", "10")
+    assert code == 0, report["log"]
+    first_timed = next(i for i, line in enumerate(events) if line.startswith("start"))
+    assert [line for line in events if line.startswith("warm")] == [
+        "warm stock 4", "warm stock 12", "warm dlinfer 4", "warm dlinfer 12"]
+    assert all(not line.startswith("warm") for line in events[first_timed:]), events
+    printed = capsys.readouterr().out
+    for backend in ("stock", "dlinfer"):
+        name = f"llama8b/{backend}/graph/tp1"
+        run = report["runs"][name]
+        assert run["warmup_full_count_requests"] == 12 and run["warmup_full_count_s"] is not None
+        assert run["triton_compiles_warmup_full_count"]["count"] == 0 and run["timed_requests"] == 12
+        ready = next(line for line in printed.splitlines() if line.startswith(f"[ready] {name}:"))
+        done = next(line for line in printed.splitlines() if line.startswith(f"[done] {name}:"))
+        for line in (ready, done):
+            assert "warm-up at the timed count (12 requests)" in line and "with 0 Triton compiles" in line, line
+    plan = {b: {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
+    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "2", "--pass-seconds", "10")
+    assert code == 0, report["log"]
+    assert [line for line in events if line.startswith("warm")] == ["warm stock 4", "warm dlinfer 4"]
+    assert report["runs"]["llama8b/dlinfer/graph/tp1"]["warmup_full_count_s"] is None
+    assert "at the timed count" not in capsys.readouterr().out
 
 
 def test_interleaved_child_that_exits_early_fails_the_pair(interleave_env):
