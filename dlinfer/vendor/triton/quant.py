@@ -75,7 +75,8 @@ def _round_to_bf16(x):
 #   106 us, 3 splits 91 us); a second launch sums the partials in a fixed order (deterministic, no atomics,
 #   no host sync: the workspace is sized from shapes, so CUDA graphs capture it) and applies the epilogue (on
 #   sm_90+ launched early by programmatic dependent launch, as the split decode attention's reduce). A grid
-#   already >= one wave is never split. int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
+#   already >= one wave is never split (except where an H200 sweep measured better: the wide-N Hopper configs in
+#   awq_config). int8: BLOCK_M = M rounded up to a power of two (>= 16, the smallest MMA),
 #   so one program reads each weight tile once. AWQ: the dequantization's instruction count, not the MMAs, bounds
 #   a decode step (SASS of the loop, ptxas for sm_90a, per weight element: 4.3 instructions with 64-row wgmma
 #   tiles, 5.3 with 16 rows, 6.7 with 32; at 4 warps, 128 x 128 x 128 tiles; the old kernel's 16 x 64 x 32: 28.6):
@@ -248,8 +249,13 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, dequant=1)
     elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= sms:
         # a wave of 128-column tiles without a split: 16 x 64 tiles (H200, gate_up 14336 x 2 at T=1: 57.8 us
-        # against 74.9 us for 64 x 128 and the peer's 66.9 us)
-        cfg = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        # against 74.9 us for 64 x 128 and the peer's 66.9 us), K split in two although the grid is already
+        # more than a wave (the same card, T=1/16: 52.9/53.3 us against 57.7/57.6 unsplit; 3, 4 or 8 splits slower)
+        cfg = GemmConfig(block_m=16, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
+    elif hopper and m_bucket == 64 and group_size >= 128 and cdiv(n, 128) >= sms:
+        # the same wide-N shapes at 33-64 rows: 64 x 64 tiles, K split in two (H200, gate_up at T=64: 64.4 us
+        # against 73.8 us for the 64 x 128 tiles unsplit and the peer's 61.3 us; 64 x 64 unsplit 67.6 us)
+        cfg = GemmConfig(block_m=64, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
     elif m_bucket <= 64:  # 64-row tiles whatever M (see the section comment)
         cfg = GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
     elif hopper and m_bucket == 256 and group_size >= 64:
