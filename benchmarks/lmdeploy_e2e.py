@@ -1044,9 +1044,8 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
                              f"{mine['output_tok_s'] / stock['output_tok_s']:.3f}")
     for pair in interleaved or []:
         label = f"{pair['model']} {pair['mode']}"
-        lines.append(ratio_line(label, pair))
-        if ratio_warning(label, pair, _REMEDY):
-            lines.append(ratio_warning(label, pair, _REMEDY))
+        warning = ratio_warning(label, pair, _REMEDY)
+        lines += [ratio_line(label, pair)] + ([warning] if warning else [])
     for agr in agreements:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
@@ -1427,8 +1426,9 @@ def main(argv=None) -> int:
             report["interleaved"].append(pair)
             label = f"{pair['model']} {pair['mode']}"
             log(f"[pair] {ratio_line(label, pair)}")
-            if ratio_warning(label, pair, _REMEDY):
-                log(ratio_warning(label, pair, _REMEDY))
+            warning = ratio_warning(label, pair, _REMEDY)
+            if warning:
+                log(warning)
             save()
             continue
         (model, backend, mode, tp), name = unit[0], names[0]

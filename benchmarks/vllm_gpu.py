@@ -568,13 +568,8 @@ class Pair:
     quiet_until: float = 0.0  # time.monotonic() before which no pass starts (--pass-gap after the last one ended)
 
 
-def interleave_line(model: str, rec: dict) -> str:
-    """A model's interleaved ratio: the median of its per-pass ratios dlinfer / stock, the ratios, their spread."""
-    return e2e.ratio_line(model, rec)
-
-
-def interleave_warning(model: str, rec: dict) -> str | None:
-    return e2e.ratio_warning(model, rec, "more --timed-passes or --requests")
+# what the interleaved ratio's >2 % warning suggests (lmdeploy_e2e.ratio_warning)
+_REMEDY = "more --timed-passes or --requests"
 
 
 def plugin_shim(work: Path) -> Path | None:
@@ -1038,8 +1033,8 @@ class Bench:
         self.record_pair()
         rec = self.report["interleaved"][self.pair.model]
         if len(self.pair.members) == len(BACKENDS):
-            self.log(f"[ratio] {interleave_line(self.pair.model, rec)}")
-            warning = interleave_warning(self.pair.model, rec)
+            self.log(f"[ratio] {e2e.ratio_line(self.pair.model, rec)}")
+            warning = e2e.ratio_warning(self.pair.model, rec, _REMEDY)
             if warning:
                 self.log(warning)
         self.pair = None
@@ -1385,8 +1380,8 @@ class Bench:
                 if rec is None:
                     out.append(f"{model} interleaved: not timed")
                     continue
-                out.append(f"{model} interleaved: {rec['error']}" if "error" in rec else interleave_line(model, rec))
-                warning = interleave_warning(model, rec)
+                out.append(f"{model} interleaved: {rec['error']}" if "error" in rec else e2e.ratio_line(model, rec))
+                warning = e2e.ratio_warning(model, rec, _REMEDY)
                 if warning:
                     out.append(warning)
                 if rec.get("skipped"):
