@@ -243,16 +243,17 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
     resolved (see the section comment)."""
     hopper = device_type == "cuda" and card(device_index).capability == 9
     sms = _sm_count(device_type, device_index)
+    wide_n = hopper and group_size >= 128 and cdiv(n, 128) >= sms  # a wave of 128-column tiles (gate_up)
     if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
     elif m_bucket >= DEQUANT_MIN_M and dtype != torch.float32:  # any card: its own cuBLAS tuning
         cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, dequant=1)
-    elif hopper and m_bucket <= 16 and group_size >= 128 and cdiv(n, 128) >= sms:
-        # a wave of 128-column tiles without a split: 16 x 64 tiles (H200, gate_up 14336 x 2 at T=1: 57.8 us
+    elif wide_n and m_bucket <= 16:
+        # the 128-column grid is already a wave: 16 x 64 tiles (H200, gate_up 14336 x 2 at T=1: 57.8 us
         # against 74.9 us for 64 x 128 and the peer's 66.9 us), K split in two although the grid is already
         # more than a wave (the same card, T=1/16: 52.9/53.3 us against 57.7/57.6 unsplit; 3, 4 or 8 splits slower)
         cfg = GemmConfig(block_m=16, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
-    elif hopper and m_bucket == 64 and group_size >= 128 and cdiv(n, 128) >= sms:
+    elif wide_n and m_bucket == 64:
         # the same wide-N shapes at 33-64 rows: 64 x 64 tiles, K split in two (H200, gate_up at T=64: 64.4 us
         # against 73.8 us for the 64 x 128 tiles unsplit and the peer's 61.3 us; 64 x 64 unsplit 67.6 us)
         cfg = GemmConfig(block_m=64, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
