@@ -50,11 +50,10 @@ PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,w
 # prefill_attention's library route (torch's cuDNN SDPA for a uniform batch); first calls timed at these B=1 lengths
 SDPA_ROUTE = "sdpa=1"
 FIRST_CALL_LENGTHS = (1000, 3000)
-DECODE = ("", "one_wave=1", "target_programs=396")
-# the fused reduce (one launch: the last split program combines) with the default splits, half and twice the
-# target programs (2 x SMs by default; formatted with the SM count), and fewer, longer slices
-DECODE_FUSED = ("fused_reduce=1", "fused_reduce=1,target_programs={sms}", "fused_reduce=1,target_programs={sms4}",
-                "fused_reduce=1,min_split_tokens=128")
+# the default, no programmatic dependent launch of the reduce kernel, two stages for split programs, and the fused
+# reduce (one launch: the last split program combines; slower than two launches at batch 1 when last measured)
+DECODE = ("", "pdl=0", "split_stages=2")
+DECODE_FUSED = ("fused_reduce=1",)
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch
 PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_programs=528",

@@ -388,18 +388,21 @@ def _combine_splits(mid_o_row, mid_lse_row, out_row, stride_ms, n_splits, HEAD_D
                     BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
     """One query head's output from its ``n_splits`` partials (``mid_o_row``: ``[splits, Dv]`` with split stride
     ``stride_ms``; ``mid_lse_row``: ``[splits]``, contiguous) weighted by their base-2 log-sum-exps. Empty partials
-    (``-inf``) weigh 0 and are not read; all empty (``kv_seqlens == 0``) gives a zero row."""
+    (``-inf``) weigh 0 (they hold zeros, read with the rest); all empty (``kv_seqlens == 0``) gives a zero row."""
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < n_splits
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < HEAD_DIM_V
+    # Both loads are issued together: the partials' mask does not depend on the log-sum-exps (one memory latency,
+    # not two, on the critical path of a short decode). Every split program stores its partial, an empty one
+    # zeros, so reading it is safe; its weight is 0.
     lse = tl.load(mid_lse_row + offs_s, mask=s_mask, other=float("-inf"))
+    part = tl.load(mid_o_row + offs_s[:, None] * stride_ms + offs_dv[None, :], mask=s_mask[:, None] & dv_mask[None, :],
+                   other=0.0)
     live = lse != float("-inf")  # a NaN partial is live: the combined row is NaN, never the other splits
     top = tl.max(lse, axis=0)
     top = tl.where(top > float("-inf"), top, 0.0)
     weight = tl.where(live, tl.math.exp2(lse - top), 0.0)
-    part = tl.load(mid_o_row + offs_s[:, None] * stride_ms + offs_dv[None, :], mask=live[:, None] & dv_mask[None, :],
-                   other=0.0)
     total = tl.sum(weight, axis=0)
     res = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_row + offs_dv, res.to(out_row.dtype.element_ty), mask=dv_mask)
