@@ -532,6 +532,43 @@ def test_int8_gpu_bucket_configs_exact(monkeypatch):
             assert torch.equal(out.double(), want[:rows]), (m, c)
 
 
+def test_hopper_sweep_rules_by_wave(monkeypatch):
+    """The swept Hopper tiles follow the wave rule, not the listed shapes: AWQ at 17-64 rows with a wave of 128-wide
+    columns splits 64 x 64 tiles in two; int8 at 257-1024 rows takes 128 x 256 x 128 tiles by TMA where they make
+    one wave that 128 x 128 tiles would overflow, 128 x 128 x 128 (3 stages) by TMA where 128 x 256 tiles would
+    need a second wave of at most as many, else the older rule (no TMA). Off Hopper, none of them."""
+    from dlinfer.vendor.triton import host
+    from dlinfer.vendor.triton.host import cdiv
+
+    monkeypatch.setattr(triton_quant, "_sm_count", lambda *a: 132)
+    for name, facts in (("H200", host.CARDS["H200"]), ("A100", dataclasses.replace(host.CARDS["H200"],
+                                                                                    capability=8))):
+        triton_quant.int8_config.cache_clear()
+        triton_quant.awq_config.cache_clear()
+        try:
+            with host.simulate(facts):
+                for n in (6144, 4096, 28672, 5120, 9000, 1536):  # listed and unlisted widths
+                    for m in (20, 32, 48, 64):
+                        c = triton_quant.awq_config("cuda", 0, torch.float16, triton_quant._bucket(m), n, 4096, 128)
+                        swept = name == "H200" and cdiv(n, 128) >= 132
+                        assert ((c.block_m, c.block_n, c.split_k) == (64, 64, 2)) == swept, (name, n, m, c)
+                    for m in (300, 512, 700, 1024, 2048):
+                        c = triton_quant.int8_config("cuda", 0, triton_quant._bucket(m), n, 4096)
+                        wide = cdiv(triton_quant._bucket(m), 128) * cdiv(n, 256)
+                        band = name == "H200" and 256 < triton_quant._bucket(m) <= 1024
+                        where = (name, n, m, c)
+                        if band and 66 < wide <= 132:
+                            assert (c.block_n, c.num_stages, c.tma, c.split_k) == (256, 4, 1, 1), where
+                        elif band and 132 < wide <= 264:
+                            assert (c.block_n, c.num_stages, c.tma, c.split_k) == (128, 3, 1, 1), where
+                        else:
+                            assert c.tma == 0 and (c.block_n, c.num_stages) == ((256, 3) if wide >= 132 else
+                                                                               (128, 4)), where
+        finally:
+            triton_quant.int8_config.cache_clear()
+            triton_quant.awq_config.cache_clear()
+
+
 def test_split_gemms_are_deterministic():
     args, _ = _awq_case(9, 512, 64, 64, torch.float16, True, True, seed=5)
     cfg = triton_quant.GemmConfig(16, 32, 32, split_k=4, num_warps=1, num_stages=1)
@@ -731,7 +768,7 @@ seen = set()
 for dtype, t in T.items():
     for group in (128, 64, 32):
         for n, k in SHAPES if group == 128 and dtype != torch.float32 else SHAPES[1:2]:
-            for m in (1, 16, 64, 256, 4096):
+            for m in (1, 16, 32, 64, 256, 4096):
                 c = quant.awq_config("cuda", 0, dtype, quant._bucket(m), n, k, group)
                 if c.dequant:  # the weights dequantized by a streaming kernel, then torch's GEMM
                     assert dtype != torch.float32 and m >= quant.DEQUANT_MIN_M, c
@@ -757,7 +794,7 @@ for dtype, t in T.items():
                                                    ws_ptr="*fp32"), consts, c,
                       c.block_m >= 64 and dtype != torch.float32, f"awq {t} g{group} N={n} K={k} M={m} {c}", limit)
 for n, k in SHAPES:
-    for m in (1, 16, 64, 256, 4096):
+    for m in (1, 16, 64, 256, 512, 1024, 4096):
         c = quant.int8_config("cuda", 0, quant._bucket(m), n, k)
         for out_t in ("*bf16", "*fp32"):  # (float16 stores compile as bfloat16's)
             for tma in (False, True) if c.block_m >= 128 else (False,):  # TMA (tma=1): the prefill tiles
@@ -796,7 +833,8 @@ print("compiled")
 
 
 def test_dense_gemm_default_configs_compile_for_sm90():
-    """The default config of every M bucket (T = 1, 16, 64, 256, 4096) of Llama-3-8B's linears, as a 132-SM GPU
+    """The default config of every M bucket (T = 1, 16, 64, 256, 4096; AWQ 32, int8 512 and 1024 too) of
+    Llama-3-8B's linears, as a 132-SM GPU
     picks them, compiles for sm_90: AWQ in fp16/bf16 (group 128; 64 and 32 on one shape) and fp32 (one shape),
     int8 with bf16 and fp32 outputs (pointer loads; the 128-row tiles by TMA too), the split-K reduce: shared
     memory within the H100/H200 limit, a pipelined K loop, wgmma for tiles of 64 rows and more (16-bit), no

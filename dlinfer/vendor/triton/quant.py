@@ -85,7 +85,8 @@ def _round_to_bf16(x):
 #   together: the weight tiles they share stay in L2). AWQ: 128 x 128 tiles, BLOCK_K 64 (74 KB of shared memory
 #   and 128 registers a thread: two programs per SM, one dequantizing while the other's MMAs run); int8:
 #   128 x 256 x 128 (3 stages, 144 KB) when that grid is at least one wave, else 128 x 128 x 128 (4 stages);
-#   ``tma=1`` reads its operands by TMA instead of cp.async (compiles for sm_90, untimed: off until a sweep).
+#   on Hopper at 257-1024 rows the swept tiles of int8_config, with ``tma=1`` (operands by TMA instead of
+#   cp.async: 10-13 % faster on the same tiles in an H100 sweep; elsewhere off).
 # Against the old 64 x 64 (16 x 64 decode) tiles: wider tiles only where the grid stays >= one wave or is split
 # back up to >= 2 programs per SM, so no default has fewer active SMs than before.
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 0  # the split rule's target grid; 0: 2 x SM count
-    tma: int = 0  # int8 GEMM: 1 reads both operands by TMA (Hopper tensor descriptors; untimed: off by default)
+    tma: int = 0  # int8 GEMM: 1 reads both operands by TMA (Hopper tensor descriptors; default at 257-1024 rows)
     pdl: int = 1  # split K on sm_90+: the reduce kernel launched early (programmatic dependent launch)
     dequant: int = 0  # AWQ: 1 dequantizes the weights into a [K, N] workspace and runs torch's GEMM (cuBLAS)
     gemv: int = 0  # AWQ: 1 serves calls of <= GEMV_MAX_ROWS rows by the FMA kernel (no MMA; untimed: sweeps only)
@@ -253,9 +254,10 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
         # against 74.9 us for 64 x 128 and the peer's 66.9 us), K split in two although the grid is already
         # more than a wave (the same card, T=1/16: 52.9/53.3 us against 57.7/57.6 unsplit; 3, 4 or 8 splits slower)
         cfg = GemmConfig(block_m=16, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
-    elif wide_n and m_bucket == 64:
-        # the same wide-N shapes at 33-64 rows: 64 x 64 tiles, K split in two (H200, gate_up at T=64: 64.4 us
-        # against 73.8 us for the 64 x 128 tiles unsplit and the peer's 61.3 us; 64 x 64 unsplit 67.6 us)
+    elif wide_n and m_bucket <= 64:
+        # the same wide-N shapes at 17-64 rows: 64 x 64 tiles, K split in two (H200, gate_up at T=64: 64.4 us
+        # against 73.8 us for the 64 x 128 tiles unsplit and the peer's 61.3 us; 64 x 64 unsplit 67.6 us. H100,
+        # T=32: 62.8 us against 75.1 us for 64 x 128 unsplit and the peer's 74.3 us; T=64: 64.8 us, peer 61.1 us)
         cfg = GemmConfig(block_m=64, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)
     elif m_bucket <= 64:  # 64-row tiles whatever M (see the section comment)
         cfg = GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
@@ -279,11 +281,23 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
 def int8_config(device_type: str, device_index, m_bucket: int, n: int, k: int) -> GemmConfig:
     """The int8 GEMM's launch config for ``M`` rows rounded up to ``m_bucket``, split resolved."""
     sms = _sm_count(device_type, device_index)
+    hopper = device_type == "cuda" and card(device_index).capability == 9
     if device_type != "cuda":
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
     elif m_bucket <= 64:  # 64 rows: two warp groups (69 registers a thread; 4 warps: 122-153)
         cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=8 if m_bucket == 64 else 4,
                          num_stages=4)
+    elif hopper and 256 < m_bucket <= 1024 and sms < 2 * cdiv(m_bucket, 128) * cdiv(n, 256) <= 2 * sms:
+        # 257-1024 rows where 128 x 256 tiles make one wave that 128 x 128 tiles would overflow: the wide tiles,
+        # 4 stages, operands by TMA (H100 sweep, Llama-3-8B linears: qkv T=512 29.3 us against 39.4 us for
+        # 128 x 128 x 128 and the peer's 33.8 us; o T=1024 29.8 / 39.2 / 33.9 us; down T=1024 88.2 / 116.9 /
+        # 103.0 us; TMA alone 10-13 % of it: 128 x 256 with cp.async 32.6 / 32.9 / 101.1 us)
+        cfg = GemmConfig(block_m=128, block_n=256, block_k=128, split_k=1, num_warps=8, num_stages=4, tma=1)
+    elif hopper and 256 < m_bucket <= 1024 and sms < cdiv(m_bucket, 128) * cdiv(n, 256) <= 2 * sms:
+        # the same rows where 128 x 256 tiles would need a second, partly filled wave: 128 x 128 tiles, 3 stages
+        # (two programs per SM), by TMA (H100 sweep, qkv T=1024: 50.5 us against 64.0 us for 128 x 256 x 128 with
+        # 3 stages and the peer's 65.2 us)
+        cfg = GemmConfig(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3, tma=1)
     elif cdiv(m_bucket, 128) * cdiv(n, 256) >= sms:
         cfg = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)
     else:
