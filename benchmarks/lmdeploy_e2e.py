@@ -18,7 +18,12 @@ all submitted at once. Reported per run: output tokens/s, total tokens/s, mean t
 submission, queueing included), mean time per output token after the first and the Triton compilations that
 happened during the timed pass (after a warm-up pass of a like workload, ``--warmup``); per pair of runs: greedy-token
 agreement on the first ``--compare-tokens`` tokens of every prompt (stock eager vs stock graph calibrates what
-bf16 batching alone changes).
+bf16 batching alone changes). Beside each timed pass's output tokens/s (the headline) stands its steady-state window
+rate (``window_tok_s``): the output tokens emitted in the middle half of the pass, ``[0.25 D, 0.75 D]`` of its
+duration D, over the window's length (a request's first token at its time, the others spread evenly up to its last
+one), which leaves out the ramp-up (every request queued at once) and the tail (the last requests at a small batch).
+Python's garbage collector runs before each timed pass and is disabled during it (``gc`` in the JSON), in both
+backends alike, so that no collection pause lands in a timed pass; the warm-up passes keep it on.
 
 Quantized serving (``--quant``, ``--kv-quant``; both backends on the same checkpoint and cache): the float model is
 quantized once with ``dlinfer.testing.quantize`` (on the GPU) and cached in ``--model-dir``: ``awq`` (W4A16, group
@@ -63,7 +68,8 @@ card's memory: the first one's cache takes half of ``--cache-max-entry-count`` o
 default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
 which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
 per-pass ratios of output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the
-ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %). Each pass starts
+ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), and the same of
+the steady-state window rates (``window_ratio_median`` and so on, and a second ``[pair]`` line). Each pass starts
 ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an engine leaves behind after its pass
 (threads still spinning, output handling) does not run into the other's. The channel
 is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
@@ -80,6 +86,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -108,6 +115,11 @@ QUANTS = {
 AWQ_GROUP_SIZE = 128
 # --kv-quant: LMDeploy's quant_policy
 KV_QUANTS = {0: "KV cache in the model's dtype", 8: "int8 KV cache (quant_policy 8: per-token scales and zeros)"}
+# What run_child does with Python's garbage collector around each timed pass (the result JSON's "gc")
+GC_TIMED = "collected before each timed pass, disabled during it"
+# The steady-state window of a timed pass: these fractions of its duration (window_tok_s)
+STEADY_WINDOW = (0.25, 0.75)
+WINDOW_TEXT = "steady-state window (middle half of each pass)"
 WARMUPS = {"full": "one untimed pass of a like workload (other prompts), and one more at the timed pass's request "
                    "count when that is larger",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
@@ -357,6 +369,56 @@ async def drive(engine, new_session, prompts: list[list[int]], gen_config) -> tu
     return time.perf_counter() - start, records
 
 
+def window_tok_s(records: list[dict], duration: float, window: tuple[float, float] = STEADY_WINDOW) -> float | None:
+    """The steady-state output rate of one pass: the output tokens emitted within ``[a, b]`` = ``window`` times
+    ``duration`` (the middle half by default), divided by ``b - a``; None when the window is empty.
+
+    ``records`` are :func:`drive`'s: per request ``tokens`` (n of them) and the times of its ``first`` and ``last``
+    token in seconds from submission. The first token counts where it was emitted (``a <= first <= b``); the other
+    n - 1 are taken as spread evenly over ``(first, last]``, so the window holds the share of them that its overlap
+    with that interval is. A request with one token, or with ``last <= first``, counts its first token only; one
+    without a first token counts nothing. The pass's ramp-up (every request queued at once) and tail (the last
+    requests at a small batch) stay outside the window."""
+    a, b = window[0] * duration, window[1] * duration
+    if b <= a:
+        return None
+    tokens = 0.0
+    for record in records:
+        n = len(record.get("tokens") or [])
+        if not n or "first" not in record:
+            continue
+        first, last = record["first"], record.get("last", record["first"])
+        tokens += a <= first <= b
+        if n > 1 and last > first:
+            tokens += (n - 1) * max(0.0, min(last, b) - max(first, a)) / (last - first)
+    return tokens / (b - a)
+
+
+def _spreads(name: str, values: list) -> dict:
+    """``name``: (max - min) / median of ``values`` (the upper median for an even count); ``name``_after_first: the
+    same over values[1:] (relative to the same median) with three or more values, else None. Both None where a
+    value is missing or the median is not positive."""
+    median = sorted(values)[len(values) // 2] if values and None not in values else None
+    if median is None or median <= 0:
+        return {name: None, f"{name}_after_first": None}
+    return {name: round((max(values) - min(values)) / median, 4),
+            f"{name}_after_first": (round((max(values[1:]) - min(values[1:])) / median, 4)
+                                    if len(values) >= 3 else None)}
+
+
+def pass_rates(passes: list[tuple[float, list[dict]]], out_tokens: int) -> dict:
+    """Per timed pass ((duration, records) each, as :func:`timed_passes` returns them) the output tokens/s of the
+    whole pass (``out_tokens`` over its duration) and the steady-state window rate (:func:`window_tok_s`), each
+    with its spread over the passes (:func:`_spreads`: ``pass_spread`` is that of the durations)."""
+    durations = [d for d, _ in passes]
+    windows = [window_tok_s(records, d) for d, records in passes]
+    return {"pass_output_tok_s": [round(out_tokens / d, 1) for d in durations],
+            # Without the first pass (where a kernel variant first met can still compile): the run-to-run noise.
+            **_spreads("pass_spread", durations),
+            "pass_window_tok_s": [None if w is None else round(w, 1) for w in windows],
+            **_spreads("pass_window_spread", windows)}
+
+
 # ------------------------------------------------------------------------------------------ child process
 def run_child(spec: RunSpec) -> None:
     """One configuration: start lmdeploy.pipeline, warm up, run the workload, write the result JSON."""
@@ -402,7 +464,6 @@ def run_child(spec: RunSpec) -> None:
         run, spec, compiles, monitor, control, ready=dict(startup_s=round(startup_s, 2), **engine_cache(pipe)))
     requests = len(prompts)
     timed_compiles = CompileLog.total(pass_compiles)
-    durations = [d for d, _ in passes]
     duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
@@ -431,11 +492,8 @@ def run_child(spec: RunSpec) -> None:
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
         "total_tok_s": (out_tokens + in_tokens) / duration,
-        "pass_output_tok_s": [round(out_tokens / d, 1) for d in durations],
-        "pass_spread": round((max(durations) - min(durations)) / duration, 4),
-        # Without the first pass (where a kernel variant first met can still compile): the run-to-run noise.
-        "pass_spread_after_first": (round((max(durations[1:]) - min(durations[1:])) / duration, 4)
-                                    if len(durations) >= 3 else None),
+        **pass_rates(passes, out_tokens),
+        "gc": GC_TIMED,
         "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
         "median_ttft_s": sorted(ttft)[len(ttft) // 2] if ttft else None,
         "p99_ttft_s": sorted(ttft)[min(len(ttft) - 1, (len(ttft) * 99) // 100)] if ttft else None,
@@ -505,20 +563,28 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
 
 def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None):
     """``count`` timed passes of ``run`` over ``prompts`` (at least one): per pass (duration, records) and the
-    Triton compilations it saw (``compiles.take()``), each pass a phase of the GPU ``monitor``. With ``control``
-    (--interleave) each pass waits for the parent's ``go_<k>`` and reports ``pass_<k>.json``."""
+    Triton compilations it saw (``compiles.take()``), each pass a phase of the GPU ``monitor``. Python's garbage
+    collector runs before each pass and is off during it (``GC_TIMED``: no collection pause in a timed pass), on
+    again after it whatever happens. With ``control`` (--interleave) each pass waits for the parent's ``go_<k>`` and
+    reports ``pass_<k>.json`` (with the pass's steady-state window rate, :func:`window_tok_s`)."""
     passes, pass_compiles = [], []
     for k in range(1, max(1, count) + 1):
         if control:
             control.wait(f"go_{k}")
-        with monitor.phase(f"pass {k}"):
-            duration, records = run(prompts)
+        gc.collect()
+        gc.disable()
+        try:
+            with monitor.phase(f"pass {k}"):
+                duration, records = run(prompts)
+        finally:
+            gc.enable()
         passes.append((duration, records))
         pass_compiles.append(compiles.take())
         if control:
             out_tokens = sum(len(r.get("tokens") or []) for r in records)
             control.write(f"pass_{k}.json", {"k": k, "duration_s": duration, "output_tokens": out_tokens,
                                              "output_tok_s": out_tokens / duration if duration > 0 else None,
+                                             "window_tok_s": window_tok_s(records, duration),
                                              "triton_compiles": pass_compiles[-1],
                                              "gpu": monitor.summary(f"pass {k}")})
     return passes, pass_compiles
@@ -815,15 +881,27 @@ def pass_ratios(stock: list[float], mine: list[float]) -> dict:
             "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
 
 
-def ratio_line(label: str, rec: dict) -> str:
+def window_ratios(stock: list, mine: list) -> dict:
+    """:func:`pass_ratios` of the passes' steady-state window rates (``window_tok_s``), its keys prefixed with
+    ``window_`` (``window_pass_ratios``, ``window_ratio_median``, ...); empty where a pass has no positive window
+    rate on either engine."""
+    if not stock or not all(isinstance(x, (int, float)) and x > 0 for x in stock + mine):
+        return {}
+    return {f"window_{key}": value for key, value in pass_ratios(stock, mine).items()}
+
+
+def ratio_line(label: str, rec: dict, prefix: str = "") -> str:
     """One line for the interleaved engines ``label`` names: the ratio (the median of the per-pass ratios), the
-    per-pass ratios and their spread. Shared by this script and vllm_gpu.py."""
-    if not rec.get("pass_ratios"):
-        return f"{label} interleaved: no pass ran on both engines: no ratio"
-    ratios = " ".join(f"{r:.3f}" for r in rec["pass_ratios"])
-    spread = (f"spread {100 * rec['ratio_spread']:.1f} %" if len(rec["pass_ratios"]) > 1 else
+    per-pass ratios and their spread. Shared by this script and vllm_gpu.py. ``prefix`` "window_": the same line of
+    the steady-state window rates (:func:`window_ratios`)."""
+    what = f"{label} interleaved" + (f", {WINDOW_TEXT}" if prefix else "")
+    ratios = rec.get(f"{prefix}pass_ratios")
+    if not ratios:
+        return f"{what}: no pass ran on both engines: no ratio"
+    spread = (f"spread {100 * rec[f'{prefix}ratio_spread']:.1f} %" if len(ratios) > 1 else
               "one pass pair: no spread")
-    return f"{label} interleaved: dlinfer / stock output tok/s ratio {rec['ratio_median']:.3f} (passes: {ratios}; {spread})"
+    return (f"{what}: dlinfer / stock output tok/s ratio {rec[f'{prefix}ratio_median']:.3f} "
+            f"(passes: {' '.join(f'{r:.3f}' for r in ratios)}; {spread})")
 
 
 def ratio_warning(label: str, rec: dict, remedy: str) -> str | None:
@@ -910,10 +988,12 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
             child.kill()
         shutil.rmtree(folder, ignore_errors=True)
     passes = sorted(got["stock"])
+    rates = {key: {backend: [got[backend][k].get(key) for k in passes] for backend in ("stock", "dlinfer")}
+             for key in ("output_tok_s", "window_tok_s")}
     summary = {"model": stock.model, "mode": stock.mode, "stock": stock.name, "dlinfer": mine.name,
                "order": [f"{backend} {k}" for k, backend in order],
-               **pass_ratios([got["stock"][k]["output_tok_s"] for k in passes],
-                             [got["dlinfer"][k]["output_tok_s"] for k in passes]),
+               **pass_ratios(rates["output_tok_s"]["stock"], rates["output_tok_s"]["dlinfer"]),
+               **window_ratios(rates["window_tok_s"]["stock"], rates["window_tok_s"]["dlinfer"]),
                "timed_requests": ready["stock"]["timed_requests"],
                "kv_cache": {backend: {key: ready[backend].get(key) for key in
                                       ("num_gpu_blocks", "block_size", "max_prefill_token_num")}
@@ -922,7 +1002,7 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
                "passes": [{"k": k, "first": "stock" if k % 2 else "dlinfer",
                            **{f"{backend}_{key}": got[backend][k].get(key)
                               for backend in ("stock", "dlinfer")
-                              for key in ("output_tok_s", "duration_s", "start_s", "end_s")},
+                              for key in ("output_tok_s", "window_tok_s", "duration_s", "start_s", "end_s")},
                            "triton_compiles": {backend: (got[backend][k].get("triton_compiles") or {}).get("count")
                                                for backend in ("stock", "dlinfer")}}
                           for k in passes]}
@@ -1046,6 +1126,8 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
         label = f"{pair['model']} {pair['mode']}"
         warning = ratio_warning(label, pair, _REMEDY)
         lines += [ratio_line(label, pair)] + ([warning] if warning else [])
+        if pair.get("window_pass_ratios"):
+            lines.append(ratio_line(label, pair, "window_"))
     for agr in agreements:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
@@ -1100,15 +1182,19 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
         if report.get("interleaved"):
             lines += ["", "Interleaved pairs (`--interleave`): both engines alive at once on the card, timed passes "
                       "alternating stock, dlinfer / dlinfer, stock (ABBA); the ratio is the median of the per-pass "
-                      "ratios dlinfer / stock of output tokens/s, the spread (max - min) / median their noise.", "",
-                      "| pair | ratio | per-pass ratios | spread | KV-cache blocks (stock, dlinfer) |",
-                      "|---|---:|---|---:|---:|"]
+                      "ratios dlinfer / stock of output tokens/s, the spread (max - min) / median their noise; the "
+                      "steady-state window ratio is the same of the output tokens emitted in the middle half of each "
+                      "pass.", "",
+                      "| pair | ratio | per-pass ratios | spread | KV-cache blocks (stock, dlinfer) | "
+                      "steady-state window: ratio (spread) |", "|---|---:|---|---:|---:|---:|"]
             for pair in report["interleaved"]:
                 blocks = ", ".join(str((pair.get("kv_cache") or {}).get(b, {}).get("num_gpu_blocks"))
                                    for b in ("stock", "dlinfer"))
+                window = (f"{pair['window_ratio_median']:.3f} ({100 * pair['window_ratio_spread']:.1f} %)"
+                          if pair.get("window_pass_ratios") else "-")
                 lines.append(f"| {pair['model']} {pair['mode']} | {pair['ratio_median']:.3f} | "
                              f"{' '.join(f'{r:.3f}' for r in pair['pass_ratios'])} | "
-                             f"{100 * pair['ratio_spread']:.1f} % | {blocks} |")
+                             f"{100 * pair['ratio_spread']:.1f} % | {blocks} | {window} |")
         if report["agreement"]:
             lines += ["", "| greedy tokens | first token equal | first k equal | mean common prefix |",
                       "|---|---:|---:|---:|"]
@@ -1198,7 +1284,9 @@ def main(argv=None) -> int:
                         help="before timing, one pass of a like workload (full) or of 16 prompts (short)")
     parser.add_argument("--timed-passes", type=int, default=None,
                         help="timed passes over the same prompts; the median is reported, the spread is the noise "
-                             "(default 1; 4 with --interleave)")
+                             "(default 1; 4 with --interleave); beside each pass's output tok/s its steady-state "
+                             "window rate (output tokens in the middle half of the pass); Python's garbage collector "
+                             "runs before each timed pass and is off during it")
     parser.add_argument("--pass-seconds", type=float, default=0.0,
                         help="> 0: as many requests per timed pass (never fewer than --requests) as make a pass "
                              "last about this many seconds at the warm-up's rate; the first run of a model decides "
@@ -1429,6 +1517,8 @@ def main(argv=None) -> int:
             warning = ratio_warning(label, pair, _REMEDY)
             if warning:
                 log(warning)
+            if pair.get("window_pass_ratios"):
+                log(f"[pair] {ratio_line(label, pair, 'window_')}")
             save()
             continue
         (model, backend, mode, tp), name = unit[0], names[0]

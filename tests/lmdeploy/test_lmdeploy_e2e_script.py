@@ -381,10 +381,171 @@ def test_no_extra_warm_up_when_the_counts_are_equal(e2e, monkeypatch):
     assert short == [("warm", 4), ("timed", 20), ("timed", 20), ("timed", 20)]
 
 
+def test_window_rate_on_hand_made_records(e2e):
+    """window_tok_s: a pass of D = 4 s has the window [1, 3] (2 s); each record's tokens in it, alone and together."""
+    records = {
+        "inside": ({"tokens": [7] * 5, "first": 1.5, "last": 2.5}, 5.0),  # first + the 4 others, all in
+        "straddling the end": ({"tokens": [7] * 5, "first": 2.0, "last": 4.0}, 3.0),  # first + 4 * 1/2
+        "straddling the start": ({"tokens": [7] * 3, "first": 0.0, "last": 2.0}, 1.0),  # first out, 2 * 1/2
+        "first at the edge": ({"tokens": [7] * 3, "first": 1.0, "last": 1.5}, 3.0),  # a <= first: all in
+        "before": ({"tokens": [7] * 4, "first": 0.1, "last": 0.9}, 0.0),
+        "after": ({"tokens": [7] * 4, "first": 3.5, "last": 3.9}, 0.0),
+        "one token": ({"tokens": [7], "first": 2.2, "last": 2.2}, 1.0),
+        "one token, outside": ({"tokens": [7], "first": 0.5, "last": 0.5}, 0.0),
+        "last == first": ({"tokens": [7] * 3, "first": 1.2, "last": 1.2}, 1.0),  # the first token only
+        "no token (failed)": ({"tokens": [], "error": True}, 0.0),
+    }
+    for what, (record, tokens) in records.items():
+        assert e2e.window_tok_s([record], 4.0) == tokens / 2, what
+    assert e2e.window_tok_s([r for r, _ in records.values()], 4.0) == 14.0 / 2
+    # another window: [0, 2] of the same pass
+    assert e2e.window_tok_s([records["straddling the start"][0]], 4.0, window=(0.0, 0.5)) == 3.0 / 2
+    assert e2e.window_tok_s([records["inside"][0]], 0.0) is None
+
+
+def test_pass_rates_whole_pass_and_window(e2e):
+    """pass_rates, the per-pass fields of the child's result: the whole-pass rates and spreads as before (the
+    spread relative to the median duration, the first pass left out in the _after_first one), and the window rates
+    with theirs. One request over the whole pass, 9 tokens: 1 + 8 / 2 of them in the window of half the pass."""
+    passes = [(d, [{"tokens": [7] * 9, "first": 0.0, "last": d}]) for d in (8.0, 4.0, 5.0)]
+    assert e2e.pass_rates(passes, 20) == {
+        "pass_output_tok_s": [2.5, 5.0, 4.0], "pass_spread": 0.8, "pass_spread_after_first": 0.2,
+        "pass_window_tok_s": [1.0, 2.0, 1.6], "pass_window_spread": 0.625, "pass_window_spread_after_first": 0.25}
+    two = e2e.pass_rates(passes[:2], 20)
+    assert (two["pass_spread"], two["pass_spread_after_first"]) == (0.5, None)  # (8 - 4) / 8: the upper median
+    assert (two["pass_window_spread"], two["pass_window_spread_after_first"]) == (0.5, None)
+    assert e2e._spreads("x", [1.0, None]) == {"x": None, "x_after_first": None}
+
+
+def test_timed_passes_collect_and_disable_gc_and_report_the_window_rate(e2e, monkeypatch):
+    """Each timed pass: after the parent's go, gc.collect(), then the pass with the collector off, on again after
+    it (also when the pass fails); pass_<k>.json has the pass's window rate beside its output tok/s."""
+    import contextlib
+    import gc
+
+    events = []
+    monkeypatch.setattr(gc, "collect", lambda *args: events.append("collect") or 0)
+    # D = 4 s, window [1, 3]: the first request 1 + 4 tokens, the second 2 * 1/2: 6 tokens in 2 s
+    records = [{"tokens": [7] * 5, "first": 1.0, "last": 3.0}, {"tokens": [7] * 3, "first": 0.0, "last": 2.0}]
+
+    def run(prompts):
+        events.append(("run", gc.isenabled()))
+        return 4.0, records
+
+    class Control:
+        def __init__(self):
+            self.written = {}
+
+        def wait(self, name):
+            events.append((name, gc.isenabled()))
+
+        def write(self, name, data):
+            self.written[name] = data
+
+    monitor = type("Monitor", (), {"phase": lambda self, name: contextlib.nullcontext(),
+                                   "summary": lambda self, name: None})()
+    control = Control()
+    try:
+        passes, _ = e2e.timed_passes(run, [[1, 2]], 2, e2e.CompileLog(), monitor, control)
+        assert gc.isenabled()
+        assert events == [("go_1", True), "collect", ("run", False), ("go_2", True), "collect", ("run", False)]
+        assert passes == [(4.0, records)] * 2
+        for k in (1, 2):
+            written = control.written[f"pass_{k}.json"]
+            assert (written["output_tokens"], written["output_tok_s"], written["window_tok_s"]) == (8, 2.0, 3.0)
+
+        def failing(prompts):
+            raise RuntimeError("engine died")
+
+        with pytest.raises(RuntimeError, match="engine died"):
+            e2e.timed_passes(failing, [[1, 2]], 1, e2e.CompileLog(), monitor)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_run_child_with_a_fake_lmdeploy(e2e, tmp_path, monkeypatch):
+    """run_child on a stand-in for lmdeploy (its pipeline, async engine and loop thread): the result JSON has each
+    timed pass's window rate beside its output tok/s and says what it does with the garbage collector; the engine
+    (on its loop thread) ran the warm-up with the collector on and every timed pass with it off; on after the run."""
+    import asyncio
+    import gc
+    import itertools
+    import json
+    import threading
+    import types
+    from types import SimpleNamespace
+
+    try:  # the child installs its CompileLog as Triton's hooks: put them back afterwards
+        from triton import knobs
+
+        for hook in ("jit_cache_hook", "jit_post_compile_hook"):
+            monkeypatch.setattr(knobs.runtime, hook, getattr(knobs.runtime, hook))
+    except ImportError:
+        pass
+    spec = e2e.RunSpec(model="llama8b", model_dir=str(tmp_path), backend="stock", mode="graph", tp=1, requests=4,
+                       min_prompt=3, max_prompt=9, new_tokens=5, compare_tokens=2, seed=5, vocab_limit=50,
+                       max_batch_size=8, cache_max_entry_count=0.5, block_size=64, vendor=None,
+                       result_path=str(tmp_path / "result.json"), timed_passes=3)
+
+    class Engine(FakeEngine):
+        def __init__(self):
+            super().__init__(spec.new_tokens)
+            self.gc_enabled = []  # per request, on the engine's loop thread
+            self.engine = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=64, block_size=64,
+                                                                       max_prefill_token_num=8192))
+
+        async def generate(self, prompt, stream_response):
+            self.gc_enabled.append(gc.isenabled())
+            async for out in super().generate(prompt, stream_response):
+                yield out
+
+    class Pipe:
+        def __init__(self, model_dir, backend_config, log_level):
+            assert model_dir == spec.model_dir and backend_config.num_gpu_blocks == 0
+            self.async_engine = Engine()
+            self.session_mgr = SimpleNamespace(get=itertools.count().__next__)
+            loop = asyncio.new_event_loop()
+            self.internal_thread = threading.Thread(target=loop.run_forever, daemon=True)
+            self.internal_thread.loop = loop
+            self.internal_thread.start()
+            self.closed = False
+
+        def close(self):
+            loop = self.internal_thread.loop
+            loop.call_soon_threadsafe(loop.stop)
+            self.internal_thread.join(10)
+            loop.close()
+            self.closed = True
+
+    pipes = []
+    lmdeploy = types.ModuleType("lmdeploy")
+    lmdeploy.GenerationConfig = lambda **kw: "greedy"
+    lmdeploy.PytorchEngineConfig = lambda **kw: SimpleNamespace(**kw)
+    lmdeploy.pipeline = lambda *args, **kw: pipes.append(Pipe(*args, **kw)) or pipes[-1]
+    monkeypatch.setitem(sys.modules, "lmdeploy", lmdeploy)
+    try:
+        e2e.run_child(spec)
+    finally:
+        gc.enable()
+    (pipe,) = pipes
+    assert pipe.closed and gc.isenabled()
+    assert pipe.async_engine.gc_enabled == [True] * 4 + [False] * 12  # the warm-up's 4 requests, 3 passes of 4
+    result = json.loads(Path(spec.result_path).read_text())
+    assert result["gc"] == "collected before each timed pass, disabled during it"
+    assert result["output_tokens"] == 20 and len(result["pass_output_tok_s"]) == 3
+    windows = result["pass_window_tok_s"]
+    assert len(windows) == 3 and all(w > 0 for w in windows), windows
+    assert result["pass_window_spread"] == pytest.approx(  # of the unrounded rates, rounded to 4 places
+        (max(windows) - min(windows)) / sorted(windows)[1], abs=1e-4 + 0.2 / min(windows))
+    assert result["pass_spread_after_first"] is not None and "pass_window_spread_after_first" in result
+
+
 # ------------------------------------------------------------------------------------------------ --interleave
 # A stand-in for `lmdeploy_e2e.py --child SPEC` that follows the --interleave protocol with the script's own
-# child-side code (PassControl, warm_up_and_time, timed_passes): after a pretend start its warm-up pass(es), ready.json,
-# then timed passes on the parent's go_<k> with the durations of its plan, then the result JSON on finish. The timed
+# child-side code (PassControl, warm_up_and_time, timed_passes, pass_rates): after a pretend start its warm-up
+# pass(es), ready.json, then timed passes on the parent's go_<k> with the durations of its plan (every request's first
+# and last token at the plan's spans, else at 0 and at the pass's end), then the result JSON on finish. The timed
 # request count --pass-seconds would give is the plan's. Each pass is logged (warm-ups with their prompt count,
 # timed passes' start/end) to a file shared by both children, so the test sees the order the passes really ran in.
 FAKE_CHILD = r'''
@@ -427,7 +588,9 @@ def run(prompts):
     time.sleep(0.05)
     note(f"end {spec.backend} {k}")
     done.append(k)
-    return next(durations), [{"tokens": [7] * spec.new_tokens} for _ in prompts]
+    duration = next(durations)
+    first, last = plan["spans"][k - 1] if "spans" in plan else (0.0, duration)
+    return duration, [{"tokens": [7] * spec.new_tokens, "first": first, "last": last} for _ in prompts]
 
 
 class Monitor:
@@ -445,9 +608,8 @@ out = requests * spec.new_tokens
 median = sorted(durations)[len(durations) // 2]
 result = {"name": spec.name, "output_tok_s": out / median, "total_tok_s": 2 * out / median, "mean_ttft_s": 0.1,
           "mean_tpot_s": 0.01, "duration_s": median, "startup_s": 0.5, "timed_requests": requests, **warm,
-          "pass_output_tok_s": [round(out / d, 1) for d in durations],
-          "pass_spread": (max(durations) - min(durations)) / median,
-          "triton_compiles_per_pass": per_pass, "first_tokens": [[7] * spec.compare_tokens] * requests}
+          **e2e.pass_rates(passes, out), "triton_compiles_per_pass": per_pass,
+          "first_tokens": [[7] * spec.compare_tokens] * requests}
 Path(spec.result_path).write_text(json.dumps(result))
 '''
 
@@ -553,6 +715,52 @@ def test_interleaved_pair_with_fake_children(interleave_env, capsys):
     assert "| llama8b graph | 1.000 | 1.000 0.800 1.250 1.000 | 45.0 % | 1234, 1234 |" in table
     for pid in (int(line.split()[2]) for line in events if line.startswith("pid")):
         assert _dead(pid)
+
+
+def test_interleaved_window_ratios_beside_the_whole_pass_ones(interleave_env, capsys):
+    """--interleave: each pass_<k>.json's window rate reaches the pair's passes, a second ratio series from them
+    (median, min, max, spread) stands beside the whole-pass one, and a second [pair] line, a table line and a
+    markdown column show it. Every pass lasts 2 s (whole-pass ratios 1); 4 requests of 8 tokens, window [0.5, 1.5]:
+    spans (0, 2) put 1 + 7 / 2 - 1 = 3.5 tokens of a request in it (14 tok/s), spans (0.5, 1.5) all 8 (32 tok/s)."""
+    plan = {"stock": {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [2.0, 2.0],
+                      "spans": [[0.0, 2.0], [0.0, 2.0]]},
+            "dlinfer": {"durations": [2.0, 2.0], "spans": [[0.0, 2.0], [0.5, 1.5]]}}
+    code, report, _, _, _ = interleave_env(plan, "--timed-passes", "2")
+    assert code == 0, report["log"]
+    (pair,) = report["interleaved"]
+    assert pair["pass_ratios"] == [1.0, 1.0] and pair["ratio_median"] == 1.0 and pair["ratio_spread"] == 0.0
+    assert [(p["stock_window_tok_s"], p["dlinfer_window_tok_s"]) for p in pair["passes"]] == [(14.0, 14.0),
+                                                                                              (14.0, 32.0)]
+    assert pair["window_pass_ratios"] == [1.0, 2.28571] and pair["window_ratio_median"] == 1.64286
+    assert (pair["window_ratio_min"], pair["window_ratio_max"], pair["window_ratio_spread"]) == (1.0, 2.28571,
+                                                                                                0.78261)
+    runs = report["runs"]
+    assert runs["llama8b/dlinfer/graph/tp1"]["pass_window_tok_s"] == [14.0, 32.0]
+    assert runs["llama8b/dlinfer/graph/tp1"]["pass_window_spread"] == 0.5625  # (32 - 14) / 32
+    assert runs["llama8b/stock/graph/tp1"]["pass_window_spread"] == 0.0
+    printed = capsys.readouterr().out.splitlines()
+    whole = printed.index("[pair] llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.000 (passes: 1.000 "
+                          "1.000; spread 0.0 %)")
+    window = ("llama8b graph interleaved, steady-state window (middle half of each pass): dlinfer / stock output "
+              "tok/s ratio 1.643 (passes: 1.000 2.286; spread 78.3 %)")
+    assert printed[whole + 1] == "[pair] " + window
+    assert window in printed  # the table at the end
+    table = next(Path(line[6:]) for line in report["log"] if line.endswith("lmdeploy_e2e.md")).read_text()
+    assert "| llama8b graph | 1.000 | 1.000 1.000 | 0.0 % | 64, 64 | 1.643 (78.3 %) |" in table
+
+
+def test_window_ratios_need_a_window_rate_on_every_pass(e2e):
+    """window_ratios: pass_ratios of the window rates under window_ keys; nothing where a pass lacks a positive
+    window rate (a child without them, an empty window), and then no window line in the table."""
+    assert e2e.window_ratios([10.0, 20.0], [11.0, 18.0]) == {
+        "window_pass_ratios": [1.1, 0.9], "window_ratio_median": 1.0, "window_ratio_min": 0.9,
+        "window_ratio_max": 1.1, "window_ratio_spread": 0.2}
+    for stock, mine in (([10.0, None], [11.0, 12.0]), ([10.0, 0.0], [11.0, 12.0]), ([], [])):
+        assert e2e.window_ratios(stock, mine) == {}
+    pair = dict(e2e.pass_ratios([10.0, 10.0], [11.0, 9.0]), model="llama8b", mode="graph")
+    assert "steady-state window" not in e2e.table({}, [], interleaved=[pair])
+    assert e2e.ratio_line("m", pair, "window_") == ("m interleaved, steady-state window (middle half of each pass): "
+                                                    "no pass ran on both engines: no ratio")
 
 
 def test_interleaved_engines_both_warm_up_at_the_timed_count_first(interleave_env, capsys):
