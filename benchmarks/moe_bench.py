@@ -17,7 +17,9 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   before it is timed: material for the card's table.
   A summary per Hopper variant (its time over the config in force's, per case) ends the output.
 
-Prints one line per case and a table of speed ratios last; writes everything to ``--out`` (JSON).
+Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
+(JSON), rewritten after every case so that a run cut short keeps the cases it finished. ``--budget-s`` is checked
+before every case and every candidate (each candidate compiles its own kernels).
 
 ``--graph-check`` first runs every Hopper variant (and the plain kernel) captured once in a CUDA graph and replayed
 on new inputs and routings (uniform and skewed, written into the captured buffers), each replay against the
@@ -219,6 +221,9 @@ def main(argv=None):
                             rel_err=err, peer_rel_err=peer_err, peer_us=peer_us, dlinfer_us=our_us,
                             speed=peer_us / our_us, config=src, source=in_force, first_call_s=round(first_s, 2),
                             tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, extra=[])
+                print(f"{name:7s} T={tokens:5d} {rt:7s} load {case['max_load_x_mean']:5.1f}x  peer {peer_us:8.1f} "
+                      f"dlinfer {our_us:8.1f} us  {case['speed']:.2f}x  err {err:.1e} (peer {peer_err:.1e})  "
+                      f"first call {first_s:.1f}s", flush=True)
                 rows = tokens * topk / experts
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
@@ -227,7 +232,11 @@ def main(argv=None):
                     if "hopper" in args.candidate_sets and rt in args.candidates_routings:
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
                         cands += hopper_candidates(src, hot)
-                for label, cfg in cands:
+                for i, (label, cfg) in enumerate(cands):
+                    if time.time() - t0 > args.budget_s:  # each candidate compiles its own kernels: tens of s
+                        case["candidates_skipped"] = len(cands) - i
+                        print(f"   budget: {len(cands) - i} candidates of this case skipped", flush=True)
+                        break
                     try:
                         e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
                         us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
@@ -241,11 +250,10 @@ def main(argv=None):
                         print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {our_us / us:.2f}x in force  "
                               f"err {e:.1e}", flush=True)
                 result["cases"].append(case)
+                Path(args.out).write_text(json.dumps(result, indent=1))  # after every case: a killed run keeps them
                 best_extra = min(case["extra"], key=lambda c: c["us"], default=None)
-                extra_txt = f" best extra {peer_us / best_extra['us']:.2f}x" if best_extra else ""
-                print(f"{name:7s} T={tokens:5d} {rt:7s} load {case['max_load_x_mean']:5.1f}x  peer {peer_us:8.1f} "
-                      f"dlinfer {our_us:8.1f} us  {case['speed']:.2f}x  err {err:.1e} (peer {peer_err:.1e})  "
-                      f"first call {first_s:.1f}s{extra_txt}", flush=True)
+                if best_extra:
+                    print(f"   best extra {peer_us / best_extra['us']:.2f}x peer", flush=True)
                 del x, tw, ti, ref, out
         del w_up, w_down
         torch.cuda.empty_cache()
