@@ -50,9 +50,10 @@ PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,w
 # prefill_attention's library route (torch's cuDNN SDPA for a uniform batch); first calls timed at these B=1 lengths
 SDPA_ROUTE = "sdpa=1"
 FIRST_CALL_LENGTHS = (1000, 3000)
-# the default, no programmatic dependent launch of the reduce kernel, two stages for split programs, and the fused
-# reduce (one launch: the last split program combines; slower than two launches at batch 1 when last measured)
-DECODE = ("", "pdl=0", "split_stages=2")
+# the default, no programmatic dependent launch of the reduce kernel, two stages for split programs, more splits
+# than one wave holds (LMDeploy's kernel cuts batch 16 into 4 splits where the one-wave rule takes 2-3), and the
+# fused reduce (one launch: the last split program combines; slower than two launches at batch 1 when last measured)
+DECODE = ("", "pdl=0", "split_stages=2", "one_wave=0,target_programs={sms3}")
 DECODE_FUSED = ("fused_reduce=1",)
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch
@@ -308,7 +309,7 @@ def decode(rows, flush, peer, batches=None):
                 peer_us = _time(rows, "decode", case, "lmdeploy", lambda: peers.lmdeploy_paged_decode(
                     peer, q, kc, vc, table, lens, D ** -0.5), flush, work, "GB/s", check)
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            for cfg in DECODE + tuple(c.format(sms=sms, sms4=4 * sms) for c in DECODE_FUSED):
+            for cfg in tuple(c.format(sms=sms, sms3=3 * sms, sms4=4 * sms) for c in DECODE + DECODE_FUSED):
                 _sweep(rows, "decode", case, "DLINFER_TRITON_DECODE", ad._config, (cfg,),
                        lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
                                                           attn_output=out),
