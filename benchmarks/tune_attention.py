@@ -309,7 +309,7 @@ def decode(rows, flush, peer, batches=None):
                 peer_us = _time(rows, "decode", case, "lmdeploy", lambda: peers.lmdeploy_paged_decode(
                     peer, q, kc, vc, table, lens, D ** -0.5), flush, work, "GB/s", check)
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            for cfg in tuple(c.format(sms=sms, sms3=3 * sms, sms4=4 * sms) for c in DECODE + DECODE_FUSED):
+            for cfg in tuple(c.format(sms3=3 * sms) for c in DECODE + DECODE_FUSED):
                 _sweep(rows, "decode", case, "DLINFER_TRITON_DECODE", ad._config, (cfg,),
                        lambda: ops.paged_decode_attention(q, kc, vc, table, block, None, lens, ctx, HQ, HK,
                                                           attn_output=out),

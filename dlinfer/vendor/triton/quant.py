@@ -237,12 +237,17 @@ def _precompile_dense(key: tuple, m: int, run, what: str) -> None:
     _moe.run_buckets(lambda rows: run(_bucket(rows)), max(m, _moe.PRECOMPILE_MIN_TOKENS), what, DENSE_KERNELS)
 
 
+def _hopper(device_type: str, device_index) -> bool:
+    """An NVIDIA Hopper GPU (sm_90: the cards the swept tiles were measured on)."""
+    return device_type == "cuda" and card(device_index).capability == 9
+
+
 @memo
 def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int, n: int, k: int,
                group_size: int) -> GemmConfig:
     """The AWQ GEMM's launch config for ``M`` rows rounded up to ``m_bucket`` (a power of two >= 16), split
     resolved (see the section comment)."""
-    hopper = device_type == "cuda" and card(device_index).capability == 9
+    hopper = _hopper(device_type, device_index)
     sms = _sm_count(device_type, device_index)
     wide_n = hopper and group_size >= 128 and cdiv(n, 128) >= sms  # a wave of 128-column tiles (gate_up)
     if device_type != "cuda":  # the interpreter: small tiles (speed), the same rule
@@ -281,24 +286,25 @@ def awq_config(device_type: str, device_index, dtype: torch.dtype, m_bucket: int
 def int8_config(device_type: str, device_index, m_bucket: int, n: int, k: int) -> GemmConfig:
     """The int8 GEMM's launch config for ``M`` rows rounded up to ``m_bucket``, split resolved."""
     sms = _sm_count(device_type, device_index)
-    hopper = device_type == "cuda" and card(device_index).capability == 9
+    wide_tiles = cdiv(m_bucket, 128) * cdiv(n, 256)  # the grid of 128 x 256 tiles
+    mid_rows = _hopper(device_type, device_index) and 256 < m_bucket <= 1024  # the swept rows (257-1024)
     if device_type != "cuda":
         cfg = GemmConfig(block_m=16 if m_bucket <= 16 else 32, block_n=64, block_k=32, num_warps=1, num_stages=1)
     elif m_bucket <= 64:  # 64 rows: two warp groups (69 registers a thread; 4 warps: 122-153)
         cfg = GemmConfig(block_m=m_bucket, block_n=128, block_k=128, num_warps=8 if m_bucket == 64 else 4,
                          num_stages=4)
-    elif hopper and 256 < m_bucket <= 1024 and sms < 2 * cdiv(m_bucket, 128) * cdiv(n, 256) <= 2 * sms:
+    elif mid_rows and sms < 2 * wide_tiles <= 2 * sms:
         # 257-1024 rows where 128 x 256 tiles make one wave that 128 x 128 tiles would overflow: the wide tiles,
         # 4 stages, operands by TMA (H100 sweep, Llama-3-8B linears: qkv T=512 29.3 us against 39.4 us for
         # 128 x 128 x 128 and the peer's 33.8 us; o T=1024 29.8 / 39.2 / 33.9 us; down T=1024 88.2 / 116.9 /
         # 103.0 us; TMA alone 10-13 % of it: 128 x 256 with cp.async 32.6 / 32.9 / 101.1 us)
         cfg = GemmConfig(block_m=128, block_n=256, block_k=128, split_k=1, num_warps=8, num_stages=4, tma=1)
-    elif hopper and 256 < m_bucket <= 1024 and sms < cdiv(m_bucket, 128) * cdiv(n, 256) <= 2 * sms:
+    elif mid_rows and sms < wide_tiles <= 2 * sms:
         # the same rows where 128 x 256 tiles would need a second, partly filled wave: 128 x 128 tiles, 3 stages
         # (two programs per SM), by TMA (H100 sweep, qkv T=1024: 50.5 us against 64.0 us for 128 x 256 x 128 with
         # 3 stages and the peer's 65.2 us)
         cfg = GemmConfig(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3, tma=1)
-    elif cdiv(m_bucket, 128) * cdiv(n, 256) >= sms:
+    elif wide_tiles >= sms:
         cfg = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)
     else:
         cfg = GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
