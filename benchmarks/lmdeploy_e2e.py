@@ -54,6 +54,18 @@ to float32, the function the checkpoint stands for, the same for both engines); 
 quantization (W8A8's activations, an int8 KV cache) counts as their error, and the yardstick runs in the engine's
 dtype (float16 for AWQ).
 
+``--arrival stream`` (``--in-flight N``, default ``--max-batch-size``) replaces the burst by a steady stream: N
+requests in flight, a new one submitted (the next prompt of the same fixed list) whenever one finishes, until all
+are submitted. The first N (the fill) are pre-aged: their output lengths are spread evenly from ``--new-tokens``
+down to ``--compare-tokens`` (descending, so the first prompts, the oracle's, keep long outputs), every later
+request has ``--new-tokens``; so completions, and the prefills that replace them, come at an even pace from the end
+of the ramp on instead of in waves. A stream pass's window is then its steady state: from the ramp's end (the last
+fill request's first token) to the last submission (after which the in-flight count decays: the tail), and
+``window_tok_s`` is the output rate there (the headline of a stream pass and of its ratio). ``--pass-seconds`` sizes
+that window: N plus as many requests as the warm-up's output rate finishes in that time. Every timed pass also
+keeps its requests' times (``pass_request_times``: submission, first and last token, seconds from the pass's
+start), so that a pass's timeline (ramp, occupancy, tail) can be read from the JSON.
+
 ``--interleave`` measures the ratio dlinfer / stock with the drift of the card (clocks, power, neighbours) taken
 out: both engines of a pair (same model, mode, quantization) are alive at once, in two child processes on the
 same GPU, and their timed passes alternate, one at a time (never two at once), in the order stock, dlinfer for
@@ -154,6 +166,8 @@ class RunSpec:
     num_gpu_blocks: int = 0  # > 0: this many KV-cache blocks (PytorchEngineConfig.num_gpu_blocks); 0: from free memory
     control_dir: str | None = None  # --interleave: the folder of the parent's channel (see PassControl)
     control_timeout: float = 0.0  # --interleave: seconds a wait for the parent's go may last
+    arrival: str = "burst"  # burst: every request submitted at once | stream: in_flight kept in flight
+    in_flight: int = 0  # --arrival stream: requests kept in flight (0: max_batch_size)
 
     @property
     def name(self) -> str:
@@ -168,6 +182,30 @@ def workload(requests: int, min_prompt: int, max_prompt: int, seed: int, vocab_l
     rng = random.Random(seed)
     return [[rng.randrange(4, vocab_limit) for _ in range(rng.randint(min_prompt, max_prompt))]
             for _ in range(requests)]
+
+
+def request_lengths(count: int, new_tokens: int, in_flight: int = 0, shortest: int = 1) -> list[int]:
+    """Output tokens of each of ``count`` requests: ``new_tokens`` each, except (``in_flight`` > 0, --arrival
+    stream) the first ``in_flight`` ones, the pre-aged fill, spread evenly from ``new_tokens`` down to ``shortest``
+    (descending), so that the fill's requests finish one after the other at an even pace, as a steady state's do."""
+    lengths = [new_tokens] * count
+    fill = min(in_flight, count)
+    low = max(1, min(shortest, new_tokens))
+    for i in range(fill if in_flight > 0 else 0):
+        lengths[i] = new_tokens - round((new_tokens - low) * i / max(1, fill - 1))
+    return lengths
+
+
+def stream_request_count(in_flight: int, warm_out_tokens: int, warm_busy_s: float, pass_seconds: float,
+                         new_tokens: int, requests: int) -> int:
+    """Requests per timed pass of --arrival stream: the fill (``in_flight``) and as many more as finish in
+    ``pass_seconds`` at the warm-up's output rate (``warm_out_tokens`` in ``warm_busy_s``), ``new_tokens`` each;
+    never fewer than ``requests``."""
+    import math
+
+    if pass_seconds <= 0 or warm_busy_s <= 0 or warm_out_tokens <= 0 or new_tokens <= 0:
+        return requests
+    return max(requests, in_flight + math.ceil(pass_seconds * warm_out_tokens / warm_busy_s / new_tokens))
 
 
 def timed_request_count(requests: int, warm_requests: int, warm_busy_s: float, pass_seconds: float,
@@ -344,15 +382,24 @@ class GeneratedTokens:
         return [self._by_position.get(i, -1) for i in range(self.count)]
 
 
-async def drive(engine, new_session, prompts: list[list[int]], gen_config) -> tuple[float, list[dict]]:
-    """Submit every prompt at once to LMDeploy's async engine; per request: generated ids, time to the first
-    and to the last token (seconds from submission). Returns (wall time, records)."""
+async def drive(engine, new_session, prompts: list[list[int]], gen_config, in_flight: int = 0,
+                lengths: list[int] | None = None) -> tuple[float, list[dict]]:
+    """Submit the prompts to LMDeploy's async engine: all at once (``in_flight`` 0, the burst), or ``in_flight``
+    at a time, the next one as soon as one finishes (--arrival stream). ``lengths``: per request its
+    ``max_new_tokens`` (default: ``gen_config``'s). Per request: generated ids, and the times of its submission,
+    first and last token (seconds from the pass's start). Returns (wall time, records)."""
     import asyncio
+    import copy
 
     start = time.perf_counter()
 
-    async def one(ids: list[int], record: dict) -> None:
-        request = await engine.preprocess(None, session_id=new_session(), gen_config=gen_config, input_ids=ids)
+    async def one(ids: list[int], record: dict, length: int | None) -> None:
+        record["submitted"] = time.perf_counter() - start
+        config = gen_config
+        if length is not None and length != getattr(gen_config, "max_new_tokens", None):
+            config = copy.copy(gen_config)
+            config.max_new_tokens = length
+        request = await engine.preprocess(None, session_id=new_session(), gen_config=config, input_ids=ids)
         tokens = GeneratedTokens()
         async for out in engine.generate(request, stream_response=True):
             now = time.perf_counter() - start
@@ -365,8 +412,46 @@ async def drive(engine, new_session, prompts: list[list[int]], gen_config) -> tu
         record["tokens"] = tokens.ids()
 
     records: list[dict] = [{} for _ in prompts]
-    await asyncio.gather(*(one(ids, rec) for ids, rec in zip(prompts, records)))
+    sizes = list(lengths) if lengths is not None else [None] * len(prompts)
+    if in_flight <= 0:
+        await asyncio.gather(*(one(ids, rec, n) for ids, rec, n in zip(prompts, records, sizes)))
+    else:
+        queue = iter(range(len(prompts)))
+
+        async def lane() -> None:  # one in-flight slot: its requests one after the other
+            for i in queue:
+                await one(prompts[i], records[i], sizes[i])
+
+        await asyncio.gather(*(lane() for _ in range(min(in_flight, len(prompts)))))
     return time.perf_counter() - start, records
+
+
+def stream_window(records: list[dict], in_flight: int) -> tuple[float, float] | None:
+    """The steady state of an --arrival stream pass (:func:`drive`'s records), in seconds from its start: from the
+    end of the ramp (the last first token of the fill, the first ``in_flight`` requests) to the last submission
+    (after it the in-flight count decays: the tail). None when there is no such interval."""
+    fill = records[:in_flight]
+    if not fill or any("first" not in r for r in fill) or len(records) <= in_flight:
+        return None
+    a = max(r["first"] for r in fill)
+    b = max(r.get("submitted", 0.0) for r in records)
+    return (a, b) if b > a else None
+
+
+def pass_window_rate(records: list[dict], duration: float, in_flight: int = 0) -> float | None:
+    """A pass's steady-state rate: :func:`window_tok_s` over the middle half of the pass (a burst), or over
+    :func:`stream_window` (``in_flight`` > 0, a stream)."""
+    if in_flight <= 0:
+        return window_tok_s(records, duration)
+    bounds = stream_window(records, in_flight)
+    return None if bounds is None else window_tok_s(records, 1.0, bounds)
+
+
+def request_times(records: list[dict]) -> list[list]:
+    """Per request of a pass [submitted, first token, last token] in seconds from the pass's start (ms rounded;
+    None where missing): the pass's timeline for the JSON."""
+    return [[None if r.get(key) is None else round(r[key], 3) for key in ("submitted", "first", "last")]
+            for r in records]
 
 
 def window_tok_s(records: list[dict], duration: float, window: tuple[float, float] = STEADY_WINDOW) -> float | None:
@@ -406,12 +491,12 @@ def _spreads(name: str, values: list) -> dict:
                                     if len(values) >= 3 else None)}
 
 
-def pass_rates(passes: list[tuple[float, list[dict]]], out_tokens: int) -> dict:
+def pass_rates(passes: list[tuple[float, list[dict]]], out_tokens: int, in_flight: int = 0) -> dict:
     """Per timed pass ((duration, records) each, as :func:`timed_passes` returns them) the output tokens/s of the
-    whole pass (``out_tokens`` over its duration) and the steady-state window rate (:func:`window_tok_s`), each
+    whole pass (``out_tokens`` over its duration) and the steady-state window rate (:func:`pass_window_rate`), each
     with its spread over the passes (:func:`_spreads`: ``pass_spread`` is that of the durations)."""
     durations = [d for d, _ in passes]
-    windows = [window_tok_s(records, d) for d, records in passes]
+    windows = [pass_window_rate(records, d, in_flight) for d, records in passes]
     return {"pass_output_tok_s": [round(out_tokens / d, 1) for d in durations],
             # Without the first pass (where a kernel variant first met can still compile): the run-to-run noise.
             **_spreads("pass_spread", durations),
@@ -448,8 +533,11 @@ def run_child(spec: RunSpec) -> None:
 
     gen = GenerationConfig(max_new_tokens=spec.new_tokens, do_sample=False, ignore_eos=True)
 
+    in_flight = stream_in_flight(spec)
+
     def run(batch):
-        coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen)
+        lengths = request_lengths(len(batch), spec.new_tokens, in_flight, spec.compare_tokens) if in_flight else None
+        coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen, in_flight, lengths)
         return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result()
 
     if str(ROOT) not in sys.path:
@@ -468,8 +556,9 @@ def run_child(spec: RunSpec) -> None:
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
     out_tokens = sum(len(r["tokens"]) for r in records)
-    if out_tokens != requests * spec.new_tokens:
-        raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {requests * spec.new_tokens}")
+    expected = sum(request_lengths(requests, spec.new_tokens, stream_in_flight(spec), spec.compare_tokens))
+    if out_tokens != expected:
+        raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {expected}")
     in_tokens = sum(len(p) for p in prompts)
     ttft = [r["first"] for r in records if "first" in r]
     tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1]
@@ -492,7 +581,9 @@ def run_child(spec: RunSpec) -> None:
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
         "total_tok_s": (out_tokens + in_tokens) / duration,
-        **pass_rates(passes, out_tokens),
+        **pass_rates(passes, out_tokens, stream_in_flight(spec)),
+        "arrival": spec.arrival,
+        "in_flight": stream_in_flight(spec) or None,
         "gc": GC_TIMED,
         "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
         "median_ttft_s": sorted(ttft)[len(ttft) // 2] if ttft else None,
@@ -511,6 +602,8 @@ def run_child(spec: RunSpec) -> None:
         "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(passes))],
         "profile_top_kernels": profile,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
+        # per timed pass, per request: [submitted, first token, last token], seconds from the pass's start
+        "pass_request_times": [request_times(recs) for _, recs in passes],
     }
     pipe.close()
     Path(spec.result_path).write_text(json.dumps(result))
@@ -523,9 +616,12 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
     parent's ``finish``. Returns (the timed prompts, the warm-ups' record as the result JSON holds it, the passes,
     the compilations of each)."""
 
+    warm_tokens = [0]  # output tokens of the last warm-up pass
+
     def warm_pass(count: int) -> tuple[float, dict]:  # the warm-up's prompts (not the timed ones), ``count`` of them
         t0 = time.perf_counter()
-        run(workload(count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit))
+        _, records = run(workload(count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit))
+        warm_tokens[0] = sum(len(r.get("tokens") or []) for r in records)
         return time.perf_counter() - t0, compiles.take()
 
     # Warm-up: a whole pass of a workload like the timed one (other prompts, same lengths' distribution), so
@@ -538,8 +634,12 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
     # long at the warm-up's rate (the first run of a model decides; the parent hands its count to the others, so
     # every run of a model times the same prompts). workload() draws prompt after prompt: a longer list starts
     # with the same prompts, the oracle's among them.
-    requests = spec.timed_requests or timed_request_count(
-        spec.requests, warm_count, warmup_s - warmup_compiles["seconds"], spec.pass_seconds)
+    # --arrival stream: --pass-seconds sizes the steady window (the fill and what finishes in that time).
+    in_flight = stream_in_flight(spec)
+    busy_s = warmup_s - warmup_compiles["seconds"]
+    requests = spec.timed_requests or (
+        stream_request_count(in_flight, warm_tokens[0], busy_s, spec.pass_seconds, spec.new_tokens, spec.requests)
+        if in_flight else timed_request_count(spec.requests, warm_count, busy_s, spec.pass_seconds))
     warm = {"warmup_s": round(warmup_s, 2), "triton_compiles_warmup": warmup_compiles,
             "warmup_full_count_requests": None, "warmup_full_count_s": None,
             "triton_compiles_warmup_full_count": None}
@@ -554,19 +654,20 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
     if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
         control.write("ready.json", dict(ready or {}, timed_requests=requests, **warm))
     monitor.start()
-    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control)
+    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control, in_flight)
     monitor.stop()
     if control:  # nothing of this run (a profile, the engine's shutdown) while the other engine is timed
         control.wait("finish")
     return prompts, warm, passes, pass_compiles
 
 
-def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None):
+def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None, in_flight: int = 0):
     """``count`` timed passes of ``run`` over ``prompts`` (at least one): per pass (duration, records) and the
     Triton compilations it saw (``compiles.take()``), each pass a phase of the GPU ``monitor``. Python's garbage
     collector runs before each pass and is off during it (``GC_TIMED``: no collection pause in a timed pass), on
     again after it whatever happens. With ``control`` (--interleave) each pass waits for the parent's ``go_<k>`` and
-    reports ``pass_<k>.json`` (with the pass's steady-state window rate, :func:`window_tok_s`)."""
+    reports ``pass_<k>.json`` (with the pass's steady-state window rate, :func:`pass_window_rate`; ``in_flight``:
+    that of an --arrival stream pass)."""
     passes, pass_compiles = [], []
     for k in range(1, max(1, count) + 1):
         if control:
@@ -584,10 +685,17 @@ def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, c
             out_tokens = sum(len(r.get("tokens") or []) for r in records)
             control.write(f"pass_{k}.json", {"k": k, "duration_s": duration, "output_tokens": out_tokens,
                                              "output_tok_s": out_tokens / duration if duration > 0 else None,
-                                             "window_tok_s": window_tok_s(records, duration),
+                                             "window_tok_s": pass_window_rate(records, duration, in_flight),
                                              "triton_compiles": pass_compiles[-1],
                                              "gpu": monitor.summary(f"pass {k}")})
     return passes, pass_compiles
+
+
+def stream_in_flight(spec: RunSpec) -> int:
+    """Requests kept in flight by a --arrival stream run (``in_flight``, default ``max_batch_size``); 0: a burst."""
+    if spec.arrival != "stream":
+        return 0
+    return spec.in_flight if spec.in_flight > 0 else spec.max_batch_size
 
 
 def engine_cache(pipe) -> dict:
@@ -1312,6 +1420,13 @@ def main(argv=None) -> int:
                         help="--interleave: seconds between the end of one timed pass and the start of the next, so "
                              "that what an engine leaves behind after its pass (threads still spinning, output "
                              "handling) does not run into the other's (default %(default)s)")
+    parser.add_argument("--arrival", choices=["burst", "stream"], default="burst",
+                        help="burst (default): every request of a pass submitted at once; stream: --in-flight "
+                             "requests kept in flight (a new one whenever one finishes; the fill's lengths spread so "
+                             "that they finish at an even pace), the steady window from the ramp's end to the last "
+                             "submission is each pass's window rate, and --pass-seconds sizes that window")
+    parser.add_argument("--in-flight", type=int, default=0,
+                        help="--arrival stream: requests kept in flight (default: --max-batch-size)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1413,7 +1528,8 @@ def main(argv=None) -> int:
               "quant": {"weights": args.quant, "kv_quant": args.kv_quant, "oracle": oracle_note},
               "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
                            "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
-                           "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds},
+                           "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds,
+                           "arrival": args.arrival, "in_flight": args.in_flight or None},
               "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
     if args.interleave:
         report["workload"]["interleave"] = True
@@ -1439,6 +1555,7 @@ def main(argv=None) -> int:
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
+                       arrival=args.arrival, in_flight=args.in_flight,
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
                                    f"_tp{tp}.json")
 

@@ -834,3 +834,53 @@ def test_interleave_flags(e2e, tmp_path, capsys):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "interleaved: each stock/dlinfer pair alive at once on the card, 4 timed passes each in the order " \
            "stock 1, dlinfer 1, dlinfer 2, stock 2" in done.stdout and "dry run: 64 prompts" in done.stdout
+
+
+def test_stream_lengths_count_and_window(e2e):
+    """--arrival stream: the pre-aged fill's lengths, the timed count from the warm-up's rate, the steady window
+    from the ramp's end to the last submission, and the per-request timeline."""
+    assert e2e.request_lengths(4, 8) == [8, 8, 8, 8]
+    lengths = e2e.request_lengths(6, 8, in_flight=4, shortest=2)
+    assert lengths == [8, 6, 4, 2, 8, 8]
+    assert e2e.stream_request_count(4, 800, 2.0, 10.0, 8, 1) == 4 + 500
+    assert e2e.stream_request_count(4, 0, 2.0, 10.0, 8, 3) == 3
+    records = [{"submitted": 0.0, "first": 1.0, "last": 3.0, "tokens": [1] * 3},
+               {"submitted": 0.0, "first": 2.0, "last": 4.0, "tokens": [1] * 3},
+               {"submitted": 3.0, "first": 3.5, "last": 5.5, "tokens": [1] * 5},
+               {"submitted": 4.0, "first": 4.5, "last": 6.5, "tokens": [1] * 5}]
+    assert e2e.stream_window(records, 2) == (2.0, 4.0)
+    rate = e2e.pass_window_rate(records, 6.5, in_flight=2)
+    assert rate == pytest.approx(e2e.window_tok_s(records, 1.0, (2.0, 4.0)))
+    assert e2e.pass_window_rate(records, 6.5) == pytest.approx(e2e.window_tok_s(records, 6.5))
+    assert e2e.stream_window(records, 4) is None  # nothing submitted after the fill
+    assert e2e.request_times(records[:1]) == [[0.0, 1.0, 3.0]]
+
+
+def test_drive_stream_keeps_in_flight(e2e):
+    """--arrival stream: at most ``in_flight`` requests at once, each with its own max_new_tokens."""
+    import asyncio
+    import types
+
+    state = {"now": 0, "peak": 0, "lengths": []}
+
+    class Engine:
+        async def preprocess(self, _, session_id, gen_config, input_ids):
+            state["lengths"].append(gen_config.max_new_tokens)
+            return gen_config.max_new_tokens
+
+        async def generate(self, n, stream_response=True):
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            for k in range(1, n + 1):
+                await asyncio.sleep(0)
+                yield types.SimpleNamespace(generate_token_len=k, token_ids=[k], finish_reason=None)
+            state["now"] -= 1
+
+    gen = types.SimpleNamespace(max_new_tokens=4)
+    sessions = iter(range(100))
+    _, records = asyncio.run(e2e.drive(Engine(), lambda: next(sessions), [[1]] * 5, gen, in_flight=2,
+                                       lengths=[4, 2, 4, 4, 4]))
+    assert state["peak"] == 2
+    assert sorted(state["lengths"]) == [2, 4, 4, 4, 4] and gen.max_new_tokens == 4
+    assert [len(r["tokens"]) for r in records] == [4, 2, 4, 4, 4]
+    assert all(r["submitted"] <= r["first"] <= r["last"] for r in records)
