@@ -78,9 +78,14 @@ def _cached(kind: str, src: torch.Tensor, device: torch.device, convert) -> torc
     return out
 
 
+# ``torch.cuda.is_current_stream_capturing`` without its Python frame (it is one call of this binding); asked on
+# every conversion of CUDA tensors, so eagerly once per layer of a prefill.
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+
+
 def _capturing(src: torch.Tensor, device: torch.device) -> bool:
     """Under CUDA-graph capture the conversion must be recorded in the graph: never served from the cache."""
-    return (src.is_cuda or device.type == "cuda") and torch.cuda.is_current_stream_capturing()
+    return (src.is_cuda or device.type == "cuda") and _stream_capturing()
 
 
 def _from_lengths(lengths: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from dlinfer.ops import _batch, _checks, kv_quant, table
-from dlinfer.ops._dispatch import eager, implementation, run, selector
+from dlinfer.ops._dispatch import _dispatch_modes, _is_compiling, eager, run, selector
 from dlinfer.ops.kv_cache import cache_call_features, cache_implementation, check_cache, plain_caches, unquantized
 
 
@@ -52,6 +52,9 @@ def _features(causal: bool) -> frozenset[str]:
 
 
 # --------------------------------------------------------------------------------------------- custom ops
+_select_prefill = selector("prefill_attention")
+
+
 def _prefill_attention_impl(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -63,9 +66,10 @@ def _prefill_attention_impl(
     causal: bool,
     attn_output: torch.Tensor,
 ) -> None:
-    if _checks.values_checked(cu_seqlens_q, cu_seqlens_kv):
+    if (_checks.values_checked(cu_seqlens_q) if cu_seqlens_kv is cu_seqlens_q
+            else _checks.values_checked(cu_seqlens_q, cu_seqlens_kv)):
         _check_varlen_values(query, key, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, causal)
-    impl = implementation("prefill_attention", query, query.shape[-1], value.shape[-1], 0, _features(causal))
+    impl = _select_prefill(query, query.shape[2], value.shape[2], 0, _CAUSAL if causal else _NON_CAUSAL)
     impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output)
 
 
@@ -443,23 +447,33 @@ def _plain_paged_prefill(query, key_cache, value_cache, block_offsets, block_siz
 def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_q_heads, num_kv_heads, causal,
                    softmax_scale, attn_output, contract=False):
     """``q_seqlens``/``kv_seqlens``: LMDeploy's ``[B]`` lengths, host or device (converted); with ``contract``, the
-    contract's int32 ``[B + 1]`` offsets on query's device."""
-    if not (eager(query) and _plain_heads(num_q_heads, num_kv_heads) and type(max_q_seq_len) is int
-            and max_q_seq_len >= 0 and isinstance(key, _Tensor) and isinstance(value, _Tensor) and query.dim() == 3
-            and key.dim() == 3 and value.dim() == 3 and _plain_lengths(q_seqlens) and _plain_lengths(kv_seqlens)):
+    contract's int32 ``[B + 1]`` offsets on query's device.
+
+    Time to first token runs this eagerly once per layer, so it reads each attribute once and calls no helper it
+    can inline (each tensor attribute costs ~0.1 µs here and several times that on a busy serving host)."""
+    if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
+            and type(q_seqlens) is _Tensor and type(kv_seqlens) is _Tensor and type(max_q_seq_len) is int
+            and max_q_seq_len >= 0 and _plain_heads(num_q_heads, num_kv_heads) and not query.is_meta
+            and not _is_compiling() and not _dispatch_modes()):
+        return None
+    qs, ks, vs, ls, kls = query.shape, key.shape, value.shape, q_seqlens.shape, kv_seqlens.shape
+    if not (len(qs) == 3 and len(ks) == 3 and len(vs) == 3 and len(ls) == 1 and ls == kls):
         return None
     dtype, device = query.dtype, query.device
-    tokens, heads, head_size = query.shape
-    kv_tokens, kv_heads, key_size = key.shape
-    vs = value.shape
+    tokens, heads, head_size = qs
+    kv_tokens, kv_heads, key_size = ks
     if not (dtype in _FLOATS and key.dtype is dtype and value.dtype is dtype and heads == num_q_heads
             and kv_heads == num_kv_heads and head_size > 0 and key_size == head_size and vs[0] == kv_tokens
-            and vs[1] == kv_heads and vs[2] > 0 and query.stride()[-1] == 1 and key.stride()[-1] == 1
-            and value.stride()[-1] == 1 and key.device == device and value.device == device
-            and kv_seqlens.shape[0] == q_seqlens.shape[0]
-            and ((q_seqlens.shape[0] > 0 and _contract_layout(q_seqlens, device)
-                  and _contract_layout(kv_seqlens, device)) if contract
-                 else (_near(q_seqlens, device) and _near(kv_seqlens, device)))):
+            and vs[1] == kv_heads and vs[2] > 0 and query.stride()[2] == 1 and key.stride()[2] == 1
+            and value.stride()[2] == 1 and key.device == device and value.device == device):
+        return None
+    same = kv_seqlens is q_seqlens
+    if contract:
+        if not (ls[0] > 0 and q_seqlens.dtype is _I32 and q_seqlens.device == device
+                and (same or (kv_seqlens.dtype is _I32 and kv_seqlens.device == device))):
+            return None
+    elif not (q_seqlens.dtype in _INDEX and (q_seqlens.is_cpu or q_seqlens.device == device)
+              and (same or (kv_seqlens.dtype in _INDEX and (kv_seqlens.is_cpu or kv_seqlens.device == device)))):
         return None
     scale = _plain_scale(softmax_scale, head_size)
     out = _plain_output(attn_output, query, (tokens, heads, vs[2]), device) if scale else None
@@ -469,7 +483,7 @@ def _plain_prefill(query, key, value, q_seqlens, kv_seqlens, max_q_seq_len, num_
         cu_seqlens_q, cu_seqlens_kv = q_seqlens, kv_seqlens
     else:
         cu_seqlens_q = _batch.starts_from_lengths(q_seqlens, device)
-        cu_seqlens_kv = cu_seqlens_q if kv_seqlens is q_seqlens else _batch.starts_from_lengths(kv_seqlens, device)
+        cu_seqlens_kv = cu_seqlens_q if same else _batch.starts_from_lengths(kv_seqlens, device)
     _prefill_attention_impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, scale, bool(causal), out)
     return out
 
