@@ -428,7 +428,7 @@ for pdl in (True, False):
 for paged, pack, causal, quant in ((False, 4, True, 0), (True, 1, True, 0), (True, 4, False, 0), (True, 4, True, 8),
                                   (True, 1, True, 4)):
     cache = "u8" if quant else "bf16"
-    ptrs = dict(q_ptr="bf16", k_ptr=cache, v_ptr=cache, out_ptr="bf16", q_ends_ptr="i32", kv_ptr_lens="i32",
+    ptrs = dict(q_ptr="bf16", k_ptr=cache, v_ptr=cache, out_ptr="bf16", q_starts_ptr="i32", kv_ptr_lens="i32",
                 block_table_ptr="i32", ks_ptr="bf16", kz_ptr="bf16", vs_ptr="bf16", vz_ptr="bf16")
     consts = dict(GROUP=4, PACK=pack, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_M=128,
                   BLOCK_N=64, PAGED=paged, PAGE_SIZE=64, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False,

@@ -176,7 +176,7 @@ def prefill_launches(exhaustive: bool):
                         splits = pre.num_splits(programs, kv_len if paged else q_len, cfg)
                         cache = "u8" if quant_bits else T[dtype]
                         types = dict(q_ptr="*" + T[dtype], k_ptr="*" + cache, v_ptr="*" + cache,
-                                     q_ends_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32",
+                                     q_starts_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32",
                                      ks_ptr="*" + T[dtype], kz_ptr="*" + T[dtype], vs_ptr="*" + T[dtype],
                                      vz_ptr="*" + T[dtype], qk_scale="fp32")
                         meta = dict(pre._meta(group, pack, d, dv, cfg.block_m, cfg.block_n, cfg.num_warps,
@@ -192,7 +192,7 @@ def prefill_launches(exhaustive: bool):
                                       dict(types, mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), dict(meta, USE_PDL=pdl),
                                       warps, stages)
                         yield _launch("attention_prefill._prefill_combine_kernel", dict(
-                            mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr="*" + T[dtype], q_ends_ptr="*i32"), dict(
+                            mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr="*" + T[dtype], q_starts_ptr="*i32"), dict(
                             NUM_HEADS=hq, HEAD_DIM_V=dv, BLOCK_DV=host.next_power_of_2(dv), BLOCK_R=cfg.combine_rows,
                             WHILE_LOOP=False, USE_PDL=pdl), cfg.combine_warps, 2)
 

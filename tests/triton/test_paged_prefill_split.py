@@ -321,7 +321,7 @@ for paged, pack, causal, quant, bm, bn, warps, stages, dt, d in (
         (True, 4, True, 0, 64, 64, 8, 2, "bf16", 256), (True, 4, True, 0, 64, 32, 4, 2, "fp32", 128)):
     cache = "*u8" if quant else "*" + dt
     types = dict(q_ptr="*" + dt, k_ptr=cache, v_ptr=cache, mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
-                 q_ends_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32", ks_ptr="*" + dt, kz_ptr="*" + dt,
+                 q_starts_ptr="*i32", kv_ptr_lens="*i32", block_table_ptr="*i32", ks_ptr="*" + dt, kz_ptr="*" + dt,
                  vs_ptr="*" + dt, vz_ptr="*" + dt, qk_scale="fp32")
     consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d, BLOCK_DV=d, BLOCK_M=bm,
                   BLOCK_N=bn, PAGED=paged, PAGE_SIZE=16, CAUSAL=causal,
@@ -336,7 +336,7 @@ for paged, pack, causal, quant, bm, bn, warps, stages, dt, d in (
 for pdl in (True, False):
     for dv in (128, 64):
         smem, ttgir = compile_sm90(pre._prefill_combine_kernel,
-                                   dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr="*bf16", q_ends_ptr="*i32"),
+                                   dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr="*bf16", q_starts_ptr="*i32"),
                                    dict(NUM_HEADS=32, HEAD_DIM_V=dv, BLOCK_DV=dv, BLOCK_R=32, WHILE_LOOP=False,
                                         USE_PDL=pdl), 4, 2)
         assert smem <= LIMIT

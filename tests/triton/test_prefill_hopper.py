@@ -187,7 +187,7 @@ def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws):
     else:
         types = dict(q_desc=f"tensordesc<{dt}[{bm // pack},{pack},{d}]>", k_desc=f"tensordesc<{dt}[{bn},{d}]>",
                      v_desc=f"tensordesc<{dt}[{bn},{dv}]>")
-    types.update(out_ptr="*" + dt, q_ends_ptr="*i32", kv_ends_ptr="*i32", qk_scale="fp32")
+    types.update(out_ptr="*" + dt, q_starts_ptr="*i32", kv_starts_ptr="*i32", qk_scale="fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(pre._prefill_tma_kernel.arg_names):
         sig[name] = "constexpr" if name in consts else types.get(name, "i32")

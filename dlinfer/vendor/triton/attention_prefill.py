@@ -20,8 +20,9 @@ sequence need no mask at all; the few diagonal/tail tiles are masked; tiles whol
 visited. Non-causal attention (vision encoders) is the same kernel with only the length mask. A query row that
 sees no key gives zeros. Head sizes are padded to powers of two with masks; ``Dv`` may differ from ``D``.
 
-* Both ops take the contract's int32 ``[B + 1]`` start offsets (``starts[0] == 0``); the kernel reads
-  ``starts[1:]``, a view, as cumulative ends (sequence ``b`` starts at ``ends[b - 1]``, 0 for ``b = 0``).
+* Both ops take the contract's int32 ``[B + 1]`` start offsets (``starts[0] == 0``) and the kernels read them
+  as they are: sequence ``b`` owns rows ``starts[b]:starts[b + 1]`` (no ``[1:]`` view is made per call: on a
+  serving host a view costs microseconds of the eager prefill's time to first token).
 * ``prefill_attention``: keys/values are packed like the queries, partitioned by their own start offsets.
 * ``paged_prefill_attention``: keys/values come from the paged cache through the block table (history and the new
   tokens, which are already in the cache), token ``t`` at page ``block_table[b, t // block_size]``, slot
@@ -402,8 +403,8 @@ def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
         kv_base = 0
         kv_len = tl.load(kv_ptr_lens + b).to(tl.int32)
     else:
-        kv_base = tl.load(kv_ptr_lens + b - 1, mask=b > 0, other=0).to(tl.int64)
-        kv_len = (tl.load(kv_ptr_lens + b) - kv_base).to(tl.int32)
+        kv_base = tl.load(kv_ptr_lens + b).to(tl.int64)
+        kv_len = (tl.load(kv_ptr_lens + b + 1) - kv_base).to(tl.int32)
     diag = kv_len - q_len
 
     offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
@@ -491,7 +492,7 @@ def _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HE
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, q_starts_ptr, kv_ptr_lens, block_table_ptr,
     ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -508,13 +509,14 @@ def _prefill_kernel(
     """One ``BLOCK_M``-row tile: ``BLOCK_M // PACK`` tokens x ``PACK`` query heads (of one KV head), all its keys,
     written to ``attn_output``.
 
-    ``kv_ptr_lens``: cumulative KV ends (packed keys, ``PAGED=False``) or KV lengths (``PAGED=True``).
+    ``kv_ptr_lens``: ``[B + 1]`` KV start offsets (packed keys, ``PAGED=False``) or ``[B]`` KV lengths
+    (``PAGED=True``).
     """
     tile = num_m_tiles - 1 - tl.program_id(0)
     head0 = tl.program_id(1) * PACK
     b = tl.program_id(2)
-    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
-    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    q_start = tl.load(q_starts_ptr + b).to(tl.int32)
+    q_len = tl.load(q_starts_ptr + b + 1).to(tl.int32) - q_start
     m0 = tile * (BLOCK_M // PACK)  # first token of the tile
     if m0 >= q_len:
         return
@@ -529,7 +531,7 @@ def _prefill_kernel(
 
 @triton.jit
 def _prefill_split_kernel(
-    q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, q_ends_ptr, kv_ptr_lens, block_table_ptr,
+    q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, q_starts_ptr, kv_ptr_lens, block_table_ptr,
     ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -551,8 +553,8 @@ def _prefill_split_kernel(
     tile = num_m_tiles - 1 - pid % num_m_tiles
     head0 = tl.program_id(1) * PACK
     b = tl.program_id(2)
-    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
-    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    q_start = tl.load(q_starts_ptr + b).to(tl.int32)
+    q_len = tl.load(q_starts_ptr + b + 1).to(tl.int32) - q_start
     m0 = tile * (BLOCK_M // PACK)
     if m0 >= q_len:
         return
@@ -600,7 +602,7 @@ def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc
 
 @triton.jit
 def _prefill_tma_kernel(
-    q_desc, k_desc, v_desc, out_ptr, q_ends_ptr, kv_ends_ptr, stride_qt, stride_qh, stride_kt, stride_vt,
+    q_desc, k_desc, v_desc, out_ptr, q_starts_ptr, kv_starts_ptr, stride_qt, stride_qh, stride_kt, stride_vt,
     stride_ot, stride_oh, qk_scale, num_m_tiles,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -620,14 +622,14 @@ def _prefill_tma_kernel(
     tile = num_m_tiles - 1 - tl.program_id(0)
     head0 = tl.program_id(1) * PACK
     b = tl.program_id(2)
-    q_start = tl.load(q_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
-    q_len = tl.load(q_ends_ptr + b).to(tl.int32) - q_start
+    q_start = tl.load(q_starts_ptr + b).to(tl.int32)
+    q_len = tl.load(q_starts_ptr + b + 1).to(tl.int32) - q_start
     m0 = tile * TOKENS
     if not WARP_SPECIALIZE:
         if m0 >= q_len:
             return
-    kv_start = tl.load(kv_ends_ptr + b - 1, mask=b > 0, other=0).to(tl.int32)
-    kv_len = tl.load(kv_ends_ptr + b).to(tl.int32) - kv_start
+    kv_start = tl.load(kv_starts_ptr + b).to(tl.int32)
+    kv_len = tl.load(kv_starts_ptr + b + 1).to(tl.int32) - kv_start
     diag = kv_len - q_len
     offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
     rows = (q_start + offs_m).to(tl.int64)
@@ -700,7 +702,7 @@ def _combine_split(acc, l_i, m_i, mid_o_ptr, mid_lse_ptr, s, stride_ms, stride_l
 
 @triton.jit
 def _prefill_combine_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, q_ends_ptr, batch, n_splits,
+    mid_o_ptr, mid_lse_ptr, out_ptr, q_starts_ptr, batch, n_splits,
     stride_ms, stride_ls, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
     WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
@@ -710,7 +712,7 @@ def _prefill_combine_kernel(
     past ``cu_seqlens_q[-1]`` are never read or written."""
     if USE_PDL:  # launched early (programmatic dependent launch): wait for the split kernel's partials
         tl.extra.cuda.gdc_wait()
-    total = tl.load(q_ends_ptr + batch - 1).to(tl.int64) * NUM_HEADS
+    total = tl.load(q_starts_ptr + batch).to(tl.int64) * NUM_HEADS
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < total
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -808,12 +810,12 @@ _SDPA_DTYPES = (torch.float16, torch.bfloat16)
 _SDPA_REFUSED: set = set()  # (dtype, Hq, Hk, D, causal) SDPA raised on: never tried again
 
 
-def _sdpa(query, key, value, out, q_ends, batch: int, seq_len: int, softmax_scale: float, causal: bool) -> bool:
+def _sdpa(query, key, value, out, q_starts, batch: int, seq_len: int, softmax_scale: float, causal: bool) -> bool:
     """Serve a uniform batch (``batch`` sequences of ``seq_len`` queries and keys, packed with no padding) from
     torch's SDPA on ``_SDPA_BACKENDS``; False (nothing written) where the route does not apply or SDPA raised.
     Host checks only (shapes, dtype, device, the capture state), except with value checks on
-    (``DLINFER_CHECK=1``): then the cumulative ends ``q_ends`` are read (a sync) and a batch that is not
-    ``seq_len, 2 seq_len, ...`` (padding rows after the last sequence) goes to the Triton kernel."""
+    (``DLINFER_CHECK=1``): then the start offsets ``q_starts`` are read (a sync) and a batch whose offsets are
+    not ``0, seq_len, 2 seq_len, ...`` (padding rows after the last sequence) goes to the Triton kernel."""
     num_q_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = key.shape[1]
     refused = (query.dtype, num_q_heads, num_kv_heads, head_size, causal)
@@ -822,8 +824,8 @@ def _sdpa(query, key, value, out, q_ends, batch: int, seq_len: int, softmax_scal
             or torch.cuda.is_current_stream_capturing()):
         return False
     if settings.check_values():
-        ends = torch.arange(1, batch + 1, device=q_ends.device, dtype=torch.int64) * seq_len
-        if not torch.equal(q_ends.to(torch.int64), ends):
+        starts = torch.arange(0, batch + 1, device=q_starts.device, dtype=torch.int64) * seq_len
+        if not torch.equal(q_starts.to(torch.int64), starts):
             return False
     # [T, H, D] -> [B, S, H, D] -> [B, H, S, D]: views (splitting the token dimension works for any stride)
     q, k, v = (t.unflatten(0, (batch, seq_len)).transpose(1, 2) for t in (query, key, value))
@@ -842,7 +844,7 @@ def _sdpa(query, key, value, out, q_ends, batch: int, seq_len: int, softmax_scal
     return True
 
 
-def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
+def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
             max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ()),
             uniform: bool = False) -> None:
     """``uniform``: ``prefill_attention`` with one offsets tensor for queries and keys and ``T == Tk == batch *
@@ -850,12 +852,12 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     tokens, num_q_heads, head_size = query.shape
     quant_bits, kv_scales, kv_zeros = quant
     num_kv_heads, head_size_v = key.shape[-2], value.shape[-1] * (2 if quant_bits == 4 else 1)
-    batch = q_ends.shape[0]
+    batch = q_starts.shape[0] - 1
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
     device = query.device
     cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0)
-    if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_ends, batch, max_q_seq_len, softmax_scale, causal):
+    if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal):
         return
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
@@ -867,7 +869,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
         tensors = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
                                                                    cfg.block_n)
         launch = _prefill_tma_kernel[(num_m_tiles, grid_heads, batch)]
-        args = (*tensors, out, q_ends, kv_arg, *query.stride()[:2], key.stride(0), value.stride(0),
+        args = (*tensors, out, q_starts, kv_arg, *query.stride()[:2], key.stride(0), value.stride(0),
                 *out.stride()[:2], softmax_scale * LOG2E, num_m_tiles)
         meta = _tma_meta(group, pack, head_size, head_size_v, num_kv_heads, cfg.block_m, cfg.block_n, cfg.num_warps,
                          cfg.num_stages, causal, _dot_precision(query), device.type == "cpu", ws)
@@ -887,7 +889,7 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
                  page_size, causal, _dot_precision(query), device.type == "cpu", quant_bits)
     if splits == 1:
         _prefill_kernel[(num_m_tiles, grid_heads, batch)](
-            query, key, value, out, q_ends, kv_arg, block_table, *inputs, *out.stride()[:2],
+            query, key, value, out, q_starts, kv_arg, block_table, *inputs, *out.stride()[:2],
             softmax_scale * LOG2E, num_m_tiles, **meta)
         return
     # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
@@ -895,11 +897,11 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
     mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
     pdl = cfg.pdl and has_pdl(device.type, device.index)
     _prefill_split_kernel[(num_m_tiles * splits, grid_heads, batch)](
-        query, key, value, mid_o, mid_lse, q_ends, kv_arg, block_table, *inputs,
+        query, key, value, mid_o, mid_lse, q_starts, kv_arg, block_table, *inputs,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
         softmax_scale * LOG2E, num_m_tiles, splits, USE_PDL=pdl, **meta)
     _prefill_combine_kernel[(cdiv(tokens * num_q_heads, cfg.combine_rows),)](
-        mid_o, mid_lse, out, q_ends, batch, splits, mid_o.stride(0), mid_lse.stride(0), *out.stride()[:2],
+        mid_o, mid_lse, out, q_starts, batch, splits, mid_o.stride(0), mid_lse.stride(0), *out.stride()[:2],
         NUM_HEADS=num_q_heads, HEAD_DIM_V=head_size_v, BLOCK_DV=meta["BLOCK_DV"], BLOCK_R=cfg.combine_rows,
         WHILE_LOOP=device.type == "cpu", USE_PDL=pdl, num_warps=cfg.combine_warps, num_stages=2,
         **({"launch_pdl": True} if pdl else {}))
@@ -907,17 +909,14 @@ def _launch(query, key, value, out, q_ends, kv_arg, block_table, paged: bool, pa
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
                       attn_output) -> None:
-    # [B + 1] starts with starts[0] == 0: starts[1:] (a view, no launch) are the kernel's cumulative ends.
-    q_ends = cu_seqlens_q[1:]
     sk, sv = key.stride(), value.stride()
     kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
     same = cu_seqlens_kv is cu_seqlens_q
-    kv_ends = q_ends if same else cu_seqlens_kv[1:]  # one view when they are one tensor
     # The KV length bound (host int) for the split rule: max_q_seq_len when keys are partitioned like the queries,
     # else the packed key count (this op's signature has no KV bound).
     # Uniform lengths from host ints: each length is at most max_q_seq_len and (no padding rows) they sum to T.
-    uniform = same and query.shape[0] == key.shape[0] == q_ends.shape[0] * max_q_seq_len
-    _launch(query, key, value, attn_output, q_ends, kv_ends, q_ends, False, 1, max_q_seq_len,
+    uniform = same and query.shape[0] == key.shape[0] == (cu_seqlens_q.shape[0] - 1) * max_q_seq_len
+    _launch(query, key, value, attn_output, cu_seqlens_q, cu_seqlens_kv, cu_seqlens_q, False, 1, max_q_seq_len,
             max_q_seq_len if same else key.shape[0], softmax_scale, causal, kv_strides, uniform=uniform)
 
 
@@ -925,7 +924,7 @@ def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqle
                             max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
                             quant_bits=0) -> None:
     kv_strides = (*key_cache.stride()[:3], *value_cache.stride()[:3])
-    _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q[1:], kv_seqlens, block_table, True,
+    _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q, kv_seqlens, block_table, True,
             key_cache.shape[1], max_q_seq_len, max_kv_seq_len, softmax_scale, causal, kv_strides,
             (quant_bits, kv_scales, kv_zeros))
 
