@@ -131,7 +131,7 @@ KV_QUANTS = {0: "KV cache in the model's dtype", 8: "int8 KV cache (quant_policy
 GC_TIMED = "collected before each timed pass, disabled during it"
 # The steady-state window of a timed pass: these fractions of its duration (window_tok_s)
 STEADY_WINDOW = (0.25, 0.75)
-WINDOW_TEXT = "steady-state window (middle half of each pass)"
+WINDOW_TEXT = "steady-state window"  # a burst: the middle half of each pass; a stream: ramp end to last submission
 WARMUPS = {"full": "one untimed pass of a like workload (other prompts), and one more at the timed pass's request "
                    "count when that is larger",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}

@@ -741,7 +741,7 @@ def test_interleaved_window_ratios_beside_the_whole_pass_ones(interleave_env, ca
     printed = capsys.readouterr().out.splitlines()
     whole = printed.index("[pair] llama8b graph interleaved: dlinfer / stock output tok/s ratio 1.000 (passes: 1.000 "
                           "1.000; spread 0.0 %)")
-    window = ("llama8b graph interleaved, steady-state window (middle half of each pass): dlinfer / stock output "
+    window = ("llama8b graph interleaved, steady-state window: dlinfer / stock output "
               "tok/s ratio 1.643 (passes: 1.000 2.286; spread 78.3 %)")
     assert printed[whole + 1] == "[pair] " + window
     assert window in printed  # the table at the end
@@ -759,7 +759,7 @@ def test_window_ratios_need_a_window_rate_on_every_pass(e2e):
         assert e2e.window_ratios(stock, mine) == {}
     pair = dict(e2e.pass_ratios([10.0, 10.0], [11.0, 9.0]), model="llama8b", mode="graph")
     assert "steady-state window" not in e2e.table({}, [], interleaved=[pair])
-    assert e2e.ratio_line("m", pair, "window_") == ("m interleaved, steady-state window (middle half of each pass): "
+    assert e2e.ratio_line("m", pair, "window_") == ("m interleaved, steady-state window: "
                                                     "no pass ran on both engines: no ratio")
 
 
