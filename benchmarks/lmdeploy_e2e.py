@@ -66,6 +66,12 @@ that window: N plus as many requests as the warm-up's output rate finishes in th
 keeps its requests' times (``pass_request_times``: submission, first and last token, seconds from the pass's
 start), so that a pass's timeline (ramp, occupancy, tail) can be read from the JSON.
 
+``--no-stream`` asks the engine for each request's tokens once, at its end, instead of token by token. Streamed,
+every running request costs the engine's event loop an incremental detokenization and a response object per step:
+with an 8-layer model that is about half of a step's host time, the same for both backends, so it dilutes the
+ratio and its host-side stalls dominate the pass-to-pass noise. Without streaming there is no time to first token
+and no window rate (whole-pass rates only).
+
 ``--interleave`` measures the ratio dlinfer / stock with the drift of the card (clocks, power, neighbours) taken
 out: both engines of a pair (same model, mode, quantization) are alive at once, in two child processes on the
 same GPU, and their timed passes alternate, one at a time (never two at once), in the order stock, dlinfer for
@@ -168,6 +174,7 @@ class RunSpec:
     control_timeout: float = 0.0  # --interleave: seconds a wait for the parent's go may last
     arrival: str = "burst"  # burst: every request submitted at once | stream: in_flight kept in flight
     in_flight: int = 0  # --arrival stream: requests kept in flight (0: max_batch_size)
+    stream_response: bool = True  # False (--no-stream): each request's output delivered once, at its end
 
     @property
     def name(self) -> str:
@@ -383,11 +390,16 @@ class GeneratedTokens:
 
 
 async def drive(engine, new_session, prompts: list[list[int]], gen_config, in_flight: int = 0,
-                lengths: list[int] | None = None) -> tuple[float, list[dict]]:
+                lengths: list[int] | None = None, stream_response: bool = True) -> tuple[float, list[dict]]:
     """Submit the prompts to LMDeploy's async engine: all at once (``in_flight`` 0, the burst), or ``in_flight``
     at a time, the next one as soon as one finishes (--arrival stream). ``lengths``: per request its
     ``max_new_tokens`` (default: ``gen_config``'s). Per request: generated ids, and the times of its submission,
-    first and last token (seconds from the pass's start). Returns (wall time, records)."""
+    first and last token (seconds from the pass's start). Returns (wall time, records).
+
+    ``stream_response`` False (--no-stream): the engine hands each request's tokens over once, when it ends, so the
+    per-step output handling of every running request (incremental detokenization, one response object per
+    request and step, all in the engine's event loop) leaves the timed loop; a record then has no first-token
+    time, only its end (``last``)."""
     import asyncio
     import copy
 
@@ -401,11 +413,12 @@ async def drive(engine, new_session, prompts: list[list[int]], gen_config, in_fl
             config.max_new_tokens = length
         request = await engine.preprocess(None, session_id=new_session(), gen_config=config, input_ids=ids)
         tokens = GeneratedTokens()
-        async for out in engine.generate(request, stream_response=True):
+        async for out in engine.generate(request, stream_response=stream_response):
             now = time.perf_counter() - start
             tokens.update(out.generate_token_len, out.token_ids)
             if tokens.count:
-                record.setdefault("first", now)
+                if stream_response:
+                    record.setdefault("first", now)
                 record["last"] = now
             if out.finish_reason == "error":
                 record["error"] = True
@@ -440,7 +453,9 @@ def stream_window(records: list[dict], in_flight: int) -> tuple[float, float] | 
 
 def pass_window_rate(records: list[dict], duration: float, in_flight: int = 0) -> float | None:
     """A pass's steady-state rate: :func:`window_tok_s` over the middle half of the pass (a burst), or over
-    :func:`stream_window` (``in_flight`` > 0, a stream)."""
+    :func:`stream_window` (``in_flight`` > 0, a stream); None without first-token times (--no-stream)."""
+    if not any("first" in r for r in records):
+        return None
     if in_flight <= 0:
         return window_tok_s(records, duration)
     bounds = stream_window(records, in_flight)
@@ -537,7 +552,7 @@ def run_child(spec: RunSpec) -> None:
 
     def run(batch):
         lengths = request_lengths(len(batch), spec.new_tokens, in_flight, spec.compare_tokens) if in_flight else None
-        coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen, in_flight, lengths)
+        coro = drive(pipe.async_engine, pipe.session_mgr.get, batch, gen, in_flight, lengths, spec.stream_response)
         return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result()
 
     if str(ROOT) not in sys.path:
@@ -561,7 +576,8 @@ def run_child(spec: RunSpec) -> None:
         raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {expected}")
     in_tokens = sum(len(p) for p in prompts)
     ttft = [r["first"] for r in records if "first" in r]
-    tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1]
+    tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records
+            if len(r["tokens"]) > 1 and "first" in r]  # none with --no-stream
     served = _ops_served() if spec.backend == "dlinfer" and spec.tp == 1 else {}
     profile = None
     if spec.profile:
@@ -1427,6 +1443,11 @@ def main(argv=None) -> int:
                              "submission is each pass's window rate, and --pass-seconds sizes that window")
     parser.add_argument("--in-flight", type=int, default=0,
                         help="--arrival stream: requests kept in flight (default: --max-batch-size)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="each request's output delivered once, at its end, instead of token by token: the "
+                             "engine's per-step output handling of every running request leaves the timed loop "
+                             "(with an 8-layer model it is about half of a step's host time); no time to first token "
+                             "or window rate then")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--oracle-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1529,7 +1550,8 @@ def main(argv=None) -> int:
               "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
                            "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
                            "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds,
-                           "arrival": args.arrival, "in_flight": args.in_flight or None},
+                           "arrival": args.arrival, "in_flight": args.in_flight or None,
+                           "stream_response": not args.no_stream},
               "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
     if args.interleave:
         report["workload"]["interleave"] = True
@@ -1555,7 +1577,7 @@ def main(argv=None) -> int:
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
-                       arrival=args.arrival, in_flight=args.in_flight,
+                       arrival=args.arrival, in_flight=args.in_flight, stream_response=not args.no_stream,
                        result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
                                    f"_tp{tp}.json")
 

@@ -884,3 +884,32 @@ def test_drive_stream_keeps_in_flight(e2e):
     assert sorted(state["lengths"]) == [2, 4, 4, 4, 4] and gen.max_new_tokens == 4
     assert [len(r["tokens"]) for r in records] == [4, 2, 4, 4, 4]
     assert all(r["submitted"] <= r["first"] <= r["last"] for r in records)
+
+
+def test_drive_without_streaming_asks_for_one_output_and_records_no_first_token(e2e):
+    """--no-stream: the engine is asked not to stream; a record keeps its end and tokens but no first-token time,
+    and such a pass has no window rate (no time to first token either)."""
+    import asyncio
+    import types
+
+    asked = []
+
+    class Engine:
+        async def preprocess(self, _, session_id, gen_config, input_ids):
+            return gen_config.max_new_tokens
+
+        async def generate(self, n, stream_response=True):
+            asked.append(stream_response)
+            await asyncio.sleep(0)
+            yield types.SimpleNamespace(generate_token_len=n, token_ids=list(range(1, n + 1)), finish_reason="length")
+
+    gen = types.SimpleNamespace(max_new_tokens=3)
+    sessions = iter(range(100))
+    duration, records = asyncio.run(e2e.drive(Engine(), lambda: next(sessions), [[1]] * 4, gen,
+                                              stream_response=False))
+    assert asked == [False] * 4
+    assert all(len(r["tokens"]) == 3 and "first" not in r and 0 <= r["last"] <= duration for r in records)
+    assert e2e.pass_window_rate(records, duration) is None
+    assert e2e.pass_window_rate(records, duration, in_flight=2) is None
+    rates = e2e.pass_rates([(duration, records), (duration, records)], 12)
+    assert rates["pass_window_tok_s"] == [None, None] and rates["pass_window_spread"] is None
