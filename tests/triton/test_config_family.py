@@ -149,7 +149,7 @@ def decode_launches(exhaustive: bool):
                                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", WHILE_LOOP=False,
                                     PAGE_TILES=cfg.page_tiles and page % cfg.block_n == 0, USE_PDL=pdl,
                                     QUANT=quant_bits, FUSED_REDUCE=fused,
-                                    BLOCK_S=host.next_power_of_2(splits) if fused else 1),
+                                    BLOCK_S=host.next_power_of_2(splits) if fused else 1, HOIST=False),
                                     cfg.num_warps, cfg.split_stages if splits > 1 else cfg.num_stages)
                                 if not direct and not fused:
                                     yield _launch("attention_decode._decode_reduce_kernel", dict(

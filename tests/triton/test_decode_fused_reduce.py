@@ -187,7 +187,7 @@ for dt, group, use_dot, page, quant, stages in (("bf16", 4, True, 64, 0, 3), ("b
     consts = dict(GROUP=group, BLOCK_H=16 if use_dot else 1, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128,
                   BLOCK_DV=128, PAGE_SIZE=page, BLOCK_N=64, USE_DOT=use_dot, DIRECT=False,
                   DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False, PAGE_TILES=page % 64 == 0,
-                  USE_PDL=False, QUANT=quant, FUSED_REDUCE=True, BLOCK_S=64)
+                  USE_PDL=False, QUANT=quant, FUSED_REDUCE=True, BLOCK_S=64, HOIST=False)
     shared, _ = compile_sm90(dec._decode_split_kernel, types, consts, num_warps=4, num_stages=stages)
     assert shared <= 227 * 1024, (dt, group, shared)
     ptx = kernels[-1].asm["ptx"]

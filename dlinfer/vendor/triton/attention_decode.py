@@ -109,6 +109,16 @@ class DecodeConfig:
     # fused_reduce: split sequences are combined by the last split program of each (sequence, KV head) to finish
     # (an arrival counter), not by a second kernel: one launch instead of two. Off until measured on a GPU.
     fused_reduce: bool = False
+    # pow2_splits: round the split count down to a power of two (LMDeploy's decode does): with target_programs
+    # 3 x SMs and one_wave=0 that is 16/32/32 splits at batch 1 (ctx 1k/4k/16k, block 64) and 4 at batch 16,
+    # where 33 and 3 leave an empty split (33 -> BLOCK_S 64 in the reduce) or 6-tile slices. Off until measured.
+    pow2_splits: bool = False
+    # hoist_addr: tiles inside one page (page_tiles), unquantized, power-of-two head sizes: each tile's K/V
+    # addresses are one scalar page base plus per-row offsets computed once before the loop (int32), and K is
+    # loaded without a mask (its rows past the end are in the same allocated page and are masked out of the
+    # scores); V keeps its row mask. The default builds every address per tile in int64 with a row and column
+    # mask (~470 vs ~270 SASS instructions a tile in the sm_90 build). Off until measured; same results.
+    hoist_addr: bool = False
 
 
 def env_overrides(config, env_name: str):
@@ -200,7 +210,8 @@ def num_splits(batch: int, num_kv_heads: int, max_kv_seq_len: int, config: Decod
     if config.one_wave and config.resident_programs:
         want = min(want, config.resident_programs // programs)
     by_length = cdiv(max(max_kv_seq_len, 1), config.min_split_tokens)
-    return max(1, min(want, by_length, MAX_SPLITS))
+    splits = max(1, min(want, by_length, MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1) if config.pow2_splits else splits
 
 
 def _dot_precision(query: torch.Tensor) -> str:
@@ -243,13 +254,20 @@ def load_dequant(head_ptr, rows, offs, row_mask, col_mask, s_ptr, z_ptr, s_rows,
 def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
                  qk_scale, offs_d, d_mask, offs_dv, dv_mask, ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
-    """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax."""
+                 QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, k_rows, v_rows,
+                 HOIST: tl.constexpr):
+    """One tile of ``BLOCK_N`` tokens starting at ``n0`` (tokens ``>= end`` masked) folded into the online softmax.
+    ``HOIST``: the tile lies in one page; ``k_rows`` / ``v_rows`` are its rows' element offsets from the tile's first
+    token (made once by the caller), so a tile's address is one scalar base plus them."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
     page = pages.to(tl.int64)  # a scalar when the tile lies in one page, else one per token
     slot = (offs_n % PAGE_SIZE).to(tl.int64)
-    if QUANT:
+    if HOIST:
+        first = (n0 % PAGE_SIZE).to(tl.int64)
+        # unmasked: every row is in this tile's page (allocated); rows past `end` leave the scores below as -inf
+        k = tl.load(k_head + (page * stride_kb + first * stride_kt) + k_rows)
+    elif QUANT:
         s_rows = page * stride_sb + slot * stride_st
         k = load_dequant(k_head, page * stride_kb + slot * stride_kt, offs_d, n_mask, d_mask, ks_head, kz_head,
                          s_rows, HEAD_DIM, QUANT).to(q.dtype)
@@ -265,7 +283,9 @@ def _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, st
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if QUANT:
+    if HOIST:  # masked rows: a garbage (NaN) value times p == 0 would still be NaN
+        v = tl.load(v_head + (page * stride_vb + first * stride_vt) + v_rows, mask=n_mask[:, None], other=0.0)
+    elif QUANT:
         v = load_dequant(v_head, page * stride_vb + slot * stride_vt, offs_dv, n_mask, dv_mask, vs_head, vz_head,
                          s_rows, HEAD_DIM_V, QUANT).to(q.dtype)
     else:
@@ -296,7 +316,7 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     PAGE_TILES: tl.constexpr, USE_PDL: tl.constexpr, QUANT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr, HOIST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -327,6 +347,13 @@ def _decode_split_kernel(
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
     s_head = kvh.to(tl.int64) * stride_sh  # scales and zeros (a quantized cache)
     ks_head, kz_head, vs_head, vz_head = ks_ptr + s_head, kz_ptr + s_head, vs_ptr + s_head, vz_ptr + s_head
+    if HOIST:  # rows' offsets within a tile, once (int32: the host checks they fit)
+        offs_t = tl.arange(0, BLOCK_N)
+        k_rows = (offs_t * stride_kt)[:, None] + offs_d[None, :]
+        v_rows = (offs_t * stride_vt)[:, None] + offs_dv[None, :]
+    else:
+        k_rows = 0
+        v_rows = 0
     pages = _tile_pages(table_row, start, end, PAGE_SIZE, BLOCK_N, PAGE_TILES)
     if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
         n0 = start
@@ -335,7 +362,8 @@ def _decode_split_kernel(
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
                                          ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V)
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V,
+                                         k_rows, v_rows, HOIST)
             pages = next_pages
             n0 += BLOCK_N
     else:
@@ -344,7 +372,8 @@ def _decode_split_kernel(
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, n0, end, pages, k_head, v_head, stride_kb, stride_kt,
                                          stride_vb, stride_vt, qk_scale, offs_d, d_mask, offs_dv, dv_mask,
                                          ks_head, kz_head, vs_head, vz_head, stride_sb, stride_st,
-                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V)
+                                         PAGE_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, QUANT, HEAD_DIM, HEAD_DIM_V,
+                                         k_rows, v_rows, HOIST)
             pages = next_pages
 
     if USE_PDL:  # the reduce kernel may launch now; it waits for this grid's stores before reading them
@@ -483,6 +512,9 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     block_d = next_power_of_2(head_size)
     block_dv = next_power_of_2(head_size_v)
     page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
+    row_strides = (key_cache.stride(1), value_cache.stride(1))
+    hoist = (cfg.hoist_addr and page_tiles and not quant_bits and block_d == head_size and block_dv == head_size_v
+             and min(row_strides) >= 0 and cfg.block_n * max(row_strides) + max(block_d, block_dv) < 2 ** 31)
     fused = cfg.fused_reduce and not direct
     pdl = cfg.pdl and not direct and not fused
     counters = arrival_counters(device, batch * num_kv_heads) if fused else kv_seqlens  # unused unless fused
@@ -499,7 +531,7 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         USE_DOT=cfg.use_dot, DIRECT=direct, DOT_PRECISION=_dot_precision(query), WHILE_LOOP=device_type == "cpu",
         PAGE_TILES=page_tiles, USE_PDL=pdl, QUANT=quant_bits,
-        FUSED_REDUCE=fused, BLOCK_S=next_power_of_2(splits) if fused else 1,
+        FUSED_REDUCE=fused, BLOCK_S=next_power_of_2(splits) if fused else 1, HOIST=hoist,
         num_warps=cfg.num_warps, num_stages=cfg.split_stages if splits > 1 else cfg.num_stages,
     )
     if not direct and not fused:
