@@ -465,6 +465,12 @@ def quant_scales(key_cache, kv_scales, kv_zeros, quant_bits):
     return (*tensors, tensors[0].stride())
 
 
+def _rows_fit_int32(k_row: int, v_row: int, block_n: int, width: int) -> bool:
+    """``hoist_addr``'s int32 row offsets: non-negative K/V row strides whose ``block_n``-row tile (plus ``width``
+    columns) stays below 2**31 elements. Read only when the variant is asked for: the default path pays nothing."""
+    return min(k_row, v_row) >= 0 and block_n * max(k_row, v_row) + width < 2 ** 31
+
+
 # Arrival counters of the fused reduce, per device: every buffer ever allocated stays alive (a captured CUDA graph
 # keeps the address of the one it used); calls use the last, the largest.
 _COUNTERS: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -512,9 +518,8 @@ def paged_decode_attention(query, key_cache, value_cache, block_table, kv_seqlen
     block_d = next_power_of_2(head_size)
     block_dv = next_power_of_2(head_size_v)
     page_tiles = cfg.page_tiles and page_size % cfg.block_n == 0
-    row_strides = (key_cache.stride(1), value_cache.stride(1))
     hoist = (cfg.hoist_addr and page_tiles and not quant_bits and block_d == head_size and block_dv == head_size_v
-             and min(row_strides) >= 0 and cfg.block_n * max(row_strides) + max(block_d, block_dv) < 2 ** 31)
+             and _rows_fit_int32(key_cache.stride(1), value_cache.stride(1), cfg.block_n, max(block_d, block_dv)))
     fused = cfg.fused_reduce and not direct
     pdl = cfg.pdl and not direct and not fused
     counters = arrival_counters(device, batch * num_kv_heads) if fused else kv_seqlens  # unused unless fused
