@@ -198,7 +198,7 @@ def request_lengths(count: int, new_tokens: int, in_flight: int = 0, shortest: i
     lengths = [new_tokens] * count
     fill = min(in_flight, count)
     low = max(1, min(shortest, new_tokens))
-    for i in range(fill if in_flight > 0 else 0):
+    for i in range(fill):  # none for a burst (in_flight <= 0)
         lengths[i] = new_tokens - round((new_tokens - low) * i / max(1, fill - 1))
     return lengths
 
@@ -571,7 +571,7 @@ def run_child(spec: RunSpec) -> None:
     if any(r.get("error") for r in records):
         raise RuntimeError(f"{spec.name}: some requests failed")
     out_tokens = sum(len(r["tokens"]) for r in records)
-    expected = sum(request_lengths(requests, spec.new_tokens, stream_in_flight(spec), spec.compare_tokens))
+    expected = sum(request_lengths(requests, spec.new_tokens, in_flight, spec.compare_tokens))
     if out_tokens != expected:
         raise RuntimeError(f"{spec.name}: {out_tokens} tokens generated, expected {expected}")
     in_tokens = sum(len(p) for p in prompts)
@@ -597,9 +597,9 @@ def run_child(spec: RunSpec) -> None:
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / duration,
         "total_tok_s": (out_tokens + in_tokens) / duration,
-        **pass_rates(passes, out_tokens, stream_in_flight(spec)),
+        **pass_rates(passes, out_tokens, in_flight),
         "arrival": spec.arrival,
-        "in_flight": stream_in_flight(spec) or None,
+        "in_flight": in_flight or None,
         "gc": GC_TIMED,
         "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None,
         "median_ttft_s": sorted(ttft)[len(ttft) // 2] if ttft else None,
