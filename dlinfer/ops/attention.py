@@ -69,7 +69,7 @@ def _prefill_attention_impl(
     if (_checks.values_checked(cu_seqlens_q) if cu_seqlens_kv is cu_seqlens_q
             else _checks.values_checked(cu_seqlens_q, cu_seqlens_kv)):
         _check_varlen_values(query, key, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, causal)
-    impl = _select_prefill(query, query.shape[2], value.shape[2], 0, _CAUSAL if causal else _NON_CAUSAL)
+    impl = _select_prefill(query, query.shape[2], value.shape[2], 0, _features(causal))
     impl(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal, attn_output)
 
 
