@@ -50,16 +50,15 @@ PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,w
 # prefill_attention's library route (torch's cuDNN SDPA for a uniform batch); first calls timed at these B=1 lengths
 SDPA_ROUTE = "sdpa=1"
 FIRST_CALL_LENGTHS = (1000, 3000)
-# the default, no programmatic dependent launch of the reduce kernel, two stages for split programs, more splits
-# than one wave holds (LMDeploy's kernel cuts batch 16 into 4 splits where the one-wave rule takes 2-3), and the
-# fused reduce (one launch: the last split program combines; slower than two launches at batch 1 when last measured).
-# Then LMDeploy's choices one at a time (block 64, H100): 3 stages for split programs (two K/V tiles in flight; on
-# the H100 split_stages=2 is the default, so the variant above changes nothing there), its 2-warp reduce, its split
-# counts (a power of two: 16/32/32 at batch 1, 4 at batch 16), and per-tile addressing as one scalar page base plus
-# row offsets made once (hoist_addr), alone and with those split counts.
-DECODE = ("", "pdl=0", "split_stages=2", "one_wave=0,target_programs={sms3}",
-          "split_stages=3", "reduce_warps=2", "pow2_splits=1,one_wave=0,target_programs={sms3}", "hoist_addr=1",
-          "hoist_addr=1,pow2_splits=1,one_wave=0,target_programs={sms3}")
+# the default, no programmatic dependent launch of the reduce kernel, two / three stages for split programs (the
+# H100's / H200's default: one of the two changes nothing on each card), more splits than one wave holds (LMDeploy's
+# kernel cuts batch 16 into 4 splits where the one-wave rule takes 2-3), its split counts (a power of two: 16/32/32
+# at batch 1, 4 at batch 16), the per-tile addressing (hoist_addr=0: every K/V address built per tile) and the
+# 4-warp reduce at every batch (reduce_many_programs=0), each alone and both together (the default before either
+# was measured), and the fused reduce (one launch: the last split program combines).
+DECODE = ("", "pdl=0", "split_stages=2", "split_stages=3", "one_wave=0,target_programs={sms3}",
+          "pow2_splits=1,one_wave=0,target_programs={sms3}", "hoist_addr=0", "reduce_many_programs=0",
+          "hoist_addr=0,reduce_many_programs=0")
 DECODE_FUSED = ("fused_reduce=1",)
 # chunked paged prefill (256 new tokens over a 16k history): the split-KV rule, forced split counts, no split,
 # a two-wave target, the large tiles (with and without splits), no programmatic dependent launch

@@ -149,13 +149,16 @@ def decode_launches(exhaustive: bool):
                                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", WHILE_LOOP=False,
                                     PAGE_TILES=cfg.page_tiles and page % cfg.block_n == 0, USE_PDL=pdl,
                                     QUANT=quant_bits, FUSED_REDUCE=fused,
-                                    BLOCK_S=host.next_power_of_2(splits) if fused else 1, HOIST=False),
+                                    BLOCK_S=host.next_power_of_2(splits) if fused else 1,
+                                    HOIST=dec.hoisted(cfg, cfg.page_tiles and page % cfg.block_n == 0, quant_bits,
+                                                      d, dv)),
                                     cfg.num_warps, cfg.split_stages if splits > 1 else cfg.num_stages)
                                 if not direct and not fused:
                                     yield _launch("attention_decode._decode_reduce_kernel", dict(
                                         mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr="*" + T[dtype]), dict(
                                         HEAD_DIM_V=dv, BLOCK_DV=host.next_power_of_2(dv),
-                                        BLOCK_S=host.next_power_of_2(splits), USE_PDL=pdl), cfg.reduce_warps, 3)
+                                        BLOCK_S=host.next_power_of_2(splits), USE_PDL=pdl),
+                                        dec.reduce_warps(cfg, batch, hk * group), 3)
     del cuda
 
 

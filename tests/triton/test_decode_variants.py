@@ -1,6 +1,7 @@
-"""Off-by-default decode variants swept by benchmarks/tune_attention.py (``DLINFER_TRITON_DECODE``), under Triton's
-interpreter: ``hoist_addr=1`` (a tile's K/V addresses as one scalar page base plus row offsets made once, K loaded
-without a mask) gives the default path's bits; ``pow2_splits=1`` rounds the split count down to a power of two."""
+"""Decode variants swept by benchmarks/tune_attention.py (``DLINFER_TRITON_DECODE``), under Triton's interpreter:
+the default hoisted addressing (a tile's K/V addresses as one scalar page base plus row offsets made once, K loaded
+without a mask) gives the per-tile addressing's bits (``hoist_addr=0``); ``pow2_splits=1`` rounds the split count
+down to a power of two; the reduce kernel's warps follow its program count."""
 
 from __future__ import annotations
 
@@ -37,14 +38,14 @@ def test_hoisted_addressing_gives_the_same_bits(decode_env, hq, hk, d, dv, block
     query = torch.randn(len(kv_lens), hq, d, generator=gen).to(dtype)
     lens = torch.tensor(kv_lens, dtype=torch.int32)
     outs = {}
-    for name, spec in (("default", splits), ("hoisted", f"hoist_addr=1,{splits}"), ("reference", splits)):
+    for name, spec in (("per_tile", f"hoist_addr=0,{splits}"), ("hoisted", splits), ("reference", splits)):
         decode_env(spec)
         out = torch.full((len(kv_lens), hq, dv), float("nan"), dtype=dtype)
         run("reference" if name == "reference" else "triton", ops.paged_decode_attention, query, kc, vc, table,
             block, None, lens, max_kv, hq, hk, head_size_v=dv, attn_output=out)
         outs[name] = out
     close(outs["hoisted"], outs["reference"], dtype)
-    assert torch.equal(outs["hoisted"], outs["default"]), "hoisted addressing must load the same values"
+    assert torch.equal(outs["hoisted"], outs["per_tile"]), "hoisted addressing must load the same values"
 
 
 def test_hoisted_addressing_ignores_garbage_past_the_end(decode_env):
@@ -60,7 +61,7 @@ def test_hoisted_addressing_ignores_garbage_past_the_end(decode_env):
         page = int(table[b, n // block])
         kc[page, n % block:] = float("nan")
         vc[page, n % block:] = float("nan")
-    decode_env("hoist_addr=1,target_programs=1024")
+    decode_env("target_programs=1024")
     got = run("triton", ops.paged_decode_attention, query, kc, vc, table, block, None, lens, 128, hq, hk)
     close(got, want, torch.float16)
 
@@ -113,3 +114,23 @@ def test_hoisted_split_kernel_compiles_for_sm90():
     from sm90 import compile_for_sm90
 
     compile_for_sm90(_COMPILE_HOISTED)
+
+
+def test_reduce_warps_follow_the_program_count():
+    """Few reduce programs (batch 1): the wide reduce; from ``reduce_many_programs`` (B x Hq, two per SM on a GPU)
+    on: the narrow one."""
+    from dlinfer.vendor.triton import host
+
+    ad._config.cache_clear()
+    ad._card_stages.cache_clear()
+    try:
+        with host.simulate(host.CARDS["H100"]):
+            cfg = ad._config("cuda", 0, torch.bfloat16, 128, 128, 4)
+    finally:
+        ad._config.cache_clear()
+        ad._card_stages.cache_clear()
+    assert cfg.reduce_many_programs == 2 * host.CARDS["H100"].sm_count == 264
+    assert [ad.reduce_warps(cfg, b, 32) for b in (1, 8, 9, 16, 256)] == [4, 4, 2, 2, 2]
+    never = ad.DecodeConfig(block_n=64, block_h=16, use_dot=True, num_warps=4, num_stages=2, target_programs=264,
+                            min_split_tokens=64)
+    assert ad.reduce_warps(never, 256, 64) == 4
