@@ -14,12 +14,14 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_ACT``/``TMA_B``/
   ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of
   ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
-  before it is timed: material for the card's table.
-  A summary per Hopper variant (its time over the config in force's, per case) ends the output.
+  before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
+  narrower hot-expert tiles and without a hot class (``hot_candidates``; routings of ``--candidates-routings``).
+  A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
-(JSON), rewritten after every case so that a run cut short keeps the cases it finished. ``--budget-s`` is checked
-before every case and every candidate (each candidate compiles its own kernels).
+(JSON), rewritten after every case and candidate so that a run cut short keeps what it timed. ``--budget-s`` is
+checked before every case and every candidate (each candidate compiles its own kernels: one starts only if the
+budget still holds the slowest candidate's time so far).
 
 ``--graph-check`` first runs every Hopper variant (and the plain kernel) captured once in a CUDA graph and replayed
 on new inputs and routings (uniform and skewed, written into the captured buffers), each replay against the
@@ -76,6 +78,25 @@ def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     out = [("+".join(f), dict(in_force, hot=hot, **f)) for f in HOPPER_FLAGS]
     out += [(f"ws{i}:" + "+".join(k for k in tuning.FLAGS if k != "WS" and c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
+    return out
+
+
+def hot_candidates(in_force: dict, hot: dict, tiers, dtype, device) -> list[tuple[str, dict]]:
+    """(name, config): the config in force with narrower hot-expert tiles (each of the card's tier configs whose
+    row block lies strictly between the config in force's and the hot one's and is a multiple of the former; its
+    row block is then also the hot threshold), and with no hot class at all. Under skewed routing one or two hot
+    experts on the widest tiles give few programs (e.g. 8 gate_up tiles of 128 x 256 over K = 7168 for one
+    256-row expert of a 512-wide intermediate): narrower hot tiles trade weight re-reads for SMs."""
+    out, seen = [], set()
+    for _, tier in tiers:
+        c = tuning.fitted(tier, dtype, device)
+        bm = c["BLOCK_M"]
+        key = (bm, c["up"]["BLOCK_N"], c["down"]["BLOCK_N"])
+        if in_force["BLOCK_M"] < bm < hot["BLOCK_M"] and bm % in_force["BLOCK_M"] == 0 and key not in seen:
+            seen.add(key)
+            out.append((f"hot BM{bm} up{key[1]} down{key[2]}", dict(in_force, hot=c)))
+    if in_force["BLOCK_M"] < hot["BLOCK_M"]:
+        out.append(("no hot class", dict(in_force, hot=None)))
     return out
 
 
@@ -156,7 +177,7 @@ def main(argv=None):
     ap.add_argument("--routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
-    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper"],
+    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper", "hot"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -232,11 +253,20 @@ def main(argv=None):
                     if "hopper" in args.candidate_sets and rt in args.candidates_routings:
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
                         cands += hopper_candidates(src, hot)
+                    if "hot" in args.candidate_sets and rt in args.candidates_routings:
+                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
+                        tiers = (hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS))["tiers"]
+                        cands += hot_candidates(src, hot, tiers, dtype, x.device)
+                # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): one is started only
+                # when the budget still holds as long as the slowest one so far took.
+                slowest = 0.0
                 for i, (label, cfg) in enumerate(cands):
-                    if time.time() - t0 > args.budget_s:  # each candidate compiles its own kernels: tens of s
+                    if time.time() - t0 + slowest > args.budget_s:
                         case["candidates_skipped"] = len(cands) - i
-                        print(f"   budget: {len(cands) - i} candidates of this case skipped", flush=True)
+                        print(f"   budget: {len(cands) - i} candidates of this case skipped (a candidate takes up to "
+                              f"{slowest:.0f} s here)", flush=True)
                         break
+                    t_cand = time.time()
                     try:
                         e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
                         us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
@@ -249,6 +279,9 @@ def main(argv=None):
                     if label != "extra":
                         print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {our_us / us:.2f}x in force  "
                               f"err {e:.1e}", flush=True)
+                    slowest = max(slowest, time.time() - t_cand)
+                    # the case so far, candidates included: a run killed mid-case keeps what it timed
+                    Path(args.out).write_text(json.dumps({**result, "cases": [*result["cases"], case]}, indent=1))
                 result["cases"].append(case)
                 Path(args.out).write_text(json.dumps(result, indent=1))  # after every case: a killed run keeps them
                 best_extra = min(case["extra"], key=lambda c: c["us"], default=None)
