@@ -86,8 +86,9 @@ card's memory: the first one's cache takes half of ``--cache-max-entry-count`` o
 default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
 which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
 per-pass ratios of output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the
-ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), and the same of
-the steady-state window rates (``window_ratio_median`` and so on, and a second ``[pair]`` line). Each pass starts
+ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric
+mean with its 95 % confidence interval (Student's t over the log-ratios: how well the passes together pin the
+ratio; ``ratio_geomean``, ``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second ``[pair]`` line). Each pass starts
 ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an engine leaves behind after its pass
 (threads still spinning, output handling) does not run into the other's. The channel
 is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
@@ -106,6 +107,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -995,14 +997,39 @@ def interleaved_order(passes: int) -> list[tuple[int, str]]:
             for backend in (("stock", "dlinfer") if k % 2 else ("dlinfer", "stock"))]
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (larger counts: the next smaller entry's, a
+# slightly wider interval; from 30 on, 2.042).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float] | None:
+    """The geometric mean of the per-pass ratios and the relative half-width of its 95 % confidence interval
+    (Student's t over the log-ratios, the passes taken as independent samples); None for fewer than two passes.
+    The spread (max - min) says how far one pass pair can be off; this says how well all of them pin the ratio."""
+    if len(ratios) < 2:
+        return None
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    df = len(logs) - 1
+    t = _T95[max(k for k in _T95 if k <= df)]
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(half) - 1
+
+
 def pass_ratios(stock: list[float], mine: list[float]) -> dict:
     """Per pass the ratio dlinfer / stock of output tokens/s (pass k of each, adjacent in time), their median (the
-    ratio reported), min, max and spread (max - min) / median (the noise of the ratio)."""
+    ratio reported), min, max and spread (max - min) / median (the noise of the ratio), and with two passes or more
+    their geometric mean and its 95 % interval's relative half-width (:func:`ratio_interval`)."""
     ratios = [m / s for s, m in zip(stock, mine)]
     median = statistics.median(ratios)
-    return {"pass_ratios": [round(r, 5) for r in ratios], "ratio_median": round(median, 5),
-            "ratio_min": round(min(ratios), 5), "ratio_max": round(max(ratios), 5),
-            "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
+    out = {"pass_ratios": [round(r, 5) for r in ratios], "ratio_median": round(median, 5),
+           "ratio_min": round(min(ratios), 5), "ratio_max": round(max(ratios), 5),
+           "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
+    interval = ratio_interval(ratios)
+    if interval is not None:
+        out["ratio_geomean"], out["ratio_ci95"] = round(interval[0], 5), round(interval[1], 5)
+    return out
 
 
 def window_ratios(stock: list, mine: list) -> dict:
@@ -1024,6 +1051,9 @@ def ratio_line(label: str, rec: dict, prefix: str = "") -> str:
         return f"{what}: no pass ran on both engines: no ratio"
     spread = (f"spread {100 * rec[f'{prefix}ratio_spread']:.1f} %" if len(ratios) > 1 else
               "one pass pair: no spread")
+    if rec.get(f"{prefix}ratio_ci95") is not None:
+        spread += (f"; geometric mean {rec[f'{prefix}ratio_geomean']:.3f}, 95 % interval "
+                   f"+-{100 * rec[f'{prefix}ratio_ci95']:.1f} %")
     return (f"{what}: dlinfer / stock output tok/s ratio {rec[f'{prefix}ratio_median']:.3f} "
             f"(passes: {' '.join(f'{r:.3f}' for r in ratios)}; {spread})")
 
