@@ -1674,6 +1674,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - record and go on with the other pairs
                 log(f"[fail] {stock.name} and {mine.name} (interleaved) after {time.perf_counter() - t0:.0f} s: "
                     f"{str(exc)[-1500:]}")
+                if "OutOfMemoryError" in str(exc) or "out of memory" in str(exc):
+                    log(f"[hint] both engines hold the model's weights on one card with --interleave: a smaller "
+                        f"--cache-max-entry-count (now {args.cache_max_entry_count:g}; the first engine's cache "
+                        f"takes half of it) or fewer --layers leaves the second engine room")
                 for name in names:
                     report["runs"][name] = {"error": f"interleaved pair failed: {str(exc)[-3000:]}"}
                 save()

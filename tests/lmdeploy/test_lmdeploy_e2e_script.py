@@ -584,7 +584,7 @@ def run(prompts):
         return 0.01, [{"tokens": [7] * spec.new_tokens} for _ in prompts]
     k = len(done) + 1
     if plan.get("exit_at_pass") == k:
-        print(f"fake {spec.backend}: dying in pass {k}", flush=True)
+        print(plan.get("last_words", f"fake {spec.backend}: dying in pass {k}"), flush=True)
         os._exit(3)
     note(f"start {spec.backend} {k}")
     time.sleep(0.05)
@@ -824,6 +824,21 @@ def test_interleaved_child_that_exits_early_fails_the_pair(interleave_env):
     assert report["interleaved"] == [] and specs["dlinfer"]["num_gpu_blocks"] == 50
     for pid in (int(line.split()[2]) for line in events if line.startswith("pid")):
         assert _dead(pid)
+
+
+def test_interleaved_child_out_of_memory_gets_a_hint(interleave_env):
+    """A child that dies of CUDA out-of-memory (two engines' weights on one card): the failure line is followed by
+    a hint naming the knobs that make room; any other failure gets none."""
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.38 GiB."
+    for words, hinted in ((oom, True), ("RuntimeError: boom", False)):
+        plan = {"stock": {"timed_requests": 4, "num_gpu_blocks": 50, "durations": [1.0] * 4},
+                "dlinfer": {"durations": [1.0] * 4, "exit_at_pass": 1, "last_words": words}}
+        code, report, *_ = interleave_env(plan, "--run-timeout", "60", "--cache-max-entry-count", "0.5")
+        assert code == 1 and words in report["runs"]["llama8b/dlinfer/graph/tp1"]["error"]
+        hints = [line for line in report["log"] if line.startswith("[hint]")]
+        assert bool(hints) == hinted, report["log"]
+        if hinted:
+            assert "--cache-max-entry-count (now 0.5" in hints[0] and "--layers" in hints[0]
 
 
 def test_interleaved_child_that_never_answers_times_out(interleave_env):
