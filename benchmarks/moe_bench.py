@@ -15,7 +15,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of
   ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
   before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
-  narrower hot-expert tiles and without a hot class (``hot_candidates``; routings of ``--candidates-routings``).
+  narrower hot-expert tiles and without a hot class (``hot_candidates``), ``merge`` the config in force with both
+  tile classes in one launch of one program per tile (``MERGE_FLAGS``); routings of ``--candidates-routings``.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -67,6 +68,9 @@ EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
 HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
                 dict(TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(MERGE=1),
                 dict(TMA_B=1, MERGE=1), dict(TMA_ACT=1, TMA_B=1, MERGE=1)]
+# Both tile classes in one launch of one program per possible tile (hot tiles first): the block scheduler balances
+# the long hot tiles against the short ones, which a persistent MERGE loop's round-robin does not.
+MERGE_FLAGS = [dict(MERGE_GRID=1), dict(TMA_B=1, MERGE_GRID=1)]
 HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
              _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_ACT=1, TMA_B=1, WS=1),
              _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
@@ -136,7 +140,7 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
 
     narrow = _cfg(32, (64, 64, 4, 4, 3), (64, 64, 4, 4, 3))
     hot = _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))
-    variants = [("plain", {})] + [("+".join(f), f) for f in HOPPER_FLAGS + [
+    variants = [("plain", {})] + [("+".join(f), f) for f in HOPPER_FLAGS + MERGE_FLAGS + [
         dict(TMA_A=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1),
         dict(TMA_A=1, TMA_B=1, MERGE=1)]]
     failures = 0
@@ -177,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
-    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper", "hot"],
+    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper", "hot", "merge"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -253,6 +257,9 @@ def main(argv=None):
                     if "hopper" in args.candidate_sets and rt in args.candidates_routings:
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
                         cands += hopper_candidates(src, hot)
+                    if "merge" in args.candidate_sets and rt in args.candidates_routings:
+                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
+                        cands += [("+".join(f), dict(src, hot=hot, **f)) for f in MERGE_FLAGS]
                     if "hot" in args.candidate_sets and rt in args.candidates_routings:
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
                         tiers = (hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS))["tiers"]

@@ -197,8 +197,8 @@ def _expected(flags: dict, gemm: str, block_m: int, merged: bool = False) -> tup
     WS), or ("merged", TMA_A, TMA_B)."""
     tma_a = bool(flags.get("TMA_A")) or (gemm == "down" and bool(flags.get("TMA_ACT")))
     tma_b = bool(flags.get("TMA_B"))
-    if merged:
-        return ("merged", tma_a, tma_b)
+    if merged:  # persistent (MERGE) or one program per possible tile (MERGE_GRID alone)
+        return ("merged", tma_a, tma_b, bool(flags.get("MERGE")))
     ws = bool(flags.get("WS")) and tma_a and tma_b and block_m >= 64
     return (tma_a, tma_b, bool(flags.get("PERSISTENT") or flags.get("MERGE")), ws)
 
@@ -229,7 +229,9 @@ def _spy_gemms(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 check(kw, args[1], args[4])
-                launched.append(("merged", kw["TMA_A"], kw["TMA_B"]))
+                launched.append(("merged", kw["TMA_A"], kw["TMA_B"], kw["PERSISTENT"]))
+                # the persistent launch takes one program per SM at most, the other one per possible tile
+                assert (grid[0] <= triton_moe._num_sms(args[0].device)) if kw["PERSISTENT"] else grid[0] > 0
                 return real_merged[grid](*args, **kw)
             return launch
 
@@ -259,15 +261,17 @@ def test_fused_moe_hopper_variants(poison, monkeypatch, flags, dtype, tokens, ex
 
 _HOT_VARIANTS = [dict(TMA_A=1, TMA_B=1, PERSISTENT=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
                  dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1), dict(MERGE=1), dict(TMA_A=1, TMA_B=1, MERGE=1),
-                 dict(TMA_ACT=1, MERGE=1)]
+                 dict(TMA_ACT=1, MERGE=1), dict(MERGE_GRID=1), dict(TMA_A=1, TMA_B=1, MERGE_GRID=1),
+                 dict(TMA_ACT=1, TMA_B=1, MERGE_GRID=1)]
 
 
 @pytest.mark.parametrize("flags", _HOT_VARIANTS, ids=lambda f: "+".join(f))
 @pytest.mark.parametrize("hot_rows", [20, 1, 10_000])  # some experts hot, every expert hot, none
 def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_rows, flags):
     """Both tile classes on the TMA + persistent path (WS: with the binary search for a block's expert), or in one
-    merged launch (MERGE, the same tiles as two launches: the same bits): the hidden rows' sorted copy and the
-    activations hold each class's blocks at the rows its GEMMs read."""
+    merged launch (MERGE persistent, MERGE_GRID one program per possible tile; the same tiles as two launches:
+    the same bits): the hidden rows' sorted copy and the activations hold each class's blocks at the rows its
+    GEMMs read."""
     dtype = torch.float16
     x, gate_up, down, weights, ids = _moe_inputs(70, 48, 40, 6, 2, dtype)
     ids[:, 0] = 0
@@ -281,10 +285,10 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
     _check_moe(out, ref, dtype)
     if hot_rows > 70:  # T < hot_rows: no hot class, one (persistent) launch per GEMM
         assert launched == [_expected(flags, g, 16) for g in ("up", "down")]
-    elif flags.get("MERGE"):
+    elif flags.get("MERGE") or flags.get("MERGE_GRID"):
         assert launched == [_expected(flags, g, 0, merged=True) for g in ("up", "down")]
         launched.clear()
-        apart = dict(config, MERGE=0, PERSISTENT=1)
+        apart = dict(config, MERGE=0, MERGE_GRID=0, PERSISTENT=1)
         assert torch.equal(out, poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=apart))
         assert launched == [_expected(apart, g, bm) for g in ("up", "down") for bm in (16, 64)]
     else:  # the narrow-tile class (BLOCK_M 16), then the hot one (64), per GEMM
@@ -309,6 +313,7 @@ def test_hopper_flags_are_hints():
     strided = torch.randn(4, 2 * 40, 64).half()[:, :, :48]
     assert flags(every, gate_up=strided) == ("tma_a", "tma_act", "persistent")
     assert flags(dict(TMA_B=1, MERGE=1, WS=1)) == ("tma_b", "persistent")
+    assert flags(dict(MERGE_GRID=1)) == () and flags(dict(TMA_B=1, MERGE_GRID=1)) == ("tma_b",)
 
 
 def test_config_fields_are_checked():
@@ -566,10 +571,13 @@ for t in [tuning.TABLES["NVIDIA H200"]]:
                         types[name] = f"tensordesc<bf16[{rows}, {kk}]>"
                     else:
                         consts[name] = None
-                flags = dict(TMA_A=tma, TMA_B=tma, PERSISTENT=True, WS=False)
-                out[f"gemm merged {gemm} tma={tma} {json.dumps(cfg, sort_keys=True)}"] = dict(
-                    compile_sm90(moe._moe_gemm_merged_kernel, types, consts, h["num_warps"], h["num_stages"]),
-                    flags=flags, num_warps=h["num_warps"], block_m=hot["BLOCK_M"])
+                # persistent (MERGE) for both operand paths, one program per tile (MERGE_GRID) on TMA
+                for persistent in (True, False) if tma else (True,):
+                    flags = dict(TMA_A=tma, TMA_B=tma, PERSISTENT=persistent, WS=False)
+                    out[f"gemm merged {gemm} tma={tma} persistent={persistent} {json.dumps(cfg, sort_keys=True)}"] = (
+                        dict(compile_sm90(moe._moe_gemm_merged_kernel, types, dict(consts, PERSISTENT=persistent),
+                                          h["num_warps"], h["num_stages"]),
+                             flags=flags, num_warps=h["num_warps"], block_m=hot["BLOCK_M"]))
 out["gather"] = compile_sm90(moe._moe_gather_kernel, dict(x_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
                              dict(EB=128, HOT_BLOCK_M=128, ROWS=moe.GATHER_ROWS, BLOCK_H=moe.GATHER_BLOCK_H),
                              moe.GATHER_NUM_WARPS)

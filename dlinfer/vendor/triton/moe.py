@@ -26,9 +26,9 @@ count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM
 a heavy load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
 so nothing waits on the host and the call stays capturable.
 
-Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``WS``, all 0
-unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off): ``TMA_B`` reads
-the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a
+Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
+``WS``, all 0 unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off):
+``TMA_B`` reads the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a
 kernel argument, so a captured CUDA graph replays it with nothing to allocate; a device-built descriptor would
 need ``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden rows are gathered
 by token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
@@ -38,8 +38,10 @@ rows by pointers and writes its activations in the sorted order, the down GEMM r
 ``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the block table says exist; ``MERGE`` runs
 both tile classes of a GEMM in one such launch (the hot experts' wide tiles first, then the narrow ones, each
 with its own tile sizes: ``_moe_gemm_merged_kernel``), so that under skewed routing the narrow tiles fill the
-SMs the few wide ones leave idle; ``WS`` adds Triton's warp specialization to launches with both operands on
-TMA (``num_warps=4``, row blocks of 64+; not in a MERGE launch).
+SMs the few wide ones leave idle; ``MERGE_GRID`` does the same with one program per possible tile (hot ones
+first) instead of a persistent loop, leaving the balancing to the hardware's block scheduler; ``WS`` adds Triton's
+warp specialization to launches with both operands on TMA (``num_warps=4``, row blocks of 64+; not in a merged
+launch).
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
@@ -387,19 +389,34 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
                        SORTED_OUT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_hot_blocks", "max_blocks"])
 def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, n_out,
                             k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                            max_hot_blocks, max_blocks,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
                             HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
                             HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
                             WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-                            SORTED_OUT: tl.constexpr):
+                            SORTED_OUT: tl.constexpr, PERSISTENT: tl.constexpr = True):
     """``MERGE``: both tile classes of one GEMM in one persistent launch: the programs take the hot experts' wide
     tiles first, then the other experts' narrow ones (each class with its own tile sizes and descriptors), so the
-    narrow tiles fill the SMs the few wide ones leave idle instead of waiting for a second launch."""
+    narrow tiles fill the SMs the few wide ones leave idle instead of waiting for a second launch.
+
+    ``MERGE_GRID`` (``PERSISTENT=False``): one program per possible tile instead, the ``max_hot_blocks`` hot row
+    blocks' tiles first (program ids the hardware dispatches first), then the ``max_blocks`` narrow ones'; a
+    program whose block the call does not hold returns at once. The block scheduler hands each SM its next tile
+    as it frees up, so the long hot tiles start first and the short ones fill around them (a persistent loop
+    deals the tiles out in a fixed round-robin: the programs that drew a hot tile also get their share of the
+    narrow ones, and finish last)."""
     pid = tl.program_id(0)
+    if not PERSISTENT:
+        _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, pid,
+                         max_hot_blocks * tl.cdiv(n_out, HOT_BLOCK_N), max_hot_blocks, max_blocks, n_out, k_dim,
+                         a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M,
+                         BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M,
+                         HOT_EVEN_K, EB, SILU, PRECISION, WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
+        return
     hot_blocks = tl.load(meta_ptr + 3 * EB + n_experts - 1)
     blocks = tl.load(meta_ptr + n_experts - 1)
     hot_tiles = hot_blocks * tl.cdiv(n_out, HOT_BLOCK_N)
@@ -557,20 +574,24 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_tiles, experts, eb,
-                 block_m, hot_m, silu, cfg, hot_cfg, a_sorted=None, sorted_out=False, tma_b=False):
-    """Both tile classes of one GEMM in one persistent launch (``MERGE``; warps and stages of the hot class)."""
+def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, max_hot_blocks,
+                 experts, eb, block_m, hot_m, silu, cfg, hot_cfg, a_sorted=None, sorted_out=False, tma_b=False,
+                 persistent=True):
+    """Both tile classes of one GEMM in one launch (warps and stages of the hot class): persistent (``MERGE``) or
+    one program per possible tile (``MERGE_GRID``)."""
     a_in = a
     a, a_desc, w_desc, block_k, precision = _operands(a_in, weight, cfg, block_m, k_dim, a_sorted, tma_b)
     _, hot_a_desc, hot_w_desc, hot_k, _ = _operands(a_in, weight, hot_cfg, hot_m, k_dim, a_sorted, tma_b)
-    _moe_gemm_merged_kernel[(min(max_tiles, _num_sms(a.device)),)](
+    tiles = max_blocks * cdiv(n_out, cfg["BLOCK_N"]) + max_hot_blocks * cdiv(n_out, hot_cfg["BLOCK_N"])
+    _moe_gemm_merged_kernel[(min(tiles, _num_sms(a.device)) if persistent else tiles,)](
         a, a_desc, hot_a_desc, weight, w_desc, hot_w_desc, out, sorted_rows, meta, n_out, k_dim, a_row_div,
-        up_offset, experts, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+        up_offset, experts, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0), max_hot_blocks,
+        max_blocks, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         EVEN_K=k_dim % block_k == 0, HOT_BLOCK_M=hot_m, HOT_BLOCK_N=hot_cfg["BLOCK_N"], HOT_BLOCK_K=hot_k,
         HOT_GROUP_M=hot_cfg["GROUP_M"], HOT_EVEN_K=k_dim % hot_k == 0, EB=eb, SILU=silu, PRECISION=precision,
         WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=w_desc is not None,
-        SORTED_OUT=sorted_out, num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
+        SORTED_OUT=sorted_out, PERSISTENT=persistent, num_warps=hot_cfg["num_warps"],
+        num_stages=hot_cfg["num_stages"])
 
 
 WS_MIN_BLOCK_M = 64
@@ -703,15 +724,15 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         _moe_gather_kernel[(cdiv(x_sorted.shape[0], GATHER_ROWS), cdiv(hidden, block_h))](
             x, x_sorted, sorted_rows, meta, hidden, topk, experts, x.stride(0), x_sorted.stride(0), EB=eb,
             HOT_BLOCK_M=hot_m, ROWS=GATHER_ROWS, BLOCK_H=block_h, num_warps=GATHER_NUM_WARPS)
-    if hot_cfg is not None and cfg.get("MERGE", 0):
+    if hot_cfg is not None and (cfg.get("MERGE", 0) or cfg.get("MERGE_GRID", 0)):
         for g, a, w, o, n_out, k_dim, div, up_offset, a_sorted in (
                 ("up", x, w_up, act, inter, hidden, topk, inter, x_sorted),
                 ("down", act, w_down, y, hidden, inter, 1, 0, act if tma_act else None)):
-            tiles = max_blocks * cdiv(n_out, cfg[g]["BLOCK_N"]) + max_hot_blocks * cdiv(n_out, hot_cfg[g]["BLOCK_N"])
             _gemm_merged(a, w, o, sorted_rows, meta, n_out=n_out, k_dim=k_dim, a_row_div=div, up_offset=up_offset,
-                         max_tiles=tiles, experts=experts, eb=eb, block_m=block_m, hot_m=hot_m, silu=g == "up",
-                         cfg=cfg[g], hot_cfg=hot_cfg[g], a_sorted=a_sorted, sorted_out=tma_act and g == "up",
-                         tma_b=tma_b)
+                         max_blocks=max_blocks, max_hot_blocks=max_hot_blocks, experts=experts, eb=eb,
+                         block_m=block_m, hot_m=hot_m, silu=g == "up", cfg=cfg[g], hot_cfg=hot_cfg[g],
+                         a_sorted=a_sorted, sorted_out=tma_act and g == "up", tma_b=tma_b,
+                         persistent=bool(cfg.get("MERGE", 0)))
         classes = []  # served
     flags = dict(tma_b=tma_b, persistent=hopper["persistent"], ws=hopper["ws"])
     for hot, bm, blocks, c in classes:

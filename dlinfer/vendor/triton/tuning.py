@@ -41,7 +41,7 @@ logger = logging.getLogger("dlinfer")
 
 
 # Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
-FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE")
+FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID")
 
 
 def _cfg(block_m, up, down, **flags):
