@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,9 +106,9 @@ def hot_candidates(in_force: dict, hot: dict, tiers, dtype, device) -> list[tupl
 
 
 def routing(tokens, experts, topk, skewed, gen):
-    logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+    logits = torch.randn(tokens, experts, device=gen.device, generator=gen)
     if skewed:  # expert 0 is hot (in nearly every token's top-k), the rest get a random bias
-        bias = 1.5 * torch.randn(experts, device="cuda", generator=gen)
+        bias = 1.5 * torch.randn(experts, device=gen.device, generator=gen)
         bias[0] = 6.0
         logits += bias
     w, ids = torch.topk(torch.softmax(logits, -1), topk, dim=-1)
@@ -172,7 +173,64 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
     return failures
 
 
+def warm_worker(spec_path: str) -> int:
+    """``--warm-worker SPEC``: run each config of the JSON ``SPEC`` once on zero inputs of its case's shape (the
+    kernels compile for this GPU into Triton's on-disk cache, where the parent then finds them); a config that
+    fails is left to the parent, which reports it."""
+    from dlinfer.vendor.triton import moe as tmoe
+
+    spec = json.loads(Path(spec_path).read_text())
+    experts, topk, hidden, inter, tokens = (spec[k] for k in ("experts", "topk", "hidden", "inter", "tokens"))
+    dtype, device = torch.bfloat16, spec.get("device", "cuda")
+    w_up = torch.zeros(experts, 2 * inter, hidden, device=device, dtype=dtype)
+    w_down = torch.zeros(experts, hidden, inter, device=device, dtype=dtype)
+    x = torch.zeros(tokens, hidden, device=device, dtype=dtype)
+    tw, ti = routing(tokens, experts, topk, spec["skewed"], torch.Generator(device=device).manual_seed(1))
+    for cfg in spec["configs"]:
+        try:
+            tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001,S112 - the parent times (and reports) every candidate itself
+            continue
+    return 0
+
+
+def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: float,
+                    free_bytes: int | None = None) -> tuple[int, float]:
+    """Compile ``configs`` (the candidates of one case, ``shape`` its experts/topk/hidden/inter/tokens/skewed) in
+    up to ``workers`` processes at once (:func:`warm_worker`), each holding one zero copy of the weights (at most
+    40 % of the free GPU memory for all of them): a candidate's kernels compile in 30-60 s on a slow host, one at
+    a time in this process, in parallel there. Returns (processes, seconds); (0, 0) when not worth it."""
+    import subprocess
+    import tempfile
+
+    weight_bytes = 3 * shape["experts"] * shape["inter"] * shape["hidden"] * 2 + (64 << 20)
+    free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
+    n = min(workers, len(configs), int(0.4 * free // weight_bytes))
+    if n < 2:
+        return 0, 0.0
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for w in range(n):
+            path = Path(tmp) / f"warm_{w}.json"
+            path.write_text(json.dumps(dict(shape, configs=configs[w::n])))
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--warm-worker", str(path)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return n, time.time() - t0
+
+
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--warm-worker"]:
+        return warm_worker(argv[1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="moe_bench.json")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip remaining cases after this many seconds")
@@ -188,6 +246,9 @@ def main(argv=None):
     ap.add_argument("--autotune-shapes", nargs="*", default=["e32k1", "e8k1"],
                     help="shapes run as on a card without a table: the first call autotunes (default %(default)s)")
     ap.add_argument("--graph-check", action="store_true", help="first check the Hopper variants under CUDA graphs")
+    ap.add_argument("--compile-workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
+                    help="processes that compile a case's candidates in parallel before they are timed, 0: none "
+                         "(default %(default)s)")
     args = ap.parse_args(argv)
     import dlinfer.ops as ops
     from dlinfer.vendor import registry
@@ -264,8 +325,16 @@ def main(argv=None):
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
                         tiers = (hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS))["tiers"]
                         cands += hot_candidates(src, hot, tiers, dtype, x.device)
-                # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): one is started only
-                # when the budget still holds as long as the slowest one so far took.
+                # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
+                # first, then one is started only when the budget still holds the slowest one so far.
+                if cands and args.compile_workers > 0 and time.time() - t0 < args.budget_s:
+                    shape = dict(experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
+                                 skewed=rt == "skewed")
+                    procs, secs = warm_candidates([c for _, c in cands], shape, args.compile_workers,
+                                                  args.budget_s - (time.time() - t0))
+                    if procs:
+                        case["compile_s"] = round(secs, 1)
+                        print(f"   {len(cands)} candidates compiled in {secs:.0f} s by {procs} processes", flush=True)
                 slowest = 0.0
                 for i, (label, cfg) in enumerate(cands):
                     if time.time() - t0 + slowest > args.budget_s:
