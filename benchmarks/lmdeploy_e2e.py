@@ -79,22 +79,22 @@ odd passes and dlinfer, stock for even ones (ABBA: a drift linear in time cancel
 warms up, sizes the timed pass (``--pass-seconds``), warms up at that count when it is larger (above) and reports
 ready with the number of KV-cache blocks its engine allocated; the dlinfer child then starts with that block count
 (``PytorchEngineConfig.num_gpu_blocks``) and request count, so both run the same cache and prompts whatever memory
-each found free, and it too runs its warm-up pass at the timed count before it reports ready: both engines have
-done it before the parent sends the first ``go_1``. (Nothing estimates a pass's time here: the extra warm-up pass
-falls within the wait for ``ready.json``, which the pair's budget bounds as any other wait.) Both engines share the
-card's memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by
-default) to leave the second one room for its weights, runtime buffers and the same cache (given as a block count,
-which the fraction then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the
-per-pass ratios of output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the
-ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric
-mean with its 95 % confidence interval (Student's t over the log-ratios: how well the passes together pin the
-ratio; ``ratio_geomean``, ``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second ``[pair]`` line). Each pass starts
-``--pass-gap`` seconds (1 by default) after the last one ended, so that what an engine leaves behind after its pass
-(threads still spinning, output handling) does not run into the other's. The channel
-is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
+each found free, and it too runs its warm-up pass at the timed count before it reports ready: both engines have done
+it before the parent sends the first ``go_1``. (Nothing estimates a pass's time here: the extra warm-up pass falls
+within the wait for ``ready.json``, which the pair's budget bounds as any other wait.) Both engines share the card's
+memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by default) to leave
+the second one room for its weights, runtime buffers and the same cache (given as a block count, which the fraction
+then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the per-pass ratios of
+output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and
+spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
+confidence interval (Student's t over the log-ratios: how well the passes together pin the ratio; ``ratio_geomean``,
+``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second
+``[pair]`` line). Each pass starts ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an
+engine leaves behind after its pass (threads still spinning, output handling) does not run into the other's. The
+channel is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
 ``pass_<k>.json``, each atomically by a rename); every wait of the parent ends at the pair's budget (twice
-``--run-timeout``, within ``--deadline``), after which both process groups are killed; a child's own waits end
-there too, or at once when the parent is gone.
+``--run-timeout``, within ``--deadline``), after which both process groups are killed; a child's own waits end there
+too, or at once when the parent is gone.
 
 Results go to ``$OUT/lmdeploy_e2e.json`` (``--out`` overrides; rewritten after every run, so a run cut short
 still leaves what finished) with the card, versions and settings; a table is printed at the end.
@@ -1003,24 +1003,25 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def ratio_interval(ratios: list[float]) -> tuple[float, float] | None:
-    """The geometric mean of the per-pass ratios and the relative half-width of its 95 % confidence interval
-    (Student's t over the log-ratios, the passes taken as independent samples); None for fewer than two passes.
-    The spread (max - min) says how far one pass pair can be off; this says how well all of them pin the ratio."""
-    if len(ratios) < 2:
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float] | None:
+    """The geometric mean of the per-pass ratios and the bounds of its 95 % confidence interval (Student's t over the
+    log-ratios, the passes taken as independent samples); None for fewer than three passes (two give a t of 12.7:
+    no interval worth printing) or a ratio that is not positive. The spread (max - min) says how far one pass pair
+    can be off; this says how well all of them together pin the ratio."""
+    if len(ratios) < 3 or min(ratios) <= 0:
         return None
     logs = [math.log(r) for r in ratios]
     mean = statistics.fmean(logs)
     df = len(logs) - 1
     t = _T95[max(k for k in _T95 if k <= df)]
     half = t * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(half) - 1
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def pass_ratios(stock: list[float], mine: list[float]) -> dict:
     """Per pass the ratio dlinfer / stock of output tokens/s (pass k of each, adjacent in time), their median (the
-    ratio reported), min, max and spread (max - min) / median (the noise of the ratio), and with two passes or more
-    their geometric mean and its 95 % interval's relative half-width (:func:`ratio_interval`)."""
+    ratio reported), min, max and spread (max - min) / median (the noise of the ratio), and from three passes on
+    their geometric mean and its 95 % confidence interval's bounds (:func:`ratio_interval`)."""
     ratios = [m / s for s, m in zip(stock, mine)]
     median = statistics.median(ratios)
     out = {"pass_ratios": [round(r, 5) for r in ratios], "ratio_median": round(median, 5),
@@ -1028,7 +1029,7 @@ def pass_ratios(stock: list[float], mine: list[float]) -> dict:
            "ratio_spread": round((max(ratios) - min(ratios)) / median, 5)}
     interval = ratio_interval(ratios)
     if interval is not None:
-        out["ratio_geomean"], out["ratio_ci95"] = round(interval[0], 5), round(interval[1], 5)
+        out["ratio_geomean"], out["ratio_ci95"] = round(interval[0], 5), [round(b, 5) for b in interval[1:]]
     return out
 
 
@@ -1052,8 +1053,8 @@ def ratio_line(label: str, rec: dict, prefix: str = "") -> str:
     spread = (f"spread {100 * rec[f'{prefix}ratio_spread']:.1f} %" if len(ratios) > 1 else
               "one pass pair: no spread")
     if rec.get(f"{prefix}ratio_ci95") is not None:
-        spread += (f"; geometric mean {rec[f'{prefix}ratio_geomean']:.3f}, 95 % interval "
-                   f"+-{100 * rec[f'{prefix}ratio_ci95']:.1f} %")
+        low, high = rec[f"{prefix}ratio_ci95"]
+        spread += f"; geometric mean {rec[f'{prefix}ratio_geomean']:.3f}, 95 % interval {low:.3f}-{high:.3f}"
     return (f"{what}: dlinfer / stock output tok/s ratio {rec[f'{prefix}ratio_median']:.3f} "
             f"(passes: {' '.join(f'{r:.3f}' for r in ratios)}; {spread})")
 

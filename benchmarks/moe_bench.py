@@ -21,8 +21,10 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
 (JSON), rewritten after every case and candidate so that a run cut short keeps what it timed. ``--budget-s`` is
-checked before every case and every candidate (each candidate compiles its own kernels: one starts only if the
-budget still holds the slowest candidate's time so far).
+checked before every case and every candidate. Each candidate compiles its own kernels (30-60 s on a slow host):
+``--compile-workers`` processes compile a case's candidates in parallel first (using at most half the budget left),
+and a candidate is started only if the budget still holds the slowest timed one so far (``COLD_CANDIDATE_S`` for
+one the workers did not reach); the others are skipped and counted.
 
 ``--graph-check`` first runs every Hopper variant (and the plain kernel) captured once in a CUDA graph and replayed
 on new inputs and routings (uniform and skewed, written into the captured buffers), each replay against the
@@ -175,8 +177,8 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
 
 def warm_worker(spec_path: str) -> int:
     """``--warm-worker SPEC``: run each config of the JSON ``SPEC`` once on zero inputs of its case's shape (the
-    kernels compile for this GPU into Triton's on-disk cache, where the parent then finds them); a config that
-    fails is left to the parent, which reports it."""
+    kernels compile for this GPU into Triton's on-disk cache, where the parent then finds them), appending each
+    config's index to ``SPEC["done"]`` once tried; a config that fails is left to the parent, which reports it."""
     from dlinfer.vendor.triton import moe as tmoe
 
     spec = json.loads(Path(spec_path).read_text())
@@ -186,44 +188,74 @@ def warm_worker(spec_path: str) -> int:
     w_down = torch.zeros(experts, hidden, inter, device=device, dtype=dtype)
     x = torch.zeros(tokens, hidden, device=device, dtype=dtype)
     tw, ti = routing(tokens, experts, topk, spec["skewed"], torch.Generator(device=device).manual_seed(1))
-    for cfg in spec["configs"]:
+    for index, cfg in zip(spec["indices"], spec["configs"]):
         try:
             tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)
             torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001,S112 - the parent times (and reports) every candidate itself
-            continue
+        except Exception as exc:  # noqa: BLE001 - the parent times (and reports) every candidate itself
+            print(f"candidate {index}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
+        with open(spec["done"], "a") as f:
+            f.write(f"{index}\n")
     return 0
 
 
 def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: float,
-                    free_bytes: int | None = None) -> tuple[int, float]:
+                    free_bytes: int | None = None) -> tuple[int, float, set[int]]:
     """Compile ``configs`` (the candidates of one case, ``shape`` its experts/topk/hidden/inter/tokens/skewed) in
     up to ``workers`` processes at once (:func:`warm_worker`), each holding one zero copy of the weights (at most
     40 % of the free GPU memory for all of them): a candidate's kernels compile in 30-60 s on a slow host, one at
-    a time in this process, in parallel there. Returns (processes, seconds); (0, 0) when not worth it."""
+    a time in this process, in parallel there. Workers still running after ``timeout_s`` are killed with their
+    process groups (the compiler's subprocesses too). Returns (processes, seconds, indices of the configs tried);
+    (0, 0, empty) when not worth it. A worker that exits with an error has its stderr's tail printed."""
+    import signal
     import subprocess
     import tempfile
 
-    weight_bytes = 3 * shape["experts"] * shape["inter"] * shape["hidden"] * 2 + (64 << 20)
+    weight_bytes = 3 * shape["experts"] * shape["inter"] * shape["hidden"] * 2 + (600 << 20)  # + a CUDA context
     free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
     n = min(workers, len(configs), int(0.4 * free // weight_bytes))
     if n < 2:
-        return 0, 0.0
+        return 0, 0.0, set()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
+        done = Path(tmp) / "done.txt"
+        done.touch()
         procs = []
-        for w in range(n):
-            path = Path(tmp) / f"warm_{w}.json"
-            path.write_text(json.dumps(dict(shape, configs=configs[w::n])))
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--warm-worker", str(path)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return n, time.time() - t0
+        try:
+            for w in range(n):
+                path = Path(tmp) / f"warm_{w}.json"
+                indices = list(range(w, len(configs), n))
+                path.write_text(json.dumps(dict(shape, configs=[configs[i] for i in indices], indices=indices,
+                                                done=str(done))))
+                err = open(Path(tmp) / f"warm_{w}.err", "w")
+                procs.append((subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--warm-worker",
+                                                str(path)], stdout=subprocess.DEVNULL, stderr=err,
+                                               start_new_session=True), err))
+            for proc, err in procs:
+                try:
+                    code = proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
+                except subprocess.TimeoutExpired:
+                    code = None
+                if code:
+                    err.flush()
+                    tail = Path(err.name).read_text()[-600:].strip()
+                    print(f"   compile worker exited with code {code}: {tail}", flush=True)
+        finally:
+            for proc, err in procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+                err.close()
+        tried = {int(line) for line in done.read_text().split()}
+    return n, time.time() - t0, tried
+
+
+# A candidate the compile workers did not reach: what its first call costs in this process (compiles included) on
+# a slow host, for the budget check before it.
+COLD_CANDIDATE_S = 60.0
 
 
 def main(argv=None):
@@ -239,7 +271,8 @@ def main(argv=None):
     ap.add_argument("--routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
-    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"], choices=["extra", "hopper", "hot", "merge"],
+    ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
+                    choices=["extra", "hopper", "hot", "merge"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -327,21 +360,23 @@ def main(argv=None):
                         cands += hot_candidates(src, hot, tiers, dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
                 # first, then one is started only when the budget still holds the slowest one so far.
+                warmed = set()
                 if cands and args.compile_workers > 0 and time.time() - t0 < args.budget_s:
                     shape = dict(experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
                                  skewed=rt == "skewed")
-                    procs, secs = warm_candidates([c for _, c in cands], shape, args.compile_workers,
-                                                  args.budget_s - (time.time() - t0))
+                    # at most half of what is left: the candidates still have to be timed
+                    procs, secs, warmed = warm_candidates([c for _, c in cands], shape, args.compile_workers,
+                                                          (args.budget_s - (time.time() - t0)) / 2)
                     if procs:
                         case["compile_s"] = round(secs, 1)
-                        print(f"   {len(cands)} candidates compiled in {secs:.0f} s by {procs} processes", flush=True)
-                slowest = 0.0
+                        print(f"   {len(warmed)} of {len(cands)} candidates compiled in {secs:.0f} s by {procs} "
+                              f"processes", flush=True)
+                slowest, skipped = 0.0, 0
                 for i, (label, cfg) in enumerate(cands):
-                    if time.time() - t0 + slowest > args.budget_s:
-                        case["candidates_skipped"] = len(cands) - i
-                        print(f"   budget: {len(cands) - i} candidates of this case skipped (a candidate takes up to "
-                              f"{slowest:.0f} s here)", flush=True)
-                        break
+                    if time.time() - t0 + (slowest if i in warmed else max(slowest, COLD_CANDIDATE_S)) \
+                            > args.budget_s:
+                        skipped += 1
+                        continue
                     t_cand = time.time()
                     try:
                         e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
@@ -358,6 +393,10 @@ def main(argv=None):
                     slowest = max(slowest, time.time() - t_cand)
                     # the case so far, candidates included: a run killed mid-case keeps what it timed
                     Path(args.out).write_text(json.dumps({**result, "cases": [*result["cases"], case]}, indent=1))
+                if skipped:
+                    case["candidates_skipped"] = skipped
+                    print(f"   budget: {skipped} candidates of this case skipped (a timed one took up to "
+                          f"{slowest:.0f} s here, one not compiled ahead ~{COLD_CANDIDATE_S:.0f} s)", flush=True)
                 result["cases"].append(case)
                 Path(args.out).write_text(json.dumps(result, indent=1))  # after every case: a killed run keeps them
                 best_extra = min(case["extra"], key=lambda c: c["us"], default=None)

@@ -31,37 +31,79 @@ def test_warm_worker_runs_every_config_and_survives_a_bad_one(tmp_path, monkeypa
 
     monkeypatch.setattr(tmoe, "fused_moe", fake)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    spec = tmp_path / "spec.json"
+    spec, done = tmp_path / "spec.json", tmp_path / "done.txt"
     spec.write_text(json.dumps(dict(SHAPE, device="cpu", configs=[{"BLOCK_M": 16}, {"BLOCK_M": 32},
-                                                                  {"BLOCK_M": 64}])))
+                                                                  {"BLOCK_M": 64}], indices=[1, 4, 7],
+                                    done=str(done))))
     assert moe_bench.main(["--warm-worker", str(spec)]) == 0
-    assert calls == [16, 32, 64]
+    assert calls == [16, 32, 64] and done.read_text().split() == ["1", "4", "7"]  # the failed one was tried too
 
 
-def test_warm_candidates_splits_the_configs_over_processes(monkeypatch):
-    started = []
+class FakeProc:
+    """A worker process: records its spec, marks its configs tried unless told to hang (then wait() times out)."""
 
-    class Proc:
-        def __init__(self, argv, **kw):
-            assert argv[1].endswith("moe_bench.py") and argv[2] == "--warm-worker"
-            started.append(json.loads(Path(argv[3]).read_text()))
+    started: list = []
+    hang: set = set()
 
-        def wait(self, timeout=None):
-            return 0
+    def __init__(self, argv, stdout=None, stderr=None, start_new_session=False):
+        assert argv[1].endswith("moe_bench.py") and argv[2] == "--warm-worker" and start_new_session
+        self.spec = json.loads(Path(argv[3]).read_text())
+        self.pid = 10_000 + len(FakeProc.started)
+        self.alive = self.pid in FakeProc.hang
+        FakeProc.started.append(self)
+        if not self.alive:
+            with open(self.spec["done"], "a") as f:
+                f.writelines(f"{i}\n" for i in self.spec["indices"])
 
+    def wait(self, timeout=None):
+        import subprocess
+
+        if self.alive and timeout is not None:
+            raise subprocess.TimeoutExpired("worker", timeout)
+        return 0
+
+    def poll(self):
+        return None if self.alive else 0
+
+
+@pytest.fixture
+def fake_workers(monkeypatch):
+    import os
     import subprocess
 
-    monkeypatch.setattr(subprocess, "Popen", Proc)
+    FakeProc.started, FakeProc.hang, killed = [], set(), []
+
+    def killpg(pid, sig):
+        killed.append(pid)
+        next(p for p in FakeProc.started if p.pid == pid).alive = False
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(os, "killpg", killpg)
+    return killed
+
+
+WEIGHTS = 3 * 4 * 16 * 32 * 2 + (600 << 20)
+
+
+def test_warm_candidates_splits_the_configs_over_processes(fake_workers):
     configs = [{"BLOCK_M": m} for m in (16, 32, 64, 128, 256)]
-    weights = 3 * 4 * 16 * 32 * 2 + (64 << 20)
-    n, _ = moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=100 * weights)
-    assert n == 3 and [[c["BLOCK_M"] for c in s["configs"]] for s in started] == [[16, 128], [32, 256], [64]]
-    assert all(s["experts"] == 4 and s["skewed"] for s in started)
+    n, _, tried = moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=100 * WEIGHTS)
+    assert n == 3 and tried == {0, 1, 2, 3, 4} and fake_workers == []
+    assert [[c["BLOCK_M"] for c in p.spec["configs"]] for p in FakeProc.started] == [[16, 128], [32, 256], [64]]
+    assert [p.spec["indices"] for p in FakeProc.started] == [[0, 3], [1, 4], [2]]
+    assert all(p.spec["experts"] == 4 and p.spec["skewed"] for p in FakeProc.started)
     # memory for fewer than two weight copies within 40 % of the free memory, or one config: not worth processes
-    started.clear()
-    assert moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=4 * weights) == (0, 0.0)
-    assert moe_bench.warm_candidates(configs[:1], SHAPE, workers=3, timeout_s=60, free_bytes=100 * weights) == (0, 0.0)
-    assert started == []
+    FakeProc.started.clear()
+    assert moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=4 * WEIGHTS) == (0, 0.0, set())
+    assert moe_bench.warm_candidates(configs[:1], SHAPE, 3, 60, free_bytes=100 * WEIGHTS) == (0, 0.0, set())
+    assert FakeProc.started == []
+
+
+def test_a_worker_past_the_timeout_is_killed_with_its_group(fake_workers):
+    FakeProc.hang = {10_001}  # the second worker never finishes
+    configs = [{"BLOCK_M": m} for m in (16, 32, 64, 128)]
+    n, secs, tried = moe_bench.warm_candidates(configs, SHAPE, workers=2, timeout_s=0.1, free_bytes=100 * WEIGHTS)
+    assert n == 2 and tried == {0, 2} and fake_workers == [10_001] and secs < 30
 
 
 @pytest.mark.parametrize("skewed", [False, True])

@@ -420,7 +420,8 @@ for dt, group, use_dot, direct, page, quant in (("bf16", 4, True, False, 64, 0),
     consts = dict(GROUP=group, BLOCK_H=16 if use_dot else 1, HEAD_DIM=128, BLOCK_D=128, HEAD_DIM_V=128,
                   BLOCK_DV=128, PAGE_SIZE=page, BLOCK_N=64, USE_DOT=use_dot, DIRECT=direct,
                   DOT_PRECISION="ieee" if dt == "fp32" else "tf32", WHILE_LOOP=False, PAGE_TILES=page % 64 == 0,
-                  USE_PDL=not direct, QUANT=quant, FUSED_REDUCE=False, BLOCK_S=1, HOIST=False)
+                  USE_PDL=not direct, QUANT=quant, FUSED_REDUCE=False, BLOCK_S=1,
+                  HOIST=page % 64 == 0 and not quant)  # the default launch hoists whole-page tiles of 16-bit caches
     compile_(dec._decode_split_kernel, ptrs, consts, ("qk_scale",), 4, 3)
 for pdl in (True, False):
     compile_(dec._decode_reduce_kernel, dict(mid_o_ptr="fp32", mid_lse_ptr="fp32", out_ptr="bf16"),

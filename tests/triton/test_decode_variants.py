@@ -18,13 +18,14 @@ from test_decode_fused_reduce import decode_env  # noqa: F401 - the fixture
 
 CASES = [
     # Hq, Hk, D, Dv, block, dtype, strided, kv_lens, max_kv (the interpreter tiles 32 tokens: pages of 64/128 hold
-    # whole tiles; D 80 and Dv != D keep the default addressing)
+    # whole tiles; D 80 (not a power of two) and pages of 16 (smaller than a tile) take the per-tile addressing
+    # either way)
     (8, 2, 64, 64, 64, torch.float16, True, [1, 0, 200, 33], 256),
     (8, 2, 64, 64, 128, torch.float16, False, [128, 0, 129, 300], 330),
     (16, 2, 32, 32, 64, torch.float32, True, [40, 0, 3, 77, 129], 160),
     (8, 1, 80, 80, 64, torch.float32, False, [130, 5, 0], 160),
     (8, 1, 64, 32, 64, torch.float16, False, [70, 1], 100),
-    (8, 2, 64, 64, 16, torch.float16, True, [17, 0, 80], 110),  # pages smaller than a tile: default addressing
+    (8, 2, 64, 64, 16, torch.float16, True, [17, 0, 80], 110),  # pages smaller than a tile: per-tile addressing
 ]
 
 
@@ -46,6 +47,46 @@ def test_hoisted_addressing_gives_the_same_bits(decode_env, hq, hk, d, dv, block
         outs[name] = out
     close(outs["hoisted"], outs["reference"], dtype)
     assert torch.equal(outs["hoisted"], outs["per_tile"]), "hoisted addressing must load the same values"
+
+
+def test_the_default_launch_hoists_where_it_can(decode_env, monkeypatch):
+    """The default config hoists (on the GPU's and the interpreter's), and a launch takes it exactly where the
+    tile lies in one page of an unquantized cache with power-of-two head sizes."""
+    from dlinfer.vendor.triton import host
+
+    cfg = ad._config("cpu", 0, torch.float16, 64, 64, 4)
+    assert cfg.hoist_addr
+    ad._config.cache_clear()
+    ad._card_stages.cache_clear()
+    try:
+        with host.simulate(host.CARDS["H100"]):
+            assert ad._config("cuda", 0, torch.bfloat16, 128, 128, 4).hoist_addr
+    finally:
+        ad._config.cache_clear()
+        ad._card_stages.cache_clear()
+    assert ad.hoisted(cfg, True, 0, 64, 64) and ad.hoisted(cfg, True, 0, 64, 32)
+    assert not ad.hoisted(cfg, False, 0, 64, 64)  # a tile over several pages
+    assert not ad.hoisted(cfg, True, 8, 64, 64) and not ad.hoisted(cfg, True, 0, 80, 80)
+    # the launch: HOIST reaches the kernel for a whole-page tile, not for pages of 16
+    seen = []
+    real = ad._decode_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["HOIST"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ad, "_decode_split_kernel", Spy())
+    gen = torch.Generator().manual_seed(3)
+    for block in (64, 16):
+        table, num_blocks = make_block_table([40, 70], block, math.ceil(100 / block) + 1, gen)
+        kc, vc = make_cache(num_blocks, block, 2, 64, 64, torch.float16, False, gen)
+        query = torch.randn(2, 8, 64, generator=gen).to(torch.float16)
+        run("triton", ops.paged_decode_attention, query, kc, vc, table, block, None,
+            torch.tensor([40, 70], dtype=torch.int32), 100, 8, 2)
+    assert seen == [True, False]
 
 
 def test_hoisted_addressing_ignores_garbage_past_the_end(decode_env):

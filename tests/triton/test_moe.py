@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import triton
 
 import dlinfer.ops as ops
 import dlinfer.vendor
@@ -230,8 +231,11 @@ def _spy_gemms(monkeypatch):
             def launch(*args, **kw):
                 check(kw, args[1], args[4])
                 launched.append(("merged", kw["TMA_A"], kw["TMA_B"], kw["PERSISTENT"]))
-                # the persistent launch takes one program per SM at most, the other one per possible tile
-                assert (grid[0] <= triton_moe._num_sms(args[0].device)) if kw["PERSISTENT"] else grid[0] > 0
+                # one program per possible tile of both classes (hot ones first), or at most one per SM
+                n_out, max_hot_blocks, max_blocks = args[9], args[18], args[19]
+                tiles = (max_blocks * triton.cdiv(n_out, kw["BLOCK_N"])
+                         + max_hot_blocks * triton.cdiv(n_out, kw["HOT_BLOCK_N"]))
+                assert grid[0] == (min(tiles, triton_moe._num_sms(args[0].device)) if kw["PERSISTENT"] else tiles)
                 return real_merged[grid](*args, **kw)
             return launch
 

@@ -28,20 +28,19 @@ so nothing waits on the host and the call stays capturable.
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
 ``WS``, all 0 unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off):
-``TMA_B`` reads the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it by value as a
-kernel argument, so a captured CUDA graph replays it with nothing to allocate; a device-built descriptor would
-need ``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden rows are gathered
-by token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the expert-sorted order
-(``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its activations in that
-order, for the down GEMM's descriptor; ``TMA_ACT`` does the latter alone (no copy: the gate_up GEMM gathers its
-rows by pointers and writes its activations in the sorted order, the down GEMM reads them by TMA).
-``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the block table says exist; ``MERGE`` runs
-both tile classes of a GEMM in one such launch (the hot experts' wide tiles first, then the narrow ones, each
-with its own tile sizes: ``_moe_gemm_merged_kernel``), so that under skewed routing the narrow tiles fill the
-SMs the few wide ones leave idle; ``MERGE_GRID`` does the same with one program per possible tile (hot ones
-first) instead of a persistent loop, leaving the balancing to the hardware's block scheduler; ``WS`` adds Triton's
-warp specialization to launches with both operands on TMA (``num_warps=4``, row blocks of 64+; not in a merged
-launch).
+``TMA_B`` reads the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it
+by value as a kernel argument, so a captured CUDA graph replays it with nothing to allocate; a device-built
+descriptor would need ``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden
+rows are gathered by token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the
+expert-sorted order (``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its
+activations in that order, for the down GEMM's descriptor; ``TMA_ACT`` does the latter alone (no copy: the gate_up
+GEMM gathers its rows by pointers and writes its activations in the sorted order, the down GEMM reads them by TMA).
+``PERSISTENT`` runs a fixed grid (one program per SM) over the tiles the block table says exist; ``MERGE`` runs both
+tile classes of a GEMM in one such launch (the hot experts' wide tiles first, then the narrow ones, each with its
+own tile sizes: ``_moe_gemm_merged_kernel``), so that under skewed routing the narrow tiles fill the SMs the few
+wide ones leave idle; ``MERGE_GRID`` does the same with one program per possible tile (hot ones first) instead of a
+persistent loop, leaving the balancing to the hardware's block scheduler; ``WS`` adds Triton's warp specialization
+to launches with both operands on TMA (``num_warps=4``, row blocks of 64+; not in a merged launch).
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
@@ -618,7 +617,8 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     """What config ``cfg``'s fields (default 0) turn on here: ``tma_a``, ``tma_act``, ``tma_b``, ``persistent``,
     ``ws``. A config is a hint: the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor
     can cover, else they are off; TMA_A implies TMA_ACT (the activations in the sorted order); MERGE (both tile
-    classes in one persistent launch, when there are two) means PERSISTENT for a single class; WS needs TMA_B and
+    classes in one persistent launch, when there are two) means PERSISTENT for a single class, MERGE_GRID (the
+    same without the persistent loop) plain launches; WS needs TMA_B and
     takes the launches whose A is on TMA too (and, on the GPU, takes effect only with ``num_warps=4``: one
     consumer warp group)."""
     on = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
