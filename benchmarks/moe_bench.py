@@ -79,10 +79,16 @@ HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, 
              _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
 
 
+def flag_candidates(in_force: dict, hot: dict, flag_sets) -> list[tuple[str, dict]]:
+    """(name, config): ``in_force`` with each field set of ``flag_sets`` and the hot experts' tiles ``hot`` (given
+    explicitly: a config passed to fused_moe gets no hot class otherwise)."""
+    return [("+".join(f), dict(in_force, hot=hot, **f)) for f in flag_sets]
+
+
 def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     """(name, config) of the Hopper variants for a case whose config in force is ``in_force`` and whose hot
-    experts' tiles are ``hot`` (given explicitly: a config passed to fused_moe gets no hot class otherwise)."""
-    out = [("+".join(f), dict(in_force, hot=hot, **f)) for f in HOPPER_FLAGS]
+    experts' tiles are ``hot``: :data:`HOPPER_FLAGS`, then the warp-specialized configs."""
+    out = flag_candidates(in_force, hot, HOPPER_FLAGS)
     out += [(f"ws{i}:" + "+".join(k for k in tuning.FLAGS if k != "WS" and c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
     return out
@@ -348,16 +354,15 @@ def main(argv=None):
                 if args.candidates and rows >= args.candidates_from:
                     if "extra" in args.candidate_sets and rt == "uniform":
                         cands += [("extra", c) for c in EXTRA if c != src]
-                    if "hopper" in args.candidate_sets and rt in args.candidates_routings:
+                    if rt in args.candidates_routings:  # the sets built around the hot experts' tiles
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
-                        cands += hopper_candidates(src, hot)
-                    if "merge" in args.candidate_sets and rt in args.candidates_routings:
-                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
-                        cands += [("+".join(f), dict(src, hot=hot, **f)) for f in MERGE_FLAGS]
-                    if "hot" in args.candidate_sets and rt in args.candidates_routings:
-                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
-                        tiers = (hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS))["tiers"]
-                        cands += hot_candidates(src, hot, tiers, dtype, x.device)
+                        if "hopper" in args.candidate_sets:
+                            cands += hopper_candidates(src, hot)
+                        if "merge" in args.candidate_sets:
+                            cands += flag_candidates(src, hot, MERGE_FLAGS)
+                        if "hot" in args.candidate_sets:
+                            table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
+                            cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
                 # first, then one is started only when the budget still holds the slowest one so far.
                 warmed = set()

@@ -112,3 +112,13 @@ def test_routing_on_the_generators_device(skewed):
     assert w.shape == ids.shape == (64, 2) and ids.device.type == "cpu"
     if skewed:  # expert 0 in nearly every token's top-k
         assert (ids == 0).any(dim=1).float().mean() > 0.9
+
+
+def test_candidate_sets_carry_the_hot_tiles():
+    src, hot = {"BLOCK_M": 16}, {"BLOCK_M": 128}
+    merge = moe_bench.flag_candidates(src, hot, moe_bench.MERGE_FLAGS)
+    assert [name for name, _ in merge] == ["MERGE_GRID", "TMA_B+MERGE_GRID"]
+    assert merge[1][1] == {"BLOCK_M": 16, "hot": hot, "TMA_B": 1, "MERGE_GRID": 1}
+    hopper = moe_bench.hopper_candidates(src, hot)
+    assert hopper[:len(moe_bench.HOPPER_FLAGS)] == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
+    assert all(cfg["hot"] is hot for _, cfg in hopper)
