@@ -171,7 +171,8 @@ def test_fused_moe_hot_experts_get_their_own_tiles(poison, dtype, hot_rows):
 def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monkeypatch):
     """Without a config, a call with enough tokens takes the two-class path (the hot experts' config from
     tuning.hot_config) and matches the reference."""
-    monkeypatch.setattr(tuning, "hot_config", lambda *a: dict(_WIDE))
+    asked = []
+    monkeypatch.setattr(tuning, "hot_config", lambda *a: (asked.append(a), dict(_WIDE))[1])
     monkeypatch.setattr(tuning, "launch_config", lambda *a, **k: dict(_NARROW))
     launched = []
     real = triton_moe._gemm
@@ -184,6 +185,7 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, False)
     _check_moe(out, ref, torch.float32)
     assert sorted(set(launched)) == [(False, 16), (True, 32)]
+    assert asked and all(a[-1] == 40 for a in asked)  # the hot tiles are chosen for this call's token count
 
 
 # ---------------------------------------------------------------- Hopper variants (config fields)
@@ -464,6 +466,23 @@ def test_card_with_a_table_never_autotunes(fake_card):
     assert not calls
     assert any(card in line and "shipped table" in line for line in tuning.describe("cuda"))
     assert any("precompile: every token bucket up to 8192" in line for line in tuning.describe("cuda"))
+
+
+def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
+    """Up to HOT_SMALL_TOKENS tokens a hot expert holds few rows: on the H100's table (and the generic tiers) it gets
+    64-row blocks with 64-wide gate_up and 128-wide down tiles (more programs); larger calls, and the H200's table,
+    keep the 128-row tiles of HOT_LOAD rows per expert."""
+    monkeypatch.setattr(tuning, "_hot_memo", {})
+    cuda = torch.device("cuda")
+    shape = (torch.bfloat16, 256, 8, 7168, 512)
+    for card, small_m in (("NVIDIA H100 80GB HBM3", 64), ("NVIDIA H200", 128), ("Some Future GPU", 64)):
+        fake_card(card)
+        small = tuning.hot_config(cuda, *shape, tuning.HOT_SMALL_TOKENS)
+        large = tuning.hot_config(cuda, *shape, tuning.HOT_SMALL_TOKENS + 1)
+        assert (small["BLOCK_M"], large["BLOCK_M"]) == (small_m, 128), card
+        assert tuning.hot_config(cuda, *shape) == large  # no token count: the heavy load's tiles
+        if small_m == 64:
+            assert (small["up"]["BLOCK_N"], small["down"]["BLOCK_N"]) == (64, 128)
 
 
 def test_info_says_when_precompile_is_off(fake_card, monkeypatch):

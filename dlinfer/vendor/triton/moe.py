@@ -23,7 +23,7 @@ atomics):
 Row-count-aware tiles: the host picks tiles from the mean load, but under skewed routing a few experts hold many
 rows. When an expert could (``T >= hot_rows``), the scatter kernel classes each expert on the device by its row
 count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM launches with the wide tiles of
-a heavy load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
+a heavier load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
 so nothing waits on the host and the call stays capturable.
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
@@ -665,11 +665,11 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     cfg = config
     block_m = cfg["BLOCK_M"]
     # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
-    # hold at least ``hot_rows`` rows get the wide tiles of a heavy load instead, in a second pair of GEMM
-    # launches; an expert holds at most ``tokens`` rows, so small calls never need it.
+    # hold at least ``hot_rows`` rows get the wider tiles of a heavier load instead (``tuning.hot_load``), in a
+    # second pair of GEMM launches; an expert holds at most ``tokens`` rows, so small calls never need it.
     hot_cfg = cfg.get("hot") if "hot" in cfg else (
-        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter) if config_given is None
-        else None)
+        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens)
+        if config_given is None else None)
     hot_rows = 0
     if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
         hot_rows = cfg.get("hot_rows", hot_cfg["BLOCK_M"])
@@ -854,10 +854,10 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     dtype = dtype or gate_up_weights.dtype
     device = gate_up_weights.device
     card = tuning.card_name(device)
-    hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2)
 
     def run_bucket(tokens):
         cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device)[0]
+        hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2, tokens)
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
 

@@ -230,7 +230,7 @@ _lock = threading.Lock()
 # (card, key) -> (config, source, settled): what is in force in this process; not settled = the generic fallback
 # of a card without a table while autotune was off (a later call with autotune on still tunes that bucket).
 _memo: dict[tuple, tuple[dict, str, bool]] = {}
-_hot_memo: dict[tuple, dict] = {}  # (card, dtype, E, topk, hidden, inter) -> the hot experts' config
+_hot_memo: dict[tuple, dict] = {}  # (card, dtype, E, topk, hidden, inter, rows per expert) -> hot experts' config
 _disk: dict[str, dict] = {}  # card -> its cache file's entries (read once per process)
 
 
@@ -374,19 +374,33 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
 PRECOMPILE_MIN_TOKENS = 8192
 
 # Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
-# with the config this card uses at HOT_LOAD rows per expert (tables, cache or generic tiers; never autotuned for
-# this, as the call's own tensors have another load).
+# with the config this card uses at ``hot_load(tokens)`` rows per expert (tables, cache or generic tiers; never
+# autotuned for this, as the call's own tensors have another load): HOT_LOAD rows, except in calls of at most
+# HOT_SMALL_TOKENS tokens. There a hot expert holds at most that many rows, and a few such experts on the widest
+# tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256 over K = 7168), so they
+# get the tiles of HOT_SMALL_LOAD rows per expert: more, narrower programs. Measured on an H100 under skewed routing
+# (E256 top-8 and E128 top-8 at T=256 and 512: 1.04-1.11x the 512-row tiles, CUDA-graph replay); the H200's table
+# maps 128 rows per expert to the same tiles as 512, so that card keeps its measured hot tiles.
 HOT_LOAD = 512
+HOT_SMALL_TOKENS = 512
+HOT_SMALL_LOAD = 128
 
 
-def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int) -> dict:
-    """The config of the hot experts' GEMMs for this problem on ``device``."""
+def hot_load(tokens: int | None) -> int:
+    """Rows per expert whose config serves the hot experts of a call of ``tokens`` tokens (None: any count)."""
+    return HOT_SMALL_LOAD if tokens is not None and tokens <= HOT_SMALL_TOKENS else HOT_LOAD
+
+
+def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int | None = None) -> dict:
+    """The config of the hot experts' GEMMs for a call of ``tokens`` tokens of this problem on ``device`` (see
+    :func:`hot_load`)."""
     card = card_name(device)
-    key = (card, dtype, experts, topk, hidden, inter)
+    load = hot_load(tokens)
+    key = (card, dtype, experts, topk, hidden, inter, load)
     hit = _hot_memo.get(key)
     if hit is None:
-        tokens = max(1, HOT_LOAD * experts // max(topk, 1))
-        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, tokens, device)[0]
+        bucket = max(1, load * experts // max(topk, 1))
+        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device)[0]
     return hit
 
 
