@@ -26,6 +26,13 @@ checked before every case and every candidate. Each candidate compiles its own k
 and a candidate is started only if the budget still holds the slowest timed one so far (``COLD_CANDIDATE_S`` for
 one the workers did not reach); the others are skipped and counted.
 
+Roofline per case (:func:`moe_bytes`, :func:`roofline`): from the routing used, the experts touched (with at least
+one token), the bytes of their weights read once plus the input, the output and the intermediate activation
+(written and read once): the least any fused MoE must move; against the copy bandwidth and bf16 matmul peak
+measured at the start (``timing.measure_ceilings``, as the other benchmarks), the time bound (memory or compute,
+the larger) and each kernel's share of it. The case line shows ``touched 3/8  bound 12.3us  dl 62% pk 71%``; two
+tables follow the speed table.
+
 ``--graph-check`` first runs every Hopper variant (and the plain kernel) captured once in a CUDA graph and replayed
 on new inputs and routings (uniform and skewed, written into the captured buffers), each replay against the
 reference vendor: the descriptors and grids captured must serve any routing of the same shape.
@@ -125,6 +132,32 @@ def routing(tokens, experts, topk, skewed, gen):
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def moe_bytes(topk_ids: torch.Tensor, hidden: int, inter: int, elem_size: int = 2) -> dict:
+    """The least bytes a fused MoE on the routing ``topk_ids`` ([tokens, topk]) must move: each expert that gets a
+    token reads its gate_up ([2 * inter, hidden]) and down ([hidden, inter]) weights once (``weight_bytes``); the
+    input and the output (tokens x hidden) and the intermediate activation (tokens x topk x inter, written once and
+    read once) add to that in ``min_bytes``. All at ``elem_size`` bytes an element; the routing weights and ids are
+    left out (a few bytes a token), and so is a kernel's wider gate_up output (2 x inter): a floor, not a model."""
+    tokens, topk = topk_ids.shape
+    touched = int(torch.unique(topk_ids).numel())
+    weight_bytes = touched * (2 * inter * hidden + hidden * inter) * elem_size
+    act_bytes = (2 * tokens * hidden + 2 * tokens * topk * inter) * elem_size
+    return dict(experts_touched=touched, weight_bytes=weight_bytes, min_bytes=weight_bytes + act_bytes)
+
+
+def roofline(min_bytes: int, flops: float, dlinfer_us: float, peer_us: float, copy_gbps: float,
+             matmul_tflops: float) -> dict:
+    """``min_bytes`` (:func:`moe_bytes`) over each time (GB/s), and the time bound ``bound_us``: the larger of the
+    bytes at the copy bandwidth ``copy_gbps`` (bytes read + written, :func:`timing.measure_ceilings`) and the
+    ``flops`` at the bf16 matmul peak ``matmul_tflops`` (``bound``: which one), with each kernel's share of it
+    (bound / its time; 1.0 = at the ceiling)."""
+    mem_us, flop_us = min_bytes / copy_gbps / 1e3, flops / matmul_tflops / 1e6
+    bound_us = max(mem_us, flop_us)
+    return dict(dlinfer_gbps=min_bytes / dlinfer_us / 1e3, peer_gbps=min_bytes / peer_us / 1e3, copy_gbps=copy_gbps,
+                matmul_tflops=matmul_tflops, bound_us=bound_us, bound="memory" if mem_us >= flop_us else "compute",
+                dlinfer_of_bound=bound_us / dlinfer_us, peer_of_bound=bound_us / peer_us)
 
 
 def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3) -> int:
@@ -299,12 +332,17 @@ def main(argv=None):
     dtype = torch.bfloat16
     flush = timing.Flusher("cuda")
     lmd = peers.load_lmdeploy()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache=str(tuning.cache_dir()),
-                  cases=[], skipped=[])
-    print(f"{result['device']}  torch {torch.__version__}  tuning: " + " | ".join(tuning.describe()), flush=True)
 
     def gpu_us(fn):
         return timing.graph_gpu_time(fn, flush, reps=10, target_us=2000).us
+
+    ceilings = timing.measure_ceilings("cuda", copy_gib=2)  # as the other benchmarks measure them
+    copy_gbps, matmul_tflops = ceilings.copy_gbps, ceilings.matmul_tflops
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache=str(tuning.cache_dir()),
+                  ceilings=ceilings.to_dict(), cases=[], skipped=[])
+    print(f"{result['device']}  torch {torch.__version__}  copy {copy_gbps:.0f} GB/s  bf16 matmul "
+          f"{matmul_tflops:.0f} TFLOP/s  tuning: "
+          + " | ".join(tuning.describe()), flush=True)
 
     for name, experts, topk, hidden, inter in SHAPES:
         if name not in args.shapes:
@@ -341,21 +379,26 @@ def main(argv=None):
                 src = tuning.launch_config(x.device, dtype, experts, topk, hidden, inter, tokens)
                 in_force = [ln for ln in tuning.describe() if tuning.shape_key(dtype, experts, topk, hidden, inter,
                                                                                tokens) in ln]
+                nbytes = moe_bytes(ti, hidden, inter, w_up.element_size())  # the routing used, for the roofline
                 case = dict(shape=name, experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
                             routing=rt, max_load_x_mean=round(float(load.max() / load.mean()), 2),
                             rel_err=err, peer_rel_err=peer_err, peer_us=peer_us, dlinfer_us=our_us,
                             speed=peer_us / our_us, config=src, source=in_force, first_call_s=round(first_s, 2),
-                            tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, extra=[])
+                            tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, **nbytes,
+                            **roofline(nbytes["min_bytes"], 6.0 * tokens * topk * hidden * inter, our_us, peer_us,
+                                       copy_gbps, matmul_tflops), extra=[])
                 print(f"{name:7s} T={tokens:5d} {rt:7s} load {case['max_load_x_mean']:5.1f}x  peer {peer_us:8.1f} "
                       f"dlinfer {our_us:8.1f} us  {case['speed']:.2f}x  err {err:.1e} (peer {peer_err:.1e})  "
-                      f"first call {first_s:.1f}s", flush=True)
+                      f"first call {first_s:.1f}s  touched {case['experts_touched']}/{experts}  bound "
+                      f"{case['bound_us']:.1f}us ({case['bound']})  dl {case['dlinfer_of_bound']:.0%} pk {case['peer_of_bound']:.0%}",
+                      flush=True)
                 rows = tokens * topk / experts
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
                     if "extra" in args.candidate_sets and rt == "uniform":
                         cands += [("extra", c) for c in EXTRA if c != src]
                     if rt in args.candidates_routings:  # the sets built around the hot experts' tiles
-                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter)
+                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter, tokens)
                         if "hopper" in args.candidate_sets:
                             cands += hopper_candidates(src, hot)
                         if "merge" in args.candidate_sets:
@@ -413,13 +456,18 @@ def main(argv=None):
         if hidden_table is not None:
             tuning.TABLES[card] = hidden_table
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nfused_moe speed vs LMDeploy (peer us / dlinfer us), {result['device']}:")
-    for rt in args.routings:
-        print(f"  {rt:8s}" + "".join(f"{t:>7d}" for t in args.tokens))
-        for name, *_ in SHAPES:
-            row = {c["tokens"]: c["speed"] for c in result["cases"] if c["shape"] == name and c["routing"] == rt}
-            if row:
-                print(f"  {name:8s}" + "".join(f"{row[t]:7.2f}" if t in row else "      -" for t in args.tokens))
+    tables = [("speed", "{:7.2f}", f"fused_moe speed vs LMDeploy (peer us / dlinfer us), {result['device']}:")]
+    tables += [(f"{who}_of_bound", "{:7.0%}", (f"{title} at the roofline (bound us / {who} us; copy "
+                f"{copy_gbps:.0f} GB/s, matmul {matmul_tflops:.0f} TFLOP/s):")) for who, title in (("dlinfer", "dlinfer"), ("peer", "LMDeploy"))]
+    for key, fmt, title in tables:
+        print(f"\n{title}")
+        for rt in args.routings:
+            print(f"  {rt:8s}" + "".join(f"{t:>7d}" for t in args.tokens))
+            for name, *_ in SHAPES:
+                row = {c["tokens"]: c[key] for c in result["cases"] if c["shape"] == name and c["routing"] == rt}
+                if row:
+                    print(f"  {name:8s}" + "".join(fmt.format(row[t]) if t in row else "      -"
+                                                   for t in args.tokens))
     if not result["cases"]:
         print("no case ran")
         return 1

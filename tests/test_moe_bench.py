@@ -1,4 +1,5 @@
-"""benchmarks/moe_bench.py on the CPU: the parallel compile of a case's candidates (the GPU timing needs a GPU)."""
+"""benchmarks/moe_bench.py on the CPU: the parallel compile of a case's candidates and the memory roofline's byte
+count (the GPU timing needs a GPU)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,29 @@ def test_candidate_sets_carry_the_hot_tiles():
     hopper = moe_bench.hopper_candidates(src, hot)
     assert hopper[:len(moe_bench.HOPPER_FLAGS)] == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
     assert all(cfg["hot"] is hot for _, cfg in hopper)
+
+
+def test_moe_bytes_counts_the_touched_experts_once():
+    ids = torch.tensor([[0, 3], [3, 5], [5, 0], [0, 3]])  # 4 tokens, top-2: experts 0, 3, 5 of 8 touched
+    got = moe_bench.moe_bytes(ids, hidden=32, inter=16, elem_size=2)
+    weights = 3 * (2 * 16 * 32 + 32 * 16) * 2  # gate_up [32, 32] + down [32, 16] per touched expert, bf16
+    acts = (4 * 32 + 4 * 32 + 2 * 4 * 2 * 16) * 2  # input, output, intermediate written and read
+    assert got == dict(experts_touched=3, weight_bytes=weights, min_bytes=weights + acts)
+    assert (weights, acts) == (9216, 1024)
+    one = moe_bench.moe_bytes(torch.tensor([[7]]), hidden=32, inter=16, elem_size=4)  # one token, fp32
+    assert one == dict(experts_touched=1, weight_bytes=1536 * 4, min_bytes=(1536 + 64 + 32) * 4)
+
+
+def test_roofline_shares_of_the_bound():
+    # 3 MB at 3000 GB/s: 1 us; 1e8 flop at 1000 TFLOP/s: 0.1 us -> memory-bound
+    r = moe_bench.roofline(min_bytes=3_000_000, flops=1e8, dlinfer_us=2.0, peer_us=4.0, copy_gbps=3000.0,
+                           matmul_tflops=1000.0)
+    bound = r.pop("bound")
+    assert bound == "memory"
+    assert r == pytest.approx(dict(dlinfer_gbps=1500.0, peer_gbps=750.0, copy_gbps=3000.0, matmul_tflops=1000.0,
+                                   bound_us=1.0, dlinfer_of_bound=0.5, peer_of_bound=0.25))
+    # 4e9 flop at 1000 TFLOP/s: 4 us -> compute-bound
+    r = moe_bench.roofline(min_bytes=3_000_000, flops=4e9, dlinfer_us=8.0, peer_us=4.0, copy_gbps=3000.0,
+                           matmul_tflops=1000.0)
+    assert r["bound"] == "compute" and r["bound_us"] == pytest.approx(4.0)
+    assert (r["dlinfer_of_bound"], r["peer_of_bound"]) == pytest.approx((0.5, 1.0))
