@@ -350,6 +350,42 @@ def test_fused_moe_new_routing(triton_vendor, experts, topk, hidden, inter):
                        reference=lambda: ref_moe.fused_moe(x, gate_up, down, topk_w, topk_ids, True))
 
 
+@pytest.mark.parametrize("hot_stream", ["1", "0"])
+def test_fused_moe_hot_experts_new_routing(triton_vendor, monkeypatch, hot_stream):
+    """Enough tokens and a skewed routing for the hot experts' own GEMMs (on their own stream, or after the others
+    with DLINFER_MOE_HOT_STREAM=0): the captured call replays new skewed routings like the reference."""
+    from dlinfer.vendor.triton import moe as triton_moe
+
+    require(triton_vendor, "fused_moe")
+    monkeypatch.setenv("DLINFER_MOE_HOT_STREAM", hot_stream)
+    launched = []
+    real = triton_moe._gemm
+    monkeypatch.setattr(triton_moe, "_gemm", lambda *a, **k: (
+        launched.append((k["hot"], torch.cuda.current_stream().cuda_stream)), real(*a, **k))[1])
+    dtype = torch.bfloat16
+    g = gen(77)
+    experts, topk, hidden, inter, tokens = 128, 4, 256, 192, 300
+    x = randn(g, tokens, hidden, dtype=dtype)
+    gate_up = randn(g, experts, 2 * inter, hidden, dtype=dtype, scale=hidden ** -0.5)
+    down = randn(g, experts, hidden, inter, dtype=dtype, scale=inter ** -0.5)
+
+    def routing():
+        logits = randn(g, tokens, experts)
+        logits[:, int(torch.randint(experts, (1,), generator=g, device=DEV))] += 8.0  # one hot expert
+        w, ids = torch.topk(torch.softmax(logits, -1), topk, dim=-1)
+        return w, ids
+
+    w0, ids0 = routing()
+    topk_w, topk_ids = w0.clone(), ids0.clone()
+    graph, out = capture(lambda: ops.fused_moe(x, gate_up, down, topk_w, topk_ids, topk, True))
+    hot = {stream for is_hot, stream in launched if is_hot}
+    narrow = {stream for is_hot, stream in launched if not is_hot}
+    assert hot, "no hot-expert GEMM was launched: the test does not reach the path it checks"
+    assert hot.isdisjoint(narrow) == (hot_stream == "1"), (hot, narrow)  # on the side stream, or on the caller's
+    replay_new_routing(graph, out, g, x, topk_w, topk_ids, routing, "fused_moe (hot experts)", scale=1.5,
+                       reference=lambda: ref_moe.fused_moe(x, gate_up, down, topk_w, topk_ids, True))
+
+
 def replay_new_routing(graph, out, g, x, topk_w, topk_ids, routing, what, reference, scale=1.0) -> None:
     """Replay a captured MoE call on new routing (once with every token on the same experts) and new inputs."""
     for i in range(REPLAYS):

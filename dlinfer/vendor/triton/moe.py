@@ -24,7 +24,10 @@ Row-count-aware tiles: the host picks tiles from the mean load, but under skewed
 rows. When an expert could (``T >= hot_rows``), the scatter kernel classes each expert on the device by its row
 count, and the experts holding ``>= hot_rows`` rows run on a second pair of GEMM launches with the wide tiles of
 a heavier load (``tuning.hot_config``); the others keep the narrow tiles. The grids are sized for the worst case,
-so nothing waits on the host and the call stays capturable.
+so nothing waits on the host and the call stays capturable. With ``DLINFER_MOE_HOT_STREAM=1`` (off by default
+until timed on a GPU) the hot pair runs beside the others on a second, higher-priority CUDA stream (forked after
+the sort, joined before the combine; two branches of a captured CUDA graph), so that the few long hot tiles overlap
+the many short ones instead of running after them.
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
 ``WS``, all 0 unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off):
@@ -735,19 +738,56 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
                          persistent=bool(cfg.get("MERGE", 0)))
         classes = []  # served
     flags = dict(tma_b=tma_b, persistent=hopper["persistent"], ws=hopper["ws"])
-    for hot, bm, blocks, c in classes:
+
+    def up(hot, bm, blocks, c):
         _gemm(x, w_up, act, sorted_rows, meta, n_out=inter, k_dim=hidden, a_row_div=topk, up_offset=inter,
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=True, cfg=c["up"],
               a_sorted=x_sorted, sorted_out=tma_act, **flags)
-    for hot, bm, blocks, c in classes:
+
+    def down(hot, bm, blocks, c):
         _gemm(act, w_down, y, sorted_rows, meta, n_out=hidden, k_dim=inter, a_row_div=1, up_offset=0,
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"],
               a_sorted=act if tma_act else None, **flags)
+
+    side = _hot_stream(device) if len(classes) == 2 else None
+    if side is not None:
+        # The two classes read and write disjoint rows: the hot experts' GEMMs run beside the others on a
+        # higher-priority stream (forked after the sort, joined before the combine; inside a CUDA graph capture,
+        # two branches), so the few long hot tiles start first and the narrow ones fill the SMs around them.
+        main = torch.cuda.current_stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            up(*classes[1])
+            down(*classes[1])
+        up(*classes[0])
+        down(*classes[0])
+        main.wait_stream(side)
+    else:
+        for cls in classes:
+            up(*cls)
+        for cls in classes:
+            down(*cls)
     block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
         RENORMALIZE=renormalize, KB=next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
     return out
+
+
+_hot_streams: dict[int, torch.cuda.Stream] = {}  # device index -> the hot experts' stream
+
+
+def _hot_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream the hot experts' GEMMs run on beside the others (``DLINFER_MOE_HOT_STREAM``), or None: on the
+    caller's stream after the others (off, not CUDA, or a CUDA graph being captured before the stream exists: the
+    stream is made at an eager call, as creating one is not a capturable operation)."""
+    if device.type != "cuda" or not settings.flag("DLINFER_MOE_HOT_STREAM"):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _hot_streams.get(index)
+    if stream is None and not torch.cuda.is_current_stream_capturing():
+        stream = _hot_streams[index] = torch.cuda.Stream(device=index, priority=-1)  # -1: higher than the default
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------- precompile
