@@ -355,6 +355,7 @@ def main(argv=None) -> int:
             paged_prefill(rows, flush, peer, {int(b) for b in args.batches.split(",") if b})
         else:
             prefill(rows, flush, peer)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "tune_attention.json").write_text(json.dumps(rows, indent=1))
     return 0
 
