@@ -16,7 +16,9 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
   before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
   narrower hot-expert tiles and without a hot class (``hot_candidates``), ``merge`` the config in force with both
-  tile classes in one launch of one program per tile (``MERGE_FLAGS``); routings of ``--candidates-routings``.
+  tile classes in one launch of one program per tile (``MERGE_FLAGS``), ``stream`` the config in force with the
+  hot experts' GEMMs beside the others on their own stream and after them (``STREAM_FLAGS``: the same kernels, so
+  nothing to compile); routings of ``--candidates-routings``.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -81,6 +83,7 @@ HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1),
 # Both tile classes in one launch of one program per possible tile (hot tiles first): the block scheduler balances
 # the long hot tiles against the short ones, which a persistent MERGE loop's round-robin does not.
 MERGE_FLAGS = [dict(MERGE_GRID=1), dict(TMA_B=1, MERGE_GRID=1)]
+STREAM_FLAGS = [dict(HOT_STREAM=1), dict(HOT_STREAM=0)]  # the hot experts' GEMMs beside the others, or after them
 HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
              _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_ACT=1, TMA_B=1, WS=1),
              _cfg(64, (128, 64, 8, 4, 3), (128, 64, 8, 4, 3), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
@@ -311,7 +314,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "hot", "merge"],
+                    choices=["extra", "hopper", "hot", "merge", "stream"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -403,6 +406,8 @@ def main(argv=None):
                             cands += hopper_candidates(src, hot)
                         if "merge" in args.candidate_sets:
                             cands += flag_candidates(src, hot, MERGE_FLAGS)
+                        if "stream" in args.candidate_sets:
+                            cands += flag_candidates(src, hot, STREAM_FLAGS)
                         if "hot" in args.candidate_sets:
                             table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)

@@ -123,6 +123,8 @@ def test_candidate_sets_carry_the_hot_tiles():
     hopper = moe_bench.hopper_candidates(src, hot)
     assert hopper[:len(moe_bench.HOPPER_FLAGS)] == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
     assert all(cfg["hot"] is hot for _, cfg in hopper)
+    stream = moe_bench.flag_candidates(src, hot, moe_bench.STREAM_FLAGS)
+    assert [cfg.get("HOT_STREAM") for _, cfg in stream] == [1, 0] and all(cfg["hot"] is hot for _, cfg in stream)
 
 
 def test_moe_bytes_counts_the_touched_experts_once():

@@ -328,6 +328,8 @@ def test_config_fields_are_checked():
         tuning._cfg(16, (32, 64, 1, 4, 2), (32, 64, 1, 4, 2), TMA_C=1)
     good = tuning._cfg(16, (32, 64, 1, 4, 2), (32, 64, 1, 4, 2), PERSISTENT=1)
     assert tuning._valid(good) and not tuning._valid(dict(good, PERSISTENT=2))
+    assert tuning._valid(dict(good, HOT_STREAM=1)) and not tuning._valid(dict(good, HOT_STREAM=2))
+    assert triton_moe._hot_stream(torch.device("cpu"), 1) is None  # streams are CUDA's: one stream elsewhere
 
 
 @pytest.mark.parametrize("max_chunk,chunks_per_step", [(16, 2), (32, 64)])

@@ -27,7 +27,7 @@ a heavier load (``tuning.hot_config``); the others keep the narrow tiles. The gr
 so nothing waits on the host and the call stays capturable. With ``DLINFER_MOE_HOT_STREAM=1`` (off by default
 until timed on a GPU) the hot pair runs beside the others on a second, higher-priority CUDA stream (forked after
 the sort, joined before the combine; two branches of a captured CUDA graph), so that the few long hot tiles overlap
-the many short ones instead of running after them.
+the many short ones instead of running after them; a config's ``HOT_STREAM`` field (0/1) overrides the setting.
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
 ``WS``, all 0 unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off):
@@ -749,7 +749,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"],
               a_sorted=act if tma_act else None, **flags)
 
-    side = _hot_stream(device) if len(classes) == 2 else None
+    side = _hot_stream(device, cfg.get("HOT_STREAM")) if len(classes) == 2 else None
     if side is not None:
         # The two classes read and write disjoint rows: the hot experts' GEMMs run beside the others on a
         # higher-priority stream (forked after the sort, joined before the combine; inside a CUDA graph capture,
@@ -777,11 +777,13 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
 _hot_streams: dict[int, torch.cuda.Stream] = {}  # device index -> the hot experts' stream
 
 
-def _hot_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream the hot experts' GEMMs run on beside the others (``DLINFER_MOE_HOT_STREAM``), or None: on the
-    caller's stream after the others (off, not CUDA, or a CUDA graph being captured before the stream exists: the
-    stream is made at an eager call, as creating one is not a capturable operation)."""
-    if device.type != "cuda" or not settings.flag("DLINFER_MOE_HOT_STREAM"):
+def _hot_stream(device: torch.device, want: int | None = None) -> torch.cuda.Stream | None:
+    """The stream the hot experts' GEMMs run on beside the others (``want``: the config's ``HOT_STREAM`` field;
+    absent, ``DLINFER_MOE_HOT_STREAM``), or None: on the caller's stream after the others (off, not CUDA, or a CUDA
+    graph being captured before the stream exists: the stream is made at an eager call, as creating one is not a
+    capturable operation)."""
+    on = settings.flag("DLINFER_MOE_HOT_STREAM") if want is None else bool(want)
+    if device.type != "cuda" or not on:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _hot_streams.get(index)

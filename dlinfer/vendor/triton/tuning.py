@@ -40,8 +40,9 @@ logger = logging.getLogger("dlinfer")
 # ---------------------------------------------------------------------------------------------- shipped tables
 
 
-# Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
-FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID")
+# Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0; and HOT_STREAM (the hot
+# experts' GEMMs on their own stream), absent = the DLINFER_MOE_HOT_STREAM setting.
+FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID", "HOT_STREAM")
 
 
 def _cfg(block_m, up, down, **flags):
