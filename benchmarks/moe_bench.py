@@ -393,7 +393,8 @@ def main(argv=None):
                 print(f"{name:7s} T={tokens:5d} {rt:7s} load {case['max_load_x_mean']:5.1f}x  peer {peer_us:8.1f} "
                       f"dlinfer {our_us:8.1f} us  {case['speed']:.2f}x  err {err:.1e} (peer {peer_err:.1e})  "
                       f"first call {first_s:.1f}s  touched {case['experts_touched']}/{experts}  bound "
-                      f"{case['bound_us']:.1f}us ({case['bound']})  dl {case['dlinfer_of_bound']:.0%} pk {case['peer_of_bound']:.0%}",
+                      f"{case['bound_us']:.1f}us ({case['bound']})  dl {case['dlinfer_of_bound']:.0%} "
+                      f"pk {case['peer_of_bound']:.0%}",
                       flush=True)
                 rows = tokens * topk / experts
                 cands = []
@@ -401,13 +402,14 @@ def main(argv=None):
                     if "extra" in args.candidate_sets and rt == "uniform":
                         cands += [("extra", c) for c in EXTRA if c != src]
                     if rt in args.candidates_routings:  # the sets built around the hot experts' tiles
-                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter, tokens)
+                        hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter, tokens,
+                                                above=src["BLOCK_M"])
                         if "hopper" in args.candidate_sets:
                             cands += hopper_candidates(src, hot)
                         if "merge" in args.candidate_sets:
                             cands += flag_candidates(src, hot, MERGE_FLAGS)
-                        if "stream" in args.candidate_sets:
-                            cands += flag_candidates(src, hot, STREAM_FLAGS)
+                        if "stream" in args.candidate_sets and src["BLOCK_M"] < hot["BLOCK_M"] <= tokens:
+                            cands += flag_candidates(src, hot, STREAM_FLAGS)  # only where there is a hot class
                         if "hot" in args.candidate_sets:
                             table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
@@ -462,8 +464,9 @@ def main(argv=None):
             tuning.TABLES[card] = hidden_table
     Path(args.out).write_text(json.dumps(result, indent=1))
     tables = [("speed", "{:7.2f}", f"fused_moe speed vs LMDeploy (peer us / dlinfer us), {result['device']}:")]
-    tables += [(f"{who}_of_bound", "{:7.0%}", (f"{title} at the roofline (bound us / {who} us; copy "
-                f"{copy_gbps:.0f} GB/s, matmul {matmul_tflops:.0f} TFLOP/s):")) for who, title in (("dlinfer", "dlinfer"), ("peer", "LMDeploy"))]
+    ceiling = f"copy {copy_gbps:.0f} GB/s, matmul {matmul_tflops:.0f} TFLOP/s"
+    tables += [(f"{who}_of_bound", "{:7.0%}", f"{title} at the roofline (bound us / {who} us; {ceiling}):")
+               for who, title in (("dlinfer", "dlinfer"), ("peer", "LMDeploy"))]
     for key, fmt, title in tables:
         print(f"\n{title}")
         for rt in args.routings:

@@ -237,8 +237,8 @@ def moe_launches(exhaustive: bool):
     for dtype in DTYPES + ((torch.float16,) if exhaustive else ()):
         for experts, topk, hidden, inter in MOE_SHAPES:
             for tokens in MOE_TOKENS:
-                hot_cfg = tuning.hot_config(cuda, dtype, experts, topk, hidden, inter, tokens)
                 cfg = tuning.launch_config(cuda, dtype, experts, topk, hidden, inter, tokens)
+                hot_cfg = tuning.hot_config(cuda, dtype, experts, topk, hidden, inter, tokens, above=cfg["BLOCK_M"])
                 for hot, block_m, c in _moe_classes(cfg, hot_cfg, tokens):
                     yield _moe_gemm(c, block_m, "up", dtype, hot, experts, hidden, False)
                     yield _moe_gemm(c, block_m, "down", dtype, hot, experts, inter, False)

@@ -172,7 +172,7 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     """Without a config, a call with enough tokens takes the two-class path (the hot experts' config from
     tuning.hot_config) and matches the reference."""
     asked = []
-    monkeypatch.setattr(tuning, "hot_config", lambda *a: (asked.append(a), dict(_WIDE))[1])
+    monkeypatch.setattr(tuning, "hot_config", lambda *a, **k: (asked.append((a, k)), dict(_WIDE))[1])
     monkeypatch.setattr(tuning, "launch_config", lambda *a, **k: dict(_NARROW))
     launched = []
     real = triton_moe._gemm
@@ -185,7 +185,8 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, False)
     _check_moe(out, ref, torch.float32)
     assert sorted(set(launched)) == [(False, 16), (True, 32)]
-    assert asked and all(a[-1] == 40 for a in asked)  # the hot tiles are chosen for this call's token count
+    # the hot tiles are chosen for this call's token count, above its own row block
+    assert asked and all(a[-1] == 40 and k == {"above": 16} for a, k in asked)
 
 
 # ---------------------------------------------------------------- Hopper variants (config fields)
@@ -471,20 +472,29 @@ def test_card_with_a_table_never_autotunes(fake_card):
 
 
 def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
-    """Up to HOT_SMALL_TOKENS tokens a hot expert holds few rows: on the H100's table (and the generic tiers) it gets
-    64-row blocks with 64-wide gate_up and 128-wide down tiles (more programs); larger calls, and the H200's table,
-    keep the 128-row tiles of HOT_LOAD rows per expert."""
+    """Calls of 128-512 tokens: on the H100's table (and cards without one) the hot experts get 64-row blocks with
+    64-wide gate_up and 128-wide down tiles where those are wider than the call's own row block, else the 128-row
+    tiles of HOT_LOAD rows per expert, as do other calls and every call on the H200's table (its 128-row load would
+    hit other entries of its shape table)."""
     monkeypatch.setattr(tuning, "_hot_memo", {})
     cuda = torch.device("cuda")
-    shape = (torch.bfloat16, 256, 8, 7168, 512)
-    for card, small_m in (("NVIDIA H100 80GB HBM3", 64), ("NVIDIA H200", 128), ("Some Future GPU", 64)):
-        fake_card(card)
-        small = tuning.hot_config(cuda, *shape, tuning.HOT_SMALL_TOKENS)
-        large = tuning.hot_config(cuda, *shape, tuning.HOT_SMALL_TOKENS + 1)
-        assert (small["BLOCK_M"], large["BLOCK_M"]) == (small_m, 128), card
-        assert tuning.hot_config(cuda, *shape) == large  # no token count: the heavy load's tiles
-        if small_m == 64:
-            assert (small["up"]["BLOCK_N"], small["down"]["BLOCK_N"]) == (64, 128)
+    for shape in ((torch.bfloat16, 256, 8, 7168, 512), (torch.bfloat16, 8, 2, 4096, 14336),
+                  (torch.bfloat16, 16, 2, 4096, 6400)):
+        for card, small_m in (("NVIDIA H100 80GB HBM3", 64), ("NVIDIA H200", 128), ("Some Future GPU", 64)):
+            fake_card(card)
+            large = tuning.hot_config(cuda, *shape)  # no token count: HOT_LOAD rows per expert
+            assert large["BLOCK_M"] == 128, card
+            for tokens in (128, 256, 512):
+                small = tuning.hot_config(cuda, *shape, tokens, above=16)
+                assert small["BLOCK_M"] == small_m, (card, tokens)
+                if small_m == 64:
+                    assert (small["up"]["BLOCK_N"], small["down"]["BLOCK_N"]) == (64, 128)
+                else:
+                    assert small == large, (card, shape, tokens)
+                # a call whose own row block is already 64 keeps the 128-row hot tiles (a hot class at all)
+                assert tuning.hot_config(cuda, *shape, tokens, above=64) == large
+            for tokens in (64, 127, 513, 4096):
+                assert tuning.hot_config(cuda, *shape, tokens, above=16) == large, (card, tokens)
 
 
 def test_info_says_when_precompile_is_off(fake_card, monkeypatch):

@@ -668,10 +668,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     cfg = config
     block_m = cfg["BLOCK_M"]
     # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
-    # hold at least ``hot_rows`` rows get the wider tiles of a heavier load instead (``tuning.hot_load``), in a
+    # hold at least ``hot_rows`` rows get the wider tiles of a heavier load instead (``tuning.hot_loads``), in a
     # second pair of GEMM launches; an expert holds at most ``tokens`` rows, so small calls never need it.
     hot_cfg = cfg.get("hot") if "hot" in cfg else (
-        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens)
+        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m)
         if config_given is None else None)
     hot_rows = 0
     if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
@@ -754,7 +754,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         # The two classes read and write disjoint rows: the hot experts' GEMMs run beside the others on a
         # higher-priority stream (forked after the sort, joined before the combine; inside a CUDA graph capture,
         # two branches), so the few long hot tiles start first and the narrow ones fill the SMs around them.
-        main = torch.cuda.current_stream(device)
+        main = torch.cuda.current_stream()  # the stream Triton launches on (the current device's)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             up(*classes[1])
@@ -785,7 +785,7 @@ def _hot_stream(device: torch.device, want: int | None = None) -> torch.cuda.Str
     on = settings.flag("DLINFER_MOE_HOT_STREAM") if want is None else bool(want)
     if device.type != "cuda" or not on:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = torch.cuda.current_device()  # Triton launches on the current device's stream, as the fork does
     stream = _hot_streams.get(index)
     if stream is None and not torch.cuda.is_current_stream_capturing():
         stream = _hot_streams[index] = torch.cuda.Stream(device=index, priority=-1)  # -1: higher than the default
@@ -899,7 +899,7 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
 
     def run_bucket(tokens):
         cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device)[0]
-        hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2, tokens)
+        hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2, tokens, above=cfg["BLOCK_M"])
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
 

@@ -40,17 +40,19 @@ logger = logging.getLogger("dlinfer")
 # ---------------------------------------------------------------------------------------------- shipped tables
 
 
-# Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0; and HOT_STREAM (the hot
-# experts' GEMMs on their own stream), absent = the DLINFER_MOE_HOT_STREAM setting.
-FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID", "HOT_STREAM")
+# Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
+FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID")
+# Every 0/1 config field: the Hopper variants and HOT_STREAM (the hot experts' GEMMs on their own CUDA stream;
+# absent = the DLINFER_MOE_HOT_STREAM setting).
+FIELDS = FLAGS + ("HOT_STREAM",)
 
 
 def _cfg(block_m, up, down, **flags):
-    """``up``/``down`` = (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); ``flags``: :data:`FLAGS` set to 1."""
+    """``up``/``down`` = (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); ``flags``: :data:`FIELDS` set."""
     keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    unknown = set(flags) - set(FLAGS)
+    unknown = set(flags) - set(FIELDS)
     if unknown:
-        raise ValueError(f"_cfg: unknown config fields {sorted(unknown)} (known: {', '.join(FLAGS)})")
+        raise ValueError(f"_cfg: unknown config fields {sorted(unknown)} (known: {', '.join(FIELDS)})")
     return dict(BLOCK_M=block_m, up=dict(zip(keys, up)), down=dict(zip(keys, down)),
                 **{k: int(v) for k, v in flags.items()})
 
@@ -103,9 +105,10 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E256:k8:H7168:I512:T1": _cfg(16, (32, 128, 4, 4, 4), (128, 64, 1, 4, 4)),
 }
 
-# Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}}. Only cards measured.
+# Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
+# "hot_small_load": rows per expert (see hot_loads)}. Only cards measured.
 TABLES: dict[str, dict] = {
-    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}),
+    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128),
     "NVIDIA H200": dict(tiers=H200_TIERS, shapes=H200_SHAPES),
 }
 
@@ -167,7 +170,7 @@ def _valid(cfg) -> bool:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("BLOCK_M"), int) or cfg["BLOCK_M"] < 16:
         return False
     need = {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
-    if any(cfg.get(f, 0) not in (0, 1) for f in FLAGS):
+    if any(cfg.get(f, 0) not in (0, 1) for f in FIELDS):
         return False
     return all(isinstance(cfg.get(g), dict) and need <= set(cfg[g])
                and all(isinstance(cfg[g][k], int) and cfg[g][k] > 0 for k in need) for g in ("up", "down"))
@@ -375,33 +378,42 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
 PRECOMPILE_MIN_TOKENS = 8192
 
 # Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
-# with the config this card uses at ``hot_load(tokens)`` rows per expert (tables, cache or generic tiers; never
-# autotuned for this, as the call's own tensors have another load): HOT_LOAD rows, except in calls of at most
-# HOT_SMALL_TOKENS tokens. There a hot expert holds at most that many rows, and a few such experts on the widest
-# tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256 over K = 7168), so they
-# get the tiles of HOT_SMALL_LOAD rows per expert: more, narrower programs. Measured on an H100 under skewed routing
-# (E256 top-8 and E128 top-8 at T=256 and 512: 1.04-1.11x the 512-row tiles, CUDA-graph replay); the H200's table
-# maps 128 rows per expert to the same tiles as 512, so that card keeps its measured hot tiles.
+# with the config this card uses at HOT_LOAD rows per expert (tables, cache or generic tiers; never autotuned for
+# this, as the call's own tensors have another load). A card's table may name a smaller load (``hot_small_load``)
+# for calls of HOT_SMALL_TOKENS tokens: there a hot expert holds at most that many rows, and a few such experts on
+# the widest tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256 over K =
+# 7168), so they get the narrower tiles of that load, where those are still wider than the call's own (else the
+# HOT_LOAD tiles). The H100's table names 128 rows: 64-row blocks, 64-wide gate_up and 128-wide down tiles, which
+# beat the 512-row tiles by 1.04-1.11x on the three skewed cases compared (E256 top-8 at T=256 and 512, E128 top-8
+# at T=256; CUDA-graph replay); cards without a table follow the H100 (GENERIC_HOT_SMALL_LOAD); the H200's table
+# names none (not measured there).
 HOT_LOAD = 512
-HOT_SMALL_TOKENS = 512
-HOT_SMALL_LOAD = 128
+HOT_SMALL_TOKENS = range(128, 513)
+GENERIC_HOT_SMALL_LOAD = 128
 
 
-def hot_load(tokens: int | None) -> int:
-    """Rows per expert whose config serves the hot experts of a call of ``tokens`` tokens (None: any count)."""
-    return HOT_SMALL_LOAD if tokens is not None and tokens <= HOT_SMALL_TOKENS else HOT_LOAD
+def hot_loads(card: str, tokens: int | None) -> tuple[int, ...]:
+    """Rows per expert whose configs may serve the hot experts of a call of ``tokens`` tokens on ``card`` (None:
+    any count), the preferred first."""
+    table = TABLES.get(card)
+    small = table.get("hot_small_load") if table is not None else GENERIC_HOT_SMALL_LOAD
+    return (small, HOT_LOAD) if small and tokens in HOT_SMALL_TOKENS else (HOT_LOAD,)
 
 
-def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int | None = None) -> dict:
-    """The config of the hot experts' GEMMs for a call of ``tokens`` tokens of this problem on ``device`` (see
-    :func:`hot_load`)."""
+def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int | None = None,
+               above: int | None = None) -> dict:
+    """The config of the hot experts' GEMMs for a call of ``tokens`` tokens of this problem on ``device`` whose own
+    row block is ``above`` (see :func:`hot_loads`: the first whose BLOCK_M is a larger multiple of ``above``, else
+    the HOT_LOAD one)."""
     card = card_name(device)
-    load = hot_load(tokens)
-    key = (card, dtype, experts, topk, hidden, inter, load)
-    hit = _hot_memo.get(key)
-    if hit is None:
-        bucket = max(1, load * experts // max(topk, 1))
-        hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device)[0]
+    for load in hot_loads(card, tokens):
+        key = (card, dtype, experts, topk, hidden, inter, load)
+        hit = _hot_memo.get(key)
+        if hit is None:
+            bucket = max(1, load * experts // max(topk, 1))
+            hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device)[0]
+        if above is None or (hit["BLOCK_M"] > above and hit["BLOCK_M"] % above == 0):
+            return hit
     return hit
 
 
