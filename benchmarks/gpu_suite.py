@@ -139,16 +139,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((o - r).norm()) / (denom if denom > 0 else 1.0)
 
 
-def rates(nbytes: float, flops: float, us: float, copy_gbps: float, matmul_tflops: float) -> dict:
-    """Bound (µs), which resource bounds it, % of bound, and achieved GB/s and TFLOP/s of one timing."""
-    mem_s, cmp_s = nbytes / (copy_gbps * 1e9), flops / (matmul_tflops * 1e12)
-    bound_us = max(mem_s, cmp_s) * 1e6
-    return {"bound_us": bound_us, "bound": "memory" if mem_s >= cmp_s else "compute",
-            "pct_bound": 100.0 * bound_us / us if us > 0 else None,
-            "gbps": nbytes / (us * 1e-6) / 1e9 if us > 0 else None,
-            "tflops": flops / (us * 1e-6) / 1e12 if us > 0 and flops else None}
-
-
 def _fmt_case(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
@@ -291,7 +281,7 @@ class Suite:
                 rec["check"] = {"rel_err": err, "tol": tol, "ok": bool(err <= tol)}
             t = timing.gpu_time(fn, self.flush, graph=graph)
             rec.update(t.to_dict())
-            rec.update(rates(nbytes, flops, t.us, self.ceilings.copy_gbps, self.ceilings.matmul_tflops))
+            rec.update(timing.rates(nbytes, flops, t.us, self.ceilings.copy_gbps, self.ceilings.matmul_tflops))
         except Exception as exc:  # noqa: BLE001 - one broken row must not stop the part
             torch.cuda.synchronize()
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"

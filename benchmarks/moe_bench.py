@@ -155,12 +155,11 @@ def roofline(min_bytes: int, flops: float, dlinfer_us: float, peer_us: float, co
     """``min_bytes`` (:func:`moe_bytes`) over each time (GB/s), and the time bound ``bound_us``: the larger of the
     bytes at the copy bandwidth ``copy_gbps`` (bytes read + written, :func:`timing.measure_ceilings`) and the
     ``flops`` at the bf16 matmul peak ``matmul_tflops`` (``bound``: which one), with each kernel's share of it
-    (bound / its time; 1.0 = at the ceiling)."""
-    mem_us, flop_us = min_bytes / copy_gbps / 1e3, flops / matmul_tflops / 1e6
-    bound_us = max(mem_us, flop_us)
-    return dict(dlinfer_gbps=min_bytes / dlinfer_us / 1e3, peer_gbps=min_bytes / peer_us / 1e3, copy_gbps=copy_gbps,
-                matmul_tflops=matmul_tflops, bound_us=bound_us, bound="memory" if mem_us >= flop_us else "compute",
-                dlinfer_of_bound=bound_us / dlinfer_us, peer_of_bound=bound_us / peer_us)
+    (bound / its time; 1.0 = at the ceiling): :func:`timing.rates` of each time."""
+    mine, peer = (timing.rates(min_bytes, flops, us, copy_gbps, matmul_tflops) for us in (dlinfer_us, peer_us))
+    return dict(dlinfer_gbps=mine["gbps"], peer_gbps=peer["gbps"], copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
+                bound_us=mine["bound_us"], bound=mine["bound"], dlinfer_of_bound=mine["pct_bound"] / 100,
+                peer_of_bound=peer["pct_bound"] / 100)
 
 
 def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3) -> int:

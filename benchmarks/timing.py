@@ -206,6 +206,16 @@ class Ceilings:
         return d
 
 
+def rates(nbytes: float, flops: float, us: float, copy_gbps: float, matmul_tflops: float) -> dict:
+    """Bound (µs), which resource bounds it, % of bound, and achieved GB/s and TFLOP/s of one timing."""
+    mem_s, cmp_s = nbytes / (copy_gbps * 1e9), flops / (matmul_tflops * 1e12)
+    bound_us = max(mem_s, cmp_s) * 1e6
+    return {"bound_us": bound_us, "bound": "memory" if mem_s >= cmp_s else "compute",
+            "pct_bound": 100.0 * bound_us / us if us > 0 else None,
+            "gbps": nbytes / (us * 1e-6) / 1e9 if us > 0 else None,
+            "tflops": flops / (us * 1e-6) / 1e12 if us > 0 and flops else None}
+
+
 def measure_ceilings(device="cuda", copy_gib: int = 4, reps: int = 10) -> Ceilings:
     """Copy bandwidth (``copy_gib`` GiB copied device to device, read + written counted) and bf16 matmul peak."""
     nbytes = copy_gib << 30

@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu_suite, report  # noqa: E402
+from benchmarks import gpu_suite, report, timing  # noqa: E402
 
 COPY_GBPS, MATMUL_TFLOPS = 3000.0, 750.0
 
@@ -22,7 +22,7 @@ def _rec(part, op, params, impl, us, nbytes, flops=0.0, ok=True):
            "bytes": float(nbytes), "flops": float(flops), "note": "", "us": us, "method": "graph", "n": 10,
            "reps": 15, "spread_us": [us * 0.99, us * 1.01],
            "check": {"rel_err": 1e-3 if ok else 0.5, "tol": 2e-2, "ok": ok}}
-    rec.update(gpu_suite.rates(nbytes, flops, us, COPY_GBPS, MATMUL_TFLOPS))
+    rec.update(timing.rates(nbytes, flops, us, COPY_GBPS, MATMUL_TFLOPS))
     return rec
 
 
@@ -123,7 +123,7 @@ def test_newer_run_replaces_a_row_as_a_whole(tmp_path):
     old, new = synthetic("2026-11-25T20:00:00+00:00"), synthetic("2026-11-25T23:00:00+00:00")
     for rec in new["records"]:
         if rec["op"] == "moe_gating_topk_softmax" and rec["impl"] == "dlinfer":
-            rec.update(gpu_suite.rates(rec["bytes"], 0.0, 5.0, COPY_GBPS, MATMUL_TFLOPS), us=5.0)
+            rec.update(timing.rates(rec["bytes"], 0.0, 5.0, COPY_GBPS, MATMUL_TFLOPS), us=5.0)
     paths = []
     for name, data in (("b_new.json", new), ("a_old.json", old)):
         (tmp_path / name).write_text(json.dumps(data))
