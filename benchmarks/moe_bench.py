@@ -115,7 +115,7 @@ def hot_candidates(in_force: dict, hot: dict, tiers, dtype, device) -> list[tupl
         c = tuning.fitted(tier, dtype, device)
         bm = c["BLOCK_M"]
         key = (bm, c["up"]["BLOCK_N"], c["down"]["BLOCK_N"])
-        if in_force["BLOCK_M"] < bm < hot["BLOCK_M"] and bm % in_force["BLOCK_M"] == 0 and key not in seen:
+        if tuning.wider_rows(bm, in_force["BLOCK_M"]) and bm < hot["BLOCK_M"] and key not in seen:
             seen.add(key)
             out.append((f"hot BM{bm} up{key[1]} down{key[2]}", dict(in_force, hot=c)))
     if in_force["BLOCK_M"] < hot["BLOCK_M"]:
@@ -407,7 +407,8 @@ def main(argv=None):
                             cands += hopper_candidates(src, hot)
                         if "merge" in args.candidate_sets:
                             cands += flag_candidates(src, hot, MERGE_FLAGS)
-                        if "stream" in args.candidate_sets and src["BLOCK_M"] < hot["BLOCK_M"] <= tokens:
+                        if "stream" in args.candidate_sets and tuning.wider_rows(hot["BLOCK_M"], src["BLOCK_M"]) \
+                                and hot["BLOCK_M"] <= tokens:
                             cands += flag_candidates(src, hot, STREAM_FLAGS)  # only where there is a hot class
                         if "hot" in args.candidate_sets:
                             table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)

@@ -226,8 +226,7 @@ def _moe_classes(cfg: dict, hot_cfg: dict | None, tokens: int):
     """(hot, BLOCK_M, config) of the GEMM launches fused_moe makes (its hot-experts rule)."""
     block_m = cfg["BLOCK_M"]
     out = [(False, block_m, cfg)]
-    if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0 \
-            and tokens >= hot_cfg["BLOCK_M"]:
+    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m) and tokens >= hot_cfg["BLOCK_M"]:
         out.append((True, hot_cfg["BLOCK_M"], hot_cfg))
     return out
 

@@ -674,7 +674,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m)
         if config_given is None else None)
     hot_rows = 0
-    if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
+    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m):
         hot_rows = cfg.get("hot_rows", hot_cfg["BLOCK_M"])
         if tokens < hot_rows:
             hot_cfg, hot_rows = None, 0

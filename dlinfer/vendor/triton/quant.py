@@ -1003,7 +1003,7 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
         config = w8a8_launch_config(tokens, experts, topk, device)
     block_m = config["BLOCK_M"]
     hot_cfg, hot_rows = config.get("hot"), 0
-    if hot_cfg is not None and hot_cfg["BLOCK_M"] > block_m and hot_cfg["BLOCK_M"] % block_m == 0:
+    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m):
         hot_rows = config.get("hot_rows", hot_cfg["BLOCK_M"])
         if tokens < hot_rows:  # an expert holds at most ``tokens`` rows
             hot_cfg, hot_rows = None, 0

@@ -392,12 +392,18 @@ HOT_SMALL_TOKENS = range(128, 513)
 GENERIC_HOT_SMALL_LOAD = 128
 
 
+def wider_rows(hot_block_m: int, block_m: int) -> bool:
+    """Whether hot tiles of ``hot_block_m`` rows can serve beside a call's own ``block_m``-row tiles: a larger
+    multiple of them (the sort pads each expert to its class's block)."""
+    return hot_block_m > block_m and hot_block_m % block_m == 0
+
+
 def hot_loads(card: str, tokens: int | None) -> tuple[int, ...]:
     """Rows per expert whose configs may serve the hot experts of a call of ``tokens`` tokens on ``card`` (None:
     any count), the preferred first."""
     table = TABLES.get(card)
     small = table.get("hot_small_load") if table is not None else GENERIC_HOT_SMALL_LOAD
-    return (small, HOT_LOAD) if small and tokens in HOT_SMALL_TOKENS else (HOT_LOAD,)
+    return (small, HOT_LOAD) if small and tokens is not None and tokens in HOT_SMALL_TOKENS else (HOT_LOAD,)
 
 
 def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int | None = None,
@@ -412,7 +418,7 @@ def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, 
         if hit is None:
             bucket = max(1, load * experts // max(topk, 1))
             hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device)[0]
-        if above is None or (hit["BLOCK_M"] > above and hit["BLOCK_M"] % above == 0):
+        if above is None or wider_rows(hit["BLOCK_M"], above):
             return hit
     return hit
 
