@@ -62,9 +62,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DLINFER_AUTOTUNE", "bool", "1",
              "`0` turns off the fused-MoE autotune on first use (cards without a shipped table then use the generic "
              "tiers)", "at the first fused_moe call of a shape bucket"),
-    Variable("DLINFER_MOE_HOT_STREAM", "bool", "0",
-             "`1` runs fused MoE's hot-expert GEMMs (skewed routing) beside the others on a second, higher-priority "
-             "stream instead of after them on the caller's stream (not yet timed on a GPU: off by default)",
+    Variable("DLINFER_MOE_HOT_STREAM", "bool", "1",
+             "`0` runs fused MoE's hot-expert GEMMs (skewed routing) after the others on the caller's stream instead "
+             "of beside them on a second, higher-priority stream",
              "at each fused_moe call"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
              "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
