@@ -133,6 +133,15 @@ def routing(tokens, experts, topk, skewed, gen):
     return w, ids
 
 
+def case_inputs(gen, experts, topk, hidden, tokens, skewed, dtype):
+    """A case's hidden states and routing, drawn from ``gen`` reseeded for this case alone: the same case draws the
+    same inputs whichever cases ran before it in the process (runs with other --tokens or --routings lists, or
+    other settings in other processes, time the same routings)."""
+    gen.manual_seed(((experts * 31 + hidden) * 8209 + tokens) * 2 + int(skewed))
+    x = torch.randn(tokens, hidden, device=gen.device, dtype=dtype, generator=gen)
+    return (x, *routing(tokens, experts, topk, skewed, gen))
+
+
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
@@ -359,8 +368,7 @@ def main(argv=None):
                 if time.time() - t0 > args.budget_s:
                     result["skipped"].append(f"{name} T={tokens} {rt}")
                     continue
-                x = torch.randn(tokens, hidden, device="cuda", dtype=dtype, generator=gen)
-                tw, ti = routing(tokens, experts, topk, rt == "skewed", gen)
+                x, tw, ti = case_inputs(gen, experts, topk, hidden, tokens, rt == "skewed", dtype)
                 load = torch.bincount(ti.flatten(), minlength=experts).float()
                 sub = min(tokens, 128)
                 ref = ref_moe.fused_moe(x[:sub], w_up, w_down, tw[:sub], ti[:sub], True)

@@ -115,6 +115,17 @@ def test_routing_on_the_generators_device(skewed):
         assert (ids == 0).any(dim=1).float().mean() > 0.9
 
 
+def test_a_case_draws_the_same_inputs_whatever_ran_before():
+    gen = torch.Generator()
+    first = moe_bench.case_inputs(gen, 16, 2, 32, 40, True, torch.float32)
+    moe_bench.case_inputs(gen, 16, 2, 32, 64, False, torch.float32)  # another case in between
+    torch.randn(100, generator=gen)
+    again = moe_bench.case_inputs(gen, 16, 2, 32, 40, True, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other = moe_bench.case_inputs(gen, 16, 2, 32, 40, False, torch.float32)  # the uniform twin: other draws
+    assert not torch.equal(first[0], other[0])
+
+
 def test_candidate_sets_carry_the_hot_tiles():
     src, hot = {"BLOCK_M": 16}, {"BLOCK_M": 128}
     merge = moe_bench.flag_candidates(src, hot, moe_bench.MERGE_FLAGS)
