@@ -27,7 +27,7 @@ a heavier load (``tuning.hot_config``); the others keep the narrow tiles. The gr
 so nothing waits on the host and the call stays capturable. The hot pair runs beside the others on a second,
 higher-priority CUDA stream (forked after the sort, joined before the combine; two branches of a captured CUDA
 graph), so that the few long hot tiles overlap the many short ones instead of running after them (on the H100, skewed
-routing at 256-2048 tokens: never slower, up to 1.19x); ``DLINFER_MOE_HOT_STREAM=0`` runs them after the others on
+routing at 256-2048 tokens: never slower, up to 1.20x); ``DLINFER_MOE_HOT_STREAM=0`` runs them after the others on
 the caller's stream, and a config's ``HOT_STREAM`` field (0/1) overrides the setting.
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
