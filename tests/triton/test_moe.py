@@ -189,6 +189,18 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     assert asked and all(a[-1] == 40 and k == {"above": 16} for a, k in asked)
 
 
+def test_the_hot_stream_is_asked_for_at_calls_without_a_hot_class(poison, monkeypatch):
+    """The hot experts' stream is asked for at every call, not only where there is a hot class: made at an
+    engine's first eager call, it exists when a graph is captured later (it cannot be made during a capture)."""
+    asked = []
+    monkeypatch.setattr(triton_moe, "_hot_stream", lambda device, want=None: asked.append((device, want)))
+    x, gate_up, down, weights, ids = _moe_inputs(8, 32, 24, 4, 2, torch.float32)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=dict(_NARROW))
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    _check_moe(out, ref, torch.float32)
+    assert asked == [(x.device, None)]
+
+
 # ---------------------------------------------------------------- Hopper variants (config fields)
 
 _HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_ACT=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),

@@ -750,7 +750,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
               max_blocks=blocks, experts=experts, eb=eb, block_m=bm, hot=hot, silu=False, cfg=c["down"],
               a_sorted=act if tma_act else None, **flags)
 
-    side = _hot_stream(device, cfg.get("HOT_STREAM")) if len(classes) == 2 else None
+    # asked at every call, so the stream exists from the first eager call on (an engine's warm-up) even where
+    # that call has no hot class: a graph captured later can branch onto it
+    side = _hot_stream(device, cfg.get("HOT_STREAM"))
+    side = side if len(classes) == 2 else None
     if side is not None:
         # The two classes read and write disjoint rows: the hot experts' GEMMs run beside the others on a
         # higher-priority stream (forked after the sort, joined before the combine; inside a CUDA graph capture,
