@@ -226,7 +226,8 @@ def _moe_classes(cfg: dict, hot_cfg: dict | None, tokens: int):
     """(hot, BLOCK_M, config) of the GEMM launches fused_moe makes (its hot-experts rule)."""
     block_m = cfg["BLOCK_M"]
     out = [(False, block_m, cfg)]
-    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m) and tokens >= hot_cfg["BLOCK_M"]:
+    hot_cfg = tuning.hot_class(cfg, hot_cfg, tokens)[0]
+    if hot_cfg is not None:
         out.append((True, hot_cfg["BLOCK_M"], hot_cfg))
     return out
 

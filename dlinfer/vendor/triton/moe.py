@@ -674,13 +674,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     hot_cfg = cfg.get("hot") if "hot" in cfg else (
         tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m)
         if config_given is None else None)
-    hot_rows = 0
-    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m):
-        hot_rows = cfg.get("hot_rows", hot_cfg["BLOCK_M"])
-        if tokens < hot_rows:
-            hot_cfg, hot_rows = None, 0
-    else:
-        hot_cfg = None
+    hot_cfg, hot_rows = tuning.hot_class(cfg, hot_cfg, tokens)
     hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
     x = _rows_contiguous(hidden_states)
     w_up = _rows_contiguous(gate_up_weights)

@@ -1002,13 +1002,7 @@ def fused_moe_w8a8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, g
             _precompile_on_first_use(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk)
         config = w8a8_launch_config(tokens, experts, topk, device)
     block_m = config["BLOCK_M"]
-    hot_cfg, hot_rows = config.get("hot"), 0
-    if hot_cfg is not None and tuning.wider_rows(hot_cfg["BLOCK_M"], block_m):
-        hot_rows = config.get("hot_rows", hot_cfg["BLOCK_M"])
-        if tokens < hot_rows:  # an expert holds at most ``tokens`` rows
-            hot_cfg, hot_rows = None, 0
-    else:
-        hot_cfg = None
+    hot_cfg, hot_rows = tuning.hot_class(config, config.get("hot"), tokens)
     hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
 
     xq, x_scale = _row_quant(hidden_states, None, None, 0.0)

@@ -398,6 +398,17 @@ def wider_rows(hot_block_m: int, block_m: int) -> bool:
     return hot_block_m > block_m and hot_block_m % block_m == 0
 
 
+def hot_class(config: dict, hot_cfg: dict | None, tokens: int) -> tuple[dict | None, int]:
+    """The hot experts' config and row threshold of a call of ``tokens`` tokens on its own ``config``, or (None, 0):
+    ``hot_cfg`` serves where its row block is a wider multiple of the call's (:func:`wider_rows`), for experts of at
+    least ``config["hot_rows"]`` rows (default its BLOCK_M), and only where an expert can hold that many (at most
+    ``tokens``)."""
+    if hot_cfg is None or not wider_rows(hot_cfg["BLOCK_M"], config["BLOCK_M"]):
+        return None, 0
+    hot_rows = config.get("hot_rows", hot_cfg["BLOCK_M"])
+    return (None, 0) if tokens < hot_rows else (hot_cfg, hot_rows)
+
+
 def hot_loads(card: str, tokens: int | None) -> tuple[int, ...]:
     """Rows per expert whose configs may serve the hot experts of a call of ``tokens`` tokens on ``card`` (None:
     any count), the preferred first."""
