@@ -484,7 +484,7 @@ def test_card_with_a_table_never_autotunes(fake_card):
 
 
 def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
-    """Calls of 128-512 tokens: on the H100's table (and cards without one) the hot experts get 64-row blocks with
+    """Calls of 64-512 tokens: on the H100's table (and cards without one) the hot experts get 64-row blocks with
     64-wide gate_up and 128-wide down tiles where those are wider than the call's own row block, else the 128-row
     tiles of HOT_LOAD rows per expert, as do other calls and every call on the H200's table (its 128-row load would
     hit other entries of its shape table)."""
@@ -496,7 +496,7 @@ def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
             fake_card(card)
             large = tuning.hot_config(cuda, *shape)  # no token count: HOT_LOAD rows per expert
             assert large["BLOCK_M"] == 128, card
-            for tokens in (128, 256, 512):
+            for tokens in (64, 128, 256, 512):
                 small = tuning.hot_config(cuda, *shape, tokens, above=16)
                 assert small["BLOCK_M"] == small_m, (card, tokens)
                 if small_m == 64:
@@ -505,7 +505,10 @@ def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
                     assert small == large, (card, shape, tokens)
                 # a call whose own row block is already 64 keeps the 128-row hot tiles (a hot class at all)
                 assert tuning.hot_config(cuda, *shape, tokens, above=64) == large
-            for tokens in (64, 127, 513, 4096):
+                # and the call has a hot class: at 64 tokens only the 64-row blocks fit (an expert every token picks)
+                assert tuning.hot_class(dict(BLOCK_M=16), small, tokens) == ((small, small_m) if small_m <= tokens
+                                                                             else (None, 0)), (card, tokens)
+            for tokens in (32, 63, 513, 4096):
                 assert tuning.hot_config(cuda, *shape, tokens, above=16) == large, (card, tokens)
 
 
