@@ -25,8 +25,10 @@ Prints one line per case (before its candidates) and a table of speed ratios las
 (JSON), rewritten after every case and candidate so that a run cut short keeps what it timed. ``--budget-s`` is
 checked before every case and every candidate. Each candidate compiles its own kernels (30-60 s on a slow host):
 ``--compile-workers`` processes compile a case's candidates in parallel first (using at most half the budget left),
-and a candidate is started only if the budget still holds the slowest timed one so far (``COLD_CANDIDATE_S`` for
-one the workers did not reach); the others are skipped and counted.
+and a candidate is started only if the budget still holds the slowest timed one so far (for one the workers did
+not reach: the longest a worker took for one, at least ``COLD_CANDIDATE_S``); the others are skipped and counted. A
+candidate that failed in its worker is reported with the worker's error and not run again here (a compile that
+fails there fails here, after costing the same minutes). Each candidate's line ends with the seconds it took here.
 
 Roofline per case (:func:`moe_bytes`, :func:`roofline`): from the routing used, the experts touched (with at least
 one token), the bytes of their weights read once plus the input, the output and the intermediate activation
@@ -227,8 +229,8 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
 
 def warm_worker(spec_path: str) -> int:
     """``--warm-worker SPEC``: run each config of the JSON ``SPEC`` once on zero inputs of its case's shape (the
-    kernels compile for this GPU into Triton's on-disk cache, where the parent then finds them), appending each
-    config's index to ``SPEC["done"]`` once tried; a config that fails is left to the parent, which reports it."""
+    kernels compile for this GPU into Triton's on-disk cache, where the parent then finds them), appending a line
+    ``index seconds ok|failed`` per config to ``SPEC["done"]`` once tried (its error message to stderr)."""
     from dlinfer.vendor.triton import moe as tmoe
 
     spec = json.loads(Path(spec_path).read_text())
@@ -239,24 +241,36 @@ def warm_worker(spec_path: str) -> int:
     x = torch.zeros(tokens, hidden, device=device, dtype=dtype)
     tw, ti = routing(tokens, experts, topk, spec["skewed"], torch.Generator(device=device).manual_seed(1))
     for index, cfg in zip(spec["indices"], spec["configs"]):
+        t0, status = time.time(), "ok"
         try:
             tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)
             torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - the parent times (and reports) every candidate itself
+        except Exception as exc:  # noqa: BLE001 - the parent reports it with the candidate
+            status = "failed"
             print(f"candidate {index}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
         with open(spec["done"], "a") as f:
-            f.write(f"{index}\n")
+            f.write(f"{index} {time.time() - t0:.2f} {status}\n")
     return 0
 
 
+def read_warm_log(text: str) -> dict[int, tuple[float, bool]]:
+    """The lines ``index seconds ok|failed`` of the workers' log -> {index: (seconds, ok)}."""
+    out = {}
+    for line in text.splitlines():
+        index, seconds, status = line.split()
+        out[int(index)] = (float(seconds), status == "ok")
+    return out
+
+
 def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: float,
-                    free_bytes: int | None = None) -> tuple[int, float, set[int]]:
+                    free_bytes: int | None = None) -> tuple[int, float, dict[int, tuple[float, bool]]]:
     """Compile ``configs`` (the candidates of one case, ``shape`` its experts/topk/hidden/inter/tokens/skewed) in
     up to ``workers`` processes at once (:func:`warm_worker`), each holding one zero copy of the weights (at most
     40 % of the free GPU memory for all of them): a candidate's kernels compile in 30-60 s on a slow host, one at
     a time in this process, in parallel there. Workers still running after ``timeout_s`` are killed with their
-    process groups (the compiler's subprocesses too). Returns (processes, seconds, indices of the configs tried);
-    (0, 0, empty) when not worth it. A worker that exits with an error has its stderr's tail printed."""
+    process groups (the compiler's subprocesses too). Returns (processes, seconds, {index of a config tried:
+    (its seconds in the worker, whether it ran)}); (0, 0, empty) when not worth it. A worker that exits with an
+    error has its stderr's tail printed, and so has one whose config failed."""
     import signal
     import subprocess
     import tempfile
@@ -265,7 +279,7 @@ def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: f
     free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
     n = min(workers, len(configs), int(0.4 * free // weight_bytes))
     if n < 2:
-        return 0, 0.0, set()
+        return 0, 0.0, {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         done = Path(tmp) / "done.txt"
@@ -286,10 +300,10 @@ def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: f
                     code = proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
                 except subprocess.TimeoutExpired:
                     code = None
-                if code:
-                    err.flush()
-                    tail = Path(err.name).read_text()[-600:].strip()
-                    print(f"   compile worker exited with code {code}: {tail}", flush=True)
+                err.flush()
+                tail = Path(err.name).read_text()[-600:].strip()
+                if code or tail:  # it died, or a config failed in it (its error)
+                    print(f"   compile worker (exit code {code}): {tail}", flush=True)
         finally:
             for proc, err in procs:
                 if proc.poll() is None:
@@ -299,7 +313,7 @@ def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: f
                         pass
                     proc.wait()
                 err.close()
-        tried = {int(line) for line in done.read_text().split()}
+        tried = read_warm_log(done.read_text())
     return n, time.time() - t0, tried
 
 
@@ -423,7 +437,7 @@ def main(argv=None):
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
                 # first, then one is started only when the budget still holds the slowest one so far.
-                warmed = set()
+                warmed = {}
                 if cands and args.compile_workers > 0 and time.time() - t0 < args.budget_s:
                     shape = dict(experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
                                  skewed=rt == "skewed")
@@ -435,9 +449,14 @@ def main(argv=None):
                         print(f"   {len(warmed)} of {len(cands)} candidates compiled in {secs:.0f} s by {procs} "
                               f"processes", flush=True)
                 slowest, skipped = 0.0, 0
+                cold_s = max([COLD_CANDIDATE_S] + [secs for secs, _ in warmed.values()])  # one not compiled ahead
                 for i, (label, cfg) in enumerate(cands):
-                    if time.time() - t0 + (slowest if i in warmed else max(slowest, COLD_CANDIDATE_S)) \
-                            > args.budget_s:
+                    if i in warmed and not warmed[i][1]:  # its worker's error was printed above
+                        case["extra"].append(dict(label=label, config=cfg, us=float("inf"), rel_err=float("nan"),
+                                                  speed=0.0, vs_in_force=0.0, failed="in its compile worker"))
+                        print(f"   {label:28s} failed in its compile worker (not run again)", flush=True)
+                        continue
+                    if time.time() - t0 + (slowest if i in warmed else max(slowest, cold_s)) > args.budget_s:
                         skipped += 1
                         continue
                     t_cand = time.time()
@@ -452,14 +471,14 @@ def main(argv=None):
                                               vs_in_force=our_us / us))
                     if label != "extra":
                         print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {our_us / us:.2f}x in force  "
-                              f"err {e:.1e}", flush=True)
+                              f"err {e:.1e}  {time.time() - t_cand:.0f} s", flush=True)
                     slowest = max(slowest, time.time() - t_cand)
                     # the case so far, candidates included: a run killed mid-case keeps what it timed
                     Path(args.out).write_text(json.dumps({**result, "cases": [*result["cases"], case]}, indent=1))
                 if skipped:
                     case["candidates_skipped"] = skipped
                     print(f"   budget: {skipped} candidates of this case skipped (a timed one took up to "
-                          f"{slowest:.0f} s here, one not compiled ahead ~{COLD_CANDIDATE_S:.0f} s)", flush=True)
+                          f"{slowest:.0f} s here, one not compiled ahead ~{cold_s:.0f} s)", flush=True)
                 result["cases"].append(case)
                 Path(args.out).write_text(json.dumps(result, indent=1))  # after every case: a killed run keeps them
                 best_extra = min(case["extra"], key=lambda c: c["us"], default=None)

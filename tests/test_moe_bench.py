@@ -37,7 +37,10 @@ def test_warm_worker_runs_every_config_and_survives_a_bad_one(tmp_path, monkeypa
                                                                   {"BLOCK_M": 64}], indices=[1, 4, 7],
                                     done=str(done))))
     assert moe_bench.main(["--warm-worker", str(spec)]) == 0
-    assert calls == [16, 32, 64] and done.read_text().split() == ["1", "4", "7"]  # the failed one was tried too
+    assert calls == [16, 32, 64]  # the failed one was tried too, and is logged as failed with its seconds
+    log = moe_bench.read_warm_log(done.read_text())
+    assert sorted(log) == [1, 4, 7] and [log[i][1] for i in (1, 4, 7)] == [True, False, True]
+    assert all(secs >= 0 for secs, _ in log.values())
 
 
 class FakeProc:
@@ -45,6 +48,7 @@ class FakeProc:
 
     started: list = []
     hang: set = set()
+    fail: set = set()  # config indices that fail in their worker
 
     def __init__(self, argv, stdout=None, stderr=None, start_new_session=False):
         assert argv[1].endswith("moe_bench.py") and argv[2] == "--warm-worker" and start_new_session
@@ -54,7 +58,8 @@ class FakeProc:
         FakeProc.started.append(self)
         if not self.alive:
             with open(self.spec["done"], "a") as f:
-                f.writelines(f"{i}\n" for i in self.spec["indices"])
+                f.writelines(f"{i} {1.5 * i:.2f} {'failed' if i in FakeProc.fail else 'ok'}\n"
+                             for i in self.spec["indices"])
 
     def wait(self, timeout=None):
         import subprocess
@@ -72,7 +77,7 @@ def fake_workers(monkeypatch):
     import os
     import subprocess
 
-    FakeProc.started, FakeProc.hang, killed = [], set(), []
+    FakeProc.started, FakeProc.hang, FakeProc.fail, killed = [], set(), set(), []
 
     def killpg(pid, sig):
         killed.append(pid)
@@ -89,14 +94,14 @@ WEIGHTS = 3 * 4 * 16 * 32 * 2 + (600 << 20)
 def test_warm_candidates_splits_the_configs_over_processes(fake_workers):
     configs = [{"BLOCK_M": m} for m in (16, 32, 64, 128, 256)]
     n, _, tried = moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=100 * WEIGHTS)
-    assert n == 3 and tried == {0, 1, 2, 3, 4} and fake_workers == []
+    assert n == 3 and tried == {i: (1.5 * i, True) for i in range(5)} and fake_workers == []
     assert [[c["BLOCK_M"] for c in p.spec["configs"]] for p in FakeProc.started] == [[16, 128], [32, 256], [64]]
     assert [p.spec["indices"] for p in FakeProc.started] == [[0, 3], [1, 4], [2]]
     assert all(p.spec["experts"] == 4 and p.spec["skewed"] for p in FakeProc.started)
     # memory for fewer than two weight copies within 40 % of the free memory, or one config: not worth processes
     FakeProc.started.clear()
-    assert moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=4 * WEIGHTS) == (0, 0.0, set())
-    assert moe_bench.warm_candidates(configs[:1], SHAPE, 3, 60, free_bytes=100 * WEIGHTS) == (0, 0.0, set())
+    assert moe_bench.warm_candidates(configs, SHAPE, workers=3, timeout_s=60, free_bytes=4 * WEIGHTS) == (0, 0.0, {})
+    assert moe_bench.warm_candidates(configs[:1], SHAPE, 3, 60, free_bytes=100 * WEIGHTS) == (0, 0.0, {})
     assert FakeProc.started == []
 
 
@@ -104,7 +109,14 @@ def test_a_worker_past_the_timeout_is_killed_with_its_group(fake_workers):
     FakeProc.hang = {10_001}  # the second worker never finishes
     configs = [{"BLOCK_M": m} for m in (16, 32, 64, 128)]
     n, secs, tried = moe_bench.warm_candidates(configs, SHAPE, workers=2, timeout_s=0.1, free_bytes=100 * WEIGHTS)
-    assert n == 2 and tried == {0, 2} and fake_workers == [10_001] and secs < 30
+    assert n == 2 and set(tried) == {0, 2} and fake_workers == [10_001] and secs < 30
+
+
+def test_a_config_that_failed_in_its_worker_is_reported_as_failed(fake_workers):
+    FakeProc.fail = {1}
+    n, _, tried = moe_bench.warm_candidates([{"BLOCK_M": m} for m in (16, 32, 64)], SHAPE, workers=3, timeout_s=60,
+                                            free_bytes=100 * WEIGHTS)
+    assert tried == {0: (0.0, True), 1: (1.5, False), 2: (3.0, True)}
 
 
 @pytest.mark.parametrize("skewed", [False, True])
