@@ -82,9 +82,10 @@ ready with the number of KV-cache blocks its engine allocated; the dlinfer child
 each found free, and it too runs its warm-up pass at the timed count before it reports ready: both engines have done
 it before the parent sends the first ``go_1``. (Nothing estimates a pass's time here: the extra warm-up pass falls
 within the wait for ``ready.json``, which the pair's budget bounds as any other wait.) Both engines share the card's
-memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by default) to leave
-the second one room for its weights, runtime buffers and the same cache (given as a block count, which the fraction
-then no longer sizes). tp 1 only. Per pair the result has, besides each run's own fields, the per-pass ratios of
+memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by default), or less
+where that would leave the second one no room for its weights, runtime buffers and the same cache (given as a block
+count, which the fraction then no longer sizes): :func:`twin_cache_fraction`, from the free memory the first child
+finds and the checkpoint's bytes (a Mixtral shape of 8 layers, 23 GB of weights, on an 80 GB card: 0.22). tp 1 only. Per pair the result has, besides each run's own fields, the per-pass ratios of
 output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and
 spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
 confidence interval (Student's t over the log-ratios: how well the passes together pin the ratio; ``ratio_geomean``,
@@ -177,6 +178,7 @@ class RunSpec:
     arrival: str = "burst"  # burst: every request submitted at once | stream: in_flight kept in flight
     in_flight: int = 0  # --arrival stream: requests kept in flight (0: max_batch_size)
     stream_response: bool = True  # False (--no-stream): each request's output delivered once, at its end
+    twin_room: bool = False  # --interleave: size the cache so a second engine of these weights fits beside this one
 
     @property
     def name(self) -> str:
@@ -522,6 +524,31 @@ def pass_rates(passes: list[tuple[float, list[dict]]], out_tokens: int, in_fligh
 
 
 # ------------------------------------------------------------------------------------------ child process
+# What an engine holds beside its weights and KV cache (CUDA context, CUDA graphs, LMDeploy's runtime estimate,
+# the allocator's slack); an 8-layer Mixtral engine on an H100 held ~3 GiB of it.
+TWIN_RESERVE_BYTES = 6 << 30
+
+
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """The bytes of a checkpoint's weight files (``*.safetensors``, ``*.bin``): about what its engine's weights take
+    on the GPU."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(model_dir).glob(pattern))
+
+
+def twin_cache_fraction(free_bytes: int, weight_bytes: int, wanted: float,
+                        reserve_bytes: int = TWIN_RESERVE_BYTES) -> float:
+    """The KV-cache fraction (LMDeploy's ``cache_max_entry_count``: of the memory left after the weights and the
+    runtime) of an engine that ``free_bytes`` of GPU memory must hold twice over, weights, reserve and cache (the
+    second engine of an interleaved pair gets the same block count): at most ``wanted``. Raises ValueError when two
+    copies of the weights and reserve alone do not fit."""
+    room = free_bytes - 2 * (weight_bytes + reserve_bytes)
+    if room <= 0:
+        raise ValueError(f"--interleave: two engines of {weight_bytes / 2**30:.1f} GiB of weights (and "
+                         f"{reserve_bytes / 2**30:.0f} GiB of runtime each) do not fit in the {free_bytes / 2**30:.1f} "
+                         f"GiB free on this card; fewer --layers, or run without --interleave")
+    return min(wanted, room / (2 * (free_bytes - weight_bytes - reserve_bytes)))
+
+
 def run_child(spec: RunSpec) -> None:
     """One configuration: start lmdeploy.pipeline, warm up, run the workload, write the result JSON."""
     import asyncio
@@ -538,8 +565,15 @@ def run_child(spec: RunSpec) -> None:
 
         lmdeploy_ext.apply()
 
+    cache_fraction = spec.cache_max_entry_count
+    if spec.twin_room and not spec.num_gpu_blocks and torch.cuda.is_available():
+        cache_fraction = twin_cache_fraction(torch.cuda.mem_get_info()[0], checkpoint_bytes(spec.model_dir),
+                                             cache_fraction)
+        if cache_fraction < spec.cache_max_entry_count:
+            print(f"[cache] {spec.name}: KV cache {cache_fraction:.3f} of the free memory (not "
+                  f"{spec.cache_max_entry_count:g}): room for the second engine of the pair", flush=True)
     config = PytorchEngineConfig(tp=spec.tp, eager_mode=spec.mode == "eager", max_batch_size=spec.max_batch_size,
-                                 cache_max_entry_count=spec.cache_max_entry_count, block_size=spec.block_size,
+                                 cache_max_entry_count=cache_fraction, block_size=spec.block_size,
                                  session_len=spec.max_prompt + spec.new_tokens + 64, quant_policy=spec.kv_quant,
                                  num_gpu_blocks=spec.num_gpu_blocks,
                                  # LMDeploy picks ray for tp > 1 on stock CUDA; its own mp executor needs no ray
@@ -565,8 +599,8 @@ def run_child(spec: RunSpec) -> None:
     compiles.install()
     control = PassControl(spec.control_dir, spec.control_timeout) if spec.control_dir else None
     monitor = GpuMonitor(device_index=0)  # the card's clocks, power and throttling per pass (None on a CPU)
-    prompts, warm, passes, pass_compiles = warm_up_and_time(
-        run, spec, compiles, monitor, control, ready=dict(startup_s=round(startup_s, 2), **engine_cache(pipe)))
+    ready = dict(startup_s=round(startup_s, 2), cache_fraction=round(cache_fraction, 4), **engine_cache(pipe))
+    prompts, warm, passes, pass_compiles = warm_up_and_time(run, spec, compiles, monitor, control, ready=ready)
     requests = len(prompts)
     timed_compiles = CompileLog.total(pass_compiles)
     duration, records = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
@@ -1153,7 +1187,7 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
                "kv_cache": {backend: {key: ready[backend].get(key) for key in
                                       ("num_gpu_blocks", "block_size", "max_prefill_token_num")}
                             for backend in ready},
-               "cache_max_entry_count": stock.cache_max_entry_count,
+               "cache_max_entry_count": ready["stock"].get("cache_fraction", stock.cache_max_entry_count),
                "passes": [{"k": k, "first": "stock" if k % 2 else "dlinfer",
                            **{f"{backend}_{key}": got[backend][k].get(key)
                               for backend in ("stock", "dlinfer")
@@ -1550,8 +1584,8 @@ def main(argv=None) -> int:
     if args.interleave:
         log(f"interleaved: each stock/dlinfer pair alive at once on the card, {args.timed_passes} timed passes each "
             f"in the order {', '.join(f'{b} {k}' for k, b in interleaved_order(args.timed_passes))}; KV cache: "
-            f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine, its block count for the "
-            "dlinfer engine")
+            f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine (less where the dlinfer engine "
+            "would not fit beside it), its block count for the dlinfer engine")
 
     if args.dry_run:
         import dlinfer.framework.lmdeploy_ext  # noqa: F401
@@ -1609,7 +1643,7 @@ def main(argv=None) -> int:
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
                        arrival=args.arrival, in_flight=args.in_flight, stream_response=not args.no_stream,
-                       result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
+                       twin_room=args.interleave, result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
                                    f"_tp{tp}.json")
 
     def accept(name: str, model: str, result: dict, output: str) -> None:

@@ -948,3 +948,23 @@ def test_drive_without_streaming_asks_for_one_output_and_records_no_first_token(
     assert e2e.pass_window_rate(records, duration, in_flight=2) is None
     rates = e2e.pass_rates([(duration, records), (duration, records)], 12)
     assert rates["pass_window_tok_s"] == [None, None] and rates["pass_window_spread"] is None
+
+
+def test_the_first_engine_of_a_pair_leaves_room_for_the_second(e2e):
+    gib = 1 << 30
+    free, weights, reserve = 78.7 * gib, 22.1 * gib, 6 * gib  # an 8-layer Mixtral shape on an 80 GB card
+    frac = e2e.twin_cache_fraction(free, weights, 0.3, reserve)
+    assert 0.2 < frac < 0.3  # the default's 0.3 did not fit there (out of memory in the second engine)
+    cache = frac * (free - weights - reserve)  # what LMDeploy gives the first engine at that fraction
+    assert 2 * (weights + reserve + cache) <= free * (1 + 1e-9)  # both engines fit, with the same cache
+    # room to spare: the fraction asked for stands
+    assert e2e.twin_cache_fraction(140 * gib, 4 * gib, 0.3, reserve) == 0.3
+    with pytest.raises(ValueError, match="--interleave: two engines of 40.0 GiB"):
+        e2e.twin_cache_fraction(free, 40 * gib, 0.3, reserve)
+
+
+def test_checkpoint_bytes_counts_the_weight_files(e2e, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 20)
+    (tmp_path / "config.json").write_text("{}")
+    assert e2e.checkpoint_bytes(tmp_path) == 120
