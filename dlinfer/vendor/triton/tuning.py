@@ -389,7 +389,8 @@ PRECOMPILE_MIN_TOKENS = 8192
 # names none (not measured there). From 64 tokens: there the 64-row hot blocks are the only hot class that fits (the
 # HOT_LOAD tiles' 128 rows exceed the call), and serve an expert that every token picks; on the H100 (skewed
 # routing, 7 shapes, CUDA-graph replay) E16 top-2 H4096 I6400 went from 0.90x to 1.02x the peer, E8 top-1 H1024 I512
-# from 2.14x to 1.66x (14 -> 18 us: the second class's launches on a 1-us GEMM), the other five within 1 %.
+# from 2.14x to 1.66x (14 -> 18 us; likely the second class's launches around a ~1-us GEMM, not profiled), the
+# other five within 1 %.
 HOT_LOAD = 512
 HOT_SMALL_TOKENS = range(64, 513)
 GENERIC_HOT_SMALL_LOAD = 128
