@@ -85,9 +85,9 @@ within the wait for ``ready.json``, which the pair's budget bounds as any other 
 memory: the first one's cache takes half of ``--cache-max-entry-count`` of the free memory (0.3 by default), or less
 where that would leave the second one no room for its weights, runtime buffers and the same cache (given as a block
 count, which the fraction then no longer sizes): :func:`twin_cache_fraction`, from the free memory the first child
-finds and the checkpoint's bytes (a Mixtral shape of 8 layers, 23 GB of weights, on an 80 GB card: 0.22). tp 1 only. Per pair the result has, besides each run's own fields, the per-pass ratios of
-output tokens/s (pass k of dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and
-spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
+finds and the checkpoint's bytes (a Mixtral shape of 8 layers, 23 GB of weights, on an 80 GB card: 0.22). tp 1
+only. Per pair the result has, besides each run's own fields, the per-pass ratios of output tokens/s (pass k of
+dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
 confidence interval (Student's t over the log-ratios: how well the passes together pin the ratio; ``ratio_geomean``,
 ``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second
 ``[pair]`` line). Each pass starts ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an
@@ -1584,8 +1584,8 @@ def main(argv=None) -> int:
     if args.interleave:
         log(f"interleaved: each stock/dlinfer pair alive at once on the card, {args.timed_passes} timed passes each "
             f"in the order {', '.join(f'{b} {k}' for k, b in interleaved_order(args.timed_passes))}; KV cache: "
-            f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine (less where the dlinfer engine "
-            "would not fit beside it), its block count for the dlinfer engine")
+            f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine (less where the dlinfer "
+            "engine would not fit beside it), its block count for the dlinfer engine")
 
     if args.dry_run:
         import dlinfer.framework.lmdeploy_ext  # noqa: F401
@@ -1643,7 +1643,8 @@ def main(argv=None) -> int:
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
                        arrival=args.arrival, in_flight=args.in_flight, stream_response=not args.no_stream,
-                       twin_room=args.interleave, result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
+                       twin_room=args.interleave,
+                       result_path=f"/tmp/lmdeploy_e2e_{model}_{args.quant}_kv{args.kv_quant}_{backend}_{mode}"
                                    f"_tp{tp}.json")
 
     def accept(name: str, model: str, result: dict, output: str) -> None:
