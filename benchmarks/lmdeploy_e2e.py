@@ -87,7 +87,8 @@ where that would leave the second one no room for its weights, runtime buffers a
 count, which the fraction then no longer sizes): :func:`twin_cache_fraction`, from the free memory the first child
 finds and the checkpoint's bytes (a Mixtral shape of 8 layers, 23 GB of weights, on an 80 GB card: 0.22). tp 1
 only. Per pair the result has, besides each run's own fields, the per-pass ratios of output tokens/s (pass k of
-dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and spread (max - min) / median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
+dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, max and spread (max - min) /
+median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
 confidence interval (Student's t over the log-ratios: how well the passes together pin the ratio; ``ratio_geomean``,
 ``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second
 ``[pair]`` line). Each pass starts ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an
