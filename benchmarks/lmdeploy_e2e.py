@@ -273,15 +273,19 @@ def score_tokens(logits, tokens: list[int], gap_floor: float = 0.0) -> dict:
             "gap": (top2[:, 0] - top2[:, 1]).tolist()}
 
 
-def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP) -> dict:
-    """One run's oracle scores over its prompts: match rate, first-token match rate, deficits of mismatches, and
-    the tie-aware match rate (the token is the float32 argmax or its float32 logit is within ``tie_gap``)."""
+def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int = 5) -> dict:
+    """One run's oracle scores over its prompts: match rate, first-token match rate, deficits of mismatches (median,
+    90th percentile, max, and the ``worst_n`` largest with their prompt, position and float32 top-2 gap, so that one
+    large deficit can be traced to its token), and the tie-aware match rate (the token is the float32 argmax or its
+    float32 logit is within ``tie_gap``)."""
     import statistics
 
     match = [m for s in scores for m in s["match"]]
     near = [m or d <= tie_gap for s in scores for m, d in zip(s["match"], s["deficit"])]
     first = [s["match"][0] for s in scores if s["match"]]
     missed = sorted(d for s in scores for m, d in zip(s["match"], s["deficit"]) if not m)
+    worst = sorted(((d, i, j, s["gap"][j]) for i, s in enumerate(scores)
+                    for j, (m, d) in enumerate(zip(s["match"], s["deficit"])) if not m), reverse=True)[:worst_n]
     gaps = [g for s in scores for g in s["gap"]]
     return {
         "prompts": len(scores),
@@ -293,6 +297,8 @@ def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP) -> dict:
         "mismatches": len(missed),
         "mismatch_deficit_median": statistics.median(missed) if missed else 0.0,
         "mismatch_deficit_max": missed[-1] if missed else 0.0,
+        "mismatch_deficit_p90": missed[min(len(missed) - 1, int(0.9 * len(missed)))] if missed else 0.0,
+        "worst_mismatches": [{"prompt": i, "position": j, "deficit": d, "gap": g} for d, i, j, g in worst],
         "gap_median": statistics.median(gaps) if gaps else None,
     }
 
@@ -1329,8 +1335,11 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
         for name, o in result["runs"].items():
             lines.append(f"float32 oracle, {name}: tokens = fp32 argmax {o['match_rate']:.1%}, first token "
                          f"{o['first_token_match']:.1%}, {o['mismatches']}/{o['positions']} mismatches, deficit "
-                         f"median {o['mismatch_deficit_median']:.3f} max {o['mismatch_deficit_max']:.3f}, "
-                         f"median top-2 gap {o['gap_median']:.3f}")
+                         f"median {o['mismatch_deficit_median']:.3f} p90 {o.get('mismatch_deficit_p90', 0.0):.3f} "
+                         f"max {o['mismatch_deficit_max']:.3f}, median top-2 gap {o['gap_median']:.3f}")
+            if o.get("worst_mismatches"):
+                lines.append("  worst mismatches (prompt:position deficit/gap): " + ", ".join(
+                    f"{w['prompt']}:{w['position']} {w['deficit']:.2f}/{w['gap']:.2f}" for w in o["worst_mismatches"]))
     return "\n".join(lines)
 
 

@@ -236,6 +236,11 @@ def test_score_tokens_and_summary(e2e):
     assert summary["positions"] == 4 and summary["match_rate"] == pytest.approx(0.5)
     assert summary["first_token_match"] == pytest.approx(0.5) and summary["mismatches"] == 2
     assert summary["mismatch_deficit_max"] == pytest.approx(3.0) and summary["gap_median"] == pytest.approx(2.0)
+    assert summary["mismatch_deficit_p90"] == pytest.approx(3.0)
+    worst = summary["worst_mismatches"]
+    assert [(w["prompt"], w["position"]) for w in worst] == [(1, 0), (0, 1)]
+    assert worst[0]["deficit"] == pytest.approx(3.0) and worst[1]["gap"] == pytest.approx(0.5)
+    assert e2e.summarize_scores([scored], worst_n=0)["worst_mismatches"] == []
 
 
 def greedy_tokens(model, prompts: list[list[int]], n: int) -> list[list[int]]:
