@@ -15,7 +15,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of
   ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
   before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
-  narrower hot-expert tiles and without a hot class (``hot_candidates``), ``merge`` the config in force with both
+  narrower hot-expert tiles and without a hot class (``hot_candidates``), ``tma`` only the Hopper set's TMA
+  variants (``TMA_FLAGS``, three compiles a case instead of twelve), ``merge`` the config in force with both
   tile classes in one launch of one program per tile (``MERGE_FLAGS``), ``stream`` the config in force with the
   hot experts' GEMMs beside the others on their own stream and after them (``STREAM_FLAGS``: the same kernels, so
   nothing to compile); routings of ``--candidates-routings``.
@@ -85,6 +86,9 @@ HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1),
 # Both tile classes in one launch of one program per possible tile (hot tiles first): the block scheduler balances
 # the long hot tiles against the short ones, which a persistent MERGE loop's round-robin does not.
 MERGE_FLAGS = [dict(MERGE_GRID=1), dict(TMA_B=1, MERGE_GRID=1)]
+# The TMA variants alone (the leads of the Hopper set at 2048+ tokens, where the GEMMs are compute-bound): a quarter
+# of the Hopper set's compiles, for sweeps over many large-token cases.
+TMA_FLAGS = [dict(TMA_B=1), dict(TMA_A=1, TMA_B=1), dict(TMA_A=1, TMA_B=1, PERSISTENT=1)]
 STREAM_FLAGS = [dict(HOT_STREAM=1), dict(HOT_STREAM=0)]  # the hot experts' GEMMs beside the others, or after them
 HOPPER_WS = [_cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
              _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_ACT=1, TMA_B=1, WS=1),
@@ -336,7 +340,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "hot", "merge", "stream"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -427,6 +431,8 @@ def main(argv=None):
                                                 above=src["BLOCK_M"])
                         if "hopper" in args.candidate_sets:
                             cands += hopper_candidates(src, hot)
+                        elif "tma" in args.candidate_sets:  # a subset of the Hopper set
+                            cands += flag_candidates(src, hot, TMA_FLAGS)
                         if "merge" in args.candidate_sets:
                             cands += flag_candidates(src, hot, MERGE_FLAGS)
                         if "stream" in args.candidate_sets and tuning.wider_rows(hot["BLOCK_M"], src["BLOCK_M"]) \

@@ -146,6 +146,8 @@ def test_candidate_sets_carry_the_hot_tiles():
     hopper = moe_bench.hopper_candidates(src, hot)
     assert hopper[:len(moe_bench.HOPPER_FLAGS)] == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
     assert all(cfg["hot"] is hot for _, cfg in hopper)
+    names = [name for name, _ in hopper]
+    assert all("+".join(f) in names for f in moe_bench.TMA_FLAGS)  # the tma set is a subset of the hopper set
     stream = moe_bench.flag_candidates(src, hot, moe_bench.STREAM_FLAGS)
     assert [cfg.get("HOT_STREAM") for _, cfg in stream] == [1, 0] and all(cfg["hot"] is hot for _, cfg in stream)
 
