@@ -105,10 +105,22 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E256:k8:H7168:I512:T1": _cfg(16, (32, 128, 4, 4, 4), (128, 64, 1, 4, 4)),
 }
 
+# Hopper fields of the tier configs by load and shape, per card: (least rows per expert, least intermediate size,
+# fields), first match wins. On an H100 SXM (CUDA-graph replay, L2 flushed; 2048-8192 tokens, uniform and skewed
+# routing, 6 shapes, each variant against the tier config it extends, in one run): reading both operands by TMA made
+# the wide-intermediate GEMMs 1.00-1.23x faster (Mixtral E8 top-2 I14336 and E16 top-2 I6400, median 1.08x), but
+# 0.85-1.03x on intermediates of 512-1408, where the weights alone by TMA gave 0.99-1.08x (from 256 rows per expert;
+# 0.99x at 128-192).
+H100_FLAGS: list[tuple[float, int, dict]] = [
+    (256, 4096, dict(TMA_A=1, TMA_B=1)),
+    (256, 0, dict(TMA_B=1)),
+]
+
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
-# "hot_small_load": rows per expert (see hot_loads)}. Only cards measured.
+# "hot_small_load": rows per expert (see hot_loads) and "flags": Hopper fields of the tier configs (see
+# H100_FLAGS)}. Only cards measured.
 TABLES: dict[str, dict] = {
-    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128),
+    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128, flags=H100_FLAGS),
     "NVIDIA H200": dict(tiers=H200_TIERS, shapes=H200_SHAPES),
 }
 
@@ -312,6 +324,15 @@ def _tier(tiers, rows_per_expert):
     return tiers[-1][1]
 
 
+def tier_flags(table: dict, rows_per_expert: float, inter: int) -> dict:
+    """The Hopper fields a ``table``'s tier config gets at this load and intermediate size (its ``flags`` rules;
+    none by default)."""
+    for min_rows, min_inter, flags in table.get("flags", ()):
+        if rows_per_expert >= min_rows and inter >= min_inter:
+            return flags
+    return {}
+
+
 def static_config(card: str, dtype, experts, topk, hidden, inter, tokens, device=None) -> tuple[dict, str, bool]:
     """(config, source, final): the cache, the card's table or the generic tiers, fitted to CUDA device
     ``device``'s shared memory when given (:func:`fit`); ``final`` is False when the config is only the generic
@@ -333,7 +354,10 @@ def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tu
     if table is not None:
         if key in table["shapes"]:
             return table["shapes"][key], f"table for {card} (this shape)", True
-        return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
+        cfg, flags = _tier(table["tiers"], rows), tier_flags(table, rows, inter)
+        if flags:
+            return dict(cfg, **flags), f"table for {card} (tier by rows per expert, +{'+'.join(flags)})", True
+        return cfg, f"table for {card} (tier by rows per expert)", True
     return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table; no table for this card)", False
 
 
