@@ -8,7 +8,8 @@ Where a config comes from, first match wins (per card name, dtype and shape buck
    to other machines with the same card, copy that file into their cache dir (or point ``DLINFER_CACHE_DIR`` at
    a directory holding it); to clear them, ``dlinfer tune --clear`` (or delete the file).
 2. **a shipped per-card table** (:data:`TABLES`), for the cards it was measured on, matched by the exact device
-   name ``torch.cuda.get_device_name()`` reports: the rows-per-expert tiers, refined by exact shape entries.
+   name ``torch.cuda.get_device_name()`` reports: the rows-per-expert tiers (with the Hopper fields the table
+   names for that load and intermediate size, :func:`tier_flags`), refined by exact shape entries.
 3. **an autotune on first use** on any other card: the first call of a shape bucket that is outside CUDA-graph
    capture times a bounded set of candidates (:data:`CANDIDATES`, at most ``AUTOTUNE_MAX_S`` seconds) on the
    call's own tensors, keeps the fastest whose output agrees with the first candidate's, and writes it to the
