@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -477,35 +476,46 @@ def test_card_with_a_table_never_autotunes(fake_card):
     for tokens in (1, 64, 512, 8192):
         table = tuning.TABLES[card]
         key = tuning.shape_key(*_SHAPE, tokens)
-        want = table["shapes"].get(key) or dict(tuning._tier(table["tiers"], tokens * 2 / 8),
-                                                **tuning.tier_flags(table, tokens * 2 / 8, _SHAPE[-1]))
+        rows = tokens * 2 / 8
+        want = table["shapes"].get(key) or tuning.rule_config(table, rows, _SHAPE[-1], _SHAPE[1]) \
+            or tuning._tier(table["tiers"], rows)
         assert _config(tokens, calls) == want
     assert not calls
     assert any(card in line and "shipped table" in line for line in tuning.describe("cuda"))
     assert any("precompile: every token bucket up to 8192" in line for line in tuning.describe("cuda"))
 
 
-def test_hopper_fields_of_the_h100_tiers_follow_load_and_intermediate(fake_card):
-    """The H100's table reads both GEMM operands by TMA for wide intermediates from 256 rows per expert, the weights
-    alone for narrow ones, neither below 256 rows; other tables' tiers get no fields."""
+def test_the_h100_rules_follow_load_and_shape(fake_card):
+    """The H100's table: from 256 rows per expert 128-row 4-stage tiles with both GEMM operands by TMA on wide
+    intermediates and the weights alone on narrow ones; the same tiles from 64 rows on narrow intermediates of many
+    experts; the tiers elsewhere; never for the hot experts' tiles; other tables have no rules."""
     card = "NVIDIA H100 80GB HBM3"
     fake_card(card)
     cuda = torch.device("cuda")
-    tier = tuning._tier(tuning.H100_TIERS, math.inf)
-    flags = lambda cfg: {f: cfg[f] for f in tuning.FLAGS if cfg.get(f)}  # noqa: E731
+    fields = lambda cfg: {f: cfg[f] for f in tuning.FLAGS if cfg.get(f)}  # noqa: E731
+    wide = dict(BLOCK_M=128, up=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+                down=dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
     mixtral = (torch.bfloat16, 8, 2, 4096, 14336)
-    assert flags(tuning.launch_config(cuda, *mixtral, 1024)) == dict(TMA_A=1, TMA_B=1)  # 256 rows per expert
-    assert flags(tuning.launch_config(cuda, *mixtral, 8192)) == dict(TMA_A=1, TMA_B=1)
-    assert tuning.launch_config(cuda, *mixtral, 8192)["up"] == tier["up"]  # the tier's tiles, only the fields added
-    assert flags(tuning.launch_config(cuda, *mixtral, 512)) == {}  # 128 rows
+    for tokens in (1024, 8192):  # 256 and 2048 rows per expert
+        assert tuning.launch_config(cuda, *mixtral, tokens) == dict(wide, TMA_A=1, TMA_B=1)
+    assert tuning.launch_config(cuda, *mixtral, 512) == tuning._tier(tuning.H100_TIERS, 128)  # E8: no mid rule
     qwen3 = (torch.bfloat16, 128, 8, 2048, 768)
-    assert flags(tuning.launch_config(cuda, *qwen3, 4096)) == dict(TMA_B=1)
-    assert flags(tuning.launch_config(cuda, *qwen3, 2048)) == {}  # 128 rows
-    assert "+TMA_A+TMA_B" in tuning.static_config(card, *mixtral, 4096)[1]
+    assert tuning.launch_config(cuda, *qwen3, 4096) == dict(wide, TMA_B=1)
+    assert tuning.launch_config(cuda, *qwen3, 1024) == wide  # 64 rows, 128 experts, intermediate 768
+    assert tuning.launch_config(cuda, *qwen3, 512) == tuning._tier(tuning.H100_TIERS, 32)  # 32 rows
+    e64 = (torch.bfloat16, 64, 6, 2048, 1408)  # intermediate over 1024: the tiers below 256 rows
+    assert tuning.launch_config(cuda, *e64, 2048) == tuning._tier(tuning.H100_TIERS, 192)
+    assert fields(tuning.launch_config(cuda, *e64, 4096)) == dict(TMA_B=1)
+    e8 = (torch.bfloat16, 8, 1, 1024, 512)  # narrow but few experts: the tiers below 256 rows
+    assert tuning.launch_config(cuda, *e8, 1024) == tuning._tier(tuning.H100_TIERS, 128)
+    assert "rule by rows per expert and shape" in tuning.static_config(card, *mixtral, 4096)[1]
+    # the hot experts' tiles stay the tiers' (also for the small load of calls of 64-512 tokens)
+    assert tuning.hot_config(cuda, *mixtral) == tuning._tier(tuning.H100_TIERS, tuning.HOT_LOAD)
+    assert tuning.hot_config(cuda, *qwen3, 256, above=16) == tuning._tier(tuning.H100_TIERS, 128)
     for name, table in tuning.TABLES.items():
         if name != card:
-            assert tuning.tier_flags(table, 4096, 14336) == {}, name
-    assert tuning.tier_flags(dict(tiers=[]), 4096, 14336) == {}
+            assert tuning.rule_config(table, 4096, 14336, 8) is None, name
+    assert tuning.rule_config(dict(tiers=[]), 4096, 14336, 8) is None
 
 
 def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):
@@ -602,9 +612,7 @@ def compile_sm90(fn, types, constexprs, num_warps, num_stages=3):
 bf = "*bf16"
 out = {}
 configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]] + list(t["shapes"].values())]
-# the tier configs with their Hopper fields, from the least load those fields serve up
-configs += [dict(c, **f) for t in tuning.TABLES.values() for rows, _, f in t.get("flags", ())
-            for bound, c in t["tiers"] if bound >= rows]
+configs += [c for t in tuning.TABLES.values() for *_, c in t.get("rules", ())]
 configs += tuning.CANDIDATES
 configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
 for cfg in configs:

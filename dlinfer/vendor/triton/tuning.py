@@ -8,8 +8,8 @@ Where a config comes from, first match wins (per card name, dtype and shape buck
    to other machines with the same card, copy that file into their cache dir (or point ``DLINFER_CACHE_DIR`` at
    a directory holding it); to clear them, ``dlinfer tune --clear`` (or delete the file).
 2. **a shipped per-card table** (:data:`TABLES`), for the cards it was measured on, matched by the exact device
-   name ``torch.cuda.get_device_name()`` reports: the rows-per-expert tiers (with the Hopper fields the table
-   names for that load and intermediate size, :func:`tier_flags`), refined by exact shape entries.
+   name ``torch.cuda.get_device_name()`` reports: the rows-per-expert tiers, replaced where the table's rules
+   name a config for that load and shape (:func:`rule_config`), refined by exact shape entries.
 3. **an autotune on first use** on any other card: the first call of a shape bucket that is outside CUDA-graph
    capture times a bounded set of candidates (:data:`CANDIDATES`, at most ``AUTOTUNE_MAX_S`` seconds) on the
    call's own tensors, keeps the fastest whose output agrees with the first candidate's, and writes it to the
@@ -106,22 +106,29 @@ H200_SHAPES: dict[str, dict] = {
     "bfloat16:E256:k8:H7168:I512:T1": _cfg(16, (32, 128, 4, 4, 4), (128, 64, 1, 4, 4)),
 }
 
-# Hopper fields of the tier configs by load and shape, per card: (least rows per expert, least intermediate size,
-# fields), first match wins. On an H100 SXM (CUDA-graph replay, L2 flushed; 2048-8192 tokens, uniform and skewed
-# routing, 6 shapes, each variant against the tier config it extends, in one run): reading both operands by TMA made
-# the wide-intermediate GEMMs 1.00-1.23x faster (Mixtral E8 top-2 I14336 and E16 top-2 I6400, median 1.08x), but
-# 0.85-1.03x on intermediates of 512-1408, where the weights alone by TMA gave 0.99-1.08x (from 256 rows per expert;
-# 0.99x at 128-192).
-H100_FLAGS: list[tuple[float, int, dict]] = [
-    (256, 4096, dict(TMA_A=1, TMA_B=1)),
-    (256, 0, dict(TMA_B=1)),
+# Configs by load and shape that replace a table's tier config, per card: (rows per expert [lo, hi), intermediate
+# size [lo, hi), least experts, config), first match wins; never the hot experts' tiles (a rule is measured on the
+# calls whose own load it names). Measured on an H100 SXM (CUDA-graph replay, L2 flushed, uniform and skewed
+# routing, each variant against the config in force in the same process; 2048-8192 tokens):
+# * from 256 rows per expert, the widest tier's tiles with 4 pipeline stages (not 3) and both GEMM operands read by
+#   TMA on wide intermediates (Mixtral E8 top-2 I14336, E16 top-2 I6400: TMA 1.00-1.23x the plain 3-stage config in
+#   12 of 12 cases, 4 stages a further 1.04-1.13x in 6 of 6), the weights alone on narrow ones (TMA_A cost 2-15 % on
+#   I512-I1408, TMA_B gave 0.99-1.08x; 4 stages a further 1.06-1.09x on Qwen3-30B-A3B at 256 rows);
+# * on narrow intermediates (<= 1024) of many experts (>= 64), the same 128-row, 4-stage tiles from 64 rows per
+#   expert instead of the 64-row tiers: 1.07-1.12x in 6 of 6 cases (E256 top-8 H7168 I512 at 64 and 128 rows,
+#   Qwen3-30B-A3B at 128 rows, both routings); fewer experts keep the narrow tiers (fewer programs than SMs).
+_WIDE4 = _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4))
+H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
+    ((256, math.inf), (4096, math.inf), 1, dict(_WIDE4, TMA_A=1, TMA_B=1)),
+    ((256, math.inf), (0, 4096), 1, dict(_WIDE4, TMA_B=1)),
+    ((64, 256), (0, 1025), 64, _WIDE4),
 ]
 
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
-# "hot_small_load": rows per expert (see hot_loads) and "flags": Hopper fields of the tier configs (see
-# H100_FLAGS)}. Only cards measured.
+# "hot_small_load": rows per expert (see hot_loads) and "rules": configs by load and shape (see H100_RULES)}.
+# Only cards measured.
 TABLES: dict[str, dict] = {
-    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128, flags=H100_FLAGS),
+    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128, rules=H100_RULES),
     "NVIDIA H200": dict(tiers=H200_TIERS, shapes=H200_SHAPES),
 }
 
@@ -325,24 +332,25 @@ def _tier(tiers, rows_per_expert):
     return tiers[-1][1]
 
 
-def tier_flags(table: dict, rows_per_expert: float, inter: int) -> dict:
-    """The Hopper fields a ``table``'s tier config gets at this load and intermediate size (its ``flags`` rules;
-    none by default)."""
-    for min_rows, min_inter, flags in table.get("flags", ()):
-        if rows_per_expert >= min_rows and inter >= min_inter:
-            return flags
-    return {}
+def rule_config(table: dict, rows_per_expert: float, inter: int, experts: int) -> dict | None:
+    """The config a ``table``'s first matching rule (its ``rules``; none by default) serves at this load and shape
+    instead of the tier's, or None."""
+    for (lo, hi), (ilo, ihi), min_experts, cfg in table.get("rules", ()):
+        if lo <= rows_per_expert < hi and ilo <= inter < ihi and experts >= min_experts:
+            return cfg
+    return None
 
 
-def static_config(card: str, dtype, experts, topk, hidden, inter, tokens, device=None) -> tuple[dict, str, bool]:
-    """(config, source, final): the cache, the card's table or the generic tiers, fitted to CUDA device
-    ``device``'s shared memory when given (:func:`fit`); ``final`` is False when the config is only the generic
-    fallback of a card without a table (an autotune may replace it)."""
-    cfg, source, final = _static_config(card, dtype, experts, topk, hidden, inter, tokens)
+def static_config(card: str, dtype, experts, topk, hidden, inter, tokens, device=None,
+                  rules: bool = True) -> tuple[dict, str, bool]:
+    """(config, source, final): the cache, the card's table (its load rules unless ``rules`` is False) or the
+    generic tiers, fitted to CUDA device ``device``'s shared memory when given (:func:`fit`); ``final`` is False
+    when the config is only the generic fallback of a card without a table (an autotune may replace it)."""
+    cfg, source, final = _static_config(card, dtype, experts, topk, hidden, inter, tokens, rules)
     return fitted(cfg, dtype, device), source, final
 
 
-def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tuple[dict, str, bool]:
+def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens, rules=True) -> tuple[dict, str, bool]:
     key = shape_key(dtype, experts, topk, hidden, inter, tokens)
     with _lock:
         if card not in _disk:
@@ -355,10 +363,10 @@ def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens) -> tu
     if table is not None:
         if key in table["shapes"]:
             return table["shapes"][key], f"table for {card} (this shape)", True
-        cfg, flags = _tier(table["tiers"], rows), tier_flags(table, rows, inter)
-        if flags:
-            return dict(cfg, **flags), f"table for {card} (tier by rows per expert, +{'+'.join(flags)})", True
-        return cfg, f"table for {card} (tier by rows per expert)", True
+        ruled = rule_config(table, rows, inter, experts) if rules else None
+        if ruled is not None:
+            return ruled, f"table for {card} (rule by rows per expert and shape)", True
+        return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
     return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table; no table for this card)", False
 
 
@@ -403,7 +411,7 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
 PRECOMPILE_MIN_TOKENS = 8192
 
 # Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
-# with the config this card uses at HOT_LOAD rows per expert (tables, cache or generic tiers; never autotuned for
+# with the config this card uses at HOT_LOAD rows per expert (tables without their rules, cache or generic tiers; never autotuned for
 # this, as the call's own tensors have another load). A card's table may name a smaller load (``hot_small_load``)
 # for calls of HOT_SMALL_TOKENS tokens: there a hot expert holds at most that many rows, and a few such experts on
 # the widest tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256 over K =
@@ -457,7 +465,8 @@ def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, 
         hit = _hot_memo.get(key)
         if hit is None:
             bucket = max(1, load * experts // max(topk, 1))
-            hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device)[0]
+            hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device,
+                                                 rules=False)[0]
         if above is None or wider_rows(hit["BLOCK_M"], above):
             return hit
     return hit
