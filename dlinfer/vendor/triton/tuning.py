@@ -112,7 +112,7 @@ H200_SHAPES: dict[str, dict] = {
 # routing, each variant against the config in force in the same process; 2048-8192 tokens):
 # * from 256 rows per expert, the widest tier's tiles with 4 pipeline stages (not 3) and both GEMM operands read by
 #   TMA on wide intermediates (Mixtral E8 top-2 I14336, E16 top-2 I6400: TMA 1.00-1.23x the plain 3-stage config in
-#   12 of 12 cases, 4 stages a further 1.04-1.13x in 6 of 6), the weights alone on narrow ones (TMA_A cost 2-15 % on
+#   12 of 12 cases, 4 stages a further 1.04-1.13x in 8 of 8), the weights alone on narrow ones (TMA_A cost 2-15 % on
 #   I512-I1408, TMA_B gave 0.99-1.08x; 4 stages a further 1.06-1.09x on Qwen3-30B-A3B at 256 rows);
 # * on narrow intermediates (<= 1024) of many experts (>= 64), the same 128-row, 4-stage tiles from 64 rows per
 #   expert instead of the 64-row tiers: 1.07-1.12x in 6 of 6 cases (E256 top-8 H7168 I512 at 64 and 128 rows,
@@ -410,20 +410,19 @@ def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=
 # larger) at a shape's first eager call (see moe.py, "precompile").
 PRECOMPILE_MIN_TOKENS = 8192
 
-# Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served
-# with the config this card uses at HOT_LOAD rows per expert (tables without their rules, cache or generic tiers; never autotuned for
-# this, as the call's own tensors have another load). A card's table may name a smaller load (``hot_small_load``)
-# for calls of HOT_SMALL_TOKENS tokens: there a hot expert holds at most that many rows, and a few such experts on
-# the widest tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256 over K =
-# 7168), so they get the narrower tiles of that load, where those are still wider than the call's own (else the
-# HOT_LOAD tiles). The H100's table names 128 rows: 64-row blocks, 64-wide gate_up and 128-wide down tiles, which
-# beat the 512-row tiles by 1.04-1.11x on the three skewed cases compared (E256 top-8 at T=256 and 512, E128 top-8
-# at T=256; CUDA-graph replay); cards without a table follow the H100 (GENERIC_HOT_SMALL_LOAD); the H200's table
-# names none (not measured there). From 64 tokens: there the 64-row hot blocks are the only hot class that fits (the
-# HOT_LOAD tiles' 128 rows exceed the call), and serve an expert that every token picks; on the H100 (skewed
-# routing, 7 shapes, CUDA-graph replay) E16 top-2 H4096 I6400 went from 0.90x to 1.02x the peer, E8 top-1 H1024 I512
-# from 2.14x to 1.66x (14 -> 18 us; likely the second class's launches around a ~1-us GEMM, not profiled), the
-# other five within 1 %.
+# Row-count-aware tiles (see ``fused_moe``): experts that hold at least the hot config's BLOCK_M rows are served with
+# the config this card uses at HOT_LOAD rows per expert (tables without their rules, cache or generic tiers; never
+# autotuned for this, as the call's own tensors have another load). A card's table may name a smaller load
+# (``hot_small_load``) for calls of HOT_SMALL_TOKENS tokens: there a hot expert holds at most that many rows, and a few
+# such experts on the widest tiles leave most SMs idle (E256 top-8 H7168 I512 at T=256: 8 gate_up programs of 128 x 256
+# over K = 7168), so they get the narrower tiles of that load, where those are still wider than the call's own (else the
+# HOT_LOAD tiles). The H100's table names 128 rows: 64-row blocks, 64-wide gate_up and 128-wide down tiles, which beat
+# the 512-row tiles by 1.04-1.11x on the three skewed cases compared (E256 top-8 at T=256 and 512, E128 top-8 at T=256;
+# CUDA-graph replay); cards without a table follow the H100 (GENERIC_HOT_SMALL_LOAD); the H200's table names none (not
+# measured there). From 64 tokens: there the 64-row hot blocks are the only hot class that fits (the HOT_LOAD tiles' 128
+# rows exceed the call), and serve an expert that every token picks; on the H100 (skewed routing, 7 shapes, CUDA-graph
+# replay) E16 top-2 H4096 I6400 went from 0.90x to 1.02x the peer, E8 top-1 H1024 I512 from 2.14x to 1.66x (14 -> 18 us;
+# likely the second class's launches around a ~1-us GEMM, not profiled), the other five within 1 %.
 HOT_LOAD = 512
 HOT_SMALL_TOKENS = range(64, 513)
 GENERIC_HOT_SMALL_LOAD = 128
