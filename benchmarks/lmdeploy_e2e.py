@@ -283,9 +283,11 @@ def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int 
     match = [m for s in scores for m in s["match"]]
     near = [m or d <= tie_gap for s in scores for m, d in zip(s["match"], s["deficit"])]
     first = [s["match"][0] for s in scores if s["match"]]
-    missed = sorted(d for s in scores for m, d in zip(s["match"], s["deficit"]) if not m)
-    worst = sorted(((d, i, j, s["gap"][j]) for i, s in enumerate(scores)
-                    for j, (m, d) in enumerate(zip(s["match"], s["deficit"])) if not m), reverse=True)[:worst_n]
+    # every mismatch as (deficit, prompt, position, gap), largest deficit first
+    mismatched = sorted(((d, i, j, s["gap"][j]) for i, s in enumerate(scores)
+                         for j, (m, d) in enumerate(zip(s["match"], s["deficit"])) if not m), reverse=True)
+    missed = [d for d, *_ in reversed(mismatched)]  # ascending
+    worst = mismatched[:worst_n]
     gaps = [g for s in scores for g in s["gap"]]
     return {
         "prompts": len(scores),
