@@ -19,7 +19,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   variants (``TMA_FLAGS``, three compiles a case instead of twelve), ``merge`` the config in force with both
   tile classes in one launch of one program per tile (``MERGE_FLAGS``), ``stream`` the config in force with the
   hot experts' GEMMs beside the others on their own stream and after them (``STREAM_FLAGS``: the same kernels, so
-  nothing to compile); routings of ``--candidates-routings``.
+  nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
+  card's rules timed here); routings of ``--candidates-routings``.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -107,6 +108,20 @@ def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     out = flag_candidates(in_force, hot, HOPPER_FLAGS)
     out += [(f"ws{i}:" + "+".join(k for k in tuning.FLAGS if k != "WS" and c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
+    return out
+
+
+def rule_candidates(hot: dict) -> list[tuple[str, dict]]:
+    """(name, config): each distinct config of every card table's load rules (``tuning.TABLES[...]["rules"]``),
+    with the hot experts' tiles ``hot``: on a card whose table has no rules (or other ones), whether another
+    card's measured rules would win here."""
+    out, seen = [], []
+    for card, table in tuning.TABLES.items():
+        for _, _, _, cfg in table.get("rules", ()):
+            if cfg not in seen:
+                seen.append(cfg)
+                flags = "+".join(k for k in tuning.FLAGS if cfg.get(k)) or "plain"
+                out.append((f"rule BM{cfg['BLOCK_M']} {cfg['up']['num_stages']}st {flags}", dict(cfg, hot=hot)))
     return out
 
 
@@ -340,7 +355,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "tma", "hot", "merge", "stream"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -438,6 +453,8 @@ def main(argv=None):
                         if "stream" in args.candidate_sets and tuning.wider_rows(hot["BLOCK_M"], src["BLOCK_M"]) \
                                 and hot["BLOCK_M"] <= tokens:
                             cands += flag_candidates(src, hot, STREAM_FLAGS)  # only where there is a hot class
+                        if "rules" in args.candidate_sets:
+                            cands += rule_candidates(hot)
                         if "hot" in args.candidate_sets:
                             table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)

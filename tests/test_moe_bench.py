@@ -150,6 +150,12 @@ def test_candidate_sets_carry_the_hot_tiles():
     assert all("+".join(f) in names for f in moe_bench.TMA_FLAGS)  # the tma set is a subset of the hopper set
     stream = moe_bench.flag_candidates(src, hot, moe_bench.STREAM_FLAGS)
     assert [cfg.get("HOT_STREAM") for _, cfg in stream] == [1, 0] and all(cfg["hot"] is hot for _, cfg in stream)
+    rules = moe_bench.rule_candidates(hot)  # each distinct rule config of every table, once, with the hot tiles
+    ruled = [cfg for t in moe_bench.tuning.TABLES.values() for _, _, _, cfg in t.get("rules", ())]
+    assert len(rules) == len({json.dumps(c, sort_keys=True) for c in ruled}) >= 2
+    assert all(cfg["hot"] is hot for _, cfg in rules) and len({name for name, _ in rules}) == len(rules)
+    assert [dict(cfg, hot=None) for _, cfg in rules] == [dict(c, hot=None) for c in
+                                                         {json.dumps(c, sort_keys=True): c for c in ruled}.values()]
 
 
 def test_moe_bytes_counts_the_touched_experts_once():
