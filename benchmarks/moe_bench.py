@@ -12,9 +12,9 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   the autotune on first use, whose result lands in the tuning cache (``DLINFER_CACHE_DIR``);
 * with ``--candidates``: extra tile configs (``EXTRA``, uniform routing) and the Hopper variants (``HOPPER``: the
   config in force, hot-expert tiles included, with each set of the GEMM's ``TMA_A``/``TMA_ACT``/``TMA_B``/
-  ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs; on the routings of
-  ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the reference
-  before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
+  ``PERSISTENT``/``MERGE`` fields, and warp-specialized (``WS``) 4-warp configs where ``DLINFER_MOE_WS=1``; on
+  the routings of ``--candidates-routings``) at ``rows per expert >= --candidates-from``, each checked against the
+  reference before it is timed: material for the card's table; ``--candidate-sets hot`` adds the config in force with
   narrower hot-expert tiles and without a hot class (``hot_candidates``), ``tma`` only the Hopper set's TMA
   variants (``TMA_FLAGS``, three compiles a case instead of twelve), ``merge`` the config in force with both
   tile classes in one launch of one program per tile (``MERGE_FLAGS``), ``stream`` the config in force with the
@@ -60,6 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers, timing  # noqa: E402
+from dlinfer import settings  # noqa: E402
 from dlinfer.vendor.triton import tuning  # noqa: E402
 from dlinfer.vendor.triton.tuning import _cfg  # noqa: E402  (the tables' own config builder)
 
@@ -104,8 +105,11 @@ def flag_candidates(in_force: dict, hot: dict, flag_sets) -> list[tuple[str, dic
 
 def hopper_candidates(in_force: dict, hot: dict) -> list[tuple[str, dict]]:
     """(name, config) of the Hopper variants for a case whose config in force is ``in_force`` and whose hot
-    experts' tiles are ``hot``: :data:`HOPPER_FLAGS`, then the warp-specialized configs."""
+    experts' tiles are ``hot``: :data:`HOPPER_FLAGS`, then the warp-specialized configs where ``DLINFER_MOE_WS=1``
+    lets them run warp-specialized (opt-in: see ``moe.WS_COMPILES``; a hang stops the whole benchmark)."""
     out = flag_candidates(in_force, hot, HOPPER_FLAGS)
+    if not settings.flag("DLINFER_MOE_WS"):
+        return out
     out += [(f"ws{i}:" + "+".join(k for k in tuning.FLAGS if k != "WS" and c.get(k)), dict(c, hot=hot))
             for i, c in enumerate(HOPPER_WS)]
     return out
@@ -214,9 +218,9 @@ def graph_check(tokens=384, experts=8, topk=2, hidden=1024, inter=768, replays=3
 
     narrow = _cfg(32, (64, 64, 4, 4, 3), (64, 64, 4, 4, 3))
     hot = _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))
+    ws = [dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1)]  # opt-in (DLINFER_MOE_WS)
     variants = [("plain", {})] + [("+".join(f), f) for f in HOPPER_FLAGS + MERGE_FLAGS + [
-        dict(TMA_A=1), dict(TMA_A=1, TMA_B=1, WS=1), dict(TMA_ACT=1, TMA_B=1, PERSISTENT=1, WS=1),
-        dict(TMA_A=1, TMA_B=1, MERGE=1)]]
+        dict(TMA_A=1)] + (ws if settings.flag("DLINFER_MOE_WS") else []) + [dict(TMA_A=1, TMA_B=1, MERGE=1)]]
     failures = 0
     for name, flags in variants:
         cfg = dict(narrow, hot=hot, hot_rows=128, **flags)

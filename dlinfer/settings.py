@@ -66,6 +66,11 @@ VARIABLES: tuple[Variable, ...] = (
              "`0` runs fused MoE's hot-expert GEMMs (skewed routing) after the others on the caller's stream instead "
              "of beside them on a second, higher-priority stream",
              "at each fused_moe call"),
+    Variable("DLINFER_MOE_WS", "bool", "0",
+             "`1` lets a fused-MoE config's `WS` field turn on Triton's warp specialization on the GPU (Hopper, "
+             "Triton 3.6; experimental: its persistent loop hung an H100 at one shape, so no table or autotune "
+             "uses it and a config asking for it runs without it unless this is set)",
+             "at each fused_moe call"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
              "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
              "(fused MoE: `fused_moe`, `fused_moe_w8a8`; the quantized dense GEMMs: `weight_quant_matmul`, "

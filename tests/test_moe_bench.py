@@ -138,12 +138,16 @@ def test_a_case_draws_the_same_inputs_whatever_ran_before():
     assert not torch.equal(first[0], other[0])
 
 
-def test_candidate_sets_carry_the_hot_tiles():
+def test_candidate_sets_carry_the_hot_tiles(monkeypatch):
     src, hot = {"BLOCK_M": 16}, {"BLOCK_M": 128}
     merge = moe_bench.flag_candidates(src, hot, moe_bench.MERGE_FLAGS)
     assert [name for name, _ in merge] == ["MERGE_GRID", "TMA_B+MERGE_GRID"]
     assert merge[1][1] == {"BLOCK_M": 16, "hot": hot, "TMA_B": 1, "MERGE_GRID": 1}
+    monkeypatch.delenv("DLINFER_MOE_WS", raising=False)  # warp specialization is opt-in: no WS candidates
+    assert moe_bench.hopper_candidates(src, hot) == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
+    monkeypatch.setenv("DLINFER_MOE_WS", "1")
     hopper = moe_bench.hopper_candidates(src, hot)
+    assert len(hopper) == len(moe_bench.HOPPER_FLAGS) + len(moe_bench.HOPPER_WS)
     assert hopper[:len(moe_bench.HOPPER_FLAGS)] == moe_bench.flag_candidates(src, hot, moe_bench.HOPPER_FLAGS)
     assert all(cfg["hot"] is hot for _, cfg in hopper)
     names = [name for name, _ in hopper]

@@ -314,6 +314,34 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
         assert launched == [_expected(flags, g, bm) for g in ("up", "down") for bm in (16, 64)]
 
 
+def test_warp_specialization_is_opt_in_on_the_gpu(monkeypatch):
+    """No shipped table, rule or autotune candidate asks for WS, and on a GPU a config that does runs without it
+    unless DLINFER_MOE_WS=1 (its persistent loop hung an H100 at one shape)."""
+    shipped = list(tuning.CANDIDATES) + [c for t in tuning.TABLES.values() for _, c in t["tiers"]]
+    shipped += [c for t in tuning.TABLES.values() for c in t["shapes"].values()]
+    shipped += [c for t in tuning.TABLES.values() for _, _, _, c in t.get("rules", ())]
+    assert shipped and not any(c.get("WS") for c in shipped)
+    _, gate_up, down, _, _ = _moe_inputs(4, 48, 40, 4, 2, torch.float16)
+
+    class OnTheGpu:  # the hidden states as _hopper_flags sees them: a CUDA tensor's device, shape and element size
+        device, shape = torch.device("cuda", 0), (4, 48)
+
+        @staticmethod
+        def element_size():
+            return 2
+
+    monkeypatch.setattr(triton_moe, "capability", lambda index: 9)
+    monkeypatch.setattr(triton_moe, "WS_COMPILES", True)
+    every = dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)
+    monkeypatch.delenv("DLINFER_MOE_WS", raising=False)
+    off = triton_moe._hopper_flags(every, OnTheGpu(), gate_up, down, 40)
+    assert off == dict(tma_a=True, tma_act=True, tma_b=True, persistent=True, ws=False)
+    monkeypatch.setenv("DLINFER_MOE_WS", "1")
+    assert triton_moe._hopper_flags(every, OnTheGpu(), gate_up, down, 40)["ws"] is True
+    monkeypatch.setattr(triton_moe, "WS_COMPILES", False)  # a Triton whose WS pass fails these kernels
+    assert triton_moe._hopper_flags(every, OnTheGpu(), gate_up, down, 40)["ws"] is False
+
+
 def test_hopper_flags_are_hints():
     """A field the tensors cannot serve is off (not an error): rows whose pitch is not a multiple of 16 bytes
     (TMA_A, TMA_ACT), weights a descriptor cannot cover as [E * N, K] (TMA_B), WS without TMA_B and A on TMA."""
@@ -751,13 +779,15 @@ def test_library_never_imports_benchmarks_or_tests():
     assert not bad, bad
 
 
-def test_pick_fastest_skips_failing_and_wrong_candidates(monkeypatch):
-    """The autotune's selection on fake CUDA events: a candidate that raises or disagrees is never picked."""
+@pytest.fixture
+def host_timed_events(monkeypatch):
+    """``torch.cuda.Event`` and ``torch.cuda.synchronize`` on the host clock (no GPU): what ``pick_fastest`` times
+    with."""
     import time as _time
 
     class Event:
         def __init__(self, enable_timing=False):
-            self.t = None
+            self.t = 0.0
 
         def record(self):
             self.t = _time.perf_counter()
@@ -770,6 +800,12 @@ def test_pick_fastest_skips_failing_and_wrong_candidates(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_pick_fastest_skips_failing_and_wrong_candidates(host_timed_events):
+    """The autotune's selection on fake CUDA events: a candidate that raises or disagrees is never picked."""
+    import time as _time
+
     good = torch.ones(4)
     slow, fast, wrong, broken = ({"n": i} for i in range(4))
 
@@ -783,6 +819,28 @@ def test_pick_fastest_skips_failing_and_wrong_candidates(monkeypatch):
     assert best is fast and 0 < us < 4000
     with pytest.raises(RuntimeError, match="no candidate"):
         tuning.pick_fastest(run, [broken])
+
+
+def test_pick_fastest_names_a_candidate_that_does_not_finish(host_timed_events, caplog):
+    """A candidate still running past ``stuck_s`` (a GPU kernel that never ends cannot be interrupted) is logged as
+    an error naming its config; one that finishes in time or fails leaves no such line."""
+    import time as _time
+
+    quick, stuck, broken = {"BLOCK_M": 16}, {"BLOCK_M": 128, "WS": 1}, {"BLOCK_M": 64}
+
+    def run(cfg):
+        if cfg is broken:
+            raise RuntimeError("out of shared memory")
+        _time.sleep(0.4 if cfg is stuck else 0.0)
+        return torch.ones(4)
+
+    with caplog.at_level("ERROR", logger="dlinfer"):
+        tuning.pick_fastest(run, [quick, broken], reps=1, stuck_s=0.2)
+        _time.sleep(0.3)  # past the limit: the watches of the finished candidates were cancelled
+        assert "has not finished" not in caplog.text
+        tuning.pick_fastest(run, [quick, stuck], reps=1, stuck_s=0.2)
+    stuck_lines = [r.getMessage() for r in caplog.records if "has not finished after" in r.getMessage()]
+    assert len(stuck_lines) == 1 and "'WS': 1" in stuck_lines[0] and "DLINFER_AUTOTUNE=0" in stuck_lines[0]
 
 
 def test_autotune_result_kept_when_the_cache_cannot_be_written(fake_card, monkeypatch, tmp_path, caplog):

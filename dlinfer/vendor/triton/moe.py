@@ -614,6 +614,10 @@ def _tma_ok(t: torch.Tensor) -> bool:
 # warp-specialization pass splits the 128-row tile between its two consumer groups and then rejects the TMA loads
 # of the full-tile descriptor ("descriptor block and tensor must have the same number of elements"). Elsewhere WS
 # is dropped (the same config runs on TMA + persistent without it); the interpreter ignores it either way.
+# On the GPU it is also opt-in (``DLINFER_MOE_WS=1``): with Triton 3.6 on an H100 its persistent loop (128-row
+# blocks, 64-wide gate_up tiles, both operands by TMA) never finished at E32 top-1 H2048 I3584, 1024 tokens with
+# skewed routing (the GPU busy at 100 %, the next module load blocked for minutes), a hang no caller can recover
+# from; a config asking for WS runs without it unless the setting is on.
 WS_COMPILES = triton.__version__.startswith("3.6.")
 
 
@@ -634,7 +638,8 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     tma_act = tma_a or (on["TMA_ACT"] and act_ok)
     tma_b = on["TMA_B"] and tma and _tma_ok(w_up) and _tma_ok(w_down)
     return dict(tma_a=tma_a, tma_act=tma_act, tma_b=tma_b, persistent=on["PERSISTENT"] or on["MERGE"],
-                ws=on["WS"] and tma_b and tma_act and (x.device.type == "cpu" or WS_COMPILES))
+                ws=on["WS"] and tma_b and tma_act and (x.device.type == "cpu" or (
+                    WS_COMPILES and settings.flag("DLINFER_MOE_WS"))))
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -145,13 +145,13 @@ CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
     _cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
     _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4)),
 ] + [
-    # Hopper variants (moe.py), unmeasured: last, so every config above is still timed first within
-    # AUTOTUNE_MAX_S, and like every candidate they are only picked when measured fastest (a card without TMA
-    # runs them on the pointer path).
+    # Hopper variants (moe.py): last, so every config above is still timed first within AUTOTUNE_MAX_S, and like
+    # every candidate they are only picked when measured fastest (a card without TMA runs them on the pointer
+    # path). Never a warp-specialized one: a candidate whose kernel does not finish hangs the first call (see
+    # moe.WS_COMPILES), which no time bound here can stop.
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_B=1),
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_ACT=1, TMA_B=1),
     _cfg(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4), TMA_A=1, TMA_B=1),
-    _cfg(128, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1),
 ]
 AUTOTUNE_MAX_S = 20.0  # per shape bucket
 AUTOTUNE_REPS = 5
@@ -482,10 +482,29 @@ def candidates(first: dict, dtype=None, device=None) -> list[dict]:
     return out
 
 
-def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOTUNE_REPS, tol: float = 2e-2):
+# A candidate (its compiles included: under a minute even on a slow host) still running after this many seconds is
+# reported as an error: a GPU kernel that never ends cannot be interrupted from the host, so the call hangs, and
+# the log is the only place that can say which config did it.
+AUTOTUNE_STUCK_S = 180.0
+
+
+def _stuck_watch(cfg, limit_s: float) -> threading.Timer:
+    """A started daemon timer that logs an error naming ``cfg`` unless cancelled within ``limit_s`` seconds."""
+    timer = threading.Timer(limit_s, logger.error, args=(
+        "dlinfer: fused_moe autotune: candidate %s has not finished after %.0f s (a GPU kernel that never ends "
+        "hangs this call); restart with DLINFER_AUTOTUNE=0 (the generic tiers, no autotune) and report this card "
+        "and config", cfg, limit_s))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOTUNE_REPS, tol: float = 2e-2,
+                 stuck_s: float = AUTOTUNE_STUCK_S):
     """Time ``run(config) -> tensor`` for each candidate (CUDA events, after one untimed call that compiles) and
     return ``(fastest config, its us)``. A candidate that fails to launch or whose output differs from the first
-    candidate's by more than ``tol`` (relative norm) is skipped; stops trying new ones after ``max_s`` seconds."""
+    candidate's by more than ``tol`` (relative norm) is skipped; stops trying new ones after ``max_s`` seconds. A
+    candidate still running after ``stuck_s`` seconds is logged as an error (see :data:`AUTOTUNE_STUCK_S`)."""
     import torch
 
     t_end = time.perf_counter() + max_s
@@ -493,15 +512,18 @@ def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOT
     for cfg in cands:
         if best is not None and time.perf_counter() > t_end:
             break
+        watch = _stuck_watch(cfg, stuck_s)
         try:
             out = run(cfg).float()
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - e.g. a tile that does not fit this card's shared memory
+            watch.cancel()
             logger.debug("dlinfer: autotune skips %s (%s)", cfg, exc)
             continue
         if ref is None:
             ref = out
         elif not float((out - ref).norm()) <= tol * max(float(ref.norm()), 1e-30):
+            watch.cancel()
             continue
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -509,6 +531,7 @@ def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOT
             run(cfg)
         stop.record()
         stop.synchronize()
+        watch.cancel()
         us = start.elapsed_time(stop) * 1e3 / reps
         if us < best_us:
             best, best_us = cfg, us
