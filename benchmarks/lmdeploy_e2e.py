@@ -258,10 +258,11 @@ def agreement(a: list[list[int]], b: list[list[int]], k: int) -> dict:
 TIE_GAP = 0.5
 
 
-def score_tokens(logits, tokens: list[int], gap_floor: float = 0.0) -> dict:
+def score_tokens(logits, tokens: list[int], gap_floor: float = 0.0, router_gap: list[float] | None = None) -> dict:
     """Score generated ``tokens`` against float32 ``logits`` ([len(tokens), vocab], teacher-forced on those very
     tokens): per position whether the token is the float32 argmax, its deficit (float32 max logit minus the
-    token's logit; 0 where it is the argmax) and the float32 gap between the best two logits."""
+    token's logit; 0 where it is the argmax) and the float32 gap between the best two logits; ``router_gap`` (MoE
+    models, :func:`router_gaps`) is kept beside them."""
     import torch
 
     logits = logits.float()
@@ -269,8 +270,23 @@ def score_tokens(logits, tokens: list[int], gap_floor: float = 0.0) -> dict:
     top2 = logits.topk(2, dim=-1).values
     chosen = logits.gather(1, ids[:, None])[:, 0]
     deficit = (top2[:, 0] - chosen).clamp_min(0)
-    return {"match": (logits.argmax(-1) == ids).tolist(), "deficit": deficit.tolist(),
-            "gap": (top2[:, 0] - top2[:, 1]).tolist()}
+    out = {"match": (logits.argmax(-1) == ids).tolist(), "deficit": deficit.tolist(),
+           "gap": (top2[:, 0] - top2[:, 1]).tolist()}
+    if router_gap is not None:
+        out["router_gap"] = list(router_gap)
+    return out
+
+
+def router_gaps(router_logits, topk: int, last: int) -> list[float]:
+    """Per position of the last ``last`` ones, the smallest float32 router-logit gap over the layers between the
+    ``topk``-th and the next expert (``router_logits``: one ``[positions, experts]`` tensor per MoE layer): where it
+    is near zero, a rounding anywhere upstream can swap one of the position's experts for another (a routing flip,
+    which changes that layer's output wholesale)."""
+    import torch
+
+    stacked = torch.stack([r.float()[-last:] for r in router_logits])  # [layers, last, experts]
+    top = stacked.topk(topk + 1, dim=-1).values
+    return (top[..., topk - 1] - top[..., topk]).min(dim=0).values.tolist()
 
 
 def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int = 5) -> dict:
@@ -287,8 +303,16 @@ def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int 
     mismatched = sorted(((d, i, j, s["gap"][j]) for i, s in enumerate(scores)
                          for j, (m, d) in enumerate(zip(s["match"], s["deficit"])) if not m), reverse=True)
     missed = [d for d, *_ in reversed(mismatched)]  # ascending
-    worst = mismatched[:worst_n]
+    worst = [{"prompt": i, "position": j, "deficit": d, "gap": g} for d, i, j, g in mismatched[:worst_n]]
     gaps = [g for s in scores for g in s["gap"]]
+    routed = {}
+    if scores and all("router_gap" in s for s in scores):  # MoE: are the mismatches where routing is near a tie?
+        for w in worst:
+            w["router_gap"] = scores[w["prompt"]]["router_gap"][w["position"]]
+        every = [g for s in scores for g in s["router_gap"]]
+        at_miss = [scores[i]["router_gap"][j] for _, i, j, _ in mismatched]
+        routed = {"router_gap_median": statistics.median(every) if every else None,
+                  "mismatch_router_gap_median": statistics.median(at_miss) if at_miss else None}
     return {
         "prompts": len(scores),
         "positions": len(match),
@@ -300,18 +324,25 @@ def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int 
         "mismatch_deficit_median": statistics.median(missed) if missed else 0.0,
         "mismatch_deficit_max": missed[-1] if missed else 0.0,
         "mismatch_deficit_p90": missed[min(len(missed) - 1, int(0.9 * len(missed)))] if missed else 0.0,
-        "worst_mismatches": [{"prompt": i, "position": j, "deficit": d, "gap": g} for d, i, j, g in worst],
+        "worst_mismatches": worst,
         "gap_median": statistics.median(gaps) if gaps else None,
+        **routed,
     }
 
 
-def teacher_forced_logits(model, prompt: list[int], tokens: list[int]):
-    """Logits at the positions that produced ``tokens`` (prompt + tokens[:-1] in, the last len(tokens) out)."""
+def teacher_forced_logits(model, prompt: list[int], tokens: list[int], router_topk: int = 0):
+    """Logits at the positions that produced ``tokens`` (prompt + tokens[:-1] in, the last len(tokens) out). With
+    ``router_topk`` (an MoE model's experts per token): ``(logits, router gaps)`` (:func:`router_gaps`)."""
     import torch
 
     ids = torch.tensor([prompt + tokens[:-1]], device=model.device)
     with torch.no_grad():
-        return model(input_ids=ids, logits_to_keep=len(tokens)).logits[0, -len(tokens):].float()
+        extra = {"output_router_logits": True} if router_topk else {}
+        out = model(input_ids=ids, logits_to_keep=len(tokens), **extra)
+    logits = out.logits[0, -len(tokens):].float()
+    if not router_topk:
+        return logits
+    return logits, router_gaps(out.router_logits, router_topk, len(tokens))
 
 
 def run_oracle(job: dict) -> None:
@@ -344,6 +375,8 @@ def run_oracle(job: dict) -> None:
     model = load(torch.float32)
     load_s = time.perf_counter() - t0
     prompts, runs = job["prompts"], job["runs"]
+    # MoE: the float32 router's margin at each scored position (quantized checkpoints load through another path)
+    router_topk = 0 if quantized else int(config.get("num_experts_per_tok") or 0)
     out: dict = {"load_s": round(load_s, 1), "runs": {}}
     seen: dict[str, list[dict]] = {}  # identical token lists are scored once
     base = next(iter(runs))
@@ -353,8 +386,9 @@ def run_oracle(job: dict) -> None:
         if key not in seen:
             scores = []
             for i, (prompt, tokens) in enumerate(zip(prompts, token_lists)):
-                logits = teacher_forced_logits(model, prompt, tokens)
-                scores.append(score_tokens(logits, tokens))
+                logits, gaps = teacher_forced_logits(model, prompt, tokens, router_topk) if router_topk else (
+                    teacher_forced_logits(model, prompt, tokens), None)
+                scores.append(score_tokens(logits, tokens, router_gap=gaps))
                 if name == base:
                     base_logits.append(logits.cpu())
             seen[key] = scores
@@ -1340,8 +1374,15 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
                          f"median {o['mismatch_deficit_median']:.3f} p90 {o.get('mismatch_deficit_p90', 0.0):.3f} "
                          f"max {o['mismatch_deficit_max']:.3f}, median top-2 gap {o['gap_median']:.3f}")
             if o.get("worst_mismatches"):
-                lines.append("  worst mismatches (prompt:position deficit/gap): " + ", ".join(
-                    f"{w['prompt']}:{w['position']} {w['deficit']:.2f}/{w['gap']:.2f}" for w in o["worst_mismatches"]))
+                routed = "router_gap" in o["worst_mismatches"][0]
+                lines.append(f"  worst mismatches (prompt:position deficit/gap{'/router gap' if routed else ''}): "
+                             + ", ".join(f"{w['prompt']}:{w['position']} {w['deficit']:.2f}/{w['gap']:.2f}"
+                                         + (f"/{w['router_gap']:.3f}" if routed else "")
+                                         for w in o["worst_mismatches"]))
+            if o.get("router_gap_median") is not None:
+                lines.append(f"  float32 router gap (k-th vs next expert, smallest over layers): median "
+                             f"{o['router_gap_median']:.3f} at all positions, "
+                             f"{o.get('mismatch_router_gap_median') or 0.0:.3f} at mismatches")
     return "\n".join(lines)
 
 

@@ -241,6 +241,25 @@ def test_score_tokens_and_summary(e2e):
     assert [(w["prompt"], w["position"]) for w in worst] == [(1, 0), (0, 1)]
     assert worst[0]["deficit"] == pytest.approx(3.0) and worst[1]["gap"] == pytest.approx(0.5)
     assert e2e.summarize_scores([scored], worst_n=0)["worst_mismatches"] == []
+    assert "router_gap_median" not in summary and "router_gap" not in worst[0]  # a dense model: no router
+
+
+def test_router_gaps_and_their_summary(e2e):
+    """The router gap is the k-th minus the (k+1)-th router logit, smallest over the layers, at the last positions;
+    the summary gives it at the worst mismatches and its medians at all positions and at mismatches."""
+    import torch
+
+    layer0 = torch.tensor([[9.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.9, 0.0], [5.0, 4.0, 1.0, 0.0]])
+    layer1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 2.5, 1.0, 0.0], [5.0, 4.9, 4.0, 0.0]])
+    gaps = e2e.router_gaps([layer0, layer1], topk=2, last=2)  # positions 1 and 2 (the first is the prompt's)
+    assert gaps == pytest.approx([0.1, 0.9])  # min(2.0-1.9, 2.5-1.0), min(4.0-1.0, 4.9-4.0)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.5]])
+    scored = e2e.score_tokens(logits, [1, 2], router_gap=gaps)  # position 1 missed
+    assert scored["router_gap"] == pytest.approx(gaps)
+    summary = e2e.summarize_scores([scored])
+    assert summary["worst_mismatches"][0]["router_gap"] == pytest.approx(0.9)
+    assert summary["router_gap_median"] == pytest.approx(0.5)
+    assert summary["mismatch_router_gap_median"] == pytest.approx(0.9)
 
 
 def greedy_tokens(model, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -257,10 +276,11 @@ def greedy_tokens(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral"])
 def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
     """The oracle child on a tiny model: float32 greedy tokens match the float32 argmax everywhere; tokens
-    replaced by other ids are mismatches with a positive deficit; the bf16 yardstick row is there."""
+    replaced by other ids are mismatches with a positive deficit; the bf16 yardstick row is there; MoE models
+    also get the float32 router's gaps (none below zero)."""
     import json
 
     import torch
@@ -273,7 +293,8 @@ def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
     prompts = e2e.workload(3, 5, 12, 0, 200)
     greedy = greedy_tokens(model, prompts, 6)
     corrupted = [[(t + 1) % 200 for t in g] for g in greedy]
-    job = {"model_dir": path, "arch": e2e.MODELS["qwen3moe"][0] if arch == "qwen3_moe" else "llama3-8b",
+    archs = {"qwen3_moe": e2e.MODELS["qwen3moe"][0], "mixtral": e2e.MODELS["mixtral"][0]}
+    job = {"model_dir": path, "arch": archs.get(arch, "llama3-8b"),
            "prompts": prompts, "runs": {"m/stock/eager/tp1": greedy, "m/dlinfer/eager/tp1": corrupted,
                                         "m/stock/graph/tp1": greedy},
            "result_path": str(tmp_path / "oracle.json")}
@@ -284,6 +305,11 @@ def test_float32_oracle_scores_greedy_and_corrupted_tokens(e2e, tmp_path, arch):
     assert bad["match_rate"] == 0.0 and bad["first_token_match"] == 0.0 and bad["mismatch_deficit_median"] > 0
     yardstick = out["transformers bf16 (on m/stock/eager/tp1's tokens)"]
     assert yardstick["positions"] == 18 and 0.5 <= yardstick["match_rate"] <= 1.0
+    if arch == "llama":
+        assert "router_gap_median" not in bad
+    else:
+        assert bad["router_gap_median"] >= 0 and bad["mismatch_router_gap_median"] >= 0
+        assert all(w["router_gap"] >= 0 for w in bad["worst_mismatches"]) and len(bad["worst_mismatches"]) == 5
 
 
 def test_ops_served_lists_the_vendor_of_each_op(e2e):
