@@ -44,7 +44,8 @@ tile classes of a GEMM in one such launch (the hot experts' wide tiles first, th
 own tile sizes: ``_moe_gemm_merged_kernel``), so that under skewed routing the narrow tiles fill the SMs the few
 wide ones leave idle; ``MERGE_GRID`` does the same with one program per possible tile (hot ones first) instead of a
 persistent loop, leaving the balancing to the hardware's block scheduler; ``WS`` adds Triton's warp specialization
-to launches with both operands on TMA (``num_warps=4``, row blocks of 64+; not in a merged launch).
+to launches with both operands on TMA (``num_warps=4``, row blocks of 64+; not in a merged launch; on the GPU only
+with ``DLINFER_MOE_WS=1``, see ``WS_COMPILES``).
 
 Launch parameters (tile sizes, warps, stages) come from the card at hand (``tuning.launch_config``: a tuning
 cache, a shipped per-card table or an autotune on first use), by the expected rows per expert (``T * topk /
