@@ -20,7 +20,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   tile classes in one launch of one program per tile (``MERGE_FLAGS``), ``stream`` the config in force with the
   hot experts' GEMMs beside the others on their own stream and after them (``STREAM_FLAGS``: the same kernels, so
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
-  card's rules timed here); routings of ``--candidates-routings``.
+  card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
+  config in force (``split_candidates``); routings of ``--candidates-routings``.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -126,6 +127,28 @@ def rule_candidates(hot: dict) -> list[tuple[str, dict]]:
                 seen.append(cfg)
                 flags = "+".join(k for k in tuning.FLAGS if cfg.get(k)) or "plain"
                 out.append((f"rule BM{cfg['BLOCK_M']} {cfg['up']['num_stages']}st {flags}", dict(cfg, hot=hot)))
+    return out
+
+
+SPLIT_HOT_ROWS = (256, 512)  # the hot threshold of the split candidates: above the narrower experts' own loads
+
+
+def split_candidates(in_force: dict, tiers, dtype, device) -> list[tuple[str, dict]]:
+    """(name, config): each of the card's tier configs of half the config in force's row block, with its Hopper
+    fields, serving every expert below ``SPLIT_HOT_ROWS`` rows, and the config
+    in force for the experts above. Under skewed routing the mean load (which picks the config in force) counts the
+    hot experts' rows: E16 top-2 at 2048 tokens averages 256 rows per expert, but besides one expert of ~2000 rows
+    the others hold ~136, which 128-row blocks pad to 256."""
+    hot = {k: v for k, v in in_force.items() if k not in ("hot", "hot_rows")}
+    fields = {k: v for k, v in hot.items() if k in tuning.FIELDS}
+    out, seen = [], set()
+    for _, tier in tiers:
+        c = tuning.fitted(tier, dtype, device)
+        key = (c["BLOCK_M"], c["up"]["BLOCK_N"], c["down"]["BLOCK_N"])
+        if 2 * c["BLOCK_M"] == hot["BLOCK_M"] and key not in seen:
+            seen.add(key)
+            out += [(f"split BM{key[0]} up{key[1]} down{key[2]} | in force >= {rows} rows",
+                     dict(c, **fields, hot=hot, hot_rows=rows)) for rows in SPLIT_HOT_ROWS]
     return out
 
 
@@ -359,7 +382,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -459,9 +482,11 @@ def main(argv=None):
                             cands += flag_candidates(src, hot, STREAM_FLAGS)  # only where there is a hot class
                         if "rules" in args.candidate_sets:
                             cands += rule_candidates(hot)
+                        table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                         if "hot" in args.candidate_sets:
-                            table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
+                        if "split" in args.candidate_sets:
+                            cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
                 # first, then one is started only when the budget still holds the slowest one so far.
                 warmed = {}

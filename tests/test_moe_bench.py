@@ -162,6 +162,23 @@ def test_candidate_sets_carry_the_hot_tiles(monkeypatch):
                                                          {json.dumps(c, sort_keys=True): c for c in ruled}.values()]
 
 
+def test_split_candidates_keep_the_config_in_force_for_the_heaviest_experts():
+    """The split set: the card's tiers of half the row block in force, with its Hopper fields, for the experts under
+    the hot threshold; the config in force (without its own hot class) for those above it."""
+    tiers = moe_bench.tuning.H100_TIERS
+    in_force = dict(moe_bench.tuning.H100_RULES[0][3], hot={"BLOCK_M": 128}, hot_rows=99)
+    split = moe_bench.split_candidates(in_force, tiers, torch.bfloat16, torch.device("cpu"))
+    narrow = [c for _, c in tiers if c["BLOCK_M"] == 64]
+    assert len(split) == len(narrow) * len(moe_bench.SPLIT_HOT_ROWS) and len(narrow) == 2
+    for (name, cfg), (base, rows) in zip(split, [(c, r) for c in narrow for r in moe_bench.SPLIT_HOT_ROWS]):
+        assert cfg["BLOCK_M"] == 64 and cfg["up"] == base["up"] and cfg["down"] == base["down"]
+        assert cfg["TMA_A"] == cfg["TMA_B"] == 1 and cfg["hot_rows"] == rows and f">= {rows} rows" in name
+        assert cfg["hot"] == moe_bench.tuning.H100_RULES[0][3]  # the config in force, its hot class dropped
+        assert moe_bench.tuning.hot_class(cfg, cfg["hot"], 4096) == (cfg["hot"], rows)
+    assert moe_bench.split_candidates(narrow[0], tiers, torch.bfloat16, torch.device("cpu")) != []  # 32-row tiers
+    assert moe_bench.split_candidates(tiers[0][1], tiers, torch.bfloat16, torch.device("cpu")) == []  # none of 8
+
+
 def test_moe_bytes_counts_the_touched_experts_once():
     ids = torch.tensor([[0, 3], [3, 5], [5, 0], [0, 3]])  # 4 tokens, top-2: experts 0, 3, 5 of 8 touched
     got = moe_bench.moe_bytes(ids, hidden=32, inter=16, elem_size=2)
