@@ -841,6 +841,19 @@ def test_pick_fastest_names_a_candidate_that_does_not_finish(host_timed_events, 
         tuning.pick_fastest(run, [quick, stuck], reps=1, stuck_s=0.2)
     stuck_lines = [r.getMessage() for r in caplog.records if "has not finished after" in r.getMessage()]
     assert len(stuck_lines) == 1 and "'WS': 1" in stuck_lines[0] and "DLINFER_AUTOTUNE=0" in stuck_lines[0]
+    calls = []
+
+    def fails_when_timed(cfg):  # runs once, then raises in its timed calls: the error reaches the caller
+        calls.append(cfg)
+        if len(calls) > 1:
+            raise RuntimeError("launch failed")
+        return torch.ones(4)
+
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="dlinfer"), pytest.raises(RuntimeError, match="launch failed"):
+        tuning.pick_fastest(fails_when_timed, [quick], reps=1, stuck_s=0.2)
+    _time.sleep(0.3)
+    assert "has not finished" not in caplog.text  # its watch ended with it
 
 
 def test_autotune_result_kept_when_the_cache_cannot_be_written(fake_card, monkeypatch, tmp_path, caplog):

@@ -513,25 +513,25 @@ def pick_fastest(run, cands, *, max_s: float = AUTOTUNE_MAX_S, reps: int = AUTOT
         if best is not None and time.perf_counter() > t_end:
             break
         watch = _stuck_watch(cfg, stuck_s)
-        try:
-            out = run(cfg).float()
-            torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - e.g. a tile that does not fit this card's shared memory
+        try:  # the watch ends with the candidate, however it ends (timed, skipped, or an error for the caller)
+            try:
+                out = run(cfg).float()
+                torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - e.g. a tile that does not fit this card's shared memory
+                logger.debug("dlinfer: autotune skips %s (%s)", cfg, exc)
+                continue
+            if ref is None:
+                ref = out
+            elif not float((out - ref).norm()) <= tol * max(float(ref.norm()), 1e-30):
+                continue
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run(cfg)
+            stop.record()
+            stop.synchronize()
+        finally:
             watch.cancel()
-            logger.debug("dlinfer: autotune skips %s (%s)", cfg, exc)
-            continue
-        if ref is None:
-            ref = out
-        elif not float((out - ref).norm()) <= tol * max(float(ref.norm()), 1e-30):
-            watch.cancel()
-            continue
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            run(cfg)
-        stop.record()
-        stop.synchronize()
-        watch.cancel()
         us = start.elapsed_time(stop) * 1e3 / reps
         if us < best_us:
             best, best_us = cfg, us
