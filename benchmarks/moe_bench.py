@@ -135,10 +135,10 @@ SPLIT_HOT_ROWS = (256, 512)  # the hot threshold of the split candidates: above 
 
 def split_candidates(in_force: dict, tiers, dtype, device) -> list[tuple[str, dict]]:
     """(name, config): each of the card's tier configs of half the config in force's row block, with its Hopper
-    fields, serving every expert below ``SPLIT_HOT_ROWS`` rows, and the config
-    in force for the experts above. Under skewed routing the mean load (which picks the config in force) counts the
-    hot experts' rows: E16 top-2 at 2048 tokens averages 256 rows per expert, but besides one expert of ~2000 rows
-    the others hold ~136, which 128-row blocks pad to 256."""
+    fields, serving every expert below ``SPLIT_HOT_ROWS`` rows, and the config in force for the experts above.
+    Under skewed routing the mean load (which picks the config in force) counts the hot experts' rows: E16 top-2
+    at 2048 tokens averages 256 rows per expert, but besides one expert of ~2000 rows the others hold ~136, which
+    128-row blocks pad to 256."""
     hot = {k: v for k, v in in_force.items() if k not in ("hot", "hot_rows")}
     fields = {k: v for k, v in hot.items() if k in tuning.FIELDS}
     out, seen = [], set()
