@@ -331,8 +331,9 @@ def summarize_scores(scores: list[dict], tie_gap: float = TIE_GAP, worst_n: int 
 
 
 def teacher_forced_logits(model, prompt: list[int], tokens: list[int], router_topk: int = 0):
-    """Logits at the positions that produced ``tokens`` (prompt + tokens[:-1] in, the last len(tokens) out). With
-    ``router_topk`` (an MoE model's experts per token): ``(logits, router gaps)`` (:func:`router_gaps`)."""
+    """``(logits, router gaps)``: the logits at the positions that produced ``tokens`` (prompt + tokens[:-1] in, the
+    last len(tokens) out) and, with ``router_topk`` (an MoE model's experts per token), their router gaps
+    (:func:`router_gaps`; else None)."""
     import torch
 
     ids = torch.tensor([prompt + tokens[:-1]], device=model.device)
@@ -340,9 +341,7 @@ def teacher_forced_logits(model, prompt: list[int], tokens: list[int], router_to
         extra = {"output_router_logits": True} if router_topk else {}
         out = model(input_ids=ids, logits_to_keep=len(tokens), **extra)
     logits = out.logits[0, -len(tokens):].float()
-    if not router_topk:
-        return logits
-    return logits, router_gaps(out.router_logits, router_topk, len(tokens))
+    return logits, router_gaps(out.router_logits, router_topk, len(tokens)) if router_topk else None
 
 
 def run_oracle(job: dict) -> None:
@@ -386,8 +385,7 @@ def run_oracle(job: dict) -> None:
         if key not in seen:
             scores = []
             for i, (prompt, tokens) in enumerate(zip(prompts, token_lists)):
-                logits, gaps = teacher_forced_logits(model, prompt, tokens, router_topk) if router_topk else (
-                    teacher_forced_logits(model, prompt, tokens), None)
+                logits, gaps = teacher_forced_logits(model, prompt, tokens, router_topk)
                 scores.append(score_tokens(logits, tokens, router_gap=gaps))
                 if name == base:
                     base_logits.append(logits.cpu())
@@ -402,7 +400,7 @@ def run_oracle(job: dict) -> None:
     model = load(engine_dtype)
     scores = []
     for prompt, tokens, ref in zip(prompts, runs[base], base_logits):
-        own = teacher_forced_logits(model, prompt, tokens).argmax(-1).tolist()
+        own = teacher_forced_logits(model, prompt, tokens)[0].argmax(-1).tolist()
         scored = score_tokens(ref.to(device), own)
         scores.append(scored)
     label = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(engine_dtype, str(engine_dtype)[6:])

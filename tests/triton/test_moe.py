@@ -317,10 +317,8 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
 def test_warp_specialization_is_opt_in_on_the_gpu(monkeypatch):
     """No shipped table, rule or autotune candidate asks for WS, and on a GPU a config that does runs without it
     unless DLINFER_MOE_WS=1 (its persistent loop hung an H100 at one shape)."""
-    shipped = list(tuning.CANDIDATES) + [c for t in tuning.TABLES.values() for _, c in t["tiers"]]
-    shipped += [c for t in tuning.TABLES.values() for c in t["shapes"].values()]
-    shipped += [c for t in tuning.TABLES.values() for _, _, _, c in t.get("rules", ())]
-    assert shipped and not any(c.get("WS") for c in shipped)
+    shipped = _all_configs()
+    assert any(c.get("TMA_A") for c in shipped) and not any(c.get("WS") for c in shipped)  # the rules are in
     _, gate_up, down, _, _ = _moe_inputs(4, 48, 40, 4, 2, torch.float16)
 
     class OnTheGpu:  # the hidden states as _hopper_flags sees them: a CUDA tensor's device, shape and element size
@@ -423,9 +421,12 @@ def test_launch_config_tiers():
 
 
 def _all_configs():
+    """Every shipped config, once: the tables' tiers, shape entries and load rules, the generic tiers and the
+    autotune candidates."""
     out = []
     for table in tuning.TABLES.values():
         out += [c for _, c in table["tiers"]] + list(table["shapes"].values())
+        out += [c for _, _, _, c in table.get("rules", ())]
     out += [c for _, c in tuning.GENERIC_TIERS] + tuning.CANDIDATES
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
