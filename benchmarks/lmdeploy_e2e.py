@@ -656,10 +656,10 @@ def run_child(spec: RunSpec) -> None:
     tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records
             if len(r["tokens"]) > 1 and "first" in r]  # none with --no-stream
     served = _ops_served() if spec.backend == "dlinfer" and spec.tp == 1 else {}
-    profile = None
+    profile, profile_summary = None, None
     if spec.profile:
         try:
-            profile = _profile_kernels(run, prompts)
+            profile, profile_summary = _profile_kernels(run, prompts)
         except Exception as exc:  # noqa: BLE001 - a profile is a detail, never a reason to lose the run
             profile = [{"kernel": f"profiler failed: {type(exc).__name__}: {exc}", "total_ms": 0, "calls": 0,
                         "share": 0}]
@@ -694,6 +694,7 @@ def run_child(spec: RunSpec) -> None:
         "triton_compiles_per_pass": pass_compiles,
         "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(passes))],
         "profile_top_kernels": profile,
+        "profile_summary": profile_summary,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
         # per timed pass, per request: [submitted, first token, last token], seconds from the pass's start
         "pass_request_times": [request_times(recs) for _, recs in passes],
@@ -882,15 +883,24 @@ class CompileLog:
                 "per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))}
 
 
-def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> list[dict]:
+def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> tuple[list[dict], dict]:
     """GPU kernels by total time over one more pass of ``prompts`` (torch.profiler/CUPTI sees every kernel of
-    the process, the engine thread's and CUDA-graph replays' included): what an op costs, to name it."""
+    the process, the engine thread's and CUDA-graph replays' included): what an op costs, to name it. Also the
+    pass's wall time, the sum of all its kernels' times and the time the GPU was busy (the union of the kernels'
+    intervals, so that kernels overlapping on two streams count once): ``busy_share`` = busy / wall is how much
+    of the pass a faster kernel can win back; the rest is the GPU waiting for the host."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CUDA activity only: tracing the host's ops too would slow the engine's loop and so lengthen the wall time;
+    # without a GPU (the tests) the host's ops are the only activity there is to trace
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        start = time.perf_counter()
         run(prompts)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
     rows = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
@@ -900,7 +910,24 @@ def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> list[dict]
     total = sum(r["total_ms"] for r in rows) or 1.0
     for r in rows:
         r["share"] = round(r["total_ms"] / total, 4)
-    return rows[:top]
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start]
+    busy_ms = union_length(intervals) / 1e3
+    summary = {"wall_s": round(wall_s, 3), "kernel_ms": round(sum(r["total_ms"] for r in rows), 1),
+               "busy_ms": round(busy_ms, 1), "busy_share": round(busy_ms / 1e3 / wall_s, 4) if wall_s else None,
+               "kernel_launches": sum(r["calls"] for r in rows)}
+    return rows[:top], summary
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals (overlaps counted once)."""
+    covered, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        covered += end - max(start, reach)
+        reach = end
+    return covered
 
 
 def _stock_w4a16_gemm() -> str:
@@ -1729,6 +1756,11 @@ def main(argv=None) -> int:
             log(f"[warn] {name}: timed passes 2..{len(result['pass_output_tok_s'])} differ by {noise:.1%} (> 2 %): "
                 f"each pass lasts {result['duration_s']:.1f} s; raise --pass-seconds (or --requests) for a tighter "
                 "measurement")
+        summary = result.get("profile_summary")
+        if summary:
+            log(f"[kernel] {name}: profiled pass {summary['wall_s']} s, GPU busy {summary['busy_ms'] / 1e3:.2f} s "
+                f"({summary['busy_share']:.1%}), kernels {summary['kernel_ms'] / 1e3:.2f} s in "
+                f"{summary['kernel_launches']} launches")
         for row in (result.get("profile_top_kernels") or [])[:12]:
             log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
                 f"{row['kernel'][:90]}")

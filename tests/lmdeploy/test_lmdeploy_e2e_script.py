@@ -7,6 +7,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,21 @@ def test_ops_served_lists_the_vendor_of_each_op(e2e):
     finally:
         registry.restore(saved)
     assert "error" not in served and served["silu_and_mul"] == ["reference[cpu,float32]"]
+
+
+def test_union_length_counts_overlaps_once(e2e):
+    assert e2e.union_length([]) == 0
+    assert e2e.union_length([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20
+    assert e2e.union_length([(3, 4), (0, 1)]) == 2
+
+
+def test_profile_reports_the_pass_wall_time_and_gpu_busy_share(e2e):
+    """On a CPU the profiler sees no kernel: the pass's wall time stands, the GPU's busy time is zero."""
+    ran = []
+    rows, summary = e2e._profile_kernels(lambda prompts: (ran.append(prompts), time.sleep(0.05)), [[1, 2]])
+    assert ran == [[[1, 2]]] and rows == []
+    assert summary["wall_s"] >= 0.05 and summary["busy_ms"] == 0 and summary["busy_share"] == 0
+    assert summary["kernel_launches"] == 0
 
 
 def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
