@@ -199,6 +199,14 @@ def lmdeploy_silu_and_mul(k: LmdeployKernels, x):
     return k.activation.silu_and_mul(x)
 
 
+def lmdeploy_moe_weights(gate_up_weights: torch.Tensor, down_weights: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' weights in the layout stock LMDeploy 0.18 serves them in on CUDA: its ``TritonFusedMoEImpl.
+    update_weights`` (``backends/cuda/moe/default.py``) keeps the shapes ``[E, N, K]`` but stores them N-fastest
+    (strides ``(N*K, 1, N)``), the layout its ``fused_moe`` kernel is run on in the engine. A copy of each."""
+    return tuple(w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up_weights, down_weights))
+
+
 def lmdeploy_fused_moe(k: LmdeployKernels, hidden, gate_up_weights, down_weights, topk_weights, topk_ids, topk,
                        renormalize):
     return k.fused_moe.fused_moe(hidden, gate_up_weights, down_weights, topk_weights, topk_ids, topk=topk,

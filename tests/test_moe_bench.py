@@ -203,3 +203,17 @@ def test_roofline_shares_of_the_bound():
                            matmul_tflops=1000.0)
     assert r["bound"] == "compute" and r["bound_us"] == pytest.approx(4.0)
     assert (r["dlinfer_of_bound"], r["peer_of_bound"]) == pytest.approx((0.5, 1.0))
+
+
+def test_peer_weights_take_the_layout_stock_lmdeploy_serves_them_in():
+    """The benchmark's engine-layout peer gets what LMDeploy 0.18's CUDA MoE layer makes of the same weights."""
+    from lmdeploy.pytorch.backends.cuda.moe.default import TritonFusedMoEImpl
+
+    from benchmarks import peers
+
+    gate_up, down = torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    ours = peers.lmdeploy_moe_weights(gate_up, down)
+    theirs = TritonFusedMoEImpl(top_k=2, num_experts=4).update_weights(gate_up, down)
+    for mine, stock, original in zip(ours, theirs, (gate_up, down)):
+        assert mine.shape == stock.shape == original.shape and mine.stride() == stock.stride()
+        assert mine.stride(1) == 1 and torch.equal(mine, original)
