@@ -24,7 +24,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   hot experts' GEMMs beside the others on their own stream and after them (``STREAM_FLAGS``: the same kernels, so
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
-  config in force (``split_candidates``); routings of ``--candidates-routings``.
+  config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
+  (``DECODE``); routings of ``--candidates-routings``.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -83,6 +84,21 @@ EXTRA = [_cfg(64, (256, 64, 8, 8, 3), (256, 64, 8, 8, 3)),
          _cfg(64, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),
          _cfg(128, (128, 64, 1, 8, 3), (256, 64, 1, 8, 3)),
          _cfg(128, (128, 64, 16, 8, 3), (256, 64, 16, 8, 4))]
+
+# Tiles for the memory-bound range (decode batches, up to ~128 rows per expert), where the weights stream from HBM
+# once: with K-fastest weights a tile row is BLOCK_K contiguous elements, so longer K steps (256) and deeper
+# pipelines keep more of each weight row in flight per program; with the 128-row wide tier and the tiers' own
+# shapes at one more stage for comparison.
+DECODE = [_cfg(16, (32, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
+          _cfg(32, (32, 256, 4, 4, 3), (64, 256, 4, 4, 3)),
+          _cfg(32, (64, 128, 4, 4, 5), (64, 128, 4, 4, 5)),
+          _cfg(64, (32, 256, 4, 4, 3), (32, 256, 4, 4, 3)),
+          _cfg(64, (64, 256, 4, 8, 2), (64, 256, 4, 8, 2)),
+          _cfg(64, (64, 128, 4, 4, 4), (64, 128, 4, 4, 4)),
+          _cfg(64, (64, 128, 4, 8, 4), (128, 128, 4, 8, 3)),
+          _cfg(64, (128, 64, 4, 4, 4), (128, 64, 4, 4, 4)),
+          _cfg(64, (64, 64, 4, 4, 6), (128, 64, 4, 4, 5)),
+          _cfg(128, (128, 64, 1, 8, 4), (128, 128, 1, 8, 3))]
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
@@ -385,7 +401,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -497,6 +513,9 @@ def main(argv=None):
                         table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                         if "hot" in args.candidate_sets:
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
+                        if "decode" in args.candidate_sets:
+                            cands += [(f"decode{i}", dict(c, hot=hot)) for i, c in enumerate(DECODE)
+                                      if {**c, "hot": hot} != src]
                         if "split" in args.candidate_sets:
                             cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
