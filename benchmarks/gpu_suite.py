@@ -853,8 +853,13 @@ class Suite:
         def check(o):
             return rel_err(o[:sub], ref)
 
+        # the peer on dlinfer's tensors ("lmdeploy") and on its weights in the layout stock LMDeploy serves them in
+        # ("lmdeploy_engine": N-fastest, faster for its kernel at decode sizes, slower at large token counts)
+        engine = peers.lmdeploy_moe_weights(gate_up, down) if not self._lmd_missing() else (gate_up, down)
         order = [("lmdeploy", lambda: peers.lmdeploy_fused_moe(self.lmd, x, gate_up, down, topk_w, topk_ids, topk,
                                                                 True), self._lmd_missing(), True),
+                 ("lmdeploy_engine", lambda: peers.lmdeploy_fused_moe(self.lmd, x, *engine, topk_w, topk_ids, topk,
+                                                                       True), self._lmd_missing(), True),
                  ("dlinfer", lambda: ops.fused_moe(x, gate_up, down, topk_w, topk_ids, topk, True), self.provides(op),
                   True),
                  ("torch", lambda: peers.torch_moe_expert_loop(x, gate_up, down, topk_w, topk_ids, True), "", False)]
