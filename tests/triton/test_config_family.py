@@ -216,7 +216,7 @@ def _moe_gemm(cfg: dict, block_m: int, gemm: str, dtype, hot: bool, experts: int
     # the default path (no Hopper fields set in the tables and tiers; the autotune candidates with them run only
     # where they are measured)
     consts.update(PRECISION=precision, TMA_A=False, TMA_B=False, PERSISTENT=False, WS=False, SORTED_OUT=False,
-                  a_desc=None, w_desc=None)
+                  SPLIT_UP=False, a_desc=None, w_desc=None, stride_wk=1)  # K-fastest weights, as the tables run
     types = dict(a_ptr="*" + T[dtype], w_ptr="*" + T[dtype], out_ptr="*" + T[dtype], sorted_ptr="*i32",
                  meta_ptr="*i32")
     return _launch("moe._moe_gemm_kernel", types, consts, c["num_warps"], c["num_stages"])

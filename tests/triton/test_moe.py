@@ -219,24 +219,28 @@ def _expected(flags: dict, gemm: str, block_m: int, merged: bool = False) -> tup
     return (tma_a, tma_b, bool(flags.get("PERSISTENT") or flags.get("MERGE")), ws)
 
 
-def _spy_gemms(monkeypatch):
+def _spy_gemms(monkeypatch, weights: list | None = None):
     """Record, per GEMM kernel launch, what ``_expected`` describes, checking that a descriptor came with each TMA
     field and that the gate_up GEMM writes its activations in the sorted order exactly when the down GEMM reads
-    them by TMA."""
+    them by TMA. ``weights`` (a list) also gets, per launch, the weight the kernel reads: ``(SILU, data_ptr,
+    (stride_we, stride_wn, stride_wk), SPLIT_UP)``."""
     launched, sorted_writes = [], []
     real, real_merged = triton_moe._moe_gemm_kernel, triton_moe._moe_gemm_merged_kernel
 
-    def check(kw, a_desc, w_desc):
-        assert (a_desc is not None, w_desc is not None) == (kw["TMA_A"], kw["TMA_B"])
+    def check(kw, arg):
+        assert (arg["a_desc"] is not None, arg["w_desc"] is not None) == (kw["TMA_A"], kw["TMA_B"])
         if kw["SILU"]:
             sorted_writes.append(kw["SORTED_OUT"])
         else:  # every gate_up launch wrote the activations the way this down GEMM reads them
             assert not kw["SORTED_OUT"] and sorted_writes and set(sorted_writes) == {kw["TMA_A"]}
+        if weights is not None:
+            strides = tuple(arg[f"stride_w{d}"] for d in "enk")
+            weights.append((kw["SILU"], arg["w_ptr"].data_ptr(), strides, kw["SPLIT_UP"]))
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                check(kw, args[1], args[3])
+                check(kw, dict(zip(real.arg_names, args)))
                 launched.append((kw["TMA_A"], kw["TMA_B"], kw["PERSISTENT"], kw["WS"]))
                 return real[grid](*args, **kw)
             return launch
@@ -244,10 +248,11 @@ def _spy_gemms(monkeypatch):
     class MergedSpy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                check(kw, args[1], args[4])
+                arg = dict(zip(real_merged.arg_names, args))
+                check(kw, arg)
                 launched.append(("merged", kw["TMA_A"], kw["TMA_B"], kw["PERSISTENT"]))
                 # one program per possible tile of both classes (hot ones first), or at most one per SM
-                n_out, max_hot_blocks, max_blocks = args[9], args[18], args[19]
+                n_out, max_hot_blocks, max_blocks = arg["n_out"], arg["max_hot_blocks"], arg["max_blocks"]
                 tiles = (max_blocks * triton.cdiv(n_out, kw["BLOCK_N"])
                          + max_hot_blocks * triton.cdiv(n_out, kw["HOT_BLOCK_N"]))
                 assert grid[0] == (min(tiles, triton_moe._num_sms(args[0].device)) if kw["PERSISTENT"] else tiles)
@@ -312,6 +317,127 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
         assert launched == [_expected(apart, g, bm) for g in ("up", "down") for bm in (16, 64)]
     else:  # the narrow-tile class (BLOCK_M 16), then the hot one (64), per GEMM
         assert launched == [_expected(flags, g, bm) for g in ("up", "down") for bm in (16, 64)]
+
+
+# ---------------------------------------------------------------- weight layouts
+
+
+def _n_fastest(w: torch.Tensor) -> torch.Tensor:
+    """The same ``[E, N, K]`` weight stored N-fastest (strides ``(N * K, 1, N)``), as some engines keep experts."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _skewed_inputs(dtype, hidden=40, inter=24):
+    """70 tokens, top-2 of 6 experts, experts 0 and 1 hot (70 and >= 24 rows); H = 40, I = 24: K of both GEMMs
+    not a multiple of BLOCK_K = 16 and partial last N tiles, with 16-byte rows (TMA_A and TMA_ACT can run)."""
+    x, gate_up, down, weights, ids = _moe_inputs(70, hidden, inter, 6, 2, dtype)
+    ids[:, 0] = 0
+    ids[:, 1] = 1 + ids[:, 1] % 5
+    ids[::3, 1] = 1
+    return x, gate_up, down, weights, ids
+
+
+_HOT = dict(hot=_WIDE, hot_rows=20)
+_LAYOUT_CONFIGS = [dict(_NARROW), dict(_NARROW, PERSISTENT=1), dict(_NARROW, TMA_A=1, TMA_B=1),
+                   dict(_NARROW, TMA_ACT=1, PERSISTENT=1), dict(_NARROW, **_HOT, HOT_STREAM=1, TMA_B=1),
+                   dict(_NARROW, **_HOT, TMA_A=1, TMA_B=1, MERGE=1), dict(_NARROW, **_HOT, MERGE_GRID=1)]
+
+
+def _layout_id(cfg: dict) -> str:
+    return "+".join(["hot"] * ("hot" in cfg) + [f for f in tuning.FLAGS + ("HOT_STREAM",) if cfg.get(f)]) or "plain"
+
+
+@pytest.mark.parametrize("config", _LAYOUT_CONFIGS, ids=_layout_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_reads_n_fastest_weights_in_place(poison, monkeypatch, dtype, config):
+    """Weights stored N-fastest give the reference's result on every path: the kernels read them in place (the
+    caller's pointer and strides, no copy), the gate_up GEMM with its gate and up tiles apart (SPLIT_UP), and a
+    TMA_B field falls back to pointers (TMA cannot read them as [E * N, K] rows)."""
+    x, gate_up, down, weights, ids = _skewed_inputs(dtype)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    reads = []
+    launched = _spy_gemms(monkeypatch, reads)
+    out = poison(triton_moe.fused_moe, x, up_n, down_n, weights, ids, True, config=config)
+    _check_moe(out, ref, dtype)
+    flags = dict(config, TMA_B=0)  # what runs: TMA_B falls back to pointers
+    if config.get("MERGE") or config.get("MERGE_GRID"):
+        assert launched == [_expected(flags, g, 0, merged=True) for g in ("up", "down")]
+    else:  # with a hot class, the narrow-tile launch, then the hot one (_WIDE: 32 rows), per GEMM
+        assert launched == [_expected(flags, g, bm) for g in ("up", "down") for bm in (16, 32)[:1 + ("hot" in config)]]
+    assert len(reads) == len(launched)
+    for silu, ptr, strides, split in reads:
+        w = up_n if silu else down_n
+        assert (ptr, strides, split) == (w.data_ptr(), w.stride(), silu) and strides[1] == 1
+
+
+@pytest.mark.parametrize("config", [dict(_NARROW), dict(_NARROW, **_HOT, MERGE=1)], ids=_layout_id)
+def test_fused_moe_n_fastest_weights_with_whole_k_steps(poison, monkeypatch, config):
+    """H = 64, I = 32: every K step (EVEN_K: no K mask) and N tile whole."""
+    dtype = torch.float16
+    x, gate_up, down, weights, ids = _skewed_inputs(dtype, 64, 32)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    reads = []
+    _spy_gemms(monkeypatch, reads)
+    out = poison(triton_moe.fused_moe, x, up_n, down_n, weights, ids, True, config=config)
+    _check_moe(out, ref, dtype)
+    assert reads == [(True, up_n.data_ptr(), up_n.stride(), True), (False, down_n.data_ptr(), down_n.stride(), False)]
+
+
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+def test_fused_moe_one_n_fastest_weight(poison, monkeypatch, which):
+    """One weight of each layout: each GEMM reads its own in place; TMA_B (asked) is off for both (one flag for the
+    call's two GEMMs) and TMA_A stays on."""
+    dtype = torch.float16
+    x, gate_up, down, weights, ids = _skewed_inputs(dtype)
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    if which == "gate_up":
+        gate_up = _n_fastest(gate_up)
+    else:
+        down = _n_fastest(down)
+    reads = []
+    launched = _spy_gemms(monkeypatch, reads)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=dict(_NARROW, TMA_A=1, TMA_B=1))
+    _check_moe(out, ref, dtype)
+    assert launched == [(True, False, False, False)] * 2
+    assert reads == [(True, gate_up.data_ptr(), gate_up.stride(), which == "gate_up"),
+                     (False, down.data_ptr(), down.stride(), False)]
+
+
+def test_weight_operand_copies_only_a_weight_without_a_unit_stride_dimension():
+    """K-fastest (also with padded rows or experts in any order) and N-fastest weights are the GEMMs' operands as
+    they are; a weight with neither K nor N unit-stride is copied K-fastest."""
+    w = torch.randn(3, 10, 8)
+    k_fastest = (w, torch.randn(3, 10, 12)[:, :, :8], w.transpose(0, 1).contiguous().transpose(0, 1))
+    n_fastest = (_n_fastest(w), torch.randn(3, 8, 12).transpose(1, 2)[:, :10])  # (the latter: K rows 12 apart)
+    for same in k_fastest + n_fastest:
+        got = triton_moe._weight_operand(same)
+        assert got.data_ptr() == same.data_ptr() and got.stride() == same.stride() and got is same
+    assert [t.stride(2) for t in k_fastest] == [1, 1, 1] and [t.stride(1) for t in n_fastest] == [1, 1]
+    for neither in (torch.randn(3, 10, 16)[:, :, ::2], _n_fastest(torch.randn(3, 20, 8))[:, ::2]):
+        assert neither.stride(1) != 1 and neither.stride(2) != 1
+        got = triton_moe._weight_operand(neither)
+        assert got.data_ptr() != neither.data_ptr() and got.is_contiguous() and torch.equal(got, neither)
+
+
+def test_fused_moe_weights_without_a_unit_stride_dimension_are_copied(poison, monkeypatch):
+    """Weights with neither K nor N unit-stride (every other element of a wider one) still give the reference's
+    result: the GEMMs read a K-fastest copy."""
+    dtype = torch.float32
+    x, gate_up, down, weights, ids = _skewed_inputs(dtype)
+    gate_up = torch.stack([gate_up, gate_up + 1], dim=-1).flatten(2)[:, :, ::2]
+    down = torch.stack([down, down - 1], dim=-1).flatten(2)[:, :, ::2]
+    assert gate_up.stride(1) != 1 and gate_up.stride(2) == 2 and down.stride(2) == 2
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    reads = []
+    _spy_gemms(monkeypatch, reads)
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=dict(_NARROW, **_HOT))
+    _check_moe(out, ref, dtype)
+    assert len(reads) == 4
+    for silu, ptr, strides, split in reads:
+        w = gate_up if silu else down
+        assert ptr != w.data_ptr() and strides == w.contiguous().stride() and not split
 
 
 def test_warp_specialization_is_opt_in_on_the_gpu(monkeypatch):
@@ -636,7 +762,11 @@ def compile_sm90(fn, types, constexprs, num_warps, num_stages=3):
     ttgir = k.asm["ttgir"]
     return dict(shared=k.metadata.shared, async_copies=ttgir.count("async_copy_global_to_local"),
                 tma_copies=ttgir.count("async_tma_copy_global_to_local"), wgmma=ttgir.count("warp_group_dot"),
-                warp_specialize=ttgir.count("ttg.warp_specialize"))
+                warp_specialize=ttgir.count("ttg.warp_specialize"), b16_loads=k.asm["ptx"].count("ld.global.b16"))
+
+def layout(n_fastest, gemm):
+    """The weight's unit stride as the launcher specializes it (a constant 1) and the gate_up GEMM's SPLIT_UP."""
+    return dict(stride_wn=1, SPLIT_UP=gemm == "up") if n_fastest else dict(stride_wk=1, SPLIT_UP=False)
 
 bf = "*bf16"
 out = {}
@@ -644,7 +774,11 @@ configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]]
 configs += [c for t in tuning.TABLES.values() for *_, c in t.get("rules", ())]
 configs += tuning.CANDIDATES
 configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
-for cfg in configs:
+# N-fastest weights, with the tables' tiers and rules: no TMA_B (nor WS, which needs it), the other fields as given
+n_fastest = [[c for _, c in t["tiers"]] + [c for *_, c in t.get("rules", ())] for t in tuning.TABLES.values()]
+n_fastest = [{f: v for f, v in c.items() if f not in ("TMA_B", "WS")} for cs in n_fastest for c in cs]
+n_fastest = [c for i, c in enumerate(n_fastest) if c not in n_fastest[:i]]
+for nf, cfg in [(False, c) for c in configs] + [(True, c) for c in n_fastest]:
     flags = {f: bool(cfg.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS")}
     for gemm in ("up", "down"):
         c = cfg[gemm]
@@ -655,14 +789,14 @@ for cfg in configs:
         flags["WS"] = flags["WS"] and flags["TMA_A"] and flags["TMA_B"] and moe.WS_COMPILES  # as fused_moe on a GPU
         consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                       EB=128, HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32",
-                      WHILE_LOOP=False, SORTED_OUT=gemm == "up" and tma_act, **flags)
+                      WHILE_LOOP=False, SORTED_OUT=gemm == "up" and tma_act, **flags, **layout(nf, gemm))
         # The host-side tensor descriptors fused_moe passes (None when the field is off).
         for name, on, block in (("a_desc", flags["TMA_A"], cfg["BLOCK_M"]), ("w_desc", flags["TMA_B"], c["BLOCK_N"])):
             if on:
                 types[name] = f"tensordesc<bf16[{block}, {c['BLOCK_K']}]>"
             else:
                 consts[name] = None
-        out[f"gemm {gemm} {json.dumps(cfg, sort_keys=True)}"] = dict(
+        out[f"gemm {gemm} {'N-fastest ' * nf}{json.dumps(cfg, sort_keys=True)}"] = dict(
             compile_sm90(moe._moe_gemm_kernel, types, consts, c["num_warps"], c["num_stages"]), flags=flags,
             num_warps=c["num_warps"], block_m=cfg["BLOCK_M"])
 # MERGE: the two tile classes in one launch, with the H200 table's widest tier as the hot experts' tiles (as
@@ -686,11 +820,14 @@ for t in [tuning.TABLES["NVIDIA H200"]]:
                         types[name] = f"tensordesc<bf16[{rows}, {kk}]>"
                     else:
                         consts[name] = None
-                # persistent (MERGE) for both operand paths, one program per tile (MERGE_GRID) on TMA
-                for persistent in (True, False) if tma else (True,):
+                # persistent (MERGE) for both operand paths (by pointers also from N-fastest weights), one program
+                # per tile (MERGE_GRID) on TMA
+                for persistent, nf in ((True, False), (False, False)) if tma else ((True, False), (True, True)):
                     flags = dict(TMA_A=tma, TMA_B=tma, PERSISTENT=persistent, WS=False)
-                    out[f"gemm merged {gemm} tma={tma} persistent={persistent} {json.dumps(cfg, sort_keys=True)}"] = (
-                        dict(compile_sm90(moe._moe_gemm_merged_kernel, types, dict(consts, PERSISTENT=persistent),
+                    key = f"gemm merged {gemm} tma={tma} persistent={persistent} {'N-fastest ' * nf}"
+                    out[key + json.dumps(cfg, sort_keys=True)] = (
+                        dict(compile_sm90(moe._moe_gemm_merged_kernel, types,
+                                          dict(consts, PERSISTENT=persistent, **layout(nf, gemm)),
                                           h["num_warps"], h["num_stages"]),
                              flags=flags, num_warps=h["num_warps"], block_m=hot["BLOCK_M"]))
 out["gather"] = compile_sm90(moe._moe_gather_kernel, dict(x_ptr=bf, out_ptr=bf, sorted_ptr="*i32", meta_ptr="*i32"),
@@ -735,7 +872,8 @@ print("RESULT " + json.dumps(out))
 def test_kernels_compile_for_sm90():
     """Every non-attention kernel of the triton vendor compiles for the H100 (sm_90) with its launch configs, in
     bf16, without a GPU (Triton's bundled ptxas): shared memory fits, and the MoE GEMM loops are software-
-    pipelined (async copies), which the interpreter cannot show."""
+    pipelined (async copies, in 16-byte pieces), which the interpreter cannot show; the GEMMs also for weights
+    stored N-fastest."""
     import json
     import os
     import subprocess
@@ -758,6 +896,8 @@ def test_kernels_compile_for_sm90():
                 assert info["tma_copies"] > 0, f"{name}: a TMA field is set but there is no TMA copy"
             else:
                 assert info["tma_copies"] == 0, name
+            # no operand read element by element (an N-fastest weight's interleaved gate/up tile would be)
+            assert info["b16_loads"] == 0, f"{name}: {info['b16_loads']} 2-byte global loads"
             ws = flags["WS"] and flags["TMA_A"] and flags["TMA_B"] and info["num_warps"] == 4
             assert (info["warp_specialize"] > 0) == ws, f"{name}: warp specialization {'not ' if ws else ''}expected"
     if triton_moe.WS_COMPILES:  # Triton 3.6 (the GPU image's); fused_moe drops WS on other releases
@@ -929,6 +1069,26 @@ def test_precompile_on_first_use_once_per_shape_and_off_switch(monkeypatch):
     monkeypatch.setattr(triton_moe, "_precompiled", set())
     triton_moe._precompile_on_first_use(x, gate_up, down, 2)
     assert triton_moe._precompiled == set()  # inside graph capture: nothing, the next eager call does it
+
+
+def test_precompile_compiles_for_the_weight_layout_passed(monkeypatch):
+    """The first-use precompile is keyed by the weights' layout too (K-fastest and N-fastest weights of one shape
+    compile their own kernel variants) and runs on the weights the call passed: N-fastest ones are read in place."""
+    x, gate_up, down, _, _ = _moe_inputs(3, 32, 24, 4, 2, torch.float32)
+    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    key_k, key_n = triton_moe._precompile_key(x, gate_up, down), triton_moe._precompile_key(x, up_n, down_n)
+    assert key_k != key_n and key_k == triton_moe._precompile_key(x[:1], gate_up.clone(), down.clone())
+    monkeypatch.setattr(triton_moe, "_precompiled", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton_moe, "PRECOMPILE_MIN_TOKENS", 2)
+    reads = []
+    _spy_gemms(monkeypatch, reads)
+    triton_moe._precompile_on_first_use(x, up_n, down_n, 2)
+    assert triton_moe._precompiled == {key_n}
+    assert len(reads) >= 6 and len(reads) % 2 == 0  # two GEMMs for each bucket 1, 2, 4
+    for silu, ptr, strides, split in reads:
+        w = up_n if silu else down_n
+        assert (ptr, strides, split) == (w.data_ptr(), w.stride(), silu)
 
 
 class _FakeKernel:

@@ -13,8 +13,8 @@ atomics):
    counting sort. Program 0 also writes the per-expert block table the GEMMs read.
 3. ``_moe_gemm_kernel`` (gate_up, ``SILU=True``): a grouped GEMM over blocks of ``BLOCK_M`` sorted rows of one
    expert, gathering the hidden rows; the gate and up weight rows of the same output columns are interleaved in
-   one B tile (one wide MMA per K step) and split in the epilogue, ``silu(gate) * up``, so only ``[N, I]``
-   activations are written.
+   one B tile (one wide MMA per K step; two tiles for an N-fastest weight, read in place) and split in the
+   epilogue, ``silu(gate) * up``, so only ``[N, I]`` activations are written.
 4. ``_moe_gemm_kernel`` (down): the same grouped GEMM on the activations, into ``[N, H]`` per-pair outputs.
 5. ``_moe_combine_kernel``: ``out[t] = sum_k w[t, k] * y[t, k]`` in fp32 (renormalized if asked), in a fixed
    order: deterministic, no atomics, and the routing weight is applied to the down output rounded to the
@@ -203,26 +203,41 @@ def _moe_scatter_kernel(ids_ptr, rank_ptr, hist_ptr, sorted_ptr, meta_ptr, n_pai
 
 
 @triton.jit
-def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]``. ``b`` needs no column mask: its column offsets are
+def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, stride_wk, EVEN_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]``, the rows of ``b`` ``stride_wk`` elements apart (1 for a
+    K-fastest weight, a constant once Triton specializes it). ``b`` needs no column mask: its column offsets are
     always inside the weight (wrapped; the store drops those columns)."""
     if EVEN_K:
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
-        b = tl.load(b_ptrs + k0)
+        b = tl.load(b_ptrs + k0 * stride_wk)
     else:
         k_mask = offs_k < k_dim - k0
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_mask[:, None], other=0.0)
+        b = tl.load(b_ptrs + k0 * stride_wk, mask=k_mask[:, None], other=0.0)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
+def _load_b(b_ptrs, k0, k_dim, offs_k, stride_wk, EVEN_K: tl.constexpr):
+    """A B tile read by pointers at the K step ``k0`` (see ``_gemm_step``), zeros past ``k_dim``."""
+    if EVEN_K:
+        b = tl.load(b_ptrs + k0 * stride_wk)
+    else:
+        b = tl.load(b_ptrs + k0 * stride_wk, mask=(offs_k < k_dim - k0)[:, None], other=0.0)
+    return b
+
+
+@triton.jit
 def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset, k0, k_dim, row_mask, offs_k,
-                   SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, TMA_A: tl.constexpr,
-                   TMA_B: tl.constexpr):
-    """One BLOCK_K step with either operand read by TMA: A (``TMA_A``) as rows ``a_row ...`` of the expert-sorted
-    copy, B (``TMA_B``) as the weight rows ``w_row ...`` (and ``w_row + up_offset ...``, the up rows, into
-    ``acc_up`` with ``SILU``) of the flattened ``[E * N, K]`` weight. Out-of-bounds K columns read as zero."""
+                   stride_wn, stride_wk, SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   TMA_A: tl.constexpr, TMA_B: tl.constexpr, SPLIT_UP: tl.constexpr):
+    """One BLOCK_K step with either operand read by TMA, or with the gate and up tiles of B apart: A (``TMA_A``)
+    as rows ``a_row ...`` of the expert-sorted copy, B (``TMA_B``) as the weight rows ``w_row ...`` (and
+    ``w_row + up_offset ...``, the up rows, into ``acc_up`` with ``SILU``) of the flattened ``[E * N, K]`` weight.
+    Out-of-bounds K columns read as zero. Without ``TMA_B``, B is read by pointers (``_load_b``), with
+    ``SPLIT_UP`` (and ``SILU``) as two tiles: the gate rows at ``b_ptrs``, the up rows ``up_offset`` rows further
+    into ``acc_up``."""
     if TMA_A:
         a = a_desc.load([a_row, k0])
     elif EVEN_K:
@@ -234,21 +249,20 @@ def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up
         if SILU:
             acc_up = tl.dot(a, w_desc.load([w_row + up_offset, k0]).T, acc_up, input_precision=PRECISION)
     else:
-        if EVEN_K:
-            b = tl.load(b_ptrs + k0)
-        else:
-            b = tl.load(b_ptrs + k0, mask=(offs_k < k_dim - k0)[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, _load_b(b_ptrs, k0, k_dim, offs_k, stride_wk, EVEN_K), acc, input_precision=PRECISION)
+        if SILU and SPLIT_UP:
+            up = _load_b(b_ptrs + up_offset * stride_wn, k0, k_dim, offs_k, stride_wk, EVEN_K)
+            acc_up = tl.dot(a, up, acc_up, input_precision=PRECISION)
     return acc, acc_up
 
 
 @triton.jit
 def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out, k_dim,
-                   a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                   a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
                    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-                   WS_K: tl.constexpr, WS_SEARCH: tl.constexpr, SORTED_OUT: tl.constexpr):
+                   WS_K: tl.constexpr, WS_SEARCH: tl.constexpr, SORTED_OUT: tl.constexpr, SPLIT_UP: tl.constexpr):
     """Output tile number ``tile`` of the ``n_blocks`` row blocks of this class (see ``_moe_gemm_kernel``)."""
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the output columns together, so a weight tile is read from
@@ -292,7 +306,7 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
         # TMA_B: the weight as [E * N, K] rows; a tile past the expert's last row reads the next expert's rows (or
         # zeros past the end), columns the store drops.
         w_row = expert * (stride_we // stride_wn) + n_tile * BLOCK_N
-        if SILU and not TMA_B:
+        if SILU and not (TMA_B or SPLIT_UP):
             # B column c is weight row n_tile * BLOCK_N + c // 2 (+ up_offset for odd c): gate, up, gate, ...
             cols = tl.arange(0, 2 * BLOCK_N)
             w_rows = (n_tile * BLOCK_N + cols // 2) % n_out + (cols % 2) * up_offset
@@ -300,31 +314,35 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
         else:
             w_rows = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % n_out
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # With TMA_B the gate and up tiles are two MMAs (two TMA boxes), the up one into acc_up.
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N] if SILU and TMA_B else [1, 1], dtype=tl.float32)
-        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        if TMA_A or TMA_B:
+        # With TMA_B (two TMA boxes) or SPLIT_UP (two pointer tiles) the gate and up tiles are two MMAs, the up one
+        # into acc_up.
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N] if SILU and (TMA_B or SPLIT_UP) else [1, 1], dtype=tl.float32)
+        b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn
+                  + offs_k[:, None] * stride_wk)
+        if TMA_A or TMA_B or SPLIT_UP:
             if WHILE_LOOP:
                 k0 = 0
                 while k0 < k_dim:
                     acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
-                                                 k0, k_dim, row_mask, offs_k, SILU, EVEN_K, PRECISION, TMA_A, TMA_B)
+                                                 k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU, EVEN_K,
+                                                 PRECISION, TMA_A, TMA_B, SPLIT_UP)
                     k0 += BLOCK_K
             else:
                 for k0 in tl.range(0, k_dim, BLOCK_K, warp_specialize=WS_K):
                     acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
-                                                 k0, k_dim, row_mask, offs_k, SILU, EVEN_K, PRECISION, TMA_A, TMA_B)
+                                                 k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU, EVEN_K,
+                                                 PRECISION, TMA_A, TMA_B, SPLIT_UP)
         elif WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
             k0 = 0
             while k0 < k_dim:
-                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
+                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, stride_wk, EVEN_K, PRECISION)
                 k0 += BLOCK_K
         else:
             for k0 in range(0, k_dim, BLOCK_K):
-                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K, PRECISION)
+                acc = _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, stride_wk, EVEN_K, PRECISION)
         out_dtype = out_ptr.dtype.element_ty
         if SILU:
-            if TMA_B:
+            if TMA_B or SPLIT_UP:
                 gate, up = acc, acc_up
             else:
                 gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
@@ -346,12 +364,12 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
 
 @triton.jit(do_not_specialize=["max_blocks"])
 def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, n_out, k_dim, a_row_div, up_offset,
-                     max_blocks, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                     max_blocks, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      EB: tl.constexpr, HOT: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
                      PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr = False,
                      TMA_B: tl.constexpr = False, PERSISTENT: tl.constexpr = False, WS: tl.constexpr = False,
-                     SORTED_OUT: tl.constexpr = False):
+                     SORTED_OUT: tl.constexpr = False, SPLIT_UP: tl.constexpr = False):
     """``out[r, n] = sum_k a[r // a_row_div, k] * w[e, n, k]`` for the rows ``r`` of one expert-sorted block of
     ``BLOCK_M`` rows: the blocks of the hot experts (``HOT``) or of the others (see ``_moe_scatter_kernel``).
 
@@ -359,6 +377,11 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
     (each rounded to the output dtype first, like a separate GEMM would). The gate and up rows of a tile are
     interleaved into one ``2 * BLOCK_N`` wide B tile (one MMA per K step, the A tile read once), split apart in
     the epilogue.
+
+    The weight is read by its strides: K-fastest (``stride_wk == 1``, a constant once Triton specializes it) or
+    N-fastest (``stride_wn == 1``), in place. An N-fastest weight's interleaved tile would alternate between a
+    gate and an up row along N, so its SiLU GEMM reads gate and up as two B tiles, each contiguous along N, into two
+    MMAs (``SPLIT_UP``, as ``TMA_B`` does).
 
     Hopper variants (config fields, see ``_gemm``): ``TMA_B`` reads the weight tiles through a tensor descriptor
     ``w_desc`` (gate and up as two boxes and two MMAs); ``TMA_A`` reads A through ``a_desc`` from an
@@ -376,33 +399,34 @@ def _moe_gemm_kernel(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr
             tile = pid
             while tile < n_tiles:
                 _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
-                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
-                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
-                               TMA_A, TMA_B, False, WS, SORTED_OUT)
+                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk,
+                               stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION,
+                               WHILE_LOOP, TMA_A, TMA_B, False, WS, SORTED_OUT, SPLIT_UP)
                 tile += tl.num_programs(0)
         else:
             for tile in tl.range(pid, n_tiles, tl.num_programs(0), warp_specialize=WS):
                 _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile, n_blocks, n_out,
-                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
-                               BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP,
-                               TMA_A, TMA_B, False, WS, SORTED_OUT)
+                               k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk,
+                               stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION,
+                               WHILE_LOOP, TMA_A, TMA_B, False, WS, SORTED_OUT, SPLIT_UP)
     else:
         _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, pid, max_blocks, n_out, k_dim,
-                       a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N,
-                       BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B, WS, WS,
-                       SORTED_OUT)
+                       a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om, BLOCK_M,
+                       BLOCK_N, BLOCK_K, GROUP_M, EB, HOT, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B, WS, WS,
+                       SORTED_OUT, SPLIT_UP)
 
 
 @triton.jit(do_not_specialize=["max_hot_blocks", "max_blocks"])
 def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, n_out,
-                            k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
-                            max_hot_blocks, max_blocks,
+                            k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk,
+                            stride_om, max_hot_blocks, max_blocks,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
                             HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
                             HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
                             WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-                            SORTED_OUT: tl.constexpr, PERSISTENT: tl.constexpr = True):
+                            SORTED_OUT: tl.constexpr, PERSISTENT: tl.constexpr = True,
+                            SPLIT_UP: tl.constexpr = False):
     """``MERGE``: both tile classes of one GEMM in one persistent launch: the programs take the hot experts' wide
     tiles first, then the other experts' narrow ones (each class with its own tile sizes and descriptors), so the
     narrow tiles fill the SMs the few wide ones leave idle instead of waiting for a second launch.
@@ -417,9 +441,9 @@ def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc
     if not PERSISTENT:
         _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, pid,
                          max_hot_blocks * tl.cdiv(n_out, HOT_BLOCK_N), max_hot_blocks, max_blocks, n_out, k_dim,
-                         a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M,
-                         BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M,
-                         HOT_EVEN_K, EB, SILU, PRECISION, WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
+                         a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K,
+                         HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION, WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT, SPLIT_UP)
         return
     hot_blocks = tl.load(meta_ptr + 3 * EB + n_experts - 1)
     blocks = tl.load(meta_ptr + n_experts - 1)
@@ -430,38 +454,38 @@ def _moe_gemm_merged_kernel(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc
         while tile < n_tiles:
             _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr,
                              tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
-                             stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
-                             HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
-                             WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
+                             stride_am, stride_we, stride_wn, stride_wk, stride_om, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, EVEN_K, HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB,
+                             SILU, PRECISION, WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT, SPLIT_UP)
             tile += tl.num_programs(0)
     else:
         for tile in tl.range(pid, n_tiles, tl.num_programs(0)):
             _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr,
                              tile, hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts,
-                             stride_am, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
-                             HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB, SILU, PRECISION,
-                             WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT)
+                             stride_am, stride_we, stride_wn, stride_wk, stride_om, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, EVEN_K, HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, HOT_EVEN_K, EB,
+                             SILU, PRECISION, WHILE_LOOP, TMA_A, TMA_B, SORTED_OUT, SPLIT_UP)
 
 
 @triton.jit
 def _moe_merged_step(a_ptr, a_desc, hot_a_desc, w_ptr, w_desc, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, tile,
                      hot_tiles, hot_blocks, blocks, n_out, k_dim, a_row_div, up_offset, n_experts, stride_am,
-                     stride_we, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     stride_we, stride_wn, stride_wk, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HOT_BLOCK_M: tl.constexpr,
                      HOT_BLOCK_N: tl.constexpr, HOT_BLOCK_K: tl.constexpr, HOT_GROUP_M: tl.constexpr,
                      HOT_EVEN_K: tl.constexpr, EB: tl.constexpr, SILU: tl.constexpr, PRECISION: tl.constexpr,
                      WHILE_LOOP: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-                     SORTED_OUT: tl.constexpr):
+                     SORTED_OUT: tl.constexpr, SPLIT_UP: tl.constexpr):
     if tile < hot_tiles:
         _moe_gemm_tile(a_ptr, hot_a_desc, w_ptr, hot_w_desc, out_ptr, sorted_ptr, meta_ptr, tile, hot_blocks, n_out,
-                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om,
+                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om,
                        HOT_BLOCK_M, HOT_BLOCK_N, HOT_BLOCK_K, HOT_GROUP_M, EB, True, SILU, HOT_EVEN_K, PRECISION,
-                       WHILE_LOOP, TMA_A, TMA_B, False, False, SORTED_OUT)
+                       WHILE_LOOP, TMA_A, TMA_B, False, False, SORTED_OUT, SPLIT_UP)
     else:
         _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, tile - hot_tiles, blocks, n_out,
-                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_om, BLOCK_M,
-                       BLOCK_N, BLOCK_K, GROUP_M, EB, False, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A, TMA_B,
-                       False, False, SORTED_OUT)
+                       k_dim, a_row_div, up_offset, n_experts, stride_am, stride_we, stride_wn, stride_wk, stride_om,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EB, False, SILU, EVEN_K, PRECISION, WHILE_LOOP, TMA_A,
+                       TMA_B, False, False, SORTED_OUT, SPLIT_UP)
 
 
 @triton.jit
@@ -557,6 +581,13 @@ def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
     return a, a_desc, w_desc, block_k, precision
 
 
+def _split_up(weight: torch.Tensor, silu: bool, w_desc) -> bool:
+    """``SPLIT_UP``: the gate_up GEMM reads an N-fastest weight (by pointers) as two B tiles, the gate rows' and
+    the up rows', each contiguous along N, where the interleaved tile's columns would alternate between two rows
+    (no vector loads along N)."""
+    return silu and w_desc is None and weight.stride(1) == 1 and weight.stride(2) != 1
+
+
 def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, experts, eb,
           block_m, hot, silu, cfg, a_sorted=None, sorted_out=False, tma_b=False, persistent=False, ws=False):
     """One grouped-GEMM launch. ``a_sorted``: A as its expert-sorted copy, read by TMA; ``sorted_out``: ``out``
@@ -571,11 +602,11 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
     grid = (min(tiles, _num_sms(a.device)),) if persistent else (tiles,)
     _moe_gemm_kernel[grid](
         a, a_desc, weight, w_desc, out, sorted_rows, meta, n_out, k_dim, a_row_div, up_offset, max_blocks, experts,
-        a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        a.stride(0), *weight.stride(), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, HOT=hot, SILU=silu,
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
         TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws, SORTED_OUT=sorted_out,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SPLIT_UP=_split_up(weight, silu, w_desc), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, max_hot_blocks,
@@ -589,13 +620,13 @@ def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, 
     tiles = max_blocks * cdiv(n_out, cfg["BLOCK_N"]) + max_hot_blocks * cdiv(n_out, hot_cfg["BLOCK_N"])
     _moe_gemm_merged_kernel[(min(tiles, _num_sms(a.device)) if persistent else tiles,)](
         a, a_desc, hot_a_desc, weight, w_desc, hot_w_desc, out, sorted_rows, meta, n_out, k_dim, a_row_div,
-        up_offset, experts, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0), max_hot_blocks,
-        max_blocks, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+        up_offset, experts, a.stride(0), *weight.stride(), out.stride(0), max_hot_blocks, max_blocks,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         EVEN_K=k_dim % block_k == 0, HOT_BLOCK_M=hot_m, HOT_BLOCK_N=hot_cfg["BLOCK_N"], HOT_BLOCK_K=hot_k,
         HOT_GROUP_M=hot_cfg["GROUP_M"], HOT_EVEN_K=k_dim % hot_k == 0, EB=eb, SILU=silu, PRECISION=precision,
         WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=w_desc is not None,
-        SORTED_OUT=sorted_out, PERSISTENT=persistent, num_warps=hot_cfg["num_warps"],
-        num_stages=hot_cfg["num_stages"])
+        SORTED_OUT=sorted_out, PERSISTENT=persistent, SPLIT_UP=_split_up(weight, silu, w_desc),
+        num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
 
 
 WS_MIN_BLOCK_M = 64
@@ -647,6 +678,13 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _weight_operand(w: torch.Tensor) -> torch.Tensor:
+    """An expert weight ``[E, N, K]`` as the GEMMs read it: as is where K or N is a unit-stride dimension (K-fastest,
+    or N-fastest as ``w.transpose(1, 2).contiguous().transpose(1, 2)`` lays it out: the kernels take its strides, so
+    no call copies the whole weight), else a K-fastest copy (at every call)."""
+    return w if w.stride(2) == 1 or w.stride(1) == 1 else w.contiguous()
+
+
 def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool,
               config: dict | None = None) -> torch.Tensor:
@@ -663,7 +701,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
         return out.zero_()
     config_given = config
     if config is None:
-        if device.type == "cuda" and (device.index, hidden_states.dtype, gate_up_weights.shape) not in _precompiled:
+        if device.type == "cuda" and _precompile_key(hidden_states, gate_up_weights, down_weights) not in _precompiled:
             _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk)
 
         def run(cand):
@@ -683,8 +721,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     hot_cfg, hot_rows = tuning.hot_class(cfg, hot_cfg, tokens)
     hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
     x = _rows_contiguous(hidden_states)
-    w_up = _rows_contiguous(gate_up_weights)
-    w_down = _rows_contiguous(down_weights)
+    w_up = _weight_operand(gate_up_weights)
+    w_down = _weight_operand(down_weights)
     topk_weights = _rows_contiguous(topk_weights)
     ids = topk_ids.reshape(-1)
     ids = ids if ids.is_contiguous() else ids.contiguous()
@@ -911,8 +949,15 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     return run_buckets(run_bucket, max_tokens, what, KERNELS, max_s)
 
 
+def _precompile_key(hidden_states, gate_up_weights, down_weights) -> tuple:
+    """What the first-use precompile runs once for: the device, dtype and weight shape, and the weights' strides
+    (a K-fastest and an N-fastest weight compile their own kernel variants)."""
+    return (hidden_states.device.index, hidden_states.dtype, gate_up_weights.shape, gate_up_weights.stride(),
+            down_weights.stride())
+
+
 def _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk) -> None:
-    if not precompile_gate(_precompiled, (hidden_states.device.index, hidden_states.dtype, gate_up_weights.shape)):
+    if not precompile_gate(_precompiled, _precompile_key(hidden_states, gate_up_weights, down_weights)):
         return
     precompile(gate_up_weights, down_weights, topk, max(hidden_states.shape[0], PRECOMPILE_MIN_TOKENS),
                hidden_states.dtype)
