@@ -25,7 +25,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
   config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
-  (``DECODE``); routings of ``--candidates-routings``.
+  (``DECODE``); routings of ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's
+  N-fastest weights (its kernels read them in place), against the peer at its faster layout.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -408,6 +409,8 @@ def main(argv=None):
     ap.add_argument("--autotune-shapes", nargs="*", default=["e32k1", "e8k1"],
                     help="shapes run as on a card without a table: the first call autotunes (default %(default)s)")
     ap.add_argument("--graph-check", action="store_true", help="first check the Hopper variants under CUDA graphs")
+    ap.add_argument("--dlinfer-n-fastest", action="store_true",
+                    help="also time dlinfer on the weights in the peer's N-fastest layout (speed_n_fastest)")
     ap.add_argument("--compile-workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
                     help="processes that compile a case's candidates in parallel before they are timed, 0: none "
                          "(default %(default)s)")
@@ -479,7 +482,8 @@ def main(argv=None):
                             routing=rt, max_load_x_mean=round(float(load.max() / load.mean()), 2),
                             rel_err=err, peer_rel_err=max(peer_err, peer_engine_err), peer_us=peer_us,
                             peer_shared_us=peer_shared_us, peer_engine_us=peer_engine_us, dlinfer_us=our_us,
-                            speed=peer_us / our_us, speed_shared=peer_shared_us / our_us, config=src, source=in_force, first_call_s=round(first_s, 2),
+                            speed=peer_us / our_us, speed_shared=peer_shared_us / our_us, config=src,
+                            source=in_force, first_call_s=round(first_s, 2),
                             tflops=6.0 * tokens * topk * hidden * inter / our_us / 1e6, **nbytes,
                             **roofline(nbytes["min_bytes"], 6.0 * tokens * topk * hidden * inter, our_us, peer_us,
                                        copy_gbps, matmul_tflops), extra=[])
@@ -491,6 +495,16 @@ def main(argv=None):
                       f"{case['bound_us']:.1f}us ({case['bound']})  dl {case['dlinfer_of_bound']:.0%} "
                       f"pk {case['peer_of_bound']:.0%}",
                       flush=True)
+                if args.dlinfer_n_fastest:  # dlinfer on the peer's layout: read in place (SPLIT_UP), no TMA_B
+                    def ours_n_fastest():
+                        return ops.fused_moe(x, pw_up, pw_down, tw, ti, topk, True)
+
+                    nf_err = rel(ours_n_fastest()[:sub], ref)
+                    nf_us = gpu_us(ours_n_fastest)
+                    case.update(dlinfer_n_fastest_us=nf_us, dlinfer_n_fastest_rel_err=nf_err,
+                                speed_n_fastest=peer_us / nf_us)
+                    print(f"   dlinfer on N-fastest weights {nf_us:8.1f} us  {peer_us / nf_us:.2f}x peer  "
+                          f"{our_us / nf_us:.2f}x K-fastest  err {nf_err:.1e}", flush=True)
                 rows = tokens * topk / experts
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
