@@ -64,7 +64,7 @@ def _cfg(block_m, up, down, **flags):
 # Decode tiers stream the weights with narrow programs; prefill tiers are compute-bound (large tiles, GROUP_M
 # swizzle for L2 reuse). Measured on an H100 SXM (CUDA-graph replay, L2 flushed, against LMDeploy's kernel). The
 # 24-96 rows tier: 64-wide tiles on a 6-stage (gate_up) / 5-stage (down) pipeline instead of 64 x 128 K steps on 3
-# stages, 1.01-1.04x the old tier's time in 6 of 6 cases (Mixtral at 256 tokens, E16 top-2 H4096 I6400 at 256 and
+# stages, 1.01-1.04x as fast as the old tier in 6 of 6 cases (Mixtral at 256 tokens, E16 top-2 H4096 I6400 at 256 and
 # 512 tokens, uniform and skewed routing, same process): where the weights stream from HBM, more loads in flight.
 H100_TIERS: list[tuple[float, dict]] = [
     (8, _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))),
