@@ -208,14 +208,18 @@ def _gemm_step(acc, a_ptrs, b_ptrs, k0, k_dim, row_mask, offs_k, stride_wk, EVEN
     """One BLOCK_K step: ``acc += a[:, k0:] @ b[k0:, :]``, the rows of ``b`` ``stride_wk`` elements apart (1 for a
     K-fastest weight, a constant once Triton specializes it). ``b`` needs no column mask: its column offsets are
     always inside the weight (wrapped; the store drops those columns)."""
+    a = _load_a(a_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K)
+    return tl.dot(a, _load_b(b_ptrs, k0, k_dim, offs_k, stride_wk, EVEN_K), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_a(a_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K: tl.constexpr):
+    """An A tile read by pointers at the K step ``k0``: the block's rows (``row_mask``), zeros past ``k_dim``."""
     if EVEN_K:
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
-        b = tl.load(b_ptrs + k0 * stride_wk)
     else:
-        k_mask = offs_k < k_dim - k0
-        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0 * stride_wk, mask=k_mask[:, None], other=0.0)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & (offs_k < k_dim - k0)[None, :], other=0.0)
+    return a
 
 
 @triton.jit
@@ -240,10 +244,8 @@ def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up
     into ``acc_up``."""
     if TMA_A:
         a = a_desc.load([a_row, k0])
-    elif EVEN_K:
-        a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
     else:
-        a = tl.load(a_ptrs + k0, mask=row_mask[:, None] & (offs_k < k_dim - k0)[None, :], other=0.0)
+        a = _load_a(a_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K)
     if TMA_B:
         acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=PRECISION)
         if SILU:
