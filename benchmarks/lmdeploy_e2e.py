@@ -605,6 +605,8 @@ def run_child(spec: RunSpec) -> None:
         import dlinfer.framework.lmdeploy_ext as lmdeploy_ext
 
         lmdeploy_ext.apply()
+    forward_log = ForwardLog()
+    forward_log_installed = spec.profile and forward_log.install()  # before the engine binds its do_prefill
 
     cache_fraction = spec.cache_max_entry_count
     if spec.twin_room and not spec.num_gpu_blocks and torch.cuda.is_available():
@@ -656,13 +658,17 @@ def run_child(spec: RunSpec) -> None:
     tpot = [(r["last"] - r["first"]) / (len(r["tokens"]) - 1) for r in records
             if len(r["tokens"]) > 1 and "first" in r]  # none with --no-stream
     served = _ops_served() if spec.backend == "dlinfer" and spec.tp == 1 else {}
-    profile, profile_summary = None, None
+    profile, profile_summary, forwards = None, None, None
     if spec.profile:
+        if forward_log_installed:
+            forward_log.start()
         try:
             profile, profile_summary = _profile_kernels(run, prompts)
         except Exception as exc:  # noqa: BLE001 - a profile is a detail, never a reason to lose the run
             profile = [{"kernel": f"profiler failed: {type(exc).__name__}: {exc}", "total_ms": 0, "calls": 0,
                         "share": 0}]
+        finally:
+            forwards = forward_log.stop() if forward_log_installed else None
     result = {
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
@@ -695,6 +701,7 @@ def run_child(spec: RunSpec) -> None:
         "gpu_per_pass": [monitor.summary(f"pass {k + 1}") for k in range(len(passes))],
         "profile_top_kernels": profile,
         "profile_summary": profile_summary,
+        "profile_forwards": forwards,
         "first_tokens": [r["tokens"][:spec.compare_tokens] for r in records],
         # per timed pass, per request: [submitted, first token, last token], seconds from the pass's start
         "pass_request_times": [request_times(recs) for _, recs in passes],
@@ -917,6 +924,113 @@ def _profile_kernels(run, prompts: list[list[int]], top: int = 25) -> tuple[list
                "busy_ms": round(busy_ms, 1), "busy_share": round(busy_ms / 1e3 / wall_s, 4) if wall_s else None,
                "kernel_launches": sum(r["calls"] for r in rows)}
     return rows[:top], summary
+
+
+class ForwardLog:
+    """Each forward LMDeploy's scheduler makes during the profiled pass: prefill or decode, sequences and tokens, and
+    why ``do_prefill_default`` chose prefill (waiting prompts' tokens over the prefill budget, too few sequences
+    running, too many decode steps in a row, a long prompt's next chunk). The engine runs in this process at tp=1;
+    ``install`` patches LMDeploy's inputs maker before the engine is built and returns False (nothing is recorded)
+    where its internals are not the ones this reads."""
+
+    def __init__(self):
+        self.rows: list[dict] | None = None
+        self._decision: dict | None = None
+
+    def install(self) -> bool:
+        try:
+            from lmdeploy.pytorch.engine.inputs_maker import InputsMakerAsync
+        except ImportError:
+            return False
+        make, decide = getattr(InputsMakerAsync, "_make_forward_inputs", None), getattr(
+            InputsMakerAsync, "do_prefill_default", None)
+        if make is None or decide is None:
+            return False
+        log = self
+
+        def do_prefill_default(maker):
+            prefill = decide(maker)
+            if log.rows is not None:
+                log._decision = log._why(maker, prefill)
+            return prefill
+
+        def _make_forward_inputs(maker, prefill, enable_empty=False):
+            out = make(maker, prefill, enable_empty)
+            if log.rows is not None and out is not None:
+                inputs = out.get("inputs")
+                decoding = bool(getattr(inputs, "is_decoding", not prefill)) if inputs is not None else not prefill
+                ids = getattr(inputs, "input_ids", None)
+                log.rows.append(dict(t=time.perf_counter(), prefill=not decoding,
+                                     seqs=len(out.get("running") or []),
+                                     tokens=int(ids.numel()) if ids is not None else None,
+                                     **(log._decision or {})))
+                log._decision = None
+            return out
+
+        InputsMakerAsync.do_prefill_default = do_prefill_default
+        InputsMakerAsync._make_forward_inputs = _make_forward_inputs
+        return True
+
+    @staticmethod
+    def _why(maker, prefill: bool) -> dict:
+        """The scheduler's state at a do_prefill decision (read after it; the decision itself changes none of it)."""
+        try:
+            sched, config = maker.scheduler, maker.config
+            waiting_tokens = sum(seq.num_token_ids for seq in sched.waiting)
+            active = sched.num_ready() + sched.num_running()
+            if not prefill:
+                reason = "decode"
+            elif maker._decode_count >= config.prefill_interval:
+                reason = "interval"
+            elif waiting_tokens >= config.max_prefill_token_num:
+                reason = "token_budget"
+            elif active < config.max_batches * 0.5:
+                reason = "few_running"
+            else:
+                reason = "other"
+            return dict(reason=reason, waiting=sched.num_waiting(), waiting_tokens=waiting_tokens, active=active)
+        except Exception:  # noqa: BLE001 - a diagnostic: another LMDeploy's scheduler simply goes unexplained
+            return {}
+
+    def start(self) -> None:
+        self.rows, self._decision = [], None
+
+    def stop(self) -> dict | None:
+        rows, self.rows = self.rows, None
+        return summarize_forwards(rows) if rows else None
+
+
+def summarize_forwards(rows: list[dict]) -> dict:
+    """Forward counts per kind, tokens and sequences per prefill forward, and the reasons prefill was chosen."""
+    def stats(values):
+        values = sorted(v for v in values if v is not None)
+        if not values:
+            return None
+        return dict(mean=round(sum(values) / len(values), 1), min=values[0], median=values[len(values) // 2],
+                    max=values[-1])
+
+    pre = [r for r in rows if r["prefill"]]
+    dec = [r for r in rows if not r["prefill"]]
+    reasons: dict[str, int] = {}
+    for r in pre:
+        reasons[r.get("reason", "unknown")] = reasons.get(r.get("reason", "unknown"), 0) + 1
+    t0 = rows[0]["t"]
+    return dict(prefill_forwards=len(pre), decode_forwards=len(dec),
+                prefill_tokens=stats([r["tokens"] for r in pre]), prefill_seqs=stats([r["seqs"] for r in pre]),
+                decode_seqs=stats([r["seqs"] for r in dec]), prefill_reasons=reasons,
+                # the first prefills: how many prompts were waiting, and when (s from the first forward)
+                first_prefills=[dict(t=round(r["t"] - t0, 3), seqs=r["seqs"], tokens=r["tokens"],
+                                     waiting=r.get("waiting"), active=r.get("active"), reason=r.get("reason"))
+                                for r in pre[:12]])
+
+
+def forwards_line(name: str, summary: dict) -> str:
+    """One log line for ``summarize_forwards``' result."""
+    tok, seqs = summary.get("prefill_tokens") or {}, summary.get("prefill_seqs") or {}
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["prefill_reasons"].items(), key=lambda kv: -kv[1]))
+    return (f"[sched] {name}: {summary['prefill_forwards']} prefill forwards (tokens mean {tok.get('mean')}, "
+            f"max {tok.get('max')}; sequences mean {seqs.get('mean')}), {summary['decode_forwards']} decode forwards "
+            f"(sequences mean {(summary.get('decode_seqs') or {}).get('mean')}); prefill chosen for: {reasons}")
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -1761,6 +1875,11 @@ def main(argv=None) -> int:
             log(f"[kernel] {name}: profiled pass {summary['wall_s']} s, GPU busy {summary['busy_ms'] / 1e3:.2f} s "
                 f"({summary['busy_share']:.1%}), kernels {summary['kernel_ms'] / 1e3:.2f} s in "
                 f"{summary['kernel_launches']} launches")
+        if result.get("profile_forwards"):
+            log(forwards_line(name, result["profile_forwards"]))
+            log(f"[sched] {name}: first prefills " + "; ".join(
+                f"{r['t']} s: {r['seqs']} seqs {r['tokens']} tokens ({r['reason']}, {r['waiting']} waiting, "
+                f"{r['active']} active)" for r in result["profile_forwards"]["first_prefills"]))
         for row in (result.get("profile_top_kernels") or [])[:12]:
             log(f"[kernel] {name}: {row['share']:6.1%} {row['total_ms']:9.1f} ms {row['calls']:7d}x "
                 f"{row['kernel'][:90]}")

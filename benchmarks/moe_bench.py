@@ -411,6 +411,9 @@ def main(argv=None):
     ap.add_argument("--graph-check", action="store_true", help="first check the Hopper variants under CUDA graphs")
     ap.add_argument("--dlinfer-n-fastest", action="store_true",
                     help="also time dlinfer on the weights in the peer's N-fastest layout (speed_n_fastest)")
+    ap.add_argument("--candidates-layout", default="k-fastest", choices=["k-fastest", "n-fastest"],
+                    help="the weight layout the candidates are timed on (n-fastest: the peer's engine layout; with "
+                         "--dlinfer-n-fastest, vs_in_force is against the config in force on that layout)")
     ap.add_argument("--compile-workers", type=int, default=min(8, (os.cpu_count() or 2) // 2),
                     help="processes that compile a case's candidates in parallel before they are timed, 0: none "
                          "(default %(default)s)")
@@ -506,6 +509,10 @@ def main(argv=None):
                     print(f"   dlinfer on N-fastest weights {nf_us:8.1f} us  {peer_us / nf_us:.2f}x peer  "
                           f"{our_us / nf_us:.2f}x K-fastest  err {nf_err:.1e}", flush=True)
                 rows = tokens * topk / experts
+                cw_up, cw_down, base_us = w_up, w_down, our_us  # the candidates' weights, and the time to beat
+                if args.candidates_layout == "n-fastest":
+                    cw_up, cw_down = pw_up, pw_down
+                    base_us = case.get("dlinfer_n_fastest_us", our_us)
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
                     if "extra" in args.candidate_sets and rt == "uniform":
@@ -557,16 +564,16 @@ def main(argv=None):
                         continue
                     t_cand = time.time()
                     try:
-                        e = rel(tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)[:sub], ref)
-                        us = gpu_us(lambda: tmoe.fused_moe(x, w_up, w_down, tw, ti, True, config=cfg)) \
+                        e = rel(tmoe.fused_moe(x, cw_up, cw_down, tw, ti, True, config=cfg)[:sub], ref)
+                        us = gpu_us(lambda: tmoe.fused_moe(x, cw_up, cw_down, tw, ti, True, config=cfg)) \
                             if e < 2e-2 else float("inf")
                     except Exception as exc:  # noqa: BLE001 - a tile that cannot launch here is skipped
                         e, us = float("nan"), float("inf")
                         print(f"   candidate {label} {cfg}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
                     case["extra"].append(dict(label=label, config=cfg, us=us, rel_err=e, speed=peer_us / us,
-                                              vs_in_force=our_us / us))
+                                              vs_in_force=base_us / us, layout=args.candidates_layout))
                     if label != "extra":
-                        print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {our_us / us:.2f}x in force  "
+                        print(f"   {label:28s} {us:8.1f} us  {peer_us / us:.2f}x peer  {base_us / us:.2f}x in force  "
                               f"err {e:.1e}  {time.time() - t_cand:.0f} s", flush=True)
                     slowest = max(slowest, time.time() - t_cand)
                     # the case so far, candidates included: a run killed mid-case keeps what it timed

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -345,6 +346,57 @@ def test_profile_reports_the_pass_wall_time_and_gpu_busy_share(e2e):
     assert ran == [[[1, 2]]] and rows == []
     assert summary["wall_s"] >= 0.05 and summary["busy_ms"] == 0 and summary["busy_share"] == 0
     assert summary["kernel_launches"] == 0
+
+
+def test_forward_log_records_each_forward_and_why_prefill(e2e, monkeypatch):
+    """The forward log wraps LMDeploy's inputs maker: each forward's kind, sequences and tokens, and the scheduler's
+    reason for a prefill. Driven here with stand-ins for the maker's scheduler and the forward it builds."""
+    pytest.importorskip("lmdeploy")
+    import torch
+    from lmdeploy.pytorch.engine.inputs_maker import InputsMakerAsync
+
+    decisions = iter([True, False, True])
+    monkeypatch.setattr(InputsMakerAsync, "do_prefill_default", lambda self: next(decisions))
+    built = iter([dict(inputs=types.SimpleNamespace(is_decoding=False, input_ids=torch.zeros(1, 700)),
+                       running=[1, 2]),
+                  dict(inputs=types.SimpleNamespace(is_decoding=True, input_ids=torch.zeros(1, 3)), running=[1, 2, 3]),
+                  dict(inputs=types.SimpleNamespace(is_decoding=False, input_ids=torch.zeros(1, 9000)),
+                       running=[4] * 9)])
+    monkeypatch.setattr(InputsMakerAsync, "_make_forward_inputs", lambda self, prefill, enable_empty=False: next(built))
+    log = e2e.ForwardLog()
+    assert log.install()
+    seq = types.SimpleNamespace(num_token_ids=500)
+    sched = types.SimpleNamespace(waiting=[seq] * 20, num_ready=lambda: 0, num_running=lambda: 3,
+                                  num_waiting=lambda: 20)
+    maker = types.SimpleNamespace(scheduler=sched, _decode_count=0,
+                                  config=types.SimpleNamespace(prefill_interval=16, max_prefill_token_num=8192,
+                                                               max_batches=256))
+    InputsMakerAsync.do_prefill_default(maker)  # not recording yet: nothing kept
+    InputsMakerAsync._make_forward_inputs(maker, True)
+    log.start()
+    for _ in range(2):
+        prefill = InputsMakerAsync.do_prefill_default(maker)
+        InputsMakerAsync._make_forward_inputs(maker, prefill)
+    summary = log.stop()
+    assert summary["prefill_forwards"] == 1 and summary["decode_forwards"] == 1
+    assert summary["decode_seqs"]["mean"] == 3 and summary["prefill_reasons"] == {"token_budget": 1}
+    first = summary["first_prefills"][0]
+    assert (first["seqs"], first["tokens"], first["waiting"], first["active"]) == (9, 9000, 20, 3)
+    line = e2e.forwards_line("x", summary)
+    assert "1 prefill forwards (tokens mean 9000" in line and "token_budget 1" in line
+    assert log.stop() is None  # stopped: nothing more is recorded
+
+
+def test_summarize_forwards_reasons_and_stats(e2e):
+    rows = [dict(t=1.0, prefill=True, seqs=4, tokens=2000, reason="few_running", waiting=50, active=0),
+            dict(t=1.5, prefill=False, seqs=4, tokens=4),
+            dict(t=2.0, prefill=True, seqs=10, tokens=8000, reason="token_budget", waiting=40, active=4),
+            dict(t=2.5, prefill=True, seqs=2, tokens=900, reason="few_running", waiting=30, active=14)]
+    s = e2e.summarize_forwards(rows)
+    assert (s["prefill_forwards"], s["decode_forwards"]) == (3, 1)
+    assert s["prefill_tokens"] == dict(mean=3633.3, min=900, median=2000, max=8000)
+    assert s["prefill_reasons"] == {"few_running": 2, "token_budget": 1}
+    assert [r["t"] for r in s["first_prefills"]] == [0.0, 1.0, 1.5]
 
 
 def test_compile_log_counts_triton_compilations(e2e, monkeypatch):
