@@ -25,8 +25,10 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
   config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
-  (``DECODE``); routings of ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's
-  N-fastest weights (its kernels read them in place), against the peer at its faster layout.
+  (``DECODE``), ``peer`` the peer's own decode tile and neighbours (``PEER_TILES``); routings of
+  ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's N-fastest weights (its kernels
+  read them in place), against the peer at its faster layout; ``--candidates-layout n-fastest`` times the
+  candidates on those weights.
   A summary per variant (its time over the config in force's, per case) ends the output.
 
 Prints one line per case (before its candidates) and a table of speed ratios last; writes everything to ``--out``
@@ -100,6 +102,13 @@ DECODE = [_cfg(16, (32, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
           _cfg(64, (128, 64, 4, 4, 4), (128, 64, 4, 4, 4)),
           _cfg(64, (64, 64, 4, 4, 6), (128, 64, 4, 4, 5)),
           _cfg(128, (128, 64, 1, 8, 4), (128, 128, 1, 8, 3))]
+
+# The peer's decode tile (its compact kernel on Hopper: 64 x 256 x 32, 4 warps, 4 stages, on N-fastest weights, where
+# a tile row along N is 256 contiguous elements) and neighbours: for --candidates-layout n-fastest above all.
+PEER_TILES = [_cfg(64, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
+              _cfg(32, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
+              _cfg(64, (128, 32, 4, 4, 5), (256, 32, 4, 4, 4)),
+              _cfg(64, (256, 64, 4, 8, 3), (256, 64, 4, 8, 3))]
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
@@ -402,7 +411,7 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode", "peer"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -536,6 +545,8 @@ def main(argv=None):
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
                         if "decode" in args.candidate_sets:
                             cands += [(f"decode{i}", dict(c, hot=hot)) for i, c in enumerate(DECODE) if c != src]
+                        if "peer" in args.candidate_sets:
+                            cands += [(f"peer{i}", dict(c, hot=hot)) for i, c in enumerate(PEER_TILES) if c != src]
                         if "split" in args.candidate_sets:
                             cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel

@@ -162,6 +162,21 @@ def test_candidate_sets_carry_the_hot_tiles(monkeypatch):
                                                          {json.dumps(c, sort_keys=True): c for c in ruled}.values()]
 
 
+def test_decode_and_peer_tiles_are_valid_and_fit_a_hopper_card():
+    """The memory-bound candidate sets: valid configs (the tuning cache's own check), distinct, each fitting an sm_90
+    card's shared memory per block as written (a tile the fitter would shrink is not the tile it claims to time)."""
+    from dlinfer.vendor.triton import host
+
+    card = host.CARDS["H100"]
+    for tiles in (moe_bench.DECODE, moe_bench.PEER_TILES):
+        assert all(moe_bench.tuning._valid(c) for c in tiles)
+        assert len({json.dumps(c, sort_keys=True) for c in tiles}) == len(tiles)
+        assert all(moe_bench.tuning.fit(c, torch.bfloat16, card) is c for c in tiles)
+    peer = moe_bench.PEER_TILES[0]  # the peer's compact tile itself
+    assert (peer["BLOCK_M"], peer["up"]["BLOCK_N"], peer["up"]["BLOCK_K"], peer["up"]["num_warps"],
+            peer["up"]["num_stages"]) == (64, 256, 32, 4, 4)
+
+
 def test_split_candidates_keep_the_config_in_force_for_the_heaviest_experts():
     """The split set: the card's tiers of half the row block in force, with its Hopper fields, for the experts under
     the hot threshold; the config in force (without its own hot class) for those above it."""

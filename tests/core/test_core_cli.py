@@ -35,6 +35,16 @@ def run_cli(*args, env=None):
                           env=env)
 
 
+def test_python_dash_m_dlinfer_is_the_command():
+    """``python -m dlinfer`` runs the same command as the console script (for a checkout on PYTHONPATH)."""
+    done = subprocess.run([sys.executable, "-m", "dlinfer", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: dlinfer") and "check" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "dlinfer", "no-such-command"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "no-such-command" in bad.stderr
+
+
 def test_console_script_is_declared():
     eps = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "dlinfer"]
     assert eps and eps[0].value == "dlinfer.cli:main"
