@@ -37,11 +37,15 @@ each timed pass to about S seconds (from the first run's warm-up rate; every run
 prompts), so that the passes' spread, printed per run, is the noise. A timed pass of more requests than the
 warm-up pass runs larger batches, and the engine captures a CUDA graph (compiling LMDeploy's
 ``_fill_graph_common_inputs_kernel``) for each batch size it first meets: so whenever a run's timed request count
-exceeds its warm-up's (``--warmup full``), the child runs one more untimed warm-up pass of exactly the timed count
-(the warm-up's prompts, not the timed ones) before its first timed pass; its seconds and compilations are
-``warmup_full_count_s`` / ``warmup_full_count_requests`` / ``triton_compiles_warmup_full_count`` in the JSON
-(``warmup_s`` and ``triton_compiles_warmup`` stay the first warm-up pass's) and in the ``[ready]`` / ``[done]``
-lines. With equal counts nothing more runs; ``--warmup short`` keeps its 16 prompts only.
+exceeds its warm-up's (``--warmup full``), the child runs one more untimed pass of exactly the timed count before
+its first timed pass: by default a rehearsal, the timed prompts themselves (LMDeploy's scheduler, fed the same
+requests, makes the same forwards pass after pass, so every batch the timed passes meet has had its CUDA graph
+captured and its kernels compiled; on an H100 a first timed pass after a warm-up of other prompts still compiled 2-5
+of LMDeploy's kernels and ran 4-9 % slower than the next), with ``--no-rehearsal`` the warm-up's prompts at that
+count (run only when the count exceeds the warm-up's). Its seconds and compilations are ``warmup_full_count_s`` /
+``warmup_full_count_requests`` / ``triton_compiles_warmup_full_count`` (``rehearsal``: whether it was the timed
+prompts) in the JSON (``warmup_s`` and ``triton_compiles_warmup`` stay the first warm-up pass's) and in the
+``[ready]`` / ``[done]`` lines; ``--warmup short`` keeps its 16 prompts only.
 
 Greedy tokens of two bf16 engines part ways wherever a random model's top two logits are closer than bf16 rounding,
 and from there on the sequences differ, so agreement alone cannot tell a rounding difference from a bug. The
@@ -144,6 +148,8 @@ STEADY_WINDOW = (0.25, 0.75)
 WINDOW_TEXT = "steady-state window"  # a burst: the middle half of each pass; a stream: ramp end to last submission
 WARMUPS = {"full": "one untimed pass of a like workload (other prompts), and one more at the timed pass's request "
                    "count when that is larger",
+           "full+rehearsal": "one untimed pass of a like workload (other prompts), then one of the timed prompts "
+                             "themselves",
            "short": "16 untimed prompts (kernel variants first needed in the timed pass compile there)"}
 
 
@@ -168,6 +174,7 @@ class RunSpec:
     result_path: str
     profile: bool = False
     warmup: str = "full"  # full | short
+    rehearsal: bool = True  # --warmup full: one untimed pass of the timed prompts before the timed passes
     timed_passes: int = 1
     quant: str = "none"  # none | awq | w8a8 (the checkpoint in model_dir is quantized so already)
     kv_quant: int = 0  # LMDeploy's quant_policy
@@ -673,7 +680,7 @@ def run_child(spec: RunSpec) -> None:
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
         "startup_s": round(startup_s, 2),
-        **{key: warm[key] for key in ("warmup_s", "warmup_full_count_s", "warmup_full_count_requests")},
+        **{key: warm[key] for key in ("warmup_s", "warmup_full_count_s", "warmup_full_count_requests", "rehearsal")},
         "duration_s": round(duration, 3),
         "timed_requests": requests,
         "input_tokens": in_tokens,
@@ -743,15 +750,21 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
         if in_flight else timed_request_count(spec.requests, warm_count, busy_s, spec.pass_seconds))
     warm = {"warmup_s": round(warmup_s, 2), "triton_compiles_warmup": warmup_compiles,
             "warmup_full_count_requests": None, "warmup_full_count_s": None,
-            "triton_compiles_warmup_full_count": None}
-    if spec.warmup == "full" and requests > warm_count:
-        # More requests per pass than the warm-up had reach larger batches, for which the engine captures CUDA
-        # graphs (and compiles their input kernels) the first time it meets them: one more untimed pass of the
-        # warm-up's prompts at exactly the timed count, so that this happens here, not in the timed passes.
-        seconds, full_compiles = warm_pass(requests)
-        warm.update(warmup_full_count_requests=requests, warmup_full_count_s=round(seconds, 2),
-                    triton_compiles_warmup_full_count=full_compiles)
+            "triton_compiles_warmup_full_count": None, "rehearsal": False}
     prompts = workload(requests, spec.min_prompt, spec.max_prompt, spec.seed, spec.vocab_limit)
+    if spec.warmup == "full" and (spec.rehearsal or requests > warm_count):
+        # The engine captures a CUDA graph (and compiles its input kernels) for each batch it first meets, and
+        # its kernels specialize on sizes: one more untimed pass at exactly the timed count, so that this happens
+        # here, not in the timed passes. A rehearsal (the timed prompts themselves) meets the very batches the
+        # timed passes will; otherwise the warm-up's prompts at that count, only where it exceeds the warm-up's.
+        if spec.rehearsal:
+            t0 = time.perf_counter()
+            run(prompts)
+            seconds, full_compiles = time.perf_counter() - t0, compiles.take()
+        else:
+            seconds, full_compiles = warm_pass(requests)
+        warm.update(warmup_full_count_requests=requests, warmup_full_count_s=round(seconds, 2),
+                    triton_compiles_warmup_full_count=full_compiles, rehearsal=spec.rehearsal)
     if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
         control.write("ready.json", dict(ready or {}, timed_requests=requests, **warm))
     monitor.start()
@@ -1286,13 +1299,20 @@ def ratio_warning(label: str, rec: dict, remedy: str) -> str | None:
 _REMEDY = "more --timed-passes or a longer --pass-seconds"
 
 
+def warmup_kind(workload: dict) -> str:
+    """The WARMUPS key of a report's workload (reports written before the rehearsal existed have none)."""
+    kind = workload.get("warmup", "short")
+    return f"{kind}+rehearsal" if kind == "full" and workload.get("rehearsal") else kind
+
+
 def warmup_text(rec: dict) -> str:
     """The warm-up of a run (its result, or its child's ``ready.json``) in words: the warm-up pass's seconds and,
     when one ran, the warm-up pass at the timed request count with its Triton compilations."""
     text = f"warm-up {rec.get('warmup_s') or 0:.0f} s"
     if rec.get("warmup_full_count_s") is not None:
         jit = rec.get("triton_compiles_warmup_full_count") or {}
-        text += (f", warm-up at the timed count ({rec.get('warmup_full_count_requests')} requests) "
+        what = "rehearsal of the timed prompts" if rec.get("rehearsal") else "warm-up at the timed count"
+        text += (f", {what} ({rec.get('warmup_full_count_requests')} requests) "
                  f"{rec['warmup_full_count_s']:.1f} s with {jit.get('count', '?')} Triton compiles "
                  f"({jit.get('seconds', '?')} s)")
     return text
@@ -1536,12 +1556,12 @@ def render(reports: list[dict], out_dir: Path) -> list[Path]:
         card = next((r.get("card") for r in report["runs"].values() if r.get("card")), None) or env.get("cards")
         bars: list[tuple[str, float]] = []
         groups.append((f"{str(env['date'])[:16]} {str(card).replace('NVIDIA ', '')[:16]}, warm-up "
-                       f"{wl.get('warmup', 'short')}", bars))
+                       f"{warmup_kind(wl)}", bars))
         lines += [f"{env['date']} on {card}; torch {env.get('torch')}, triton {env.get('triton')}, "
                   f"lmdeploy {env.get('lmdeploy')}, transformers {env.get('transformers')}. "
                   f"Models: {'; '.join(report['models'].values())}. Workload: {wl['requests']} requests, prompts "
                   f"{wl['min_prompt']}-{wl['max_prompt']} tokens, {wl['new_tokens']} new tokens, greedy; warm-up: "
-                  f"{WARMUPS.get(wl.get('warmup', 'short'))}. "
+                  f"{WARMUPS.get(warmup_kind(wl))}. "
                   f"Command: `python benchmarks/lmdeploy_e2e.py {' '.join(env.get('argv', []))}`", "",
                   "| run | output tok/s | total tok/s | mean TTFT (ms) | mean TPOT (ms) | dlinfer / stock | "
                   "Triton compiles while timed | requests, pass spread |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1673,8 +1693,13 @@ def main(argv=None) -> int:
                              "last about this many seconds at the warm-up's rate; the first run of a model decides "
                              "the count for all its runs (default 0: --requests). When that count exceeds the "
                              "warm-up's (--warmup full), every run first warms up once more with exactly that many "
-                             "requests of the warm-up's prompts, so that the larger batches' CUDA graphs are "
-                             "captured before the timing (warmup_full_count_s in the JSON)")
+                             "requests (by default the timed prompts themselves: --no-rehearsal), so that the "
+                             "larger batches' CUDA graphs are captured before the timing (warmup_full_count_s in "
+                             "the JSON)")
+    parser.add_argument("--no-rehearsal", dest="rehearsal", action="store_false",
+                        help="with --warmup full, skip the untimed pass of the timed prompts before the timed "
+                             "passes (then the warm-up's prompts run at the timed count only where it exceeds the "
+                             "warm-up's)")
     parser.add_argument("--quant", choices=list(QUANTS), default="none",
                         help="weights: none (bf16), awq (W4A16, group 128, float16) or w8a8 (SmoothQuant int8); "
                              "the model is quantized once with dlinfer.testing.quantize and cached in --model-dir; "
@@ -1806,6 +1831,7 @@ def main(argv=None) -> int:
               "quant": {"weights": args.quant, "kv_quant": args.kv_quant, "oracle": oracle_note},
               "workload": {"requests": requests, "min_prompt": args.min_prompt, "max_prompt": max_prompt,
                            "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
+                           "rehearsal": args.warmup == "full" and args.rehearsal,
                            "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds,
                            "arrival": args.arrival, "in_flight": args.in_flight or None,
                            "stream_response": not args.no_stream},
@@ -1832,6 +1858,7 @@ def main(argv=None) -> int:
                        compare_tokens=args.compare_tokens, seed=args.seed, vocab_limit=500,
                        max_batch_size=args.max_batch_size, cache_max_entry_count=cache,
                        block_size=args.block_size, vendor=args.vendor, profile=args.profile, warmup=args.warmup,
+                       rehearsal=args.rehearsal,
                        timed_passes=args.timed_passes, quant=args.quant, kv_quant=args.kv_quant,
                        pass_seconds=args.pass_seconds, timed_requests=timed_counts.get(model),
                        arrival=args.arrival, in_flight=args.in_flight, stream_response=not args.no_stream,

@@ -440,45 +440,64 @@ def _warm_up_and_time(e2e, monkeypatch, timed_count: int, **spec_kw):
     compiles = e2e.CompileLog()
     calls = []
 
+    timing = [False]  # the monitor's start: the timed passes begin
+
     def run(prompts):
-        seed = {spec.seed + 1: "warm", spec.seed: "timed"}
+        seed = {spec.seed + 1: "warm", spec.seed: "timed" if timing[0] else "rehearse"}
         (kind,) = (kind for s, kind in seed.items()
                    if prompts == e2e.workload(len(prompts), spec.min_prompt, spec.max_prompt, s, spec.vocab_limit))
         calls.append((kind, len(prompts)))
-        if kind == "warm" and len(calls) == 2:  # a CUDA graph for a batch size the first warm-up did not reach
+        if kind != "timed" and len(calls) == 2:  # a CUDA graph for a batch size the first warm-up did not reach
             compiles.events.append(("_fill_graph_common_inputs_kernel", 0.5))
         return 1.0, [{"tokens": [7, 7]} for _ in prompts]
 
-    monitor = type("Monitor", (), {"start": lambda self: None, "stop": lambda self: None,
+    monitor = type("Monitor", (), {"start": lambda self: timing.__setitem__(0, True), "stop": lambda self: None,
                                    "phase": lambda self, name: contextlib.nullcontext()})()
     prompts, warm, passes, per_pass = e2e.warm_up_and_time(run, spec, compiles, monitor)
     assert len(prompts) == len(passes[0][1]) and len(passes) == 3
     return warm, per_pass, calls
 
 
-def test_warm_up_at_the_timed_count_before_the_first_timed_pass(e2e, monkeypatch):
-    """A timed pass of more requests than the warm-up (--pass-seconds, or a count handed down from the model's
-    first run): one more warm-up pass of the warm-up's prompts at exactly that count runs before timed pass 1; its
-    time and compilations are recorded on their own (the warm-up's keys keep their meaning), the timed passes see
-    no compilation."""
+def test_rehearsal_of_the_timed_prompts_before_the_first_timed_pass(e2e, monkeypatch):
+    """By default (--warmup full) one untimed pass of the timed prompts themselves runs after the warm-up and before
+    timed pass 1, whatever the counts: its time and compilations are recorded as the pass at the timed count
+    (``rehearsal`` says which prompts it ran), the timed passes see no compilation; the [ready] / [done] text
+    names it."""
     warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 12, pass_seconds=8.0)
+    assert calls == [("warm", 4), ("rehearse", 12), ("timed", 12), ("timed", 12), ("timed", 12)]
+    assert warm["warmup_full_count_requests"] == 12 and warm["rehearsal"] is True
+    assert warm["triton_compiles_warmup_full_count"]["per_kernel"] == {"_fill_graph_common_inputs_kernel": 1}
+    assert [c["count"] for c in per_pass] == [0, 0, 0]
+    assert "rehearsal of the timed prompts (12 requests)" in e2e.warmup_text(dict(warm, warmup_s=2.0))
+    _, _, equal = _warm_up_and_time(e2e, monkeypatch, 4, pass_seconds=8.0)  # equal counts: still rehearsed
+    assert equal == [("warm", 4), ("rehearse", 4), ("timed", 4), ("timed", 4), ("timed", 4)]
+    _, _, short = _warm_up_and_time(e2e, monkeypatch, 4, warmup="short", timed_requests=20)
+    assert short == [("warm", 4), ("timed", 20), ("timed", 20), ("timed", 20)]  # --warmup short: none
+
+
+def test_warm_up_at_the_timed_count_before_the_first_timed_pass(e2e, monkeypatch):
+    """--no-rehearsal, a timed pass of more requests than the warm-up (--pass-seconds, or a count handed down from
+    the model's first run): one more warm-up pass of the warm-up's prompts at exactly that count runs before timed
+    pass 1; its time and compilations are recorded on their own (the warm-up's keys keep their meaning), the timed
+    passes see no compilation."""
+    warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 12, pass_seconds=8.0, rehearsal=False)
     assert calls == [("warm", 4), ("warm", 12), ("timed", 12), ("timed", 12), ("timed", 12)]
     assert warm["warmup_full_count_requests"] == 12 and warm["warmup_full_count_s"] is not None
     assert warm["triton_compiles_warmup_full_count"]["per_kernel"] == {"_fill_graph_common_inputs_kernel": 1}
     assert warm["triton_compiles_warmup"]["count"] == 0 and [c["count"] for c in per_pass] == [0, 0, 0]
-    _, _, handed = _warm_up_and_time(e2e, monkeypatch, 4, timed_requests=7)  # the count of an earlier run
+    _, _, handed = _warm_up_and_time(e2e, monkeypatch, 4, timed_requests=7, rehearsal=False)  # an earlier run's
     assert handed == [("warm", 4), ("warm", 7), ("timed", 7), ("timed", 7), ("timed", 7)]
 
 
 def test_no_extra_warm_up_when_the_counts_are_equal(e2e, monkeypatch):
-    """The timed pass has the warm-up's request count: nothing more runs and the record says so; --warmup short
-    keeps its short warm-up (it is there to leave the variants to the timed pass)."""
-    warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 4, pass_seconds=8.0)
+    """--no-rehearsal, the timed pass has the warm-up's request count: nothing more runs and the record says so;
+    --warmup short keeps its short warm-up (it is there to leave the variants to the timed pass)."""
+    warm, per_pass, calls = _warm_up_and_time(e2e, monkeypatch, 4, pass_seconds=8.0, rehearsal=False)
     assert calls == [("warm", 4), ("timed", 4), ("timed", 4), ("timed", 4)]
     assert (warm["warmup_full_count_requests"], warm["warmup_full_count_s"],
             warm["triton_compiles_warmup_full_count"]) == (None, None, None)
     assert e2e.warmup_text(dict(warm, warmup_s=2.0)) == "warm-up 2 s"
-    _, _, short = _warm_up_and_time(e2e, monkeypatch, 4, warmup="short", timed_requests=20)
+    _, _, short = _warm_up_and_time(e2e, monkeypatch, 4, warmup="short", timed_requests=20, rehearsal=False)
     assert short == [("warm", 4), ("timed", 20), ("timed", 20), ("timed", 20)]
 
 
@@ -631,8 +650,10 @@ def test_run_child_with_a_fake_lmdeploy(e2e, tmp_path, monkeypatch):
         gc.enable()
     (pipe,) = pipes
     assert pipe.closed and gc.isenabled()
-    assert pipe.async_engine.gc_enabled == [True] * 4 + [False] * 12  # the warm-up's 4 requests, 3 passes of 4
+    # the warm-up's 4 requests and the rehearsal's 4 with the collector on, 3 timed passes of 4 with it off
+    assert pipe.async_engine.gc_enabled == [True] * 8 + [False] * 12
     result = json.loads(Path(spec.result_path).read_text())
+    assert result["rehearsal"] is True and result["warmup_full_count_requests"] == 4
     assert result["gc"] == "collected before each timed pass, disabled during it"
     assert result["output_tokens"] == 20 and len(result["pass_output_tok_s"]) == 3
     windows = result["pass_window_tok_s"]
@@ -680,6 +701,9 @@ done = []
 def run(prompts):
     if prompts == e2e.workload(len(prompts), spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit):
         note(f"warm {spec.backend} {len(prompts)}")  # the warm-up's prompts
+        return 0.01, [{"tokens": [7] * spec.new_tokens} for _ in prompts]
+    if not (Path(spec.control_dir) / "ready.json").exists():  # the timed prompts before ready: the rehearsal
+        note(f"rehearse {spec.backend} {len(prompts)}")
         return 0.01, [{"tokens": [7] * spec.new_tokens} for _ in prompts]
     k = len(done) + 1
     if plan.get("exit_at_pass") == k:
@@ -882,31 +906,41 @@ def test_window_ratios_need_a_window_rate_on_every_pass(e2e):
                                                     "no pass ran on both engines: no ratio")
 
 
-def test_interleaved_engines_both_warm_up_at_the_timed_count_first(interleave_env, capsys):
-    """--interleave with a timed count (12) over the warm-up's (4): each engine runs its warm-up pass and then one
-    of the warm-up's prompts at 12 requests before it reports ready, so both have done it before any timed pass;
-    the JSON and the [ready] / [done] lines have it. With equal counts (4) no engine runs it."""
+def test_interleaved_engines_both_rehearse_the_timed_prompts_first(interleave_env, capsys):
+    """--interleave with a timed count (12) over the warm-up's (4): each engine runs its warm-up pass and then the
+    timed prompts once, untimed, before it reports ready, so both have done it before any timed pass; the JSON and
+    the [ready] / [done] lines have it. With --no-rehearsal the warm-up's prompts run at 12 instead, and with equal
+    counts (4) nothing more runs."""
     plan = {b: {"timed_requests": 12, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
     code, report, events, _, _ = interleave_env(plan, "--timed-passes", "4", "--pass-seconds", "10")
     assert code == 0, report["log"]
     first_timed = next(i for i, line in enumerate(events) if line.startswith("start"))
-    assert [line for line in events if line.startswith("warm")] == [
-        "warm stock 4", "warm stock 12", "warm dlinfer 4", "warm dlinfer 12"]
-    assert all(not line.startswith("warm") for line in events[first_timed:]), events
+    assert [line for line in events if line.startswith(("warm", "rehearse"))] == [
+        "warm stock 4", "rehearse stock 12", "warm dlinfer 4", "rehearse dlinfer 12"]
+    assert all(not line.startswith(("warm", "rehearse")) for line in events[first_timed:]), events
     printed = capsys.readouterr().out
     for backend in ("stock", "dlinfer"):
         name = f"llama8b/{backend}/graph/tp1"
         run = report["runs"][name]
         assert run["warmup_full_count_requests"] == 12 and run["warmup_full_count_s"] is not None
         assert run["triton_compiles_warmup_full_count"]["count"] == 0 and run["timed_requests"] == 12
+        assert run["rehearsal"] is True
         ready = next(line for line in printed.splitlines() if line.startswith(f"[ready] {name}:"))
         done = next(line for line in printed.splitlines() if line.startswith(f"[done] {name}:"))
         for line in (ready, done):
-            assert "warm-up at the timed count (12 requests)" in line and "with 0 Triton compiles" in line, line
-    plan = {b: {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
-    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "2", "--pass-seconds", "10")
+            assert "rehearsal of the timed prompts (12 requests)" in line and "with 0 Triton compiles" in line, line
+    assert report["workload"]["rehearsal"] is True
+    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "2", "--pass-seconds", "10",
+                                                "--no-rehearsal")
     assert code == 0, report["log"]
-    assert [line for line in events if line.startswith("warm")] == ["warm stock 4", "warm dlinfer 4"]
+    assert [line for line in events if line.startswith(("warm", "rehearse"))] == [
+        "warm stock 4", "warm stock 12", "warm dlinfer 4", "warm dlinfer 12"]
+    assert "warm-up at the timed count (12 requests)" in capsys.readouterr().out
+    plan = {b: {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [1.0] * 4} for b in ("stock", "dlinfer")}
+    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "2", "--pass-seconds", "10",
+                                                "--no-rehearsal")
+    assert code == 0, report["log"]
+    assert [line for line in events if line.startswith(("warm", "rehearse"))] == ["warm stock 4", "warm dlinfer 4"]
     assert report["runs"]["llama8b/dlinfer/graph/tp1"]["warmup_full_count_s"] is None
     assert "at the timed count" not in capsys.readouterr().out
 
