@@ -40,8 +40,8 @@ warm-up pass runs larger batches, and the engine captures a CUDA graph (compilin
 exceeds its warm-up's (``--warmup full``), the child runs one more untimed pass of exactly the timed count before
 its first timed pass: by default a rehearsal, the timed prompts themselves (LMDeploy's scheduler, fed the same
 requests, makes the same forwards pass after pass, so every batch the timed passes meet has had its CUDA graph
-captured and its kernels compiled; on an H100 a first timed pass after a warm-up of other prompts still compiled 2-5
-of LMDeploy's kernels and ran 4-9 % slower than the next), with ``--no-rehearsal`` the warm-up's prompts at that
+captured and its kernels compiled; on an H100 a first timed pass after a warm-up of other prompts still compiled 1-5
+of LMDeploy's kernels and ran 6-13 % slower than the later ones), with ``--no-rehearsal`` the warm-up's prompts at that
 count (run only when the count exceeds the warm-up's). Its seconds and compilations are ``warmup_full_count_s`` /
 ``warmup_full_count_requests`` / ``triton_compiles_warmup_full_count`` (``rehearsal``: whether it was the timed
 prompts) in the JSON (``warmup_s`` and ``triton_compiles_warmup`` stay the first warm-up pass's) and in the
