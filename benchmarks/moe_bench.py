@@ -103,12 +103,17 @@ DECODE = [_cfg(16, (32, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
           _cfg(64, (64, 64, 4, 4, 6), (128, 64, 4, 4, 5)),
           _cfg(128, (128, 64, 1, 8, 4), (128, 128, 1, 8, 3))]
 
-# The peer's decode tile (its compact kernel on Hopper: 64 x 256 x 32, 4 warps, 4 stages, on N-fastest weights, where
-# a tile row along N is 256 contiguous elements) and neighbours: for --candidates-layout n-fastest above all.
-PEER_TILES = [_cfg(64, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
-              _cfg(32, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
-              _cfg(64, (128, 32, 4, 4, 5), (256, 32, 4, 4, 4)),
-              _cfg(64, (256, 64, 4, 8, 3), (256, 64, 4, 8, 3))]
+# The peer's decode tile and neighbours. Its compact kernel on Hopper runs 64 x 256 x 32 tiles, 4 warps, 4 stages on
+# the gate_up weight as one [2I, K] GEMM (silu_and_mul is a kernel of its own): 20 KB of shared memory a stage, two
+# programs resident per SM. dlinfer's gate_up tile holds gate and up rows together (2 x BLOCK_N), so its footprint
+# twin is BLOCK_N 128; the tiers' 64-row configs (6 stages of 24 KB) keep one program per SM, and a program's
+# pipeline fill at its start is then not hidden behind another's. For --candidates-layout n-fastest above all (a
+# tile row along N is then BLOCK_N contiguous elements), and K-fastest for comparison.
+PEER_TILES = [_cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
+              _cfg(64, (128, 32, 4, 4, 5), (256, 32, 4, 4, 5)),
+              _cfg(64, (64, 64, 4, 4, 4), (128, 64, 4, 4, 4)),
+              _cfg(32, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
+              _cfg(64, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4))]
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).

@@ -172,9 +172,11 @@ def test_decode_and_peer_tiles_are_valid_and_fit_a_hopper_card():
         assert all(moe_bench.tuning._valid(c) for c in tiles)
         assert len({json.dumps(c, sort_keys=True) for c in tiles}) == len(tiles)
         assert all(moe_bench.tuning.fit(c, torch.bfloat16, card) is c for c in tiles)
-    peer = moe_bench.PEER_TILES[0]  # the peer's compact tile itself
-    assert (peer["BLOCK_M"], peer["up"]["BLOCK_N"], peer["up"]["BLOCK_K"], peer["up"]["num_warps"],
+    peer = moe_bench.PEER_TILES[0]  # the peer's compact tile's footprint: gate and up rows together are 256 wide
+    assert (peer["BLOCK_M"], 2 * peer["up"]["BLOCK_N"], peer["up"]["BLOCK_K"], peer["up"]["num_warps"],
             peer["up"]["num_stages"]) == (64, 256, 32, 4, 4)
+    for g, silu in (("up", True), ("down", False)):  # two programs resident per SM, as the peer's
+        assert 2 * moe_bench.tuning.shared_memory(64, peer[g], silu, torch.bfloat16, 9) <= card.smem_per_sm
 
 
 def test_split_candidates_keep_the_config_in_force_for_the_heaviest_experts():
