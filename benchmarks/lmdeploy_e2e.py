@@ -36,13 +36,13 @@ cannot run it); W8A8 Mixtral runs without the oracle only (``--oracle-prompts 0`
 each timed pass to about S seconds (from the first run's warm-up rate; every run of a model then times the same
 prompts), so that the passes' spread, printed per run, is the noise. A timed pass of more requests than the
 warm-up pass runs larger batches, and the engine captures a CUDA graph (compiling LMDeploy's
-``_fill_graph_common_inputs_kernel``) for each batch size it first meets: so whenever a run's timed request count
-exceeds its warm-up's (``--warmup full``), the child runs one more untimed pass of exactly the timed count before
-its first timed pass: by default a rehearsal, the timed prompts themselves (LMDeploy's scheduler, fed the same
-requests, makes the same forwards pass after pass, so every batch the timed passes meet has had its CUDA graph
-captured and its kernels compiled; on an H100 a first timed pass after a warm-up of other prompts still compiled 1-5
-of LMDeploy's kernels and ran 6-13 % slower than the later ones), with ``--no-rehearsal`` the warm-up's prompts at that
-count (run only when the count exceeds the warm-up's). Its seconds and compilations are ``warmup_full_count_s`` /
+``_fill_graph_common_inputs_kernel``) for each batch size it first meets, and its kernels specialize on sizes. So
+with ``--warmup full`` the child runs one more untimed pass before its first timed pass: a rehearsal, the timed
+prompts themselves (LMDeploy's scheduler makes the same forwards for the same requests, as two engines did forward
+for forward on an H100, so the timed passes meet batches whose CUDA graphs and kernels are ready; a first timed pass
+after a warm-up of other prompts still compiled 1-5 of LMDeploy's kernels and ran 6-13 % slower than the later
+ones); with ``--no-rehearsal`` the warm-up's prompts at the timed count, and only when that count exceeds the
+warm-up's. Its seconds and compilations are ``warmup_full_count_s`` /
 ``warmup_full_count_requests`` / ``triton_compiles_warmup_full_count`` (``rehearsal``: whether it was the timed
 prompts) in the JSON (``warmup_s`` and ``triton_compiles_warmup`` stay the first warm-up pass's) and in the
 ``[ready]`` / ``[done]`` lines; ``--warmup short`` keeps its 16 prompts only.
@@ -986,13 +986,17 @@ class ForwardLog:
 
     @staticmethod
     def _why(maker, prefill: bool) -> dict:
-        """The scheduler's state at a do_prefill decision (read after it; the decision itself changes none of it)."""
+        """The scheduler's state at a do_prefill decision, read after it (a prefill decision changes none of it) and
+        the reason in ``do_prefill_default``'s order of checks."""
         try:
             sched, config = maker.scheduler, maker.config
             waiting_tokens = sum(seq.num_token_ids for seq in sched.waiting)
             active = sched.num_ready() + sched.num_running()
+            pending_chunk = getattr(maker, "_has_pending_last_long_context_chunk", lambda: False)()
             if not prefill:
                 reason = "decode"
+            elif pending_chunk:
+                reason = "long_context_chunk"
             elif maker._decode_count >= config.prefill_interval:
                 reason = "interval"
             elif waiting_tokens >= config.max_prefill_token_num:
@@ -1691,11 +1695,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pass-seconds", type=float, default=0.0,
                         help="> 0: as many requests per timed pass (never fewer than --requests) as make a pass "
                              "last about this many seconds at the warm-up's rate; the first run of a model decides "
-                             "the count for all its runs (default 0: --requests). When that count exceeds the "
-                             "warm-up's (--warmup full), every run first warms up once more with exactly that many "
-                             "requests (by default the timed prompts themselves: --no-rehearsal), so that the "
-                             "larger batches' CUDA graphs are captured before the timing (warmup_full_count_s in "
-                             "the JSON)")
+                             "the count for all its runs (default 0: --requests). With --warmup full every run "
+                             "then passes once, untimed, over the timed prompts before timing them (see "
+                             "--no-rehearsal), so that the larger batches' CUDA graphs are captured before the "
+                             "timing (warmup_full_count_s in the JSON)")
     parser.add_argument("--no-rehearsal", dest="rehearsal", action="store_false",
                         help="with --warmup full, skip the untimed pass of the timed prompts before the timed "
                              "passes (then the warm-up's prompts run at the timed count only where it exceeds the "

@@ -385,6 +385,13 @@ def test_forward_log_records_each_forward_and_why_prefill(e2e, monkeypatch):
     line = e2e.forwards_line("x", summary)
     assert "1 prefill forwards (tokens mean 9000" in line and "token_budget 1" in line
     assert log.stop() is None  # stopped: nothing more is recorded
+    # the reasons in do_prefill_default's order: a long prompt's pending last chunk first, then the decode interval
+    chunk = types.SimpleNamespace(**vars(maker), _has_pending_last_long_context_chunk=lambda: True)
+    assert e2e.ForwardLog._why(chunk, True)["reason"] == "long_context_chunk"
+    maker._decode_count = 16
+    assert e2e.ForwardLog._why(maker, True)["reason"] == "interval"
+    assert e2e.ForwardLog._why(maker, False)["reason"] == "decode"
+    assert e2e.ForwardLog._why(types.SimpleNamespace(), True) == {}  # another scheduler: unexplained, no error
 
 
 def test_summarize_forwards_reasons_and_stats(e2e):
