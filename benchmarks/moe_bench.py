@@ -25,7 +25,7 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
   config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
-  (``DECODE``), ``peer`` the peer's own decode tile and neighbours (``PEER_TILES``); routings of
+  (``DECODE``), ``peer`` tiles of the peer's decode footprint and neighbours (``PEER_TILES``); routings of
   ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's N-fastest weights (its kernels
   read them in place), against the peer at its faster layout; ``--candidates-layout n-fastest`` times the
   candidates on those weights.
