@@ -625,6 +625,9 @@ def test_run_child_with_a_fake_lmdeploy(e2e, tmp_path, monkeypatch):
         async def generate(self, prompt, stream_response):
             self.gc_enabled.append(gc.isenabled())
             async for out in super().generate(prompt, stream_response):
+                # tokens spread over a pass of ~10 ms: a pass of back-to-back tokens lasts well under a millisecond,
+                # and one late thread wake-up on a busy 2-core host then put all of them outside the window
+                await asyncio.sleep(0.002)
                 yield out
 
     class Pipe:
