@@ -726,11 +726,16 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
 
     warm_tokens = [0]  # output tokens of the last warm-up pass
 
-    def warm_pass(count: int) -> tuple[float, dict]:  # the warm-up's prompts (not the timed ones), ``count`` of them
+    def untimed_pass(prompts) -> tuple[float, dict, list[dict]]:  # seconds, Triton compilations, records
         t0 = time.perf_counter()
-        _, records = run(workload(count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit))
+        _, records = run(prompts)
+        return time.perf_counter() - t0, compiles.take(), records
+
+    def warm_pass(count: int) -> tuple[float, dict]:  # the warm-up's prompts (not the timed ones), ``count`` of them
+        seconds, jit, records = untimed_pass(
+            workload(count, spec.min_prompt, spec.max_prompt, spec.seed + 1, spec.vocab_limit))
         warm_tokens[0] = sum(len(r.get("tokens") or []) for r in records)
-        return time.perf_counter() - t0, compiles.take()
+        return seconds, jit
 
     # Warm-up: a whole pass of a workload like the timed one (other prompts, same lengths' distribution), so
     # that Triton compiles the kernel variants every batch size and context length needs (both backends' kernels
@@ -757,12 +762,7 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
         # its kernels specialize on sizes: one more untimed pass at exactly the timed count, so that this happens
         # here, not in the timed passes. A rehearsal (the timed prompts themselves) meets the very batches the
         # timed passes will; otherwise the warm-up's prompts at that count, only where it exceeds the warm-up's.
-        if spec.rehearsal:
-            t0 = time.perf_counter()
-            run(prompts)
-            seconds, full_compiles = time.perf_counter() - t0, compiles.take()
-        else:
-            seconds, full_compiles = warm_pass(requests)
+        seconds, full_compiles = untimed_pass(prompts)[:2] if spec.rehearsal else warm_pass(requests)
         warm.update(warmup_full_count_requests=requests, warmup_full_count_s=round(seconds, 2),
                     triton_compiles_warmup_full_count=full_compiles, rehearsal=spec.rehearsal)
     if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
