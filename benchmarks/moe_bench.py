@@ -106,10 +106,9 @@ DECODE = [_cfg(16, (32, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
 # The peer's decode tile and neighbours. Its compact kernel on Hopper runs 64 x 256 x 32 tiles, 4 warps, 4 stages on
 # the gate_up weight as one [2I, K] GEMM (silu_and_mul is a kernel of its own): 20 KB of shared memory a stage, two
 # programs resident per SM. dlinfer's gate_up tile holds gate and up rows together (2 x BLOCK_N), so its footprint
-# twin is BLOCK_N 128; the H100's 24-96 rows tier (6 stages of 24 KB) keeps one program per SM, and a program's
-# pipeline fill at its start is then not hidden behind another's (its 96-192 rows tier, the same tile on 4 stages,
-# holds two). For --candidates-layout n-fastest above all (a
-# tile row along N is then BLOCK_N contiguous elements), and K-fastest for comparison.
+# twin is BLOCK_N 128; the H100's former 24-96 rows tier (6 stages of 24 KB, now DECODE[8]) kept one program per SM,
+# and a program's pipeline fill at its start was then not hidden behind another's. For --candidates-layout n-fastest
+# above all (a tile row along N is then BLOCK_N contiguous elements), and K-fastest for comparison.
 PEER_TILES = [_cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
               _cfg(64, (128, 32, 4, 4, 5), (256, 32, 4, 4, 5)),
               _cfg(64, (64, 64, 4, 4, 4), (128, 64, 4, 4, 4)),

@@ -476,6 +476,20 @@ def test_moe_shared_memory_estimate_bounds_the_compiler():
     assert not low, "\n".join(low[:20])
 
 
+def test_generic_mid_tier_keeps_a_deep_pipeline_on_small_shared_memory_cards():
+    """The generic tiers (cards without a table, autotune off) are the H100's except at 24-96 rows per expert, where
+    they keep 64-wide tiles: fitted to a 99 KB card those keep four pipeline buffers in flight, the H100's 64 x 128-K
+    tiles two (sm_89 keeps one buffer fewer than its stages)."""
+    assert [c for b, c in tuning.GENERIC_TIERS if b != 96] == [c for b, c in tuning.H100_TIERS if b != 96]
+    h100, generic = tuning._tier(tuning.H100_TIERS, 64), tuning._tier(tuning.GENERIC_TIERS, 64)
+    assert h100 != generic and generic in tuning.CANDIDATES and h100 in tuning.CANDIDATES
+    for name in ("L40S", "RTX 4090"):
+        def buffers(cfg, gemm):
+            return tuning.fit(cfg, torch.bfloat16, host.CARDS[name])[gemm]["num_stages"] - 1
+        assert min(buffers(generic, "up"), buffers(generic, "down")) >= 4, name
+        assert buffers(h100, "up") == 2, name
+
+
 def test_fit_keeps_the_measured_configs_on_their_cards_and_fits_the_others():
     """On the H100 / H200 (where the tables and tiers were measured) and the B200 (the same 227 KB) every shipped
     config is kept as it is: nothing measured changes. On the A100 and the sm_89 cards each fitted config is within

@@ -16,7 +16,7 @@ Where a config comes from, first match wins (per card name, dtype and shape buck
    cache. Engines run eager warm-up passes before they capture graphs or time anything, so the tune lands there;
    ``DLINFER_AUTOTUNE=0`` turns it off.
 4. otherwise (inside graph capture before any eager call, on CPU under the interpreter, autotune off) the generic
-   tiers, which are the H100's table.
+   tiers: the H100's table with smaller pipeline stages at 24-96 rows per expert (:data:`GENERIC_TIERS`).
 
 The shape bucket is ``dtype, E, top-k, hidden, intermediate`` and the token count rounded up to a power of two.
 :func:`describe` (shown by ``dlinfer info``) says which configs are in force and where each came from.
@@ -63,13 +63,15 @@ def _cfg(block_m, up, down, **flags):
 # rows in one interleaved tile), "down" = down GEMM.
 # Decode tiers stream the weights with narrow programs; prefill tiers are compute-bound (large tiles, GROUP_M
 # swizzle for L2 reuse). Measured on an H100 SXM (CUDA-graph replay, L2 flushed, against LMDeploy's kernel). The
-# 24-96 rows tier: 64-wide tiles on a 6-stage (gate_up) / 5-stage (down) pipeline instead of 64 x 128 K steps on 3
-# stages, 1.01-1.04x as fast as the old tier in 6 of 6 cases (Mixtral at 256 tokens, E16 top-2 H4096 I6400 at 256 and
-# 512 tokens, uniform and skewed routing, same process): where the weights stream from HBM, more loads in flight.
+# 24-96 rows tier: 64 x 128 K steps with 8 warps on a 4-stage (gate_up) / 3-stage (down) pipeline, timed against the
+# former 64-wide 6/5-stage tiles in the same process: 1.00-1.03x as fast (median 1.009x, the lowest 0.9997x) in 14
+# cases (Mixtral at 128-384 tokens, E16 top-2 H4096 I6400 at 320 and 384, uniform and skewed routing); the former
+# tiles stay an autotune candidate below.
+_H100_MID_6STAGE = _cfg(64, (64, 64, 4, 4, 6), (128, 64, 4, 4, 5))
 H100_TIERS: list[tuple[float, dict]] = [
     (8, _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))),
     (24, _cfg(32, (64, 128, 4, 4, 4), (64, 128, 4, 4, 4))),
-    (96, _cfg(64, (64, 64, 4, 4, 6), (128, 64, 4, 4, 5))),
+    (96, _cfg(64, (64, 128, 4, 8, 4), (128, 128, 4, 8, 3))),
     (192, _cfg(64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))),
     (math.inf, _cfg(128, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3))),
 ]
@@ -135,11 +137,14 @@ TABLES: dict[str, dict] = {
     "NVIDIA H200": dict(tiers=H200_TIERS, shapes=H200_SHAPES),
 }
 
-# The generic fallback when nothing else applies (see the module doc, case 4).
-GENERIC_TIERS = H100_TIERS
+# The generic fallback when nothing else applies (see the module doc, case 4): the H100's tiers, but at 24-96 rows
+# the former 64-wide tiles: their 24 KB pipeline buffers leave four buffers in flight on a card with 99 KB of shared
+# memory per block, where the H100's 48 KB ones leave two (fit() trims stages to the card).
+GENERIC_TIERS = [(bound, _H100_MID_6STAGE if bound == 96 else cfg) for bound, cfg in H100_TIERS]
 
 # Autotune candidates, tried in this order after the generic tier's own config (bounded: AUTOTUNE_MAX_S).
 CANDIDATES: list[dict] = [cfg for _, cfg in H100_TIERS] + [
+    _H100_MID_6STAGE,
     _cfg(16, (64, 128, 1, 4, 3), (64, 128, 1, 4, 3)),
     _cfg(32, (128, 64, 4, 4, 3), (128, 64, 4, 4, 4)),
     _cfg(64, (128, 64, 8, 8, 3), (128, 64, 8, 8, 4)),
@@ -370,7 +375,7 @@ def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens, rules
         if ruled is not None:
             return ruled, f"table for {card} (rule by rows per expert and shape)", True
         return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
-    return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table; no table for this card)", False
+    return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table, smaller mid-tier stages; no table for this card)", False
 
 
 def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None) -> dict:
