@@ -228,7 +228,9 @@ def _spy_gemms(monkeypatch, weights: list | None = None):
     real, real_merged = triton_moe._moe_gemm_kernel, triton_moe._moe_gemm_merged_kernel
 
     def check(kw, arg):
-        assert (arg["a_desc"] is not None, arg["w_desc"] is not None) == (kw["TMA_A"], kw["TMA_B"])
+        assert (arg["a_desc"] is not None, arg["w_desc"] is not None) == (kw["TMA_A"], bool(kw["TMA_B"]))
+        # TMA_B: 1 reads a K-fastest weight's [E * N, K] rows, 2 an N-fastest one's [E, K, N] boxes
+        assert kw["TMA_B"] in (0, 1 if arg["stride_wk"] == 1 else 2), kw["TMA_B"]
         if kw["SILU"]:
             sorted_writes.append(kw["SORTED_OUT"])
         else:  # every gate_up launch wrote the activations the way this down GEMM reads them
@@ -351,8 +353,9 @@ def _layout_id(cfg: dict) -> str:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_moe_reads_n_fastest_weights_in_place(poison, monkeypatch, dtype, config):
     """Weights stored N-fastest give the reference's result on every path: the kernels read them in place (the
-    caller's pointer and strides, no copy), the gate_up GEMM with its gate and up tiles apart (SPLIT_UP), and a
-    TMA_B field falls back to pointers (TMA cannot read them as [E * N, K] rows)."""
+    caller's pointer and strides, no copy), by pointers with the gate_up GEMM's gate and up tiles apart
+    (SPLIT_UP), or with TMA_B through a 3-D descriptor of their [E, K, N] view (TMA_B=2; gate and up as two
+    boxes). H = 40, I = 24: K steps past an expert's last K row, whose zeros come from the descriptor's bounds."""
     x, gate_up, down, weights, ids = _skewed_inputs(dtype)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
@@ -360,15 +363,17 @@ def test_fused_moe_reads_n_fastest_weights_in_place(poison, monkeypatch, dtype, 
     launched = _spy_gemms(monkeypatch, reads)
     out = poison(triton_moe.fused_moe, x, up_n, down_n, weights, ids, True, config=config)
     _check_moe(out, ref, dtype)
-    flags = dict(config, TMA_B=0)  # what runs: TMA_B falls back to pointers
+    tma_b = bool(config.get("TMA_B"))
     if config.get("MERGE") or config.get("MERGE_GRID"):
-        assert launched == [_expected(flags, g, 0, merged=True) for g in ("up", "down")]
+        expected = [_expected(config, g, 0, merged=True) for g in ("up", "down")]
     else:  # with a hot class, the narrow-tile launch, then the hot one (_WIDE: 32 rows), per GEMM
-        assert launched == [_expected(flags, g, bm) for g in ("up", "down") for bm in (16, 32)[:1 + ("hot" in config)]]
+        expected = [_expected(config, g, bm) for g in ("up", "down") for bm in (16, 32)[:1 + ("hot" in config)]]
+    i = 2 if config.get("MERGE") or config.get("MERGE_GRID") else 1  # where TMA_B sits in the record
+    assert launched == [e[:i] + (2 * tma_b,) + e[i + 1:] for e in expected]
     assert len(reads) == len(launched)
     for silu, ptr, strides, split in reads:
         w = up_n if silu else down_n
-        assert (ptr, strides, split) == (w.data_ptr(), w.stride(), silu) and strides[1] == 1
+        assert (ptr, strides, split) == (w.data_ptr(), w.stride(), silu and not tma_b) and strides[1] == 1
 
 
 @pytest.mark.parametrize("config", [dict(_NARROW), dict(_NARROW, **_HOT, MERGE=1)], ids=_layout_id)
@@ -387,8 +392,8 @@ def test_fused_moe_n_fastest_weights_with_whole_k_steps(poison, monkeypatch, con
 
 @pytest.mark.parametrize("which", ["gate_up", "down"])
 def test_fused_moe_one_n_fastest_weight(poison, monkeypatch, which):
-    """One weight of each layout: each GEMM reads its own in place; TMA_B (asked) is off for both (one flag for the
-    call's two GEMMs) and TMA_A stays on."""
+    """One weight of each layout: each GEMM reads its own in place, by TMA (asked), each through the descriptor of
+    its layout (TMA_B 2 for the N-fastest one, 1 for the other), and TMA_A stays on."""
     dtype = torch.float16
     x, gate_up, down, weights, ids = _skewed_inputs(dtype)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
@@ -400,9 +405,29 @@ def test_fused_moe_one_n_fastest_weight(poison, monkeypatch, which):
     launched = _spy_gemms(monkeypatch, reads)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=dict(_NARROW, TMA_A=1, TMA_B=1))
     _check_moe(out, ref, dtype)
-    assert launched == [(True, False, False, False)] * 2
-    assert reads == [(True, gate_up.data_ptr(), gate_up.stride(), which == "gate_up"),
+    assert launched == [(True, 2 if which == "gate_up" else 1, False, False),
+                        (True, 2 if which == "down" else 1, False, False)]
+    assert reads == [(True, gate_up.data_ptr(), gate_up.stride(), False),
                      (False, down.data_ptr(), down.stride(), False)]
+
+
+@pytest.mark.parametrize("config", [dict(_NARROW, TMA_B=1), dict(_NARROW, TMA_A=1, TMA_B=1, PERSISTENT=1)],
+                         ids=_layout_id)
+def test_fused_moe_n_fastest_tma_never_reads_the_next_experts_k_rows(poison, monkeypatch, config):
+    """N-fastest weights by TMA, K (40 and 24) not a multiple of BLOCK_K (16): the last K step of expert e runs past
+    its K rows, where a flat [E * K, N] view would hold expert e + 1's first rows (0 x inf = NaN had they been read
+    against A's zero columns). With expert 1 all inf and no token routed to it, the result is the reference's with
+    expert 1 zeroed."""
+    dtype = torch.float16
+    x, gate_up, down, weights, ids = _skewed_inputs(dtype)
+    ids[ids == 1] = 2
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    gate_up[1], down[1] = float("inf"), float("inf")
+    launched = _spy_gemms(monkeypatch)
+    out = poison(triton_moe.fused_moe, x, _n_fastest(gate_up), _n_fastest(down), weights, ids, True, config=config)
+    assert [launch[1] for launch in launched] == [2, 2]
+    assert torch.isfinite(out).all()
+    _check_moe(out, ref, dtype)
 
 
 def test_weight_operand_copies_only_a_weight_without_a_unit_stride_dimension():
@@ -774,9 +799,9 @@ configs = [c for t in tuning.TABLES.values() for c in [c for _, c in t["tiers"]]
 configs += [c for t in tuning.TABLES.values() for *_, c in t.get("rules", ())]
 configs += tuning.CANDIDATES
 configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
-# N-fastest weights, with the tables' tiers and rules: no TMA_B (nor WS, which needs it), the other fields as given
+# N-fastest weights, with the tables' tiers and rules: TMA_B as a 3-D [E, K, N] descriptor (TMA_B=2), no WS
 n_fastest = [[c for _, c in t["tiers"]] + [c for *_, c in t.get("rules", ())] for t in tuning.TABLES.values()]
-n_fastest = [{f: v for f, v in c.items() if f not in ("TMA_B", "WS")} for cs in n_fastest for c in cs]
+n_fastest = [{f: v for f, v in c.items() if f != "WS"} for cs in n_fastest for c in cs]
 n_fastest = [c for i, c in enumerate(n_fastest) if c not in n_fastest[:i]]
 for nf, cfg in [(False, c) for c in configs] + [(True, c) for c in n_fastest]:
     flags = {f: bool(cfg.get(f, 0)) for f in ("TMA_A", "TMA_B", "PERSISTENT", "WS")}
@@ -790,10 +815,14 @@ for nf, cfg in [(False, c) for c in configs] + [(True, c) for c in n_fastest]:
         consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                       EB=128, HOT=cfg["BLOCK_M"] >= 128, SILU=gemm == "up", EVEN_K=True, PRECISION="tf32",
                       WHILE_LOOP=False, SORTED_OUT=gemm == "up" and tma_act, **flags, **layout(nf, gemm))
+        if nf and flags["TMA_B"]:  # as moe._tma_b_mode / moe._split_up: the weight by TMA, gate and up as two boxes
+            consts.update(TMA_B=2, SPLIT_UP=False)
         # The host-side tensor descriptors fused_moe passes (None when the field is off).
-        for name, on, block in (("a_desc", flags["TMA_A"], cfg["BLOCK_M"]), ("w_desc", flags["TMA_B"], c["BLOCK_N"])):
+        w_block = f"1, {c['BLOCK_K']}, {c['BLOCK_N']}" if nf else f"{c['BLOCK_N']}, {c['BLOCK_K']}"
+        for name, on, block in (("a_desc", flags["TMA_A"], f"{cfg['BLOCK_M']}, {c['BLOCK_K']}"),
+                                ("w_desc", flags["TMA_B"], w_block)):
             if on:
-                types[name] = f"tensordesc<bf16[{block}, {c['BLOCK_K']}]>"
+                types[name] = f"tensordesc<bf16[{block}]>"
             else:
                 consts[name] = None
         out[f"gemm {gemm} {'N-fastest ' * nf}{json.dumps(cfg, sort_keys=True)}"] = dict(

@@ -32,8 +32,10 @@ the caller's stream, and a config's ``HOT_STREAM`` field (0/1) overrides the set
 
 Hopper variants, per config (fields ``TMA_A``, ``TMA_ACT``, ``TMA_B``, ``PERSISTENT``, ``MERGE``, ``MERGE_GRID``,
 ``WS``, all 0 unless a config sets them; a config is a hint, so a field the card or tensors cannot serve is off):
-``TMA_B`` reads the weight tiles through a host-built tensor descriptor (Triton encodes it at launch and passes it
-by value as a kernel argument, so a captured CUDA graph replays it with nothing to allocate; a device-built
+``TMA_B`` reads the weight tiles through a host-built tensor descriptor (a K-fastest weight as ``[E * N, K]`` rows,
+an N-fastest one as ``[1, BLOCK_K, BLOCK_N]`` boxes of its ``[E, K, N]`` view, so that a K step past an expert's
+last row reads zeros, never the next expert's rows; Triton encodes it at launch and passes it by value as a kernel
+argument, so a captured CUDA graph replays it with nothing to allocate; a device-built
 descriptor would need ``triton.set_allocator``, a process-wide hook, and a global scratch per launch). The hidden
 rows are gathered by token index (Hopper's TMA has no row gather), so ``TMA_A`` first copies them into the
 expert-sorted order (``_moe_gather_kernel``, one more ``T * topk * H`` copy) and the gate_up GEMM keeps its
@@ -233,20 +235,29 @@ def _load_b(b_ptrs, k0, k_dim, offs_k, stride_wk, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset, k0, k_dim, row_mask, offs_k,
-                   stride_wn, stride_wk, SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+def _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, w_col, up_offset, k0, k_dim, row_mask,
+                   offs_k, stride_wn, stride_wk, SILU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                    TMA_A: tl.constexpr, TMA_B: tl.constexpr, SPLIT_UP: tl.constexpr):
     """One BLOCK_K step with either operand read by TMA, or with the gate and up tiles of B apart: A (``TMA_A``)
-    as rows ``a_row ...`` of the expert-sorted copy, B (``TMA_B``) as the weight rows ``w_row ...`` (and
-    ``w_row + up_offset ...``, the up rows, into ``acc_up`` with ``SILU``) of the flattened ``[E * N, K]`` weight.
-    Out-of-bounds K columns read as zero. Without ``TMA_B``, B is read by pointers (``_load_b``), with
-    ``SPLIT_UP`` (and ``SILU``) as two tiles: the gate rows at ``b_ptrs``, the up rows ``up_offset`` rows further
-    into ``acc_up``."""
+    as rows ``a_row ...`` of the expert-sorted copy. B by TMA: ``TMA_B == 1`` (K-fastest weight) as the weight
+    rows ``w_row ...`` (and ``w_row + up_offset ...``, the up rows, into ``acc_up`` with ``SILU``) of the flattened
+    ``[E * N, K]`` weight; ``TMA_B == 2`` (N-fastest weight) as the ``[BLOCK_K, BLOCK_N]`` box at K step ``k0``,
+    columns ``w_col ...`` (and ``w_col + up_offset ...``) of expert ``w_row`` in the ``[E, K, N]`` view, the MMA's
+    B operand as loaded. Out-of-bounds K reads as zero either way (the N-fastest descriptor is 3-D, so a K step
+    past the expert's last row never reads the next expert's). Without ``TMA_B``, B is read by pointers
+    (``_load_b``), with ``SPLIT_UP`` (and ``SILU``) as two tiles: the gate rows at ``b_ptrs``, the up rows
+    ``up_offset`` rows further into ``acc_up``."""
     if TMA_A:
         a = a_desc.load([a_row, k0])
     else:
         a = _load_a(a_ptrs, k0, k_dim, row_mask, offs_k, EVEN_K)
-    if TMA_B:
+    if TMA_B == 2:
+        gate = w_desc.load([w_row, k0, w_col])
+        acc = tl.dot(a, gate.reshape(gate.shape[1], gate.shape[2]), acc, input_precision=PRECISION)
+        if SILU:
+            up = w_desc.load([w_row, k0, w_col + up_offset])
+            acc_up = tl.dot(a, up.reshape(up.shape[1], up.shape[2]), acc_up, input_precision=PRECISION)
+    elif TMA_B:
         acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=PRECISION)
         if SILU:
             acc_up = tl.dot(a, w_desc.load([w_row + up_offset, k0]).T, acc_up, input_precision=PRECISION)
@@ -305,9 +316,14 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
 
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-        # TMA_B: the weight as [E * N, K] rows; a tile past the expert's last row reads the next expert's rows (or
-        # zeros past the end), columns the store drops.
-        w_row = expert * (stride_we // stride_wn) + n_tile * BLOCK_N
+        # TMA_B == 1: the weight as [E * N, K] rows; a tile past the expert's last row reads the next expert's rows
+        # (or zeros past the end), columns the store drops. TMA_B == 2: expert, K step and columns of [E, K, N].
+        if TMA_B == 2:
+            w_row = expert
+            w_col = n_tile * BLOCK_N
+        else:
+            w_row = expert * (stride_we // stride_wn) + n_tile * BLOCK_N
+            w_col = 0
         if SILU and not (TMA_B or SPLIT_UP):
             # B column c is weight row n_tile * BLOCK_N + c // 2 (+ up_offset for odd c): gate, up, gate, ...
             cols = tl.arange(0, 2 * BLOCK_N)
@@ -325,15 +341,15 @@ def _moe_gemm_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, meta_ptr, 
             if WHILE_LOOP:
                 k0 = 0
                 while k0 < k_dim:
-                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
-                                                 k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU, EVEN_K,
-                                                 PRECISION, TMA_A, TMA_B, SPLIT_UP)
+                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, w_col,
+                                                 up_offset, k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU,
+                                                 EVEN_K, PRECISION, TMA_A, TMA_B, SPLIT_UP)
                     k0 += BLOCK_K
             else:
                 for k0 in tl.range(0, k_dim, BLOCK_K, warp_specialize=WS_K):
-                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, up_offset,
-                                                 k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU, EVEN_K,
-                                                 PRECISION, TMA_A, TMA_B, SPLIT_UP)
+                    acc, acc_up = _gemm_step_tma(acc, acc_up, a_ptrs, a_desc, a_row, b_ptrs, w_desc, w_row, w_col,
+                                                 up_offset, k0, k_dim, row_mask, offs_k, stride_wn, stride_wk, SILU,
+                                                 EVEN_K, PRECISION, TMA_A, TMA_B, SPLIT_UP)
         elif WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
             k0 = 0
             while k0 < k_dim:
@@ -577,10 +593,18 @@ def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
     if a_sorted is not None:
         a = a_sorted
         a_desc = TensorDescriptor(a, [a.shape[0], k_dim], [a.stride(0), 1], [block_m, block_k])
-    if tma_b:
+    if tma_b and weight.stride(2) != 1:  # N-fastest: [E, K, N] boxes of [1, BLOCK_K, BLOCK_N]
+        w_t = weight.transpose(1, 2)
+        w_desc = TensorDescriptor(w_t, list(w_t.shape), list(w_t.stride()), [1, block_k, cfg["BLOCK_N"]])
+    elif tma_b:
         w_desc = TensorDescriptor(weight, [weight.shape[0] * weight.shape[1], k_dim], [weight.stride(1), 1],
                                   [cfg["BLOCK_N"], block_k])
     return a, a_desc, w_desc, block_k, precision
+
+
+def _tma_b_mode(weight: torch.Tensor, w_desc) -> int:
+    """The kernels' ``TMA_B``: 0 (weight by pointers), 1 (by TMA, K-fastest), 2 (by TMA, N-fastest)."""
+    return 0 if w_desc is None else 1 if weight.stride(2) == 1 else 2
 
 
 def _split_up(weight: torch.Tensor, silu: bool, w_desc) -> bool:
@@ -607,8 +631,9 @@ def _gemm(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offs
         a.stride(0), *weight.stride(), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], EB=eb, HOT=hot, SILU=silu,
         EVEN_K=k_dim % block_k == 0, PRECISION=precision, WHILE_LOOP=a.device.type == "cpu",
-        TMA_A=a_desc is not None, TMA_B=w_desc is not None, PERSISTENT=persistent, WS=ws, SORTED_OUT=sorted_out,
-        SPLIT_UP=_split_up(weight, silu, w_desc), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        TMA_A=a_desc is not None, TMA_B=_tma_b_mode(weight, w_desc), PERSISTENT=persistent, WS=ws,
+        SORTED_OUT=sorted_out, SPLIT_UP=_split_up(weight, silu, w_desc), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, up_offset, max_blocks, max_hot_blocks,
@@ -626,7 +651,7 @@ def _gemm_merged(a, weight, out, sorted_rows, meta, *, n_out, k_dim, a_row_div, 
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         EVEN_K=k_dim % block_k == 0, HOT_BLOCK_M=hot_m, HOT_BLOCK_N=hot_cfg["BLOCK_N"], HOT_BLOCK_K=hot_k,
         HOT_GROUP_M=hot_cfg["GROUP_M"], HOT_EVEN_K=k_dim % hot_k == 0, EB=eb, SILU=silu, PRECISION=precision,
-        WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=w_desc is not None,
+        WHILE_LOOP=a.device.type == "cpu", TMA_A=a_desc is not None, TMA_B=_tma_b_mode(weight, w_desc),
         SORTED_OUT=sorted_out, PERSISTENT=persistent, SPLIT_UP=_split_up(weight, silu, w_desc),
         num_warps=hot_cfg["num_warps"], num_stages=hot_cfg["num_stages"])
 
@@ -642,6 +667,12 @@ def _tma_ok(t: torch.Tensor) -> bool:
     """A TMA descriptor over ``t`` as ``[rows, t.shape[-1]]``: dense rows, 16-byte aligned base and row pitch."""
     dense = t.stride(-1) == 1 and all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 1))
     return dense and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+def _tma_weight_ok(w: torch.Tensor) -> bool:
+    """An expert weight ``[E, N, K]`` a descriptor can cover: K-fastest as ``[E * N, K]`` rows, N-fastest as its
+    ``[E, K, N]`` view (:func:`_tma_ok` of either)."""
+    return _tma_ok(w) if w.stride(2) == 1 else w.stride(1) == 1 and _tma_ok(w.transpose(1, 2))
 
 
 # Triton's warp specialization of the grouped GEMM (WS) is verified to compile on sm_90 with Triton 3.6 only: 3.7's
@@ -660,9 +691,9 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     ``ws``. A config is a hint: the TMA fields need an sm_90+ GPU (or the interpreter) and tensors a descriptor
     can cover, else they are off; TMA_A implies TMA_ACT (the activations in the sorted order); MERGE (both tile
     classes in one persistent launch, when there are two) means PERSISTENT for a single class, MERGE_GRID (the
-    same without the persistent loop) plain launches; WS needs TMA_B and
-    takes the launches whose A is on TMA too (and, on the GPU, takes effect only with ``num_warps=4``: one
-    consumer warp group)."""
+    same without the persistent loop) plain launches; WS needs TMA_B on K-fastest weights (never compiled for
+    N-fastest ones) and takes the launches whose A is on TMA too (and, on the GPU, takes effect only with
+    ``num_warps=4``: one consumer warp group)."""
     on = {f: bool(cfg.get(f, 0)) for f in tuning.FLAGS}
     if not any(on.values()):
         return dict(tma_a=False, tma_act=False, tma_b=False, persistent=False, ws=False)  # the default path
@@ -670,10 +701,10 @@ def _hopper_flags(cfg: dict, x, w_up, w_down, inter: int) -> dict:
     act_ok = tma and (inter * x.element_size()) % 16 == 0
     tma_a = on["TMA_A"] and act_ok and (x.shape[1] * x.element_size()) % 16 == 0
     tma_act = tma_a or (on["TMA_ACT"] and act_ok)
-    tma_b = on["TMA_B"] and tma and _tma_ok(w_up) and _tma_ok(w_down)
+    tma_b = on["TMA_B"] and tma and _tma_weight_ok(w_up) and _tma_weight_ok(w_down)
     return dict(tma_a=tma_a, tma_act=tma_act, tma_b=tma_b, persistent=on["PERSISTENT"] or on["MERGE"],
-                ws=on["WS"] and tma_b and tma_act and (x.device.type == "cpu" or (
-                    WS_COMPILES and settings.flag("DLINFER_MOE_WS"))))
+                ws=on["WS"] and tma_b and tma_act and w_up.stride(2) == 1 and w_down.stride(2) == 1 and (
+                    x.device.type == "cpu" or (WS_COMPILES and settings.flag("DLINFER_MOE_WS"))))
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
