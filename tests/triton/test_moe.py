@@ -416,8 +416,8 @@ def test_fused_moe_one_n_fastest_weight(poison, monkeypatch, which):
 def test_fused_moe_n_fastest_tma_never_reads_the_next_experts_k_rows(poison, monkeypatch, config):
     """N-fastest weights by TMA, K (40 and 24) not a multiple of BLOCK_K (16): the last K step of expert e runs past
     its K rows, where a flat [E * K, N] view would hold expert e + 1's first rows (0 x inf = NaN had they been read
-    against A's zero columns). With expert 1 all inf and no token routed to it, the result is the reference's with
-    expert 1 zeroed."""
+    against A's zero columns). With expert 1 all inf and no token routed to it, the result is finite and the
+    reference's (computed before expert 1 was set to inf)."""
     dtype = torch.float16
     x, gate_up, down, weights, ids = _skewed_inputs(dtype)
     ids[ids == 1] = 2

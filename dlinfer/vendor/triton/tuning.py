@@ -375,7 +375,8 @@ def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens, rules
         if ruled is not None:
             return ruled, f"table for {card} (rule by rows per expert and shape)", True
         return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
-    return _tier(GENERIC_TIERS, rows), "generic tiers (H100 table, smaller mid-tier stages; no table for this card)", False
+    source = "generic tiers (H100 table, smaller 24-96 rows tiles; no table for this card)"
+    return _tier(GENERIC_TIERS, rows), source, False
 
 
 def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None) -> dict:
