@@ -512,7 +512,7 @@ def main(argv=None):
                       f"{case['bound_us']:.1f}us ({case['bound']})  dl {case['dlinfer_of_bound']:.0%} "
                       f"pk {case['peer_of_bound']:.0%}",
                       flush=True)
-                if args.dlinfer_n_fastest:  # dlinfer on the peer's layout, read in place (TMA_B by [E, K, N] boxes)
+                if args.dlinfer_n_fastest:  # dlinfer on the peer's layout, read in place (by TMA where TMA_B is set)
                     def ours_n_fastest():
                         return ops.fused_moe(x, pw_up, pw_down, tw, ti, topk, True)
 

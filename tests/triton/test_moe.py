@@ -208,11 +208,11 @@ _HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_A=1), dict(TMA_ACT=1), dict(TMA_A=1, TM
                  dict(TMA_A=1, TMA_B=1, PERSISTENT=1, WS=1)]
 
 
-def _expected(flags: dict, gemm: str, block_m: int, merged: bool = False) -> tuple:
+def _expected(flags: dict, gemm: str, block_m: int, merged: bool = False, n_fastest: bool = False) -> tuple:
     """The launch a GEMM should get from ``flags`` (interpreter: TMA always possible): (TMA_A, TMA_B, PERSISTENT,
-    WS), or ("merged", TMA_A, TMA_B)."""
+    WS), or ("merged", TMA_A, TMA_B); TMA_B 2 for ``n_fastest`` weights."""
     tma_a = bool(flags.get("TMA_A")) or (gemm == "down" and bool(flags.get("TMA_ACT")))
-    tma_b = bool(flags.get("TMA_B"))
+    tma_b = bool(flags.get("TMA_B")) * (2 if n_fastest else 1)
     if merged:  # persistent (MERGE) or one program per possible tile (MERGE_GRID alone)
         return ("merged", tma_a, tma_b, bool(flags.get("MERGE")))
     ws = bool(flags.get("WS")) and tma_a and tma_b and block_m >= 64
@@ -365,11 +365,10 @@ def test_fused_moe_reads_n_fastest_weights_in_place(poison, monkeypatch, dtype, 
     _check_moe(out, ref, dtype)
     tma_b = bool(config.get("TMA_B"))
     if config.get("MERGE") or config.get("MERGE_GRID"):
-        expected = [_expected(config, g, 0, merged=True) for g in ("up", "down")]
+        assert launched == [_expected(config, g, 0, merged=True, n_fastest=True) for g in ("up", "down")]
     else:  # with a hot class, the narrow-tile launch, then the hot one (_WIDE: 32 rows), per GEMM
-        expected = [_expected(config, g, bm) for g in ("up", "down") for bm in (16, 32)[:1 + ("hot" in config)]]
-    i = 2 if config.get("MERGE") or config.get("MERGE_GRID") else 1  # where TMA_B sits in the record
-    assert launched == [e[:i] + (2 * tma_b,) + e[i + 1:] for e in expected]
+        assert launched == [_expected(config, g, bm, n_fastest=True)
+                            for g in ("up", "down") for bm in (16, 32)[:1 + ("hot" in config)]]
     assert len(reads) == len(launched)
     for silu, ptr, strides, split in reads:
         w = up_n if silu else down_n
