@@ -1413,6 +1413,7 @@ def environment() -> dict:
             info[name] = getattr(module, "__version__", "?")
         except Exception as exc:  # noqa: BLE001
             info[name] = f"unavailable ({type(exc).__name__})"
+    info["settings"] = {k: v for k, v in os.environ.items() if k.startswith("DLINFER_")}  # e.g. the MoE layout
     try:  # nvidia-smi rather than torch.cuda: the parent must not hold a CUDA context during the runs
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)

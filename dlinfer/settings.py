@@ -71,6 +71,10 @@ VARIABLES: tuple[Variable, ...] = (
              "Triton 3.6; experimental: its persistent loop hung an H100 at one shape, so no table or autotune "
              "uses it and a config asking for it runs without it unless this is set)",
              "at each fused_moe call"),
+    Variable("DLINFER_LMDEPLOY_MOE_N_FASTEST", "bool", "0",
+             "`1` lays LMDeploy's bf16/fp16 expert weights out N-fastest at load, as stock LMDeploy does on CUDA "
+             "(`fused_moe` reads either layout in place; which one is faster depends on the card and token count)",
+             "when LMDeploy builds a MoE model's layers"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
              "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
              "(fused MoE: `fused_moe`, `fused_moe_w8a8`; the quantized dense GEMMs: `weight_quant_matmul`, "

@@ -51,3 +51,46 @@ def test_prefill_chunked_prefill_decode_match_transformers(arch, tiny_model, pat
         check(out[0], ref_a[18 + step], f"decode a step {step}")
         check(out[1], ref_b[8 + step], f"decode b step {step}")
         check(out[2], ref_c[6 + step], f"decode c step {step}")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_laid_out_n_fastest_give_the_same_logits(arch, tiny_model, patched, monkeypatch):
+    """DLINFER_LMDEPLOY_MOE_N_FASTEST=1: every expert weight is N-fastest after loading (LMDeploy's CUDA layout),
+    shapes unchanged, and the model still matches transformers at prefill and decode."""
+    from dlinfer.framework.lmdeploy_ext.backend import DlinferCudaFusedMoEImpl
+
+    monkeypatch.setenv("DLINFER_LMDEPLOY_MOE_N_FASTEST", "1")
+    path = tiny_model(arch)
+    a = _tokens(4, 14)
+    (ref,) = hf_logits(path, [a])
+    pm = PagedModel(path, block_size=16)
+    moes = [m for m in pm.model.modules() if isinstance(getattr(m, "impl", None), DlinferCudaFusedMoEImpl)]
+    assert moes, "no fused MoE layer took the N-fastest layout"
+    for m in moes:
+        for w in (m.gate_up.weight, m.down.weight):
+            assert w.dim() == 3 and w.stride(1) == 1 and w.stride(2) == w.shape[1], (tuple(w.shape), w.stride())
+    seq = pm.new_sequence(a)
+    out = pm.step([seq], [12])
+    err = (out - ref[:12]).abs().max().item()
+    assert err <= TOL, f"{arch} prefill: max |logits - transformers| = {err:.3g}"
+    for step in range(2):
+        out = pm.step([seq], [1])
+        err = (out[0] - ref[12 + step]).abs().max().item()
+        assert err <= TOL, f"{arch} decode step {step}: max |logits - transformers| = {err:.3g}"
+
+
+def test_moe_experts_keep_lmdeploys_layout_by_default(tiny_model, patched, monkeypatch):
+    from lmdeploy.pytorch.backends.dlinfer.moe import DlinferFusedMoEImpl
+
+    monkeypatch.delenv("DLINFER_LMDEPLOY_MOE_N_FASTEST", raising=False)
+    pm = PagedModel(tiny_model("mixtral"), block_size=16)
+    moes = [m for m in pm.model.modules() if type(getattr(m, "impl", None)) is DlinferFusedMoEImpl]
+    assert moes
+    assert all(m.gate_up.weight.stride(2) == 1 and m.down.weight.stride(2) == 1 for m in moes)
+
+
+def test_n_fastest_refuses_a_weight_that_is_not_three_dimensional():
+    from dlinfer.framework.lmdeploy_ext.backend import n_fastest
+
+    with pytest.raises(ValueError, match="weight"):
+        n_fastest(torch.zeros(4, 4))

@@ -18,8 +18,11 @@ import logging
 import torch
 from lmdeploy.pytorch.backends.attention import PagedAttentionBuildSpec
 from lmdeploy.pytorch.backends.dlinfer.attention import DlinferAttentionImpl
+from lmdeploy.pytorch.backends.dlinfer.moe import DlinferFusedMoEImpl
 from lmdeploy.pytorch.backends.dlinfer.op_backend import DlinferOpsBackend
+from lmdeploy.pytorch.backends.moe import FusedMoEBuildSpec
 
+from dlinfer import settings
 from dlinfer.errors import NotSupportedError
 
 from dlinfer.framework.lmdeploy_ext.metadata import build_attention_metadata
@@ -79,6 +82,28 @@ class DlinferCudaAttentionImpl(DlinferAttentionImpl):
         return cached[1]
 
 
+class DlinferCudaFusedMoEImpl(DlinferFusedMoEImpl):
+    """LMDeploy's dlinfer fused MoE with its expert weights laid out N-fastest at load
+    (``DLINFER_LMDEPLOY_MOE_N_FASTEST=1``).
+
+    LMDeploy stores the experts as ``[E, N, K]`` with K contiguous (K-fastest). Its CUDA backend re-lays them out
+    once, keeping the shape, so that N is contiguous (``w.transpose(1, 2).contiguous().transpose(1, 2)``); this
+    does the same. ``dlinfer.ops.fused_moe`` reads either layout in place through the weight's strides, so only
+    the layout the GEMMs stream through changes, not the values or the op's contract.
+    """
+
+    def update_weights(self, gate_up_weights: torch.Tensor, down_weights: torch.Tensor):
+        gate_up_weights, down_weights = super().update_weights(gate_up_weights, down_weights)
+        return n_fastest(gate_up_weights), n_fastest(down_weights)
+
+
+def n_fastest(weight: torch.Tensor) -> torch.Tensor:
+    """An ``[E, N, K]`` expert weight with the same shape and values, N the unit-stride dimension."""
+    if weight.dim() != 3:
+        raise ValueError(f"weight: expected an [experts, N, K] tensor, got shape {tuple(weight.shape)}")
+    return weight.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 class DlinferCudaOpsBackend(DlinferOpsBackend):
     """LMDeploy's dlinfer layer backend on CUDA devices (kernels chosen by dlinfer's vendor registry)."""
 
@@ -88,10 +113,14 @@ class DlinferCudaOpsBackend(DlinferOpsBackend):
 
     @classmethod
     def build_op(cls, spec, *, enable_deterministic: bool = False):
-        """LMDeploy's dlinfer layers; the paged attention is :class:`DlinferCudaAttentionImpl` (quantized caches)."""
+        """LMDeploy's dlinfer layers; the paged attention is :class:`DlinferCudaAttentionImpl` (quantized caches),
+        the bf16/fp16 fused MoE :class:`DlinferCudaFusedMoEImpl` where ``DLINFER_LMDEPLOY_MOE_N_FASTEST`` is set."""
         impl = super().build_op(spec, enable_deterministic=enable_deterministic)
         if isinstance(spec, PagedAttentionBuildSpec) and type(impl) is DlinferAttentionImpl:
             impl.__class__ = DlinferCudaAttentionImpl  # same state, one more step in forward
+        elif (isinstance(spec, FusedMoEBuildSpec) and type(impl) is DlinferFusedMoEImpl
+              and settings.flag("DLINFER_LMDEPLOY_MOE_N_FASTEST")):
+            impl.__class__ = DlinferCudaFusedMoEImpl  # same state, N-fastest weights at load
         return impl
 
     @classmethod
