@@ -316,8 +316,12 @@ def warm_worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     experts, topk, hidden, inter, tokens = (spec[k] for k in ("experts", "topk", "hidden", "inter", "tokens"))
     dtype, device = torch.bfloat16, spec.get("device", "cuda")
-    w_up = torch.zeros(experts, 2 * inter, hidden, device=device, dtype=dtype)
-    w_down = torch.zeros(experts, hidden, inter, device=device, dtype=dtype)
+    if spec.get("n_fastest"):  # the candidates' weights are N-fastest: their own kernel variants
+        w_up = torch.zeros(experts, hidden, 2 * inter, device=device, dtype=dtype).transpose(1, 2)
+        w_down = torch.zeros(experts, inter, hidden, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        w_up = torch.zeros(experts, 2 * inter, hidden, device=device, dtype=dtype)
+        w_down = torch.zeros(experts, hidden, inter, device=device, dtype=dtype)
     x = torch.zeros(tokens, hidden, device=device, dtype=dtype)
     tw, ti = routing(tokens, experts, topk, spec["skewed"], torch.Generator(device=device).manual_seed(1))
     for index, cfg in zip(spec["indices"], spec["configs"]):
@@ -519,21 +523,25 @@ def main(argv=None):
                     nf_err = rel(ours_n_fastest()[:sub], ref)
                     nf_us = gpu_us(ours_n_fastest)
                     case.update(dlinfer_n_fastest_us=nf_us, dlinfer_n_fastest_rel_err=nf_err,
-                                speed_n_fastest=peer_us / nf_us)
+                                speed_n_fastest=peer_us / nf_us,
+                                config_n_fastest=tuning.launch_config(x.device, dtype, experts, topk, hidden, inter,
+                                                                      tokens, n_fastest=True))
                     print(f"   dlinfer on N-fastest weights {nf_us:8.1f} us  {peer_us / nf_us:.2f}x peer  "
                           f"{our_us / nf_us:.2f}x K-fastest  err {nf_err:.1e}", flush=True)
                 rows = tokens * topk / experts
                 cw_up, cw_down, base_us = w_up, w_down, our_us  # the candidates' weights, and the time to beat
-                if args.candidates_layout == "n-fastest":
+                if args.candidates_layout == "n-fastest":  # the candidates vary the config in force on them
                     cw_up, cw_down = pw_up, pw_down
                     base_us = case.get("dlinfer_n_fastest_us", our_us)
+                    src = tuning.launch_config(x.device, dtype, experts, topk, hidden, inter, tokens, n_fastest=True)
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
                     if "extra" in args.candidate_sets and rt == "uniform":
                         cands += [("extra", c) for c in EXTRA if c != src]
                     if rt in args.candidates_routings:  # the sets built around the hot experts' tiles
                         hot = tuning.hot_config(x.device, dtype, experts, topk, hidden, inter, tokens,
-                                                above=src["BLOCK_M"])
+                                                above=src["BLOCK_M"],
+                                                n_fastest=args.candidates_layout == "n-fastest")
                         if "hopper" in args.candidate_sets:
                             cands += hopper_candidates(src, hot)
                         elif "tma" in args.candidate_sets:  # a subset of the Hopper set
@@ -559,7 +567,7 @@ def main(argv=None):
                 warmed = {}
                 if cands and args.compile_workers > 0 and time.time() - t0 < args.budget_s:
                     shape = dict(experts=experts, topk=topk, hidden=hidden, inter=inter, tokens=tokens,
-                                 skewed=rt == "skewed")
+                                 skewed=rt == "skewed", n_fastest=args.candidates_layout == "n-fastest")
                     # at most half of what is left: the candidates still have to be timed
                     procs, secs, warmed = warm_candidates([c for _, c in cands], shape, args.compile_workers,
                                                           (args.budget_s - (time.time() - t0)) / 2)

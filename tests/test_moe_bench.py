@@ -43,6 +43,24 @@ def test_warm_worker_runs_every_config_and_survives_a_bad_one(tmp_path, monkeypa
     assert all(secs >= 0 for secs, _ in log.values())
 
 
+def test_warm_worker_compiles_on_n_fastest_weights_when_the_candidates_run_on_them(tmp_path, monkeypatch):
+    layouts = []
+
+    def fake(x, w_up, w_down, tw, ti, renormalize, config):
+        assert w_up.shape == (4, 32, 32) and w_down.shape == (4, 32, 16)  # [E, N, K] either way
+        layouts.append((tmoe.n_fastest(w_up), tmoe.n_fastest(w_down)))
+        return x
+
+    monkeypatch.setattr(tmoe, "fused_moe", fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    for n_fastest in (True, False):
+        spec, done = tmp_path / f"spec{n_fastest}.json", tmp_path / f"done{n_fastest}.txt"
+        spec.write_text(json.dumps(dict(SHAPE, device="cpu", configs=[{"BLOCK_M": 16}], indices=[0],
+                                        done=str(done), n_fastest=n_fastest)))
+        assert moe_bench.main(["--warm-worker", str(spec)]) == 0
+    assert layouts == [(True, True), (False, False)]
+
+
 class FakeProc:
     """A worker process: records its spec, marks its configs tried unless told to hang (then wait() times out)."""
 

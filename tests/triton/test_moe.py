@@ -186,7 +186,7 @@ def test_fused_moe_default_config_serves_hot_experts_on_wide_tiles(poison, monke
     _check_moe(out, ref, torch.float32)
     assert sorted(set(launched)) == [(False, 16), (True, 32)]
     # the hot tiles are chosen for this call's token count, above its own row block
-    assert asked and all(a[-1] == 40 and k == {"above": 16} for a, k in asked)
+    assert asked and all(a[-1] == 40 and k == {"above": 16, "n_fastest": False} for a, k in asked)
 
 
 def test_the_hot_stream_is_asked_for_at_calls_without_a_hot_class(poison, monkeypatch):
@@ -695,6 +695,43 @@ def test_the_h100_rules_follow_load_and_shape(fake_card):
         if name != card:
             assert tuning.rule_config(table, 4096, 14336, 8) is None, name
     assert tuning.rule_config(dict(tiers=[]), 4096, 14336, 8) is None
+
+
+def test_n_fastest_weights_take_their_own_table_entries_and_cache_keys(fake_card, tmp_path):
+    """The H100's table: N-fastest expert weights take the peer-footprint tiles at 8-96 rows per expert and the
+    K-fastest tiers and rules elsewhere; a card without N-fastest entries serves both layouts alike; an autotune's
+    result for one layout is cached under its own key and never serves the other."""
+    card = "NVIDIA H100 80GB HBM3"
+    fake_card(card)
+    cuda = torch.device("cuda")
+    mixtral = (torch.bfloat16, 8, 2, 4096, 14336)
+    assert tuning.launch_config(cuda, *mixtral, 256, n_fastest=True) == tuning._PEER_FOOTPRINT  # 64 rows
+    assert tuning.launch_config(cuda, *mixtral, 256) == tuning._tier(tuning.H100_TIERS, 64)
+    assert tuning.launch_config(cuda, *mixtral, 256) != tuning._PEER_FOOTPRINT
+    for tokens in (1, 16, 1024, 8192):  # 0.25-4 rows, 256 and 2048 rows: same as K-fastest (tier or rule)
+        assert tuning.launch_config(cuda, *mixtral, tokens, n_fastest=True) == tuning.launch_config(cuda, *mixtral,
+                                                                                                  tokens)
+    assert "N-fastest weights" in tuning.static_config(card, *mixtral, 256, n_fastest=True)[1]
+    assert tuning.shape_key(*mixtral, 256, n_fastest=True) == tuning.shape_key(*mixtral, 256) + ":N"
+    for other in tuning.TABLES:
+        if "n_fastest" not in tuning.TABLES[other]:
+            for tokens in (64, 256, 4096):
+                assert tuning.static_config(other, *mixtral, tokens, n_fastest=True)[0] == \
+                    tuning.static_config(other, *mixtral, tokens)[0], (other, tokens)
+    fake_card("Some Future GPU")
+    calls = []
+
+    def autotune(cands):
+        calls.append(cands)
+        return cands[-1], 10.0
+
+    nf = tuning.launch_config(cuda, *_SHAPE, 300, autotune=autotune, n_fastest=True)
+    assert len(calls) == 1 and nf == calls[0][-1]
+    data = json.loads((tmp_path / "tuning" / "moe-some-future-gpu.json").read_text())
+    assert list(data["configs"]) == [tuning.shape_key(*_SHAPE, 300) + ":N"]
+    tuning.launch_config(cuda, *_SHAPE, 300, autotune=autotune)  # K-fastest: a tune of its own
+    assert len(calls) == 2
+    assert any(":T512:N BLOCK_M" in line for line in tuning.describe("cuda"))
 
 
 def test_hot_experts_of_small_calls_get_narrower_tiles(fake_card, monkeypatch):

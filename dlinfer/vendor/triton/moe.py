@@ -572,13 +572,21 @@ GATHER_NUM_WARPS = 4
 
 
 def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: int, device=None,
-                      dtype=torch.bfloat16) -> dict:
+                      dtype=torch.bfloat16, n_fastest: bool = False) -> dict:
     """The tile configuration (a dict: ``BLOCK_M``, ``up``, ``down``) the cache or table gives this problem on
-    ``device`` (default: the current CUDA device, else the generic tiers), without autotuning."""
+    ``device`` (default: the current CUDA device, else the generic tiers), without autotuning; ``n_fastest`` for
+    N-fastest expert weights (:func:`n_fastest`)."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    return tuning.static_config(tuning.card_name(device), dtype, experts, topk, hidden, inter, tokens, device)[0]
+    return tuning.static_config(tuning.card_name(device), dtype, experts, topk, hidden, inter, tokens, device,
+                                n_fastest=n_fastest)[0]
+
+
+def n_fastest(weight: torch.Tensor) -> bool:
+    """Whether an expert weight ``[E, N, K]`` is read N-fastest (N the unit-stride dimension, K not): its tiles
+    come from the tables' N-fastest entries (``tuning.TABLES``)."""
+    return weight.stride(2) != 1 and weight.stride(1) == 1
 
 
 def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
@@ -742,14 +750,16 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
                              config=cand)
 
         config = tuning.launch_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens,
-                                      autotune=lambda cands: tuning.pick_fastest(run, cands))
+                                      autotune=lambda cands: tuning.pick_fastest(run, cands),
+                                      n_fastest=n_fastest(gate_up_weights))
     cfg = config
     block_m = cfg["BLOCK_M"]
     # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
     # hold at least ``hot_rows`` rows get the wider tiles of a heavier load instead (``tuning.hot_loads``), in a
     # second pair of GEMM launches; an expert holds at most ``tokens`` rows, so small calls never need it.
     hot_cfg = cfg.get("hot") if "hot" in cfg else (
-        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m)
+        tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m,
+                          n_fastest=n_fastest(gate_up_weights))
         if config_given is None else None)
     hot_cfg, hot_rows = tuning.hot_class(cfg, hot_cfg, tokens)
     hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
@@ -971,10 +981,12 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     dtype = dtype or gate_up_weights.dtype
     device = gate_up_weights.device
     card = tuning.card_name(device)
+    nf = n_fastest(gate_up_weights)
 
     def run_bucket(tokens):
-        cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device)[0]
-        hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2, tokens, above=cfg["BLOCK_M"])
+        cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device, n_fastest=nf)[0]
+        hot = tuning.hot_config(device, dtype, experts, topk, hidden, two_inter // 2, tokens, above=cfg["BLOCK_M"],
+                                n_fastest=nf)
         x, weights, ids = dummy_routing(tokens, hidden, topk, experts, dtype, device)
         fused_moe(x, gate_up_weights, down_weights, weights, ids, False, config=dict(cfg, hot=hot))
 

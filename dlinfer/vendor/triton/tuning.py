@@ -129,11 +129,22 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
     ((64, 256), (0, 1025), 64, _WIDE4),
 ]
 
+# N-fastest expert weights (``[E, N, K]`` with N the unit-stride dimension, the layout stock LMDeploy serves on CUDA)
+# stream each K step's B tile as BLOCK_K rows of contiguous N, not BLOCK_N rows of contiguous K, so their best decode
+# tiles differ. On an H100 SXM (CUDA-graph replay, L2 flushed, each against the config in force in one process;
+# Mixtral E8 top-2 H4096 I14336 and E64 top-6 H2048 I1408 at 128 and 256 tokens, uniform and skewed routing: 12-64
+# rows per expert), the peer's footprint on those weights (64 rows, gate and up 2 x 128 wide, K steps of 32, 4 warps,
+# 4 stages: two programs resident per SM) ran 1.01-1.08x the 8-96 rows tiers' time in 8 of 8 cases.
+_PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
+H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if 8 < bound <= 96 else cfg) for bound, cfg in H100_TIERS]
+
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
-# "hot_small_load": rows per expert (see hot_loads) and "rules": configs by load and shape (see H100_RULES)}.
+# "hot_small_load": rows per expert (see hot_loads), "rules": configs by load and shape (see H100_RULES) and
+# "n_fastest": entries (tiers, shapes, rules) that replace the table's own for N-fastest expert weights}.
 # Only cards measured.
 TABLES: dict[str, dict] = {
-    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128, rules=H100_RULES),
+    "NVIDIA H100 80GB HBM3": dict(tiers=H100_TIERS, shapes={}, hot_small_load=128, rules=H100_RULES,
+                                  n_fastest=dict(tiers=H100_N_FASTEST_TIERS)),
     "NVIDIA H200": dict(tiers=H200_TIERS, shapes=H200_SHAPES),
 }
 
@@ -171,10 +182,11 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(int(tokens), 1))))
 
 
-def shape_key(dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int) -> str:
-    """The bucket a config is stored under (the card is the cache file / table)."""
+def shape_key(dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int, n_fastest: bool = False) -> str:
+    """The bucket a config is stored under (the card is the cache file / table); ``:N`` ends the key of N-fastest
+    expert weights (tuned apart: their best tiles differ)."""
     dt = str(dtype).replace("torch.", "")
-    return f"{dt}:E{experts}:k{topk}:H{hidden}:I{inter}:T{token_bucket(tokens)}"
+    return f"{dt}:E{experts}:k{topk}:H{hidden}:I{inter}:T{token_bucket(tokens)}" + (":N" if n_fastest else "")
 
 
 def card_slug(card: str) -> str:
@@ -350,53 +362,59 @@ def rule_config(table: dict, rows_per_expert: float, inter: int, experts: int) -
 
 
 def static_config(card: str, dtype, experts, topk, hidden, inter, tokens, device=None,
-                  rules: bool = True) -> tuple[dict, str, bool]:
-    """(config, source, final): the cache, the card's table (its load rules unless ``rules`` is False) or the
-    generic tiers, fitted to CUDA device ``device``'s shared memory when given (:func:`fit`); ``final`` is False
-    when the config is only the generic fallback of a card without a table (an autotune may replace it)."""
-    cfg, source, final = _static_config(card, dtype, experts, topk, hidden, inter, tokens, rules)
+                  rules: bool = True, n_fastest: bool = False) -> tuple[dict, str, bool]:
+    """(config, source, final): the cache, the card's table (its load rules unless ``rules`` is False; its
+    ``n_fastest`` entries for N-fastest expert weights) or the generic tiers, fitted to CUDA device ``device``'s
+    shared memory when given (:func:`fit`); ``final`` is False when the config is only the generic fallback of a
+    card without a table (an autotune may replace it)."""
+    cfg, source, final = _static_config(card, dtype, experts, topk, hidden, inter, tokens, rules, n_fastest)
     return fitted(cfg, dtype, device), source, final
 
 
-def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens, rules=True) -> tuple[dict, str, bool]:
-    key = shape_key(dtype, experts, topk, hidden, inter, tokens)
+def _static_config(card: str, dtype, experts, topk, hidden, inter, tokens, rules=True,
+                   n_fastest=False) -> tuple[dict, str, bool]:
     with _lock:
         if card not in _disk:
             _disk[card] = load_cache(card) if card != "cpu" else {}
-        cached = _disk[card].get(key)
+        cached = _disk[card].get(shape_key(dtype, experts, topk, hidden, inter, tokens, n_fastest))
+    key = shape_key(dtype, experts, topk, hidden, inter, tokens)  # a table's exact shapes (its n_fastest entries')
     if cached is not None:
         return cached, f"tuning cache {cache_file(card)}", True
     rows = tokens * topk / experts
-    table = TABLES.get(card)
+    table, label = TABLES.get(card), card
+    if table is not None and n_fastest and "n_fastest" in table:
+        table, label = dict(table, **table["n_fastest"]), f"{card}, N-fastest weights"
     if table is not None:
         if key in table["shapes"]:
-            return table["shapes"][key], f"table for {card} (this shape)", True
+            return table["shapes"][key], f"table for {label} (this shape)", True
         ruled = rule_config(table, rows, inter, experts) if rules else None
         if ruled is not None:
-            return ruled, f"table for {card} (rule by rows per expert and shape)", True
-        return _tier(table["tiers"], rows), f"table for {card} (tier by rows per expert)", True
+            return ruled, f"table for {label} (rule by rows per expert and shape)", True
+        return _tier(table["tiers"], rows), f"table for {label} (tier by rows per expert)", True
     source = "generic tiers (H100 table, smaller 24-96 rows tiles; no table for this card)"
     return _tier(GENERIC_TIERS, rows), source, False
 
 
-def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None) -> dict:
-    """The config ``fused_moe`` launches with. ``autotune(candidates) -> (config, us)`` is called at most once per
+def launch_config(device, dtype, experts, topk, hidden, inter, tokens, autotune=None, n_fastest: bool = False) -> dict:
+    """The config ``fused_moe`` launches with (``n_fastest``: for N-fastest expert weights, whose tables, cache
+    entries and autotune are their own). ``autotune(candidates) -> (config, us)`` is called at most once per
     bucket, only when the card has no table or cache entry, autotune is on and no CUDA graph is being captured
     (a bucket served while autotune was off, e.g. by ``dlinfer check``, still tunes at its first call with it on).
     Each tune logs its bucket, candidate count and seconds."""
     card = card_name(device)
-    memo_key = (card, dtype, experts, topk, hidden, inter, tokens)
+    memo_key = (card, dtype, experts, topk, hidden, inter, tokens, n_fastest)
     hit = _memo.get(memo_key)
     if hit is not None and (hit[2] or autotune is None or not settings.flag("DLINFER_AUTOTUNE")):
         return hit[0]
-    cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens, device)
+    cfg, source, final = static_config(card, dtype, experts, topk, hidden, inter, tokens, device,
+                                       n_fastest=n_fastest)
     if not final and device.type == "cuda":
         import torch
 
         if torch.cuda.is_current_stream_capturing():
             return cfg  # not memoized: the first eager call of this bucket still tunes
         if autotune is not None and settings.flag("DLINFER_AUTOTUNE"):
-            key = shape_key(dtype, experts, topk, hidden, inter, tokens)
+            key = shape_key(dtype, experts, topk, hidden, inter, tokens, n_fastest)
             t0 = time.perf_counter()
             cands = candidates(cfg, dtype, device)
             cfg, us = autotune(cands)
@@ -463,18 +481,18 @@ def hot_loads(card: str, tokens: int | None) -> tuple[int, ...]:
 
 
 def hot_config(device, dtype, experts: int, topk: int, hidden: int, inter: int, tokens: int | None = None,
-               above: int | None = None) -> dict:
+               above: int | None = None, n_fastest: bool = False) -> dict:
     """The config of the hot experts' GEMMs for a call of ``tokens`` tokens of this problem on ``device`` whose own
     row block is ``above`` (see :func:`hot_loads`: the first whose BLOCK_M is a larger multiple of ``above``, else
-    the HOT_LOAD one)."""
+    the HOT_LOAD one); ``n_fastest`` as for :func:`launch_config`."""
     card = card_name(device)
     for load in hot_loads(card, tokens):
-        key = (card, dtype, experts, topk, hidden, inter, load)
+        key = (card, dtype, experts, topk, hidden, inter, load, n_fastest)
         hit = _hot_memo.get(key)
         if hit is None:
             bucket = max(1, load * experts // max(topk, 1))
             hit = _hot_memo[key] = static_config(card, dtype, experts, topk, hidden, inter, bucket, device,
-                                                 rules=False)[0]
+                                                 rules=False, n_fastest=n_fastest)[0]
         if above is None or wider_rows(hit["BLOCK_M"], above):
             return hit
     return hit
@@ -586,9 +604,9 @@ def describe(device=None) -> list[str]:
     lines.append(f"  tuning cache: {path} ({n} entries{'' if path.exists() else ', no file yet'}; "
                  "DLINFER_CACHE_DIR relocates it, `dlinfer tune --clear` clears it)")
     in_force = {}  # one line per bucket and config
-    for (c, dtype, e, k, h, i, t), (cfg, source, _) in list(_memo.items()):
+    for (c, dtype, e, k, h, i, t, nf), (cfg, source, _) in list(_memo.items()):
         if c == card:
-            in_force[(shape_key(dtype, e, k, h, i, t), cfg["BLOCK_M"], source)] = None
+            in_force[(shape_key(dtype, e, k, h, i, t, nf), cfg["BLOCK_M"], source)] = None
     for key, block_m, source in sorted(in_force):
         lines.append(f"  in force: {key} BLOCK_M={block_m} <- {source}")
     return lines
