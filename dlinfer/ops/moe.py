@@ -159,8 +159,11 @@ def fused_moe(
 
     Args:
         hidden_states: ``[T, H]`` float32/float16/bfloat16.
-        gate_up_weights: ``[E, 2 * I, H]`` (gate rows first, then up rows), the dtype of ``hidden_states``.
-        down_weights: ``[E, H, I]``.
+        gate_up_weights: ``[E, 2 * I, H]`` (gate rows first, then up rows), the dtype of ``hidden_states``. Any
+            strides: K-fastest (contiguous, as LMDeploy loads them) or N-fastest (``w.transpose(1, 2).contiguous()
+            .transpose(1, 2)``, as LMDeploy's CUDA backend lays them out) are read in place by the ``triton``
+            vendor; a vendor may copy other layouts.
+        down_weights: ``[E, H, I]``, strides as ``gate_up_weights``.
         topk_weights: ``[T, topk]`` routing weights (any float dtype; used in float32).
         topk_ids: ``[T, topk]`` int32/int64 expert ids in ``[0, E)``.
         topk: ``topk_ids.shape[1]``.

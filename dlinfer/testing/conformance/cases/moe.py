@@ -45,20 +45,32 @@ def _gating_check(out, ref, x, dtype) -> list[str]:
 
 
 def _moe_cases(quick):
+    # layout "n": the expert weights N-fastest (same shape and values, N the unit-stride dimension), as LMDeploy's
+    # CUDA backend lays them out
     if quick:
-        return [dict(T=3, H=16, I=8, E=4, topk=2, renorm=False), dict(T=5, H=24, I=16, E=8, topk=3, renorm=True)]
+        return [dict(T=3, H=16, I=8, E=4, topk=2, renorm=False), dict(T=5, H=24, I=16, E=8, topk=3, renorm=True),
+                dict(T=6, H=40, I=24, E=4, topk=2, renorm=True, layout="n")]
     return [dict(T=1, H=1024, I=512, E=8, topk=2, renorm=False), dict(T=37, H=512, I=352, E=16, topk=4, renorm=True),
             dict(T=129, H=256, I=96, E=64, topk=8, renorm=True), dict(T=512, H=2048, I=768, E=32, topk=8,
                                                                      renorm=True),
-            dict(T=64, H=4096, I=1024, E=8, topk=2, renorm=False), dict(T=7, H=136, I=40, E=5, topk=5, renorm=False)]
+            dict(T=64, H=4096, I=1024, E=8, topk=2, renorm=False), dict(T=7, H=136, I=40, E=5, topk=5, renorm=False),
+            dict(T=300, H=1024, I=352, E=8, topk=2, renorm=True, layout="n"),
+            dict(T=9, H=200, I=72, E=16, topk=4, renorm=False, layout="n")]
+
+
+def _n_fastest(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _moe_build(p, dtype, rnd):
     T, H, I, E, topk = p["T"], p["H"], p["I"], p["E"], p["topk"]
     scores = torch.softmax(rnd.normal(T, E), dim=-1)
     weights, ids = torch.topk(scores, topk, dim=-1)
-    return {"x": rnd.normal(T, H, dtype=dtype), "gate_up": rnd.normal(E, 2 * I, H, dtype=dtype, scale=H ** -0.5),
-            "down": rnd.normal(E, H, I, dtype=dtype, scale=I ** -0.5), "weights": weights.float(),
+    gate_up = rnd.normal(E, 2 * I, H, dtype=dtype, scale=H ** -0.5)
+    down = rnd.normal(E, H, I, dtype=dtype, scale=I ** -0.5)
+    if p.get("layout") == "n":
+        gate_up, down = _n_fastest(gate_up), _n_fastest(down)
+    return {"x": rnd.normal(T, H, dtype=dtype), "gate_up": gate_up, "down": down, "weights": weights.float(),
             "ids": ids.to(torch.int32 if T % 2 else torch.int64), "topk": topk, "renorm": p["renorm"]}
 
 
