@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dlinfer.utils.layout import n_fastest
+
 LMDEPLOY_VERSION = "0.18.0"
 KERNEL_MODULES = ("pagedattention", "flashattention", "fill_kv_cache", "flatten_kv_cache", "rms_norm",
                   "apply_rotary_pos_emb", "activation", "moe.fused_moe")
@@ -204,7 +206,7 @@ def lmdeploy_moe_weights(gate_up_weights: torch.Tensor, down_weights: torch.Tens
     """The experts' weights in the layout stock LMDeploy 0.18 serves them in on CUDA: its ``TritonFusedMoEImpl.
     update_weights`` (``backends/cuda/moe/default.py``) keeps the shapes ``[E, N, K]`` but stores them N-fastest
     (strides ``(N*K, 1, N)``), the layout its ``fused_moe`` kernel is run on in the engine. A copy of each."""
-    return tuple(w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up_weights, down_weights))
+    return n_fastest(gate_up_weights), n_fastest(down_weights)
 
 
 def lmdeploy_fused_moe(k: LmdeployKernels, hidden, gate_up_weights, down_weights, topk_weights, topk_ids, topk,

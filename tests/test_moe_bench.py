@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import moe_bench  # noqa: E402
+from dlinfer.utils.layout import is_n_fastest  # noqa: E402
 from dlinfer.vendor.triton import moe as tmoe  # noqa: E402
 
 SHAPE = dict(experts=4, topk=2, hidden=32, inter=16, tokens=5, skewed=True)
@@ -48,7 +49,7 @@ def test_warm_worker_compiles_on_n_fastest_weights_when_the_candidates_run_on_th
 
     def fake(x, w_up, w_down, tw, ti, renormalize, config):
         assert w_up.shape == (4, 32, 32) and w_down.shape == (4, 32, 16)  # [E, N, K] either way
-        layouts.append((tmoe.n_fastest(w_up), tmoe.n_fastest(w_down)))
+        layouts.append((is_n_fastest(w_up), is_n_fastest(w_down)))
         return x
 
     monkeypatch.setattr(tmoe, "fused_moe", fake)

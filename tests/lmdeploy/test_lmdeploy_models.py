@@ -90,7 +90,7 @@ def test_moe_experts_keep_lmdeploys_layout_by_default(tiny_model, patched, monke
 
 
 def test_n_fastest_refuses_a_weight_that_is_not_three_dimensional():
-    from dlinfer.framework.lmdeploy_ext.backend import n_fastest
+    from dlinfer.utils.layout import n_fastest
 
     with pytest.raises(ValueError, match="weight"):
         n_fastest(torch.zeros(4, 4))

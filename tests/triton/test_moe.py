@@ -16,6 +16,7 @@ import triton
 
 import dlinfer.ops as ops
 import dlinfer.vendor
+from dlinfer.utils.layout import n_fastest
 from dlinfer.vendor.triton import host
 from dlinfer.vendor.triton import moe as triton_moe
 from dlinfer.vendor.triton import tuning
@@ -324,11 +325,6 @@ def test_fused_moe_hopper_variants_with_hot_experts(poison, monkeypatch, hot_row
 # ---------------------------------------------------------------- weight layouts
 
 
-def _n_fastest(w: torch.Tensor) -> torch.Tensor:
-    """The same ``[E, N, K]`` weight stored N-fastest (strides ``(N * K, 1, N)``), as some engines keep experts."""
-    return w.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _skewed_inputs(dtype, hidden=40, inter=24):
     """70 tokens, top-2 of 6 experts, experts 0 and 1 hot (70 and >= 24 rows); H = 40, I = 24: K of both GEMMs
     not a multiple of BLOCK_K = 16 and partial last N tiles, with 16-byte rows (TMA_A and TMA_ACT can run)."""
@@ -358,7 +354,7 @@ def test_fused_moe_reads_n_fastest_weights_in_place(poison, monkeypatch, dtype, 
     boxes). H = 40, I = 24: K steps past an expert's last K row, whose zeros come from the descriptor's bounds."""
     x, gate_up, down, weights, ids = _skewed_inputs(dtype)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
-    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    up_n, down_n = n_fastest(gate_up), n_fastest(down)
     reads = []
     launched = _spy_gemms(monkeypatch, reads)
     out = poison(triton_moe.fused_moe, x, up_n, down_n, weights, ids, True, config=config)
@@ -381,7 +377,7 @@ def test_fused_moe_n_fastest_weights_with_whole_k_steps(poison, monkeypatch, con
     dtype = torch.float16
     x, gate_up, down, weights, ids = _skewed_inputs(dtype, 64, 32)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
-    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    up_n, down_n = n_fastest(gate_up), n_fastest(down)
     reads = []
     _spy_gemms(monkeypatch, reads)
     out = poison(triton_moe.fused_moe, x, up_n, down_n, weights, ids, True, config=config)
@@ -397,9 +393,9 @@ def test_fused_moe_one_n_fastest_weight(poison, monkeypatch, which):
     x, gate_up, down, weights, ids = _skewed_inputs(dtype)
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     if which == "gate_up":
-        gate_up = _n_fastest(gate_up)
+        gate_up = n_fastest(gate_up)
     else:
-        down = _n_fastest(down)
+        down = n_fastest(down)
     reads = []
     launched = _spy_gemms(monkeypatch, reads)
     out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, True, config=dict(_NARROW, TMA_A=1, TMA_B=1))
@@ -423,7 +419,7 @@ def test_fused_moe_n_fastest_tma_never_reads_the_next_experts_k_rows(poison, mon
     ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
     gate_up[1], down[1] = float("inf"), float("inf")
     launched = _spy_gemms(monkeypatch)
-    out = poison(triton_moe.fused_moe, x, _n_fastest(gate_up), _n_fastest(down), weights, ids, True, config=config)
+    out = poison(triton_moe.fused_moe, x, n_fastest(gate_up), n_fastest(down), weights, ids, True, config=config)
     assert [launch[1] for launch in launched] == [2, 2]
     assert torch.isfinite(out).all()
     _check_moe(out, ref, dtype)
@@ -434,12 +430,12 @@ def test_weight_operand_copies_only_a_weight_without_a_unit_stride_dimension():
     they are; a weight with neither K nor N unit-stride is copied K-fastest."""
     w = torch.randn(3, 10, 8)
     k_fastest = (w, torch.randn(3, 10, 12)[:, :, :8], w.transpose(0, 1).contiguous().transpose(0, 1))
-    n_fastest = (_n_fastest(w), torch.randn(3, 8, 12).transpose(1, 2)[:, :10])  # (the latter: K rows 12 apart)
-    for same in k_fastest + n_fastest:
+    n_fastest_ones = (n_fastest(w), torch.randn(3, 8, 12).transpose(1, 2)[:, :10])  # (the latter: K rows 12 apart)
+    for same in k_fastest + n_fastest_ones:
         got = triton_moe._weight_operand(same)
         assert got.data_ptr() == same.data_ptr() and got.stride() == same.stride() and got is same
-    assert [t.stride(2) for t in k_fastest] == [1, 1, 1] and [t.stride(1) for t in n_fastest] == [1, 1]
-    for neither in (torch.randn(3, 10, 16)[:, :, ::2], _n_fastest(torch.randn(3, 20, 8))[:, ::2]):
+    assert [t.stride(2) for t in k_fastest] == [1, 1, 1] and [t.stride(1) for t in n_fastest_ones] == [1, 1]
+    for neither in (torch.randn(3, 10, 16)[:, :, ::2], n_fastest(torch.randn(3, 20, 8))[:, ::2]):
         assert neither.stride(1) != 1 and neither.stride(2) != 1
         got = triton_moe._weight_operand(neither)
         assert got.data_ptr() != neither.data_ptr() and got.is_contiguous() and torch.equal(got, neither)
@@ -1140,7 +1136,7 @@ def test_precompile_compiles_for_the_weight_layout_passed(monkeypatch):
     """The first-use precompile is keyed by the weights' layout too (K-fastest and N-fastest weights of one shape
     compile their own kernel variants) and runs on the weights the call passed: N-fastest ones are read in place."""
     x, gate_up, down, _, _ = _moe_inputs(3, 32, 24, 4, 2, torch.float32)
-    up_n, down_n = _n_fastest(gate_up), _n_fastest(down)
+    up_n, down_n = n_fastest(gate_up), n_fastest(down)
     key_k, key_n = triton_moe._precompile_key(x, gate_up, down), triton_moe._precompile_key(x, up_n, down_n)
     assert key_k != key_n and key_k == triton_moe._precompile_key(x[:1], gate_up.clone(), down.clone())
     monkeypatch.setattr(triton_moe, "_precompiled", set())

@@ -26,6 +26,7 @@ from dlinfer import settings
 from dlinfer.errors import NotSupportedError
 
 from dlinfer.framework.lmdeploy_ext.metadata import build_attention_metadata
+from dlinfer.utils.layout import n_fastest
 from dlinfer.utils.type_annotation import MoECommType, MoeMetadata
 
 logger = logging.getLogger("dlinfer")
@@ -95,13 +96,6 @@ class DlinferCudaFusedMoEImpl(DlinferFusedMoEImpl):
     def update_weights(self, gate_up_weights: torch.Tensor, down_weights: torch.Tensor):
         gate_up_weights, down_weights = super().update_weights(gate_up_weights, down_weights)
         return n_fastest(gate_up_weights), n_fastest(down_weights)
-
-
-def n_fastest(weight: torch.Tensor) -> torch.Tensor:
-    """An ``[E, N, K]`` expert weight with the same shape and values, N the unit-stride dimension."""
-    if weight.dim() != 3:
-        raise ValueError(f"weight: expected an [experts, N, K] tensor, got shape {tuple(weight.shape)}")
-    return weight.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class DlinferCudaOpsBackend(DlinferOpsBackend):

@@ -65,6 +65,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dlinfer import settings
+from dlinfer.utils.layout import is_n_fastest
 from dlinfer.vendor.triton import tuning
 from dlinfer.vendor.triton.host import capability, cdiv, next_power_of_2, sm_count
 
@@ -575,18 +576,13 @@ def moe_launch_config(tokens: int, experts: int, topk: int, hidden: int, inter: 
                       dtype=torch.bfloat16, n_fastest: bool = False) -> dict:
     """The tile configuration (a dict: ``BLOCK_M``, ``up``, ``down``) the cache or table gives this problem on
     ``device`` (default: the current CUDA device, else the generic tiers), without autotuning; ``n_fastest`` for
-    N-fastest expert weights (:func:`n_fastest`)."""
+    N-fastest expert weights (``dlinfer.utils.layout.is_n_fastest``)."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     return tuning.static_config(tuning.card_name(device), dtype, experts, topk, hidden, inter, tokens, device,
                                 n_fastest=n_fastest)[0]
 
-
-def n_fastest(weight: torch.Tensor) -> bool:
-    """Whether an expert weight ``[E, N, K]`` is read N-fastest (N the unit-stride dimension, K not): its tiles
-    come from the tables' N-fastest entries (``tuning.TABLES``)."""
-    return weight.stride(2) != 1 and weight.stride(1) == 1
 
 
 def _operands(a, weight, cfg, block_m, k_dim, a_sorted, tma_b):
@@ -741,6 +737,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     if inter == 0:
         return out.zero_()
     config_given = config
+    nf = is_n_fastest(gate_up_weights)  # N-fastest weights take their tables' own entries
     if config is None:
         if device.type == "cuda" and _precompile_key(hidden_states, gate_up_weights, down_weights) not in _precompiled:
             _precompile_on_first_use(hidden_states, gate_up_weights, down_weights, topk)
@@ -751,7 +748,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
 
         config = tuning.launch_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens,
                                       autotune=lambda cands: tuning.pick_fastest(run, cands),
-                                      n_fastest=n_fastest(gate_up_weights))
+                                      n_fastest=nf)
     cfg = config
     block_m = cfg["BLOCK_M"]
     # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
@@ -759,7 +756,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
     # second pair of GEMM launches; an expert holds at most ``tokens`` rows, so small calls never need it.
     hot_cfg = cfg.get("hot") if "hot" in cfg else (
         tuning.hot_config(device, hidden_states.dtype, experts, topk, hidden, inter, tokens, above=block_m,
-                          n_fastest=n_fastest(gate_up_weights))
+                          n_fastest=nf)
         if config_given is None else None)
     hot_cfg, hot_rows = tuning.hot_class(cfg, hot_cfg, tokens)
     hot_m = hot_cfg["BLOCK_M"] if hot_cfg is not None else block_m
@@ -981,7 +978,7 @@ def precompile(gate_up_weights: torch.Tensor, down_weights: torch.Tensor, topk: 
     dtype = dtype or gate_up_weights.dtype
     device = gate_up_weights.device
     card = tuning.card_name(device)
-    nf = n_fastest(gate_up_weights)
+    nf = is_n_fastest(gate_up_weights)
 
     def run_bucket(tokens):
         cfg = tuning.static_config(card, dtype, experts, topk, hidden, two_inter // 2, tokens, device, n_fastest=nf)[0]

@@ -7,6 +7,7 @@ import torch
 import dlinfer.ops as ops
 from dlinfer.testing.conformance.compare import TOLERANCES
 from dlinfer.testing.conformance.spec import OpSpec
+from dlinfer.utils.layout import n_fastest
 
 
 def _gating_cases(quick):
@@ -58,10 +59,6 @@ def _moe_cases(quick):
             dict(T=9, H=200, I=72, E=16, topk=4, renorm=False, layout="n")]
 
 
-def _n_fastest(w: torch.Tensor) -> torch.Tensor:
-    return w.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _moe_build(p, dtype, rnd):
     T, H, I, E, topk = p["T"], p["H"], p["I"], p["E"], p["topk"]
     scores = torch.softmax(rnd.normal(T, E), dim=-1)
@@ -69,7 +66,7 @@ def _moe_build(p, dtype, rnd):
     gate_up = rnd.normal(E, 2 * I, H, dtype=dtype, scale=H ** -0.5)
     down = rnd.normal(E, H, I, dtype=dtype, scale=I ** -0.5)
     if p.get("layout") == "n":
-        gate_up, down = _n_fastest(gate_up), _n_fastest(down)
+        gate_up, down = n_fastest(gate_up), n_fastest(down)
     return {"x": rnd.normal(T, H, dtype=dtype), "gate_up": gate_up, "down": down, "weights": weights.float(),
             "ids": ids.to(torch.int32 if T % 2 else torch.int64), "topk": topk, "renorm": p["renorm"]}
 
