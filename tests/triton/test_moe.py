@@ -16,7 +16,7 @@ import triton
 
 import dlinfer.ops as ops
 import dlinfer.vendor
-from dlinfer.utils.layout import n_fastest
+from dlinfer.utils.layout import is_n_fastest, n_fastest
 from dlinfer.vendor.triton import host
 from dlinfer.vendor.triton import moe as triton_moe
 from dlinfer.vendor.triton import tuning
@@ -795,6 +795,34 @@ def test_tune_cli_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         tuning.main([])
     assert "--model or --shape" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("layout, suffixes", [("n-fastest", [":N"]), ("both", ["", ":N"])])
+def test_tune_measures_each_layout_on_its_own_weights_and_keys(monkeypatch, tmp_path, layout, suffixes):
+    monkeypatch.setenv("DLINFER_CACHE_DIR", str(tmp_path))
+    seen = []
+
+    def fastest(run, cands, max_s):  # runs the first candidate on the layout's weights (no CUDA events on the CPU)
+        out = run(cands[0])
+        seen.append(out.shape)
+        return cands[0], 1.0
+
+    real = triton_moe.fused_moe
+    layouts = []
+
+    def recording(x, w_up, w_down, *args, **kwargs):
+        layouts.append((is_n_fastest(w_up), is_n_fastest(w_down)))
+        return real(x, w_up, w_down, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "pick_fastest", fastest)
+    monkeypatch.setattr(triton_moe, "fused_moe", recording)
+    path = tuning.tune([(4, 2, 32, 24)], [3, 40], torch.float32, tuning.LAYOUTS[layout], 1.0, torch.device("cpu"))
+    keys = sorted(tuning.load_cache("cpu"))
+    want = sorted(tuning.shape_key(torch.float32, 4, 2, 32, 24, t) + sfx for sfx in suffixes for t in (3, 40))
+    assert path == tuning.cache_file("cpu") and keys == want
+    assert layouts == [(sfx == ":N",) * 2 for sfx in suffixes for _ in (3, 40)]
+    assert seen == [(t, 32) for _ in suffixes for t in (3, 40)]
 
 
 # ---------------------------------------------------------------- the kernels compile for the H100

@@ -617,6 +617,8 @@ def describe(device=None) -> list[str]:
 # ---------------------------------------------------------------------------------------------- dlinfer tune
 
 MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-moe": (128, 8, 2048, 768)}
+# --layout: the expert weight layouts each shape is tuned for (True: N-fastest; cache keys end in ":N")
+LAYOUTS = {"k-fastest": (False,), "n-fastest": (True,), "both": (False, True)}
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -640,6 +642,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 4096, 8192])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--max-s", type=float, default=AUTOTUNE_MAX_S, help="seconds per shape bucket (default %(default)s)")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="k-fastest",
+                   help="expert weight layout to tune for: k-fastest (contiguous, as loaded), n-fastest (N the "
+                        "unit-stride dimension; DLINFER_LMDEPLOY_MOE_N_FASTEST=1 serves that), or both "
+                        "(default %(default)s)")
     p.add_argument("--clear", action="store_true", help="delete this card's cache (all cards without a GPU)")
     p.add_argument("--show", action="store_true", help="print where configs come from and exit")
     args = p.parse_args(argv)
@@ -664,28 +670,40 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("dlinfer tune: needs a CUDA device (tables and caches are per card)", file=sys.stderr)
         return 2
-    from dlinfer.vendor.triton import moe
-
-    dev = torch.device("cuda")
-    dtype = getattr(torch, args.dtype)
-    card = card_name(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    for e, k, h, i in shapes:
-        w_up = torch.randn(e, 2 * i, h, device=dev, dtype=dtype, generator=gen) * h ** -0.5
-        w_down = torch.randn(e, h, i, device=dev, dtype=dtype, generator=gen) * i ** -0.5
-        for t in args.tokens:
-            x = torch.randn(t, h, device=dev, dtype=dtype, generator=gen)
-            w, ids = moe.moe_gating_topk_softmax(torch.randn(t, e, device=dev, generator=gen), k)
-            first, _, _ = static_config(card, dtype, e, k, h, i, t, dev)
-            cfg, us = pick_fastest(lambda c: moe.fused_moe(x, w_up, w_down, w, ids, True, config=c),
-                                   candidates(first, dtype, dev), max_s=args.max_s)
-            key = shape_key(dtype, e, k, h, i, t)
-            path = store(card, key, cfg, us)
-            with _lock:
-                _disk.setdefault(card, {})[key] = cfg
-                _memo.clear()
-                _hot_memo.clear()
-            print(f"{key}: {us:9.1f} us  BLOCK_M={cfg['BLOCK_M']} up={cfg['up']} down={cfg['down']}", flush=True)
+    path = tune(shapes, args.tokens, getattr(torch, args.dtype), LAYOUTS[args.layout], args.max_s,
+                torch.device("cuda"))
     print(f"cached in {path}")
     return 0
 
+
+def tune(shapes, tokens, dtype, layouts, max_s: float, device):
+    """Measure the candidates of every ``(E, topk, hidden, inter)`` shape at each token count, for expert weights in
+    each layout of ``layouts`` (False: K-fastest, True: N-fastest), on ``device``, and cache the fastest under its
+    bucket's key (N-fastest keys end in ``:N``). Returns the cache file."""
+    import torch
+
+    from dlinfer.utils.layout import n_fastest as to_n_fastest
+    from dlinfer.vendor.triton import moe
+
+    card = card_name(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    path = None
+    for e, k, h, i in shapes:
+        w_up = torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen) * h ** -0.5
+        w_down = torch.randn(e, h, i, device=device, dtype=dtype, generator=gen) * i ** -0.5
+        for nf in layouts:
+            up, down = (to_n_fastest(w_up), to_n_fastest(w_down)) if nf else (w_up, w_down)
+            for t in tokens:
+                x = torch.randn(t, h, device=device, dtype=dtype, generator=gen)
+                w, ids = moe.moe_gating_topk_softmax(torch.randn(t, e, device=device, generator=gen), k)
+                first, _, _ = static_config(card, dtype, e, k, h, i, t, device, n_fastest=nf)
+                cfg, us = pick_fastest(lambda c: moe.fused_moe(x, up, down, w, ids, True, config=c),
+                                       candidates(first, dtype, device), max_s=max_s)
+                key = shape_key(dtype, e, k, h, i, t, nf)
+                path = store(card, key, cfg, us)
+                with _lock:
+                    _disk.setdefault(card, {})[key] = cfg
+                    _memo.clear()
+                    _hot_memo.clear()
+                print(f"{key}: {us:9.1f} us  BLOCK_M={cfg['BLOCK_M']} up={cfg['up']} down={cfg['down']}", flush=True)
+    return path
