@@ -694,17 +694,18 @@ def test_the_h100_rules_follow_load_and_shape(fake_card):
 
 
 def test_n_fastest_weights_take_their_own_table_entries_and_cache_keys(fake_card, tmp_path):
-    """The H100's table: N-fastest expert weights take the peer-footprint tiles at 8-96 rows per expert and the
-    K-fastest tiers and rules elsewhere; a card without N-fastest entries serves both layouts alike; an autotune's
+    """The H100's table: N-fastest expert weights take the peer-footprint tiles up to 96 rows per expert and the
+    K-fastest tiers and rules above; a card without N-fastest entries serves both layouts alike; an autotune's
     result for one layout is cached under its own key and never serves the other."""
     card = "NVIDIA H100 80GB HBM3"
     fake_card(card)
     cuda = torch.device("cuda")
     mixtral = (torch.bfloat16, 8, 2, 4096, 14336)
-    assert tuning.launch_config(cuda, *mixtral, 256, n_fastest=True) == tuning._PEER_FOOTPRINT  # 64 rows
+    for tokens in (1, 16, 256):  # 0.25, 4 and 64 rows
+        assert tuning.launch_config(cuda, *mixtral, tokens, n_fastest=True) == tuning._PEER_FOOTPRINT
     assert tuning.launch_config(cuda, *mixtral, 256) == tuning._tier(tuning.H100_TIERS, 64)
     assert tuning.launch_config(cuda, *mixtral, 256) != tuning._PEER_FOOTPRINT
-    for tokens in (1, 16, 1024, 8192):  # 0.25-4 rows, 256 and 2048 rows: same as K-fastest (tier or rule)
+    for tokens in (1024, 8192):  # 256 and 2048 rows: same as K-fastest (tier or rule)
         assert tuning.launch_config(cuda, *mixtral, tokens, n_fastest=True) == tuning.launch_config(cuda, *mixtral,
                                                                                                   tokens)
     assert "N-fastest weights" in tuning.static_config(card, *mixtral, 256, n_fastest=True)[1]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dlinfer.vendor.reference import attention as reference
-from dlinfer.vendor.triton import attention_decode
+from dlinfer.vendor.triton import attention_decode, host
 from dlinfer.vendor.triton import attention_prefill as ap
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}
@@ -141,8 +141,8 @@ def test_pointer_kernel_where_tma_does_not_apply(shape, hopper):
 
 
 def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
-    """Nothing changes until measured: both switches default off (the existing tests cover the default path), and
-    the tuning override reaches them."""
+    """Off on the CPU and in a bare config (the existing tests cover the pointer path), and the tuning override
+    reaches both switches."""
     assert not ap.PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3).tma
     assert not ap.PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3).warp_specialize
     ap._config.cache_clear()
@@ -153,6 +153,54 @@ def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
     assert tuned.tma and tuned.warp_specialize and tuned.block_n == 64
     assert ap._pack(tuned, 4) == 1 and ap._pack(dataclasses.replace(tuned, warp_specialize=False), 4) == 4
     assert ap._pack(dataclasses.replace(tuned, tma=False), 4) == 4  # warp_specialize acts only with tma
+
+
+@pytest.mark.parametrize("card", sorted(host.CARDS))
+def test_hopper_runs_tma_tiles_where_the_call_qualifies(monkeypatch, card):
+    """On sm_90 a 16-bit head-size-128 call the TMA kernel takes gets HOPPER_TMA (measured there); a call it cannot
+    take, other head sizes, fp32 and every other card keep the pointer kernel's tiles; ``tma=0`` turns it off."""
+    monkeypatch.delenv("DLINFER_TRITON_PREFILL", raising=False)
+    hopper_card = host.CARDS[card].capability == 9
+    ap._config.cache_clear()
+    try:
+        with host.simulate(host.CARDS[card]):
+            for long_queries in (False, True):
+                plain = ap._config("cuda", torch.bfloat16, 128, 128, long_queries, 0, False)
+                assert not plain.tma
+                tma = ap._config("cuda", torch.bfloat16, 128, 128, long_queries, 0, True)
+                want = dataclasses.replace(ap.HOPPER_TMA, target_programs=tma.target_programs)
+                assert (tma == want) if hopper_card else (tma == plain)
+                assert not ap._config("cuda", torch.bfloat16, 64, 64, long_queries, 0, True).tma
+                assert not ap._config("cuda", torch.float32, 128, 128, long_queries, 0, True).tma
+            monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=0")
+            ap._config.cache_clear()
+            assert not ap._config("cuda", torch.float16, 128, 128, True, 0, True).tma
+    finally:
+        ap._config.cache_clear()
+
+
+def test_the_launch_asks_for_tma_tiles_only_for_calls_the_tma_kernel_takes(monkeypatch):
+    """``_launch`` tells ``_config`` whether the TMA kernel can take the call (un-paged, unquantized,
+    ``_tma_applies``), and a config with ``tma`` runs the TMA kernel only then."""
+    asked = []
+    real = ap._config
+
+    def config(*args):
+        asked.append(args[-1])
+        return dataclasses.replace(real(*args), tma=True, splits=0)
+
+    monkeypatch.setattr(ap, "_config", config)
+    spies = {name: _Spy(getattr(ap, name)) for name in ("_prefill_tma_kernel", "_prefill_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(ap, name, spy)
+    query, key, value, cu_q, _ = _case(4, 2, 64, 64, torch.float16, [5, 3], [5, 3], 1, pad=0)
+    out = torch.empty_like(query)
+    ap.prefill_attention(query, key, value, cu_q, cu_q, 5, 0.125, True, out)
+    strided = torch.empty(key.shape[0], 2, 2 * 64, dtype=key.dtype)[:, :, :64]  # K heads not contiguous
+    strided.copy_(key)
+    ap.prefill_attention(query, strided, value, cu_q, cu_q, 5, 0.125, True, out)
+    assert asked == [True, False]
+    assert spies["_prefill_tma_kernel"].launches == 1 and spies["_prefill_kernel"].launches == 1
 
 
 def test_warp_specialization_with_eight_warps_is_refused(monkeypatch):

@@ -55,9 +55,11 @@ A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the
 the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
 (``attention_decode.load_dequant``) before the dots; ``QUANT = 0`` compiles to the unquantized kernel.
 
-Hopper variant (TMA), off by default
-------------------------------------
-``PrefillConfig.tma`` (``DLINFER_TRITON_PREFILL="tma=1"``) runs ``prefill_attention``'s un-split grid through
+Hopper variant (TMA), on by default for head size 128 on sm_90
+--------------------------------------------------------------
+``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where the call qualifies;
+``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, ``tma=0`` turns it off) runs ``prefill_attention``'s
+un-split grid through
 ``_prefill_tma_kernel``: the same tiles, packing, reverse tile order, causal split into unmasked and masked
 diagonal tiles and online softmax (shared helpers), but the query tile is one TMA box ``[BLOCK_M // PACK, PACK,
 D]`` of the ``[T, Hq, D]`` query (token-major rows, as packed) and each key/value tile a ``[BLOCK_N, D]`` box of
@@ -68,8 +70,10 @@ query rows past the sequence are never stored. Descriptors are built on the host
 and passes it by value, so a CUDA graph captures it like any argument; building the three took ~7 us of host
 time per call on a 2-core CPU, the encodes are unmeasured). The TMA kernel applies to 16-bit inputs with head
 sizes 64 / 128 whose K/V heads are contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged,
-quantized, split grids) runs the pointer kernels. On sm_90 (compiled here, unmeasured): 128x128 tiles, 8 warps,
-3 stages take 192 KB of shared memory and 227 registers (pointer kernel: 224 KB, 246).
+quantized, split grids) runs the pointer kernels. On sm_90: 128x128 tiles, 8 warps, 3 stages take 192 KB of
+shared memory and 227 registers (pointer kernel: 224 KB, 246). Measured on an H100 (bf16, 32/8 heads, D 128), the
+64x64 tiles with 4 warps and 3 stages were the fastest TMA tiles at 16x512, 4x2048 and 1x8192 tokens and 1.08-1.19x
+the pointer kernel's tiles in force (:data:`HOPPER_TMA`); the warp-specialized form was slower (and is off).
 
 ``warp_specialize=1`` (with ``tma=1``) is the form Triton 3.6's Hopper warp specialization accepts, found by
 compiling for sm_90: ``num_warps=4`` (it adds a producer warp group issuing the TMA copies and splits the tile's
@@ -103,11 +107,15 @@ fused QKV too) are viewed as ``[B, H, S, D]`` without a copy, GQA through ``enab
 ``is_causal`` (equal query and key lengths: both alignments agree), and SDPA's result is copied into
 ``attn_output`` in one ``copy_`` (``F.scaled_dot_product_attention`` has no ``out=``; the query is read before,
 so ``attn_output`` may alias it). A call SDPA raises on (no cuDNN kernel for it) runs the Triton kernel; its
-``(dtype, Hq, Hk, D, causal)`` is remembered, never tried again, and logged once.
+``(dtype, Hq, Hk, D, causal)`` is remembered, never tried again, and logged once. Measured through the op on an
+H100 (bf16, 32/8 heads, D 128, eager): 1.21x / 1.19x the Triton kernel at 4x2048 / 1x8192 tokens (0.85x / 0.95x
+torch's cuDNN SDPA on K/V expanded to the query heads) but 0.65x at 16x512, and the first call at each new length
+took 50-657 ms (cuDNN builds a plan per shape): in serving nearly every prefill is a new length, so it stays off.
 
 Launch parameters
 -----------------
-All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on the GPU, 16-bit inputs with ``D <= 64`` use
+All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on sm_90, a ``prefill_attention`` call the TMA
+kernel takes with 16-bit head size 128 uses :data:`HOPPER_TMA`; otherwise on the GPU, 16-bit inputs with ``D <= 64`` use
 ``BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3``; ``D <= 128`` uses ``128 x 128`` tiles with 8 warps and 3
 stages when ``max_q_seq_len >= LONG_QUERIES`` (224 KB of shared memory on sm_90, 247 registers, wgmma) and
 ``64 x 64`` tiles with 4 warps and 3 stages below it (112 KB, 200 registers); ``D`` up to 256 uses ``BLOCK_M=64,
@@ -181,8 +189,16 @@ class PrefillConfig:
     warp_specialize: bool = False
     # Library route of prefill_attention (_sdpa): a uniform batch (one offsets tensor for queries and keys,
     # T == B * max_q_seq_len, no padding rows) on CUDA, fp16/bf16, D == Dv in (64, 128), outside CUDA-graph
-    # capture, served by torch's cuDNN SDPA. Off until measured through the op (benchmarks/tune_attention.py).
+    # capture, served by torch's cuDNN SDPA. Off: a cuDNN plan build (50-657 ms on an H100) per new length.
     sdpa: bool = False
+
+
+# prefill_attention's default on sm_90 where the TMA kernel takes the call (16-bit, head size 128; _config):
+# measured on an H100 (bf16, 32/8 heads, benchmarks/tune_attention.py --parts prefill, CUDA-graph replay, L2
+# flushed), against the pointer kernel's tiles in force: 16x512 136 vs 160 us, 4x2048 319 vs 380 us, 1x8192
+# 1026 vs 1111 us (1.08-1.19x; LMDeploy's kernel 205 / 430 / 1250 us); of the TMA tiles swept (128x128 and
+# 128x64 with 8 warps, 64x128, warp-specialized 128-row tiles) the fastest at all three shapes.
+HOPPER_TMA = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
 
 
 def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
@@ -221,13 +237,17 @@ def _small_smem(cfg: PrefillConfig, dtype: torch.dtype, widest: int) -> PrefillC
 
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int,
-            long_queries: bool = True, device_index: int = 0) -> PrefillConfig:
+            long_queries: bool = True, device_index: int = 0, tma_call: bool = False) -> PrefillConfig:
     """Launch parameters of the prefill kernels (the one place to tune them).
 
     ``long_queries``: ``max_q_seq_len >= LONG_QUERIES`` (a host int, so the choice is CUDA-graph safe).
     Measured on the H100 (bf16, 32/8 heads, D 128; benchmarks/tune_attention.py, 2026-11-25): 128x128 tiles
     with 8 warps won at 4x2048 (383 vs 394 us) and 1x8192 tokens (1120 vs 1279 us); 64x64 tiles with 4 warps
     at 16x512 (167 vs 175 us).
+
+    ``tma_call``: a ``prefill_attention`` call the TMA kernel can take (un-paged, unquantized, :func:`_tma_applies`).
+    On sm_90 (Hopper) such a call with 16-bit head size 128 runs the TMA kernel on 64x64 tiles, 4 warps, 3
+    stages (:data:`HOPPER_TMA`); other calls and cards (Blackwell included: not measured) keep the pointer tiles.
     """
     if device_type == "cpu":  # TRITON_INTERPRET=1 (small tiles; splits from 16 target programs, to test them)
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4, target_programs=16,
@@ -246,6 +266,9 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if (tma_call and device_type == "cuda" and dtype != torch.float32 and 64 < widest <= 128
+            and card(device_index).capability == 9):
+        cfg = HOPPER_TMA
     base, cfg = cfg, env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
         raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
@@ -856,7 +879,9 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
     device = query.device
-    cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0)
+    tma_call = not paged and not quant_bits and _tma_applies(query, key, value)
+    cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0,
+                  tma_call)
     if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal):
         return
     group = num_q_heads // num_kv_heads
@@ -864,7 +889,7 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
     grid_heads = num_q_heads // pack
     splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
-    if splits == 1 and cfg.tma and not paged and not quant_bits and _tma_applies(query, key, value):
+    if splits == 1 and cfg.tma and tma_call:
         ws = cfg.warp_specialize
         tensors = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
                                                                    cfg.block_n)

@@ -136,9 +136,12 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # rows per expert), the peer's footprint on those weights (64 rows, gate and up 2 x 128 wide, K steps of 32, 4 warps,
 # 4 stages: two programs resident per SM) ran 1.01-1.08x the 8-96 rows tiers' time in 8 of 8 cases. (In E64's two
 # skewed cases it ran without a hot class; in force, experts of 128 rows or more take the 128-row hot tiles, as on
-# K-fastest weights: that combination is not timed yet.)
+# K-fastest weights: that combination is not timed yet.) Below 8 rows the K-fastest decode tier (32-wide tiles of
+# 128-K steps: 64 contiguous bytes per K row of an N-fastest weight) ran 0.83-0.88x the peer on Qwen3-30B-A3B and E64
+# top-6 at 64 tokens (4-6 rows, both routings; 3029af8, H100), where the peer reads those weights with its footprint:
+# so the footprint serves every load up to 96 rows (not yet timed below 8 rows).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
-H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if 8 < bound <= 96 else cfg) for bound, cfg in H100_TIERS]
+H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in H100_TIERS]
 
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
 # "hot_small_load": rows per expert (see hot_loads), "rules": configs by load and shape (see H100_RULES) and
