@@ -203,6 +203,22 @@ def test_the_launch_asks_for_tma_tiles_only_for_calls_the_tma_kernel_takes(monke
     assert spies["_prefill_tma_kernel"].launches == 1 and spies["_prefill_kernel"].launches == 1
 
 
+def test_tma_descriptors_equal_triton_s_own_and_keep_its_box_rule():
+    """The descriptors built without per-call validation are the ones ``TensorDescriptor`` builds (every field),
+    and a box Triton refuses is still refused."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    qkv = torch.randn(40, 12, 64, dtype=torch.float16)
+    query, key, value = qkv[:, :8], qkv[:, 8:10], qkv[:, 10:]
+    got = ap._tma_descriptors(query, key, value, 16, 4, 32)
+    want = (TensorDescriptor(query, [40, 8, 64], [query.stride(0), 64, 1], [16, 4, 64]),
+            TensorDescriptor(key, [40, 128], [key.stride(0), 1], [32, 64]),
+            TensorDescriptor(value, [40, 128], [value.stride(0), 1], [32, 64]))
+    assert got == want and all(type(g) is TensorDescriptor for g in got)
+    with pytest.raises(ValueError, match="power of 2"):
+        ap._tma_descriptors(query, key, value, 16, 3, 32)
+
+
 def test_warp_specialization_with_eight_warps_is_refused(monkeypatch):
     """Triton 3.6 warp-specializes the loop on sm_90 only with 4 warps (8 compile to the unspecialized kernel): a
     GPU config asking for it with 8 is a ValueError naming the variable, raised before the card is queried."""

@@ -160,6 +160,11 @@ from dlinfer.vendor.triton.attention_decode import (BLOCK_SIZES, HEAD_SIZES, LOG
 from dlinfer.vendor.triton import host
 from dlinfer.vendor.triton.host import capability, card, cdiv, has_pdl, memo, next_power_of_2
 
+try:  # Triton's block-shape rule, as TensorDescriptor applies it (3.4-3.7 import it there)
+    from triton.tools.tensor_descriptor import validate_block_shape
+except ImportError:  # pragma: no cover - a Triton without it: descriptors validate themselves (_descriptor)
+    validate_block_shape = None
+
 logger = logging.getLogger("dlinfer")
 
 LONG_QUERIES = 1024  # max_q_seq_len from which the large-tile config is used
@@ -800,11 +805,13 @@ def _device_scratch(device: torch.device):
 def _tma_applies(query, key, value) -> bool:
     """Whether the TMA kernel takes these tensors (else the pointer kernel runs): 16-bit inputs (fp32's tf32x3 dots
     spill registers with TMA tiles on sm_90), head sizes 64 / 128 (256 stays on the pointer path), K/V heads
-    contiguous (a 2-D ``[T, Hkv * D]`` view), sm_90+, layouts TMA can address."""
+    contiguous (a 2-D ``[T, Hkv * D]`` view), sm_90+, layouts TMA can address. Asked on every ``prefill_attention``
+    call (its host cost counts): plain int and tuple tests, the cheapest first."""
     d, dv = query.shape[2], value.shape[2]
     if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
         return False
-    if query.device.type == "cuda" and capability(query.device.index) < 9:
+    device = query.device
+    if device.type == "cuda" and capability(device.index) < 9:
         return False
     # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
     (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
@@ -813,15 +820,42 @@ def _tma_applies(query, key, value) -> bool:
                 or (sq0 | sq1 | sk0 | sv0) % align or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16)
 
 
+# A TensorDescriptor's fields with defaults (padding, ...), set on the descriptors _descriptor builds.
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING}
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_boxes(*boxes: tuple) -> bool:
+    """Triton's own block-shape rule (raises where a box is not one TMA can copy), once per set of box shapes."""
+    for box in boxes:
+        validate_block_shape(list(box))
+    return True
+
+
+def _descriptor(base, shape, strides, block_shape) -> TensorDescriptor:
+    """A ``TensorDescriptor`` without its per-call validation (~1 us each on a 2-core CPU): :func:`_tma_applies`
+    has checked the base alignment, unit last stride and 16-byte strides, and :func:`_valid_boxes` the box."""
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block_shape)
+    return desc
+
+
 def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
     """Host-side tensor descriptors of the query (``[T, Hq, D]``, box ``[tokens, pack, D]``) and of the keys and
     values as 2-D ``[T, Hkv * D]`` views (box ``[block_n, D]``). The launcher encodes each
     (``cuTensorMapEncodeTiled``) on every call and passes it by value, so a CUDA graph captures it with the
     launch."""
-    (t, hq, d), (tk, hk, _), dv = query.shape, key.shape, value.shape[2]
-    return (TensorDescriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], [tokens, pack, d]),
-            TensorDescriptor(key, [tk, hk * d], [key.stride(0), 1], [block_n, d]),
-            TensorDescriptor(value, [value.shape[0], hk * dv], [value.stride(0), 1], [block_n, dv]))
+    (t, hq, d), (tk, hk, _), (tv, _, dv) = query.shape, key.shape, value.shape
+    q_box, k_box, v_box = [tokens, pack, d], [block_n, d], [block_n, dv]
+    if validate_block_shape is None:
+        return (TensorDescriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], q_box),
+                TensorDescriptor(key, [tk, hk * d], [key.stride(0), 1], k_box),
+                TensorDescriptor(value, [tv, hk * dv], [value.stride(0), 1], v_box))
+    _valid_boxes((tokens, pack, d), (block_n, d), (block_n, dv))
+    return (_descriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], q_box),
+            _descriptor(key, [tk, hk * d], [key.stride(0), 1], k_box),
+            _descriptor(value, [tv, hk * dv], [value.stride(0), 1], v_box))
 
 
 # The library route (see the module docstring). The devices and SDPA backends it asks torch for: CUDA and cuDNN;
