@@ -36,8 +36,9 @@ import torch  # noqa: E402
 from benchmarks import timing  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
-PREFILL = ("", "block_n=128,num_stages=2", "block_n=128", "pack_gqa=0", "num_stages=2", "num_stages=4",
-           "block_m=64,num_warps=4")
+# the default (on Hopper: the TMA kernel on 64x64 tiles), then the pointer kernel (tma=0) on its own tiles and variants
+PREFILL = ("", "tma=0", *(f"tma=0,{v}" for v in ("block_n=128,num_stages=2", "block_n=128", "pack_gqa=0",
+                                                  "num_stages=2", "num_stages=4", "block_m=64,num_warps=4")))
 # prefill_attention's Hopper variant (TMA loads; tma=1) beside the pointer kernel on the same explicit tiles
 # (128x64 with 4 warps spills registers on sm_90; 128x128 with 4 stages exceeds the shared memory), and its
 # warp-specialized form (4 warps + a producer group, no GQA packing; 128x128 with 3 stages exceeds the shared memory).
@@ -46,7 +47,8 @@ _TILES = ("block_m=128,block_n=128,num_warps=8,num_stages=3", "block_m=128,block
           "block_m=64,block_n=64,num_warps=4,num_stages=3", "block_m=64,block_n=128,num_warps=4,num_stages=2")
 _WS = ("block_m=128,block_n=128,num_warps=4,num_stages=2", "block_m=128,block_n=64,num_warps=4,num_stages=2",
        "block_m=128,block_n=64,num_warps=4,num_stages=3")
-PREFILL_HOPPER = (*_TILES, "tma=1", *(f"tma=1,{t}" for t in _TILES), *(f"tma=1,warp_specialize=1,{t}" for t in _WS))
+PREFILL_HOPPER = (*(f"tma=0,{t}" for t in _TILES), "tma=1", *(f"tma=1,{t}" for t in _TILES),
+                  *(f"tma=1,warp_specialize=1,{t}" for t in _WS))
 # prefill_attention's library route (torch's cuDNN SDPA for a uniform batch); first calls timed at these B=1 lengths
 SDPA_ROUTE = "sdpa=1"
 FIRST_CALL_LENGTHS = (1000, 3000)

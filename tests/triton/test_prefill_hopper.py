@@ -158,7 +158,8 @@ def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
 @pytest.mark.parametrize("card", sorted(host.CARDS))
 def test_hopper_runs_tma_tiles_where_the_call_qualifies(monkeypatch, card):
     """On sm_90 a 16-bit head-size-128 call the TMA kernel takes gets HOPPER_TMA (measured there); a call it cannot
-    take, other head sizes, fp32 and every other card keep the pointer kernel's tiles; ``tma=0`` turns it off."""
+    take, other head sizes, fp32 and every other card keep the pointer kernel's tiles; ``tma=0`` restores them, and
+    other overrides apply to the TMA tiles."""
     monkeypatch.delenv("DLINFER_TRITON_PREFILL", raising=False)
     hopper_card = host.CARDS[card].capability == 9
     ap._config.cache_clear()
@@ -172,9 +173,17 @@ def test_hopper_runs_tma_tiles_where_the_call_qualifies(monkeypatch, card):
                 assert (tma == want) if hopper_card else (tma == plain)
                 assert not ap._config("cuda", torch.bfloat16, 64, 64, long_queries, 0, True).tma
                 assert not ap._config("cuda", torch.float32, 128, 128, long_queries, 0, True).tma
-            monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=0")
-            ap._config.cache_clear()
-            assert not ap._config("cuda", torch.float16, 128, 128, True, 0, True).tma
+            for long_queries in (False, True):  # tma=0: the pointer kernel on its own tiles
+                ap._config.cache_clear()
+                plain = ap._config("cuda", torch.float16, 128, 128, long_queries, 0, False)
+                monkeypatch.setenv("DLINFER_TRITON_PREFILL", "tma=0")
+                ap._config.cache_clear()
+                assert ap._config("cuda", torch.float16, 128, 128, long_queries, 0, True) == plain
+                monkeypatch.setenv("DLINFER_TRITON_PREFILL", "num_stages=2")  # other overrides: on the TMA tiles
+                ap._config.cache_clear()
+                tuned = ap._config("cuda", torch.float16, 128, 128, long_queries, 0, True)
+                assert (tuned.tma and tuned.block_m == 64 and tuned.num_stages == 2) if hopper_card else not tuned.tma
+                monkeypatch.delenv("DLINFER_TRITON_PREFILL")
     finally:
         ap._config.cache_clear()
 

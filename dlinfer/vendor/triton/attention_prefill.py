@@ -58,7 +58,8 @@ the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zer
 Hopper variant (TMA), on by default for head size 128 on sm_90
 --------------------------------------------------------------
 ``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where the call qualifies;
-``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, ``tma=0`` turns it off) runs ``prefill_attention``'s
+``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, ``tma=0`` restores the pointer kernel and its tiles)
+runs ``prefill_attention``'s
 un-split grid through
 ``_prefill_tma_kernel``: the same tiles, packing, reverse tile order, causal split into unmasked and masked
 diagonal tiles and online softmax (shared helpers), but the query tile is one TMA box ``[BLOCK_M // PACK, PACK,
@@ -67,8 +68,9 @@ the 2-D ``[T, Hkv * D]`` view at column ``kv_head * D``. A box is not clipped to
 the next sequence's tokens (zeros past the tensor); the masked tiles hide their scores and zero their values, and
 query rows past the sequence are never stored. Descriptors are built on the host per call
 (``triton.tools.tensor_descriptor.TensorDescriptor``; the launcher encodes each with ``cuTensorMapEncodeTiled``
-and passes it by value, so a CUDA graph captures it like any argument; building the three took ~7 us of host
-time per call on a 2-core CPU, the encodes are unmeasured). The TMA kernel applies to 16-bit inputs with head
+and passes it by value, so a CUDA graph captures it like any argument; building the three, without
+``TensorDescriptor``'s per-call validation (:func:`_descriptor`), takes ~5 us of host time per call on a 2-core
+CPU, the encodes are unmeasured). The TMA kernel applies to 16-bit inputs with head
 sizes 64 / 128 whose K/V heads are contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged,
 quantized, split grids) runs the pointer kernels. On sm_90: 128x128 tiles, 8 warps, 3 stages take 192 KB of
 shared memory and 227 registers (pointer kernel: 224 KB, 246). Measured on an H100 (bf16, 32/8 heads, D 128), the
@@ -272,8 +274,8 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     if (tma_call and device_type == "cuda" and dtype != torch.float32 and 64 < widest <= 128
-            and card(device_index).capability == 9):
-        cfg = HOPPER_TMA
+            and card(device_index).capability == 9 and env_overrides(HOPPER_TMA, "DLINFER_TRITON_PREFILL").tma):
+        cfg = HOPPER_TMA  # overrides apply to its tiles; with tma=0 the pointer kernel keeps its own tiles
     base, cfg = cfg, env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
         raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
