@@ -33,7 +33,11 @@ def _prefill_cases(quick):
                 dict(seqs=((4, 4), (5, 5)), hq=4, hk=2, d=16, dv=16, causal=True, fused=False, out="given",
                      poison=True),
                 dict(seqs=((6, 9), (3, 3)), hq=4, hk=1, d=16, dv=16, causal=True, fused=False, out="none",
-                     scale=SHARP)]
+                     scale=SHARP),
+                # head size 128 from a fused QKV buffer: the TMA kernel Hopper runs by default (tiles that cross
+                # into the next sequence, GQA packing, padding-free varlen)
+                dict(seqs=((37, 37), (5, 5), (70, 70)), hq=8, hk=2, d=128, dv=128, causal=True, fused=True,
+                     out="given", poison=True)]
     cases = [dict(seqs=((1, 1), (129, 129), (33, 40)), hq=32, hk=8, d=128, dv=128, causal=True, fused=True,
                   out="none", poison=True),
              dict(seqs=((77, 77), (256, 256)), hq=16, hk=16, d=64, dv=64, causal=False, fused=False, out="given",
