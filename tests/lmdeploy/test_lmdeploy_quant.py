@@ -29,6 +29,12 @@ pytestmark = pytest.mark.lmdeploy
 # the other side of a rounding tie, one int8 step of that token (measured 2.5e-4; the quantization itself moves the
 # logits by ~2e-2).
 TOL = {"awq": 5e-3, "w8a8": 1e-3}
+# A MoE token whose k-th and next router logits lie closer than this (in the float32 reference) may be routed to
+# the other expert by the engine: one int8 step of an activation that float32 rounding put on the other side of a
+# rounding tie moves a router logit by up to ~1e-2. Rows from there on in its sequence are exempt from TOL (and must
+# stay closer than the quantization's own effect). Measured: a flip at a gap of 8.4e-3 (the Mixtral case on one CPU;
+# rows after it 1.0-1.6e-2 off, every other row exact), none on the CPU before it.
+ROUTER_TIE = 2e-2
 DTYPE = {"awq": "auto", "w8a8": "float32"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT_OPS = {"awq": ("weight_quant_matmul",),
@@ -46,10 +52,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism each rank holds a slice of their input
 
 
-def _fake_quant_logits(path: str, token_lists: list[list[int]], tp: int = 1) -> list[torch.Tensor]:
+def _router_gap(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per token, the k-th largest router logit minus the next one: how close the expert choice is to a tie."""
+    values = router_logits.float().topk(top_k + 1, dim=-1).values
+    return values[:, top_k - 1] - values[:, top_k]
+
+
+def _fake_quant_logits(path: str, token_lists: list[list[int]], tp: int = 1,
+                       router_gaps: list | None = None) -> list[torch.Tensor]:
     """transformers (float32) with each quantized linear's input quantized per token to int8 and back; with ``tp``
     ranks, the row-parallel linears' inputs slice by slice, as each rank quantizes its own slice. MoE experts
-    (transformers' fused ``*Experts`` modules) run as W8A8 experts do (:func:`_fake_quant_experts`)."""
+    (transformers' fused ``*Experts`` modules) run as W8A8 experts do (:func:`_fake_quant_experts`). With
+    ``router_gaps``, one tensor per token list is appended to it: each token's smallest :func:`_router_gap` over
+    the MoE layers (none for a dense model)."""
     import transformers
 
     from dlinfer.testing.quantize import fake_quant_per_token
@@ -64,8 +79,16 @@ def _fake_quant_logits(path: str, token_lists: list[list[int]], tp: int = 1) -> 
             module.register_forward_pre_hook(lambda mod, args, quant=quant: (quant(args[0]), *args[1:]))
         if type(module).__name__.endswith("Experts"):
             _fake_quant_experts(module, per_slice)
+        if router_gaps is not None and type(module).__name__.endswith("TopKRouter"):
+            module.register_forward_hook(lambda mod, args, out: layer_gaps.append(_router_gap(out[0], mod.top_k)))
+    layer_gaps, logits = [], []
     with torch.inference_mode():
-        return [model(torch.tensor(tokens)[None]).logits[0].float() for tokens in token_lists]
+        for tokens in token_lists:
+            layer_gaps.clear()
+            logits.append(model(torch.tensor(tokens)[None]).logits[0].float())
+            if router_gaps is not None and layer_gaps:  # a dense model has no router: nothing appended
+                router_gaps.append(torch.stack(layer_gaps).min(0).values)
+    return logits
 
 
 def _fake_quant_experts(experts, quant_act) -> None:
@@ -128,13 +151,29 @@ def test_lmdeploy_loads_the_quantized_checkpoint_and_matches_the_dequantized_mod
         decode = pm.step([sa, sb], [1, 1])  # a decode step (one new token per sequence)
 
     assert all(n > 0 for n in calls.values()), calls
-    reference = _fake_quant_logits if fmt == "w8a8" else hf_logits
-    deq_a, deq_b = reference(str(tmp_path / "deq"), [a, b + [7]])
+    gaps = []
+    if fmt == "w8a8":
+        deq_a, deq_b = _fake_quant_logits(str(tmp_path / "deq"), [a, b + [7]], router_gaps=gaps)
+    else:
+        deq_a, deq_b = hf_logits(str(tmp_path / "deq"), [a, b + [7]])
     float_a, float_b = hf_logits(src, [a, b + [7]])
     got = torch.cat([prefill, decode])
     want = torch.cat([deq_a[:-1], deq_b[:-1], deq_a[-1:], deq_b[-1:]])
     unquantized = torch.cat([float_a[:-1], float_b[:-1], float_a[-1:], float_b[-1:]])
     err = _rel(got, want)
+    if gaps:  # MoE: a router near-tie may pick the other expert; its sequence's later rows then differ
+        rows = [(0, p) for p in range(len(a) - 1)] + [(1, p) for p in range(len(b))] + [(0, len(a) - 1), (1, len(b))]
+        first_tie = [min((p for p in range(len(g)) if g[p] < ROUTER_TIE), default=len(g)) for g in gaps]
+        exempt = [p >= first_tie[seq] for seq, p in rows]
+        for i, (seq_pos, free) in enumerate(zip(rows, exempt)):
+            row_err = _rel(got[i:i + 1], want[i:i + 1])
+            if free:  # a flipped expert moves a row by less than the quantization itself does
+                assert row_err < _rel(got[i:i + 1], unquantized[i:i + 1]), (fmt, seq_pos, row_err)
+            else:
+                assert row_err <= TOL[fmt], f"{fmt}: row {seq_pos} (no router near-tie before it) off by {row_err:.3g}"
+        kept = [i for i, free in enumerate(exempt) if not free]
+        assert len(kept) >= len(rows) // 4, f"{fmt}: too few rows without a router near-tie ({len(kept)})"
+        err = _rel(got[kept], want[kept])
     assert err <= TOL[fmt], f"{fmt}: relative logits error vs the dequantized model {err:.3g} > {TOL[fmt]}"
     # the quantized weights were read: the float model is much farther away than the dequantized one
     assert _rel(got, unquantized) > 10 * err
