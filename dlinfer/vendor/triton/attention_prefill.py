@@ -837,7 +837,10 @@ def _valid_boxes(*boxes: tuple) -> bool:
 
 def _descriptor(base, shape, strides, block_shape) -> TensorDescriptor:
     """A ``TensorDescriptor`` without its per-call validation (~1 us each on a 2-core CPU): :func:`_tma_applies`
-    has checked the base alignment, unit last stride and 16-byte strides, and :func:`_valid_boxes` the box."""
+    has checked the base alignment, unit last stride and 16-byte strides, and :func:`_valid_boxes` the box (a
+    Triton without ``validate_block_shape``: the descriptor validates itself)."""
+    if validate_block_shape is None:
+        return TensorDescriptor(base, shape, strides, block_shape)
     desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block_shape)
     return desc
@@ -849,15 +852,11 @@ def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
     (``cuTensorMapEncodeTiled``) on every call and passes it by value, so a CUDA graph captures it with the
     launch."""
     (t, hq, d), (tk, hk, _), (tv, _, dv) = query.shape, key.shape, value.shape
-    q_box, k_box, v_box = [tokens, pack, d], [block_n, d], [block_n, dv]
-    if validate_block_shape is None:
-        return (TensorDescriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], q_box),
-                TensorDescriptor(key, [tk, hk * d], [key.stride(0), 1], k_box),
-                TensorDescriptor(value, [tv, hk * dv], [value.stride(0), 1], v_box))
-    _valid_boxes((tokens, pack, d), (block_n, d), (block_n, dv))
-    return (_descriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], q_box),
-            _descriptor(key, [tk, hk * d], [key.stride(0), 1], k_box),
-            _descriptor(value, [tv, hk * dv], [value.stride(0), 1], v_box))
+    if validate_block_shape is not None:
+        _valid_boxes((tokens, pack, d), (block_n, d), (block_n, dv))
+    return (_descriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], [tokens, pack, d]),
+            _descriptor(key, [tk, hk * d], [key.stride(0), 1], [block_n, d]),
+            _descriptor(value, [tv, hk * dv], [value.stride(0), 1], [block_n, dv]))
 
 
 # The library route (see the module docstring). The devices and SDPA backends it asks torch for: CUDA and cuDNN;
