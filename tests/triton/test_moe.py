@@ -798,7 +798,6 @@ def test_tune_cli_refuses_bad_arguments(capsys):
     assert "--model or --shape" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("layout, suffixes", [("n-fastest", [":N"]), ("both", ["", ":N"])])
 def test_tune_measures_each_layout_on_its_own_weights_and_keys(monkeypatch, tmp_path, layout, suffixes):
     monkeypatch.setenv("DLINFER_CACHE_DIR", str(tmp_path))
