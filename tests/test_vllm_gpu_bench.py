@@ -579,19 +579,43 @@ def test_an_engine_hanging_in_a_pass_is_killed_at_its_limit(fake_engines, capsys
     assert seconds < 10
 
 
-def test_the_pairs_remaining_passes_are_skipped_when_time_runs_out(fake_engines, capsys, monkeypatch):
-    """dlinfer's warm-up says a pass takes about 4 s (6 s with the margin): pass 1 fits, pass 2 (after dlinfer 1's
-    5 s) no longer does: the rest is skipped, saying which, and both engines finish with their first pass.
+def test_a_ready_engine_waits_for_a_starting_one_while_time_allows(tmp_path):
+    """A compiling engine would disturb a timing: a ready engine waits for it while the deadline leaves its passes
+    (1.5 x its warm-up per pass, plus 10 s) and the oracles their time; past that it times alone."""
+    args = vllm_gpu.parse_args(["--device", "cpu", "--interleave", "--timed-passes", "4", "--oracle-s", "1",
+                                "--models", "llama8b", "--out", str(tmp_path / "x")])
+    bench = vllm_gpu.Bench(args)
+    ready = vllm_gpu.Run("llama8b", "dlinfer", state="ready", ready={"warmup_s": 4.0})
+    starting = vllm_gpu.Run("llama8b", "stock", state="starting")
+    bench.runs = [ready, starting]
+    need = 1.5 * 4.0 * 4 + 10 + 1  # 35 s
+    for deadline, waits in ((need + 5, True), (need - 5, False)):
+        args.deadline = deadline
+        assert bench.timeable() == (([], [starting]) if waits else ([ready], [starting])), deadline
+    starting.state, starting.ready = "ready", {"warmup_s": 4.0}
+    assert bench.timeable() == ([ready, starting], [])
 
-    With a 15-s deadline the run would not wait for an engine still starting (a pair of 4 such passes needs more),
-    so on a loaded machine the engine ready first would time alone; that rule is not this test's subject: here the
-    pair always waits for both engines to be ready."""
+
+def _pairs_wait_for_both(monkeypatch):
+    """A pair waits for both engines to be ready whatever the deadline: the tests of what a short deadline does to a
+    pair's passes, on a loaded machine, would otherwise see the engine ready first time alone (the run does not
+    wait for a starting engine once the deadline is too near: see
+    test_a_ready_engine_waits_for_a_starting_one_while_time_allows)."""
     def wait_for_both(self):
         ready = [r for r in self.runs if r.state == "ready"]
         starting = [r for r in self.runs if r.state == "starting"]
         return ([], starting) if starting else (ready, starting)
 
     monkeypatch.setattr(vllm_gpu.Bench, "timeable", wait_for_both)
+
+
+def test_the_pairs_remaining_passes_are_skipped_when_time_runs_out(fake_engines, capsys, monkeypatch):
+    """dlinfer's warm-up says a pass takes about 4 s (6 s with the margin): pass 1 fits, pass 2 (after dlinfer 1's
+    5 s) no longer does: the rest is skipped, saying which, and both engines finish with their first pass.
+
+    With a 15-s deadline the run would not wait for an engine still starting (a pair of 4 such passes needs more),
+    so on a loaded machine the engine ready first would time alone; that rule is not this test's subject."""
+    _pairs_wait_for_both(monkeypatch)
     plan = _plan([1.0] * 4, [0.5] * 4, dlinfer={"warmup_s": 4.0, "sleep": [5.0] * 4})
     code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
                                                           "--timed-passes", "4", "--deadline", "15",
@@ -608,7 +632,8 @@ def test_the_pairs_remaining_passes_are_skipped_when_time_runs_out(fake_engines,
     assert code == 0 and seconds < 15
 
 
-def test_kill_at_the_deadline_ends_a_pair(fake_engines, capsys):
+def test_kill_at_the_deadline_ends_a_pair(fake_engines, capsys, monkeypatch):
+    _pairs_wait_for_both(monkeypatch)
     plan = _plan([1.0] * 2, [1.0] * 2, dlinfer={"sleep": [300, 0.05]})
     # a deadline that leaves the first stock pass time to run on a loaded 2-core machine (8 s did not, twice)
     code, report, printed, events, seconds = fake_engines(plan, "--models", "llama8b", "--interleave",
