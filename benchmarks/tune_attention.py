@@ -10,9 +10,10 @@ timed eagerly beside the Triton kernel and torch's cuDNN SDPA timed the same way
 CUDA graph is captured), with its first call at a new shape (cuDNN builds an execution plan) timed apart, also
 at two lengths no earlier call saw (1x1000, 1x3000).
 ``decode`` times the split-KV rule's variants and the fused reduce (``fused_reduce=1``: one launch) at batch
-1/16/64/256 and 1k-16k tokens of context, block 64 and 16. ``paged_prefill`` sweeps the split-KV settings on
-chunked prefill (256 new tokens over a 16k history, batch 1 and 8, block 64 and 16) beside LMDeploy's
-flatten-the-cache + flash attention.
+1/16/64/256 and 1k-16k tokens of context, block 64 and 16. ``paged_prefill`` sweeps the split-KV settings and the
+TMA kernels (``tma=1``, block 64) on chunked prefill (256 new tokens over a 16k history, batch 1 and 8, block 64 and
+16) and on whole prompts in the cache (16x512, 4x2048, 1x8192, block 64) beside LMDeploy's flatten-the-cache + flash
+attention.
 
 Times each candidate by CUDA-graph replay with the L2 flushed (rows marked ``"timing": "eager"``: events around
 each call, L2 flushed); prints one line per candidate and writes ``tune_attention.json`` under ``--out``.
@@ -67,6 +68,17 @@ DECODE_FUSED = ("fused_reduce=1",)
 PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_programs=528",
                  "block_m=128,block_n=128,num_warps=8", "block_m=128,block_n=128,num_warps=8,splits=0",
                  "block_m=128,block_n=64,num_warps=8", "pdl=0")
+# paged prefill's TMA kernels (tma=1: key/value tiles by TMA from the caches, a tile inside one page; block 64 only,
+# other blocks run the pointer kernel): prefill_attention's Hopper tiles with the split rule, un-split, two splits,
+# and the pointer kernel on the same tiles (tma=0) beside them
+PAGED_PREFILL_TMA = ("tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3",
+                     "tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3,splits=0",
+                     "tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3,splits=2",
+                     "tma=1,block_m=128,block_n=64,num_warps=8,num_stages=3",
+                     "tma=0,block_m=64,block_n=64,num_warps=4,num_stages=3")
+# (block, batch, new tokens, history): chunked prefill over a long history, then whole prompts in the cache
+PAGED_CASES = ((64, 1, 256, 16384), (64, 8, 256, 16384), (16, 1, 256, 16384), (16, 8, 256, 16384),
+               (64, 16, 512, 0), (64, 4, 2048, 0), (64, 1, 8192, 0))
 
 
 def _time(rows, part, case, cfg, fn, flush, work, unit, check=None, graph=True):
@@ -232,7 +244,8 @@ def prefill(rows, flush, peer):
 
 
 def paged_prefill(rows, flush, peer, batches=None):
-    """Chunked prefill (256 new tokens over a 16k history, block 64 and 16), each candidate beside the peer
+    """Paged prefill (:data:`PAGED_CASES`: chunked prefill of 256 new tokens over a 16k history at block 64 and
+    16, and whole prompts already in the cache at 16x512 / 4x2048 / 1x8192), each candidate beside the peer
     (LMDeploy's flatten-the-cache + flash attention) when loaded; errors against the reference vendor (float32,
     first sequence)."""
     import dlinfer.ops as ops
@@ -241,41 +254,40 @@ def paged_prefill(rows, flush, peer, batches=None):
 
     from benchmarks import peers
 
-    q_len, history = 256, 16384
-    kv = q_len + history
-    for block in (64, 16):
-        for batch in (1, 8):
-            if batches and batch not in batches:
-                continue
-            blocks = batch * (-(-kv // block))
-            kc = torch.randn(blocks, block, HK, D, device="cuda", dtype=torch.bfloat16)
-            vc = torch.randn_like(kc)
-            table = torch.randperm(blocks, device="cuda").int().view(batch, -1)
-            q = torch.randn(batch * q_len, HQ, D, device="cuda", dtype=torch.bfloat16)
-            cu_q = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
-            cu_k = torch.arange(0, batch * kv + 1, kv, device="cuda", dtype=torch.int32)
-            lens = torch.full((batch,), kv, device="cuda", dtype=torch.int32)
-            out = torch.empty_like(q)
-            ref = torch.empty(q_len, HQ, D, device="cuda", dtype=torch.float32)
-            ref_attention.paged_prefill_attention(q[:q_len].float(), kc, vc, table[:1], cu_q[:2], lens[:1], q_len, kv,
-                                                  D ** -0.5, True, ref)
+    for block, batch, q_len, history in PAGED_CASES:
+        if batches and batch not in batches:
+            continue
+        kv = q_len + history
+        blocks = batch * (-(-kv // block))
+        kc = torch.randn(blocks, block, HK, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        table = torch.randperm(blocks, device="cuda").int().view(batch, -1)
+        q = torch.randn(batch * q_len, HQ, D, device="cuda", dtype=torch.bfloat16)
+        cu_q = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
+        cu_k = torch.arange(0, batch * kv + 1, kv, device="cuda", dtype=torch.int32)
+        lens = torch.full((batch,), kv, device="cuda", dtype=torch.int32)
+        out = torch.empty_like(q)
+        ref = torch.empty(q_len, HQ, D, device="cuda", dtype=torch.float32)
+        ref_attention.paged_prefill_attention(q[:q_len].float(), kc, vc, table[:1], cu_q[:2], lens[:1], q_len, kv,
+                                              D ** -0.5, True, ref)
 
-            def check(o):
-                o = o[:q_len].double()
-                return float((o - ref.double()).norm() / ref.double().norm())
+        def check(o):
+            o = o[:q_len].double()
+            return float((o - ref.double()).norm() / ref.double().norm())
 
-            case = f"block{block} B{batch} q{q_len} history{history}"
-            work = 4 * HQ * D * batch * (q_len * history + q_len * (q_len + 1) // 2)
-            peer_us = None
-            if peer is not None:
-                peer_us = _time(rows, "paged_prefill", case, "lmdeploy", lambda: peers.lmdeploy_paged_prefill(
-                    peer, q, kc, vc, table, cu_q, cu_k, lens, cu_k[:-1], q_len, kv, batch * kv, D ** -0.5),
-                    flush, work, "TFLOP/s", check)
-            _sweep(rows, "paged_prefill", case, "DLINFER_TRITON_PREFILL", ap._config, PAGED_PREFILL,
-                   lambda: ops.paged_prefill_attention(q, None, None, kc, vc, table, block, cu_q[1:], lens, q_len, kv,
-                                                       HQ, HK, [None], attn_output=out),
-                   flush, work, "TFLOP/s", check, peer_us)
-            del kc, vc
+        case = f"block{block} B{batch} q{q_len} history{history}"
+        work = 4 * HQ * D * batch * (q_len * history + q_len * (q_len + 1) // 2)
+        peer_us = None
+        if peer is not None:
+            peer_us = _time(rows, "paged_prefill", case, "lmdeploy", lambda: peers.lmdeploy_paged_prefill(
+                peer, q, kc, vc, table, cu_q, cu_k, lens, cu_k[:-1], q_len, kv, batch * kv, D ** -0.5),
+                flush, work, "TFLOP/s", check)
+        candidates = PAGED_PREFILL + (PAGED_PREFILL_TMA if block % 64 == 0 else ())
+        _sweep(rows, "paged_prefill", case, "DLINFER_TRITON_PREFILL", ap._config, candidates,
+               lambda: ops.paged_prefill_attention(q, None, None, kc, vc, table, block, cu_q[1:], lens, q_len, kv,
+                                                   HQ, HK, [None], attn_output=out),
+               flush, work, "TFLOP/s", check, peer_us)
+        del kc, vc
     os.environ.pop("DLINFER_TRITON_PREFILL", None)
     ap._config.cache_clear()
 

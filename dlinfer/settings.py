@@ -43,8 +43,9 @@ VARIABLES: tuple[Variable, ...] = (
              "comma-separated parts of the vLLM plugin to leave to vLLM (`attention`, `rms_norm`, ..., `all`)",
              "when vLLM loads its plugins"),
     Variable("DLINFER_TRITON_PREFILL", "spec", "",
-             "launch-parameter overrides of the Triton prefill attention kernel (`block_n=128,pack_gqa=0`; `tma=0` "
-             "turns off the TMA kernel Hopper runs by default for head size 128); `sdpa=1` serves uniform-length "
+             "launch-parameter overrides of the Triton prefill attention kernels (`block_n=128,pack_gqa=0`; `tma=0` "
+             "turns off the TMA kernel Hopper runs by default for head size 128, `tma=1` also reads paged "
+             "prefill's K/V tiles by TMA on sm_90+ where a page holds whole tiles); `sdpa=1` serves uniform-length "
              "prefill batches on CUDA from torch's cuDNN SDPA, assuming no padding rows after the last sequence "
              "(`DLINFER_CHECK=1` verifies it; off: cuDNN builds a plan, 50-650 ms, at every new length)",
              "when a kernel configuration is first built"),

@@ -276,9 +276,20 @@ def test_prefill_other_lengths(triton_vendor, dtype, causal):
         close(out[:used], ref[:used], dtype, f"prefill (causal={causal}), replay {i}, lens {lens.tolist()}")
 
 
+_TMA_TILES = "tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3"
+
+
+@pytest.mark.parametrize("config", ["", _TMA_TILES, _TMA_TILES + ",splits=2"], ids=["default", "tma", "tma_split"])
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_paged_prefill_chunked_other_lengths(triton_vendor, block_size):
+def test_paged_prefill_chunked_other_lengths(triton_vendor, block_size, config, monkeypatch, request):
+    """``config``: DLINFER_TRITON_PREFILL; the TMA kernels (key/value tiles by TMA from the caches, on Hopper) take
+    the block-64 calls, block 16 runs the pointer kernel whatever the config."""
+    from dlinfer.vendor.triton import attention_prefill as ap
+
     require(triton_vendor, "paged_prefill_attention")
+    monkeypatch.setenv("DLINFER_TRITON_PREFILL", config)
+    ap._config.cache_clear()
+    request.addfinalizer(ap._config.cache_clear)  # later tests build their config again
     dtype = torch.bfloat16
     g = gen(8 + block_size)
     batch, hq, hk, d, total, max_q, max_hist = 3, 16, 4, 128, 400, 160, 300

@@ -14,15 +14,20 @@ interpreter gets bf16 ``tl.dot`` wrong), fp32 runs the pointer kernel.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+from test_attention import make_block_table
 
 from dlinfer.vendor.reference import attention as reference
 from dlinfer.vendor.triton import attention_decode, host
 from dlinfer.vendor.triton import attention_prefill as ap
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}
+
+
+KERNELS = ("_prefill_tma_kernel", "_prefill_tma_split_kernel", "_prefill_kernel", "_prefill_split_kernel")
 
 
 class _Spy:
@@ -45,8 +50,7 @@ def hopper(monkeypatch):
         real = ap._config
         fields = {"tma": True, "splits": 0, **fields}
         monkeypatch.setattr(ap, "_config", lambda *args: dataclasses.replace(real(*args), **fields))
-        spies = {name: _Spy(getattr(ap, name)) for name in ("_prefill_tma_kernel", "_prefill_kernel",
-                                                            "_prefill_split_kernel")}
+        spies = {name: _Spy(getattr(ap, name)) for name in KERNELS}
         for name, spy in spies.items():
             monkeypatch.setattr(ap, name, spy)
         return spies
@@ -123,11 +127,22 @@ def test_tma_output_may_alias_the_query(hopper):
     torch.testing.assert_close(query.float(), want.float(), atol=4e-3, rtol=4e-3)
 
 
-@pytest.mark.parametrize("shape", ["d32", "d256", "fp32", "strided_heads", "split"])
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("hq,hk,d,dv,dtype,causal,q_lens,kv_lens", HOPPER_CASES[:5])
+def test_tma_split_prefill_matches_reference(hq, hk, d, dv, dtype, causal, q_lens, kv_lens, splits, hopper):
+    """A split grid runs the TMA split kernel (then the combine kernel), never the pointer kernels."""
+    spies = hopper(splits=splits)
+    query, key, value, cu_q, cu_kv = _case(hq, hk, d, dv, dtype, q_lens, kv_lens or q_lens, hq + d + splits)
+    _check(query, key, value, cu_q, cu_kv, q_lens, causal, dtype, dv)
+    assert spies["_prefill_tma_split_kernel"].launches == 1
+    assert sum(spies[k].launches for k in KERNELS) == 1
+
+
+@pytest.mark.parametrize("shape", ["d32", "d256", "fp32", "strided_heads", "split_ws"])
 def test_pointer_kernel_where_tma_does_not_apply(shape, hopper):
     """Head sizes other than 64/128, fp32, K/V whose heads are not contiguous (no 2-D ``[T, Hkv * D]`` view) and
-    a split grid run the pointer kernels, and give the reference's result."""
-    spies = hopper(splits=2) if shape == "split" else hopper()
+    a split grid asking for warp specialization run the pointer kernels, and give the reference's result."""
+    spies = hopper(splits=2, warp_specialize=True) if shape == "split_ws" else hopper()
     d = {"d32": 32, "d256": 256}.get(shape, 64)
     dtype = torch.float32 if shape == "fp32" else torch.float16
     q_lens = [9, 26]
@@ -136,8 +151,107 @@ def test_pointer_kernel_where_tma_does_not_apply(shape, hopper):
         kv = torch.stack([key, value], dim=2)
         key, value = kv[:, :, 0], kv[:, :, 1]
     _check(query, key, value, cu_q, cu_kv, q_lens, True, dtype, d)
-    assert spies["_prefill_tma_kernel"].launches == 0
+    assert spies["_prefill_tma_kernel"].launches + spies["_prefill_tma_split_kernel"].launches == 0
     assert spies["_prefill_kernel"].launches + spies["_prefill_split_kernel"].launches == 1
+
+
+def _paged_case(hq, hk, d, dv, page, q_lens, history, seed, layout="contiguous"):
+    """A paged prefill call's tensors: ``[blocks, page, Hk, D]`` caches (``layout="blocked"``: views of a
+    ``[blocks, 2, page, Hk, D]`` buffer, so pages do not follow each other row by row) whose slots past each
+    sequence and unused blocks hold NaN, a shuffled block table with garbage past each sequence, 3 padding query
+    rows."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_lens = [q + h for q, h in zip(q_lens, history)]
+    table, blocks = make_block_table(kv_lens, page, math.ceil(max(kv_lens) / page) + 2, gen)
+    if layout == "blocked":
+        kv = torch.randn(blocks, 2, page, hk, d, generator=gen).to(torch.float16)
+        key_cache, value_cache = kv[:, 0], kv[:, 1]
+    else:
+        key_cache = torch.randn(blocks, page, hk, d, generator=gen).to(torch.float16)
+        value_cache = torch.randn(blocks, page, hk, dv, generator=gen).to(torch.float16)
+    live = torch.zeros(blocks, page, dtype=torch.bool)
+    for b, n in enumerate(kv_lens):
+        for t in range(n):
+            live[table[b, t // page], t % page] = True
+    key_cache[~live] = float("nan")
+    value_cache[~live] = float("nan")
+    query = torch.randn(sum(q_lens) + 3, hq, d, generator=gen).to(torch.float16)
+    cu_q = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return query, key_cache, value_cache, table, cu_q, torch.tensor(kv_lens, dtype=torch.int32)
+
+
+def _check_paged(case, q_lens, causal, dv, max_kv):
+    query, key_cache, value_cache, table, cu_q, kv_lens = case
+    outs = []
+    for impl in (ap.paged_prefill_attention, reference.paged_prefill_attention):
+        out = torch.full((query.shape[0], query.shape[1], dv), float("nan"), dtype=query.dtype)
+        impl(query, key_cache, value_cache, table, cu_q, kv_lens, max(q_lens), max_kv, query.shape[-1] ** -0.5,
+             causal, out)
+        outs.append(out)
+    real = sum(q_lens)
+    assert not torch.isnan(outs[0][:real]).any(), "an output element was not written (or a NaN slot leaked in)"
+    torch.testing.assert_close(outs[0][:real].float(), outs[1][:real].float(), atol=4e-3, rtol=4e-3)
+    assert torch.isnan(outs[0][real:]).all(), "wrote padding tokens past the last sequence"
+
+
+PAGED_CASES = [
+    # Hq, Hk, D, Dv, page, causal, q_lens, history
+    (8, 2, 64, 64, 16, True, [9, 0, 1, 20], [70, 33, 90, 45]),  # chunked prefill, GQA 4 (packed), empty, 1 token
+    (8, 8, 128, 128, 32, True, [37, 5], [0, 40]),  # no history, GQA 1, two key tiles a page
+    (8, 1, 64, 128, 16, False, [12, 30], [20, 0]),  # non-causal, GQA 8, Dv != D
+    (4, 2, 128, 64, 48, True, [3, 17], [50, 13]),  # a 48-key page: three 16-key tiles a page
+]
+
+
+@pytest.mark.parametrize("splits", [0, 3])
+@pytest.mark.parametrize("hq,hk,d,dv,page,causal,q_lens,history", PAGED_CASES)
+def test_tma_paged_prefill_matches_reference(hq, hk, d, dv, page, causal, q_lens, history, splits, hopper):
+    """With ``tma`` in the config, paged prefill reads its key/value tiles by TMA from the caches viewed as 2-D
+    ``[blocks * page, Hk * D]`` (a tile inside one page, found through the block table), un-split and split; the
+    NaN in the slots past each sequence never reaches an output."""
+    spies = hopper(splits=splits)
+    case = _paged_case(hq, hk, d, dv, page, q_lens, history, seed=hq + d + page + splits)
+    _check_paged(case, q_lens, causal, dv, max(q + h for q, h in zip(q_lens, history)) + 20)
+    kernel = "_prefill_tma_split_kernel" if splits else "_prefill_tma_kernel"
+    assert spies[kernel].launches == 1 and sum(spies[k].launches for k in KERNELS) == 1
+
+
+@pytest.mark.parametrize("why", ["page_not_a_tile_multiple", "blocked_pages", "warp_specialize", "untuned"])
+def test_paged_prefill_runs_the_pointer_kernel_where_tma_does_not_apply(why, hopper, monkeypatch):
+    """A page that is not a whole number of key tiles, caches whose pages do not follow each other row by row, a
+    warp-specialized config and a config without ``tma`` (every paged call by default: not measured yet) run the
+    pointer kernel, with the reference's result."""
+    if why == "untuned":
+        spies = {name: _Spy(getattr(ap, name)) for name in KERNELS}
+        for name, spy in spies.items():
+            monkeypatch.setattr(ap, name, spy)
+    else:
+        spies = hopper(**({"warp_specialize": True} if why == "warp_specialize" else {}))
+    page = 24 if why == "page_not_a_tile_multiple" else 16
+    case = _paged_case(8, 2, 64, 64, page, [7, 19], [30, 4], seed=len(why),
+                       layout="blocked" if why == "blocked_pages" else "contiguous")
+    _check_paged(case, [7, 19], True, 64, 60)
+    assert spies["_prefill_tma_kernel"].launches + spies["_prefill_tma_split_kernel"].launches == 0
+    assert spies["_prefill_kernel"].launches + spies["_prefill_split_kernel"].launches == 1
+
+
+def test_quantized_paged_prefill_never_takes_the_tma_kernels(hopper):
+    """An 8-bit cache is dequantized in registers by the pointer kernel, whatever the config asks."""
+    spies = hopper()
+    gen = torch.Generator().manual_seed(2)
+    q_lens, kv_lens, page, hq, hk, d = [5, 9], [20, 9], 16, 4, 2, 64
+    table, blocks = make_block_table(kv_lens, page, 4, gen)
+    caches = [torch.randint(0, 256, (blocks, page, hk, d), generator=gen, dtype=torch.uint8) for _ in "kv"]
+    scales = [(torch.rand(blocks, page, hk, generator=gen) / 64).half() for _ in "kv"]
+    zeros = [torch.full((blocks, page, hk), 128.0).half() for _ in "kv"]
+    query = torch.randn(sum(q_lens), hq, d, generator=gen).half()
+    cu_q = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    outs = [torch.empty_like(query) for _ in range(2)]
+    for impl, out in zip((ap.paged_prefill_attention, reference.paged_prefill_attention), outs):
+        impl(query, *caches, table, cu_q, lens, 9, 20, d ** -0.5, True, out, scales, zeros, 8)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=4e-3, rtol=4e-3)
+    assert spies["_prefill_kernel"].launches == 1 and spies["_prefill_tma_kernel"].launches == 0
 
 
 def test_default_config_leaves_tma_and_warp_specialization_off(monkeypatch):
@@ -252,21 +366,24 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 LIMIT = 227 * 1024
 
 
-def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws):
-    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, HEAD_DIM_V=dv, NUM_KV_HEADS=8, BLOCK_M=bm, BLOCK_N=bn,
-                  CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False, WARP_SPECIALIZE=ws)
+def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws, page=0, split=False):
+    consts = dict(GROUP=4, PACK=pack, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, PAGED=bool(page),
+                  PAGE_SIZE=page or 1, CAUSAL=causal, DOT_PRECISION="tf32", WHILE_LOOP=False)
+    consts.update(USE_PDL=True) if split else consts.update(NUM_KV_HEADS=8, WARP_SPECIALIZE=ws)
     if ws:  # the tensors' pointers, descriptors made on the device
         types = dict(q_desc="*" + dt, k_desc="*" + dt, v_desc="*" + dt)
     else:
         types = dict(q_desc=f"tensordesc<{dt}[{bm // pack},{pack},{d}]>", k_desc=f"tensordesc<{dt}[{bn},{d}]>",
                      v_desc=f"tensordesc<{dt}[{bn},{dv}]>")
-    types.update(out_ptr="*" + dt, q_starts_ptr="*i32", kv_starts_ptr="*i32", qk_scale="fp32")
+    types.update(out_ptr="*" + dt, mid_o_ptr="*fp32", mid_lse_ptr="*fp32", q_starts_ptr="*i32", kv_ptr_lens="*i32",
+                 block_table_ptr="*i32", qk_scale="fp32")
+    fn = pre._prefill_tma_split_kernel if split else pre._prefill_tma_kernel
     sig, attrs = {}, {}
-    for i, name in enumerate(pre._prefill_tma_kernel.arg_names):
+    for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr" if name in consts else types.get(name, "i32")
         if sig[name].startswith("*") or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(pre._prefill_tma_kernel, sig, constexprs=consts, attrs=attrs),
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -282,8 +399,8 @@ def compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, ws):
     assert "wgmma.mma_async" in ptx, "not on Hopper tensor cores (wgmma)"
     assert kernel.metadata.shared <= LIMIT, (dt, bm, bn, stages, kernel.metadata.shared)
     assert not any(spills), ("register spills", dt, bm, bn, warps, stages, spills)
-    print("tma", "ws" if ws else "", dt, bm, bn, pack, d, causal, warps, stages, "shared", kernel.metadata.shared,
-          "regs", regs)
+    print("tma", "ws" if ws else "", "split" if split else "", f"page {page}" if page else "", dt, bm, bn, pack, d,
+          causal, warps, stages, "shared", kernel.metadata.shared, "regs", regs)
     return kernel
 
 
@@ -293,6 +410,10 @@ for dt, bm, bn, pack, d, dv, causal, warps, stages in (
         ("bf16", 64, 128, 4, 128, 128, True, 4, 2), ("bf16", 128, 128, 1, 128, 128, False, 8, 3),
         ("fp16", 128, 64, 8, 64, 64, True, 4, 3)):
     compile_tma(dt, bm, bn, pack, d, dv, causal, warps, stages, False)
+# Split grids and paged caches (page 64 and 128; the page of each key tile from the block table): the Hopper tiles.
+for page, split in ((0, True), (64, False), (64, True), (128, False)):
+    compile_tma("bf16", 64, 64, 4, 128, 128, True, 4, 3, False, page, split)
+compile_tma("bf16", 128, 128, 4, 128, 128, True, 8, 3, False, 128, False)
 # The warp-specialized form: a producer warp group and two consumer groups (12 warps, setmaxnreg).
 for dt, bm, bn, d, causal, stages in (("bf16", 128, 128, 128, True, 2), ("bf16", 128, 128, 128, False, 2),
                                       ("bf16", 128, 64, 128, True, 2), ("bf16", 128, 64, 128, True, 3),
@@ -306,7 +427,8 @@ print("compiled")
 
 def test_tma_kernel_compiles_for_sm90():
     """The TMA kernel's GPU configs (bf16 at D 128: 128x128 / 128x64 tiles with 8 warps, 64x64 / 64x128 with 4, 2
-    and 3 stages, packed and not, causal and not; fp16 at D 64) compile for sm_90 with the triton wheel's ptxas: TMA
+    and 3 stages, packed and not, causal and not; fp16 at D 64), its split kernel and both over paged caches, compile
+    for sm_90 with the triton wheel's ptxas: TMA
     copies (``cp.async.bulk.tensor``), wgmma, at most 227 KB of shared memory, no register spills (``ptxas -v``);
     so does the warp-specialized form (128x128 and 128x64 tiles, 4 warps, 2 and 3 stages), and it is specialized:
     a ``ttg.warp_specialize`` region, ``setmaxnreg``, 12 warps."""

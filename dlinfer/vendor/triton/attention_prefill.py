@@ -55,24 +55,29 @@ A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the
 the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
 (``attention_decode.load_dequant``) before the dots; ``QUANT = 0`` compiles to the unquantized kernel.
 
-Hopper variant (TMA), on by default for head size 128 on sm_90
---------------------------------------------------------------
-``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where the call qualifies;
-``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, ``tma=0`` restores the pointer kernel and its tiles)
-runs ``prefill_attention``'s
-un-split grid through
-``_prefill_tma_kernel``: the same tiles, packing, reverse tile order, causal split into unmasked and masked
-diagonal tiles and online softmax (shared helpers), but the query tile is one TMA box ``[BLOCK_M // PACK, PACK,
-D]`` of the ``[T, Hq, D]`` query (token-major rows, as packed) and each key/value tile a ``[BLOCK_N, D]`` box of
-the 2-D ``[T, Hkv * D]`` view at column ``kv_head * D``. A box is not clipped to its sequence: rows past it are
-the next sequence's tokens (zeros past the tensor); the masked tiles hide their scores and zero their values, and
-query rows past the sequence are never stored. Descriptors are built on the host per call
+Hopper variant (TMA), on by default for prefill_attention at head size 128 on sm_90
+-----------------------------------------------------------------------------------
+``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where a
+``prefill_attention`` call qualifies; ``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, paged prefill
+included, ``tma=0`` restores the pointer kernel and its tiles) runs the grid through ``_prefill_tma_kernel``
+(``_prefill_tma_split_kernel`` when split, then the same combine kernel): the same tiles, packing, reverse tile
+order, slices, causal split into unmasked and masked diagonal tiles and online softmax (shared helpers), but the
+query tile is one TMA box ``[BLOCK_M // PACK, PACK, D]`` of the ``[T, Hq, D]`` query (token-major rows, as packed)
+and each key/value tile a ``[BLOCK_N, D]`` box of a 2-D view at column ``kv_head * D``: ``[T, Hkv * D]`` of packed
+keys, or ``[blocks * page_size, Hkv * D]`` of a paged cache whose pages follow each other row by row (LMDeploy's
+and vLLM's ``[blocks, page_size, Hkv, D]``), the tile at key ``n0`` from row ``page * page_size + n0 % page_size``
+(its page from the block table, loaded one tile ahead): paged calls need ``page_size`` a multiple of ``BLOCK_N``,
+so a tile never crosses a page (else the pointer kernel runs). A box is not clipped to its sequence: rows past it
+are the next sequence's tokens, the rest of the sequence's last page, or zeros past the tensor; the masked tiles
+hide their scores and zero their values, and query rows past the sequence are never stored. Paged prefill runs the
+TMA kernels only where a config asks (``tma=1``): they are not yet measured against its pointer kernel. Descriptors
+are built on the host per call
 (``triton.tools.tensor_descriptor.TensorDescriptor``; the launcher encodes each with ``cuTensorMapEncodeTiled``
 and passes it by value, so a CUDA graph captures it like any argument; building the three, without
 ``TensorDescriptor``'s per-call validation (:func:`_descriptor`), takes ~5 us of host time per call on a 2-core
 CPU, the encodes are unmeasured). The TMA kernel applies to 16-bit inputs with head
-sizes 64 / 128 whose K/V heads are contiguous (``stride(1) == D``), on sm_90+; anything else (D 256, fp32, paged,
-quantized, split grids) runs the pointer kernels. On sm_90: 128x128 tiles, 8 warps, 3 stages take 192 KB of
+sizes 64 / 128 whose K/V heads are contiguous, on sm_90+; anything else (D 256, fp32, a quantized cache, pages
+holding part of a tile) runs the pointer kernels. On sm_90: 128x128 tiles, 8 warps, 3 stages take 192 KB of
 shared memory and 227 registers (pointer kernel: 224 KB, 246). Measured on an H100 (bf16, 32/8 heads, D 128), the
 64x64 tiles with 4 warps and 3 stages were the fastest TMA tiles at 16x512, 4x2048 and 1x8192 tokens and 1.08-1.19x
 the pointer kernel's tiles in force (:data:`HOPPER_TMA`); the warp-specialized form was slower (and is off).
@@ -415,6 +420,20 @@ def _key_bounds(m0, kv_len, diag, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
+def _slice(hi, full, split, n_splits, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """``(lo, full, hi)``: with ``SPLIT``, slice ``split`` of ``n_splits`` of the keys ``[0, hi)`` a tile sees (whole
+    tiles, sized from the real length; unmasked ``[lo, full)``, masked ``[full, hi)``, empty if ``hi <= lo``);
+    else all of them from 0."""
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi, 0), n_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+        return lo, tl.maximum(tl.minimum(full, hi), lo), hi
+    else:
+        return 0, full, hi
+
+
+@triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
             ks_ptr, kz_ptr, vs_ptr, vz_ptr, stride_sb, stride_st, stride_sh,
             stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
@@ -452,13 +471,7 @@ def _attend(q_ptr, k_ptr, v_ptr, kv_ptr_lens, block_table_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     hi, full = _key_bounds(m0, kv_len, diag, TOKENS, BLOCK_N, CAUSAL)
-    if SPLIT:  # this program's slice of the keys the tile sees: whole tiles, sized from the real length
-        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi, 0), n_splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(hi, lo + chunk)
-        full = tl.maximum(tl.minimum(full, hi), lo)  # unmasked [lo, full), masked [full, hi); empty if hi <= lo
-    else:
-        lo = 0
+    lo, full, hi = _slice(hi, full, split, n_splits, BLOCK_N, SPLIT)
 
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
@@ -594,6 +607,15 @@ def _prefill_split_kernel(
         qk_scale, b, m0, head0, q_start, q_len, split, n_splits,
         GROUP, PACK, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL,
         DOT_PRECISION, WHILE_LOOP, QUANT, True)
+    _store_partials(mid_o_ptr, mid_lse_ptr, acc, l_i, m_i, rows, heads, m_mask, split, stride_ms, stride_mt,
+                    stride_ls, stride_lt, HEAD_DIM_V, BLOCK_DV, USE_PDL)
+
+
+@triton.jit
+def _store_partials(mid_o_ptr, mid_lse_ptr, acc, l_i, m_i, rows, heads, m_mask, split, stride_ms, stride_mt,
+                    stride_ls, stride_lt, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
+    """A split program's normalized partial output ``[split, token, head, :]`` (fp32) and base-2 log-sum-exp
+    ``[split, token, head]`` (``-inf`` for a row that saw no key of the slice) to the scratch buffers."""
     if USE_PDL:  # the combine kernel may launch now; it waits for this grid's stores before reading them
         tl.extra.cuda.gdc_launch_dependents()
     # A row that saw no key of the slice has l_i == 0 (a NaN l_i is not empty: its partial stays NaN).
@@ -609,20 +631,20 @@ def _prefill_split_kernel(
 
 
 @triton.jit
-def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc, k_col, v_col, qk_scale,
+def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, row, k_desc, v_desc, k_col, v_col, qk_scale,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
               CLIPPED: tl.constexpr):
-    """:func:`_prefill_tile` with the key and value tiles brought in by TMA: rows from ``kv_row + n0`` of the 2-D
-    ``[tokens, kv_heads * D]`` views, columns from ``k_col`` / ``v_col`` (the KV head). Rows past the sequence
-    belong to the next one (or are zeros past the tensor): a masked tile hides their scores and zeroes their
-    values (so a NaN or Inf there never reaches the accumulator), unless the descriptors are ``CLIPPED`` to the
-    sequence (TMA then brings zeros there)."""
+    """:func:`_prefill_tile` with the key and value tiles (keys ``[n0, n0 + BLOCK_N)``) brought in by TMA: rows
+    from ``row`` of the 2-D ``[tokens, kv_heads * D]`` views, columns from ``k_col`` / ``v_col`` (the KV head). Rows
+    past the sequence belong to the next one, to the rest of its cache page, or are zeros past the tensor: a masked
+    tile hides their scores and zeroes their values (so a NaN or Inf there never reaches the accumulator), unless
+    the descriptors are ``CLIPPED`` to the sequence (TMA then brings zeros there)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < kv_len
-    k = k_desc.load([kv_row + n0, k_col])
+    k = k_desc.load([row, k_col])
     qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
     p, alpha, l_i, m_new = _softmax_step(qk, m_i, l_i, offs_m, offs_n, n_mask, diag, qk_scale, MASKED, CAUSAL)
-    v = v_desc.load([kv_row + n0, v_col])
+    v = v_desc.load([row, v_col])
     if MASKED and not CLIPPED:
         v = tl.where(n_mask[:, None], v, 0.0)
     acc = acc * alpha[:, None]
@@ -631,46 +653,119 @@ def _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_row, k_desc, v_desc
 
 
 @triton.jit
-def _prefill_tma_kernel(
-    q_desc, k_desc, v_desc, out_ptr, q_starts_ptr, kv_starts_ptr, stride_qt, stride_qh, stride_kt, stride_vt,
-    stride_ot, stride_oh, qk_scale, num_m_tiles,
-    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
-    """:func:`_prefill_kernel` for packed keys (``prefill_attention``, un-split) with tensor-descriptor (TMA)
-    loads: the query tile as a ``[BLOCK_M // PACK, PACK, D]`` box of the ``[T, Hq, D]`` query, key/value tiles as
-    ``[BLOCK_N, D]`` boxes of the ``[T, Hkv * D]`` views (host-side descriptors); power-of-two head sizes only.
+def _tma_page(table_row, n0, kv_len, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The cache page of the key tile at ``n0`` (paged; 0 past the sequence), else 0. The loops load it one tile
+    ahead (see :func:`_tile_pages`)."""
+    if PAGED:
+        return tl.load(table_row + n0 // PAGE_SIZE, mask=n0 < kv_len, other=0).to(tl.int32)
+    else:
+        return tl.full([], 0, tl.int32)
 
-    ``WARP_SPECIALIZE``: the form Triton 3.6 warp-specializes on sm_90 (a producer warp group issuing the TMA
-    copies, the tile's rows split between two consumer groups): ``q_desc``, ``k_desc``, ``v_desc`` are the
-    tensors' pointers, the key/value descriptors are made on the device per sequence (clipped to it: TMA brings
-    zeros past its end), the query tile is a pointer load, and one branch-free loop walks every key tile the
+
+@triton.jit
+def _tma_attend(q_desc, k_desc, v_desc, kv_ptr_lens, block_table_ptr, stride_tb, qk_scale, b, m0, head0, q_start,
+                q_len, split, n_splits, GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                WHILE_LOOP: tl.constexpr, SPLIT: tl.constexpr):
+    """:func:`_attend` with TMA loads (host-side descriptors): the query tile as a ``[BLOCK_M // PACK, PACK, D]``
+    box of the ``[T, Hq, D]`` query; key/value tiles as ``[BLOCK_N, D]`` boxes of the 2-D ``[T, Hkv * D]`` views of
+    packed keys, or (``PAGED``) of the ``[blocks * PAGE_SIZE, Hkv * D]`` views of the caches, the tile at key
+    ``n0`` from row ``page * PAGE_SIZE + n0 % PAGE_SIZE`` (a tile never crosses a page: ``PAGE_SIZE`` is a
+    multiple of ``BLOCK_N``). Rows past the query sequence are the next sequence's tokens (or zeros past the
+    tensor): never stored."""
+    TOKENS: tl.constexpr = BLOCK_M // PACK
+    if PAGED:
+        kv_start = 0
+        kv_len = tl.load(kv_ptr_lens + b).to(tl.int32)
+    else:
+        kv_start = tl.load(kv_ptr_lens + b).to(tl.int32)
+        kv_len = tl.load(kv_ptr_lens + b + 1).to(tl.int32) - kv_start
+    diag = kv_len - q_len
+    offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
+    rows = (q_start + offs_m).to(tl.int64)
+    q = q_desc.load([q_start + m0, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    hi, full = _key_bounds(m0, kv_len, diag, TOKENS, BLOCK_N, CAUSAL)
+    lo, full, hi = _slice(hi, full, split, n_splits, BLOCK_N, SPLIT)
+    kvh = head0 // GROUP
+    k_col = kvh * HEAD_DIM
+    v_col = kvh * HEAD_DIM_V
+    table_row = block_table_ptr + b.to(tl.int64) * stride_tb
+    if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
+        n0 = full * 0 + lo
+        page = _tma_page(table_row, n0, kv_len, PAGED, PAGE_SIZE)
+        while n0 < full:
+            next_page = _tma_page(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE)
+            row = page * PAGE_SIZE + n0 % PAGE_SIZE if PAGED else kv_start + n0
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, row, k_desc, v_desc, k_col, v_col,
+                                      qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
+            page = next_page
+            n0 += BLOCK_N
+        page = _tma_page(table_row, n0, kv_len, PAGED, PAGE_SIZE)
+        while n0 < hi:
+            next_page = _tma_page(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE)
+            row = page * PAGE_SIZE + n0 % PAGE_SIZE if PAGED else kv_start + n0
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, row, k_desc, v_desc, k_col, v_col,
+                                      qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
+            page = next_page
+            n0 += BLOCK_N
+    else:
+        page = _tma_page(table_row, lo, kv_len, PAGED, PAGE_SIZE)
+        for n0 in tl.range(lo, full, BLOCK_N):
+            next_page = _tma_page(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE)
+            row = page * PAGE_SIZE + n0 % PAGE_SIZE if PAGED else kv_start + n0
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, row, k_desc, v_desc, k_col, v_col,
+                                      qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
+            page = next_page
+        page = _tma_page(table_row, full, kv_len, PAGED, PAGE_SIZE)
+        for n0 in tl.range(full, hi, BLOCK_N):
+            next_page = _tma_page(table_row, n0 + BLOCK_N, kv_len, PAGED, PAGE_SIZE)
+            row = page * PAGE_SIZE + n0 % PAGE_SIZE if PAGED else kv_start + n0
+            acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, row, k_desc, v_desc, k_col, v_col,
+                                      qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
+            page = next_page
+    return acc, l_i, m_i, rows, heads, m_mask
+
+
+@triton.jit
+def _prefill_tma_kernel(
+    q_desc, k_desc, v_desc, out_ptr, q_starts_ptr, kv_ptr_lens, block_table_ptr, stride_qt, stride_qh, stride_kt,
+    stride_vt, stride_tb, stride_ot, stride_oh, qk_scale, num_m_tiles,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """:func:`_prefill_kernel` (un-split) with tensor-descriptor (TMA) loads (:func:`_tma_attend`); power-of-two
+    head sizes only.
+
+    ``WARP_SPECIALIZE`` (packed keys only): the form Triton 3.6 warp-specializes on sm_90 (a producer warp group
+    issuing the TMA copies, the tile's rows split between two consumer groups): ``q_desc``, ``k_desc``, ``v_desc``
+    are the tensors' pointers, the key/value descriptors are made on the device per sequence (clipped to it: TMA
+    brings zeros past its end), the query tile is a pointer load, and one branch-free loop walks every key tile the
     tile sees with the mask applied to each (its pass cannot take an early return, a second loop after the
     specialized one, or a branch inside it)."""
-    TOKENS: tl.constexpr = BLOCK_M // PACK
     tile = num_m_tiles - 1 - tl.program_id(0)
     head0 = tl.program_id(1) * PACK
     b = tl.program_id(2)
     q_start = tl.load(q_starts_ptr + b).to(tl.int32)
     q_len = tl.load(q_starts_ptr + b + 1).to(tl.int32) - q_start
-    m0 = tile * TOKENS
-    if not WARP_SPECIALIZE:
-        if m0 >= q_len:
-            return
-    kv_start = tl.load(kv_starts_ptr + b).to(tl.int32)
-    kv_len = tl.load(kv_starts_ptr + b + 1).to(tl.int32) - kv_start
-    diag = kv_len - q_len
-    offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
-    rows = (q_start + offs_m).to(tl.int64)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    hi, full = _key_bounds(m0, kv_len, diag, TOKENS, BLOCK_N, CAUSAL)
-    kvh = head0 // GROUP
-    k_col = kvh * HEAD_DIM
-    v_col = kvh * HEAD_DIM_V
+    m0 = tile * (BLOCK_M // PACK)
     if WARP_SPECIALIZE:  # PACK == 1: the tile is BLOCK_M tokens of one head
+        kv_start = tl.load(kv_ptr_lens + b).to(tl.int32)
+        kv_len = tl.load(kv_ptr_lens + b + 1).to(tl.int32) - kv_start
+        diag = kv_len - q_len
+        offs_m, heads, m_mask = _tile_rows(m0, head0, q_len, BLOCK_M, PACK)
+        rows = (q_start + offs_m).to(tl.int64)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+        hi, full = _key_bounds(m0, kv_len, diag, BLOCK_M // PACK, BLOCK_N, CAUSAL)
+        k_col = head0 // GROUP * HEAD_DIM
+        v_col = head0 // GROUP * HEAD_DIM_V
         q_seq = tl.make_tensor_descriptor(q_desc + q_start.to(tl.int64) * stride_qt,
                                           [tl.maximum(q_len, 1), NUM_KV_HEADS * GROUP * HEAD_DIM], [stride_qt, 1],
                                           [BLOCK_M, HEAD_DIM])
@@ -685,34 +780,49 @@ def _prefill_tma_kernel(
         if WHILE_LOOP:
             n0 = hi * 0
             while n0 < hi:
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, 0, k_seq, v_seq, k_col, v_col,
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, n0, k_seq, v_seq, k_col, v_col,
                                           qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, True)
                 n0 += BLOCK_N
         else:
             for n0 in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, 0, k_seq, v_seq, k_col, v_col,
+                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, n0, k_seq, v_seq, k_col, v_col,
                                           qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, True)
     else:
-        # Rows past the sequence are the next sequence's tokens (or zeros past the tensor): never stored.
-        q = q_desc.load([q_start + m0, head0, 0]).reshape(BLOCK_M, HEAD_DIM)
-        if WHILE_LOOP:  # the interpreter (numpy 2 refuses range() over its 1-element scalars)
-            n0 = full * 0
-            while n0 < full:
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                          v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
-                n0 += BLOCK_N
-            while n0 < hi:
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                          v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
-                n0 += BLOCK_N
-        else:
-            for n0 in tl.range(0, full, BLOCK_N):
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                          v_col, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION, False)
-            for n0 in tl.range(full, hi, BLOCK_N):
-                acc, l_i, m_i = _tma_tile(acc, l_i, m_i, q, n0, offs_m, kv_len, diag, kv_start, k_desc, v_desc, k_col,
-                                          v_col, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION, False)
+        if m0 >= q_len:
+            return
+        acc, l_i, m_i, rows, heads, m_mask = _tma_attend(
+            q_desc, k_desc, v_desc, kv_ptr_lens, block_table_ptr, stride_tb, qk_scale, b, m0, head0, q_start, q_len,
+            0, 1, GROUP, PACK, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL, DOT_PRECISION,
+            WHILE_LOOP, False)
     _store_rows(out_ptr, acc, l_i, rows, heads, m_mask, stride_ot, stride_oh, HEAD_DIM_V, HEAD_DIM_V)
+
+
+@triton.jit
+def _prefill_tma_split_kernel(
+    q_desc, k_desc, v_desc, mid_o_ptr, mid_lse_ptr, q_starts_ptr, kv_ptr_lens, block_table_ptr, stride_tb,
+    stride_ms, stride_mt, stride_ls, stride_lt, qk_scale, num_m_tiles, n_splits,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """:func:`_prefill_split_kernel` with TMA loads (:func:`_tma_attend`): one tile over one slice of its keys, its
+    partials to the scratch buffers (``program_id(0) = split * num_m_tiles + reversed tile``)."""
+    pid = tl.program_id(0)
+    split = pid // num_m_tiles
+    tile = num_m_tiles - 1 - pid % num_m_tiles
+    head0 = tl.program_id(1) * PACK
+    b = tl.program_id(2)
+    q_start = tl.load(q_starts_ptr + b).to(tl.int32)
+    q_len = tl.load(q_starts_ptr + b + 1).to(tl.int32) - q_start
+    m0 = tile * (BLOCK_M // PACK)
+    if m0 >= q_len:
+        return
+    acc, l_i, m_i, rows, heads, m_mask = _tma_attend(
+        q_desc, k_desc, v_desc, kv_ptr_lens, block_table_ptr, stride_tb, qk_scale, b, m0, head0, q_start, q_len,
+        split, n_splits, GROUP, PACK, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, CAUSAL,
+        DOT_PRECISION, WHILE_LOOP, True)
+    _store_partials(mid_o_ptr, mid_lse_ptr, acc, l_i, m_i, rows, heads, m_mask, split, stride_ms, stride_mt,
+                    stride_ls, stride_lt, HEAD_DIM_V, HEAD_DIM_V, USE_PDL)
 
 
 @triton.jit
@@ -790,12 +900,16 @@ def _meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int,
 
 @memo
 def _tma_meta(group: int, pack: int, head_size: int, head_size_v: int, num_kv_heads: int, block_m: int, block_n: int,
-              num_warps: int, num_stages: int, causal: bool, dot_precision: str, while_loop: bool,
-              warp_specialize: bool) -> dict:
-    """The compile-time arguments of :func:`_prefill_tma_kernel` (a shared dict: read it, never change it)."""
-    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, HEAD_DIM_V=head_size_v, NUM_KV_HEADS=num_kv_heads,
-                BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop,
-                WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages)
+              num_warps: int, num_stages: int, paged: bool, page_size: int, causal: bool, dot_precision: str,
+              while_loop: bool, warp_specialize: bool, split: bool) -> dict:
+    """The compile-time arguments of :func:`_prefill_tma_kernel` (``split``: of :func:`_prefill_tma_split_kernel`,
+    which has no ``NUM_KV_HEADS`` / ``WARP_SPECIALIZE``); a shared dict: read it, never change it."""
+    meta = dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, HEAD_DIM_V=head_size_v, BLOCK_M=block_m, BLOCK_N=block_n,
+                PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop,
+                num_warps=num_warps, num_stages=num_stages)
+    if not split:
+        meta.update(NUM_KV_HEADS=num_kv_heads, WARP_SPECIALIZE=warp_specialize)
+    return meta
 
 
 def _device_scratch(device: torch.device):
@@ -804,22 +918,33 @@ def _device_scratch(device: torch.device):
     return lambda size, alignment, stream: torch.empty(size, dtype=torch.uint8, device=device)
 
 
-def _tma_applies(query, key, value) -> bool:
-    """Whether the TMA kernel takes these tensors (else the pointer kernel runs): 16-bit inputs (fp32's tf32x3 dots
+def _tma_applies(query, key, value, page_size: int = 0) -> bool:
+    """Whether the TMA kernels take these tensors (else the pointer kernels run): 16-bit inputs (fp32's tf32x3 dots
     spill registers with TMA tiles on sm_90), head sizes 64 / 128 (256 stays on the pointer path), K/V heads
-    contiguous (a 2-D ``[T, Hkv * D]`` view), sm_90+, layouts TMA can address. Asked on every ``prefill_attention``
-    call (its host cost counts): plain int and tuple tests, the cheapest first."""
-    d, dv = query.shape[2], value.shape[2]
-    if d not in (64, 128) or dv not in (64, 128) or key.shape[2] != d or query.dtype == torch.float32:
+    contiguous, sm_90+, layouts TMA can address: packed ``[T, Hkv, D]`` keys/values as 2-D ``[T, Hkv * D]`` views,
+    or (``page_size``, paged prefill) ``[blocks, page_size, Hkv, D]`` caches whose pages follow each other row by
+    row, as 2-D ``[blocks * page_size, Hkv * D]`` views. Asked on every call (its host cost counts): plain int and
+    tuple tests, the cheapest first."""
+    d, dv = query.shape[2], value.shape[-1]
+    if d not in (64, 128) or dv not in (64, 128) or key.shape[-1] != d or query.dtype == torch.float32:
         return False
     device = query.device
     if device.type == "cuda" and capability(device.index) < 9:
         return False
     # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
-    (sq0, sq1, sq2), (sk0, sk1, sk2), (sv0, sv1, sv2) = query.stride(), key.stride(), value.stride()
+    sq0, sq1, sq2 = query.stride()
+    if page_size:
+        (sk0, sk1, sk2, sk3), (sv0, sv1, sv2, sv3) = key.stride(), value.stride()
+        if sk0 != page_size * sk1 or sv0 != page_size * sv1 or sk2 != d or sv2 != dv or sk3 != 1 or sv3 != 1:
+            return False
+        sk0, sv0 = sk1, sv1  # the row strides of the 2-D views
+    else:
+        (sk0, sk1, sk2), (sv0, sv1, sv2) = key.stride(), value.stride()
+        if sk1 != d or sv1 != dv or sk2 != 1 or sv2 != 1:
+            return False
     align = 16 // query.element_size()
-    return not (sk1 != d or sv1 != dv or sq2 != 1 or sk2 != 1 or sv2 != 1 or not key.shape[0] or not value.shape[0]
-                or (sq0 | sq1 | sk0 | sv0) % align or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16)
+    return not (sq2 != 1 or not key.shape[0] or not value.shape[0] or (sq0 | sq1 | sk0 | sv0) % align
+                or (query.data_ptr() | key.data_ptr() | value.data_ptr()) % 16)
 
 
 # A TensorDescriptor's fields with defaults (padding, ...), set on the descriptors _descriptor builds.
@@ -848,15 +973,20 @@ def _descriptor(base, shape, strides, block_shape) -> TensorDescriptor:
 
 def _tma_descriptors(query, key, value, tokens: int, pack: int, block_n: int):
     """Host-side tensor descriptors of the query (``[T, Hq, D]``, box ``[tokens, pack, D]``) and of the keys and
-    values as 2-D ``[T, Hkv * D]`` views (box ``[block_n, D]``). The launcher encodes each
-    (``cuTensorMapEncodeTiled``) on every call and passes it by value, so a CUDA graph captures it with the
-    launch."""
-    (t, hq, d), (tk, hk, _), (tv, _, dv) = query.shape, key.shape, value.shape
+    values as 2-D views (box ``[block_n, D]``): ``[T, Hkv * D]`` of packed ones, ``[blocks * page_size, Hkv * D]``
+    of paged caches (``[blocks, page_size, Hkv, D]``, pages row after row: :func:`_tma_applies`). The launcher
+    encodes each (``cuTensorMapEncodeTiled``) on every call and passes it by value, so a CUDA graph captures it with
+    the launch."""
+    (t, hq, d), hk, dv = query.shape, key.shape[-2], value.shape[-1]
+    if key.dim() == 3:
+        k_rows, v_rows = key.shape[0], value.shape[0]
+    else:  # paged: blocks * page_size
+        k_rows, v_rows = key.shape[0] * key.shape[1], value.shape[0] * value.shape[1]
     if validate_block_shape is not None:
         _valid_boxes((tokens, pack, d), (block_n, d), (block_n, dv))
     return (_descriptor(query, [t, hq, d], [query.stride(0), query.stride(1), 1], [tokens, pack, d]),
-            _descriptor(key, [tk, hk * d], [key.stride(0), 1], [block_n, d]),
-            _descriptor(value, [tv, hk * dv], [value.stride(0), 1], [block_n, dv]))
+            _descriptor(key, [k_rows, hk * d], [key.stride(-3), 1], [block_n, d]),
+            _descriptor(value, [v_rows, hk * dv], [value.stride(-3), 1], [block_n, dv]))
 
 
 # The library route (see the module docstring). The devices and SDPA backends it asks torch for: CUDA and cuDNN;
@@ -914,9 +1044,15 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
     device = query.device
-    tma_call = not paged and not quant_bits and _tma_applies(query, key, value)
-    cfg = _config(device.type, query.dtype, head_size, head_size_v, max_q_seq_len >= LONG_QUERIES, device.index or 0,
-                  tma_call)
+    long_queries = max_q_seq_len >= LONG_QUERIES
+    if paged:  # the TMA kernels where a config asks for them (tma=1; not yet measured as a default)
+        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0, False)
+        # a tile of keys never crosses a cache page
+        tma_ok = (cfg.tma and not quant_bits and not page_size % cfg.block_n
+                  and _tma_applies(query, key, value, page_size))
+    else:  # a call the TMA kernel takes gets the Hopper default tiles
+        tma_ok = _tma_applies(query, key, value)
+        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0, tma_ok)
     if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal):
         return
     group = num_q_heads // num_kv_heads
@@ -924,15 +1060,26 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     num_m_tiles = cdiv(max_q_seq_len, cfg.block_m // pack)
     grid_heads = num_q_heads // pack
     splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
-    if splits == 1 and cfg.tma and tma_call:
-        ws = cfg.warp_specialize
-        tensors = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
-                                                                   cfg.block_n)
-        launch = _prefill_tma_kernel[(num_m_tiles, grid_heads, batch)]
-        args = (*tensors, out, q_starts, kv_arg, *query.stride()[:2], key.stride(0), value.stride(0),
-                *out.stride()[:2], softmax_scale * LOG2E, num_m_tiles)
+    ws = cfg.warp_specialize
+    tma = cfg.tma and tma_ok and not (ws and (paged or splits > 1))  # warp specialization: un-split, packed keys
+    grid = (num_m_tiles * splits, grid_heads, batch)
+    table_stride = block_table.stride()[0] if paged else 0
+    if tma:
+        descs = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
+                                                                 cfg.block_n)
         meta = _tma_meta(group, pack, head_size, head_size_v, num_kv_heads, cfg.block_m, cfg.block_n, cfg.num_warps,
-                         cfg.num_stages, causal, _dot_precision(query), device.type == "cpu", ws)
+                         cfg.num_stages, paged, page_size, causal, _dot_precision(query), device.type == "cpu", ws,
+                         splits > 1)
+    else:
+        ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
+        inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, table_stride)
+        meta = _meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                     paged, page_size, causal, _dot_precision(query), device.type == "cpu", quant_bits)
+    scale = softmax_scale * LOG2E
+    if splits == 1 and tma:
+        launch = _prefill_tma_kernel[grid]
+        args = (*descs, out, q_starts, kv_arg, block_table, *query.stride()[:2], key.stride(-3), value.stride(-3),
+                table_stride, *out.stride()[:2], scale, num_m_tiles)
         if not ws or device.type != "cuda":
             launch(*args, **meta)
             return
@@ -943,28 +1090,26 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
         finally:
             _allocation._allocator.reset(token)
         return
-    ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
-    inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, block_table.stride()[0] if paged else 0)
-    meta = _meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, paged,
-                 page_size, causal, _dot_precision(query), device.type == "cpu", quant_bits)
     if splits == 1:
-        _prefill_kernel[(num_m_tiles, grid_heads, batch)](
-            query, key, value, out, q_starts, kv_arg, block_table, *inputs, *out.stride()[:2],
-            softmax_scale * LOG2E, num_m_tiles, **meta)
+        _prefill_kernel[grid](query, key, value, out, q_starts, kv_arg, block_table, *inputs, *out.stride()[:2], scale,
+                              num_m_tiles, **meta)
         return
     # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
     mid_o = torch.empty((splits, tokens, num_q_heads, head_size_v), dtype=torch.float32, device=device)
     mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
     pdl = cfg.pdl and has_pdl(device.type, device.index)
-    _prefill_split_kernel[(num_m_tiles * splits, grid_heads, batch)](
-        query, key, value, mid_o, mid_lse, q_starts, kv_arg, block_table, *inputs,
-        mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
-        softmax_scale * LOG2E, num_m_tiles, splits, USE_PDL=pdl, **meta)
+    mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1))
+    if tma:
+        _prefill_tma_split_kernel[grid](*descs, mid_o, mid_lse, q_starts, kv_arg, block_table, table_stride,
+                                        *mid_strides, scale, num_m_tiles, splits, USE_PDL=pdl, **meta)
+    else:
+        _prefill_split_kernel[grid](query, key, value, mid_o, mid_lse, q_starts, kv_arg, block_table, *inputs,
+                                    *mid_strides, scale, num_m_tiles, splits, USE_PDL=pdl, **meta)
     _prefill_combine_kernel[(cdiv(tokens * num_q_heads, cfg.combine_rows),)](
         mid_o, mid_lse, out, q_starts, batch, splits, mid_o.stride(0), mid_lse.stride(0), *out.stride()[:2],
-        NUM_HEADS=num_q_heads, HEAD_DIM_V=head_size_v, BLOCK_DV=meta["BLOCK_DV"], BLOCK_R=cfg.combine_rows,
-        WHILE_LOOP=device.type == "cpu", USE_PDL=pdl, num_warps=cfg.combine_warps, num_stages=2,
-        **({"launch_pdl": True} if pdl else {}))
+        NUM_HEADS=num_q_heads, HEAD_DIM_V=head_size_v, BLOCK_DV=next_power_of_2(head_size_v),
+        BLOCK_R=cfg.combine_rows, WHILE_LOOP=device.type == "cpu", USE_PDL=pdl, num_warps=cfg.combine_warps,
+        num_stages=2, **({"launch_pdl": True} if pdl else {}))
 
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
