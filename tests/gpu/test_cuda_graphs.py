@@ -279,7 +279,8 @@ def test_prefill_other_lengths(triton_vendor, dtype, causal):
 _TMA_TILES = "tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3"
 
 
-@pytest.mark.parametrize("config", ["", _TMA_TILES, _TMA_TILES + ",splits=2"], ids=["default", "tma", "tma_split"])
+@pytest.mark.parametrize("config", ["", _TMA_TILES, _TMA_TILES + ",splits=2,tma_split=1"],
+                         ids=["default", "tma", "tma_split"])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_paged_prefill_chunked_other_lengths(triton_vendor, block_size, config, monkeypatch, request):
     """``config``: DLINFER_TRITON_PREFILL; the TMA kernels (key/value tiles by TMA from the caches, on Hopper) take

@@ -130,19 +130,22 @@ def test_tma_output_may_alias_the_query(hopper):
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("hq,hk,d,dv,dtype,causal,q_lens,kv_lens", HOPPER_CASES[:5])
 def test_tma_split_prefill_matches_reference(hq, hk, d, dv, dtype, causal, q_lens, kv_lens, splits, hopper):
-    """A split grid runs the TMA split kernel (then the combine kernel), never the pointer kernels."""
-    spies = hopper(splits=splits)
+    """With ``tma_split`` a split grid runs the TMA split kernel (then the combine kernel), never the pointer
+    kernels."""
+    spies = hopper(splits=splits, tma_split=True)
     query, key, value, cu_q, cu_kv = _case(hq, hk, d, dv, dtype, q_lens, kv_lens or q_lens, hq + d + splits)
     _check(query, key, value, cu_q, cu_kv, q_lens, causal, dtype, dv)
     assert spies["_prefill_tma_split_kernel"].launches == 1
     assert sum(spies[k].launches for k in KERNELS) == 1
 
 
-@pytest.mark.parametrize("shape", ["d32", "d256", "fp32", "strided_heads", "split_ws"])
+@pytest.mark.parametrize("shape", ["d32", "d256", "fp32", "strided_heads", "split", "split_ws"])
 def test_pointer_kernel_where_tma_does_not_apply(shape, hopper):
-    """Head sizes other than 64/128, fp32, K/V whose heads are not contiguous (no 2-D ``[T, Hkv * D]`` view) and
-    a split grid asking for warp specialization run the pointer kernels, and give the reference's result."""
-    spies = hopper(splits=2, warp_specialize=True) if shape == "split_ws" else hopper()
+    """Head sizes other than 64/128, fp32, K/V whose heads are not contiguous (no 2-D ``[T, Hkv * D]`` view), a
+    split grid without ``tma_split`` (the default: the TMA split kernel has not run on a GPU yet) and one asking for
+    warp specialization run the pointer kernels, and give the reference's result."""
+    fields = {"split": dict(splits=2), "split_ws": dict(splits=2, tma_split=True, warp_specialize=True)}
+    spies = hopper(**fields.get(shape, {}))
     d = {"d32": 32, "d256": 256}.get(shape, 64)
     dtype = torch.float32 if shape == "fp32" else torch.float16
     q_lens = [9, 26]
@@ -207,9 +210,10 @@ PAGED_CASES = [
 @pytest.mark.parametrize("hq,hk,d,dv,page,causal,q_lens,history", PAGED_CASES)
 def test_tma_paged_prefill_matches_reference(hq, hk, d, dv, page, causal, q_lens, history, splits, hopper):
     """With ``tma`` in the config, paged prefill reads its key/value tiles by TMA from the caches viewed as 2-D
-    ``[blocks * page, Hk * D]`` (a tile inside one page, found through the block table), un-split and split; the
+    ``[blocks * page, Hk * D]`` (a tile inside one page, found through the block table), un-split and (with
+    ``tma_split``) split; the
     NaN in the slots past each sequence never reaches an output."""
-    spies = hopper(splits=splits)
+    spies = hopper(splits=splits, tma_split=True)
     case = _paged_case(hq, hk, d, dv, page, q_lens, history, seed=hq + d + page + splits)
     _check_paged(case, q_lens, causal, dv, max(q + h for q, h in zip(q_lens, history)) + 20)
     kernel = "_prefill_tma_split_kernel" if splits else "_prefill_tma_kernel"

@@ -60,7 +60,8 @@ Hopper variant (TMA), on by default for prefill_attention at head size 128 on sm
 ``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where a
 ``prefill_attention`` call qualifies; ``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, paged prefill
 included, ``tma=0`` restores the pointer kernel and its tiles) runs the grid through ``_prefill_tma_kernel``
-(``_prefill_tma_split_kernel`` when split, then the same combine kernel): the same tiles, packing, reverse tile
+(``_prefill_tma_split_kernel`` when split and ``tma_split`` asks for it, then the same combine kernel; else a split
+grid runs the pointer split kernel): the same tiles, packing, reverse tile
 order, slices, causal split into unmasked and masked diagonal tiles and online softmax (shared helpers), but the
 query tile is one TMA box ``[BLOCK_M // PACK, PACK, D]`` of the ``[T, Hq, D]`` query (token-major rows, as packed)
 and each key/value tile a ``[BLOCK_N, D]`` box of a 2-D view at column ``kv_head * D``: ``[T, Hkv * D]`` of packed
@@ -199,6 +200,8 @@ class PrefillConfig:
     # (benchmarks/tune_attention.py sweeps them).
     tma: bool = False
     warp_specialize: bool = False
+    # split grids on the TMA split kernel (with tma; else the pointer split kernel): not yet run on a GPU
+    tma_split: bool = False
     # Library route of prefill_attention (_sdpa): a uniform batch (one offsets tensor for queries and keys,
     # T == B * max_q_seq_len, no padding rows) on CUDA, fp16/bf16, D == Dv in (64, 128), outside CUDA-graph
     # capture, served by torch's cuDNN SDPA. Off: a cuDNN plan build (50-657 ms on an H100) per new length.
@@ -1061,7 +1064,8 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     grid_heads = num_q_heads // pack
     splits = num_splits(num_m_tiles * grid_heads * batch, max_kv_seq_len, cfg)
     ws = cfg.warp_specialize
-    tma = cfg.tma and tma_ok and not (ws and (paged or splits > 1))  # warp specialization: un-split, packed keys
+    # split grids: only with tma_split; warp specialization: un-split packed keys only
+    tma = cfg.tma and tma_ok and (splits == 1 or (cfg.tma_split and not ws)) and not (ws and paged)
     grid = (num_m_tiles * splits, grid_heads, batch)
     table_stride = block_table.stride()[0] if paged else 0
     if tma:
