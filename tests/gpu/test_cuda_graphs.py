@@ -248,12 +248,14 @@ def _varlen(g, batch, total, max_len, history_max=0):
     return q_lens, hist
 
 
+@pytest.mark.parametrize("total,max_len", [(600, 250), (2400, 1000)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_other_lengths(triton_vendor, dtype, causal):
+def test_prefill_other_lengths(triton_vendor, dtype, causal, total, max_len):
+    """600 query rows: the pointer kernel; 2400 (at least TMA_MIN_TOKENS): on Hopper the TMA kernel."""
     require(triton_vendor, "prefill_attention")
     g = gen(7)
-    batch, hq, hk, d, total, max_len = 3, 8, 2, 128, 600, 250
+    batch, hq, hk, d = 3, 8, 2, 128
     q, k, v = (randn(g, total, h, d, dtype=dtype) for h in (hq, hk, hk))
     q_lens = torch.full((batch,), 5, device=DEV, dtype=torch.int32)
     kv_lens = q_lens.clone()

@@ -308,7 +308,9 @@ def test_hopper_runs_tma_tiles_where_the_call_qualifies(monkeypatch, card):
 
 def test_the_launch_asks_for_tma_tiles_only_for_calls_the_tma_kernel_takes(monkeypatch):
     """``_launch`` tells ``_config`` whether the TMA kernel can take the call (un-paged, unquantized,
-    ``_tma_applies``), and a config with ``tma`` runs the TMA kernel only then."""
+    ``_tma_applies``) and it has at least ``TMA_MIN_TOKENS`` query rows, and a config with ``tma`` runs the TMA
+    kernel only where it can take the call."""
+    monkeypatch.setattr(ap, "TMA_MIN_TOKENS", 8)
     asked = []
     real = ap._config
 
@@ -326,8 +328,27 @@ def test_the_launch_asks_for_tma_tiles_only_for_calls_the_tma_kernel_takes(monke
     strided = torch.empty(key.shape[0], 2, 2 * 64, dtype=key.dtype)[:, :, :64]  # K heads not contiguous
     strided.copy_(key)
     ap.prefill_attention(query, strided, value, cu_q, cu_q, 5, 0.125, True, out)
-    assert asked == [True, False]
-    assert spies["_prefill_tma_kernel"].launches == 1 and spies["_prefill_kernel"].launches == 1
+    monkeypatch.setattr(ap, "TMA_MIN_TOKENS", 9)  # 8 rows: too few for the default TMA tiles
+    ap.prefill_attention(query, key, value, cu_q, cu_q, 5, 0.125, True, out)
+    assert asked == [True, False, False]
+    assert spies["_prefill_tma_kernel"].launches == 2 and spies["_prefill_kernel"].launches == 1
+
+
+def test_eager_sized_prefills_keep_the_pointer_kernel(monkeypatch):
+    """The shipped threshold: a 128-token prefill (host-bound when eager) does not ask for the TMA tiles, a
+    2048-token one does (the launch is stopped once the question is asked)."""
+    asked = []
+
+    def config(*args):
+        asked.append(args[-1])
+        raise StopIteration
+
+    monkeypatch.setattr(ap, "_config", config)
+    for tokens in (128, ap.TMA_MIN_TOKENS - 1, ap.TMA_MIN_TOKENS):
+        query, key, value, cu_q, _ = _case(2, 1, 64, 64, torch.float16, [tokens], [tokens], 1, pad=0)
+        with pytest.raises(StopIteration):
+            ap.prefill_attention(query, key, value, cu_q, cu_q, tokens, 0.125, True, torch.empty_like(query))
+    assert asked == [False, False, True] and 1024 <= ap.TMA_MIN_TOKENS <= 4096
 
 
 def test_tma_descriptors_equal_triton_s_own_and_keep_its_box_rule():

@@ -58,7 +58,8 @@ the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zer
 Hopper variant (TMA), on by default for prefill_attention at head size 128 on sm_90
 -----------------------------------------------------------------------------------
 ``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where a
-``prefill_attention`` call qualifies; ``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, paged prefill
+``prefill_attention`` call qualifies and has at least :data:`TMA_MIN_TOKENS` query rows, whose GPU time repays
+the TMA launch's host time; ``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, paged prefill
 included, ``tma=0`` restores the pointer kernel and its tiles) runs the grid through ``_prefill_tma_kernel``
 (``_prefill_tma_split_kernel`` when split and ``tma_split`` asks for it, then the same combine kernel; else a split
 grid runs the pointer split kernel): the same tiles, packing, reverse tile
@@ -214,6 +215,12 @@ class PrefillConfig:
 # 1026 vs 1111 us (1.08-1.19x; LMDeploy's kernel 205 / 430 / 1250 us); of the TMA tiles swept (128x128 and
 # 128x64 with 8 warps, 64x128, warp-specialized 128-row tiles) the fastest at all three shapes.
 HOPPER_TMA = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
+# ... for calls of at least this many query rows (``query.shape[0]``, a host int). A TMA launch costs more host time
+# than a pointer launch: three descriptors built (~5 us on a 2-core CPU) plus Triton's launcher expanding and
+# encoding each (``cuTensorMapEncodeTiled``; its Python part ~3 us on that CPU), while the GPU time it saves is
+# 8-19 % of the kernel's (24 us at 8192 tokens on the H100, so ~6 us at 2048). Eager prefill is host-bound at a few
+# hundred tokens (the engines run prefill outside CUDA graphs), so smaller calls keep the pointer kernel.
+TMA_MIN_TOKENS = 2048
 
 
 def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
@@ -260,7 +267,8 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     with 8 warps won at 4x2048 (383 vs 394 us) and 1x8192 tokens (1120 vs 1279 us); 64x64 tiles with 4 warps
     at 16x512 (167 vs 175 us).
 
-    ``tma_call``: a ``prefill_attention`` call the TMA kernel can take (un-paged, unquantized, :func:`_tma_applies`).
+    ``tma_call``: a ``prefill_attention`` call the TMA kernel can take (un-paged, unquantized, :func:`_tma_applies`)
+    of at least :data:`TMA_MIN_TOKENS` query rows.
     On sm_90 (Hopper) such a call with 16-bit head size 128 runs the TMA kernel on 64x64 tiles, 4 warps, 3
     stages (:data:`HOPPER_TMA`); other calls and cards (Blackwell included: not measured) keep the pointer tiles.
     """
@@ -1053,9 +1061,10 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
         # a tile of keys never crosses a cache page
         tma_ok = (cfg.tma and not quant_bits and not page_size % cfg.block_n
                   and _tma_applies(query, key, value, page_size))
-    else:  # a call the TMA kernel takes gets the Hopper default tiles
+    else:  # a call the TMA kernel takes, large enough to repay its host time, gets the Hopper default tiles
         tma_ok = _tma_applies(query, key, value)
-        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0, tma_ok)
+        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0,
+                      tma_ok and tokens >= TMA_MIN_TOKENS)
     if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal):
         return
     group = num_q_heads // num_kv_heads
