@@ -937,10 +937,9 @@ def _tma_applies(query, key, value, page_size: int = 0) -> bool:
     row, as 2-D ``[blocks * page_size, Hkv * D]`` views. Asked on every call (its host cost counts): plain int and
     tuple tests, the cheapest first."""
     d, dv = query.shape[2], value.shape[-1]
-    if d not in (64, 128) or dv not in (64, 128) or key.shape[-1] != d or query.dtype == torch.float32:
+    if d not in (64, 128) or dv not in (64, 128) or key.shape[-1] != d or query.dtype is torch.float32:
         return False
-    device = query.device
-    if device.type == "cuda" and capability(device.index) < 9:
+    if query.is_cuda and capability(query.get_device()) < 9:
         return False
     # TMA: 16-byte aligned bases, the last dimension contiguous, the other strides multiples of 16 bytes, a row.
     sq0, sq1, sq2 = query.stride()
@@ -1044,28 +1043,33 @@ def _sdpa(query, key, value, out, q_starts, batch: int, seq_len: int, softmax_sc
 
 
 def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, page_size: int, max_q_seq_len: int,
-            max_kv_seq_len: int, softmax_scale: float, causal: bool, kv_strides, quant=(0, (), ()),
-            uniform: bool = False) -> None:
-    """``uniform``: ``prefill_attention`` with one offsets tensor for queries and keys and ``T == Tk == batch *
-    max_q_seq_len`` (every sequence ``max_q_seq_len`` long): the library route may serve it (``cfg.sdpa``)."""
+            max_kv_seq_len: int, softmax_scale: float, causal: bool, quant=(0, (), ()),
+            same_offsets: bool = False) -> None:
+    """``same_offsets``: ``prefill_attention`` with one offsets tensor for queries and keys; with ``T == Tk == batch
+    * max_q_seq_len`` too (every sequence ``max_q_seq_len`` long) the library route may serve it (``cfg.sdpa``).
+    Host cost counts here (eager prefill): device facts from ``is_cuda`` / ``get_device()`` (``device.type`` costs
+    more), strides read only by the kernel that needs them."""
     tokens, num_q_heads, head_size = query.shape
     quant_bits, kv_scales, kv_zeros = quant
     num_kv_heads, head_size_v = key.shape[-2], value.shape[-1] * (2 if quant_bits == 4 else 1)
     batch = q_starts.shape[0] - 1
     if tokens == 0 or batch == 0 or max_q_seq_len == 0 or num_q_heads == 0:
         return
-    device = query.device
+    device_type = "cuda" if query.is_cuda else query.device.type
+    interpret = device_type == "cpu"
+    index = max(query.get_device(), 0)
     long_queries = max_q_seq_len >= LONG_QUERIES
     if paged:  # the TMA kernels where a config asks for them (tma=1; not yet measured as a default)
-        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0, False)
+        cfg = _config(device_type, query.dtype, head_size, head_size_v, long_queries, index, False)
         # a tile of keys never crosses a cache page
         tma_ok = (cfg.tma and not quant_bits and not page_size % cfg.block_n
                   and _tma_applies(query, key, value, page_size))
     else:  # a call the TMA kernel takes, large enough to repay its host time, gets the Hopper default tiles
         tma_ok = _tma_applies(query, key, value)
-        cfg = _config(device.type, query.dtype, head_size, head_size_v, long_queries, device.index or 0,
+        cfg = _config(device_type, query.dtype, head_size, head_size_v, long_queries, index,
                       tma_ok and tokens >= TMA_MIN_TOKENS)
-    if uniform and cfg.sdpa and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal):
+    if (same_offsets and cfg.sdpa and tokens == key.shape[0] == batch * max_q_seq_len
+            and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal)):
         return
     group = num_q_heads // num_kv_heads
     pack = _pack(cfg, group)
@@ -1081,23 +1085,25 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
         descs = (query, key, value) if ws else _tma_descriptors(query, key, value, cfg.block_m // pack, pack,
                                                                  cfg.block_n)
         meta = _tma_meta(group, pack, head_size, head_size_v, num_kv_heads, cfg.block_m, cfg.block_n, cfg.num_warps,
-                         cfg.num_stages, paged, page_size, causal, _dot_precision(query), device.type == "cpu", ws,
-                         splits > 1)
+                         cfg.num_stages, paged, page_size, causal, _dot_precision(query), interpret, ws, splits > 1)
     else:
         ks, kz, vs, vz, s_strides = quant_scales(key, kv_scales, kv_zeros, quant_bits)
+        sk, sv = key.stride(), value.stride()
+        # (block, token, head) strides of the caches; packed keys have no block stride
+        kv_strides = (*sk[:3], *sv[:3]) if paged else (0, sk[0], sk[1], 0, sv[0], sv[1])
         inputs = (ks, kz, vs, vz, *s_strides, *query.stride()[:2], *kv_strides, table_stride)
         meta = _meta(group, pack, head_size, head_size_v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
-                     paged, page_size, causal, _dot_precision(query), device.type == "cpu", quant_bits)
+                     paged, page_size, causal, _dot_precision(query), interpret, quant_bits)
     scale = softmax_scale * LOG2E
     if splits == 1 and tma:
         launch = _prefill_tma_kernel[grid]
         args = (*descs, out, q_starts, kv_arg, block_table, *query.stride()[:2], key.stride(-3), value.stride(-3),
                 table_stride, *out.stride()[:2], scale, num_m_tiles)
-        if not ws or device.type != "cuda":
+        if not ws or device_type != "cuda":
             launch(*args, **meta)
             return
         # On-device descriptors need a global scratch: Triton's allocator, set for this launch only (a ContextVar)
-        token = _allocation._allocator.set(_device_scratch(device))
+        token = _allocation._allocator.set(_device_scratch(query.device))
         try:
             launch(*args, **meta)
         finally:
@@ -1108,9 +1114,10 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
                               num_m_tiles, **meta)
         return
     # fp32 partial outputs [splits, T, Hq, Dv] and log-sum-exps [splits, T, Hq], contiguous; from shapes only.
+    device = query.device
     mid_o = torch.empty((splits, tokens, num_q_heads, head_size_v), dtype=torch.float32, device=device)
     mid_lse = torch.empty((splits, tokens, num_q_heads), dtype=torch.float32, device=device)
-    pdl = cfg.pdl and has_pdl(device.type, device.index)
+    pdl = cfg.pdl and has_pdl(device_type, device.index)
     mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1))
     if tma:
         _prefill_tma_split_kernel[grid](*descs, mid_o, mid_lse, q_starts, kv_arg, block_table, table_stride,
@@ -1121,30 +1128,24 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     _prefill_combine_kernel[(cdiv(tokens * num_q_heads, cfg.combine_rows),)](
         mid_o, mid_lse, out, q_starts, batch, splits, mid_o.stride(0), mid_lse.stride(0), *out.stride()[:2],
         NUM_HEADS=num_q_heads, HEAD_DIM_V=head_size_v, BLOCK_DV=next_power_of_2(head_size_v),
-        BLOCK_R=cfg.combine_rows, WHILE_LOOP=device.type == "cpu", USE_PDL=pdl, num_warps=cfg.combine_warps,
+        BLOCK_R=cfg.combine_rows, WHILE_LOOP=interpret, USE_PDL=pdl, num_warps=cfg.combine_warps,
         num_stages=2, **({"launch_pdl": True} if pdl else {}))
 
 
 def prefill_attention(query, key, value, cu_seqlens_q, cu_seqlens_kv, max_q_seq_len, softmax_scale, causal,
                       attn_output) -> None:
-    sk, sv = key.stride(), value.stride()
-    kv_strides = (0, sk[0], sk[1], 0, sv[0], sv[1])
     same = cu_seqlens_kv is cu_seqlens_q
     # The KV length bound (host int) for the split rule: max_q_seq_len when keys are partitioned like the queries,
     # else the packed key count (this op's signature has no KV bound).
-    # Uniform lengths from host ints: each length is at most max_q_seq_len and (no padding rows) they sum to T.
-    uniform = same and query.shape[0] == key.shape[0] == (cu_seqlens_q.shape[0] - 1) * max_q_seq_len
     _launch(query, key, value, attn_output, cu_seqlens_q, cu_seqlens_kv, cu_seqlens_q, False, 1, max_q_seq_len,
-            max_q_seq_len if same else key.shape[0], softmax_scale, causal, kv_strides, uniform=uniform)
+            max_q_seq_len if same else key.shape[0], softmax_scale, causal, same_offsets=same)
 
 
 def paged_prefill_attention(query, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, max_q_seq_len,
                             max_kv_seq_len, softmax_scale, causal, attn_output, kv_scales=(), kv_zeros=(),
                             quant_bits=0) -> None:
-    kv_strides = (*key_cache.stride()[:3], *value_cache.stride()[:3])
     _launch(query, key_cache, value_cache, attn_output, cu_seqlens_q, kv_seqlens, block_table, True,
-            key_cache.shape[1], max_q_seq_len, max_kv_seq_len, softmax_scale, causal, kv_strides,
-            (quant_bits, kv_scales, kv_zeros))
+            key_cache.shape[1], max_q_seq_len, max_kv_seq_len, softmax_scale, causal, (quant_bits, kv_scales, kv_zeros))
 
 
 OPS = {"prefill_attention": prefill_attention, "paged_prefill_attention": paged_prefill_attention}
