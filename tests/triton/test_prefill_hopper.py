@@ -1,12 +1,12 @@
-"""The Hopper variant of the triton prefill_attention kernel (``PrefillConfig.tma`` / ``warp_specialize``): tensor
-descriptor (TMA) loads of the query, key and value tiles; its warp-specialized form (device-side descriptors
-clipped to each sequence, one branch-free KV loop).
+"""The Hopper variant of the triton prefill kernels (``PrefillConfig.tma`` / ``tma_split`` / ``warp_specialize``):
+tensor descriptor (TMA) loads of the query, key and value tiles, from packed keys or from paged caches, un-split and
+split; its warp-specialized form (device-side descriptors clipped to each sequence, one branch-free KV loop).
 
 Under Triton's interpreter (CPU) against the reference vendor: the interpreter runs host- and device-side tensor
 descriptors (its loads are the TMA box semantics: rows past the tensor or the descriptor's shape are zeros, rows
 past a sequence in a host descriptor are the next sequence's), and ignores ``warp_specialize`` (it runs that
-form's code: device-side descriptors, one loop). Padding K/V rows past the last sequence hold NaN, so a masked
-tile that let a foreign row into the accumulator shows up. Compiled for sm_90 on this CPU: TMA copies, wgmma,
+form's code: device-side descriptors, one loop). Padding K/V rows past the last sequence, and cache slots past each
+sequence, hold NaN, so a masked tile that let a foreign row into the accumulator shows up. Compiled for sm_90 on this CPU: TMA copies, wgmma,
 warp specialization, shared memory, no spills. The TMA path takes 16-bit inputs; it is checked in fp16 (the
 interpreter gets bf16 ``tl.dot`` wrong), fp32 runs the pointer kernel.
 """
