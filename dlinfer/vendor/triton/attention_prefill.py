@@ -1065,9 +1065,11 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
         tma_ok = (cfg.tma and not quant_bits and not page_size % cfg.block_n
                   and _tma_applies(query, key, value, page_size))
     else:  # a call the TMA kernel takes, large enough to repay its host time, gets the Hopper default tiles
-        tma_ok = _tma_applies(query, key, value)
-        cfg = _config(device_type, query.dtype, head_size, head_size_v, long_queries, index,
-                      tma_ok and tokens >= TMA_MIN_TOKENS)
+        big = tokens >= TMA_MIN_TOKENS
+        tma_ok = big and _tma_applies(query, key, value)  # the layout test (~2 us) only where it can matter
+        cfg = _config(device_type, query.dtype, head_size, head_size_v, long_queries, index, tma_ok)
+        if cfg.tma and not big:  # an override (tma=1) asks for the TMA kernel on a smaller call
+            tma_ok = _tma_applies(query, key, value)
     if (same_offsets and cfg.sdpa and tokens == key.shape[0] == batch * max_q_seq_len
             and _sdpa(query, key, value, out, q_starts, batch, max_q_seq_len, softmax_scale, causal)):
         return
