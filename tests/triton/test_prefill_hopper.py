@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from test_attention import make_block_table
+from test_attention import make_block_table, make_cache
 
 from dlinfer.vendor.reference import attention as reference
 from dlinfer.vendor.triton import attention_decode, host
@@ -170,8 +170,7 @@ def _paged_case(hq, hk, d, dv, page, q_lens, history, seed, layout="contiguous")
         kv = torch.randn(blocks, 2, page, hk, d, generator=gen).to(torch.float16)
         key_cache, value_cache = kv[:, 0], kv[:, 1]
     else:
-        key_cache = torch.randn(blocks, page, hk, d, generator=gen).to(torch.float16)
-        value_cache = torch.randn(blocks, page, hk, dv, generator=gen).to(torch.float16)
+        key_cache, value_cache = make_cache(blocks, page, hk, d, dv, torch.float16, False, gen)
     live = torch.zeros(blocks, page, dtype=torch.bool)
     for b, n in enumerate(kv_lens):
         for t in range(n):
