@@ -91,6 +91,8 @@ SPLIT_CASES = [
     (6, 1, 32, 32, 16, torch.float16, False, True, [10, 4], [60, 25], 3),  # GQA 6: not packed
     (4, 2, 32, 32, 16, torch.float32, False, False, [6, 13, 0], [50, 0, 20], 4),  # non-causal
     (4, 1, 80, 80, 16, torch.float16, False, True, [5], [3], 8),  # D 80; more slices than key tiles: most empty
+    # 16-wide values under 32-wide keys: the value tile is padded to 32 masked columns (ap.MIN_BLOCK_DV)
+    (4, 1, 24, 16, 16, torch.float16, False, True, [2, 3], [16, 3], 3),
 ]
 
 
@@ -111,6 +113,16 @@ def test_split_paged_prefill_matches_reference(force_splits, hq, hk, d, dv, bloc
     assert len(spies["_prefill_split_kernel"].grids) == 1 and len(spies["_prefill_combine_kernel"].grids) == 1
     assert not spies["_prefill_kernel"].grids
     assert spies["_prefill_split_kernel"].grids[0][0] % splits == 0  # tiles x splits
+
+
+@pytest.mark.parametrize("d,dv,block_dv", [(16, 16, 16), (24, 16, 32), (32, 16, 32), (128, 16, 32), (16, 24, 32),
+                                           (64, 64, 64), (192, 128, 128)])
+def test_value_tiles_are_as_wide_as_the_key_tiles_up_to_32(d, dv, block_dv):
+    """16-wide value tiles under wider key tiles miscompiled on an H100 (Triton 3.6): such values get 32 masked
+    columns, interpreted and compiled alike; other widths keep their power of two."""
+    for while_loop in (True, False):
+        meta = ap._meta(4, 4, d, dv, 64, 64, 4, 3, True, 16, True, "tf32", while_loop, 0)
+        assert (meta["BLOCK_D"], meta["BLOCK_DV"]) == (ap.next_power_of_2(d), block_dv)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

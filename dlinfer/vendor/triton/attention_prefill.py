@@ -897,14 +897,25 @@ def _pack(cfg: PrefillConfig, group: int) -> int:
     return 1
 
 
+# Value tiles are at least this wide where the key tiles are (16-wide values under 16-wide keys keep theirs: they
+# pass). 16-wide value tiles under 32-wide key tiles (head size 24 or 32, value size 16) gave wrong outputs and
+# illegal memory accesses on an H100 with Triton 3.6 wherever a tile had 64+ query rows and 64+ keys (paged prefill
+# over 8-bit, 4-bit and unquantized caches, split or not, with or without pipelining, 4 or 8 warps), while the same
+# cases with 32-wide values passed under every tile config: masked 32-wide tiles serve them. The interpreter runs
+# the same tiles, so the CPU tests check the masked columns.
+MIN_BLOCK_DV = 32
+
+
 @memo
 def _meta(group: int, pack: int, head_size: int, head_size_v: int, block_m: int, block_n: int, num_warps: int,
           num_stages: int, paged: bool, page_size: int, causal: bool, dot_precision: str, while_loop: bool,
           quant_bits: int) -> dict:
     """The compile-time arguments of the prefill and split kernels, built once per shape (a shared dict: read it,
     never change it); building it on every call cost ~1-2 us of host time."""
-    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, BLOCK_D=next_power_of_2(head_size),
-                HEAD_DIM_V=head_size_v, BLOCK_DV=next_power_of_2(head_size_v), BLOCK_M=block_m, BLOCK_N=block_n,
+    block_d = next_power_of_2(head_size)
+    block_dv = max(next_power_of_2(head_size_v), min(block_d, MIN_BLOCK_DV))  # see MIN_BLOCK_DV
+    return dict(GROUP=group, PACK=pack, HEAD_DIM=head_size, BLOCK_D=block_d,
+                HEAD_DIM_V=head_size_v, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
                 PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, DOT_PRECISION=dot_precision, WHILE_LOOP=while_loop,
                 QUANT=quant_bits, num_warps=num_warps, num_stages=num_stages)
 
