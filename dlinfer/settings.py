@@ -44,9 +44,9 @@ VARIABLES: tuple[Variable, ...] = (
              "when vLLM loads its plugins"),
     Variable("DLINFER_TRITON_PREFILL", "spec", "",
              "launch-parameter overrides of the Triton prefill attention kernels (`block_n=128,pack_gqa=0`; `tma=0` "
-             "turns off the TMA kernel Hopper runs by default for head size 128 from 2048 query rows, `tma=1` asks "
-             "for it on any call and reads paged prefill's K/V tiles by TMA on sm_90+ where a page holds whole tiles, "
-             "`tma_split=1` split grids too); `sdpa=1` serves uniform-length "
+             "turns off the TMA kernels Hopper runs by default for head size 128 (prefill from 2048 query rows, paged "
+             "prefill from 2M query-key pairs where a page holds whole 64-key tiles), `tma=1` asks for them on any "
+             "call, `tma_split=1` runs split grids on them too); `sdpa=1` serves uniform-length "
              "prefill batches on CUDA from torch's cuDNN SDPA, assuming no padding rows after the last sequence "
              "(`DLINFER_CHECK=1` verifies it; off: cuDNN builds a plan, 50-650 ms, at every new length)",
              "when a kernel configuration is first built"),

@@ -1,12 +1,12 @@
-"""Quantized paged prefill on the GPU, one case per process: the quick matrix's 4-bit case (d 24, dv 16, GQA 4,
+"""Quantized paged prefill on the GPU, one process per config: the quick matrix's 4-bit case (d 24, dv 16, GQA 4,
 packed cache, stacked scales) and its neighbours, each with the default launch and with the config fields
 that change the kernel's tiles, so a failure names what it depends on (head padding, 4 bits, GQA packing,
-tile sizes, split-KV). The first H200 run failed the 4-bit case in fp16/bf16 (rel err 5e-2) and crashed it with
-``splits=3`` (illegal memory access); Triton's interpreter passes all of these with the CPU and the GPU tiles.
-
-A case runs in a subprocess of its own: an illegal memory access kills the CUDA context of the process that
-hits it, and would fail every later case.
-"""
+tile sizes, pipelining, warps, split-KV, the value head size). The first H200 run failed the 4-bit case in fp16/bf16
+(rel err 5e-2) and crashed it with ``splits=3`` (illegal memory access); Triton's interpreter passes all of these
+with the CPU and the GPU tiles. An H100 run of this probe traced it to 16-wide value tiles under 32-wide key tiles
+(every dv-16 shape, unquantized ones included, failed wherever a tile had 64+ query rows and 64+ keys; the dv-32
+shapes passed under every config): the kernels now pad such value tiles to 32 (``attention_prefill.MIN_BLOCK_DV``),
+which this probe verifies on the next GPU run."""
 
 from __future__ import annotations
 

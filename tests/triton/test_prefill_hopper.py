@@ -222,8 +222,8 @@ def test_tma_paged_prefill_matches_reference(hq, hk, d, dv, page, causal, q_lens
 @pytest.mark.parametrize("why", ["page_not_a_tile_multiple", "blocked_pages", "warp_specialize", "untuned"])
 def test_paged_prefill_runs_the_pointer_kernel_where_tma_does_not_apply(why, hopper, monkeypatch):
     """A page that is not a whole number of key tiles, caches whose pages do not follow each other row by row, a
-    warp-specialized config and a config without ``tma`` (every paged call by default: not measured yet) run the
-    pointer kernel, with the reference's result."""
+    warp-specialized config and a config without ``tma`` (the CPU's default) run the pointer kernel, with the
+    reference's result."""
     if why == "untuned":
         spies = {name: _Spy(getattr(ap, name)) for name in KERNELS}
         for name, spy in spies.items():
@@ -331,6 +331,64 @@ def test_the_launch_asks_for_tma_tiles_only_for_calls_the_tma_kernel_takes(monke
     ap.prefill_attention(query, key, value, cu_q, cu_q, 5, 0.125, True, out)
     assert asked == [True, False, False]
     assert spies["_prefill_tma_kernel"].launches == 2 and spies["_prefill_kernel"].launches == 1
+
+
+@pytest.mark.parametrize("card", ["H100", "A100"])
+def test_paged_hopper_default_runs_split_grids_on_the_tma_kernel_too(monkeypatch, card):
+    """A paged call the TMA kernels take gets HOPPER_TMA_PAGED on sm_90 (its split grids on the TMA split kernel:
+    measured faster there), the pointer tiles elsewhere."""
+    monkeypatch.delenv("DLINFER_TRITON_PREFILL", raising=False)
+    ap._config.cache_clear()
+    try:
+        with host.simulate(host.CARDS[card]):
+            cfg = ap._config("cuda", torch.bfloat16, 128, 128, False, 0, True, True)
+            if host.CARDS[card].capability == 9:
+                assert cfg == dataclasses.replace(ap.HOPPER_TMA_PAGED, target_programs=cfg.target_programs)
+                assert cfg.tma and cfg.tma_split
+            else:
+                assert not cfg.tma and cfg == ap._config("cuda", torch.bfloat16, 128, 128, False, 0, False, True)
+    finally:
+        ap._config.cache_clear()
+
+
+def test_paged_launch_asks_for_tma_and_large_tiles_where_they_pay(monkeypatch):
+    """Paged prefill asks ``_config`` for the TMA tiles where the TMA kernels can take the call (16-bit, head size
+    64/128, unquantized, pages of whole 64-key tiles, rows after rows) with at least ``TMA_MIN_PAIRS`` query-key
+    pairs, and for the large pointer tiles for long queries or a chunk of ``CHUNK_MIN_QUERIES`` over a history of
+    ``LONG_HISTORY`` keys (the launch is stopped once the question is asked)."""
+    asked = []
+
+    def config(*args):
+        asked.append((args[4], args[6], args[7]))  # large tiles, tma_call, paged
+        raise StopIteration
+
+    monkeypatch.setattr(ap, "_config", config)
+
+    def ask(page, max_q, max_kv, tokens=256, layout="contiguous", quant=False):
+        case = _paged_case(4, 1, 128, 128, page, [3, 2], [5, 0], seed=page, layout=layout)
+        query, key_cache, value_cache, table, cu_q, kv_lens = case
+        query = query[:1].expand(tokens, -1, -1).contiguous()  # only the row count matters here
+        extra = ()
+        if quant:
+            key_cache, value_cache = (t.to(torch.uint8) for t in (key_cache, value_cache))
+            sz = torch.ones(key_cache.shape[:3], dtype=torch.float16)
+            extra = ((sz, sz), (sz, sz), 8)
+        with pytest.raises(StopIteration):
+            ap.paged_prefill_attention(query, key_cache, value_cache, table, cu_q, kv_lens, max_q, max_kv, 0.1, True,
+                                       torch.empty_like(query), *extra)
+        return asked.pop()
+
+    pairs = ap.TMA_MIN_PAIRS
+    assert ask(64, 256, pairs // 256) == (True, True, True)  # a chunk over a long history: TMA tiles
+    assert ask(64, 256, pairs // 256 - 1, tokens=255) == (True, False, True)  # too few pairs for the TMA launch
+    assert ask(64, 512, 512, tokens=8192) == (False, True, True)  # whole prompts (16 x 512)
+    assert ask(16, 256, 16640) == (True, False, True)  # 16-key pages: the pointer kernel's large tiles
+    assert ask(64, 256, 16640, layout="blocked") == (True, False, True)  # pages not row after row
+    assert ask(64, 256, 16640, quant=True) == (True, False, True)  # an 8-bit cache
+    assert ask(16, ap.CHUNK_MIN_QUERIES - 1, 16640) == (False, False, True)  # a short chunk: the small tiles
+    assert ask(16, 512, ap.LONG_HISTORY - 1) == (False, False, True)  # whole prompts: the small tiles
+    assert ask(16, ap.LONG_QUERIES, 1024) == (True, False, True)
+    assert 1 << 20 <= pairs <= 1 << 23 and ap.CHUNK_MIN_QUERIES <= 256 and ap.LONG_HISTORY <= 16384
 
 
 def test_eager_sized_prefills_keep_the_pointer_kernel(monkeypatch):

@@ -55,12 +55,13 @@ A quantized cache (``paged_prefill_attention`` with ``quant_bits`` 8 / 4) is the
 the same kernel: K/V tiles are loaded as bytes with their tokens' scales and zeros and dequantized in registers
 (``attention_decode.load_dequant``) before the dots; ``QUANT = 0`` compiles to the unquantized kernel.
 
-Hopper variant (TMA), on by default for prefill_attention at head size 128 on sm_90
------------------------------------------------------------------------------------
+Hopper variant (TMA), on by default at head size 128 on sm_90
+--------------------------------------------------------------
 ``PrefillConfig.tma`` (default :data:`HOPPER_TMA` for 16-bit head size 128 on sm_90 (Hopper) where a
-``prefill_attention`` call qualifies and has at least :data:`TMA_MIN_TOKENS` query rows, whose GPU time repays
-the TMA launch's host time; ``DLINFER_TRITON_PREFILL="tma=1"`` asks for it elsewhere, paged prefill
-included, ``tma=0`` restores the pointer kernel and its tiles) runs the grid through ``_prefill_tma_kernel``
+``prefill_attention`` call qualifies and has at least :data:`TMA_MIN_TOKENS` query rows, and
+:data:`HOPPER_TMA_PAGED` where a ``paged_prefill_attention`` call qualifies and has at least :data:`TMA_MIN_PAIRS`
+query-key pairs: calls whose GPU time repays the TMA launch's host time; ``DLINFER_TRITON_PREFILL="tma=1"`` asks
+for it elsewhere, ``tma=0`` restores the pointer kernel and its tiles) runs the grid through ``_prefill_tma_kernel``
 (``_prefill_tma_split_kernel`` when split and ``tma_split`` asks for it, then the same combine kernel; else a split
 grid runs the pointer split kernel): the same tiles, packing, reverse tile
 order, slices, causal split into unmasked and masked diagonal tiles and online softmax (shared helpers), but the
@@ -71,8 +72,7 @@ and vLLM's ``[blocks, page_size, Hkv, D]``), the tile at key ``n0`` from row ``p
 (its page from the block table, loaded one tile ahead): paged calls need ``page_size`` a multiple of ``BLOCK_N``,
 so a tile never crosses a page (else the pointer kernel runs). A box is not clipped to its sequence: rows past it
 are the next sequence's tokens, the rest of the sequence's last page, or zeros past the tensor; the masked tiles
-hide their scores and zero their values, and query rows past the sequence are never stored. Paged prefill runs the
-TMA kernels only where a config asks (``tma=1``): they are not yet measured against its pointer kernel. Descriptors
+hide their scores and zero their values, and query rows past the sequence are never stored. Descriptors
 are built on the host per call
 (``triton.tools.tensor_descriptor.TensorDescriptor``; the launcher encodes each with ``cuTensorMapEncodeTiled``
 and passes it by value, so a CUDA graph captures it like any argument; building the three, without
@@ -201,7 +201,8 @@ class PrefillConfig:
     # (benchmarks/tune_attention.py sweeps them).
     tma: bool = False
     warp_specialize: bool = False
-    # split grids on the TMA split kernel (with tma; else the pointer split kernel): not yet run on a GPU
+    # split grids on the TMA split kernel (with tma; else the pointer split kernel): paged prefill's Hopper default
+    # (HOPPER_TMA_PAGED); prefill_attention's split grids (rare: its keys are its queries) not measured with it
     tma_split: bool = False
     # Library route of prefill_attention (_sdpa): a uniform batch (one offsets tensor for queries and keys,
     # T == B * max_q_seq_len, no padding rows) on CUDA, fp16/bf16, D == Dv in (64, 128), outside CUDA-graph
@@ -221,6 +222,24 @@ HOPPER_TMA = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tm
 # 8-19 % of the kernel's (24 us at 8192 tokens on the H100, so ~6 us at 2048). Eager prefill is host-bound at a few
 # hundred tokens (the engines run prefill outside CUDA graphs), so smaller calls keep the pointer kernel.
 TMA_MIN_TOKENS = 2048
+# paged_prefill_attention's default on sm_90 where the TMA kernels take the call (16-bit, head size 128, pages of
+# whole 64-key tiles, _tma_applies): HOPPER_TMA's tiles, split grids on the TMA split kernel too. Measured on an H100
+# (bf16, 32/8 heads, block 64, benchmarks/tune_attention.py --parts paged_prefill, CUDA-graph replay, L2 flushed,
+# 2026-12-07) against the pointer kernel's tiles in force and LMDeploy's kernel in the same run: chunked prefill of
+# 256 tokens over a 16k history, batch 1: 143 vs 207 us (peer 318), batch 8: 1124 vs 1658 us (peer 1450); whole
+# prompts 16x512: 134 vs 203 (peer 233), 4x2048: 324 vs 448 (peer 437), 1x8192: 1162 vs 1330 (peer 1260). The TMA
+# kernel without split grids (split rule in force, pointer split kernel) was 211 / 1203 us on the chunked cases.
+HOPPER_TMA_PAGED = dataclasses.replace(HOPPER_TMA, tma_split=True)
+# ... for calls of at least this many query-key pairs (query rows x max_kv_seq_len, host ints): 2048 rows over 1024
+# keys, or 128 rows over a 16k history. Below it the kernel's GPU time (~40 us at 1M pairs with 32 heads of 128)
+# saves about what the TMA launch's host time costs (see TMA_MIN_TOKENS).
+TMA_MIN_PAIRS = 1 << 21
+# Paged (chunked) prefill on the pointer kernel: a short query over a long history takes the large tiles of long
+# queries too, from these bounds (max_q_seq_len, max_kv_seq_len). H100, same run as HOPPER_TMA_PAGED, 256 tokens over
+# a 16k history: 128 x 128 tiles with 8 warps 173 / 1235 us at batch 1 / 8 with pages of 16 (64 x 64 tiles: 202 /
+# 1628; the peer 320 / 1432), 172 / 1313 us with pages of 64 (207 / 1658). Whole 512-token prompts (16x512) keep the
+# 64 x 64 tiles (203 us; 128 x 128: 220).
+CHUNK_MIN_QUERIES, LONG_HISTORY = 128, 4096
 
 
 def shared_memory(config: PrefillConfig, head_size: int, head_size_v: int, itemsize: int) -> int:
@@ -259,7 +278,8 @@ def _small_smem(cfg: PrefillConfig, dtype: torch.dtype, widest: int) -> PrefillC
 
 @functools.lru_cache(maxsize=None)
 def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: int,
-            long_queries: bool = True, device_index: int = 0, tma_call: bool = False) -> PrefillConfig:
+            long_queries: bool = True, device_index: int = 0, tma_call: bool = False,
+            paged: bool = False) -> PrefillConfig:
     """Launch parameters of the prefill kernels (the one place to tune them).
 
     ``long_queries``: ``max_q_seq_len >= LONG_QUERIES`` (a host int, so the choice is CUDA-graph safe).
@@ -268,9 +288,11 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
     at 16x512 (167 vs 175 us).
 
     ``tma_call``: a ``prefill_attention`` call the TMA kernel can take (un-paged, unquantized, :func:`_tma_applies`)
-    of at least :data:`TMA_MIN_TOKENS` query rows.
+    of at least :data:`TMA_MIN_TOKENS` query rows, or (``paged``) a ``paged_prefill_attention`` call the TMA kernels
+    can take of at least :data:`TMA_MIN_PAIRS` query-key pairs.
     On sm_90 (Hopper) such a call with 16-bit head size 128 runs the TMA kernel on 64x64 tiles, 4 warps, 3
-    stages (:data:`HOPPER_TMA`); other calls and cards (Blackwell included: not measured) keep the pointer tiles.
+    stages (:data:`HOPPER_TMA`; paged: :data:`HOPPER_TMA_PAGED`, split grids too); other calls and cards (Blackwell
+    included: not measured) keep the pointer tiles.
     """
     if device_type == "cpu":  # TRITON_INTERPRET=1 (small tiles; splits from 16 target programs, to test them)
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, pack_min_tokens=4, target_programs=16,
@@ -291,7 +313,8 @@ def _config(device_type: str, dtype: torch.dtype, head_size: int, head_size_v: i
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     if (tma_call and device_type == "cuda" and dtype != torch.float32 and 64 < widest <= 128
             and card(device_index).capability == 9 and env_overrides(HOPPER_TMA, "DLINFER_TRITON_PREFILL").tma):
-        cfg = HOPPER_TMA  # overrides apply to its tiles; with tma=0 the pointer kernel keeps its own tiles
+        cfg = HOPPER_TMA_PAGED if paged else HOPPER_TMA  # overrides apply to its tiles; with tma=0 the pointer
+        # kernel keeps its own tiles
     base, cfg = cfg, env_overrides(cfg, "DLINFER_TRITON_PREFILL")
     if device_type == "cuda" and cfg.tma and cfg.warp_specialize and cfg.num_warps != 4:
         raise ValueError("DLINFER_TRITON_PREFILL: warp_specialize=1 needs num_warps=4 (Triton 3.6 on sm_90 adds a "
@@ -1070,11 +1093,15 @@ def _launch(query, key, value, out, q_starts, kv_arg, block_table, paged: bool, 
     interpret = device_type == "cpu"
     index = max(query.get_device(), 0)
     long_queries = max_q_seq_len >= LONG_QUERIES
-    if paged:  # the TMA kernels where a config asks for them (tma=1; not yet measured as a default)
-        cfg = _config(device_type, query.dtype, head_size, head_size_v, long_queries, index, False)
-        # a tile of keys never crosses a cache page
-        tma_ok = (cfg.tma and not quant_bits and not page_size % cfg.block_n
+    if paged:  # a key tile of the TMA kernels never crosses a cache page
+        # the TMA default where its GPU time repays its host time; the layout test (~2 us) only there
+        tma_ok = (not quant_bits and tokens * max_kv_seq_len >= TMA_MIN_PAIRS and not page_size % HOPPER_TMA.block_n
                   and _tma_applies(query, key, value, page_size))
+        large = long_queries or (max_q_seq_len >= CHUNK_MIN_QUERIES and max_kv_seq_len >= LONG_HISTORY)
+        cfg = _config(device_type, query.dtype, head_size, head_size_v, large, index, tma_ok, True)
+        if cfg.tma:  # the default's tiles, or an override's (tma=1 asks for the TMA kernel on any call)
+            tma_ok = (not quant_bits and not page_size % cfg.block_n
+                      and (tma_ok or _tma_applies(query, key, value, page_size)))
     else:  # a call the TMA kernel takes, large enough to repay its host time, gets the Hopper default tiles
         big = tokens >= TMA_MIN_TOKENS
         tma_ok = big and _tma_applies(query, key, value)  # the layout test (~2 us) only where it can matter
@@ -1175,9 +1202,11 @@ CAPABILITIES = {
 
 def extra_reasons(call) -> list[str]:
     """Calls the kernels serve under the interpreter but not yet on a GPU. The 4-bit paged prefill failed the
-    conformance matrix on an H200 (head size 24, GQA 4: relative error 5e-2, and an illegal memory access with
-    split-KV) for a cause not found yet, so on CUDA a 4-bit cache's paged prefill goes to the next vendor (the
-    reference; the registry warns once) unless ``DLINFER_TRITON_KV4_PREFILL=1`` (GPU tests of the kernel)."""
+    conformance matrix on an H200 and an H100 (head size 24, value head size 16, GQA 4: relative error 3-9e-2, and
+    illegal memory accesses); the H100 probe traced it to 16-wide value tiles under 32-wide key tiles (unquantized and
+    8-bit caches failed there too), now padded (:data:`MIN_BLOCK_DV`). Until a GPU run verifies the fix, on CUDA a
+    4-bit cache's paged prefill goes to the next vendor (the reference; the registry warns once) unless
+    ``DLINFER_TRITON_KV4_PREFILL=1`` (GPU tests of the kernel)."""
     if (call.op == "paged_prefill_attention" and call.device_type == "cuda" and "kv_quant4" in call.features
             and not settings.flag("DLINFER_TRITON_KV4_PREFILL")):
         return ["paged prefill over a 4-bit KV cache is not yet verified on CUDA (a conformance case failed on an "
