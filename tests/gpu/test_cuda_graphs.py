@@ -281,15 +281,20 @@ def test_prefill_other_lengths(triton_vendor, dtype, causal, total, max_len):
 _TMA_TILES = "tma=1,block_m=64,block_n=64,num_warps=4,num_stages=3"
 
 
-@pytest.mark.parametrize("config", ["", _TMA_TILES, _TMA_TILES + ",splits=2,tma_split=1"],
-                         ids=["default", "tma", "tma_split"])
+@pytest.mark.parametrize("config", ["", "default-tma", _TMA_TILES, _TMA_TILES + ",splits=2,tma_split=1"],
+                         ids=["default", "default_tma", "tma", "tma_split"])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_paged_prefill_chunked_other_lengths(triton_vendor, block_size, config, monkeypatch, request):
     """``config``: DLINFER_TRITON_PREFILL; the TMA kernels (key/value tiles by TMA from the caches, on Hopper) take
-    the block-64 calls, block 16 runs the pointer kernel whatever the config."""
+    the block-64 calls, block 16 runs the pointer kernel whatever the config. ``default-tma``: the default config
+    with the TMA threshold lowered to this small call, so Hopper's default paged TMA tiles (``HOPPER_TMA_PAGED``,
+    split grids on the TMA split kernel) are what the graph replays."""
     from dlinfer.vendor.triton import attention_prefill as ap
 
     require(triton_vendor, "paged_prefill_attention")
+    if config == "default-tma":
+        monkeypatch.setattr(ap, "TMA_MIN_PAIRS", 1)
+        config = ""
     monkeypatch.setenv("DLINFER_TRITON_PREFILL", config)
     ap._config.cache_clear()
     request.addfinalizer(ap._config.cache_clear)  # later tests build their config again
