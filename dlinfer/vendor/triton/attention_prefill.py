@@ -126,8 +126,9 @@ Launch parameters
 All in :func:`_config` (and :func:`_pack`, :func:`num_splits`): on sm_90, a ``prefill_attention`` call the TMA
 kernel takes with 16-bit head size 128 uses :data:`HOPPER_TMA` (a paged call: :data:`HOPPER_TMA_PAGED`);
 otherwise on the GPU, 16-bit inputs with ``D <= 64`` use ``BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3``;
-``D <= 128`` uses ``128 x 128`` tiles with 8 warps and 3 stages when ``max_q_seq_len >= LONG_QUERIES`` (paged prefill also for a chunk of :data:`CHUNK_MIN_QUERIES`
-tokens over :data:`LONG_HISTORY` keys; 224 KB of shared memory on sm_90, 247 registers, wgmma) and
+``D <= 128`` uses ``128 x 128`` tiles with 8 warps and 3 stages when ``max_q_seq_len >= LONG_QUERIES`` (paged
+prefill also for a chunk of :data:`CHUNK_MIN_QUERIES` tokens over :data:`LONG_HISTORY` keys; 224 KB of shared
+memory on sm_90, 247 registers, wgmma) and
 ``64 x 64`` tiles with 4 warps and 3 stages below it (112 KB, 200 registers); ``D`` up to 256 uses ``BLOCK_M=64,
 BLOCK_N=64, num_warps=8, num_stages=2``; fp32 uses ``tf32x3`` dots (three tensor-core
 passes, close to fp32 accuracy) on ``64 x 32`` tiles with 4 warps. Under ``TRITON_INTERPRET=1`` (CPU tensors) a
