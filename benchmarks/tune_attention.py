@@ -69,12 +69,14 @@ PAGED_PREFILL = ("", "splits=0", "splits=2", "splits=4", "splits=8", "target_pro
                  "block_m=128,block_n=128,num_warps=8", "block_m=128,block_n=128,num_warps=8,splits=0",
                  "block_m=128,block_n=64,num_warps=8", "pdl=0")
 # paged prefill's TMA kernels (tma=1: key/value tiles by TMA from the caches, a tile inside one page; block 64 only,
-# other blocks run the pointer kernel; tma_split=1: split grids too): prefill_attention's Hopper tiles with the split
-# rule, un-split, two splits, and the pointer kernel on the same tiles (tma=0) beside them
+# other blocks run the pointer kernel; tma_split=1: split grids too; the sm_90 default where a call qualifies):
+# prefill_attention's Hopper tiles with the split rule, un-split, two splits, and beside them the pointer kernel on
+# its own tiles in force (tma=0) and on the same tiles
 _HOPPER_TILES = "block_m=64,block_n=64,num_warps=4,num_stages=3"
 PAGED_PREFILL_TMA = (f"tma=1,tma_split=1,{_HOPPER_TILES}", f"tma=1,{_HOPPER_TILES},splits=0",
                      f"tma=1,tma_split=1,{_HOPPER_TILES},splits=2", f"tma=1,{_HOPPER_TILES}",
-                     "tma=1,tma_split=1,block_m=128,block_n=64,num_warps=8,num_stages=3", f"tma=0,{_HOPPER_TILES}")
+                     "tma=1,tma_split=1,block_m=128,block_n=64,num_warps=8,num_stages=3", "tma=0",
+                     f"tma=0,{_HOPPER_TILES}")
 # (block, batch, new tokens, history): chunked prefill over a long history, then whole prompts in the cache
 PAGED_CASES = ((64, 1, 256, 16384), (64, 8, 256, 16384), (16, 1, 256, 16384), (16, 8, 256, 16384),
                (64, 16, 512, 0), (64, 4, 2048, 0), (64, 1, 8192, 0))
