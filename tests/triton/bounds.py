@@ -597,6 +597,21 @@ def _step(t: _Thread, opcode, parts, ops, accesses) -> None:  # noqa: C901 - one
     if base == "mov":
         if typ == "pred":
             t.regs[ops[0]] = t.get(ops[1]) & 1
+        elif ops[1].startswith("{"):  # a vector packed into one register, its first element in the low bits
+            regs = [r.strip() for r in ops[1].strip("{} ").split(",")]
+            width = _bits(typ) // len(regs)
+            t.put(ops[0], sum((t.get(r) & _PTX_MASK[width]) << (i * width) for i, r in enumerate(regs)), _bits(typ))
+        elif ops[0].startswith("{"):  # one register unpacked into a vector
+            regs = [r.strip() for r in ops[0].strip("{} ").split(",")]
+            width = _bits(typ) // len(regs)
+            try:
+                value = t.get(ops[1])
+            except _Unknown:
+                for r in regs:
+                    t.regs[r] = None
+                return
+            for i, r in enumerate(regs):
+                t.put(r, value >> (i * width), width)
         else:
             t.put(ops[0], t.get(ops[1]), _bits(typ))
         return
