@@ -25,7 +25,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
   config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
-  (``DECODE``), ``peer`` tiles of the peer's decode footprint and neighbours (``PEER_TILES``); routings of
+  (``DECODE``), ``peer`` tiles of the peer's decode footprint and neighbours (``PEER_TILES``), ``grouped`` the call
+  on torch's grouped GEMM (the ``GROUPED_MM`` field: CUTLASS on Hopper, bf16) with both weight layouts; routings of
   ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's N-fastest weights (its kernels
   read them in place), against the peer at its faster layout; ``--candidates-layout n-fastest`` times the
   candidates on those weights.
@@ -420,7 +421,8 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true", help="also time EXTRA (uniform routing) and HOPPER configs")
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
-                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode", "peer"],
+                    choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode", "peer",
+                             "grouped"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -536,6 +538,8 @@ def main(argv=None):
                     src = tuning.launch_config(x.device, dtype, experts, topk, hidden, inter, tokens, n_fastest=True)
                 cands = []
                 if args.candidates and rows >= args.candidates_from:
+                    if "grouped" in args.candidate_sets:  # the routing decides nothing in it: every routing
+                        cands.append(("grouped_mm", dict(src, GROUPED_MM=1)))
                     if "extra" in args.candidate_sets and rt == "uniform":
                         cands += [("extra", c) for c in EXTRA if c != src]
                     if rt in args.candidates_routings:  # the sets built around the hot experts' tiles

@@ -1212,3 +1212,50 @@ def test_precompile_logs_its_variants_and_seconds_and_stops_at_its_budget(caplog
     assert len(warning) == 1 and "precompile stopped after" in warning[0].getMessage()
     assert "at 3 of 14 token buckets" in warning[0].getMessage()
     assert triton_moe.compiled_variants((object(),)) is None  # what the interpreter's kernels are
+
+
+@pytest.mark.parametrize("layout", ["k-fastest", "n-fastest"])
+@pytest.mark.parametrize("case", [
+    (1, 32, 16, 8, 2, False, torch.int64),   # most experts empty (zero-row groups)
+    (37, 40, 24, 4, 2, True, torch.int32),
+    (70, 40, 24, 6, 2, False, "skewed"),    # two hot experts
+])
+def test_fused_moe_on_torchs_grouped_gemm(poison, monkeypatch, layout, case):
+    """The GROUPED_MM field serves a bf16 call from torch's grouped GEMM: the same output as the reference within
+    bf16 tolerance (and as the Triton kernels: one combine kernel, the same roundings), every expert's rows where
+    they belong, whatever the weight layout; no Triton GEMM runs."""
+    tokens, hidden, inter, experts, topk, renormalize, ids_kind = case
+    dtype = torch.bfloat16
+    if ids_kind == "skewed":
+        x, gate_up, down, weights, ids = _skewed_inputs(dtype, hidden, inter)
+    else:
+        x, gate_up, down, weights, ids = _moe_inputs(tokens, hidden, inter, experts, topk, dtype, ids_kind)
+    if layout == "n-fastest":
+        gate_up, down = n_fastest(gate_up), n_fastest(down)
+    assert triton_moe.grouped_mm_serves(x, gate_up, down)
+    called = []
+    real = triton_moe._gemm
+    monkeypatch.setattr(triton_moe, "_gemm", lambda *a, **k: called.append(1) or real(*a, **k))
+    out = poison(triton_moe.fused_moe, x, gate_up, down, weights, ids, renormalize,
+                 config=dict(_NARROW, GROUPED_MM=1))
+    assert not called, "the Triton GEMMs ran although GROUPED_MM serves the call"
+    ref = with_vendor("reference", ops.fused_moe, x.float(), gate_up.float(), down.float(), weights, ids,
+                      ids.shape[1], renormalize)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    kernels = triton_moe.fused_moe(x, gate_up, down, weights, ids, renormalize, config=dict(_NARROW))
+    torch.testing.assert_close(out.float(), kernels.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_grouped_gemm_field_is_a_hint(monkeypatch):
+    """Where torch's grouped GEMM cannot serve the call (fp16, fp32; a torch without it) the field is ignored and
+    the Triton kernels run, as for the Hopper fields."""
+    x, gate_up, down, weights, ids = _moe_inputs(9, 32, 16, 4, 2, torch.float16)
+    assert not triton_moe.grouped_mm_serves(x, gate_up, down)
+    out = triton_moe.fused_moe(x, gate_up, down, weights, ids, True, config=dict(_NARROW, GROUPED_MM=1))
+    ref = with_vendor("reference", ops.fused_moe, x, gate_up, down, weights, ids, 2, True)
+    _check_moe(out, ref, torch.float16)
+    xb, ub, db = x.bfloat16(), gate_up.bfloat16(), down.bfloat16()
+    assert triton_moe.grouped_mm_serves(xb, ub, db)
+    monkeypatch.setattr(triton_moe, "_grouped_mm_fn", lambda: None)
+    assert not triton_moe.grouped_mm_serves(xb, ub, db)

@@ -67,6 +67,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from dlinfer import settings
 from dlinfer.utils.layout import is_n_fastest
 from dlinfer.vendor.triton import tuning
+from dlinfer.vendor.triton.activation import silu_and_mul
 from dlinfer.vendor.triton.host import capability, cdiv, next_power_of_2, sm_count
 
 logger = logging.getLogger("dlinfer")
@@ -750,6 +751,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
                                       autotune=lambda cands: tuning.pick_fastest(run, cands),
                                       n_fastest=nf)
     cfg = config
+    if cfg.get("GROUPED_MM", 0) and grouped_mm_serves(hidden_states, gate_up_weights, down_weights):
+        return _fused_moe_grouped_mm(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids,
+                                     renormalize, out)
     block_m = cfg["BLOCK_M"]
     # Row-count-aware tiles: when the mean load picks narrow row blocks, experts that turn out (on the device) to
     # hold at least ``hot_rows`` rows get the wider tiles of a heavier load instead (``tuning.hot_loads``), in a
@@ -849,6 +853,59 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
             up(*cls)
         for cls in classes:
             down(*cls)
+    block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
+    _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
+        y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
+        RENORMALIZE=renormalize, KB=next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
+    return out
+
+
+def _grouped_mm_fn():
+    """torch's grouped GEMM (``torch._grouped_mm``, public as ``torch.nn.functional.grouped_mm`` in newer torch),
+    or None where this torch has neither."""
+    return getattr(torch, "_grouped_mm", None) or getattr(torch.nn.functional, "grouped_mm", None)
+
+
+def grouped_mm_serves(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor,
+                      down_weights: torch.Tensor) -> bool:
+    """Whether a config's ``GROUPED_MM`` field can take this call: bf16 (torch's grouped GEMM takes no other
+    16-bit type), a CUDA device of compute capability 9 (its CUTLASS kernels are built for Hopper; other cards get
+    a slower path) or the CPU (tests), rows of 16-byte multiples, and a torch that has it. Otherwise the field is
+    ignored (a config is a hint), as the Hopper fields are."""
+    dev = hidden_states.device
+    if _grouped_mm_fn() is None or hidden_states.dtype != torch.bfloat16:
+        return False
+    if dev.type == "cuda" and capability(dev.index) != 9 or dev.type not in ("cuda", "cpu"):
+        return False
+    hidden, inter = hidden_states.shape[1], down_weights.shape[2]
+    return hidden % 8 == 0 and inter % 8 == 0 and gate_up_weights.dtype == down_weights.dtype == torch.bfloat16
+
+
+def _fused_moe_grouped_mm(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize, out):
+    """``fused_moe`` on torch's grouped GEMM (CUTLASS on Hopper: TMA, warp-specialized persistent tiles): the
+    routed rows sorted by expert (a stable sort of the expert ids; each expert's end found by binary search, so no
+    host sync and nothing sized from the data), gathered into one ``[T * topk, H]`` matrix, the gate_up grouped
+    GEMM, ``silu_and_mul``, the down grouped GEMM, the rows put back in (token, slot) order and combined by the
+    same kernel (and so the same fp32 sum, renormalization and rounding) as the Triton path. Unlike the fused
+    kernels it writes the ``[T * topk, 2I]`` gate_up output and copies the rows twice. Measured on an H100 SXM
+    (CUDA-graph replay, L2 flushed; Mixtral, Qwen3-30B-A3B, E16 top-2 and E256 top-8 shapes at 256, 2048 and 8192
+    tokens): 0.64-1.01x the Triton kernels' speed (median 0.88x), so no table uses it; ``moe_bench.py
+    --candidate-sets grouped`` times it on another card."""
+    grouped_mm = _grouped_mm_fn()
+    tokens, hidden = hidden_states.shape
+    experts = gate_up_weights.shape[0]
+    topk = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    ends = torch.arange(1, experts + 1, device=ids.device, dtype=sorted_ids.dtype)
+    offs = torch.searchsorted(sorted_ids, ends, out_int32=True)  # the end of each expert's rows
+    x = hidden_states.index_select(0, order // topk)
+    h = grouped_mm(x, gate_up_weights.transpose(1, 2), offs=offs)
+    act = silu_and_mul(h)
+    del h
+    y_sorted = grouped_mm(act, down_weights.transpose(1, 2), offs=offs)
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+    topk_weights = _rows_contiguous(topk_weights)
     block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),

@@ -43,9 +43,10 @@ logger = logging.getLogger("dlinfer")
 
 # Hopper variants of the grouped GEMM, per config (moe.py's module doc): 0/1, absent = 0.
 FLAGS = ("TMA_A", "TMA_ACT", "TMA_B", "PERSISTENT", "WS", "MERGE", "MERGE_GRID")
-# Every 0/1 config field: the Hopper variants and HOT_STREAM (the hot experts' GEMMs on their own CUDA stream;
-# absent = the DLINFER_MOE_HOT_STREAM setting).
-FIELDS = FLAGS + ("HOT_STREAM",)
+# Every 0/1 config field: the Hopper variants, HOT_STREAM (the hot experts' GEMMs on their own CUDA stream;
+# absent = the DLINFER_MOE_HOT_STREAM setting) and GROUPED_MM (the call served by torch's grouped GEMM instead of
+# the Triton kernels: moe.grouped_mm_serves says where it can be).
+FIELDS = FLAGS + ("HOT_STREAM", "GROUPED_MM")
 
 
 def _cfg(block_m, up, down, **flags):
