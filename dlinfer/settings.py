@@ -50,9 +50,6 @@ VARIABLES: tuple[Variable, ...] = (
              "prefill batches on CUDA from torch's cuDNN SDPA, assuming no padding rows after the last sequence "
              "(`DLINFER_CHECK=1` verifies it; off: cuDNN builds a plan, 50-650 ms, at every new length)",
              "when a kernel configuration is first built"),
-    Variable("DLINFER_TRITON_KV4_PREFILL", "bool", "0",
-             "`1` lets the Triton vendor serve paged prefill over a 4-bit KV cache on CUDA (not yet verified there; "
-             "otherwise the reference vendor serves those calls)", "when an op's vendor is selected"),
     Variable("DLINFER_TRITON_DECODE", "spec", "",
              "launch-parameter overrides of the Triton decode attention kernel (`block_n=64,num_warps=4`)",
              "when a kernel configuration is first built"),

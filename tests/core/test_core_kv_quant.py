@@ -235,19 +235,17 @@ def test_info_lists_the_quantized_cache_calls_for_both_vendors(capsys):
     for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention"):
         row = rows[f"{op} +kv_quant"]
         assert row[2:5] == ["triton", "serves", "serves"], row
-    for op in ("fill_kv_cache", "paged_decode_attention"):
+    for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention"):
         assert rows[f"{op} +kv_quant4"][2:5] == ["triton", "serves", "serves"], rows[f"{op} +kv_quant4"]
-    # the 4-bit paged prefill is not yet verified on a GPU: the reference serves it there, the row says why
-    assert rows["paged_prefill_attention +kv_quant4"][2:4] == ["reference", "refuses"]
     for op in ("weight_quant_matmul", "dynamic_quant", "linear_w8a8", "linear_w8a8_static", "rms_norm_w8a8",
                "add_rms_norm_w8a8", "fused_moe_w8a8"):
         assert rows[op][1:4] == ["triton", "serves", "serves"], rows[op]
 
 
-def test_four_bit_paged_prefill_on_cuda_goes_to_the_reference_unless_allowed(monkeypatch, isolated_registry):
+def test_four_bit_cache_calls_on_cuda_go_to_triton(isolated_registry):
     """Selection only (metadata, no GPU): a 4-bit cache asks for kv_quant4 besides kv_quant; the Triton vendor
-    serves 8 bits and 4-bit fill/decode on CUDA, refuses the 4-bit paged prefill there (not yet verified on a GPU)
-    so the reference serves it, and serves it with DLINFER_TRITON_KV4_PREFILL=1. On the CPU nothing changes."""
+    serves every quantized-cache call on CUDA, the 4-bit paged prefill included (verified on an H100 after its
+    16-wide value tiles were padded); the reference serves them on the CPU."""
     from dlinfer.ops.kv_cache import cache_call_features
     from dlinfer.vendor import Call
 
@@ -258,20 +256,12 @@ def test_four_bit_paged_prefill_on_cuda_goes_to_the_reference_unless_allowed(mon
     assert cache_call_features(cache, 4) == {"kv_quant", "kv_quant4"}
     assert cache_call_features(cache[:, :, :1], 4) == {"kv_quant", "kv_quant4", "strided_cache"}
 
-    def chosen(op, device_type, features, allow=None):
-        if allow is None:
-            monkeypatch.delenv("DLINFER_TRITON_KV4_PREFILL", raising=False)
-        else:
-            monkeypatch.setenv("DLINFER_TRITON_KV4_PREFILL", allow)
+    def chosen(op, device_type, features):
         isolated_registry.clear_selection_cache()
         return isolated_registry.select(Call(op, device_type, torch.float16, 128, 128, 64, frozenset(features)))[0].name
 
     q4, q8 = {"kv_quant", "kv_quant4"}, {"kv_quant"}
-    assert chosen("paged_prefill_attention", "cuda", q8) == "triton"
-    assert chosen("paged_decode_attention", "cuda", q4) == "triton"
-    assert chosen("fill_kv_cache", "cuda", q4) == "triton"
-    assert chosen("paged_prefill_attention", "cuda", q4) == "reference"
-    assert chosen("paged_prefill_attention", "cuda", q4, allow="1") == "triton"
-    with isolated_registry.forced("triton"):
-        with pytest.raises(NotSupportedError, match="4-bit KV cache is not yet verified on CUDA"):
-            chosen("paged_prefill_attention", "cuda", q4)
+    for op in ("fill_kv_cache", "paged_prefill_attention", "paged_decode_attention"):
+        assert chosen(op, "cuda", q8) == "triton"
+        assert chosen(op, "cuda", q4) == "triton"
+        assert chosen(op, "cpu", q4) == "reference"

@@ -73,8 +73,7 @@ def _params(shape: str) -> dict:
 def _run(shapes: list[str], dtype: str, config: str) -> dict:
     """``{shape: [status, rel_err, max_abs, detail]}``; a process that dies (an illegal memory access kills its
     CUDA context) reports its remaining shapes as ``crash`` with its last output."""
-    # the 4-bit paged prefill is refused on CUDA by default (the reference serves it): the probe runs the kernel
-    env = dict(os.environ, DLINFER_TRITON_PREFILL=config, DLINFER_TRITON_KV4_PREFILL="1", PYTHONPATH=os.getcwd())
+    env = dict(os.environ, DLINFER_TRITON_PREFILL=config, PYTHONPATH=os.getcwd())
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", _RUN, json.dumps([_params(s) for s in shapes]), dtype], env=env,
                           capture_output=True, text=True, timeout=300)

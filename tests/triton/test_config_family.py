@@ -33,7 +33,6 @@ import time
 import pytest
 import torch
 
-from dlinfer import settings
 from dlinfer.vendor.triton import (activation, attention_decode as dec, attention_prefill as pre, host, kv_cache, moe,
                                    norm, quant, rotary, tuning)
 
@@ -172,9 +171,7 @@ def prefill_launches(exhaustive: bool):
                     hq = 8 * group
                     programs = host.cdiv(q_len, cfg.block_m // pack) * (hq // pack) * batch
                     for paged, page, quant_bits in ((False, 1, 0), (True, 16, 0), (True, 64, 8), (True, 128, 4)):
-                        # a 4-bit cache's paged prefill goes to the reference on CUDA unless asked for
-                        # (attention_prefill.extra_reasons)
-                        if quant_bits == 4 and (d % 2 or dv % 2 or not settings.flag("DLINFER_TRITON_KV4_PREFILL")):
+                        if quant_bits == 4 and (d % 2 or dv % 2):  # a 4-bit cache packs two columns a byte
                             continue
                         splits = pre.num_splits(programs, kv_len if paged else q_len, cfg)
                         cache = "u8" if quant_bits else T[dtype]

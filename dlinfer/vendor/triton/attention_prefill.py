@@ -1202,18 +1202,5 @@ CAPABILITIES = {
 }
 
 
-def extra_reasons(call) -> list[str]:
-    """Calls the kernels serve under the interpreter but not yet on a GPU. The 4-bit paged prefill failed the
-    conformance matrix on an H200 and an H100 (head size 24, value head size 16, GQA 4: relative error 3-9e-2, and
-    illegal memory accesses); the H100 probe traced it to 16-wide value tiles under 32-wide key tiles (unquantized and
-    8-bit caches failed there too), now padded (:data:`MIN_BLOCK_DV`). Until a GPU run verifies the fix, on CUDA a
-    4-bit cache's paged prefill goes to the next vendor (the reference; the registry warns once) unless
-    ``DLINFER_TRITON_KV4_PREFILL=1`` (GPU tests of the kernel)."""
-    if (call.op == "paged_prefill_attention" and call.device_type == "cuda" and "kv_quant4" in call.features
-            and not settings.flag("DLINFER_TRITON_KV4_PREFILL")):
-        return ["paged prefill over a 4-bit KV cache is not yet verified on CUDA (a conformance case failed on an "
-                "H200; DLINFER_TRITON_KV4_PREFILL=1 runs the kernel anyway)"]
-    return []
-
 __all__ = ["OPS", "CAPABILITIES", "prefill_attention", "paged_prefill_attention", "PrefillConfig", "num_splits",
            "resident_programs", "shared_memory"]
