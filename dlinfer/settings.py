@@ -19,7 +19,7 @@ FALSE = ("0", "false", "no", "off")
 @dataclasses.dataclass(frozen=True)
 class Variable:
     name: str
-    kind: str  # "bool", "vendor", "list", "spec"
+    kind: str  # "bool", "auto" (a boolean or `auto`), "vendor", "list", "spec"
     default: str
     meaning: str
     read: str  # when it is read
@@ -71,10 +71,12 @@ VARIABLES: tuple[Variable, ...] = (
              "Triton 3.6; experimental: its persistent loop hung an H100 at one shape, so no table or autotune "
              "uses it and a config asking for it runs without it unless this is set)",
              "at each fused_moe call"),
-    Variable("DLINFER_LMDEPLOY_MOE_N_FASTEST", "bool", "0",
-             "`1` lays LMDeploy's bf16/fp16 expert weights out N-fastest at load, as stock LMDeploy does on CUDA "
-             "(`fused_moe` reads either layout in place; which one is faster depends on the card and token count)",
-             "when LMDeploy builds a MoE model's layers"),
+    Variable("DLINFER_LMDEPLOY_MOE_N_FASTEST", "auto", "auto",
+             "`1` lays LMDeploy's bf16/fp16 expert weights out N-fastest at load, as stock LMDeploy does on CUDA, "
+             "`0` keeps them K-fastest; `auto` asks the vendor serving `fused_moe` which layout its kernels serve "
+             "faster on the card (the Triton vendor: N-fastest where the card's table has N-fastest entries, "
+             "`dlinfer info` says which; `fused_moe` reads either layout in place)",
+             "when LMDeploy loads a MoE model's expert weights"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
              "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
              "(fused MoE: `fused_moe`, `fused_moe_w8a8`; the quantized dense GEMMs: `weight_quant_matmul`, "
@@ -150,6 +152,22 @@ def flag(name: str) -> bool:
     return hit
 
 
+def tristate(name: str) -> bool | None:
+    """An ``auto`` variable's current value: True / False for a boolean, None for ``auto`` (or unset with the
+    default ``auto``); any other value is a ``ValueError`` naming the variable."""
+    var = _variable(name)
+    if var.kind != "auto":
+        raise TypeError(f"{name} is not an auto/boolean setting")
+    raw = os.environ.get(name)
+    value = "" if raw is None else raw.strip().lower()
+    if value == "auto" or not value and var.default == "auto":
+        return None
+    try:
+        return parse_bool(name, raw, var.default == "1")
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected auto or one of {', '.join(TRUE + FALSE)} (or unset)") from None
+
+
 def check_values() -> bool:
     """``DLINFER_CHECK``, read now (on accelerators, at every op call: one dict lookup, see :func:`_raw`)."""
     raw = _raw("DLINFER_CHECK") if _environ_data is None else _environ_data.get(_CHECK_KEY)
@@ -192,4 +210,4 @@ def markdown_table() -> str:
 
 
 __all__ = ["FALSE", "TRUE", "VARIABLES", "Variable", "check_values", "flag", "markdown_table", "parse_bool", "text",
-           "vendor_override", "vendor_variable"]
+           "tristate", "vendor_override", "vendor_variable"]

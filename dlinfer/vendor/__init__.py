@@ -14,6 +14,7 @@ from dlinfer.vendor.registry import (
     forced,
     get_vendor,
     pinned,
+    preferred_weight_layout,
     register_vendor,
     restore,
     set_override,
@@ -24,8 +25,8 @@ from dlinfer.vendor.registry import (
 )
 
 __all__ = ["REGISTRY", "Call", "Capabilities", "Registry", "Vendor", "clear_overrides", "default_device_type",
-           "forced", "get_vendor", "pinned", "register_vendor", "restore", "set_override", "snapshot",
-           "unregister_vendor", "vendor_for_device", "vendors", "vendor_name"]
+           "forced", "get_vendor", "pinned", "preferred_weight_layout", "register_vendor", "restore", "set_override",
+           "snapshot", "unregister_vendor", "vendor_for_device", "vendors", "vendor_name"]
 
 
 def __getattr__(name):

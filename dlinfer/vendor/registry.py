@@ -114,6 +114,9 @@ class Vendor:
             where its capabilities name them.
         extra_reasons: optional hook ``(call) -> list[str]`` for refusals the record cannot express.
         available: optional hook ``() -> str | None`` returning why the vendor cannot run at all here.
+        weight_layout: optional hook ``(op, device, dtype) -> str | None``: the layout of ``op``'s weights that
+            the vendor's implementation serves fastest on ``device`` (``"n_fastest"`` or ``"k_fastest"``; None: no
+            preference). Engines lay weights out once, at load: see :meth:`Registry.preferred_weight_layout`.
     """
 
     name: str
@@ -125,6 +128,7 @@ class Vendor:
     extra_reasons: Callable[[Call], list[str]] | None = None
     available: Callable[[], str | None] | None = None
     description: str = ""
+    weight_layout: Callable[[str, torch.device, torch.dtype], str | None] | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum() or self.name.lower() != self.name:
@@ -488,6 +492,19 @@ class Registry:
             f"{call.op}: no vendor can serve this call on {call.device_type} "
             f"{str(call.dtype).replace('torch.', '')} — {detail}")
 
+    def preferred_weight_layout(self, op: str, device: torch.device | str, dtype: torch.dtype) -> str:
+        """The layout in which an engine should store ``op``'s weights (``"k_fastest"``, the contract's documented
+        layout, or ``"n_fastest"``) for calls on ``device`` in ``dtype``: what the vendor that serves such calls
+        (overrides included) says its implementation serves fastest there, else ``"k_fastest"``. Every vendor
+        must serve both layouts (the op contract takes a weight's strides); this only says which one is faster."""
+        device = torch.device(device)
+        vendor, _ = self.select(Call(op, device.type, dtype))
+        layout = vendor.weight_layout(op, device, dtype) if vendor.weight_layout is not None else None
+        if layout not in (None, "k_fastest", "n_fastest"):
+            raise ValueError(f"vendor {vendor.name}: weight_layout({op!r}) returned {layout!r} "
+                             f"(expected 'k_fastest', 'n_fastest' or None)")
+        return layout or "k_fastest"
+
     def vendor_for_device(self, device_type: str, op: str = "paged_decode_attention") -> str:
         """Name of the vendor that serves ``op`` on ``device_type`` by default (overrides included)."""
         forced, _ = self.forced_vendor(op)
@@ -532,6 +549,7 @@ select = REGISTRY.select
 selections = REGISTRY.selections
 implementation_for = REGISTRY.implementation_for
 vendor_for_device = REGISTRY.vendor_for_device
+preferred_weight_layout = REGISTRY.preferred_weight_layout
 
 
 def default_device_type() -> str:

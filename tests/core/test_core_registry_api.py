@@ -123,3 +123,32 @@ def test_fallback_warning_reaches_stderr_of_a_plain_script_once():
     lines = [line for line in run.stderr.splitlines() if "falls back" in line]
     assert len(lines) == 1, run.stderr
     assert "fp32only" in lines[0] and "float16" in lines[0] and "DlinferWarning" in lines[0]
+
+
+def test_preferred_weight_layout_asks_the_vendor_that_serves_the_call(isolated_registry):
+    """An engine asks once, at load, which layout of an op's weights to keep: the vendor serving such calls on the
+    device (overrides included) answers through its weight_layout hook; none, or no answer, is the contract's
+    K-fastest layout; an answer outside the two layouts is a ValueError naming the vendor."""
+    asked = []
+
+    def hook(answer):
+        def weight_layout(op, device, dtype):
+            asked.append((op, device.type, dtype))
+            return answer
+        return weight_layout
+
+    def vendor(name, answer, priority):
+        return Vendor(name=name, priority=priority, devices=frozenset({"cpu"}), default_devices=frozenset({"cpu"}),
+                      ops={"fused_moe": lambda *a: None}, weight_layout=hook(answer))
+
+    assert isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.bfloat16) == "k_fastest"
+    isolated_registry.register_vendor(vendor("nfast", "n_fastest", 50))
+    assert isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.bfloat16) == "n_fastest"
+    assert asked == [("fused_moe", "cpu", torch.bfloat16)]
+    isolated_registry.register_vendor(vendor("quiet", None, 60))  # serves first, says nothing
+    assert isolated_registry.preferred_weight_layout("fused_moe", torch.device("cpu"), torch.float16) == "k_fastest"
+    with isolated_registry.forced("nfast", "fused_moe"):
+        assert isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.float16) == "n_fastest"
+    isolated_registry.register_vendor(vendor("odd", "column_major", 70))
+    with pytest.raises(ValueError, match="vendor odd: weight_layout"):
+        isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.float16)

@@ -79,14 +79,50 @@ def test_moe_experts_laid_out_n_fastest_give_the_same_logits(arch, tiny_model, p
         assert err <= TOL, f"{arch} decode step {step}: max |logits - transformers| = {err:.3g}"
 
 
-def test_moe_experts_keep_lmdeploys_layout_by_default(tiny_model, patched, monkeypatch):
+def _moe_layers(pm):
     from lmdeploy.pytorch.backends.dlinfer.moe import DlinferFusedMoEImpl
 
+    moes = [m for m in pm.model.modules() if isinstance(getattr(m, "impl", None), DlinferFusedMoEImpl)]
+    assert moes
+    return moes
+
+
+def _k_fastest(m) -> bool:
+    return m.gate_up.weight.stride(2) == 1 and m.down.weight.stride(2) == 1
+
+
+def test_moe_experts_keep_lmdeploys_layout_by_default(tiny_model, patched, monkeypatch):
+    """auto (the default): the CPU's vendor states no preference, so the experts stay K-fastest."""
     monkeypatch.delenv("DLINFER_LMDEPLOY_MOE_N_FASTEST", raising=False)
     pm = PagedModel(tiny_model("mixtral"), block_size=16)
-    moes = [m for m in pm.model.modules() if type(getattr(m, "impl", None)) is DlinferFusedMoEImpl]
-    assert moes
-    assert all(m.gate_up.weight.stride(2) == 1 and m.down.weight.stride(2) == 1 for m in moes)
+    assert all(_k_fastest(m) for m in _moe_layers(pm))
+
+
+@pytest.mark.parametrize("setting,expect_n_fastest", [(None, True), ("auto", True), ("0", False)])
+def test_moe_layout_follows_the_vendors_preference_unless_set(tiny_model, patched, monkeypatch, setting,
+                                                              expect_n_fastest):
+    """auto asks the registry which layout the vendor serving fused_moe prefers on the weights' device and dtype
+    (here a vendor that prefers N-fastest); 0 keeps K-fastest whatever the vendor says."""
+    from dlinfer.framework.lmdeploy_ext import backend
+
+    asked = []
+
+    def prefers_n(op, device, dtype):
+        asked.append((op, torch.device(device).type, dtype))
+        return "n_fastest"
+
+    monkeypatch.setattr(backend, "preferred_weight_layout", prefers_n)
+    if setting is None:
+        monkeypatch.delenv("DLINFER_LMDEPLOY_MOE_N_FASTEST", raising=False)
+    else:
+        monkeypatch.setenv("DLINFER_LMDEPLOY_MOE_N_FASTEST", setting)
+    pm = PagedModel(tiny_model("mixtral"), block_size=16)
+    moes = _moe_layers(pm)
+    assert all(_k_fastest(m) != expect_n_fastest for m in moes)
+    if expect_n_fastest:
+        assert asked and all(a[0] == "fused_moe" and a[1] == "cpu" for a in asked)
+    else:
+        assert not asked
 
 
 def test_n_fastest_refuses_a_weight_that_is_not_three_dimensional():

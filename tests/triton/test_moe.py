@@ -1259,3 +1259,22 @@ def test_grouped_gemm_field_is_a_hint(monkeypatch):
     assert triton_moe.grouped_mm_serves(xb, ub, db)
     monkeypatch.setattr(triton_moe, "_grouped_mm_fn", lambda: None)
     assert not triton_moe.grouped_mm_serves(xb, ub, db)
+
+
+def test_the_vendor_prefers_n_fastest_experts_where_the_cards_table_has_them(monkeypatch):
+    """The Triton vendor's weight_layout hook: N-fastest experts for 16-bit fused_moe on a card whose table has
+    N-fastest entries (the H100's), no preference elsewhere (other cards, fp32, other ops, CPU tensors)."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert "n_fastest" in tuning.TABLES[h100]
+    assert tuning.preferred_layout(h100, torch.bfloat16) == "n_fastest"
+    assert tuning.preferred_layout(h100, torch.float16) == "n_fastest"
+    assert tuning.preferred_layout(h100, torch.float32) is None
+    assert tuning.preferred_layout("NVIDIA H200", torch.bfloat16) is None or "n_fastest" in tuning.TABLES["NVIDIA H200"]
+    assert tuning.preferred_layout("Some Other GPU", torch.bfloat16) is None
+    assert triton_moe.weight_layout("fused_moe", torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(tuning, "card_name", lambda device: h100)
+    cuda = torch.device("cuda", 0)
+    assert triton_moe.weight_layout("fused_moe", cuda, torch.bfloat16) == "n_fastest"
+    assert triton_moe.weight_layout("linear", cuda, torch.bfloat16) is None
+    vendor = dlinfer.vendor.get_vendor("triton")
+    assert vendor.weight_layout("fused_moe", cuda, torch.bfloat16) == "n_fastest"

@@ -28,6 +28,7 @@ from dlinfer.errors import NotSupportedError
 from dlinfer.framework.lmdeploy_ext.metadata import build_attention_metadata
 from dlinfer.utils.layout import n_fastest
 from dlinfer.utils.type_annotation import MoECommType, MoeMetadata
+from dlinfer.vendor import preferred_weight_layout
 
 logger = logging.getLogger("dlinfer")
 
@@ -83,19 +84,42 @@ class DlinferCudaAttentionImpl(DlinferAttentionImpl):
         return cached[1]
 
 
+def moe_layout_n_fastest(weights: torch.Tensor) -> bool:
+    """Whether LMDeploy's expert weights like ``weights`` are laid out N-fastest at load:
+    ``DLINFER_LMDEPLOY_MOE_N_FASTEST`` (``1``/``0``), or with ``auto`` (the default) the layout the vendor serving
+    ``fused_moe`` on their device and dtype says its kernels serve faster (``dlinfer.vendor.preferred_weight_layout``).
+    Logged once per answer."""
+    choice = settings.tristate("DLINFER_LMDEPLOY_MOE_N_FASTEST")
+    source = "DLINFER_LMDEPLOY_MOE_N_FASTEST"
+    if choice is None:
+        layout = preferred_weight_layout("fused_moe", weights.device, weights.dtype)
+        choice, source = layout == "n_fastest", f"the {weights.device.type} vendor's preference"
+    key = (choice, source)
+    if key not in _layout_logged:
+        _layout_logged.add(key)
+        logger.info("dlinfer: LMDeploy's expert weights laid out %s (%s)", "N-fastest" if choice else "K-fastest",
+                    source)
+    return choice
+
+
+_layout_logged: set = set()
+
+
 class DlinferCudaFusedMoEImpl(DlinferFusedMoEImpl):
-    """LMDeploy's dlinfer fused MoE with its expert weights laid out N-fastest at load
-    (``DLINFER_LMDEPLOY_MOE_N_FASTEST=1``).
+    """LMDeploy's dlinfer fused MoE whose expert weights may be laid out N-fastest at load
+    (:func:`moe_layout_n_fastest`).
 
     LMDeploy stores the experts as ``[E, N, K]`` with K contiguous (K-fastest). Its CUDA backend re-lays them out
     once, keeping the shape, so that N is contiguous (``w.transpose(1, 2).contiguous().transpose(1, 2)``); this
-    does the same. ``dlinfer.ops.fused_moe`` reads either layout in place through the weight's strides, so only
-    the layout the GEMMs stream through changes, not the values or the op's contract.
+    does the same where the layout is asked for. ``dlinfer.ops.fused_moe`` reads either layout in place through the
+    weight's strides, so only the layout the GEMMs stream through changes, not the values or the op's contract.
     """
 
     def update_weights(self, gate_up_weights: torch.Tensor, down_weights: torch.Tensor):
         gate_up_weights, down_weights = super().update_weights(gate_up_weights, down_weights)
-        return n_fastest(gate_up_weights), n_fastest(down_weights)
+        if moe_layout_n_fastest(gate_up_weights):
+            return n_fastest(gate_up_weights), n_fastest(down_weights)
+        return gate_up_weights, down_weights
 
 
 class DlinferCudaOpsBackend(DlinferOpsBackend):
@@ -108,13 +132,12 @@ class DlinferCudaOpsBackend(DlinferOpsBackend):
     @classmethod
     def build_op(cls, spec, *, enable_deterministic: bool = False):
         """LMDeploy's dlinfer layers; the paged attention is :class:`DlinferCudaAttentionImpl` (quantized caches),
-        the bf16/fp16 fused MoE :class:`DlinferCudaFusedMoEImpl` where ``DLINFER_LMDEPLOY_MOE_N_FASTEST`` is set."""
+        the bf16/fp16 fused MoE :class:`DlinferCudaFusedMoEImpl` (its weight layout chosen at load)."""
         impl = super().build_op(spec, enable_deterministic=enable_deterministic)
         if isinstance(spec, PagedAttentionBuildSpec) and type(impl) is DlinferAttentionImpl:
             impl.__class__ = DlinferCudaAttentionImpl  # same state, one more step in forward
-        elif (isinstance(spec, FusedMoEBuildSpec) and type(impl) is DlinferFusedMoEImpl
-              and settings.flag("DLINFER_LMDEPLOY_MOE_N_FASTEST")):
-            impl.__class__ = DlinferCudaFusedMoEImpl  # same state, N-fastest weights at load
+        elif isinstance(spec, FusedMoEBuildSpec) and type(impl) is DlinferFusedMoEImpl:
+            impl.__class__ = DlinferCudaFusedMoEImpl  # same state, the weight layout chosen at load
         return impl
 
     @classmethod

@@ -2,7 +2,8 @@
 
 Each op family lives in its own module, which exports ``OPS`` (op name -> implementation with the signature
 of ``torch.ops.dlinfer.<op>``), optionally ``CAPABILITIES`` (op name -> ``Capabilities``) and ``extra_reasons``
-(``Call`` -> why the module cannot serve it, for what a record cannot say, e.g. per device). Under
+(``Call`` -> why the module cannot serve it, for what a record cannot say, e.g. per device) and ``weight_layout``
+(``(op, device, dtype)`` -> the weight layout its kernels serve fastest there, or None). Under
 ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly: for conformance tests only), and the vendor
 then accepts CPU tensors when forced, but is never the automatic choice on the CPU.
 """
@@ -24,11 +25,11 @@ _MODULES = ("activation", "norm", "rotary", "kv_cache", "attention_decode", "att
 
 
 def _collect():
-    ops, caps, refusals = {}, {}, []
+    ops, caps, refusals, layouts = {}, {}, [], []
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        return ops, caps, refusals, f"triton is not installed ({exc})"
+        return ops, caps, refusals, layouts, f"triton is not installed ({exc})"
     for name in _MODULES:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -40,10 +41,12 @@ def _collect():
         caps.update(getattr(module, "CAPABILITIES", {}))
         if hasattr(module, "extra_reasons"):
             refusals.append(module.extra_reasons)
-    return ops, caps, refusals, None
+        if hasattr(module, "weight_layout"):
+            layouts.append(module.weight_layout)
+    return ops, caps, refusals, layouts, None
 
 
-_ops, _caps, _refusals, _missing = _collect()
+_ops, _caps, _refusals, _layouts, _missing = _collect()
 
 
 def _available() -> str | None:
@@ -56,6 +59,15 @@ def _extra_reasons(call) -> list[str]:
     return [why for hook in _refusals for why in hook(call)]
 
 
+def _weight_layout(op, device, dtype) -> str | None:
+    """The first answer of the modules' ``weight_layout`` hooks."""
+    for hook in _layouts:
+        layout = hook(op, device, dtype)
+        if layout is not None:
+            return layout
+    return None
+
+
 VENDOR = Vendor(
     name="triton",
     priority=100,
@@ -66,4 +78,5 @@ VENDOR = Vendor(
     extra_reasons=_extra_reasons if _refusals else None,
     available=_available,
     description="Triton kernels for NVIDIA GPUs (CPU under TRITON_INTERPRET=1)",
+    weight_layout=_weight_layout if _layouts else None,
 )

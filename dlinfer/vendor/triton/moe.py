@@ -913,6 +913,14 @@ def _fused_moe_grouped_mm(hidden_states, gate_up_weights, down_weights, topk_wei
     return out
 
 
+def weight_layout(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The vendor's ``weight_layout`` hook: for ``fused_moe`` on a CUDA device, the layout its card's table says
+    the kernels serve faster (``tuning.preferred_layout``); None elsewhere."""
+    if op != "fused_moe" or device.type != "cuda":
+        return None
+    return tuning.preferred_layout(tuning.card_name(device), dtype)
+
+
 _hot_streams: dict[int, torch.cuda.Stream] = {}  # device index -> the hot experts' stream
 
 

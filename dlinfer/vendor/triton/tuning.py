@@ -140,7 +140,12 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # K-fastest weights: that combination is not timed yet.) Below 8 rows the K-fastest decode tier (32-wide tiles of
 # 128-K steps: 64 contiguous bytes per K row of an N-fastest weight) ran 0.83-0.88x the peer on Qwen3-30B-A3B and E64
 # top-6 at 64 tokens (4-6 rows, both routings; 3029af8, H100), where the peer reads those weights with its footprint:
-# so the footprint serves every load up to 96 rows (not yet timed below 8 rows).
+# so the footprint serves every load up to 96 rows. Timed since on the H100 (5 shapes x 1-2048 tokens x uniform and
+# skewed routing, both layouts in one process): from 64 tokens N-fastest experts ran 0.92-1.11x as fast as K-fastest
+# ones (below the peer in 17 of 40 cells against K-fastest's 22, the worst 0.92x against 0.87x), at 1 token
+# 0.78-0.90x as fast (still 1.05-1.11x the peer); Mixtral-8x7B end to end 1.067x stock against K-fastest's 1.036x (interleaved passes,
+# 95 % intervals apart): the table's N-fastest entries make N-fastest the layout this card prefers
+# (preferred_layout).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
 H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in H100_TIERS]
 
@@ -291,6 +296,18 @@ def card_name(device) -> str:
     from dlinfer.vendor.triton import host
 
     return host.card(device.index).name
+
+
+def preferred_layout(card: str, dtype) -> str | None:
+    """The expert-weight layout ``fused_moe`` serves faster on ``card`` in ``dtype``: ``"n_fastest"`` where the card's
+    table has N-fastest entries (measured there: every such table's entries were timed on both layouts) and the
+    dtype is 16-bit, else None (no measured preference: engines keep the contract's K-fastest layout)."""
+    import torch
+
+    table = TABLES.get(card)
+    if table is not None and "n_fastest" in table and dtype in (torch.float16, torch.bfloat16):
+        return "n_fastest"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- shared memory
@@ -590,7 +607,9 @@ def describe(device=None) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - info must always print something
         lines.append(f"fused_moe configs: cannot query the device ({exc})")
     if card is None or card == "cpu":
-        lines.append(f"fused_moe configs: no CUDA device; shipped tables for: {', '.join(TABLES)}")
+        lines.append(f"fused_moe configs: no CUDA device; shipped tables for: {', '.join(TABLES)} (with N-fastest "
+                     f"expert entries, the layout served faster there: "
+                     f"{', '.join(c for c, t in TABLES.items() if 'n_fastest' in t) or 'none'})")
         lines.append(f"  tuning cache dir: {cache_dir() / 'tuning'} (DLINFER_CACHE_DIR relocates it)")
         return lines
     table = TABLES.get(card)
@@ -600,6 +619,10 @@ def describe(device=None) -> list[str]:
                                                       "is OFF (DLINFER_AUTOTUNE=0): generic tiers")))
     from dlinfer.vendor.triton import host
 
+    layout = preferred_layout(card, torch.bfloat16)
+    lines.append("  expert weight layout served fastest (bf16/fp16): " + (
+        "N-fastest (the table's N-fastest entries; LMDeploy's adapter lays experts out so by default)"
+        if layout == "n_fastest" else "K-fastest (no N-fastest entries for this card)"))
     lines.append(f"  shared memory per block: {host.card(torch.device(device).index).smem_per_block} B (every config "
                  "is fitted to it: shallower pipelines, then narrower K and N tiles)")
     lines.append("  precompile: " + (f"every token bucket up to {PRECOMPILE_MIN_TOKENS} tokens at a shape's first "
@@ -648,7 +671,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-s", type=float, default=AUTOTUNE_MAX_S, help="seconds per shape bucket (default %(default)s)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="k-fastest",
                    help="expert weight layout to tune for: k-fastest (contiguous, as loaded), n-fastest (N the "
-                        "unit-stride dimension; DLINFER_LMDEPLOY_MOE_N_FASTEST=1 serves that), or both "
+                        "unit-stride dimension: LMDeploy's experts with DLINFER_LMDEPLOY_MOE_N_FASTEST=1, or by "
+                        "default on a card whose table has N-fastest entries), or both "
                         "(default %(default)s)")
     p.add_argument("--clear", action="store_true", help="delete this card's cache (all cards without a GPU)")
     p.add_argument("--show", action="store_true", help="print where configs come from and exit")
