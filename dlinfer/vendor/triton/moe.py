@@ -875,7 +875,7 @@ def grouped_mm_serves(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor
     dev = hidden_states.device
     if _grouped_mm_fn() is None or hidden_states.dtype != torch.bfloat16:
         return False
-    if dev.type == "cuda" and capability(dev.index) != 9 or dev.type not in ("cuda", "cpu"):
+    if dev.type not in ("cuda", "cpu") or (dev.type == "cuda" and capability(dev.index) != 9):
         return False
     hidden, inter = hidden_states.shape[1], down_weights.shape[2]
     return hidden % 8 == 0 and inter % 8 == 0 and gate_up_weights.dtype == down_weights.dtype == torch.bfloat16
