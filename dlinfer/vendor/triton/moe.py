@@ -853,6 +853,14 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_w
             up(*cls)
         for cls in classes:
             down(*cls)
+    return _combine(y, topk_weights, out, renormalize)
+
+
+def _combine(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """``out[t] = sum_k w[t, k] * y[t * topk + k]`` by ``_moe_combine_kernel`` (``y``: the per-pair down outputs in
+    (token, slot) order; ``topk_weights`` with unit-stride rows); returns ``out``."""
+    tokens, hidden = out.shape
+    topk = topk_weights.shape[1]
     block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
         y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
@@ -892,7 +900,6 @@ def _fused_moe_grouped_mm(hidden_states, gate_up_weights, down_weights, topk_wei
     tokens): 0.64-1.01x the Triton kernels' speed (median 0.88x), so no table uses it; ``moe_bench.py
     --candidate-sets grouped`` times it on another card."""
     grouped_mm = _grouped_mm_fn()
-    tokens, hidden = hidden_states.shape
     experts = gate_up_weights.shape[0]
     topk = topk_ids.shape[1]
     ids = topk_ids.reshape(-1)
@@ -905,12 +912,7 @@ def _fused_moe_grouped_mm(hidden_states, gate_up_weights, down_weights, topk_wei
     del h
     y_sorted = grouped_mm(act, down_weights.transpose(1, 2), offs=offs)
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
-    topk_weights = _rows_contiguous(topk_weights)
-    block_h = min(COMBINE_BLOCK_H, next_power_of_2(hidden))
-    _moe_combine_kernel[(tokens, cdiv(hidden, block_h))](
-        y, topk_weights, out, hidden, topk, y.stride(0), topk_weights.stride(0), out.stride(0),
-        RENORMALIZE=renormalize, KB=next_power_of_2(topk), BLOCK_H=block_h, num_warps=COMBINE_NUM_WARPS)
-    return out
+    return _combine(y, _rows_contiguous(topk_weights), out, renormalize)
 
 
 def weight_layout(op: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -143,9 +143,9 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # so the footprint serves every load up to 96 rows. Timed since on the H100 (5 shapes x 1-2048 tokens x uniform and
 # skewed routing, both layouts in one process): from 64 tokens N-fastest experts ran 0.92-1.11x as fast as K-fastest
 # ones (below the peer in 17 of 40 cells against K-fastest's 22, the worst 0.92x against 0.87x), at 1 token
-# 0.78-0.90x as fast (still 1.05-1.11x the peer); Mixtral-8x7B end to end 1.067x stock against K-fastest's 1.036x (interleaved passes,
-# 95 % intervals apart): the table's N-fastest entries make N-fastest the layout this card prefers
-# (preferred_layout).
+# 0.78-0.90x as fast (still 1.05-1.11x the peer); Mixtral-8x7B end to end 1.067x stock against K-fastest's 1.036x
+# (interleaved passes, 95 % intervals apart): the table's N-fastest entries make N-fastest the layout this card
+# prefers (preferred_layout).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
 H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in H100_TIERS]
 
@@ -609,7 +609,7 @@ def describe(device=None) -> list[str]:
     if card is None or card == "cpu":
         lines.append(f"fused_moe configs: no CUDA device; shipped tables for: {', '.join(TABLES)} (with N-fastest "
                      f"expert entries, the layout served faster there: "
-                     f"{', '.join(c for c, t in TABLES.items() if 'n_fastest' in t) or 'none'})")
+                     f"{', '.join(c for c in TABLES if preferred_layout(c, torch.bfloat16)) or 'none'})")
         lines.append(f"  tuning cache dir: {cache_dir() / 'tuning'} (DLINFER_CACHE_DIR relocates it)")
         return lines
     table = TABLES.get(card)
