@@ -194,6 +194,39 @@ def test_moe_refusals_name_the_feature():
     assert "2.5" in layer_refusal(types.SimpleNamespace(**dict(layer, routed_scaling_factor=2.5)))
 
 
+@pytest.mark.parametrize("preference", ["k_fastest", "n_fastest"])
+def test_moe_weights_take_the_vendors_preferred_layout_at_load(monkeypatch, dlinfer_log, preference):
+    import dlinfer.ops as dl
+    from dlinfer.framework.vllm_ext import moe
+    from dlinfer.utils.layout import is_n_fastest
+
+    asked = []
+
+    def prefers(op, device, dtype):
+        asked.append((op, torch.device(device).type, dtype))
+        return preference
+
+    monkeypatch.setattr(moe, "preferred_weight_layout", prefers)
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(4, 2 * 24, 32, generator=g) / 6
+    w2 = torch.randn(4, 32, 24, generator=g) / 5
+    layer = types.SimpleNamespace(w13_weight=torch.nn.Parameter(w13.clone(), requires_grad=False),
+                                  w2_weight=torch.nn.Parameter(w2.clone(), requires_grad=False), top_k=2,
+                                  renormalize=True)
+    method = object.__new__(moe.DlinferUnquantizedFusedMoEMethod)  # the config's checks are tested above
+    method.process_weights_after_loading(layer)
+    assert asked == [("fused_moe", "cpu", torch.float32)]
+    for param, values in ((layer.w13_weight, w13), (layer.w2_weight, w2)):
+        assert is_n_fastest(param.data) == (preference == "n_fastest")
+        assert param.data.is_contiguous() == (preference == "k_fastest")
+        assert torch.equal(param.data, values)
+    assert f"expert weights laid out {preference[0].upper()}-fastest on cpu float32" in dlinfer_log.text
+    x, logits = torch.randn(5, 32, generator=g), torch.randn(5, 4, generator=g)
+    out = method.apply_monolithic(layer, x, logits)
+    weights, ids = dl.moe_gating_topk_softmax(logits, 2)
+    torch.testing.assert_close(out, dl.fused_moe(x, w13, w2, weights, ids, 2, True), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("kwargs, words", [
     (dict(sliding_window=4096), "sliding-window"),

@@ -2,8 +2,10 @@
 
 The method is monolithic (router logits in, expert output out): gating (softmax, top-k) and the SwiGLU
 experts both run through dlinfer. vLLM's loaded weights are already dlinfer's layout (``w13 [E, 2I, H]``,
-gate rows first; ``w2 [E, H, I]``), so ``process_weights_after_loading`` leaves them as they are instead of
-repacking them for vLLM's CPU kernels.
+gate rows first; ``w2 [E, H, I]``), so ``process_weights_after_loading`` does not repack them for vLLM's CPU
+kernels: it keeps them K-fastest, or lays them out N-fastest (same shape and values, N the unit-stride dimension)
+where the vendor serving ``fused_moe`` on their device and dtype says its kernels are faster on that layout
+(``dlinfer.vendor.preferred_weight_layout``).
 
 Served: softmax routing with or without top-k renormalization (Mixtral, Qwen2/3-MoE, ...), SiLU gated
 experts, no bias, tensor parallel (the runner all-reduces the partial sums). Anything else (sigmoid or
@@ -18,8 +20,11 @@ import logging
 import torch
 
 import dlinfer.ops as dl
+from dlinfer.errors import NotSupportedError
 from dlinfer.framework.vllm_ext import compat, log_summary_once
 from dlinfer.framework.vllm_ext.counters import hit
+from dlinfer.utils.layout import n_fastest
+from dlinfer.vendor import preferred_weight_layout
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, RoutingMethodType
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
@@ -78,6 +83,21 @@ def layer_refusal(layer) -> str | None:
     return None
 
 
+def expert_layout(weight: torch.Tensor) -> str:
+    """``"n_fastest"`` or ``"k_fastest"``: the expert-weight layout the vendor serving ``fused_moe`` for weights
+    like ``weight`` prefers (K-fastest where no vendor serves them: the first call reports that). Logged once."""
+    try:
+        layout = preferred_weight_layout("fused_moe", weight.device, weight.dtype)
+    except NotSupportedError:
+        layout = "k_fastest"
+    message = f"expert weights laid out {'N' if layout == 'n_fastest' else 'K'}-fastest on {weight.device.type} " \
+              f"{str(weight.dtype).removeprefix('torch.')} (the fused_moe vendor's preference)"
+    if message not in _logged:
+        _logged.add(message)
+        logger.info("dlinfer: %s", message)
+    return layout
+
+
 class DlinferUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
     """Gating + SwiGLU experts through dlinfer (see the module docstring for what is served)."""
 
@@ -108,11 +128,11 @@ class DlinferUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
         if self._dlinfer_refusal is not None:
             super().process_weights_after_loading(layer)
             return
-        # Keep vLLM's loaded layout; make the expert weights plain contiguous tensors once.
+        # dlinfer's [E, N, K] shapes as loaded; the memory layout the serving vendor streams fastest.
+        layout = expert_layout(layer.w13_weight.data)
         for name in ("w13_weight", "w2_weight"):
             param = getattr(layer, name)
-            if not param.data.is_contiguous():
-                param.data = param.data.contiguous()
+            param.data = n_fastest(param.data) if layout == "n_fastest" else param.data.contiguous()
 
     def apply_monolithic(self, layer, x: torch.Tensor, router_logits: torch.Tensor,
                          input_ids: torch.Tensor | None = None):
