@@ -402,6 +402,12 @@ def warm_candidates(configs: list[dict], shape: dict, workers: int, timeout_s: f
     return n, time.time() - t0, tried
 
 
+def key_rows(key: str) -> float:
+    """Mean rows per expert of a tuning key's token bucket (``bfloat16:E8:k2:H4096:I14336:T512`` -> 128)."""
+    fields = {f[0]: f[1:] for f in key.split(":")[1:]}
+    return int(fields["T"]) * int(fields["k"]) / int(fields["E"])
+
+
 # A candidate the compile workers did not reach: what its first call costs in this process (compiles included) on
 # a slow host, for the budget check before it.
 COLD_CANDIDATE_S = 60.0
@@ -431,6 +437,10 @@ def main(argv=None):
     ap.add_argument("--graph-check", action="store_true", help="first check the Hopper variants under CUDA graphs")
     ap.add_argument("--dlinfer-n-fastest", action="store_true",
                     help="also time dlinfer on the weights in the peer's N-fastest layout (speed_n_fastest)")
+    ap.add_argument("--n-fastest-tiers", default="table", choices=["table", "footprint"],
+                    help="the configs --dlinfer-n-fastest runs under on a card whose table has no N-fastest entries: "
+                         "table (the card's own, as served) or footprint (tuning.footprint_tiers of the card's "
+                         "tiers, the candidate N-fastest entries, in this process only)")
     ap.add_argument("--candidates-layout", default="k-fastest", choices=["k-fastest", "n-fastest"],
                     help="the weight layout the candidates are timed on (n-fastest: the peer's engine layout; with "
                          "--dlinfer-n-fastest, vs_in_force is against the config in force on that layout)")
@@ -444,6 +454,12 @@ def main(argv=None):
     from dlinfer.vendor.triton import moe as tmoe
 
     graph_failures = graph_check() if args.graph_check else 0
+    card_table = tuning.TABLES.get(torch.cuda.get_device_name())
+    if args.n_fastest_tiers == "footprint" and card_table is not None and "n_fastest" not in card_table:
+        card_table["n_fastest"] = dict(tiers=tuning.footprint_tiers(card_table["tiers"]),
+                                       shapes={k: c for k, c in card_table["shapes"].items() if key_rows(k) > 96})
+        print("N-fastest weights on candidate entries: footprint_tiers of this card's tiers (its exact shapes above "
+              "96 rows per expert)", flush=True)
     t0 = time.time()
     dtype = torch.bfloat16
     flush = timing.Flusher("cuda")

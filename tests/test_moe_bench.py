@@ -258,3 +258,8 @@ def test_peer_weights_take_the_layout_stock_lmdeploy_serves_them_in():
     for mine, stock, original in zip(ours, theirs, (gate_up, down)):
         assert mine.shape == stock.shape == original.shape and mine.stride() == stock.stride()
         assert mine.stride(1) == 1 and torch.equal(mine, original)
+
+
+def test_key_rows_is_the_token_buckets_mean_rows_per_expert():
+    assert moe_bench.key_rows("bfloat16:E8:k2:H4096:I14336:T512") == 128
+    assert moe_bench.key_rows("float16:E128:k8:H2048:I768:T64") == 4

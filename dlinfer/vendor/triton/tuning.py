@@ -147,7 +147,15 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # (interleaved passes, 95 % intervals apart): the table's N-fastest entries make N-fastest the layout this card
 # prefers (preferred_layout).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
-H100_N_FASTEST_TIERS = [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in H100_TIERS]
+
+
+def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
+    """N-fastest tiers from a card's K-fastest ``tiers``: the peer's footprint for every tier up to 96 rows per
+    expert, the card's own tiles above."""
+    return [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in tiers]
+
+
+H100_N_FASTEST_TIERS = footprint_tiers(H100_TIERS)
 
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
 # "hot_small_load": rows per expert (see hot_loads), "rules": configs by load and shape (see H100_RULES) and
