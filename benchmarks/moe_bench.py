@@ -25,7 +25,8 @@ hot expert plus a random per-expert bias), on fresh random bf16 inputs:
   nothing to compile), ``rules`` each distinct config of the card tables' load rules (``rule_candidates``: another
   card's rules timed here), ``split`` the card's narrower tiers for all but the heaviest experts, which keep the
   config in force (``split_candidates``), ``decode`` long-K and deeper-pipeline tiles for the memory-bound range
-  (``DECODE``), ``peer`` tiles of the peer's decode footprint and neighbours (``PEER_TILES``), ``grouped`` the call
+  (``DECODE``), ``peer`` tiles of the peer's decode footprint and neighbours (``PEER_TILES``), ``ndecode`` 16-row
+  tiles for N-fastest weights under 8 rows per expert (``N_DECODE``), ``grouped`` the call
   on torch's grouped GEMM (the ``GROUPED_MM`` field: CUTLASS on Hopper, bf16) with both weight layouts; routings of
   ``--candidates-routings``. ``--dlinfer-n-fastest`` also times dlinfer on the peer's N-fastest weights (its kernels
   read them in place), against the peer at its faster layout; ``--candidates-layout n-fastest`` times the
@@ -115,6 +116,17 @@ PEER_TILES = [_cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
               _cfg(64, (64, 64, 4, 4, 4), (128, 64, 4, 4, 4)),
               _cfg(32, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
               _cfg(64, (256, 32, 4, 4, 4), (256, 32, 4, 4, 4))]
+
+# Few-row tiles (under 8 rows per expert: decode batches on many experts) for N-fastest weights: 16-row blocks whose
+# tile rows along N are 64-256 contiguous bytes and whose grid stays above the SM count on narrow intermediates
+# (Qwen3-30B-A3B at one token: 8 experts x 768 / BLOCK_N programs for gate_up).
+N_DECODE = [_cfg(16, (64, 64, 1, 4, 4), (64, 64, 1, 4, 4)),
+            _cfg(16, (64, 64, 1, 4, 6), (128, 64, 1, 4, 5)),
+            _cfg(16, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
+            _cfg(16, (128, 32, 1, 4, 4), (128, 64, 1, 4, 4)),
+            _cfg(16, (128, 64, 1, 4, 4), (256, 64, 1, 4, 3)),
+            _cfg(16, (32, 64, 1, 4, 6), (64, 128, 1, 4, 4)),
+            _cfg(16, (128, 32, 1, 4, 6), (256, 32, 1, 4, 6))]
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
@@ -428,7 +440,7 @@ def main(argv=None):
     ap.add_argument("--candidates-from", type=float, default=128.0, help="rows per expert (default %(default)s)")
     ap.add_argument("--candidate-sets", nargs="*", default=["extra", "hopper"],
                     choices=["extra", "hopper", "tma", "hot", "merge", "stream", "rules", "split", "decode", "peer",
-                             "grouped"],
+                             "ndecode", "grouped"],
                     help="which candidates --candidates times (default %(default)s)")
     ap.add_argument("--candidates-routings", nargs="*", default=["uniform", "skewed"], choices=["uniform", "skewed"],
                     help="routings the HOPPER variants are timed on (default %(default)s)")
@@ -580,6 +592,8 @@ def main(argv=None):
                             cands += [(f"decode{i}", dict(c, hot=hot)) for i, c in enumerate(DECODE) if c != src]
                         if "peer" in args.candidate_sets:
                             cands += [(f"peer{i}", dict(c, hot=hot)) for i, c in enumerate(PEER_TILES) if c != src]
+                        if "ndecode" in args.candidate_sets:
+                            cands += [(f"ndec{i}", dict(c, hot=hot)) for i, c in enumerate(N_DECODE) if c != src]
                         if "split" in args.candidate_sets:
                             cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel
