@@ -119,14 +119,17 @@ PEER_TILES = [_cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4)),
 
 # Few-row tiles (under 8 rows per expert: decode batches on many experts) for N-fastest weights: 16-row blocks whose
 # tile rows along N are 64-256 contiguous bytes and whose grid stays above the SM count on narrow intermediates
-# (Qwen3-30B-A3B at one token: 8 experts x 768 / BLOCK_N programs for gate_up).
+# (Qwen3-30B-A3B at one token: 8 experts x 768 / BLOCK_N programs for gate_up; Mixtral's down GEMM at one token:
+# 2 experts x 4096 / BLOCK_N programs, 32 with the peer's 256-wide footprint).
 N_DECODE = [_cfg(16, (64, 64, 1, 4, 4), (64, 64, 1, 4, 4)),
             _cfg(16, (64, 64, 1, 4, 6), (128, 64, 1, 4, 5)),
             _cfg(16, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
             _cfg(16, (128, 32, 1, 4, 4), (128, 64, 1, 4, 4)),
             _cfg(16, (128, 64, 1, 4, 4), (256, 64, 1, 4, 3)),
             _cfg(16, (32, 64, 1, 4, 6), (64, 128, 1, 4, 4)),
-            _cfg(16, (128, 32, 1, 4, 6), (256, 32, 1, 4, 6))]
+            _cfg(16, (128, 32, 1, 4, 6), (256, 32, 1, 4, 6)),
+            _cfg(16, (64, 64, 1, 4, 4), (32, 128, 1, 4, 4)),
+            _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))]  # the H100's K-fastest decode tier
 
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
