@@ -694,14 +694,16 @@ def test_the_h100_rules_follow_load_and_shape(fake_card):
 
 
 def test_n_fastest_weights_take_their_own_table_entries_and_cache_keys(fake_card, tmp_path):
-    """The H100's table: N-fastest expert weights take the peer-footprint tiles up to 96 rows per expert and the
-    K-fastest tiers and rules above; a card without N-fastest entries serves both layouts alike; an autotune's
-    result for one layout is cached under its own key and never serves the other."""
+    """The H100's table: N-fastest expert weights take 16-row decode tiles up to a quarter row per expert, the
+    peer-footprint tiles up to 96 rows per expert and the K-fastest tiers and rules above; a card without N-fastest
+    entries serves both layouts alike; an autotune's result for one layout is cached under its own key and never
+    serves the other."""
     card = "NVIDIA H100 80GB HBM3"
     fake_card(card)
     cuda = torch.device("cuda")
     mixtral = (torch.bfloat16, 8, 2, 4096, 14336)
-    for tokens in (1, 16, 256):  # 0.25, 4 and 64 rows
+    assert tuning.launch_config(cuda, *mixtral, 1, n_fastest=True) == tuning._N_DECODE  # a quarter row
+    for tokens in (2, 16, 256):  # 0.5, 4 and 64 rows
         assert tuning.launch_config(cuda, *mixtral, tokens, n_fastest=True) == tuning._PEER_FOOTPRINT
     assert tuning.launch_config(cuda, *mixtral, 256) == tuning._tier(tuning.H100_TIERS, 64)
     assert tuning.launch_config(cuda, *mixtral, 256) != tuning._PEER_FOOTPRINT

@@ -155,7 +155,14 @@ def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]
     return [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in tiers]
 
 
-H100_N_FASTEST_TIERS = footprint_tiers(H100_TIERS)
+# Up to a quarter row per expert (one token on 8 experts top-2; up to 4 tokens on 128 experts top-8) few experts are
+# touched and the footprint's wide tiles leave the grid short of the SMs (Mixtral's down GEMM at one token: 2 experts
+# x 4096 / 256 = 32 programs): 16-row blocks of 64-wide gate_up and 128-wide down tiles, 6 and 5 stages, ran
+# 1.12-1.20x the footprint at one token on Mixtral, Qwen3-30B-A3B, E64 top-6 and E16 top-2 (uniform and skewed),
+# level with the K-fastest decode tier on K-fastest weights, and 0.99x on Qwen3-30B-A3B at 4 tokens (H100, e432433).
+# From half a row per expert to 8 rows the same tiles ran 0.94-1.11x the footprint: it keeps that range.
+_N_DECODE = _cfg(16, (64, 64, 1, 4, 6), (128, 64, 1, 4, 5))
+H100_N_FASTEST_TIERS = [(0.25, _N_DECODE)] + footprint_tiers(H100_TIERS)
 
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
 # "hot_small_load": rows per expert (see hot_loads), "rules": configs by load and shape (see H100_RULES) and
