@@ -140,12 +140,12 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # K-fastest weights: that combination is not timed yet.) Below 8 rows the K-fastest decode tier (32-wide tiles of
 # 128-K steps: 64 contiguous bytes per K row of an N-fastest weight) ran 0.83-0.88x the peer on Qwen3-30B-A3B and E64
 # top-6 at 64 tokens (4-6 rows, both routings; 3029af8, H100), where the peer reads those weights with its footprint:
-# so the footprint serves every load up to 96 rows. Timed since on the H100 (5 shapes x 1-2048 tokens x uniform and
-# skewed routing, both layouts in one process): from 64 tokens N-fastest experts ran 0.92-1.11x as fast as K-fastest
-# ones (below the peer in 17 of 40 cells against K-fastest's 22, the worst 0.92x against 0.87x), at 1 token
-# 0.78-0.90x as fast (still 1.05-1.11x the peer); Mixtral-8x7B end to end 1.067x stock against K-fastest's 1.036x
-# (interleaved passes, 95 % intervals apart): the table's N-fastest entries make N-fastest the layout this card
-# prefers (preferred_layout).
+# so the footprint serves the loads up to 96 rows (from a quarter row up since: see _N_DECODE). Timed since on the
+# H100 (5 shapes x 1-2048 tokens x uniform and skewed routing, both layouts in one process): from 64 tokens
+# N-fastest experts ran 0.92-1.11x as fast as K-fastest ones (below the peer in 17 of 40 cells against K-fastest's
+# 22, the worst 0.92x against 0.87x), at 1 token 0.78-0.90x as fast (still 1.05-1.11x the peer); Mixtral-8x7B
+# end to end 1.067x stock against K-fastest's 1.036x (interleaved passes, 95 % intervals apart): the table's
+# N-fastest entries make N-fastest the layout this card prefers (preferred_layout).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
 
 
@@ -160,7 +160,7 @@ def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]
 # x 4096 / 256 = 32 programs): 16-row blocks of 64-wide gate_up and 128-wide down tiles, 6 and 5 stages, ran
 # 1.12-1.20x the footprint at one token on Mixtral, Qwen3-30B-A3B, E64 top-6 and E16 top-2 (uniform and skewed),
 # level with the K-fastest decode tier on K-fastest weights, and 0.99x on Qwen3-30B-A3B at 4 tokens (H100, e432433).
-# From half a row per expert to 8 rows the same tiles ran 0.94-1.11x the footprint: it keeps that range.
+# From half a row per expert to 12 rows the same tiles ran 0.94-1.11x the footprint: it keeps that range.
 _N_DECODE = _cfg(16, (64, 64, 1, 4, 6), (128, 64, 1, 4, 5))
 H100_N_FASTEST_TIERS = [(0.25, _N_DECODE)] + footprint_tiers(H100_TIERS)
 
