@@ -495,10 +495,14 @@ class Registry:
     def preferred_weight_layout(self, op: str, device: torch.device | str, dtype: torch.dtype) -> str:
         """The layout in which an engine should store ``op``'s weights (``"k_fastest"``, the contract's documented
         layout, or ``"n_fastest"``) for calls on ``device`` in ``dtype``: what the vendor that serves such calls
-        (overrides included) says its implementation serves fastest there, else ``"k_fastest"``. Every vendor
-        must serve both layouts (the op contract takes a weight's strides); this only says which one is faster."""
+        (overrides included) says its implementation serves fastest there, else ``"k_fastest"`` (also where no
+        vendor serves such calls: the call itself then says why, not the engine's load). Every vendor must serve both
+        layouts (the op contract takes a weight's strides); this only says which one is faster."""
         device = torch.device(device)
-        vendor, _ = self.select(Call(op, device.type, dtype))
+        try:
+            vendor, _ = self.select(Call(op, device.type, dtype))
+        except NotSupportedError:
+            return "k_fastest"
         layout = vendor.weight_layout(op, device, dtype) if vendor.weight_layout is not None else None
         if layout not in (None, "k_fastest", "n_fastest"):
             raise ValueError(f"vendor {vendor.name}: weight_layout({op!r}) returned {layout!r} "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dlinfer.ops as ops
+from dlinfer.errors import NotSupportedError
 from dlinfer.vendor.registry import Call, Registry, Vendor
 
 
@@ -128,7 +129,8 @@ def test_fallback_warning_reaches_stderr_of_a_plain_script_once():
 def test_preferred_weight_layout_asks_the_vendor_that_serves_the_call(isolated_registry):
     """An engine asks once, at load, which layout of an op's weights to keep: the vendor serving such calls on the
     device (overrides included) answers through its weight_layout hook; none, or no answer, is the contract's
-    K-fastest layout; an answer outside the two layouts is a ValueError naming the vendor."""
+    K-fastest layout (so is a call no vendor may serve); an answer outside the two layouts is a ValueError naming
+    the vendor."""
     asked = []
 
     def hook(answer):
@@ -149,6 +151,11 @@ def test_preferred_weight_layout_asks_the_vendor_that_serves_the_call(isolated_r
     assert isolated_registry.preferred_weight_layout("fused_moe", torch.device("cpu"), torch.float16) == "k_fastest"
     with isolated_registry.forced("nfast", "fused_moe"):
         assert isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.float16) == "n_fastest"
+        # a call nothing may serve (the forced vendor has no such device): the contract's layout, and the call
+        # itself raises, not the engine's load
+        assert isolated_registry.preferred_weight_layout("fused_moe", "meta", torch.float16) == "k_fastest"
+        with pytest.raises(NotSupportedError, match="forced"):
+            isolated_registry.select(Call("fused_moe", "meta", torch.float16))
     isolated_registry.register_vendor(vendor("odd", "column_major", 70))
     with pytest.raises(ValueError, match="vendor odd: weight_layout"):
         isolated_registry.preferred_weight_layout("fused_moe", "cpu", torch.float16)

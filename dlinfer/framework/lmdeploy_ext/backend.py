@@ -92,10 +92,7 @@ def moe_layout_n_fastest(weights: torch.Tensor) -> bool:
     choice = settings.tristate("DLINFER_LMDEPLOY_MOE_N_FASTEST")
     source = "DLINFER_LMDEPLOY_MOE_N_FASTEST"
     if choice is None:
-        try:
-            layout = preferred_weight_layout("fused_moe", weights.device, weights.dtype)
-        except NotSupportedError:  # no vendor serves these weights: the first call says so, not the load
-            layout = "k_fastest"
+        layout = preferred_weight_layout("fused_moe", weights.device, weights.dtype)
         choice, source = layout == "n_fastest", f"the {weights.device.type} vendor's preference"
     key = (choice, source)
     if key not in _layout_logged:

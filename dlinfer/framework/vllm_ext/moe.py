@@ -20,7 +20,6 @@ import logging
 import torch
 
 import dlinfer.ops as dl
-from dlinfer.errors import NotSupportedError
 from dlinfer.framework.vllm_ext import compat, log_summary_once
 from dlinfer.framework.vllm_ext.counters import hit
 from dlinfer.utils.layout import n_fastest
@@ -86,10 +85,7 @@ def layer_refusal(layer) -> str | None:
 def expert_layout(weight: torch.Tensor) -> str:
     """``"n_fastest"`` or ``"k_fastest"``: the expert-weight layout the vendor serving ``fused_moe`` for weights
     like ``weight`` prefers (K-fastest where no vendor serves them: the first call reports that). Logged once."""
-    try:
-        layout = preferred_weight_layout("fused_moe", weight.device, weight.dtype)
-    except NotSupportedError:
-        layout = "k_fastest"
+    layout = preferred_weight_layout("fused_moe", weight.device, weight.dtype)
     message = f"expert weights laid out {'N' if layout == 'n_fastest' else 'K'}-fastest on {weight.device.type} " \
               f"{str(weight.dtype).removeprefix('torch.')} (the fused_moe vendor's preference)"
     if message not in _logged:
