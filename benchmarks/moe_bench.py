@@ -131,6 +131,9 @@ N_DECODE = [_cfg(16, (64, 64, 1, 4, 4), (64, 64, 1, 4, 4)),
             _cfg(16, (64, 64, 1, 4, 4), (32, 128, 1, 4, 4)),
             _cfg(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4))]  # the H100's K-fastest decode tier
 
+# Candidate sets of whole tile configs (--candidate-sets name: the label their candidates are reported under).
+TILE_SETS = {"decode": ("decode", DECODE), "peer": ("peer", PEER_TILES), "ndecode": ("ndec", N_DECODE)}
+
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
 HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
@@ -591,12 +594,9 @@ def main(argv=None):
                         table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                         if "hot" in args.candidate_sets:
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
-                        if "decode" in args.candidate_sets:
-                            cands += [(f"decode{i}", dict(c, hot=hot)) for i, c in enumerate(DECODE) if c != src]
-                        if "peer" in args.candidate_sets:
-                            cands += [(f"peer{i}", dict(c, hot=hot)) for i, c in enumerate(PEER_TILES) if c != src]
-                        if "ndecode" in args.candidate_sets:
-                            cands += [(f"ndec{i}", dict(c, hot=hot)) for i, c in enumerate(N_DECODE) if c != src]
+                        for name, (label, tiles) in TILE_SETS.items():
+                            if name in args.candidate_sets:
+                                cands += [(f"{label}{i}", dict(c, hot=hot)) for i, c in enumerate(tiles) if c != src]
                         if "split" in args.candidate_sets:
                             cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel

@@ -148,13 +148,6 @@ H100_RULES: list[tuple[tuple[float, float], tuple[float, float], int, dict]] = [
 # N-fastest entries make N-fastest the layout this card prefers (preferred_layout).
 _PEER_FOOTPRINT = _cfg(64, (128, 32, 4, 4, 4), (256, 32, 4, 4, 4))
 
-
-def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
-    """N-fastest tiers from a card's K-fastest ``tiers``: :data:`_N_DECODE` up to a quarter row per expert, the peer's
-    footprint for every tier up to 96 rows per expert, the card's own tiles above."""
-    return [(0.25, _N_DECODE)] + [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in tiers]
-
-
 # Up to a quarter row per expert (one token on 8 experts top-2; up to 4 tokens on 128 experts top-8) few experts are
 # touched and the footprint's wide tiles leave the grid short of the SMs (Mixtral's down GEMM at one token: 2 experts
 # x 4096 / 256 = 32 programs): 16-row blocks of 64-wide gate_up and 128-wide down tiles, 6 and 5 stages, ran
@@ -162,6 +155,14 @@ def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]
 # level with the K-fastest decode tier on K-fastest weights, and 0.99x on Qwen3-30B-A3B at 4 tokens (H100, e432433).
 # From half a row per expert to 12 rows the same tiles ran 0.94-1.11x the footprint: it keeps that range.
 _N_DECODE = _cfg(16, (64, 64, 1, 4, 6), (128, 64, 1, 4, 5))
+
+
+def footprint_tiers(tiers: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
+    """N-fastest tiers from a card's K-fastest ``tiers``: :data:`_N_DECODE` up to a quarter row per expert, the peer's
+    footprint for every tier up to 96 rows per expert, the card's own tiles above."""
+    return [(0.25, _N_DECODE)] + [(bound, _PEER_FOOTPRINT if bound <= 96 else cfg) for bound, cfg in tiers]
+
+
 H100_N_FASTEST_TIERS = footprint_tiers(H100_TIERS)
 
 # Per-card tables: exact device name -> {"tiers": [...], "shapes": {bucket key: config}, optionally
