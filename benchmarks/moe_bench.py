@@ -134,6 +134,14 @@ N_DECODE = [_cfg(16, (64, 64, 1, 4, 4), (64, 64, 1, 4, 4)),
 # Candidate sets of whole tile configs (--candidate-sets name: the label their candidates are reported under).
 TILE_SETS = {"decode": ("decode", DECODE), "peer": ("peer", PEER_TILES), "ndecode": ("ndec", N_DECODE)}
 
+
+def tile_set_candidates(sets, in_force: dict, hot) -> list[tuple[str, dict]]:
+    """(name, config): the whole tile configs of the :data:`TILE_SETS` named in ``sets`` other than the config in
+    force, each with the hot experts' tiles ``hot``, named by their set's label and index."""
+    return [(f"{label}{i}", dict(c, hot=hot)) for key, (label, tiles) in TILE_SETS.items() if key in sets
+            for i, c in enumerate(tiles) if c != in_force]
+
+
 # Hopper variants: field sets added to the config in force (the effect of each field alone), then whole configs
 # for warp specialization (it takes effect with 4 warps and both operands on TMA).
 HOPPER_FLAGS = [dict(TMA_B=1), dict(TMA_ACT=1, TMA_B=1), dict(TMA_A=1, TMA_B=1), dict(PERSISTENT=1),
@@ -594,9 +602,7 @@ def main(argv=None):
                         table = hidden_table or tuning.TABLES.get(card) or dict(tiers=tuning.GENERIC_TIERS)
                         if "hot" in args.candidate_sets:
                             cands += hot_candidates(src, hot, table["tiers"], dtype, x.device)
-                        for name, (label, tiles) in TILE_SETS.items():
-                            if name in args.candidate_sets:
-                                cands += [(f"{label}{i}", dict(c, hot=hot)) for i, c in enumerate(tiles) if c != src]
+                        cands += tile_set_candidates(args.candidate_sets, src, hot)
                         if "split" in args.candidate_sets:
                             cands += split_candidates(src, table["tiers"], dtype, x.device)
                 # Each candidate compiles its own kernels (30-60 s a candidate on a slow host): compiled in parallel

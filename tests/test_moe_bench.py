@@ -263,3 +263,15 @@ def test_peer_weights_take_the_layout_stock_lmdeploy_serves_them_in():
 def test_key_rows_is_the_token_buckets_mean_rows_per_expert():
     assert moe_bench.key_rows("bfloat16:E8:k2:H4096:I14336:T512") == 128
     assert moe_bench.key_rows("float16:E128:k8:H2048:I768:T64") == 4
+
+
+def test_tile_set_candidates_name_each_config_of_the_sets_asked_for_but_the_one_in_force():
+    in_force = moe_bench.PEER_TILES[1]
+    hot = {"BLOCK_M": 128}
+    got = moe_bench.tile_set_candidates(["peer", "ndecode"], in_force, hot)
+    names = [n for n, _ in got]
+    assert names == ([f"peer{i}" for i in range(len(moe_bench.PEER_TILES)) if i != 1]
+                     + [f"ndec{i}" for i in range(len(moe_bench.N_DECODE)) if moe_bench.N_DECODE[i] != in_force])
+    assert all(c["hot"] is hot for _, c in got)
+    assert all({k: v for k, v in c.items() if k != "hot"} != in_force for _, c in got)
+    assert moe_bench.tile_set_candidates(["hot", "split"], in_force, hot) == []
