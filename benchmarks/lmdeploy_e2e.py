@@ -95,7 +95,12 @@ dlinfer over pass k of stock, adjacent in time), their median (the ratio), min, 
 median, the noise of the ratio (a warning when over 2 %), their geometric mean with its 95 %
 confidence interval (Student's t over the log-ratios: how well the passes together pin the ratio; ``ratio_geomean``,
 ``ratio_ci95``), and the same of the steady-state window rates (``window_ratio_median`` and so on, and a second
-``[pair]`` line). Each pass starts ``--pass-gap`` seconds (1 by default) after the last one ended, so that what an
+``[pair]`` line). ``--until-ci PCT`` makes the pass count the measurement's own: after ``--timed-passes``, the pair
+runs two more passes of each engine at a time (keeping the ABBA order) until that interval lies within +-PCT % of
+the geometric mean (``"stopped": "interval"``), ``--max-timed-passes`` are done, or two more would not fit the time
+left (the pair's budget less ``ORACLE_RESERVE_S`` for the float32 oracle); the pair's ``until_ci`` record and a
+``[pair]`` line say how many passes ran, how well the ratio is known and why it stopped. Each pass starts
+``--pass-gap`` seconds (1 by default) after the last one ended, so that what an
 engine leaves behind after its pass (threads still spinning, output handling) does not run into the other's. The
 channel is files in a temporary folder (the parent writes ``go_<k>`` and ``finish``, a child ``ready.json`` and
 ``pass_<k>.json``, each atomically by a rename); every wait of the parent ends at the pair's budget (twice
@@ -176,6 +181,7 @@ class RunSpec:
     warmup: str = "full"  # full | short
     rehearsal: bool = True  # --warmup full: one untimed pass of the timed prompts before the timed passes
     timed_passes: int = 1
+    max_timed_passes: int = 0  # --until-ci: up to this many passes, those past timed_passes while the parent asks
     quant: str = "none"  # none | awq | w8a8 (the checkpoint in model_dir is quantized so already)
     kv_quant: int = 0  # LMDeploy's quant_policy
     pass_seconds: float = 0.0  # > 0: scale the timed pass's request count so a pass lasts about this long
@@ -768,23 +774,29 @@ def warm_up_and_time(run, spec: RunSpec, compiles, monitor, control=None, ready:
     if control:  # --interleave: the parent starts the other engine (with this cache) and then calls each pass
         control.write("ready.json", dict(ready or {}, timed_requests=requests, **warm))
     monitor.start()
-    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control, in_flight)
+    passes, pass_compiles = timed_passes(run, prompts, spec.timed_passes, compiles, monitor, control, in_flight,
+                                         most=spec.max_timed_passes)
     monitor.stop()
     if control:  # nothing of this run (a profile, the engine's shutdown) while the other engine is timed
         control.wait("finish")
     return prompts, warm, passes, pass_compiles
 
 
-def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None, in_flight: int = 0):
+def timed_passes(run, prompts: list[list[int]], count: int, compiles, monitor, control=None, in_flight: int = 0,
+                 most: int = 0):
     """``count`` timed passes of ``run`` over ``prompts`` (at least one): per pass (duration, records) and the
     Triton compilations it saw (``compiles.take()``), each pass a phase of the GPU ``monitor``. Python's garbage
     collector runs before each pass and is off during it (``GC_TIMED``: no collection pause in a timed pass), on
     again after it whatever happens. With ``control`` (--interleave) each pass waits for the parent's ``go_<k>`` and
     reports ``pass_<k>.json`` (with the pass's steady-state window rate, :func:`pass_window_rate`; ``in_flight``:
-    that of an --arrival stream pass)."""
+    that of an --arrival stream pass); with ``most`` > ``count`` (--until-ci) passes past ``count`` run while the
+    parent sends ``go_<k>``, up to ``most``, and end at its ``stop``."""
     passes, pass_compiles = [], []
-    for k in range(1, max(1, count) + 1):
-        if control:
+    for k in range(1, max(1, count, most if control else 0) + 1):
+        if control and k > count:
+            if control.wait_any(f"go_{k}", "stop") == "stop":
+                break
+        elif control:
             control.wait(f"go_{k}")
         gc.collect()
         gc.disable()
@@ -847,13 +859,19 @@ class PassControl:
         write_json_atomic(self.folder / name, data)
 
     def wait(self, name: str) -> None:
-        path = self.folder / name
+        self.wait_any(name)
+
+    def wait_any(self, *names: str) -> str:
+        """The first of ``names`` the parent has written (the earliest named when several have)."""
         end = time.monotonic() + self.timeout
-        while not path.exists():
+        while True:
+            for name in names:
+                if (self.folder / name).exists():
+                    return name
             if os.getppid() != self.parent:
-                raise SystemExit(f"the parent process is gone while this child waits for {name}")
+                raise SystemExit(f"the parent process is gone while this child waits for {' or '.join(names)}")
             if time.monotonic() > end:
-                raise TimeoutError(f"no {name} from the parent within {self.timeout:.0f} s")
+                raise TimeoutError(f"no {' or '.join(names)} from the parent within {self.timeout:.0f} s")
             time.sleep(self.POLL_S)
 
 
@@ -1300,7 +1318,36 @@ def ratio_warning(label: str, rec: dict, remedy: str) -> str | None:
             f"ratio is known no better than that; {remedy} for a tighter one")
 
 
-_REMEDY = "more --timed-passes or a longer --pass-seconds"
+_REMEDY = "more --timed-passes (or --until-ci) or a longer --pass-seconds"
+# --until-ci: seconds of the command's deadline kept for the float32 oracle after the pairs (24 prompts of a 12-layer
+# Qwen3-30B-A3B shape took 43 s on an H100, loading included)
+ORACLE_RESERVE_S = 120.0
+
+_STOPPED = {"interval": "the 95 % interval reached the target", "max passes": "--max-timed-passes reached",
+            "deadline": "two more passes would not fit the time left"}
+
+
+def until_ci_line(label: str, rec: dict) -> str:
+    """The --until-ci outcome of a pair (its summary's ``until_ci``) in words."""
+    half = rec.get("half_width")
+    known = "no interval" if half is None else f"the ratio known to +-{100 * half:.2f} %"
+    return (f"{label} interleaved, --until-ci {100 * rec['target']:g} %: {rec['passes']} passes each, {known} "
+            f"(95 % interval); stopped: {_STOPPED.get(rec.get('stopped'), rec.get('stopped'))}")
+
+
+def pair_lines(label: str, pair: dict) -> list[str]:
+    """The lines of an interleaved pair's summary: its ratio, the --until-ci outcome, a warning for a per-pass spread
+    over 2 % (not once --until-ci reached its interval: the spread is then the single pass's noise, the interval the
+    ratio's), the steady-state window's ratio."""
+    lines = [ratio_line(label, pair)]
+    if pair.get("until_ci"):
+        lines.append(until_ci_line(label, pair["until_ci"]))
+    warning = ratio_warning(label, pair, _REMEDY)
+    if warning and (pair.get("until_ci") or {}).get("stopped") != "interval":
+        lines.append(warning)
+    if pair.get("window_pass_ratios"):
+        lines.append(ratio_line(label, pair, "window_"))
+    return lines
 
 
 def warmup_kind(workload: dict) -> str:
@@ -1328,18 +1375,51 @@ def ready_line(name: str, ready: dict) -> str:
             f"per timed pass (startup {ready.get('startup_s') or 0:.0f} s, {warmup_text(ready)})")
 
 
-def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_gap: float = 0.0
+def ci_half_width(ratios: list[float]) -> float | None:
+    """The relative half-width of the 95 % interval of :func:`ratio_interval` (0.01: the ratio known to +-1 %), or
+    None where there is no interval yet."""
+    interval = ratio_interval(ratios)
+    return None if interval is None else interval[2] / interval[0] - 1.0
+
+
+def more_passes(ratios: list[float], until_ci: float, passes: int, max_passes: int, pair_s: float,
+                seconds_left: float) -> str | None:
+    """Why an --until-ci pair stops after ``passes`` timed passes, or None to run two more (one of each engine's
+    passes per pair of passes, in the ABBA order): ``"interval"`` once the 95 % interval's half-width is at most
+    ``until_ci`` (relative), ``"max passes"`` at ``max_passes``, ``"deadline"`` when ``seconds_left`` (before the
+    extension must end) would not hold two more passes of each engine at ``pair_s`` seconds (the longest pair of
+    one stock and one dlinfer pass so far, gaps included) and as long again for the children to finish."""
+    half = ci_half_width(ratios)
+    if half is not None and half <= until_ci:
+        return "interval"
+    if passes + 2 > max_passes:
+        return "max passes"
+    if seconds_left < 3 * pair_s:
+        return "deadline"
+    return None
+
+
+def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_gap: float = 0.0,
+                    until_ci: float = 0.0, max_passes: int = 0, extend_s: float | None = None
                     ) -> tuple[dict, dict]:
     """One pair of --interleave (see the module docstring): the stock child (``stock``) started and warmed up,
     then the dlinfer child (``mine``) with the stock engine's KV-cache block count and timed request count, their
     timed passes alternating ABBA, one at a time, then each child let finish, stock first. Returns ({backend:
     (result, output)}, the pair's summary); raises RuntimeError naming the child and what it failed to do when a
     child exits early or misses the budget (``budget_s`` seconds for the whole pair), both process groups killed
-    either way."""
+    either way. ``until_ci`` > 0 (--until-ci, relative): after ``stock.timed_passes`` passes each, two more at a time
+    until :func:`more_passes` says stop (at most ``max_passes``; two more only while they fit the first
+    ``extend_s`` seconds of the budget, default all of it); the summary says why it stopped."""
     import shutil
     import tempfile
 
-    deadline = time.monotonic() + budget_s
+    start_time = time.monotonic()
+    deadline = start_time + budget_s
+    extend_end = start_time + min(budget_s, budget_s if extend_s is None else extend_s)
+    adaptive = until_ci > 0 and max_passes > stock.timed_passes
+    if adaptive:
+        stock = dataclasses.replace(stock, max_timed_passes=max_passes)
+        mine = dataclasses.replace(mine, max_timed_passes=max_passes)
     folder = Path(tempfile.mkdtemp(prefix="lmdeploy_e2e_interleave_"))
     children: dict[str, ChildProcess] = {}
     specs = {"stock": dataclasses.replace(stock, control_dir=str(folder / "stock"), control_timeout=budget_s)}
@@ -1362,15 +1442,32 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
                 log(f"[warn] {stock.model} {stock.mode} interleaved: the engines differ in {key} "
                     f"(stock {ready['stock'].get(key)}, dlinfer {ready['dlinfer'].get(key)})")
         got: dict[str, dict[int, dict]] = {"stock": {}, "dlinfer": {}}
-        order = interleaved_order(max(1, stock.timed_passes))
+        passes_run, stopped = max(1, stock.timed_passes), None
+        order = interleaved_order(passes_run)
         t0 = time.monotonic()
-        for i, (k, backend) in enumerate(order):
-            if i:  # a quiet gap: what the last pass leaves behind (threads, output handling) ends before this one
-                time.sleep(pass_gap)
-            start_s = time.monotonic() - t0
-            children[backend].send(f"go_{k}")
-            got[backend][k] = children[backend].wait_for(f"pass_{k}.json", deadline, f"timed pass {k}")
-            got[backend][k].update(start_s=round(start_s, 3), end_s=round(time.monotonic() - t0, 3))
+        i = 0
+        while True:
+            for k, backend in order[i:]:
+                if i:  # a quiet gap: what the last pass leaves behind (threads, output handling) ends before this one
+                    time.sleep(pass_gap)
+                i += 1
+                start_s = time.monotonic() - t0
+                children[backend].send(f"go_{k}")
+                got[backend][k] = children[backend].wait_for(f"pass_{k}.json", deadline, f"timed pass {k}")
+                got[backend][k].update(start_s=round(start_s, 3), end_s=round(time.monotonic() - t0, 3))
+            if not adaptive:
+                break
+            ratios = [(got["dlinfer"][k].get("output_tok_s") or 0.0) / (got["stock"][k].get("output_tok_s") or 1.0)
+                      for k in range(1, passes_run + 1)]
+            pair_s = max(sum(got[b][k]["end_s"] - got[b][k]["start_s"] + pass_gap for b in got)
+                         for k in range(1, passes_run + 1))
+            stopped = more_passes(ratios, until_ci, passes_run, max_passes, pair_s, extend_end - time.monotonic())
+            if stopped:
+                for child in children.values():
+                    child.send("stop")
+                break
+            passes_run += 2
+            order = interleaved_order(passes_run)
         runs = {}
         for backend in ("stock", "dlinfer"):
             code = children[backend].finish(deadline)
@@ -1401,6 +1498,10 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
                            "triton_compiles": {backend: (got[backend][k].get("triton_compiles") or {}).get("count")
                                                for backend in ("stock", "dlinfer")}}
                           for k in passes]}
+    if adaptive:
+        half = ci_half_width([r for r in summary["pass_ratios"]])
+        summary["until_ci"] = {"target": until_ci, "max_passes": max_passes, "passes": len(passes),
+                               "stopped": stopped, "half_width": None if half is None else round(half, 5)}
     return {backend: runs[backend] for backend in ("stock", "dlinfer")}, summary
 
 
@@ -1519,11 +1620,7 @@ def table(results: dict, agreements: list[dict], oracle: dict | None = None,
                 lines.append(f"{model} {mode}: dlinfer / stock output tok/s = "
                              f"{mine['output_tok_s'] / stock['output_tok_s']:.3f}")
     for pair in interleaved or []:
-        label = f"{pair['model']} {pair['mode']}"
-        warning = ratio_warning(label, pair, _REMEDY)
-        lines += [ratio_line(label, pair)] + ([warning] if warning else [])
-        if pair.get("window_pass_ratios"):
-            lines.append(ratio_line(label, pair, "window_"))
+        lines += pair_lines(f"{pair['model']} {pair['mode']}", pair)
     for agr in agreements:
         lines.append(f"tokens {agr['a']} vs {agr['b']}: first token equal {agr['first_token_equal']:.1%}, "
                      f"first {agr['k']} equal {agr['all_k_equal']:.1%}, mean common prefix "
@@ -1722,6 +1819,13 @@ def main(argv=None) -> int:
                         help="--interleave: seconds between the end of one timed pass and the start of the next, so "
                              "that what an engine leaves behind after its pass (threads still spinning, output "
                              "handling) does not run into the other's (default %(default)s)")
+    parser.add_argument("--until-ci", type=float, default=0.0, metavar="PCT",
+                        help="--interleave: after --timed-passes, two more passes at a time until the 95 %% interval "
+                             "of the ratio is within +-PCT %% of its geometric mean, --max-timed-passes are done, or "
+                             "two more would not fit the pair's time (its budget less the float32 oracle's "
+                             "reserve); the summary says which (default 0: exactly --timed-passes)")
+    parser.add_argument("--max-timed-passes", type=int, default=None,
+                        help="--until-ci: passes per engine at most (default 4 x --timed-passes)")
     parser.add_argument("--arrival", choices=["burst", "stream"], default="burst",
                         help="burst (default): every request of a pass submitted at once; stream: --in-flight "
                              "requests kept in flight (a new one whenever one finishes; the fill's lengths spread so "
@@ -1778,6 +1882,14 @@ def main(argv=None) -> int:
             parser.error("--interleave alternates stock and dlinfer passes: needs --backend both")
         if args.timed_passes < 2:
             parser.error("--interleave needs --timed-passes >= 2 (an even number completes the ABBA order)")
+    if args.until_ci < 0:
+        parser.error("--until-ci must be >= 0")
+    if args.until_ci and not args.interleave:
+        parser.error("--until-ci adds timed passes to an interleaved pair: needs --interleave")
+    if args.max_timed_passes is None:
+        args.max_timed_passes = 4 * args.timed_passes
+    if args.until_ci and args.max_timed_passes < args.timed_passes:
+        parser.error("--max-timed-passes must be >= --timed-passes")
     out_path = Path(args.out or Path(os.environ.get("OUT", ".")) / "lmdeploy_e2e.json")
     log_lines: list[str] = []
 
@@ -1806,7 +1918,9 @@ def main(argv=None) -> int:
         log(f"interleaved: each stock/dlinfer pair alive at once on the card, {args.timed_passes} timed passes each "
             f"in the order {', '.join(f'{b} {k}' for k, b in interleaved_order(args.timed_passes))}; KV cache: "
             f"{args.cache_max_entry_count / 2:g} of the free memory for the stock engine (less where the dlinfer "
-            "engine would not fit beside it), its block count for the dlinfer engine")
+            "engine would not fit beside it), its block count for the dlinfer engine"
+            + (f"; then two more at a time until the ratio's 95 % interval is within +-{args.until_ci:g} % (at most "
+               f"{args.max_timed_passes} passes each)" if args.until_ci else ""))
 
     if args.dry_run:
         import dlinfer.framework.lmdeploy_ext  # noqa: F401
@@ -1837,6 +1951,8 @@ def main(argv=None) -> int:
                            "new_tokens": new_tokens, "seed": args.seed, "warmup": args.warmup,
                            "rehearsal": args.warmup == "full" and args.rehearsal,
                            "timed_passes": args.timed_passes, "pass_seconds": args.pass_seconds,
+                           "until_ci": args.until_ci or None,
+                           "max_timed_passes": args.max_timed_passes if args.until_ci else None,
                            "arrival": args.arrival, "in_flight": args.in_flight or None,
                            "stream_response": not args.no_stream},
               "runs": {}, "agreement": [], "oracle": {}, "log": log_lines}
@@ -1938,8 +2054,11 @@ def main(argv=None) -> int:
             log(f"[run] {stock.name} and {mine.name}, interleaved")
             t0 = time.perf_counter()
             try:
-                done, pair = run_interleaved(stock, mine, budget_s=min(2 * args.run_timeout, left - 10), log=log,
-                                             pass_gap=args.pass_gap)
+                budget_s = min(2 * args.run_timeout, left - 10)
+                reserve = ORACLE_RESERVE_S if args.oracle_prompts else 0.0
+                done, pair = run_interleaved(stock, mine, budget_s=budget_s, log=log, pass_gap=args.pass_gap,
+                                             until_ci=args.until_ci / 100, max_passes=args.max_timed_passes,
+                                             extend_s=max(0.0, min(budget_s, left - 10 - reserve)))
             except Exception as exc:  # noqa: BLE001 - record and go on with the other pairs
                 log(f"[fail] {stock.name} and {mine.name} (interleaved) after {time.perf_counter() - t0:.0f} s: "
                     f"{str(exc)[-1500:]}")
@@ -1954,13 +2073,8 @@ def main(argv=None) -> int:
             for spec, backend in ((stock, "stock"), (mine, "dlinfer")):
                 accept(spec.name, spec.model, *done[backend])
             report["interleaved"].append(pair)
-            label = f"{pair['model']} {pair['mode']}"
-            log(f"[pair] {ratio_line(label, pair)}")
-            warning = ratio_warning(label, pair, _REMEDY)
-            if warning:
-                log(warning)
-            if pair.get("window_pass_ratios"):
-                log(f"[pair] {ratio_line(label, pair, 'window_')}")
+            for line in pair_lines(f"{pair['model']} {pair['mode']}", pair):
+                log(line if line.startswith("[warn]") else f"[pair] {line}")
             save()
             continue
         (model, backend, mode, tp), name = unit[0], names[0]

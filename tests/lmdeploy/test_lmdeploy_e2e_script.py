@@ -817,6 +817,70 @@ def test_ratio_interval(e2e):
     assert width[1] == pytest.approx(math.exp(2 * 2.042 * sd / math.sqrt(40)))
 
 
+def test_more_passes_stops_at_the_interval_the_cap_or_the_deadline(e2e):
+    """--until-ci's rule: stop once the 95 % interval's half-width is within the target, at the pass cap, or when two
+    more passes of each engine (and as long again to finish) would not fit the time left; else two more."""
+    noisy = [1.0, 0.8, 1.25, 1.0]  # half-width 34 %
+    assert e2e.ci_half_width(noisy) == pytest.approx(0.33626, abs=1e-4)
+    assert e2e.ci_half_width([1.0, 1.1]) is None  # no interval from two passes
+    assert e2e.more_passes([1.03] * 4, 0.01, 4, 16, pair_s=5.0, seconds_left=1000) == "interval"
+    assert e2e.more_passes(noisy, 0.01, 4, 16, pair_s=5.0, seconds_left=1000) is None
+    assert e2e.more_passes(noisy, 0.01, 4, 5, pair_s=5.0, seconds_left=1000) == "max passes"
+    assert e2e.more_passes(noisy, 0.01, 4, 16, pair_s=5.0, seconds_left=14.9) == "deadline"
+    assert e2e.more_passes(noisy, 0.01, 4, 16, pair_s=5.0, seconds_left=15.0) is None
+    assert e2e.more_passes([1.0, 1.1], 0.01, 2, 16, pair_s=5.0, seconds_left=1000) is None
+
+
+def test_until_ci_adds_pass_pairs_until_the_interval_is_narrow(interleave_env, capsys):
+    """--until-ci 1.5: four passes each leave the ratio known to +-2.8 %, six to +-1.5 %: two more passes of each
+    engine, in the ABBA order, then both children told to stop; the pair's record and a [pair] line say so, and the
+    per-pass spread's warning is left out (the interval, not one pass, is the ratio's noise)."""
+    durations = [2.0, 1.96, 2.04, 1.98, 2.0, 2.02, 2.0, 2.0]
+    plan = {"stock": {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [2.0] * 8},
+            "dlinfer": {"timed_requests": 4, "num_gpu_blocks": 64, "durations": durations}}
+    code, report, events, specs, _ = interleave_env(plan, "--timed-passes", "4", "--until-ci", "1.5")
+    assert code == 0, report["log"]
+    order = [line.split(" ", 1)[1] for line in events if line.startswith("start")]
+    assert order == [f"{b} {k}" for k, b in e2e_order(6)]
+    assert specs["stock"]["max_timed_passes"] == specs["dlinfer"]["max_timed_passes"] == 16
+    (pair,) = report["interleaved"]
+    assert len(pair["pass_ratios"]) == 6 and pair["until_ci"]["passes"] == 6
+    assert pair["until_ci"]["stopped"] == "interval" and pair["until_ci"]["half_width"] <= 0.015
+    assert report["runs"]["llama8b/dlinfer/graph/tp1"]["pass_output_tok_s"] == [pytest.approx(32 / d, abs=0.05)
+                                                                                for d in durations[:6]]
+    assert report["workload"]["until_ci"] == 1.5 and report["workload"]["max_timed_passes"] == 16
+    printed = capsys.readouterr().out
+    assert ("[pair] llama8b graph interleaved, --until-ci 1.5 %: 6 passes each, the ratio known to +-1.50 % "
+            "(95 % interval); stopped: the 95 % interval reached the target") in printed
+    assert "[warn] llama8b graph interleaved: the per-pass ratios spread" not in printed
+
+
+def test_until_ci_stops_at_max_timed_passes(interleave_env, capsys):
+    """A ratio too noisy for the target: the pair stops at --max-timed-passes, says so, and keeps the spread's
+    warning."""
+    plan = {"stock": {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [2.0] * 6},
+            "dlinfer": {"timed_requests": 4, "num_gpu_blocks": 64, "durations": [2.0, 2.5, 1.6, 2.0, 2.4, 1.7]}}
+    code, report, events, _, _ = interleave_env(plan, "--timed-passes", "2", "--until-ci", "1",
+                                                "--max-timed-passes", "6")
+    assert code == 0, report["log"]
+    assert len([line for line in events if line.startswith("start")]) == 12
+    (pair,) = report["interleaved"]
+    assert pair["until_ci"]["passes"] == 6 and pair["until_ci"]["stopped"] == "max passes"
+    printed = capsys.readouterr().out
+    assert "stopped: --max-timed-passes reached" in printed
+    assert "[warn] llama8b graph interleaved: the per-pass ratios spread" in printed
+
+
+def e2e_order(passes):
+    return [(k, b) for k in range(1, passes + 1) for b in (("stock", "dlinfer") if k % 2 else ("dlinfer", "stock"))]
+
+
+def test_until_ci_needs_interleave(e2e, capsys):
+    with pytest.raises(SystemExit):
+        e2e.main(["--model", "llama8b", "--until-ci", "2", "--dry-run"])
+    assert "--until-ci adds timed passes to an interleaved pair: needs --interleave" in capsys.readouterr().err
+
+
 def test_interleaved_passes_keep_a_quiet_gap(interleave_env):
     """--pass-gap: each pass starts that long after the last one ended (what an engine leaves behind after its pass
     must not run into the other's)."""
