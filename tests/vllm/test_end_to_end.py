@@ -1,6 +1,6 @@
 """End to end: vLLM (CPU build) with and without dlinfer, on tiny random-weight models, in float32.
 
-Seven engine runs cover every case (each in its own process, shared by the tests below):
+Nine engine runs cover every case (each in its own process, shared by the tests below):
 
 =====================  ===========================================================================================
 case                   what runs
@@ -12,6 +12,8 @@ dense_dlinfer_b16      dlinfer at block size 16 (vLLM's CPU attention only has m
 moe_stock              Qwen3-MoE, plugin filtered out by ``VLLM_PLUGINS=""``
 moe_dlinfer            the same with dlinfer
 dense_mp               dlinfer in vLLM's default multi-process mode, plugin found through its entry point
+dense_tp2, moe_tp2     dlinfer at tensor_parallel_size=2 (two worker processes, each rank's shard of the heads
+                       and of the experts' intermediate size; vLLM all-reduces the partial sums), first round only
 sliding_refused        a Llama whose first layer uses a sliding window: dlinfer refuses it, vLLM stops
 =====================  ===========================================================================================
 
@@ -22,6 +24,7 @@ Every in-process case schedules the same work: a long prompt chunked by ``max_nu
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -52,6 +55,9 @@ def _llm(**overrides) -> dict:
 
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# vLLM's CPU workers bind their threads one NUMA node per rank unless told which cores: one core per rank here
+_CORES = sorted(os.sched_getaffinity(0))
+TP2 = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, _CORES[:2]))}
 CASES = {
     "dense_stock": dict(model="dense", env=dict(IN_PROCESS, DLINFER_VLLM="0"),
                         case=dict(llm=_llm(), rounds=_rounds(), max_tokens=MAX_TOKENS)),
@@ -68,6 +74,11 @@ CASES = {
                             case=dict(llm=_llm(), rounds=[], max_tokens=MAX_TOKENS)),
     "dense_mp": dict(model="dense", env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
                      case=dict(llm=_llm(), rounds=_rounds()[:1], max_tokens=MAX_TOKENS)),
+    "dense_tp2": dict(model="dense", env=TP2, case=dict(llm=_llm(tensor_parallel_size=2,
+                                                                 distributed_executor_backend="mp"),
+                                                        rounds=_rounds()[:1], max_tokens=MAX_TOKENS)),
+    "moe_tp2": dict(model="moe", env=TP2, case=dict(llm=_llm(tensor_parallel_size=2, distributed_executor_backend="mp"),
+                                                    rounds=_rounds()[:1], max_tokens=MAX_TOKENS)),
 }
 
 DENSE_OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary_pos_emb", "fill_kv_cache",
@@ -208,6 +219,25 @@ def test_default_multiprocess_mode_runs_dlinfer_in_the_worker(runs, record_prope
     missing = [op for op in DENSE_OPS if worker["counts"].get(op, 0) == 0]
     assert not missing, f"dlinfer ops that never ran in the worker: {missing}; {worker['counts']}"
     stock = dict(runs("dense_stock"), rounds=runs("dense_stock")["rounds"][:1])
+    _report_ties(compare(stock, result), record_property)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, stock_case, ops", [("dense_tp2", "dense_stock", DENSE_OPS),
+                                                   ("moe_tp2", "moe_stock", MOE_OPS)])
+def test_tensor_parallel_matches_stock(runs, case, stock_case, ops, record_property):
+    """Two ranks, each running every replaced op on its shard in its own worker (the KV heads and the experts'
+    intermediate size split in two), give stock vLLM's single-rank tokens and logprobs."""
+    if len(_CORES) < 2:
+        pytest.skip("tensor_parallel_size=2 on the CPU needs two cores to bind the ranks' threads to")
+    result = runs(case)
+    workers = result["processes"]
+    assert len(workers) == 2 and len({w["pid"] for w in workers} | {result["main_pid"]}) == 3, workers
+    for rank, worker in enumerate(workers):
+        missing = [op for op in ops if worker["counts"].get(op, 0) == 0]
+        assert not missing, f"rank {rank}: dlinfer ops that never ran: {missing}; {worker['counts']}"
+    assert workers[0]["counts"] == workers[1]["counts"], "both ranks run the same layers and steps"
+    stock = dict(runs(stock_case), rounds=runs(stock_case)["rounds"][:1])
     _report_ties(compare(stock, result), record_property)
 
 
