@@ -77,6 +77,11 @@ VARIABLES: tuple[Variable, ...] = (
              "faster on the card (the Triton vendor: N-fastest where the card's table has N-fastest entries, "
              "`dlinfer info` says which; `fused_moe` reads either layout in place)",
              "when LMDeploy loads a MoE model's expert weights"),
+    Variable("DLINFER_LMDEPLOY_FUSE_ROTARY", "bool", "1",
+             "`0` keeps LMDeploy's rotary embedding and KV-cache write as two ops; by default the rotary embedding "
+             "of an attention layer is deferred to it and runs fused with the write of the keys and values into the "
+             "cache (`apply_rotary_pos_emb_fill_kv_cache`: one op and launch fewer per layer; unquantized caches)",
+             "when LMDeploy builds a model's layers"),
     Variable("DLINFER_PRECOMPILE", "bool", "1",
              "`0` turns off compiling every kernel variant of a shape's token buckets at its first eager call "
              "(fused MoE: `fused_moe`, `fused_moe_w8a8`; the quantized dense GEMMs: `weight_quant_matmul`, "

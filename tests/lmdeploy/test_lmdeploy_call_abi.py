@@ -23,9 +23,9 @@ ATTN_KW = {"head_size_v", "softmax_scale", "attn_output", "kv_scales", "kv_zeros
 
 
 class Recorder:
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, names=dlinfer.ops.CORE_OPS):
         self.calls: list[tuple[str, tuple, dict]] = []
-        for name in dlinfer.ops.CORE_OPS:
+        for name in names:
             monkeypatch.setattr(dlinfer.ops, name, self._wrap(name, getattr(dlinfer.ops, name)))
 
     def _wrap(self, name, fn):
@@ -75,6 +75,14 @@ def check_call(name, args, kwargs, ctx, cfg):
         q, k, cos, sin = args
         assert _shape(q) == (tokens, hq, d) and _shape(k) == (tokens, hk, d)
         assert _shape(cos) == (tokens, d) and _shape(sin) == (tokens, d)
+    elif name == "apply_rotary_pos_emb_fill_kv_cache":  # dlinfer's own call (the deferred rotary), not LMDeploy's
+        assert len(args) == 8 and not kwargs
+        q, k, v, kc, vc, cos, sin, slots = args
+        assert _shape(q) == (tokens, hq, d) and _shape(k) == (tokens, hk, d) and _shape(v)[:2] == (tokens, hk)
+        assert _shape(cos) == (tokens, d) and _shape(sin) == (tokens, d)
+        assert _shape(kc)[2:] == (hk, d) and _shape(vc)[:3] == _shape(kc)[:3]
+        _ints(slots, tokens)
+        assert slots is meta.kv_start_indices, "kv_start_indices must come from the step metadata"
     elif name == "fill_kv_cache":
         assert len(args) == 5 and set(kwargs) == {"k_scales_zeros", "v_scales_zeros", "quant_bits"}
         k, v, kc, vc, slots = args
@@ -139,10 +147,10 @@ def check_call(name, args, kwargs, ctx, cfg):
         raise AssertionError(f"unexpected op {name}")
 
 
-def _run(arch, tiny_model, monkeypatch):
+def _run(arch, tiny_model, monkeypatch, names=dlinfer.ops.CORE_OPS):
     path = tiny_model(arch)
     pm = PagedModel(path, block_size=16)
-    rec = Recorder(monkeypatch)
+    rec = Recorder(monkeypatch, names)
     cfg = pm.model_config
     sa, sb, sc = pm.new_sequence(list(range(10, 40))), pm.new_sequence(list(range(50, 62))), \
         pm.new_sequence(list(range(70, 80)))
@@ -161,6 +169,7 @@ def _run(arch, tiny_model, monkeypatch):
 
 
 def test_every_lmdeploy_call_matches_the_contract(tiny_model, patched, monkeypatch):
+    monkeypatch.setenv("DLINFER_LMDEPLOY_FUSE_ROTARY", "0")  # LMDeploy's own rotary and KV-cache calls
     seen = _run("llama", tiny_model, monkeypatch)
     seen_moe = _run("qwen3_moe", tiny_model, monkeypatch)
     dense = {"silu_and_mul", "rms_norm", "add_rms_norm", "apply_rotary_pos_emb", "fill_kv_cache",
@@ -171,3 +180,15 @@ def test_every_lmdeploy_call_matches_the_contract(tiny_model, patched, monkeypat
     # The quantized family is called only by quantized checkpoints (tests/lmdeploy/test_lmdeploy_quant.py).
     unquantized = {d.name for d in table.TABLE if d.core and d.family != "quant"}
     assert set(seen) | set(seen_moe) == unquantized
+
+
+def test_deferred_rotary_runs_fused_with_the_cache_write(tiny_model, patched, monkeypatch):
+    """By default each attention layer's rotary embedding is deferred to its attention and runs fused with the
+    KV-cache write: one apply_rotary_pos_emb_fill_kv_cache per layer and step, no apply_rotary_pos_emb or
+    fill_kv_cache call left (the logits stay transformers': test_lmdeploy_models.py)."""
+    names = dlinfer.ops.CORE_OPS + ("apply_rotary_pos_emb_fill_kv_cache",)
+    for arch in ("llama", "qwen3_moe"):
+        seen = _run(arch, tiny_model, monkeypatch, names)
+        assert "apply_rotary_pos_emb" not in seen and "fill_kv_cache" not in seen, (arch, seen)
+        layers = PagedModel(tiny_model(arch), block_size=16).model_config.num_layers
+        assert seen["apply_rotary_pos_emb_fill_kv_cache"] == 3 * layers, (arch, seen)
