@@ -1415,7 +1415,7 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
 
     start_time = time.monotonic()
     deadline = start_time + budget_s
-    extend_end = start_time + min(budget_s, budget_s if extend_s is None else extend_s)
+    extend_end = start_time + (budget_s if extend_s is None else min(budget_s, extend_s))
     adaptive = until_ci > 0 and max_passes > stock.timed_passes
     if adaptive:
         stock = dataclasses.replace(stock, max_timed_passes=max_passes)
@@ -1499,7 +1499,7 @@ def run_interleaved(stock: RunSpec, mine: RunSpec, budget_s: float, log, pass_ga
                                                for backend in ("stock", "dlinfer")}}
                           for k in passes]}
     if adaptive:
-        half = ci_half_width([r for r in summary["pass_ratios"]])
+        half = ci_half_width(summary["pass_ratios"])
         summary["until_ci"] = {"target": until_ci, "max_passes": max_passes, "passes": len(passes),
                                "stopped": stopped, "half_width": None if half is None else round(half, 5)}
     return {backend: runs[backend] for backend in ("stock", "dlinfer")}, summary

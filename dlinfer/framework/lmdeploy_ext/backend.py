@@ -139,7 +139,7 @@ class DlinferCudaAttentionImpl(DlinferAttentionImpl):
         deferred, _deferred.rotary = _deferred.rotary, None
         if deferred is not None:
             self._kv_filled = self._rotate(deferred, query, key, value, k_cache, v_cache, attn_metadata,
-                                           args or kwargs.get("nsa_indices") is not None)
+                                           bool(args) or kwargs.get("nsa_indices") is not None)
         try:
             return super().forward(query, key, value, k_cache, v_cache, attn_metadata, k_scales_zeros,
                                    v_scales_zeros, *args, **kwargs)
